@@ -1,0 +1,80 @@
+//! The client-facing form of an event, and redaction.
+
+use ruma::{CanonicalJsonObject, CanonicalJsonValue, RoomVersionId};
+use serde_json::{Map, Value};
+
+use crate::event::Pdu;
+
+/// Fields of a PDU that clients never see.
+const SERVER_ONLY_FIELDS: &[&str] = &[
+    "auth_events",
+    "prev_events",
+    "hashes",
+    "signatures",
+    "depth",
+    "origin",
+];
+
+/// The event as `/sync`, `/messages` and `/event` return it (the "client
+/// event" format, with `room_id`), without `unsigned`.
+pub fn to_client_event(pdu: &Pdu) -> Map<String, Value> {
+    let mut obj: Map<String, Value> = serde_json::from_str(&pdu.json).unwrap_or_default();
+    for f in SERVER_ONLY_FIELDS {
+        obj.remove(*f);
+    }
+    obj.insert("event_id".into(), Value::String(pdu.event_id.to_string()));
+    obj.insert("room_id".into(), Value::String(pdu.room_id.to_string()));
+    obj
+}
+
+/// The PDU after redaction under the room version's rules, keeping the
+/// signatures and hashes a redacted PDU still carries.
+pub fn redact_pdu(pdu: &Pdu, version: &RoomVersionId) -> Option<String> {
+    let rules = version.rules()?;
+    let object: CanonicalJsonObject = serde_json::from_str(&pdu.json).ok()?;
+    let redacted = ruma::canonical_json::redact(object, &rules.redaction, None).ok()?;
+    serde_json::to_string(&CanonicalJsonValue::Object(redacted)).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EventSigner, NewEvent};
+    use ruma::{MilliSecondsSinceUnixEpoch, owned_server_name, room_id, user_id};
+
+    #[test]
+    fn client_event_hides_server_fields_and_redaction_strips_content() {
+        let signer = EventSigner::new(
+            owned_server_name!("localhost"),
+            &EventSigner::generate_key(),
+            "a",
+        )
+        .unwrap();
+        let pdu = Pdu::build(
+            &signer,
+            &RoomVersionId::V11,
+            Some(room_id!("!r:localhost")),
+            user_id!("@a:localhost"),
+            NewEvent::message(
+                "m.room.message",
+                serde_json::json!({"body": "secret", "msgtype": "m.text"}),
+            ),
+            vec![],
+            vec![],
+            3,
+            MilliSecondsSinceUnixEpoch::now(),
+        )
+        .unwrap();
+        let client = to_client_event(&pdu);
+        for f in SERVER_ONLY_FIELDS {
+            assert!(!client.contains_key(*f), "{f}");
+        }
+        assert_eq!(client["event_id"], pdu.event_id.as_str());
+        assert_eq!(client["content"]["body"], "secret");
+        let redacted = redact_pdu(&pdu, &RoomVersionId::V11).unwrap();
+        assert!(!redacted.contains("secret"));
+        let redacted =
+            Pdu::from_stored(pdu.event_id.clone(), pdu.room_id.clone(), &redacted).unwrap();
+        assert_eq!(redacted.content.get(), "{}");
+    }
+}
