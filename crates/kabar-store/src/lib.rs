@@ -1,1 +1,195 @@
+//! The storage interface of Kabar.
+//!
+//! **API boundary:** nothing above this crate knows which engine holds the
+//! data. Services talk to [`Store`], a set of typed traits grouped by domain;
+//! each engine (the embedded SQLite one today, PostgreSQL later) implements
+//! them and runs the same [`conformance`] suite.
+//!
+//! **Invariants every engine keeps:**
+//! - A write that returned `Ok` is durable (it survives the process being killed).
+//! - Stream positions are assigned at commit, strictly increasing, never reused,
+//!   and a reader that sees position `n` sees every position below it.
+//! - `(user, device, txn_id)` maps to at most one event: a repeated send returns
+//!   the first event instead of storing a second.
 
+pub mod conformance;
+mod types;
+
+use async_trait::async_trait;
+use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
+
+pub use types::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A uniqueness rule was hit (user exists, alias taken, ...).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Stored data could not be read back; never caused by client input.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+    /// The engine failed (I/O, connection, shutdown).
+    #[error("storage backend: {0}")]
+    Backend(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Accounts, devices, access tokens and profiles.
+#[async_trait]
+pub trait AccountStore: Send + Sync {
+    /// Creates a user; `Conflict` if the id is taken (also by a deactivated user).
+    async fn create_user(&self, user: NewUser) -> StoreResult<()>;
+    async fn user(&self, user_id: &UserId) -> StoreResult<Option<UserRecord>>;
+    async fn set_password_hash(&self, user_id: &UserId, hash: &str) -> StoreResult<()>;
+    /// Marks the user deactivated and removes every device and token.
+    async fn deactivate_user(&self, user_id: &UserId) -> StoreResult<()>;
+    async fn set_profile(
+        &self,
+        user_id: &UserId,
+        field: ProfileField,
+        value: Option<&str>,
+    ) -> StoreResult<()>;
+    /// Users whose id or display name contains `term` (case-insensitive).
+    async fn search_users(&self, term: &str, limit: usize) -> StoreResult<Vec<UserRecord>>;
+
+    /// Creates or replaces a device and its access token (stored as a hash).
+    async fn upsert_device(&self, device: NewDevice) -> StoreResult<()>;
+    async fn session_by_token_hash(&self, token_hash: &str) -> StoreResult<Option<Session>>;
+    async fn devices(&self, user_id: &UserId) -> StoreResult<Vec<DeviceRecord>>;
+    async fn rename_device(
+        &self,
+        user_id: &UserId,
+        device_id: &str,
+        name: Option<&str>,
+    ) -> StoreResult<bool>;
+    /// Deletes devices and their tokens; returns how many existed.
+    async fn delete_devices(&self, user_id: &UserId, device_ids: &[String]) -> StoreResult<usize>;
+    /// Deletes every device of the user except `keep`; returns how many went.
+    async fn delete_all_devices(&self, user_id: &UserId, keep: Option<&str>) -> StoreResult<usize>;
+}
+
+/// Rooms, their events and state.
+#[async_trait]
+pub trait RoomStore: Send + Sync {
+    /// Creates the room and appends its first events in one transaction.
+    async fn create_room(
+        &self,
+        room: RoomRecord,
+        events: Vec<EventWrite>,
+    ) -> StoreResult<Vec<StreamPos>>;
+    async fn room(&self, room_id: &RoomId) -> StoreResult<Option<RoomRecord>>;
+    async fn set_room_public(&self, room_id: &RoomId, public: bool) -> StoreResult<()>;
+    async fn public_rooms(&self) -> StoreResult<Vec<OwnedRoomId>>;
+
+    /// Appends one event, updates current state and membership, records the
+    /// transaction id; applies a redaction's effect on its target. Returns the
+    /// existing event instead if the transaction id was used before.
+    async fn append_event(&self, event: EventWrite) -> StoreResult<AppendOutcome>;
+    async fn event(&self, event_id: &ruma::EventId) -> StoreResult<Option<StoredEvent>>;
+    async fn event_by_txn(
+        &self,
+        user_id: &UserId,
+        device_id: &str,
+        txn_id: &str,
+    ) -> StoreResult<Option<OwnedEventId>>;
+    /// Events of a room in stream order between two positions (exclusive
+    /// `after`, inclusive `until`), from the `direction` end, at most `limit`.
+    async fn room_events(&self, range: EventRange<'_>) -> StoreResult<Vec<StoredEvent>>;
+    /// Events that relate to `event_id`, oldest first.
+    async fn relations(
+        &self,
+        room_id: &RoomId,
+        event_id: &ruma::EventId,
+        rel_type: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredEvent>>;
+    async fn current_state(&self, room_id: &RoomId) -> StoreResult<Vec<StoredEvent>>;
+    /// The membership event of `user_id` in force at stream position `at`.
+    async fn membership_at(
+        &self,
+        room_id: &RoomId,
+        user_id: &UserId,
+        at: StreamPos,
+    ) -> StoreResult<Option<MembershipRecord>>;
+    /// Current memberships of a user, in every room they have one in.
+    async fn memberships(&self, user_id: &UserId) -> StoreResult<Vec<MembershipRecord>>;
+    /// Current members of a room with the given membership.
+    async fn room_members(
+        &self,
+        room_id: &RoomId,
+        membership: Option<Membership>,
+    ) -> StoreResult<Vec<(OwnedUserId, Membership)>>;
+    /// Drops a left room from the user's lists (`/forget`).
+    async fn forget_room(&self, user_id: &UserId, room_id: &RoomId) -> StoreResult<()>;
+
+    async fn set_alias(&self, alias: &str, room_id: &RoomId, creator: &UserId) -> StoreResult<()>;
+    async fn alias(&self, alias: &str) -> StoreResult<Option<(OwnedRoomId, OwnedUserId)>>;
+    async fn delete_alias(&self, alias: &str) -> StoreResult<bool>;
+    async fn room_aliases(&self, room_id: &RoomId) -> StoreResult<Vec<String>>;
+
+    /// The highest committed stream position.
+    fn current_position(&self) -> StreamPos;
+}
+
+/// Per-user data: account data, receipts, filters.
+#[async_trait]
+pub trait UserDataStore: Send + Sync {
+    async fn put_account_data(
+        &self,
+        user_id: &UserId,
+        room_id: Option<&RoomId>,
+        kind: &str,
+        content: &str,
+    ) -> StoreResult<StreamPos>;
+    async fn account_data(
+        &self,
+        user_id: &UserId,
+        room_id: Option<&RoomId>,
+        kind: &str,
+    ) -> StoreResult<Option<String>>;
+    /// Account data changed after `since` (all of it for `since = 0`).
+    async fn account_data_since(
+        &self,
+        user_id: &UserId,
+        since: StreamPos,
+    ) -> StoreResult<Vec<AccountDataRecord>>;
+
+    async fn put_receipt(&self, receipt: ReceiptRecord) -> StoreResult<StreamPos>;
+    /// The latest receipt of each (user, type, thread) in these rooms changed after `since`.
+    async fn receipts_since(
+        &self,
+        room_id: &RoomId,
+        since: StreamPos,
+    ) -> StoreResult<Vec<ReceiptRecord>>;
+
+    async fn put_filter(&self, user_id: &UserId, filter_json: &str) -> StoreResult<String>;
+    async fn filter(&self, user_id: &UserId, filter_id: &str) -> StoreResult<Option<String>>;
+}
+
+/// Media metadata; the bytes live in the media directory, named by hash.
+#[async_trait]
+pub trait MediaStore: Send + Sync {
+    async fn put_media(&self, media: MediaRecord) -> StoreResult<()>;
+    async fn media(&self, media_id: &str) -> StoreResult<Option<MediaRecord>>;
+}
+
+/// Server-wide secrets and registration tokens.
+#[async_trait]
+pub trait ServerStore: Send + Sync {
+    /// Returns the stored signing key, storing `generate()` first if there is none.
+    async fn signing_key(&self, generate: Vec<u8>) -> StoreResult<Vec<u8>>;
+    async fn create_registration_token(
+        &self,
+        token: &str,
+        uses_allowed: Option<u32>,
+        expiry_ms: Option<u64>,
+    ) -> StoreResult<()>;
+    /// Uses the token once if it is valid now; false if unknown, used up or expired.
+    async fn use_registration_token(&self, token: &str, now_ms: u64) -> StoreResult<bool>;
+    async fn registration_token_valid(&self, token: &str, now_ms: u64) -> StoreResult<bool>;
+}
+
+/// Everything a Kabar server stores.
+pub trait Store: AccountStore + RoomStore + UserDataStore + MediaStore + ServerStore {}
+impl<T: AccountStore + RoomStore + UserDataStore + MediaStore + ServerStore> Store for T {}

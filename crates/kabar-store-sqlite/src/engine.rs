@@ -1,0 +1,229 @@
+//! Connections: one writer thread with group commit, a pool of readers.
+//!
+//! SQLite allows one writer at a time, so every write goes through a single
+//! thread. It takes whatever writes have queued up while the previous batch was
+//! committing, runs each in its own savepoint (one failing write does not undo
+//! the others), and commits them with one fsync. Each caller is answered only
+//! after that commit, so an acknowledged write is durable.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    thread,
+};
+
+use kabar_store::{StoreError, StoreResult, StreamPos};
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::oneshot;
+
+const SCHEMA_VERSION: i64 = 1;
+const MAX_BATCH: usize = 512;
+const MAX_IDLE_READERS: usize = 16;
+
+/// Hands out stream positions inside the writer thread.
+pub(crate) struct Positions {
+    next: StreamPos,
+}
+
+impl Positions {
+    pub(crate) fn allocate(&mut self) -> StreamPos {
+        let p = self.next;
+        self.next += 1;
+        p
+    }
+}
+
+type Reply = Box<dyn FnOnce(StoreResult<()>) + Send>;
+type WriteJob = Box<dyn FnOnce(&Connection, &mut Positions) -> (bool, Reply) + Send>;
+
+pub(crate) struct Engine {
+    path: PathBuf,
+    writer: Mutex<Option<mpsc::Sender<WriteJob>>>,
+    readers: Mutex<Vec<Connection>>,
+    committed: Arc<AtomicU64>,
+}
+
+pub(crate) fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn open(path: &Path, write: bool) -> StoreResult<Connection> {
+    let flags = if write {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags).map_err(backend)?;
+    // FULL: the commit's fsync covers the WAL, so an acknowledged write survives
+    // power loss too, not just a killed process. Group commit pays for it.
+    conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000; PRAGMA foreign_keys=OFF;")
+        .map_err(backend)?;
+    Ok(conn)
+}
+
+impl Engine {
+    pub(crate) fn open(path: &Path) -> StoreResult<Self> {
+        let conn = open(path, true)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(backend)?;
+        if version == 0 {
+            conn.execute_batch(&format!(
+                "BEGIN; {} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;",
+                include_str!("schema.sql")
+            ))
+            .map_err(backend)?;
+        } else if version != SCHEMA_VERSION {
+            return Err(StoreError::Backend(format!(
+                "database schema version {version} is not supported (expected {SCHEMA_VERSION})"
+            )));
+        }
+        let last: i64 = conn
+            .query_row("SELECT COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'stream_pos'), 0)", [], |r| r.get(0))
+            .map_err(backend)?;
+        let committed = Arc::new(AtomicU64::new(last as u64));
+        let (tx, rx) = mpsc::channel::<WriteJob>();
+        let committed_w = committed.clone();
+        thread::Builder::new()
+            .name("kabar-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx, committed_w, last as u64))
+            .map_err(backend)?;
+        Ok(Self {
+            path: path.to_owned(),
+            writer: Mutex::new(Some(tx)),
+            readers: Mutex::new(Vec::new()),
+            committed,
+        })
+    }
+
+    pub(crate) fn committed(&self) -> StreamPos {
+        self.committed.load(Ordering::Acquire)
+    }
+
+    /// Runs `f` on the writer thread inside the next group commit.
+    pub(crate) async fn write<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection, &mut Positions) -> StoreResult<R> + Send + 'static,
+    ) -> StoreResult<R> {
+        let (tx, rx) = oneshot::channel();
+        let job: WriteJob = Box::new(move |conn, positions| {
+            let result = f(conn, positions);
+            let ok = result.is_ok();
+            let reply: Reply = Box::new(move |commit| {
+                let _ = tx.send(commit.and(result));
+            });
+            (ok, reply)
+        });
+        let sender = self
+            .writer
+            .lock()
+            .map_err(backend)?
+            .clone()
+            .ok_or_else(|| backend("store is closed"))?;
+        sender
+            .send(job)
+            .map_err(|_| backend("writer thread stopped"))?;
+        rx.await.map_err(|_| backend("writer thread stopped"))?
+    }
+
+    /// Runs `f` on a reader connection on the blocking pool.
+    pub(crate) async fn read<R: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Connection) -> StoreResult<R> + Send + 'static,
+    ) -> StoreResult<R> {
+        let engine = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = match engine.readers.lock().map_err(backend)?.pop() {
+                Some(c) => c,
+                None => open(&engine.path, false)?,
+            };
+            let result = f(&conn);
+            let mut pool = engine.readers.lock().map_err(backend)?;
+            if pool.len() < MAX_IDLE_READERS {
+                pool.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(backend)?
+    }
+
+    /// Stops accepting writes; the writer thread finishes what is queued.
+    pub(crate) fn close(&self) {
+        if let Ok(mut w) = self.writer.lock() {
+            w.take();
+        }
+    }
+}
+
+fn writer_loop(
+    conn: Connection,
+    rx: mpsc::Receiver<WriteJob>,
+    committed: Arc<AtomicU64>,
+    last: StreamPos,
+) {
+    let mut positions = Positions { next: last + 1 };
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let batch_start = positions.next;
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            tracing::error!(error = %e, "could not begin write transaction");
+            for job in batch {
+                let (_, reply) = job(&conn, &mut positions);
+                reply(Err(backend(&e)));
+            }
+            positions.next = batch_start;
+            continue;
+        }
+        let mut replies = Vec::with_capacity(batch.len());
+        for job in batch {
+            let before = positions.next;
+            let savepoint = conn.execute_batch("SAVEPOINT job");
+            let (ok, reply) = job(&conn, &mut positions);
+            if savepoint.is_ok() {
+                let end = if ok {
+                    "RELEASE job"
+                } else {
+                    "ROLLBACK TO job; RELEASE job"
+                };
+                let _ = conn.execute_batch(end);
+            }
+            if !ok {
+                positions.next = before;
+            }
+            replies.push(reply);
+        }
+        let last_assigned = positions.next - 1;
+        let commit = conn
+            .execute("INSERT INTO meta (key, value) VALUES ('stream_pos', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value", [last_assigned as i64])
+            .and_then(|_| conn.execute_batch("COMMIT"));
+        match commit {
+            Ok(()) => {
+                committed.store(last_assigned, Ordering::Release);
+                for reply in replies {
+                    reply(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "group commit failed");
+                let _ = conn.execute_batch("ROLLBACK");
+                positions.next = batch_start;
+                for reply in replies {
+                    reply(Err(backend(&e)));
+                }
+            }
+        }
+    }
+}

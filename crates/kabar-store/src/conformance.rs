@@ -1,0 +1,567 @@
+//! The conformance suite every storage engine runs.
+//!
+//! An engine's tests call [`run_all`] with a fresh store; each check panics
+//! with a message naming the broken rule.
+
+use std::sync::Arc;
+
+use kabar_domain::{EventSigner, NewEvent, Pdu};
+use ruma::{
+    MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, RoomVersionId, owned_room_id,
+    owned_server_name, owned_user_id, user_id,
+};
+use serde_json::json;
+
+use crate::*;
+
+/// Runs every check against `store`, which must be empty.
+pub async fn run_all(store: Arc<dyn Store>) {
+    accounts_and_tokens(&*store).await;
+    events_positions_and_idempotency(&*store).await;
+    state_membership_and_redaction(&*store).await;
+    user_data(&*store).await;
+    server_data(&*store).await;
+}
+
+fn pdu(room: &RoomRecord, signer: &EventSigner, n: u64, event: NewEvent) -> Pdu {
+    Pdu::build(
+        signer,
+        &room.version,
+        Some(&room.room_id),
+        &room.creator,
+        event,
+        vec![],
+        vec![],
+        n,
+        MilliSecondsSinceUnixEpoch::now(),
+    )
+    .expect("build event")
+}
+
+fn write(pdu: Pdu) -> EventWrite {
+    EventWrite {
+        pdu,
+        txn: None,
+        relation: None,
+        redacted_target: None,
+    }
+}
+
+fn test_room(id: &str) -> (RoomRecord, EventSigner) {
+    let signer = EventSigner::new(
+        owned_server_name!("localhost"),
+        &EventSigner::generate_key(),
+        "t",
+    )
+    .unwrap();
+    let room = RoomRecord {
+        room_id: OwnedRoomId::try_from(id).unwrap(),
+        version: RoomVersionId::V11,
+        creator: owned_user_id!("@alice:localhost"),
+        is_public: false,
+    };
+    (room, signer)
+}
+
+async fn accounts_and_tokens(store: &dyn Store) {
+    let alice = owned_user_id!("@alice:localhost");
+    store
+        .create_user(NewUser {
+            user_id: alice.clone(),
+            password_hash: Some("h1".into()),
+            created_ms: 1,
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            store
+                .create_user(NewUser {
+                    user_id: alice.clone(),
+                    password_hash: None,
+                    created_ms: 2
+                })
+                .await,
+            Err(StoreError::Conflict(_))
+        ),
+        "a taken user id is a conflict"
+    );
+    let rec = store.user(&alice).await.unwrap().expect("user stored");
+    assert_eq!(rec.password_hash.as_deref(), Some("h1"));
+    store.set_password_hash(&alice, "h2").await.unwrap();
+    store
+        .set_profile(&alice, ProfileField::DisplayName, Some("Alice A"))
+        .await
+        .unwrap();
+    let rec = store.user(&alice).await.unwrap().unwrap();
+    assert_eq!(
+        (rec.password_hash.as_deref(), rec.displayname.as_deref()),
+        (Some("h2"), Some("Alice A"))
+    );
+    assert_eq!(
+        store.search_users("alice a", 10).await.unwrap().len(),
+        1,
+        "search by display name, any case"
+    );
+    assert!(
+        store
+            .user(user_id!("@nobody:localhost"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    for (dev, tok) in [("D1", "t1"), ("D2", "t2")] {
+        store
+            .upsert_device(NewDevice {
+                user_id: alice.clone(),
+                device_id: dev.into(),
+                display_name: None,
+                token_hash: tok.into(),
+                now_ms: 5,
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        store
+            .session_by_token_hash("t1")
+            .await
+            .unwrap()
+            .unwrap()
+            .device_id,
+        "D1"
+    );
+    // Logging a device in again replaces its token.
+    store
+        .upsert_device(NewDevice {
+            user_id: alice.clone(),
+            device_id: "D1".into(),
+            display_name: Some("phone".into()),
+            token_hash: "t1b".into(),
+            now_ms: 6,
+        })
+        .await
+        .unwrap();
+    assert!(
+        store.session_by_token_hash("t1").await.unwrap().is_none(),
+        "old token revoked"
+    );
+    assert_eq!(store.devices(&alice).await.unwrap().len(), 2);
+    assert!(
+        store
+            .rename_device(&alice, "D2", Some("laptop"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .rename_device(&alice, "NOPE", Some("x"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.delete_devices(&alice, &["D2".into()]).await.unwrap(),
+        1
+    );
+    assert!(
+        store.session_by_token_hash("t2").await.unwrap().is_none(),
+        "deleting a device revokes its token"
+    );
+    store.deactivate_user(&alice).await.unwrap();
+    assert!(store.user(&alice).await.unwrap().unwrap().deactivated);
+    assert!(
+        store.session_by_token_hash("t1b").await.unwrap().is_none(),
+        "deactivation revokes tokens"
+    );
+}
+
+async fn events_positions_and_idempotency(store: &dyn Store) {
+    let (room, signer) = test_room("!pos:localhost");
+    let create = pdu(
+        &room,
+        &signer,
+        1,
+        NewEvent::state("m.room.create", "", json!({"room_version": "11"})),
+    );
+    let start = store.current_position();
+    let positions = store
+        .create_room(room.clone(), vec![write(create)])
+        .await
+        .unwrap();
+    assert!(positions[0] > start, "positions increase");
+    assert_eq!(store.room(&room.room_id).await.unwrap().unwrap(), room);
+
+    let mut last = positions[0];
+    let mut ids: Vec<OwnedEventId> = vec![];
+    for n in 0..30u64 {
+        let p = pdu(
+            &room,
+            &signer,
+            n + 2,
+            NewEvent::message("m.room.message", json!({"body": n.to_string()})),
+        );
+        let id = p.event_id.clone();
+        let mut w = write(p);
+        w.txn = Some(TxnRef {
+            device_id: "D".into(),
+            txn_id: format!("txn{n}"),
+        });
+        match store.append_event(w).await.unwrap() {
+            AppendOutcome::Appended(pos) => {
+                assert!(pos > last, "strictly increasing");
+                last = pos;
+            }
+            AppendOutcome::Duplicate(_) => panic!("fresh txn reported duplicate"),
+        }
+        ids.push(id);
+    }
+    assert_eq!(
+        store.current_position(),
+        last,
+        "current position is the last commit"
+    );
+
+    // The same transaction id again maps to the first event and writes nothing.
+    let again = pdu(
+        &room,
+        &signer,
+        99,
+        NewEvent::message("m.room.message", json!({"body": "dup"})),
+    );
+    let mut w = write(again);
+    w.txn = Some(TxnRef {
+        device_id: "D".into(),
+        txn_id: "txn3".into(),
+    });
+    match store.append_event(w).await.unwrap() {
+        AppendOutcome::Duplicate(id) => assert_eq!(id, ids[3]),
+        AppendOutcome::Appended(_) => panic!("duplicate txn was appended"),
+    }
+    assert_eq!(
+        store
+            .event_by_txn(&room.creator, "D", "txn5")
+            .await
+            .unwrap(),
+        Some(ids[5].clone())
+    );
+    assert_eq!(
+        store
+            .event_by_txn(&room.creator, "OTHER", "txn5")
+            .await
+            .unwrap(),
+        None,
+        "txn ids are per device"
+    );
+
+    // Pagination in both directions covers every event once.
+    let mut seen = vec![];
+    let mut until = store.current_position();
+    loop {
+        let page = store
+            .room_events(EventRange {
+                room_id: &room.room_id,
+                after: 0,
+                until,
+                direction: Direction::Backward,
+                limit: 7,
+            })
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        until = page.last().unwrap().pos - 1;
+        seen.extend(page.into_iter().map(|e| e.pdu.event_id));
+    }
+    assert_eq!(seen.len(), 31, "30 messages and the create event");
+    seen.reverse();
+    assert_eq!(&seen[1..], &ids[..]);
+    let fwd = store
+        .room_events(EventRange {
+            room_id: &room.room_id,
+            after: positions[0],
+            until: u64::MAX,
+            direction: Direction::Forward,
+            limit: 100,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        fwd.iter()
+            .map(|e| e.pdu.event_id.clone())
+            .collect::<Vec<_>>(),
+        ids
+    );
+    let got = store.event(&ids[0]).await.unwrap().expect("event by id");
+    assert_eq!(
+        got.txn,
+        Some(TxnRef {
+            device_id: "D".into(),
+            txn_id: "txn0".into()
+        })
+    );
+}
+
+async fn state_membership_and_redaction(store: &dyn Store) {
+    let (room, signer) = test_room("!state:localhost");
+    let alice = room.creator.clone();
+    let bob = owned_user_id!("@bob:localhost");
+    let create = pdu(
+        &room,
+        &signer,
+        1,
+        NewEvent::state("m.room.create", "", json!({"room_version": "11"})),
+    );
+    let join = pdu(
+        &room,
+        &signer,
+        2,
+        NewEvent::state(
+            "m.room.member",
+            alice.as_str(),
+            json!({"membership": "join"}),
+        ),
+    );
+    store
+        .create_room(room.clone(), vec![write(create), write(join)])
+        .await
+        .unwrap();
+    let invite = pdu(
+        &room,
+        &signer,
+        3,
+        NewEvent::state(
+            "m.room.member",
+            bob.as_str(),
+            json!({"membership": "invite"}),
+        ),
+    );
+    let AppendOutcome::Appended(invite_pos) = store.append_event(write(invite)).await.unwrap()
+    else {
+        panic!()
+    };
+    let topic1 = pdu(
+        &room,
+        &signer,
+        4,
+        NewEvent::state("m.room.topic", "", json!({"topic": "one"})),
+    );
+    store.append_event(write(topic1)).await.unwrap();
+    let topic2 = pdu(
+        &room,
+        &signer,
+        5,
+        NewEvent::state("m.room.topic", "", json!({"topic": "two"})),
+    );
+    store.append_event(write(topic2.clone())).await.unwrap();
+
+    let state = store.current_state(&room.room_id).await.unwrap();
+    assert_eq!(state.len(), 4, "create, two members, one topic");
+    assert!(
+        state.iter().any(|e| e.pdu.event_id == topic2.event_id),
+        "latest state wins"
+    );
+
+    let bobs = store.memberships(&bob).await.unwrap();
+    assert_eq!(bobs.len(), 1);
+    assert_eq!(
+        (bobs[0].membership, bobs[0].pos),
+        (Membership::Invite, invite_pos)
+    );
+    let members = store
+        .room_members(&room.room_id, Some(Membership::Join))
+        .await
+        .unwrap();
+    assert_eq!(members, vec![(alice.clone(), Membership::Join)]);
+    assert_eq!(
+        store
+            .membership_at(&room.room_id, &bob, invite_pos - 1)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .membership_at(&room.room_id, &bob, invite_pos)
+            .await
+            .unwrap()
+            .unwrap()
+            .membership,
+        Membership::Invite
+    );
+
+    let msg = pdu(
+        &room,
+        &signer,
+        6,
+        NewEvent::message("m.room.message", json!({"body": "oops"})),
+    );
+    store.append_event(write(msg.clone())).await.unwrap();
+    let reaction = pdu(
+        &room,
+        &signer,
+        7,
+        NewEvent::message(
+            "m.reaction",
+            json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": msg.event_id, "key": "+1"}}),
+        ),
+    );
+    let mut w = write(reaction.clone());
+    w.relation = Some((msg.event_id.clone(), "m.annotation".into()));
+    store.append_event(w).await.unwrap();
+    let rels = store
+        .relations(&room.room_id, &msg.event_id, Some("m.annotation"), 10)
+        .await
+        .unwrap();
+    assert_eq!(rels.len(), 1);
+    assert!(
+        store
+            .relations(&room.room_id, &msg.event_id, Some("m.replace"), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let mut redaction_event =
+        NewEvent::message("m.room.redaction", json!({"redacts": msg.event_id}));
+    redaction_event.redacts = Some(msg.event_id.clone());
+    let redaction = pdu(&room, &signer, 8, redaction_event);
+    let redacted = kabar_domain::client_event::redact_pdu(&msg, &room.version).unwrap();
+    let mut w = write(redaction.clone());
+    w.redacted_target = Some((msg.event_id.clone(), redacted));
+    store.append_event(w).await.unwrap();
+    let got = store.event(&msg.event_id).await.unwrap().unwrap();
+    assert_eq!(
+        got.pdu.content.get(),
+        "{}",
+        "redaction replaces stored content"
+    );
+    assert_eq!(got.redacted_by, Some(redaction.event_id.clone()));
+    assert!(!got.pdu.json.contains("oops"));
+
+    store
+        .set_alias("#state:localhost", &room.room_id, &alice)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .set_alias("#state:localhost", &room.room_id, &alice)
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        store.alias("#state:localhost").await.unwrap().unwrap().0,
+        room.room_id
+    );
+    assert_eq!(
+        store.room_aliases(&room.room_id).await.unwrap(),
+        vec!["#state:localhost".to_owned()]
+    );
+    assert!(store.delete_alias("#state:localhost").await.unwrap());
+    assert!(store.alias("#state:localhost").await.unwrap().is_none());
+    store.set_room_public(&room.room_id, true).await.unwrap();
+    assert!(store.public_rooms().await.unwrap().contains(&room.room_id));
+}
+
+async fn user_data(store: &dyn Store) {
+    let u = owned_user_id!("@carol:localhost");
+    let room = owned_room_id!("!ud:localhost");
+    let p1 = store
+        .put_account_data(&u, None, "m.direct", "{\"a\":1}")
+        .await
+        .unwrap();
+    let p2 = store
+        .put_account_data(&u, Some(&room), "m.tag", "{\"tags\":{}}")
+        .await
+        .unwrap();
+    assert!(p2 > p1);
+    store
+        .put_account_data(&u, None, "m.direct", "{\"a\":2}")
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .account_data(&u, None, "m.direct")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("{\"a\":2}")
+    );
+    let since = store.account_data_since(&u, p2).await.unwrap();
+    assert_eq!(since.len(), 1, "only what changed after the position");
+    assert_eq!(&*since[0].content, "{\"a\":2}");
+    assert_eq!(
+        store.account_data_since(&u, 0).await.unwrap().len(),
+        2,
+        "one row per key, latest value"
+    );
+
+    let r = |ev: &str| ReceiptRecord {
+        room_id: room.clone(),
+        user_id: u.clone(),
+        receipt_type: "m.read".into(),
+        event_id: OwnedEventId::try_from(ev).unwrap(),
+        thread_id: None,
+        ts_ms: 1,
+        pos: 0,
+    };
+    let rp = store.put_receipt(r("$one")).await.unwrap();
+    store.put_receipt(r("$two")).await.unwrap();
+    let got = store.receipts_since(&room, 0).await.unwrap();
+    assert_eq!(got.len(), 1, "a newer receipt replaces the older");
+    assert_eq!(got[0].event_id.as_str(), "$two");
+    assert!(got[0].pos > rp);
+
+    let id = store.put_filter(&u, "{\"room\":{}}").await.unwrap();
+    assert_eq!(
+        store.filter(&u, &id).await.unwrap().as_deref(),
+        Some("{\"room\":{}}")
+    );
+    assert_eq!(
+        store
+            .filter(user_id!("@other:localhost"), &id)
+            .await
+            .unwrap(),
+        None,
+        "filters are per user"
+    );
+
+    let m = MediaRecord {
+        media_id: "abc".into(),
+        content_type: Some("text/plain".into()),
+        filename: None,
+        sha256: "00".into(),
+        size: 3,
+        uploader: u.clone(),
+        created_ms: 1,
+    };
+    store.put_media(m.clone()).await.unwrap();
+    assert_eq!(store.media("abc").await.unwrap(), Some(m));
+}
+
+async fn server_data(store: &dyn Store) {
+    let k1 = store.signing_key(vec![1, 2, 3]).await.unwrap();
+    let k2 = store.signing_key(vec![9]).await.unwrap();
+    assert_eq!(k1, vec![1, 2, 3]);
+    assert_eq!(k2, k1, "the first key is kept");
+    store
+        .create_registration_token("tok", Some(1), None)
+        .await
+        .unwrap();
+    assert!(store.registration_token_valid("tok", 0).await.unwrap());
+    assert!(store.use_registration_token("tok", 0).await.unwrap());
+    assert!(
+        !store.use_registration_token("tok", 0).await.unwrap(),
+        "uses are bounded"
+    );
+    store
+        .create_registration_token("old", None, Some(10))
+        .await
+        .unwrap();
+    assert!(
+        !store.use_registration_token("old", 11).await.unwrap(),
+        "expired"
+    );
+    assert!(!store.use_registration_token("missing", 0).await.unwrap());
+}
