@@ -1,1 +1,24 @@
+//! Kabar's services and its sync engine.
+//!
+//! Each service gets what it uses through its constructor (a store handle,
+//! the notifier, another service) and nothing else; there is no global state.
+//! The HTTP layer calls these; they call the storage interface and the pure
+//! rules in `kabar-domain`.
 
+pub mod accounts;
+pub mod ephemeral;
+pub mod error;
+pub mod media;
+pub mod notifier;
+pub mod password;
+pub mod rooms;
+pub mod sync;
+pub mod uia;
+pub mod user_data;
+
+pub use error::{Error, Result};
+
+/// Milliseconds since the Unix epoch, as stored.
+pub fn now_ms() -> u64 {
+    ruma::MilliSecondsSinceUnixEpoch::now().get().into()
+}

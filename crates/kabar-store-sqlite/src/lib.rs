@@ -95,6 +95,23 @@ fn user_from_row(row: &Row<'_>) -> rusqlite::Result<UserRecord> {
     })
 }
 
+fn receipt_from_row(r: &Row<'_>) -> rusqlite::Result<ReceiptRecord> {
+    let thread: String = r.get(3)?;
+    Ok(ReceiptRecord {
+        room_id: parse(r.get(0)?)?,
+        user_id: parse(r.get(1)?)?,
+        receipt_type: r.get(2)?,
+        thread_id: if thread.is_empty() {
+            None
+        } else {
+            Some(thread)
+        },
+        event_id: parse(r.get(4)?)?,
+        ts_ms: r.get::<_, i64>(5)? as u64,
+        pos: r.get::<_, i64>(6)? as u64,
+    })
+}
+
 fn membership_from_row(row: &Row<'_>) -> rusqlite::Result<MembershipRecord> {
     let m: String = row.get(1)?;
     Ok(MembershipRecord {
@@ -613,6 +630,58 @@ impl RoomStore for SqliteStore {
             .await
     }
 
+    async fn membership_history(
+        &self,
+        room_id: &RoomId,
+        user_id: &UserId,
+    ) -> StoreResult<Vec<MembershipRecord>> {
+        let (room, user) = (room_id.to_string(), user_id.to_string());
+        self.engine
+            .read(move |c| {
+                let mut st = c
+                    .prepare_cached("SELECT pos, event_id, json FROM events WHERE room_id = ?1 AND kind = 'm.room.member' AND state_key = ?2 ORDER BY pos")
+                    .map_err(backend)?;
+                let rows: Vec<(i64, String, String)> =
+                    st.query_map(params![room, user], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(backend)?.collect::<Result<_, _>>().map_err(corrupt)?;
+                rows.into_iter()
+                    .map(|(pos, event_id, json)| {
+                        let v: serde_json::Value = serde_json::from_str(&json).map_err(corrupt)?;
+                        Ok(MembershipRecord {
+                            room_id: OwnedRoomId::try_from(room.as_str()).map_err(corrupt)?,
+                            membership: v["content"]["membership"].as_str().and_then(Membership::parse).unwrap_or(Membership::Leave),
+                            pos: pos as u64,
+                            event_id: OwnedEventId::try_from(event_id).map_err(corrupt)?,
+                        })
+                    })
+                    .collect()
+            })
+            .await
+    }
+
+    async fn count_events_after(
+        &self,
+        room_id: &RoomId,
+        after: StreamPos,
+        not_sender: &UserId,
+        kinds: &[&str],
+        cap: usize,
+    ) -> StoreResult<u64> {
+        let (room, user) = (room_id.to_string(), not_sender.to_string());
+        let kinds = serde_json::to_string(kinds).map_err(backend)?;
+        self.engine
+            .read(move |c| {
+                c.prepare_cached(
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM events WHERE room_id = ?1 AND pos > ?2 AND sender != ?3
+                     AND kind IN (SELECT value FROM json_each(?4)) LIMIT ?5)",
+                )
+                .map_err(backend)?
+                .query_row(params![room, after.min(i64::MAX as u64) as i64, user, kinds, cap as i64], |r| r.get::<_, i64>(0))
+                .map(|n| n as u64)
+                .map_err(backend)
+            })
+            .await
+    }
+
     async fn memberships(&self, user_id: &UserId) -> StoreResult<Vec<MembershipRecord>> {
         let user = user_id.to_string();
         self.engine
@@ -821,6 +890,31 @@ impl UserDataStore for SqliteStore {
             .await
     }
 
+    async fn receipt(
+        &self,
+        room_id: &RoomId,
+        user_id: &UserId,
+        receipt_type: &str,
+    ) -> StoreResult<Option<ReceiptRecord>> {
+        let (r, u, t) = (
+            room_id.to_string(),
+            user_id.to_string(),
+            receipt_type.to_owned(),
+        );
+        self.engine
+            .read(move |c| {
+                c.prepare_cached(
+                    "SELECT room_id, user_id, receipt_type, thread_id, event_id, ts_ms, pos FROM receipts
+                     WHERE room_id = ?1 AND user_id = ?2 AND receipt_type = ?3 AND thread_id = ''",
+                )
+                .map_err(backend)?
+                .query_row([r, u, t], receipt_from_row)
+                .optional()
+                .map_err(corrupt)
+            })
+            .await
+    }
+
     async fn receipts_since(
         &self,
         room_id: &RoomId,
@@ -832,18 +926,7 @@ impl UserDataStore for SqliteStore {
                 let mut st = c
                     .prepare_cached("SELECT room_id, user_id, receipt_type, thread_id, event_id, ts_ms, pos FROM receipts WHERE room_id = ?1 AND pos > ?2 ORDER BY pos")
                     .map_err(backend)?;
-                st.query_map(params![r, since.min(i64::MAX as u64) as i64], |r| {
-                    let thread: String = r.get(3)?;
-                    Ok(ReceiptRecord {
-                        room_id: parse(r.get(0)?)?,
-                        user_id: parse(r.get(1)?)?,
-                        receipt_type: r.get(2)?,
-                        thread_id: if thread.is_empty() { None } else { Some(thread) },
-                        event_id: parse(r.get(4)?)?,
-                        ts_ms: r.get::<_, i64>(5)? as u64,
-                        pos: r.get::<_, i64>(6)? as u64,
-                    })
-                })
+                st.query_map(params![r, since.min(i64::MAX as u64) as i64], receipt_from_row)
                 .map_err(backend)?
                 .collect::<Result<_, _>>()
                 .map_err(corrupt)

@@ -512,6 +512,23 @@ async fn user_data(store: &dyn Store) {
     assert_eq!(got.len(), 1, "a newer receipt replaces the older");
     assert_eq!(got[0].event_id.as_str(), "$two");
     assert!(got[0].pos > rp);
+    assert_eq!(
+        store
+            .receipt(&room, &u, "m.read")
+            .await
+            .unwrap()
+            .unwrap()
+            .event_id
+            .as_str(),
+        "$two"
+    );
+    assert!(
+        store
+            .receipt(&room, &u, "m.read.private")
+            .await
+            .unwrap()
+            .is_none()
+    );
 
     let id = store.put_filter(&u, "{\"room\":{}}").await.unwrap();
     assert_eq!(

@@ -112,6 +112,21 @@ pub trait RoomStore: Send + Sync {
         user_id: &UserId,
         at: StreamPos,
     ) -> StoreResult<Option<MembershipRecord>>;
+    /// Every membership event of `user_id` in the room, oldest first.
+    async fn membership_history(
+        &self,
+        room_id: &RoomId,
+        user_id: &UserId,
+    ) -> StoreResult<Vec<MembershipRecord>>;
+    /// How many events of the given types others sent in the room after `after`, at most `cap`.
+    async fn count_events_after(
+        &self,
+        room_id: &RoomId,
+        after: StreamPos,
+        not_sender: &UserId,
+        kinds: &[&str],
+        cap: usize,
+    ) -> StoreResult<u64>;
     /// Current memberships of a user, in every room they have one in.
     async fn memberships(&self, user_id: &UserId) -> StoreResult<Vec<MembershipRecord>>;
     /// Current members of a room with the given membership.
@@ -156,6 +171,13 @@ pub trait UserDataStore: Send + Sync {
     ) -> StoreResult<Vec<AccountDataRecord>>;
 
     async fn put_receipt(&self, receipt: ReceiptRecord) -> StoreResult<StreamPos>;
+    /// The user's own unthreaded receipt of this type in the room.
+    async fn receipt(
+        &self,
+        room_id: &RoomId,
+        user_id: &UserId,
+        receipt_type: &str,
+    ) -> StoreResult<Option<ReceiptRecord>>;
     /// The latest receipt of each (user, type, thread) in these rooms changed after `since`.
     async fn receipts_since(
         &self,

@@ -1,0 +1,522 @@
+//! Accounts: registration, login, access tokens, devices, passwords.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use base64::Engine as _;
+use kabar_store::{NewDevice, NewUser, Session, Store};
+use rand::{Rng, RngCore, distributions::Alphanumeric};
+use ruma::{OwnedServerName, OwnedUserId, UserId};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::{
+    error::{Error, Result},
+    now_ms,
+    password::PasswordHasher,
+    uia::{StageOutcome, UiaSessions},
+};
+
+const MAX_CACHED_TOKENS: usize = 200_000;
+
+/// Who may register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistrationPolicy {
+    Closed,
+    /// Anyone, with the `m.login.dummy` stage.
+    Open,
+    /// Only with a registration token (`m.login.registration_token`).
+    TokenRequired,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct RegistrationRequest {
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub device_id: Option<String>,
+    pub initial_device_display_name: Option<String>,
+    pub inhibit_login: bool,
+    pub auth: Option<Value>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoggedIn {
+    pub user_id: OwnedUserId,
+    pub device_id: String,
+    pub access_token: Option<String>,
+}
+
+pub struct Accounts {
+    store: Arc<dyn Store>,
+    hasher: Arc<PasswordHasher>,
+    server_name: OwnedServerName,
+    policy: Mutex<RegistrationPolicy>,
+    uia: UiaSessions,
+    /// token hash -> session; cleared whole whenever a token is revoked.
+    token_cache: Mutex<HashMap<String, Session>>,
+}
+
+fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+fn new_access_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    format!(
+        "kbr_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
+}
+
+fn new_device_id() -> String {
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(10)
+        .map(|c| (c as char).to_ascii_uppercase())
+        .collect()
+}
+
+impl Accounts {
+    pub fn new(
+        store: Arc<dyn Store>,
+        hasher: Arc<PasswordHasher>,
+        server_name: OwnedServerName,
+        policy: RegistrationPolicy,
+    ) -> Self {
+        Self {
+            store,
+            hasher,
+            server_name,
+            policy: Mutex::new(policy),
+            uia: UiaSessions::new(),
+            token_cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn server_name(&self) -> &ruma::ServerName {
+        &self.server_name
+    }
+
+    pub fn set_policy(&self, policy: RegistrationPolicy) {
+        *self.policy.lock().expect("policy lock") = policy;
+    }
+
+    fn policy(&self) -> RegistrationPolicy {
+        *self.policy.lock().expect("policy lock")
+    }
+
+    fn user_id(&self, localpart: &str) -> Result<OwnedUserId> {
+        if !kabar_domain::localpart::is_valid_new_localpart(localpart, self.server_name.as_str()) {
+            return Err(Error::InvalidUsername(
+                "user names may contain only a-z, 0-9, and . _ = - / +".into(),
+            ));
+        }
+        UserId::parse_with_server_name(localpart, &self.server_name)
+            .map_err(|e| Error::InvalidUsername(e.to_string()))
+    }
+
+    /// Parses what a client typed at login: a localpart or a full user id.
+    pub fn parse_login_user(&self, user: &str) -> Result<OwnedUserId> {
+        let user = user.trim();
+        let id = if user.starts_with('@') {
+            UserId::parse(user.to_lowercase())
+        } else {
+            UserId::parse_with_server_name(user.to_lowercase(), &self.server_name)
+        };
+        id.map_err(|_| Error::Forbidden("invalid username or password".into()))
+    }
+
+    pub async fn username_available(&self, localpart: &str) -> Result<bool> {
+        let id = self.user_id(localpart)?;
+        if self.store.user(&id).await?.is_some() {
+            return Err(Error::UserInUse);
+        }
+        Ok(true)
+    }
+
+    pub async fn register(&self, req: RegistrationRequest) -> Result<LoggedIn> {
+        let flows: &[&[&'static str]] = match self.policy() {
+            RegistrationPolicy::Closed => return Err(Error::RegistrationDisabled),
+            RegistrationPolicy::Open => &[&["m.login.dummy"], &["m.login.registration_token"]],
+            RegistrationPolicy::TokenRequired => &[&["m.login.registration_token"]],
+        };
+        // Check the name before asking for auth, so a taken name fails fast.
+        let user_id = match &req.username {
+            Some(name) => self.user_id(&name.to_lowercase())?,
+            None => self.user_id(&new_device_id().to_lowercase())?,
+        };
+        if self.store.user(&user_id).await?.is_some() {
+            return Err(Error::UserInUse);
+        }
+        let store = self.store.clone();
+        self.uia
+            .step(
+                flows,
+                json!({}),
+                req.auth.as_ref(),
+                |kind, auth| async move {
+                    match kind.as_str() {
+                        "m.login.dummy" => Ok(StageOutcome::Completed("m.login.dummy")),
+                        "m.login.registration_token" => {
+                            let token = auth
+                                .get("token")
+                                .and_then(Value::as_str)
+                                .unwrap_or_default();
+                            if token.len() <= 64
+                                && store.use_registration_token(token, now_ms()).await?
+                            {
+                                Ok(StageOutcome::Completed("m.login.registration_token"))
+                            } else {
+                                Ok(StageOutcome::Failed("invalid registration token".into()))
+                            }
+                        }
+                        _ => Ok(StageOutcome::Failed("unsupported stage".into())),
+                    }
+                },
+            )
+            .await?;
+
+        let password_hash = match req.password {
+            Some(p) if !p.is_empty() => {
+                if p.len() > 1024 {
+                    return Err(Error::InvalidParam("password is too long".into()));
+                }
+                Some(self.hasher.hash(p).await?)
+            }
+            _ => None,
+        };
+        self.store
+            .create_user(NewUser {
+                user_id: user_id.clone(),
+                password_hash,
+                created_ms: now_ms(),
+            })
+            .await
+            .map_err(|e| match e {
+                kabar_store::StoreError::Conflict(_) => Error::UserInUse,
+                other => other.into(),
+            })?;
+        tracing::info!(user = %user_id, "registered");
+        if req.inhibit_login {
+            return Ok(LoggedIn {
+                user_id,
+                device_id: String::new(),
+                access_token: None,
+            });
+        }
+        self.new_session(user_id, req.device_id, req.initial_device_display_name)
+            .await
+    }
+
+    async fn new_session(
+        &self,
+        user_id: OwnedUserId,
+        device_id: Option<String>,
+        display_name: Option<String>,
+    ) -> Result<LoggedIn> {
+        let device_id = device_id
+            .filter(|d| !d.is_empty() && d.len() <= 255)
+            .unwrap_or_else(new_device_id);
+        let token = new_access_token();
+        self.store
+            .upsert_device(NewDevice {
+                user_id: user_id.clone(),
+                device_id: device_id.clone(),
+                display_name,
+                token_hash: hash_token(&token),
+                now_ms: now_ms(),
+            })
+            .await?;
+        self.token_cache.lock().expect("token cache").clear();
+        Ok(LoggedIn {
+            user_id,
+            device_id,
+            access_token: Some(token),
+        })
+    }
+
+    async fn check_password(&self, user_id: &UserId, password: &str) -> Result<bool> {
+        let Some(user) = self.store.user(user_id).await? else {
+            return Ok(false);
+        };
+        match (user.deactivated, user.password_hash) {
+            (false, Some(hash)) if password.len() <= 1024 => {
+                self.hasher.verify(password.to_owned(), hash).await
+            }
+            _ => Ok(false),
+        }
+    }
+
+    pub async fn login_password(
+        &self,
+        user: &str,
+        password: &str,
+        device_id: Option<String>,
+        display_name: Option<String>,
+    ) -> Result<LoggedIn> {
+        let user_id = self.parse_login_user(user)?;
+        if !self.check_password(&user_id, password).await? {
+            return Err(Error::Forbidden("invalid username or password".into()));
+        }
+        self.new_session(user_id, device_id, display_name).await
+    }
+
+    /// The session an access token belongs to.
+    pub async fn authenticate(&self, token: &str) -> Result<Session> {
+        let h = hash_token(token);
+        if let Some(s) = self.token_cache.lock().expect("token cache").get(&h) {
+            return Ok(s.clone());
+        }
+        let session = self
+            .store
+            .session_by_token_hash(&h)
+            .await?
+            .ok_or(Error::UnknownToken)?;
+        let mut cache = self.token_cache.lock().expect("token cache");
+        if cache.len() >= MAX_CACHED_TOKENS {
+            cache.clear();
+        }
+        cache.insert(h, session.clone());
+        Ok(session)
+    }
+
+    fn forget_tokens(&self) {
+        self.token_cache.lock().expect("token cache").clear();
+    }
+
+    pub async fn logout(&self, session: &Session) -> Result<()> {
+        self.store
+            .delete_devices(&session.user_id, std::slice::from_ref(&session.device_id))
+            .await?;
+        self.forget_tokens();
+        Ok(())
+    }
+
+    pub async fn logout_all(&self, user_id: &UserId) -> Result<()> {
+        self.store.delete_all_devices(user_id, None).await?;
+        self.forget_tokens();
+        Ok(())
+    }
+
+    /// Runs a password UIA for an action the signed-in user takes on their account.
+    async fn require_password(&self, session: &Session, auth: Option<&Value>) -> Result<()> {
+        let user_id = session.user_id.clone();
+        self.uia
+            .step(
+                &[&["m.login.password"]],
+                json!({}),
+                auth,
+                |_, auth| async move {
+                    let claimed = auth
+                        .pointer("/identifier/user")
+                        .or_else(|| auth.get("user"))
+                        .and_then(Value::as_str)
+                        .map(|u| self.parse_login_user(u))
+                        .transpose()?;
+                    if claimed.is_some_and(|c| c != user_id) {
+                        return Ok(StageOutcome::Failed(
+                            "you can only authenticate as yourself".into(),
+                        ));
+                    }
+                    let password = auth
+                        .get("password")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
+                    if self.check_password(&user_id, password).await? {
+                        Ok(StageOutcome::Completed("m.login.password"))
+                    } else {
+                        Ok(StageOutcome::Failed("invalid password".into()))
+                    }
+                },
+            )
+            .await
+    }
+
+    pub async fn change_password(
+        &self,
+        session: &Session,
+        new_password: String,
+        logout_devices: bool,
+        auth: Option<&Value>,
+    ) -> Result<()> {
+        self.require_password(session, auth).await?;
+        if new_password.is_empty() || new_password.len() > 1024 {
+            return Err(Error::InvalidParam(
+                "password must be 1 to 1024 bytes".into(),
+            ));
+        }
+        let hash = self.hasher.hash(new_password).await?;
+        self.store
+            .set_password_hash(&session.user_id, &hash)
+            .await?;
+        if logout_devices {
+            self.store
+                .delete_all_devices(&session.user_id, Some(&session.device_id))
+                .await?;
+            self.forget_tokens();
+        }
+        Ok(())
+    }
+
+    pub async fn deactivate(&self, session: &Session, auth: Option<&Value>) -> Result<()> {
+        self.require_password(session, auth).await?;
+        self.store.deactivate_user(&session.user_id).await?;
+        self.forget_tokens();
+        tracing::info!(user = %session.user_id, "deactivated");
+        Ok(())
+    }
+
+    pub async fn delete_devices(
+        &self,
+        session: &Session,
+        device_ids: &[String],
+        auth: Option<&Value>,
+    ) -> Result<()> {
+        self.require_password(session, auth).await?;
+        self.store
+            .delete_devices(&session.user_id, device_ids)
+            .await?;
+        self.forget_tokens();
+        Ok(())
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::password::HashCost;
+
+    fn accounts(policy: RegistrationPolicy) -> (Accounts, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(kabar_store_sqlite::SqliteStore::open(&dir.path().join("db")).unwrap());
+        let hasher = Arc::new(
+            PasswordHasher::new(
+                HashCost {
+                    memory_kib: 64,
+                    iterations: 1,
+                    parallelism: 1,
+                },
+                1,
+                16,
+            )
+            .unwrap(),
+        );
+        (
+            Accounts::new(store, hasher, ruma::owned_server_name!("localhost"), policy),
+            dir,
+        )
+    }
+
+    fn dummy() -> Option<Value> {
+        Some(json!({"type": "m.login.dummy"}))
+    }
+
+    #[tokio::test]
+    async fn register_login_and_token_lifecycle() {
+        let (acc, _dir) = accounts(RegistrationPolicy::Open);
+        let r = acc
+            .register(RegistrationRequest {
+                username: Some("Alice".into()),
+                password: Some("pw".into()),
+                auth: dummy(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            r.user_id.as_str(),
+            "@alice:localhost",
+            "names are lowercased"
+        );
+        let token = r.access_token.unwrap();
+        assert!(token.len() >= 40, "at least 128 bits of randomness");
+        assert_eq!(acc.authenticate(&token).await.unwrap().user_id, r.user_id);
+        assert!(matches!(
+            acc.register(RegistrationRequest {
+                username: Some("alice".into()),
+                auth: dummy(),
+                ..Default::default()
+            })
+            .await,
+            Err(Error::UserInUse)
+        ));
+        assert!(matches!(
+            acc.login_password("alice", "bad", None, None).await,
+            Err(Error::Forbidden(_))
+        ));
+        let second = acc
+            .login_password("@alice:localhost", "pw", None, None)
+            .await
+            .unwrap();
+        acc.logout(&acc.authenticate(&token).await.unwrap())
+            .await
+            .unwrap();
+        assert!(matches!(
+            acc.authenticate(&token).await,
+            Err(Error::UnknownToken)
+        ));
+        assert!(
+            acc.authenticate(second.access_token.as_deref().unwrap())
+                .await
+                .is_ok(),
+            "other devices stay signed in"
+        );
+    }
+
+    #[tokio::test]
+    async fn token_policy_and_bad_names() {
+        let (acc, _dir) = accounts(RegistrationPolicy::TokenRequired);
+        assert!(matches!(
+            acc.register(RegistrationRequest {
+                username: Some("bob".into()),
+                auth: dummy(),
+                ..Default::default()
+            })
+            .await,
+            Err(Error::BadJson(_))
+        ));
+        acc.store()
+            .create_registration_token("letmein", Some(1), None)
+            .await
+            .unwrap();
+        let auth = Some(json!({"type": "m.login.registration_token", "token": "letmein"}));
+        acc.register(RegistrationRequest {
+            username: Some("bob".into()),
+            auth: auth.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert!(matches!(
+            acc.register(RegistrationRequest {
+                username: Some("carol".into()),
+                auth,
+                ..Default::default()
+            })
+            .await,
+            Err(Error::UiaRequired(_))
+        ));
+        assert!(matches!(
+            acc.register(RegistrationRequest {
+                username: Some("bad name".into()),
+                auth: dummy(),
+                ..Default::default()
+            })
+            .await,
+            Err(Error::InvalidUsername(_))
+        ));
+        let (closed, _d) = accounts(RegistrationPolicy::Closed);
+        assert!(matches!(
+            closed.register(RegistrationRequest::default()).await,
+            Err(Error::RegistrationDisabled)
+        ));
+    }
+}

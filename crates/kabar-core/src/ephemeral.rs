@@ -1,0 +1,174 @@
+//! Typing notifications and presence: in memory, never stored.
+//!
+//! Both change often and matter only while fresh, so they live in memory with
+//! their own serial counter, which sync tokens carry next to the stream position.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
+
+use crate::notifier::Notifier;
+
+const MAX_TYPING_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Clone)]
+pub struct PresenceState {
+    pub presence: String,
+    pub status_msg: Option<String>,
+    pub last_active: Instant,
+    pub serial: u64,
+}
+
+struct RoomTyping {
+    users: BTreeMap<OwnedUserId, Instant>,
+    serial: u64,
+}
+
+pub struct Ephemeral {
+    serial: AtomicU64,
+    typing: Mutex<HashMap<OwnedRoomId, RoomTyping>>,
+    presence: Mutex<HashMap<OwnedUserId, PresenceState>>,
+    notifier: Arc<Notifier>,
+}
+
+impl Ephemeral {
+    pub fn new(notifier: Arc<Notifier>) -> Self {
+        Self {
+            serial: AtomicU64::new(1),
+            typing: Mutex::default(),
+            presence: Mutex::default(),
+            notifier,
+        }
+    }
+
+    pub fn serial(&self) -> u64 {
+        self.serial.load(Ordering::Acquire)
+    }
+
+    fn bump(&self) -> u64 {
+        self.serial.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    pub fn set_typing(&self, room_id: &RoomId, user_id: &UserId, typing: bool, timeout: Duration) {
+        let serial = self.bump();
+        {
+            let mut map = self.typing.lock().expect("typing lock");
+            let room = map.entry(room_id.to_owned()).or_insert_with(|| RoomTyping {
+                users: BTreeMap::new(),
+                serial,
+            });
+            if typing {
+                room.users.insert(
+                    user_id.to_owned(),
+                    Instant::now() + timeout.min(MAX_TYPING_TIMEOUT),
+                );
+            } else {
+                room.users.remove(user_id);
+            }
+            room.serial = serial;
+        }
+        self.notifier.room_changed(room_id);
+    }
+
+    /// Users typing in the room now, if that changed after `since`.
+    pub fn typing_since(&self, room_id: &RoomId, since: u64) -> Option<Vec<OwnedUserId>> {
+        let mut map = self.typing.lock().expect("typing lock");
+        let room = map.get_mut(room_id)?;
+        let now = Instant::now();
+        let before = room.users.len();
+        room.users.retain(|_, until| *until > now);
+        if room.users.len() != before {
+            // An expiry is a change too; give it a serial so every client sees it.
+            room.serial = self.serial.fetch_add(1, Ordering::AcqRel) + 1;
+        }
+        // A token from before a restart can be ahead of the counter; then send all.
+        (room.serial > since || since > self.serial()).then(|| room.users.keys().cloned().collect())
+    }
+
+    pub fn set_presence(&self, user_id: &UserId, presence: &str, status_msg: Option<String>) {
+        let serial = self.bump();
+        let mut map = self.presence.lock().expect("presence lock");
+        let changed = map.get(user_id).is_none_or(|p| {
+            p.presence != presence || (status_msg.is_some() && p.status_msg != status_msg)
+        });
+        let entry = map
+            .entry(user_id.to_owned())
+            .or_insert_with(|| PresenceState {
+                presence: presence.to_owned(),
+                status_msg: None,
+                last_active: Instant::now(),
+                serial,
+            });
+        entry.last_active = Instant::now();
+        if changed {
+            entry.presence = presence.to_owned();
+            if status_msg.is_some() {
+                entry.status_msg = status_msg;
+            }
+            entry.serial = serial;
+        }
+    }
+
+    pub fn presence(&self, user_id: &UserId) -> Option<PresenceState> {
+        self.presence
+            .lock()
+            .expect("presence lock")
+            .get(user_id)
+            .cloned()
+    }
+
+    /// Presence of these users changed after `since`.
+    pub fn presence_since<'a>(
+        &self,
+        users: impl IntoIterator<Item = &'a UserId>,
+        since: u64,
+    ) -> Vec<(OwnedUserId, PresenceState)> {
+        let map = self.presence.lock().expect("presence lock");
+        let reset = since > self.serial();
+        users
+            .into_iter()
+            .filter_map(|u| {
+                map.get(u)
+                    .filter(|p| reset || p.serial > since)
+                    .map(|p| (u.to_owned(), p.clone()))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ruma::{room_id, user_id};
+
+    #[test]
+    fn typing_appears_then_expires() {
+        let e = Ephemeral::new(Arc::new(Notifier::new()));
+        let start = e.serial();
+        e.set_typing(
+            room_id!("!r:x"),
+            user_id!("@a:x"),
+            true,
+            Duration::from_millis(30),
+        );
+        assert_eq!(e.typing_since(room_id!("!r:x"), start).unwrap().len(), 1);
+        let seen = e.serial();
+        assert!(
+            e.typing_since(room_id!("!r:x"), seen).is_none(),
+            "nothing new since"
+        );
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(
+            e.typing_since(room_id!("!r:x"), seen).unwrap().len(),
+            0,
+            "expiry is reported"
+        );
+    }
+}

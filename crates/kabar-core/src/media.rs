@@ -1,0 +1,210 @@
+//! Media: uploads stored on disk by content hash, metadata in the store,
+//! thumbnails made on a bounded pool.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use kabar_store::{MediaRecord, Store};
+use rand::{Rng, distributions::Alphanumeric};
+use ruma::UserId;
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+
+use crate::{
+    error::{Error, Result},
+    now_ms,
+};
+
+/// Largest image side we decode for a thumbnail; bigger images are refused
+/// rather than allowed to eat memory.
+const MAX_SOURCE_PIXELS: u64 = 40_000_000;
+
+pub struct Media {
+    store: Arc<dyn Store>,
+    dir: PathBuf,
+    max_upload_bytes: u64,
+    thumbnail_slots: Semaphore,
+}
+
+pub struct Download {
+    pub record: MediaRecord,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThumbnailMethod {
+    Crop,
+    Scale,
+}
+
+impl Media {
+    pub fn new(
+        store: Arc<dyn Store>,
+        dir: PathBuf,
+        max_upload_bytes: u64,
+        thumbnail_threads: usize,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::Internal(format!("cannot create media directory: {e}")))?;
+        Ok(Self {
+            store,
+            dir,
+            max_upload_bytes,
+            thumbnail_slots: Semaphore::new(thumbnail_threads.max(1)),
+        })
+    }
+
+    pub fn max_upload_bytes(&self) -> u64 {
+        self.max_upload_bytes
+    }
+
+    fn path_for(&self, sha256: &str) -> PathBuf {
+        self.dir.join(&sha256[..2]).join(sha256)
+    }
+
+    /// Stores the bytes and returns the new media id.
+    pub async fn upload(
+        &self,
+        uploader: &UserId,
+        content_type: Option<String>,
+        filename: Option<String>,
+        bytes: Vec<u8>,
+    ) -> Result<String> {
+        if bytes.len() as u64 > self.max_upload_bytes {
+            return Err(Error::TooLarge(format!(
+                "upload is larger than {} bytes",
+                self.max_upload_bytes
+            )));
+        }
+        let sha = hex::encode(Sha256::digest(&bytes));
+        let path = self.path_for(&sha);
+        let size = bytes.len() as u64;
+        tokio::task::spawn_blocking(move || write_once(&path, &bytes))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .map_err(|e| Error::Internal(format!("writing media: {e}")))?;
+        let media_id: String = rand::thread_rng()
+            .sample_iter(&Alphanumeric)
+            .take(24)
+            .map(char::from)
+            .collect();
+        self.store
+            .put_media(MediaRecord {
+                media_id: media_id.clone(),
+                content_type: content_type.filter(|c| c.len() <= 255),
+                filename: filename.filter(|f| f.len() <= 255),
+                sha256: sha,
+                size,
+                uploader: uploader.to_owned(),
+                created_ms: now_ms(),
+            })
+            .await?;
+        Ok(media_id)
+    }
+
+    pub async fn download(&self, media_id: &str) -> Result<Download> {
+        let not_found = || Error::NotFound("media not found".into());
+        if media_id.is_empty() || media_id.len() > 255 {
+            return Err(not_found());
+        }
+        let record = self.store.media(media_id).await?.ok_or_else(not_found)?;
+        let bytes = tokio::fs::read(self.path_for(&record.sha256))
+            .await
+            .map_err(|_| not_found())?;
+        Ok(Download { record, bytes })
+    }
+
+    /// A thumbnail no larger than `width` x `height`, as PNG (or JPEG for JPEG sources).
+    pub async fn thumbnail(
+        &self,
+        media_id: &str,
+        width: u32,
+        height: u32,
+        method: ThumbnailMethod,
+    ) -> Result<(String, Vec<u8>)> {
+        let source = self.download(media_id).await?;
+        let (width, height) = (width.clamp(1, 1600), height.clamp(1, 1600));
+        let key = format!("{}-{width}x{height}-{method:?}", source.record.sha256);
+        let cached = self.dir.join("thumbnails").join(&key);
+        let jpeg = source.record.content_type.as_deref() == Some("image/jpeg");
+        let content_type = if jpeg { "image/jpeg" } else { "image/png" }.to_owned();
+        if let Ok(bytes) = tokio::fs::read(&cached).await {
+            return Ok((content_type, bytes));
+        }
+        let _slot = self
+            .thumbnail_slots
+            .acquire()
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let bytes = tokio::task::spawn_blocking(move || {
+            make_thumbnail(&source.bytes, width, height, method, jpeg)
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+        let to_cache = bytes.clone();
+        let _ = tokio::task::spawn_blocking(move || write_once(&cached, &to_cache)).await;
+        Ok((content_type, bytes))
+    }
+}
+
+/// Writes `bytes` at `path` unless it exists, via a temporary file and rename
+/// so a crash never leaves a half-written file under the final name.
+fn write_once(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    let dir = path.parent().expect("media paths have a parent");
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".tmp-{}", rand::thread_rng().r#gen::<u64>()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+fn make_thumbnail(
+    bytes: &[u8],
+    width: u32,
+    height: u32,
+    method: ThumbnailMethod,
+    jpeg: bool,
+) -> Result<Vec<u8>> {
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|_| Error::NotFound("media is not an image".into()))?;
+    let (w, h) = reader
+        .into_dimensions()
+        .map_err(|_| Error::NotFound("media is not an image this server can thumbnail".into()))?;
+    if u64::from(w) * u64::from(h) > MAX_SOURCE_PIXELS {
+        return Err(Error::TooLarge("image is too large to thumbnail".into()));
+    }
+    let img = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .decode()
+        .map_err(|_| Error::NotFound("media is not an image this server can thumbnail".into()))?;
+    let thumb = match method {
+        ThumbnailMethod::Crop => {
+            img.resize_to_fill(width, height, image::imageops::FilterType::Triangle)
+        }
+        ThumbnailMethod::Scale => img.thumbnail(width, height),
+    };
+    let mut out = std::io::Cursor::new(Vec::new());
+    let format = if jpeg {
+        image::ImageFormat::Jpeg
+    } else {
+        image::ImageFormat::Png
+    };
+    let thumb = if jpeg {
+        image::DynamicImage::ImageRgb8(thumb.to_rgb8())
+    } else {
+        thumb
+    };
+    thumb
+        .write_to(&mut out, format)
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    Ok(out.into_inner())
+}

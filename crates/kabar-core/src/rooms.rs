@@ -1,0 +1,944 @@
+//! Rooms: creation, membership, sending events, reading history.
+//!
+//! Each room's current state is kept in memory (loaded from the store on first
+//! use) behind a per-room lock. A send takes the lock, builds the event on top
+//! of the room's head, checks the authorization rules against the cached state,
+//! appends it to the store, and only then updates the cache and wakes waiters.
+//! The lock makes each room's history a simple chain; different rooms proceed
+//! in parallel and share the store's group commits.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+};
+
+use kabar_domain::{
+    NewEvent, Pdu, StateKey, auth_event_keys, authorize,
+    client_event::redact_pdu,
+    event::{EventSigner, raw},
+    membership::{HistoryVisibility, Membership, may_see_event},
+};
+use kabar_store::{
+    AppendOutcome, Direction, EventRange, EventWrite, RoomRecord, Store, StoredEvent, StreamPos,
+    TxnRef,
+};
+use rand::{Rng, distributions::Alphanumeric};
+use ruma::{
+    EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId,
+    RoomVersionId, UserId,
+    events::room::power_levels::{
+        RoomPowerLevels, RoomPowerLevelsEventContent, RoomPowerLevelsSource,
+    },
+    room_version_rules::RoomVersionRules,
+};
+use serde_json::{Value, json};
+use tokio::sync::Mutex as AsyncMutex;
+
+use crate::{
+    error::{Error, Result},
+    notifier::Notifier,
+};
+
+/// Room versions this server creates and serves.
+pub const SUPPORTED_ROOM_VERSIONS: [RoomVersionId; 3] =
+    [RoomVersionId::V10, RoomVersionId::V11, RoomVersionId::V12];
+
+/// One piece of current state with the stream position it was set at.
+#[derive(Debug, Clone)]
+pub struct StateEntry {
+    pub pdu: Pdu,
+    pub pos: StreamPos,
+}
+
+/// A room's cached current state and head.
+pub struct RoomCache {
+    pub record: RoomRecord,
+    rules: RoomVersionRules,
+    state: BTreeMap<StateKey, StateEntry>,
+    head: Vec<OwnedEventId>,
+    depth: u64,
+    /// Stream position of the room's newest event.
+    pub last_pos: StreamPos,
+}
+
+impl RoomCache {
+    pub fn state(&self, kind: &str, key: &str) -> Option<&StateEntry> {
+        self.state.get(&(kind.to_owned(), key.to_owned()))
+    }
+
+    pub fn state_entries(&self) -> impl Iterator<Item = &StateEntry> {
+        self.state.values()
+    }
+
+    pub fn state_len(&self) -> usize {
+        self.state.len()
+    }
+
+    pub fn membership(&self, user_id: &UserId) -> Option<Membership> {
+        self.state("m.room.member", user_id.as_str())
+            .and_then(|e| Membership::from_content(e.pdu.content.get()))
+    }
+
+    pub fn history_visibility(&self) -> HistoryVisibility {
+        HistoryVisibility::from_content(
+            self.state("m.room.history_visibility", "")
+                .map(|e| e.pdu.content.get()),
+        )
+    }
+
+    pub fn members(&self, membership: Membership) -> impl Iterator<Item = &str> {
+        self.state
+            .iter()
+            .filter(move |((t, _), e)| {
+                t == "m.room.member"
+                    && Membership::from_content(e.pdu.content.get()) == Some(membership)
+            })
+            .map(|((_, k), _)| k.as_str())
+    }
+
+    fn creators(&self) -> Vec<OwnedUserId> {
+        let Some(create) = self.state("m.room.create", "") else {
+            return vec![];
+        };
+        let mut creators = vec![create.pdu.sender.clone()];
+        if self.rules.authorization.additional_room_creators {
+            if let Some(extra) = create
+                .pdu
+                .content_value()
+                .get("additional_creators")
+                .and_then(Value::as_array)
+            {
+                creators.extend(
+                    extra
+                        .iter()
+                        .filter_map(|v| v.as_str())
+                        .filter_map(|s| OwnedUserId::try_from(s).ok()),
+                );
+            }
+        }
+        creators
+    }
+
+    pub fn power_levels(&self) -> RoomPowerLevels {
+        let source = self
+            .state("m.room.power_levels", "")
+            .and_then(|e| {
+                serde_json::from_str::<RoomPowerLevelsEventContent>(e.pdu.content.get()).ok()
+            })
+            .map(RoomPowerLevelsSource::Original)
+            .unwrap_or(RoomPowerLevelsSource::None);
+        RoomPowerLevels::new(source, &self.rules.authorization, self.creators())
+    }
+}
+
+/// What `/createRoom` asks for, already parsed.
+#[derive(Debug, Default, Clone)]
+pub struct CreateRoom {
+    pub preset: Option<String>,
+    pub visibility_public: bool,
+    pub room_version: Option<RoomVersionId>,
+    pub creation_content: Option<serde_json::Map<String, Value>>,
+    pub initial_state: Vec<(String, String, Value)>,
+    pub invite: Vec<OwnedUserId>,
+    pub is_direct: bool,
+    pub name: Option<String>,
+    pub topic: Option<String>,
+    pub room_alias_name: Option<String>,
+    pub power_level_content_override: Option<serde_json::Map<String, Value>>,
+}
+
+/// Which way `/messages` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    Forward,
+    Backward,
+}
+
+pub struct Rooms {
+    store: Arc<dyn Store>,
+    signer: Arc<EventSigner>,
+    notifier: Arc<Notifier>,
+    default_version: RoomVersionId,
+    rooms: Mutex<HashMap<OwnedRoomId, Arc<AsyncMutex<RoomCache>>>>,
+}
+
+fn now() -> MilliSecondsSinceUnixEpoch {
+    MilliSecondsSinceUnixEpoch::now()
+}
+
+fn relation_of(content: &Value) -> Option<(OwnedEventId, String)> {
+    let rel = content.get("m.relates_to")?;
+    if let (Some(t), Some(id)) = (
+        rel.get("rel_type").and_then(Value::as_str),
+        rel.get("event_id").and_then(Value::as_str),
+    ) {
+        return Some((OwnedEventId::try_from(id).ok()?, t.to_owned()));
+    }
+    let reply = rel.get("m.in_reply_to")?.get("event_id")?.as_str()?;
+    Some((
+        OwnedEventId::try_from(reply).ok()?,
+        "m.in_reply_to".to_owned(),
+    ))
+}
+
+impl Rooms {
+    pub fn new(
+        store: Arc<dyn Store>,
+        signer: Arc<EventSigner>,
+        notifier: Arc<Notifier>,
+        default_version: RoomVersionId,
+    ) -> Self {
+        Self {
+            store,
+            signer,
+            notifier,
+            default_version,
+            rooms: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn server_name(&self) -> &ruma::ServerName {
+        self.signer.server_name()
+    }
+
+    pub fn default_version(&self) -> &RoomVersionId {
+        &self.default_version
+    }
+
+    /// The room's cache, loading it from the store on first use.
+    pub async fn room(&self, room_id: &RoomId) -> Result<Arc<AsyncMutex<RoomCache>>> {
+        if let Some(r) = self.rooms.lock().expect("rooms lock").get(room_id) {
+            return Ok(r.clone());
+        }
+        let record = self
+            .store
+            .room(room_id)
+            .await?
+            .ok_or_else(|| Error::NotFound("unknown room".into()))?;
+        let rules = record.version.rules().ok_or_else(|| {
+            Error::Internal(format!(
+                "stored room has unknown version {}",
+                record.version
+            ))
+        })?;
+        let mut state = BTreeMap::new();
+        for e in self.store.current_state(room_id).await? {
+            if let Some(k) = e.pdu.state_key_pair() {
+                state.insert(
+                    k,
+                    StateEntry {
+                        pdu: e.pdu,
+                        pos: e.pos,
+                    },
+                );
+            }
+        }
+        let last = self
+            .store
+            .room_events(EventRange {
+                room_id,
+                after: 0,
+                until: u64::MAX,
+                direction: Direction::Backward,
+                limit: 1,
+            })
+            .await?;
+        let (head, depth, last_pos) = match last.first() {
+            Some(e) => (vec![e.pdu.event_id.clone()], e.pdu.depth, e.pos),
+            None => (vec![], 0, 0),
+        };
+        let cache = Arc::new(AsyncMutex::new(RoomCache {
+            record,
+            rules,
+            state,
+            head,
+            depth,
+            last_pos,
+        }));
+        Ok(self
+            .rooms
+            .lock()
+            .expect("rooms lock")
+            .entry(room_id.to_owned())
+            .or_insert(cache)
+            .clone())
+    }
+
+    /// Builds, authorizes, stores and announces one event. The caller holds the room lock.
+    async fn append(
+        &self,
+        room: &mut RoomCache,
+        sender: &UserId,
+        event: NewEvent,
+        txn: Option<TxnRef>,
+    ) -> Result<(OwnedEventId, StreamPos)> {
+        let auth_rules = &room.rules.authorization;
+        let content = raw(&event.content);
+        let keys = auth_event_keys(
+            auth_rules,
+            &event.kind,
+            sender,
+            event.state_key.as_deref(),
+            &content,
+        )?;
+        let mut auth_events: Vec<&Pdu> = keys
+            .iter()
+            .filter_map(|k| room.state.get(k))
+            .map(|e| &e.pdu)
+            .collect();
+        if !auth_rules.room_create_event_id_as_room_id {
+            if let Some(create) = room.state("m.room.create", "") {
+                if !auth_events
+                    .iter()
+                    .any(|p| p.event_id == create.pdu.event_id)
+                {
+                    auth_events.push(&create.pdu);
+                }
+            }
+        }
+        let relation = relation_of(&event.content);
+        let redacts = event.redacts.clone();
+        let pdu = Pdu::build(
+            &self.signer,
+            &room.record.version,
+            Some(&room.record.room_id),
+            sender,
+            event,
+            room.head.clone(),
+            auth_events.iter().map(|p| p.event_id.clone()).collect(),
+            room.depth + 1,
+            now(),
+        )?;
+        let by_id: HashMap<&EventId, &Pdu> =
+            auth_events.iter().map(|p| (&*p.event_id, *p)).collect();
+        authorize(
+            auth_rules,
+            &pdu,
+            |t, k| {
+                room.state
+                    .get(&(t.to_owned(), k.to_owned()))
+                    .map(|e| &e.pdu)
+            },
+            |id| by_id.get(id).copied(),
+        )?;
+
+        let redacted_target = match &redacts {
+            Some(target) => {
+                let original = self
+                    .store
+                    .event(target)
+                    .await?
+                    .filter(|e| e.pdu.room_id == room.record.room_id);
+                match original {
+                    Some(original) => {
+                        let pl = room.power_levels();
+                        let own = original.pdu.sender == sender;
+                        let allowed = if own {
+                            pl.user_can_redact_own_event(sender)
+                        } else {
+                            pl.user_can_redact_event_of_other(sender)
+                        };
+                        if !allowed {
+                            return Err(Error::Forbidden("you may not redact this event".into()));
+                        }
+                        redact_pdu(&original.pdu, &room.record.version)
+                            .map(|json| (target.clone(), json))
+                    }
+                    None => {
+                        return Err(Error::NotFound(
+                            "event to redact not found in this room".into(),
+                        ));
+                    }
+                }
+            }
+            None => None,
+        };
+
+        let outcome = self
+            .store
+            .append_event(EventWrite {
+                pdu: pdu.clone(),
+                txn,
+                relation,
+                redacted_target,
+            })
+            .await?;
+        let pos = match outcome {
+            AppendOutcome::Appended(pos) => pos,
+            AppendOutcome::Duplicate(id) => return Ok((id, 0)),
+        };
+        if let Some(key) = pdu.state_key_pair() {
+            room.state.insert(
+                key,
+                StateEntry {
+                    pdu: pdu.clone(),
+                    pos,
+                },
+            );
+        }
+        room.head = vec![pdu.event_id.clone()];
+        room.depth = pdu.depth;
+        room.last_pos = pos;
+        self.notifier.room_changed(&room.record.room_id);
+        if pdu.kind == ruma::events::TimelineEventType::RoomMember {
+            if let Ok(target) = <&UserId>::try_from(pdu.state_key.as_deref().unwrap_or_default()) {
+                self.notifier.user_changed(target);
+            }
+        }
+        Ok((pdu.event_id, pos))
+    }
+
+    /// Sends an event as `sender`; with a transaction id, a repeat returns the first event.
+    pub async fn send(
+        &self,
+        sender: &UserId,
+        room_id: &RoomId,
+        event: NewEvent,
+        txn: Option<TxnRef>,
+    ) -> Result<OwnedEventId> {
+        if let Some(t) = &txn {
+            if let Some(id) = self
+                .store
+                .event_by_txn(sender, &t.device_id, &t.txn_id)
+                .await?
+            {
+                return Ok(id);
+            }
+        }
+        let room = self.room(room_id).await?;
+        let mut room = room.lock().await;
+        Ok(self.append(&mut room, sender, event, txn).await?.0)
+    }
+
+    pub async fn redact(
+        &self,
+        sender: &UserId,
+        room_id: &RoomId,
+        target: &EventId,
+        reason: Option<String>,
+        txn: Option<TxnRef>,
+    ) -> Result<OwnedEventId> {
+        let mut content = json!({ "redacts": target });
+        if let Some(r) = reason {
+            content["reason"] = json!(r);
+        }
+        let mut ev = NewEvent::message("m.room.redaction", content);
+        ev.redacts = Some(target.to_owned());
+        self.send(sender, room_id, ev, txn).await
+    }
+
+    /// Sends a membership event for `target`, keeping the target's profile in a join.
+    pub async fn set_membership(
+        &self,
+        sender: &UserId,
+        room_id: &RoomId,
+        target: &UserId,
+        membership: Membership,
+        reason: Option<String>,
+        extra: Option<serde_json::Map<String, Value>>,
+    ) -> Result<OwnedEventId> {
+        if target.server_name() != self.server_name() {
+            return Err(Error::Forbidden("this server does not federate".into()));
+        }
+        let profile = self.store.user(target).await?;
+        if profile.is_none() {
+            return Err(Error::NotFound(format!("unknown user {target}")));
+        }
+        let room = self.room(room_id).await?;
+        let mut room = room.lock().await;
+        if membership == Membership::Join && room.membership(target) == Some(Membership::Join) {
+            if let Some(e) = room.state("m.room.member", target.as_str()) {
+                return Ok(e.pdu.event_id.clone());
+            }
+        }
+        let mut content = serde_json::Map::new();
+        content.insert("membership".into(), json!(membership.as_str()));
+        if let (Membership::Join | Membership::Invite, Some(p)) = (membership, &profile) {
+            if let Some(d) = &p.displayname {
+                content.insert("displayname".into(), json!(d));
+            }
+            if let Some(a) = &p.avatar_url {
+                content.insert("avatar_url".into(), json!(a));
+            }
+        }
+        if let Some(r) = reason {
+            content.insert("reason".into(), json!(r));
+        }
+        if let Some(extra) = extra {
+            for (k, v) in extra {
+                content.entry(k).or_insert(v);
+            }
+        }
+        let ev = NewEvent::state("m.room.member", target.as_str(), Value::Object(content));
+        Ok(self.append(&mut room, sender, ev, None).await?.0)
+    }
+
+    /// Resolves a room id or alias to a room id.
+    pub async fn resolve(&self, id_or_alias: &str) -> Result<OwnedRoomId> {
+        if id_or_alias.starts_with('#') {
+            return self
+                .store
+                .alias(id_or_alias)
+                .await?
+                .map(|(r, _)| r)
+                .ok_or_else(|| Error::NotFound("room alias not found".into()));
+        }
+        OwnedRoomId::try_from(id_or_alias)
+            .map_err(|_| Error::InvalidParam("not a room id or alias".into()))
+    }
+
+    pub async fn create_room(&self, creator: &UserId, req: CreateRoom) -> Result<OwnedRoomId> {
+        let version = req
+            .room_version
+            .clone()
+            .unwrap_or_else(|| self.default_version.clone());
+        if !SUPPORTED_ROOM_VERSIONS.contains(&version) {
+            return Err(Error::UnsupportedRoomVersion(format!(
+                "room version {version} is not supported"
+            )));
+        }
+        let rules = version
+            .rules()
+            .ok_or_else(|| Error::UnsupportedRoomVersion(version.to_string()))?;
+        let alias = match &req.room_alias_name {
+            Some(name) => {
+                let alias = format!("#{name}:{}", self.server_name());
+                if ruma::RoomAliasId::parse(&alias).is_err()
+                    || name.contains(':')
+                    || name.is_empty()
+                {
+                    return Err(Error::InvalidParam("invalid room alias name".into()));
+                }
+                if self.store.alias(&alias).await?.is_some() {
+                    return Err(Error::RoomInUse("room alias already taken".into()));
+                }
+                Some(alias)
+            }
+            None => None,
+        };
+        for u in &req.invite {
+            if self.store.user(u).await?.is_none() {
+                return Err(Error::NotFound(format!("unknown user {u}")));
+            }
+        }
+
+        let room_id = if rules.authorization.room_create_event_id_as_room_id {
+            None
+        } else {
+            let local: String = rand::thread_rng()
+                .sample_iter(&Alphanumeric)
+                .take(18)
+                .map(char::from)
+                .collect();
+            Some(
+                OwnedRoomId::try_from(format!("!{local}:{}", self.server_name()))
+                    .map_err(|e| Error::Internal(e.to_string()))?,
+            )
+        };
+
+        let mut create = req.creation_content.clone().unwrap_or_default();
+        create.insert("room_version".into(), json!(version.as_str()));
+        if rules.authorization.use_room_create_sender {
+            create.remove("creator");
+        } else {
+            create.insert("creator".into(), json!(creator));
+        }
+
+        let preset = req.preset.clone().unwrap_or_else(|| {
+            if req.visibility_public {
+                "public_chat".into()
+            } else {
+                "private_chat".into()
+            }
+        });
+        let creators_privileged = rules.authorization.explicitly_privilege_room_creators;
+        let mut users = serde_json::Map::new();
+        if !creators_privileged {
+            users.insert(creator.to_string(), json!(100));
+        }
+        if preset == "trusted_private_chat" {
+            for u in &req.invite {
+                users.insert(u.to_string(), json!(100));
+            }
+        }
+        let mut power = json!({
+            "users": users,
+            "users_default": 0,
+            "events": {
+                "m.room.name": 50, "m.room.power_levels": 100, "m.room.history_visibility": 100,
+                "m.room.canonical_alias": 50, "m.room.avatar": 50, "m.room.tombstone": 100,
+                "m.room.server_acl": 100, "m.room.encryption": 100,
+            },
+            "events_default": 0, "state_default": 50, "ban": 50, "kick": 50, "redact": 50, "invite": 0,
+            "notifications": { "room": 50 },
+        });
+        if let Some(o) = &req.power_level_content_override {
+            for (k, v) in o {
+                power[k] = v.clone();
+            }
+        }
+        if creators_privileged {
+            if let Some(users) = power.get_mut("users").and_then(Value::as_object_mut) {
+                users.remove(creator.as_str());
+            }
+        }
+
+        let (join_rule, history, guest) = match preset.as_str() {
+            "public_chat" => ("public", "shared", "forbidden"),
+            "private_chat" | "trusted_private_chat" => ("invite", "shared", "can_join"),
+            other => return Err(Error::InvalidParam(format!("unknown preset {other}"))),
+        };
+
+        let mut events = vec![
+            NewEvent::state("m.room.create", "", Value::Object(create)),
+            NewEvent::state(
+                "m.room.member",
+                creator.as_str(),
+                self.join_content(creator).await?,
+            ),
+            NewEvent::state("m.room.power_levels", "", power),
+        ];
+        if let Some(a) = &alias {
+            events.push(NewEvent::state(
+                "m.room.canonical_alias",
+                "",
+                json!({ "alias": a }),
+            ));
+        }
+        events.push(NewEvent::state(
+            "m.room.join_rules",
+            "",
+            json!({ "join_rule": join_rule }),
+        ));
+        events.push(NewEvent::state(
+            "m.room.history_visibility",
+            "",
+            json!({ "history_visibility": history }),
+        ));
+        events.push(NewEvent::state(
+            "m.room.guest_access",
+            "",
+            json!({ "guest_access": guest }),
+        ));
+        for (kind, key, content) in &req.initial_state {
+            if kind == "m.room.create" || kind == "m.room.member" {
+                return Err(Error::InvalidParam(format!(
+                    "{kind} cannot be set in initial_state"
+                )));
+            }
+            events.push(NewEvent::state(kind.clone(), key.clone(), content.clone()));
+        }
+        if let Some(n) = &req.name {
+            events.push(NewEvent::state("m.room.name", "", json!({ "name": n })));
+        }
+        if let Some(t) = &req.topic {
+            events.push(NewEvent::state("m.room.topic", "", json!({ "topic": t })));
+        }
+        for u in &req.invite {
+            let mut content = json!({ "membership": "invite" });
+            if req.is_direct {
+                content["is_direct"] = json!(true);
+            }
+            if let Some(p) = self.store.user(u).await? {
+                if let Some(d) = p.displayname {
+                    content["displayname"] = json!(d);
+                }
+            }
+            events.push(NewEvent::state("m.room.member", u.as_str(), content));
+        }
+
+        // Build the whole chain in memory, checking each event against the state so far.
+        let mut room = RoomCache {
+            record: RoomRecord {
+                room_id: room_id.clone().unwrap_or_else(|| {
+                    OwnedRoomId::try_from("!placeholder:localhost").expect("valid")
+                }),
+                version: version.clone(),
+                creator: creator.to_owned(),
+                is_public: req.visibility_public,
+            },
+            rules: rules.clone(),
+            state: BTreeMap::new(),
+            head: vec![],
+            depth: 0,
+            last_pos: 0,
+        };
+        let mut pdus = Vec::with_capacity(events.len());
+        for ev in events {
+            let content = raw(&ev.content);
+            let keys = auth_event_keys(
+                &rules.authorization,
+                &ev.kind,
+                creator,
+                ev.state_key.as_deref(),
+                &content,
+            )?;
+            let mut auth: Vec<&Pdu> = keys
+                .iter()
+                .filter_map(|k| room.state.get(k))
+                .map(|e| &e.pdu)
+                .collect();
+            if !rules.authorization.room_create_event_id_as_room_id {
+                if let Some(c) = room.state("m.room.create", "") {
+                    if !auth.iter().any(|p| p.event_id == c.pdu.event_id) {
+                        auth.push(&c.pdu);
+                    }
+                }
+            }
+            let is_create = ev.kind == "m.room.create";
+            let pdu = Pdu::build(
+                &self.signer,
+                &version,
+                if is_create {
+                    room_id.as_deref()
+                } else {
+                    Some(&room.record.room_id)
+                },
+                creator,
+                ev,
+                room.head.clone(),
+                auth.iter().map(|p| p.event_id.clone()).collect(),
+                room.depth + 1,
+                now(),
+            )?;
+            let by_id: HashMap<&EventId, &Pdu> = auth.iter().map(|p| (&*p.event_id, *p)).collect();
+            authorize(
+                &rules.authorization,
+                &pdu,
+                |t, k| {
+                    room.state
+                        .get(&(t.to_owned(), k.to_owned()))
+                        .map(|e| &e.pdu)
+                },
+                |id| by_id.get(id).copied(),
+            )
+            .map_err(|e| match e {
+                kabar_domain::AuthError::Forbidden(m) => {
+                    Error::InvalidParam(format!("room creation event rejected: {m}"))
+                }
+                other => other.into(),
+            })?;
+            if is_create {
+                room.record.room_id = pdu.room_id.clone();
+            }
+            if let Some(k) = pdu.state_key_pair() {
+                room.state.insert(
+                    k,
+                    StateEntry {
+                        pdu: pdu.clone(),
+                        pos: 0,
+                    },
+                );
+            }
+            room.head = vec![pdu.event_id.clone()];
+            room.depth = pdu.depth;
+            pdus.push(pdu);
+        }
+        let writes = pdus
+            .iter()
+            .map(|p| EventWrite {
+                pdu: p.clone(),
+                txn: None,
+                relation: None,
+                redacted_target: None,
+            })
+            .collect();
+        let positions = self.store.create_room(room.record.clone(), writes).await?;
+        for (pdu, pos) in pdus.iter().zip(&positions) {
+            if let Some(k) = pdu.state_key_pair() {
+                room.state.insert(
+                    k,
+                    StateEntry {
+                        pdu: pdu.clone(),
+                        pos: *pos,
+                    },
+                );
+            }
+        }
+        room.last_pos = positions.last().copied().unwrap_or(0);
+        let room_id = room.record.room_id.clone();
+        if let Some(a) = alias {
+            self.store.set_alias(&a, &room_id, creator).await?;
+        }
+        self.rooms
+            .lock()
+            .expect("rooms lock")
+            .insert(room_id.clone(), Arc::new(AsyncMutex::new(room)));
+        self.notifier.user_changed(creator);
+        for u in &req.invite {
+            self.notifier.user_changed(u);
+        }
+        tracing::info!(room = %room_id, %version, "room created");
+        Ok(room_id)
+    }
+
+    async fn join_content(&self, user: &UserId) -> Result<Value> {
+        let mut content = json!({ "membership": "join" });
+        if let Some(p) = self.store.user(user).await? {
+            if let Some(d) = p.displayname {
+                content["displayname"] = json!(d);
+            }
+            if let Some(a) = p.avatar_url {
+                content["avatar_url"] = json!(a);
+            }
+        }
+        Ok(content)
+    }
+
+    /// Sends an updated member event into every room the user has joined.
+    pub async fn propagate_profile(&self, user: &UserId) -> Result<()> {
+        let content = self.join_content(user).await?;
+        for m in self.store.memberships(user).await? {
+            if m.membership == Membership::Join {
+                let room = self.room(&m.room_id).await?;
+                let mut room = room.lock().await;
+                let ev = NewEvent::state("m.room.member", user.as_str(), content.clone());
+                if let Err(e) = self.append(&mut room, user, ev, None).await {
+                    tracing::warn!(room = %m.room_id, error = %e, "could not update profile in room");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails unless `user` may read the room's current state (a member, or the room is world-readable).
+    pub async fn check_can_read(
+        &self,
+        user: &UserId,
+        room_id: &RoomId,
+    ) -> Result<Arc<AsyncMutex<RoomCache>>> {
+        let room = self.room(room_id).await.map_err(|e| match e {
+            Error::NotFound(_) => Error::Forbidden("you are not in this room".into()),
+            other => other,
+        })?;
+        {
+            let r = room.lock().await;
+            let member = r.membership(user) == Some(Membership::Join);
+            if !member && r.history_visibility() != HistoryVisibility::WorldReadable {
+                return Err(Error::Forbidden("you are not in this room".into()));
+            }
+        }
+        Ok(room)
+    }
+
+    /// Which of `events` the user may see, by history visibility and their membership at each.
+    pub async fn filter_visible(
+        &self,
+        user: &UserId,
+        room_id: &RoomId,
+        events: Vec<StoredEvent>,
+    ) -> Result<Vec<StoredEvent>> {
+        let room = self.room(room_id).await?;
+        let (visibility, now) = {
+            let r = room.lock().await;
+            (r.history_visibility(), r.membership(user))
+        };
+        if visibility == HistoryVisibility::WorldReadable {
+            return Ok(events);
+        }
+        let history = self.store.membership_history(room_id, user).await?;
+        if history.is_empty() {
+            return Ok(vec![]);
+        }
+        Ok(events
+            .into_iter()
+            .filter(|e| {
+                let at = history
+                    .iter()
+                    .take_while(|m| m.pos <= e.pos)
+                    .last()
+                    .map(|m| m.membership);
+                // A user's own membership event is always visible to them.
+                let own_member = e.pdu.state_key.as_deref() == Some(user.as_str());
+                own_member || may_see_event(visibility, at, now)
+            })
+            .collect())
+    }
+
+    /// `/messages`: returns `(events, end position)`; `end` is `None` at the edge of the room.
+    pub async fn messages(
+        &self,
+        user: &UserId,
+        room_id: &RoomId,
+        from: StreamPos,
+        to: Option<StreamPos>,
+        dir: Dir,
+        limit: usize,
+    ) -> Result<(Vec<StoredEvent>, Option<StreamPos>)> {
+        let room = self.room(room_id).await?;
+        {
+            let r = room.lock().await;
+            if r.membership(user).is_none()
+                && r.history_visibility() != HistoryVisibility::WorldReadable
+            {
+                return Err(Error::Forbidden("you are not in this room".into()));
+            }
+        }
+        let limit = limit.clamp(1, 1000);
+        let range = match dir {
+            Dir::Backward => EventRange {
+                room_id,
+                after: to.unwrap_or(0),
+                until: from,
+                direction: Direction::Backward,
+                limit,
+            },
+            Dir::Forward => EventRange {
+                room_id,
+                after: from,
+                until: to.unwrap_or(u64::MAX),
+                direction: Direction::Forward,
+                limit,
+            },
+        };
+        let page = self.store.room_events(range).await?;
+        // Fewer events than asked for means the edge of the room was reached.
+        let end = match (dir, page.last()) {
+            (_, None) => None,
+            _ if page.len() < limit => None,
+            (Dir::Backward, Some(last)) => Some(last.pos - 1),
+            (Dir::Forward, Some(last)) => Some(last.pos),
+        };
+        let visible = self.filter_visible(user, room_id, page).await?;
+        Ok((visible, end))
+    }
+
+    pub async fn event(
+        &self,
+        user: &UserId,
+        room_id: &RoomId,
+        event_id: &EventId,
+    ) -> Result<StoredEvent> {
+        let not_found = || Error::NotFound("event not found".into());
+        let ev = self
+            .store
+            .event(event_id)
+            .await?
+            .filter(|e| e.pdu.room_id == room_id)
+            .ok_or_else(not_found)?;
+        self.filter_visible(user, room_id, vec![ev])
+            .await?
+            .pop()
+            .ok_or_else(not_found)
+    }
+
+    pub async fn relations(
+        &self,
+        user: &UserId,
+        room_id: &RoomId,
+        event_id: &EventId,
+        rel_type: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>> {
+        self.event(user, room_id, event_id).await?;
+        let rel = self
+            .store
+            .relations(room_id, event_id, rel_type, limit.clamp(1, 1000))
+            .await?;
+        self.filter_visible(user, room_id, rel).await
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+}

@@ -1,0 +1,518 @@
+//! The sync engine: what changed for a user since their token, and the wait
+//! for the next change.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use kabar_domain::{SyncToken, client_event::to_client_event, membership::Membership};
+use kabar_store::{
+    Direction, EventRange, MembershipRecord, Session, Store, StoredEvent, StreamPos,
+};
+use ruma::{
+    OwnedRoomId, RoomId, UserId,
+    api::client::filter::{FilterDefinition, RoomEventFilter},
+};
+use serde_json::{Map, Value, json};
+
+use crate::{ephemeral::Ephemeral, error::Result, notifier::Notifier, rooms::Rooms};
+
+const DEFAULT_TIMELINE_LIMIT: usize = 10;
+const MAX_TIMELINE_LIMIT: usize = 1000;
+const MAX_TIMEOUT: Duration = Duration::from_secs(300);
+/// Event types whose unread count a client shows.
+const NOTIFYING_TYPES: &[&str] = &[
+    "m.room.message",
+    "m.room.encrypted",
+    "m.sticker",
+    "m.poll.start",
+];
+/// State a client sees for a room it is invited to, before joining.
+const INVITE_STATE_TYPES: &[&str] = &[
+    "m.room.create",
+    "m.room.join_rules",
+    "m.room.name",
+    "m.room.avatar",
+    "m.room.canonical_alias",
+    "m.room.encryption",
+    "m.room.topic",
+];
+
+pub struct SyncRequest {
+    pub since: Option<SyncToken>,
+    pub full_state: bool,
+    pub timeout: Duration,
+    pub filter: FilterDefinition,
+    pub set_presence: Option<String>,
+}
+
+pub struct SyncEngine {
+    store: Arc<dyn Store>,
+    rooms: Arc<Rooms>,
+    notifier: Arc<Notifier>,
+    ephemeral: Arc<Ephemeral>,
+}
+
+/// Whether a type matches a filter pattern, where a trailing `*` matches any suffix.
+fn type_matches(pattern: &str, kind: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => kind.starts_with(prefix),
+        None => pattern == kind,
+    }
+}
+
+/// Whether an event passes a room event filter.
+pub fn filter_allows(filter: &RoomEventFilter, kind: &str, sender: &UserId) -> bool {
+    if filter.not_types.iter().any(|p| type_matches(p, kind))
+        || filter.not_senders.iter().any(|s| s == sender)
+    {
+        return false;
+    }
+    if let Some(types) = &filter.types {
+        if !types.iter().any(|p| type_matches(p, kind)) {
+            return false;
+        }
+    }
+    filter
+        .senders
+        .as_ref()
+        .is_none_or(|s| s.iter().any(|x| x == sender))
+}
+
+fn room_allowed(filter: &FilterDefinition, room_id: &RoomId) -> bool {
+    !filter.room.not_rooms.iter().any(|r| r == room_id)
+        && filter
+            .room
+            .rooms
+            .as_ref()
+            .is_none_or(|rs| rs.iter().any(|r| r == room_id))
+}
+
+/// The client form of a stored event, with `unsigned` for this viewer.
+pub fn client_event(e: &StoredEvent, viewer: &Session) -> Value {
+    let mut obj = to_client_event(&e.pdu);
+    let mut unsigned = Map::new();
+    let age = ruma::MilliSecondsSinceUnixEpoch::now()
+        .get()
+        .saturating_sub(e.pdu.origin_server_ts.get());
+    unsigned.insert("age".into(), json!(age));
+    if let Some(txn) = &e.txn {
+        if e.pdu.sender == viewer.user_id && txn.device_id == viewer.device_id {
+            unsigned.insert("transaction_id".into(), json!(txn.txn_id));
+        }
+    }
+    if let Some(by) = &e.redacted_by {
+        unsigned.insert(
+            "redacted_because".into(),
+            json!({ "event_id": by, "type": "m.room.redaction" }),
+        );
+    }
+    obj.insert("unsigned".into(), Value::Object(unsigned));
+    Value::Object(obj)
+}
+
+fn stripped(e: &kabar_domain::Pdu) -> Value {
+    json!({
+        "type": e.kind.to_string(),
+        "state_key": e.state_key,
+        "sender": e.sender,
+        "content": serde_json::from_str::<Value>(e.content.get()).unwrap_or(Value::Null),
+    })
+}
+
+impl SyncEngine {
+    pub fn new(
+        store: Arc<dyn Store>,
+        rooms: Arc<Rooms>,
+        notifier: Arc<Notifier>,
+        ephemeral: Arc<Ephemeral>,
+    ) -> Self {
+        Self {
+            store,
+            rooms,
+            notifier,
+            ephemeral,
+        }
+    }
+
+    /// Answers a `/sync`: at once if there is news (or this is an initial or
+    /// full-state sync), else when the next relevant change arrives or the
+    /// timeout ends.
+    pub async fn sync(&self, session: &Session, req: SyncRequest) -> Result<Value> {
+        match req.set_presence.as_deref() {
+            Some("offline") => {}
+            Some(p @ ("online" | "unavailable")) => {
+                self.ephemeral.set_presence(&session.user_id, p, None)
+            }
+            _ => self
+                .ephemeral
+                .set_presence(&session.user_id, "online", None),
+        }
+        let deadline = Instant::now() + req.timeout.min(MAX_TIMEOUT);
+        loop {
+            let memberships = self.store.memberships(&session.user_id).await?;
+            let watched: Vec<&RoomId> = memberships
+                .iter()
+                .filter(|m| m.membership != Membership::Leave && m.membership != Membership::Ban)
+                .map(|m| &*m.room_id)
+                .collect();
+            // Subscribe before looking, so a change between look and wait still wakes us.
+            let interest = self
+                .notifier
+                .interest(&session.user_id, watched.iter().copied());
+            let (response, has_news) = self.build(session, &req, &memberships).await?;
+            let now = Instant::now();
+            if req.since.is_none() || req.full_state || has_news || now >= deadline {
+                return Ok(response);
+            }
+            if !interest.wait(deadline - now).await {
+                return Ok(response);
+            }
+        }
+    }
+
+    async fn build(
+        &self,
+        session: &Session,
+        req: &SyncRequest,
+        memberships: &[MembershipRecord],
+    ) -> Result<(Value, bool)> {
+        let user = &*session.user_id;
+        let upto = SyncToken {
+            stream: self.store.current_position(),
+            ephemeral: self.ephemeral.serial(),
+        };
+        let initial = req.since.is_none();
+        let since = req.since.unwrap_or_default();
+        let filter = &req.filter;
+        let limit = filter
+            .room
+            .timeline
+            .limit
+            .map(|l| u64::from(l) as usize)
+            .unwrap_or(DEFAULT_TIMELINE_LIMIT)
+            .clamp(1, MAX_TIMELINE_LIMIT);
+
+        let account_data = self
+            .store
+            .account_data_since(user, if initial { 0 } else { since.stream })
+            .await?;
+        let mut room_account_data: BTreeMap<OwnedRoomId, Vec<Value>> = BTreeMap::new();
+        let mut global_account_data = vec![];
+        for a in account_data.iter().filter(|a| a.pos <= upto.stream) {
+            let ev = json!({ "type": a.kind, "content": serde_json::from_str::<Value>(&a.content).unwrap_or_default() });
+            match &a.room_id {
+                Some(r) => room_account_data.entry(r.clone()).or_default().push(ev),
+                None => global_account_data.push(ev),
+            }
+        }
+
+        let mut join = Map::new();
+        let mut invite = Map::new();
+        let mut leave = Map::new();
+        let mut shared_rooms = Vec::new();
+        for m in memberships {
+            if m.pos > upto.stream || !room_allowed(filter, &m.room_id) {
+                continue;
+            }
+            match m.membership {
+                Membership::Join => {
+                    shared_rooms.push(m.room_id.clone());
+                    let full = initial || req.full_state || m.pos > since.stream;
+                    if let Some(room) = self
+                        .joined_room(
+                            session,
+                            &m.room_id,
+                            since,
+                            upto,
+                            full,
+                            limit,
+                            filter,
+                            room_account_data.remove(&m.room_id),
+                        )
+                        .await?
+                    {
+                        join.insert(m.room_id.to_string(), room);
+                    }
+                }
+                Membership::Invite if initial || m.pos > since.stream => {
+                    let room = self.rooms.room(&m.room_id).await?;
+                    let r = room.lock().await;
+                    let mut events: Vec<Value> = INVITE_STATE_TYPES
+                        .iter()
+                        .filter_map(|t| r.state(t, ""))
+                        .map(|e| stripped(&e.pdu))
+                        .collect();
+                    if let Some(me) = r.state("m.room.member", user.as_str()) {
+                        events.push(stripped(&me.pdu));
+                    }
+                    invite.insert(
+                        m.room_id.to_string(),
+                        json!({ "invite_state": { "events": events } }),
+                    );
+                }
+                Membership::Leave | Membership::Ban
+                    if m.pos > since.stream && (!initial || filter.room.include_leave) =>
+                {
+                    let events = self
+                        .store
+                        .room_events(EventRange {
+                            room_id: &m.room_id,
+                            after: since.stream,
+                            until: m.pos,
+                            direction: Direction::Backward,
+                            limit: limit + 1,
+                        })
+                        .await?;
+                    let limited = events.len() > limit;
+                    let mut events: Vec<_> = events.into_iter().take(limit).collect();
+                    events.reverse();
+                    let events = self.rooms.filter_visible(user, &m.room_id, events).await?;
+                    let prev_batch = events.first().map(|e| format!("t{}", e.pos - 1));
+                    let timeline: Vec<Value> =
+                        events.iter().map(|e| client_event(e, session)).collect();
+                    leave.insert(
+                        m.room_id.to_string(),
+                        json!({ "timeline": { "events": timeline, "limited": limited, "prev_batch": prev_batch }, "state": { "events": [] } }),
+                    );
+                }
+                _ => {}
+            }
+        }
+
+        let presence = self
+            .presence(
+                user,
+                &shared_rooms,
+                if initial { 0 } else { since.ephemeral },
+            )
+            .await;
+        let has_news = !join.is_empty()
+            || !invite.is_empty()
+            || !leave.is_empty()
+            || !global_account_data.is_empty()
+            || !presence.is_empty();
+        let response = json!({
+            "next_batch": upto.to_string(),
+            "rooms": { "join": join, "invite": invite, "leave": leave, "knock": {} },
+            "account_data": { "events": global_account_data },
+            "presence": { "events": presence },
+            "to_device": { "events": [] },
+            "device_lists": { "changed": [], "left": [] },
+            "device_one_time_keys_count": {},
+        });
+        Ok((response, has_news))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn joined_room(
+        &self,
+        session: &Session,
+        room_id: &RoomId,
+        since: SyncToken,
+        upto: SyncToken,
+        full: bool,
+        limit: usize,
+        filter: &FilterDefinition,
+        account_data: Option<Vec<Value>>,
+    ) -> Result<Option<Value>> {
+        let user = &*session.user_id;
+        let room = self.rooms.room(room_id).await?;
+        let last_pos = room.lock().await.last_pos;
+        let timeline_changed = full || last_pos > since.stream;
+
+        let mut timeline = vec![];
+        let mut limited = false;
+        let mut prev_batch = None;
+        let mut timeline_ids = HashSet::new();
+        let mut first_pos = upto.stream + 1;
+        if timeline_changed {
+            let after = if full { 0 } else { since.stream };
+            let mut events = self
+                .store
+                .room_events(EventRange {
+                    room_id,
+                    after,
+                    until: upto.stream,
+                    direction: Direction::Backward,
+                    limit: limit + 1,
+                })
+                .await?;
+            limited = events.len() > limit;
+            events.truncate(limit);
+            events.reverse();
+            if let Some(first) = events.first() {
+                first_pos = first.pos;
+                prev_batch = Some(format!("t{}", first.pos - 1));
+            } else {
+                prev_batch = Some(format!("t{}", upto.stream));
+            }
+            for e in &events {
+                timeline_ids.insert(e.pdu.event_id.clone());
+                if filter_allows(
+                    &filter.room.timeline,
+                    e.pdu.kind.to_string().as_str(),
+                    &e.pdu.sender,
+                ) {
+                    timeline.push(client_event(e, session));
+                }
+            }
+        }
+
+        // State: everything for a full sync; otherwise what changed in a gap the timeline skipped.
+        let mut state = vec![];
+        if full || limited {
+            let r = room.lock().await;
+            for entry in r.state_entries() {
+                let in_gap = full || (entry.pos > since.stream && entry.pos < first_pos);
+                if in_gap && entry.pos <= upto.stream && !timeline_ids.contains(&entry.pdu.event_id)
+                {
+                    let e = StoredEvent {
+                        pos: entry.pos,
+                        pdu: entry.pdu.clone(),
+                        txn: None,
+                        redacted_by: None,
+                    };
+                    state.push(client_event(&e, session));
+                }
+            }
+        }
+
+        let mut ephemeral = vec![];
+        if let Some(typing) = self
+            .ephemeral
+            .typing_since(room_id, if full { 0 } else { since.ephemeral })
+        {
+            if !(full && typing.is_empty()) {
+                ephemeral.push(json!({ "type": "m.typing", "content": { "user_ids": typing } }));
+            }
+        }
+        let receipts = self
+            .store
+            .receipts_since(room_id, if full { 0 } else { since.stream })
+            .await?;
+        let mut receipt_content: Map<String, Value> = Map::new();
+        for rc in receipts.iter().filter(|r| r.pos <= upto.stream) {
+            if rc.receipt_type == "m.read.private" && rc.user_id != user {
+                continue;
+            }
+            let mut data = json!({ "ts": rc.ts_ms });
+            if let Some(t) = &rc.thread_id {
+                data["thread_id"] = json!(t);
+            }
+            let by_event = receipt_content
+                .entry(rc.event_id.to_string())
+                .or_insert_with(|| json!({}));
+            by_event[&rc.receipt_type][rc.user_id.as_str()] = data;
+        }
+        if !receipt_content.is_empty() {
+            ephemeral.push(json!({ "type": "m.receipt", "content": receipt_content }));
+        }
+        let account_data = account_data.unwrap_or_default();
+
+        if !full
+            && timeline.is_empty()
+            && !limited
+            && state.is_empty()
+            && ephemeral.is_empty()
+            && account_data.is_empty()
+            && !timeline_changed
+        {
+            return Ok(None);
+        }
+        if !full
+            && timeline.is_empty()
+            && state.is_empty()
+            && ephemeral.is_empty()
+            && account_data.is_empty()
+        {
+            // Only events this filter hides changed; nothing to tell.
+            return Ok(None);
+        }
+
+        // Unread count: messages from others after the user's own read receipt.
+        let mut read_pos: StreamPos = 0;
+        for kind in ["m.read", "m.read.private"] {
+            if let Some(r) = self.store.receipt(room_id, user, kind).await? {
+                if let Some(e) = self.store.event(&r.event_id).await? {
+                    read_pos = read_pos.max(e.pos);
+                }
+            }
+        }
+        let unread = self
+            .store
+            .count_events_after(room_id, read_pos, user, NOTIFYING_TYPES, 1000)
+            .await?;
+
+        let (joined, invited) = {
+            let r = room.lock().await;
+            (
+                r.members(Membership::Join).count(),
+                r.members(Membership::Invite).count(),
+            )
+        };
+        Ok(Some(json!({
+            "timeline": { "events": timeline, "limited": limited, "prev_batch": prev_batch },
+            "state": { "events": state },
+            "ephemeral": { "events": ephemeral },
+            "account_data": { "events": account_data },
+            "unread_notifications": { "notification_count": unread, "highlight_count": 0 },
+            "summary": { "m.joined_member_count": joined, "m.invited_member_count": invited },
+        })))
+    }
+
+    async fn presence(
+        &self,
+        user: &UserId,
+        shared_rooms: &[OwnedRoomId],
+        since: u64,
+    ) -> Vec<Value> {
+        let mut users = HashSet::new();
+        users.insert(user.to_owned());
+        for room_id in shared_rooms {
+            if let Ok(room) = self.rooms.room(room_id).await {
+                let r = room.lock().await;
+                // Presence of members in huge rooms is skipped: it would cost a
+                // walk of every member on every sync.
+                if r.state_len() < 1000 {
+                    users.extend(
+                        r.members(Membership::Join)
+                            .filter_map(|u| ruma::OwnedUserId::try_from(u).ok()),
+                    );
+                }
+            }
+        }
+        self.ephemeral
+            .presence_since(users.iter().map(|u| &**u), since)
+            .into_iter()
+            .map(|(u, p)| {
+                let mut content = json!({ "presence": p.presence, "last_active_ago": p.last_active.elapsed().as_millis() as u64, "currently_active": p.presence == "online" });
+                if let Some(s) = p.status_msg {
+                    content["status_msg"] = json!(s);
+                }
+                json!({ "type": "m.presence", "sender": u, "content": content })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ruma::user_id;
+
+    #[test]
+    fn filters_match_types_with_wildcards_and_senders() {
+        let mut f = RoomEventFilter::default();
+        assert!(filter_allows(&f, "m.room.message", user_id!("@a:x")));
+        f.types = Some(vec!["m.room.*".into()]);
+        assert!(filter_allows(&f, "m.room.message", user_id!("@a:x")));
+        assert!(!filter_allows(&f, "m.reaction", user_id!("@a:x")));
+        f.not_types = vec!["m.room.member".into()];
+        assert!(!filter_allows(&f, "m.room.member", user_id!("@a:x")));
+        f.not_senders = vec![ruma::owned_user_id!("@spam:x")];
+        assert!(!filter_allows(&f, "m.room.message", user_id!("@spam:x")));
+    }
+}
