@@ -65,10 +65,12 @@ fn hash_token(token: &str) -> String {
 fn new_access_token() -> String {
     let mut bytes = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut bytes);
-    format!(
-        "kbr_{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-    )
+    format!("kbr_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// A random alphanumeric string, for registration tokens and the like.
+pub fn random_token(len: usize) -> String {
+    rand::thread_rng().sample_iter(&Alphanumeric).take(len).map(char::from).collect()
 }
 
 fn new_device_id() -> String {
@@ -80,12 +82,7 @@ fn new_device_id() -> String {
 }
 
 impl Accounts {
-    pub fn new(
-        store: Arc<dyn Store>,
-        hasher: Arc<PasswordHasher>,
-        server_name: OwnedServerName,
-        policy: RegistrationPolicy,
-    ) -> Self {
+    pub fn new(store: Arc<dyn Store>, hasher: Arc<PasswordHasher>, server_name: OwnedServerName, policy: RegistrationPolicy) -> Self {
         Self {
             store,
             hasher,
@@ -114,8 +111,7 @@ impl Accounts {
                 "user names may contain only a-z, 0-9, and . _ = - / +".into(),
             ));
         }
-        UserId::parse_with_server_name(localpart, &self.server_name)
-            .map_err(|e| Error::InvalidUsername(e.to_string()))
+        UserId::parse_with_server_name(localpart, &self.server_name).map_err(|e| Error::InvalidUsername(e.to_string()))
     }
 
     /// Parses what a client typed at login: a localpart or a full user id.
@@ -153,30 +149,20 @@ impl Accounts {
         }
         let store = self.store.clone();
         self.uia
-            .step(
-                flows,
-                json!({}),
-                req.auth.as_ref(),
-                |kind, auth| async move {
-                    match kind.as_str() {
-                        "m.login.dummy" => Ok(StageOutcome::Completed("m.login.dummy")),
-                        "m.login.registration_token" => {
-                            let token = auth
-                                .get("token")
-                                .and_then(Value::as_str)
-                                .unwrap_or_default();
-                            if token.len() <= 64
-                                && store.use_registration_token(token, now_ms()).await?
-                            {
-                                Ok(StageOutcome::Completed("m.login.registration_token"))
-                            } else {
-                                Ok(StageOutcome::Failed("invalid registration token".into()))
-                            }
+            .step(flows, json!({}), req.auth.as_ref(), |kind, auth| async move {
+                match kind.as_str() {
+                    "m.login.dummy" => Ok(StageOutcome::Completed("m.login.dummy")),
+                    "m.login.registration_token" => {
+                        let token = auth.get("token").and_then(Value::as_str).unwrap_or_default();
+                        if token.len() <= 64 && store.use_registration_token(token, now_ms()).await? {
+                            Ok(StageOutcome::Completed("m.login.registration_token"))
+                        } else {
+                            Ok(StageOutcome::Failed("invalid registration token".into()))
                         }
-                        _ => Ok(StageOutcome::Failed("unsupported stage".into())),
                     }
-                },
-            )
+                    _ => Ok(StageOutcome::Failed("unsupported stage".into())),
+                }
+            })
             .await?;
 
         let password_hash = match req.password {
@@ -207,19 +193,11 @@ impl Accounts {
                 access_token: None,
             });
         }
-        self.new_session(user_id, req.device_id, req.initial_device_display_name)
-            .await
+        self.new_session(user_id, req.device_id, req.initial_device_display_name).await
     }
 
-    async fn new_session(
-        &self,
-        user_id: OwnedUserId,
-        device_id: Option<String>,
-        display_name: Option<String>,
-    ) -> Result<LoggedIn> {
-        let device_id = device_id
-            .filter(|d| !d.is_empty() && d.len() <= 255)
-            .unwrap_or_else(new_device_id);
+    async fn new_session(&self, user_id: OwnedUserId, device_id: Option<String>, display_name: Option<String>) -> Result<LoggedIn> {
+        let device_id = device_id.filter(|d| !d.is_empty() && d.len() <= 255).unwrap_or_else(new_device_id);
         let token = new_access_token();
         self.store
             .upsert_device(NewDevice {
@@ -243,9 +221,7 @@ impl Accounts {
             return Ok(false);
         };
         match (user.deactivated, user.password_hash) {
-            (false, Some(hash)) if password.len() <= 1024 => {
-                self.hasher.verify(password.to_owned(), hash).await
-            }
+            (false, Some(hash)) if password.len() <= 1024 => self.hasher.verify(password.to_owned(), hash).await,
             _ => Ok(false),
         }
     }
@@ -270,11 +246,7 @@ impl Accounts {
         if let Some(s) = self.token_cache.lock().expect("token cache").get(&h) {
             return Ok(s.clone());
         }
-        let session = self
-            .store
-            .session_by_token_hash(&h)
-            .await?
-            .ok_or(Error::UnknownToken)?;
+        let session = self.store.session_by_token_hash(&h).await?.ok_or(Error::UnknownToken)?;
         let mut cache = self.token_cache.lock().expect("token cache");
         if cache.len() >= MAX_CACHED_TOKENS {
             cache.clear();
@@ -305,57 +277,35 @@ impl Accounts {
     async fn require_password(&self, session: &Session, auth: Option<&Value>) -> Result<()> {
         let user_id = session.user_id.clone();
         self.uia
-            .step(
-                &[&["m.login.password"]],
-                json!({}),
-                auth,
-                |_, auth| async move {
-                    let claimed = auth
-                        .pointer("/identifier/user")
-                        .or_else(|| auth.get("user"))
-                        .and_then(Value::as_str)
-                        .map(|u| self.parse_login_user(u))
-                        .transpose()?;
-                    if claimed.is_some_and(|c| c != user_id) {
-                        return Ok(StageOutcome::Failed(
-                            "you can only authenticate as yourself".into(),
-                        ));
-                    }
-                    let password = auth
-                        .get("password")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default();
-                    if self.check_password(&user_id, password).await? {
-                        Ok(StageOutcome::Completed("m.login.password"))
-                    } else {
-                        Ok(StageOutcome::Failed("invalid password".into()))
-                    }
-                },
-            )
+            .step(&[&["m.login.password"]], json!({}), auth, |_, auth| async move {
+                let claimed = auth
+                    .pointer("/identifier/user")
+                    .or_else(|| auth.get("user"))
+                    .and_then(Value::as_str)
+                    .map(|u| self.parse_login_user(u))
+                    .transpose()?;
+                if claimed.is_some_and(|c| c != user_id) {
+                    return Ok(StageOutcome::Failed("you can only authenticate as yourself".into()));
+                }
+                let password = auth.get("password").and_then(Value::as_str).unwrap_or_default();
+                if self.check_password(&user_id, password).await? {
+                    Ok(StageOutcome::Completed("m.login.password"))
+                } else {
+                    Ok(StageOutcome::Failed("invalid password".into()))
+                }
+            })
             .await
     }
 
-    pub async fn change_password(
-        &self,
-        session: &Session,
-        new_password: String,
-        logout_devices: bool,
-        auth: Option<&Value>,
-    ) -> Result<()> {
+    pub async fn change_password(&self, session: &Session, new_password: String, logout_devices: bool, auth: Option<&Value>) -> Result<()> {
         self.require_password(session, auth).await?;
         if new_password.is_empty() || new_password.len() > 1024 {
-            return Err(Error::InvalidParam(
-                "password must be 1 to 1024 bytes".into(),
-            ));
+            return Err(Error::InvalidParam("password must be 1 to 1024 bytes".into()));
         }
         let hash = self.hasher.hash(new_password).await?;
-        self.store
-            .set_password_hash(&session.user_id, &hash)
-            .await?;
+        self.store.set_password_hash(&session.user_id, &hash).await?;
         if logout_devices {
-            self.store
-                .delete_all_devices(&session.user_id, Some(&session.device_id))
-                .await?;
+            self.store.delete_all_devices(&session.user_id, Some(&session.device_id)).await?;
             self.forget_tokens();
         }
         Ok(())
@@ -369,16 +319,9 @@ impl Accounts {
         Ok(())
     }
 
-    pub async fn delete_devices(
-        &self,
-        session: &Session,
-        device_ids: &[String],
-        auth: Option<&Value>,
-    ) -> Result<()> {
+    pub async fn delete_devices(&self, session: &Session, device_ids: &[String], auth: Option<&Value>) -> Result<()> {
         self.require_password(session, auth).await?;
-        self.store
-            .delete_devices(&session.user_id, device_ids)
-            .await?;
+        self.store.delete_devices(&session.user_id, device_ids).await?;
         self.forget_tokens();
         Ok(())
     }
@@ -395,8 +338,7 @@ mod tests {
 
     fn accounts(policy: RegistrationPolicy) -> (Accounts, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> =
-            Arc::new(kabar_store_sqlite::SqliteStore::open(&dir.path().join("db")).unwrap());
+        let store: Arc<dyn Store> = Arc::new(kabar_store_sqlite::SqliteStore::open(&dir.path().join("db")).unwrap());
         let hasher = Arc::new(
             PasswordHasher::new(
                 HashCost {
@@ -409,10 +351,7 @@ mod tests {
             )
             .unwrap(),
         );
-        (
-            Accounts::new(store, hasher, ruma::owned_server_name!("localhost"), policy),
-            dir,
-        )
+        (Accounts::new(store, hasher, ruma::owned_server_name!("localhost"), policy), dir)
     }
 
     fn dummy() -> Option<Value> {
@@ -431,11 +370,7 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!(
-            r.user_id.as_str(),
-            "@alice:localhost",
-            "names are lowercased"
-        );
+        assert_eq!(r.user_id.as_str(), "@alice:localhost", "names are lowercased");
         let token = r.access_token.unwrap();
         assert!(token.len() >= 40, "at least 128 bits of randomness");
         assert_eq!(acc.authenticate(&token).await.unwrap().user_id, r.user_id);
@@ -452,21 +387,11 @@ mod tests {
             acc.login_password("alice", "bad", None, None).await,
             Err(Error::Forbidden(_))
         ));
-        let second = acc
-            .login_password("@alice:localhost", "pw", None, None)
-            .await
-            .unwrap();
-        acc.logout(&acc.authenticate(&token).await.unwrap())
-            .await
-            .unwrap();
-        assert!(matches!(
-            acc.authenticate(&token).await,
-            Err(Error::UnknownToken)
-        ));
+        let second = acc.login_password("@alice:localhost", "pw", None, None).await.unwrap();
+        acc.logout(&acc.authenticate(&token).await.unwrap()).await.unwrap();
+        assert!(matches!(acc.authenticate(&token).await, Err(Error::UnknownToken)));
         assert!(
-            acc.authenticate(second.access_token.as_deref().unwrap())
-                .await
-                .is_ok(),
+            acc.authenticate(second.access_token.as_deref().unwrap()).await.is_ok(),
             "other devices stay signed in"
         );
     }
@@ -483,10 +408,7 @@ mod tests {
             .await,
             Err(Error::BadJson(_))
         ));
-        acc.store()
-            .create_registration_token("letmein", Some(1), None)
-            .await
-            .unwrap();
+        acc.store().create_registration_token("letmein", Some(1), None).await.unwrap();
         let auth = Some(json!({"type": "m.login.registration_token", "token": "letmein"}));
         acc.register(RegistrationRequest {
             username: Some("bob".into()),

@@ -65,10 +65,8 @@ impl Ephemeral {
                 serial,
             });
             if typing {
-                room.users.insert(
-                    user_id.to_owned(),
-                    Instant::now() + timeout.min(MAX_TYPING_TIMEOUT),
-                );
+                room.users
+                    .insert(user_id.to_owned(), Instant::now() + timeout.min(MAX_TYPING_TIMEOUT));
             } else {
                 room.users.remove(user_id);
             }
@@ -95,17 +93,15 @@ impl Ephemeral {
     pub fn set_presence(&self, user_id: &UserId, presence: &str, status_msg: Option<String>) {
         let serial = self.bump();
         let mut map = self.presence.lock().expect("presence lock");
-        let changed = map.get(user_id).is_none_or(|p| {
-            p.presence != presence || (status_msg.is_some() && p.status_msg != status_msg)
+        let changed = map
+            .get(user_id)
+            .is_none_or(|p| p.presence != presence || (status_msg.is_some() && p.status_msg != status_msg));
+        let entry = map.entry(user_id.to_owned()).or_insert_with(|| PresenceState {
+            presence: presence.to_owned(),
+            status_msg: None,
+            last_active: Instant::now(),
+            serial,
         });
-        let entry = map
-            .entry(user_id.to_owned())
-            .or_insert_with(|| PresenceState {
-                presence: presence.to_owned(),
-                status_msg: None,
-                last_active: Instant::now(),
-                serial,
-            });
         entry.last_active = Instant::now();
         if changed {
             entry.presence = presence.to_owned();
@@ -117,28 +113,16 @@ impl Ephemeral {
     }
 
     pub fn presence(&self, user_id: &UserId) -> Option<PresenceState> {
-        self.presence
-            .lock()
-            .expect("presence lock")
-            .get(user_id)
-            .cloned()
+        self.presence.lock().expect("presence lock").get(user_id).cloned()
     }
 
     /// Presence of these users changed after `since`.
-    pub fn presence_since<'a>(
-        &self,
-        users: impl IntoIterator<Item = &'a UserId>,
-        since: u64,
-    ) -> Vec<(OwnedUserId, PresenceState)> {
+    pub fn presence_since<'a>(&self, users: impl IntoIterator<Item = &'a UserId>, since: u64) -> Vec<(OwnedUserId, PresenceState)> {
         let map = self.presence.lock().expect("presence lock");
         let reset = since > self.serial();
         users
             .into_iter()
-            .filter_map(|u| {
-                map.get(u)
-                    .filter(|p| reset || p.serial > since)
-                    .map(|p| (u.to_owned(), p.clone()))
-            })
+            .filter_map(|u| map.get(u).filter(|p| reset || p.serial > since).map(|p| (u.to_owned(), p.clone())))
             .collect()
     }
 }
@@ -152,23 +136,11 @@ mod tests {
     fn typing_appears_then_expires() {
         let e = Ephemeral::new(Arc::new(Notifier::new()));
         let start = e.serial();
-        e.set_typing(
-            room_id!("!r:x"),
-            user_id!("@a:x"),
-            true,
-            Duration::from_millis(30),
-        );
+        e.set_typing(room_id!("!r:x"), user_id!("@a:x"), true, Duration::from_millis(30));
         assert_eq!(e.typing_since(room_id!("!r:x"), start).unwrap().len(), 1);
         let seen = e.serial();
-        assert!(
-            e.typing_since(room_id!("!r:x"), seen).is_none(),
-            "nothing new since"
-        );
+        assert!(e.typing_since(room_id!("!r:x"), seen).is_none(), "nothing new since");
         std::thread::sleep(Duration::from_millis(40));
-        assert_eq!(
-            e.typing_since(room_id!("!r:x"), seen).unwrap().len(),
-            0,
-            "expiry is reported"
-        );
+        assert_eq!(e.typing_since(room_id!("!r:x"), seen).unwrap().len(), 0, "expiry is reported");
     }
 }

@@ -55,9 +55,7 @@ impl From<StoreError> for Error {
 impl From<kabar_domain::BuildError> for Error {
     fn from(e: kabar_domain::BuildError) -> Self {
         match e {
-            kabar_domain::BuildError::TooLarge => {
-                Error::TooLarge("event is larger than 65535 bytes".into())
-            }
+            kabar_domain::BuildError::TooLarge => Error::TooLarge("event is larger than 65535 bytes".into()),
             kabar_domain::BuildError::Json(m) => Error::BadJson(m),
             kabar_domain::BuildError::UnsupportedRoomVersion(v) => {
                 Error::UnsupportedRoomVersion(format!("room version {v} is not supported"))

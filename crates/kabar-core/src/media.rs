@@ -41,14 +41,8 @@ pub enum ThumbnailMethod {
 }
 
 impl Media {
-    pub fn new(
-        store: Arc<dyn Store>,
-        dir: PathBuf,
-        max_upload_bytes: u64,
-        thumbnail_threads: usize,
-    ) -> Result<Self> {
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::Internal(format!("cannot create media directory: {e}")))?;
+    pub fn new(store: Arc<dyn Store>, dir: PathBuf, max_upload_bytes: u64, thumbnail_threads: usize) -> Result<Self> {
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Internal(format!("cannot create media directory: {e}")))?;
         Ok(Self {
             store,
             dir,
@@ -74,10 +68,7 @@ impl Media {
         bytes: Vec<u8>,
     ) -> Result<String> {
         if bytes.len() as u64 > self.max_upload_bytes {
-            return Err(Error::TooLarge(format!(
-                "upload is larger than {} bytes",
-                self.max_upload_bytes
-            )));
+            return Err(Error::TooLarge(format!("upload is larger than {} bytes", self.max_upload_bytes)));
         }
         let sha = hex::encode(Sha256::digest(&bytes));
         let path = self.path_for(&sha);
@@ -86,11 +77,7 @@ impl Media {
             .await
             .map_err(|e| Error::Internal(e.to_string()))?
             .map_err(|e| Error::Internal(format!("writing media: {e}")))?;
-        let media_id: String = rand::thread_rng()
-            .sample_iter(&Alphanumeric)
-            .take(24)
-            .map(char::from)
-            .collect();
+        let media_id: String = rand::thread_rng().sample_iter(&Alphanumeric).take(24).map(char::from).collect();
         self.store
             .put_media(MediaRecord {
                 media_id: media_id.clone(),
@@ -111,20 +98,12 @@ impl Media {
             return Err(not_found());
         }
         let record = self.store.media(media_id).await?.ok_or_else(not_found)?;
-        let bytes = tokio::fs::read(self.path_for(&record.sha256))
-            .await
-            .map_err(|_| not_found())?;
+        let bytes = tokio::fs::read(self.path_for(&record.sha256)).await.map_err(|_| not_found())?;
         Ok(Download { record, bytes })
     }
 
     /// A thumbnail no larger than `width` x `height`, as PNG (or JPEG for JPEG sources).
-    pub async fn thumbnail(
-        &self,
-        media_id: &str,
-        width: u32,
-        height: u32,
-        method: ThumbnailMethod,
-    ) -> Result<(String, Vec<u8>)> {
+    pub async fn thumbnail(&self, media_id: &str, width: u32, height: u32, method: ThumbnailMethod) -> Result<(String, Vec<u8>)> {
         let source = self.download(media_id).await?;
         let (width, height) = (width.clamp(1, 1600), height.clamp(1, 1600));
         let key = format!("{}-{width}x{height}-{method:?}", source.record.sha256);
@@ -134,16 +113,10 @@ impl Media {
         if let Ok(bytes) = tokio::fs::read(&cached).await {
             return Ok((content_type, bytes));
         }
-        let _slot = self
-            .thumbnail_slots
-            .acquire()
+        let _slot = self.thumbnail_slots.acquire().await.map_err(|e| Error::Internal(e.to_string()))?;
+        let bytes = tokio::task::spawn_blocking(move || make_thumbnail(&source.bytes, width, height, method, jpeg))
             .await
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        let bytes = tokio::task::spawn_blocking(move || {
-            make_thumbnail(&source.bytes, width, height, method, jpeg)
-        })
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
+            .map_err(|e| Error::Internal(e.to_string()))??;
         let to_cache = bytes.clone();
         let _ = tokio::task::spawn_blocking(move || write_once(&cached, &to_cache)).await;
         Ok((content_type, bytes))
@@ -165,13 +138,7 @@ fn write_once(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-fn make_thumbnail(
-    bytes: &[u8],
-    width: u32,
-    height: u32,
-    method: ThumbnailMethod,
-    jpeg: bool,
-) -> Result<Vec<u8>> {
+fn make_thumbnail(bytes: &[u8], width: u32, height: u32, method: ThumbnailMethod, jpeg: bool) -> Result<Vec<u8>> {
     let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|_| Error::NotFound("media is not an image".into()))?;
@@ -187,24 +154,16 @@ fn make_thumbnail(
         .decode()
         .map_err(|_| Error::NotFound("media is not an image this server can thumbnail".into()))?;
     let thumb = match method {
-        ThumbnailMethod::Crop => {
-            img.resize_to_fill(width, height, image::imageops::FilterType::Triangle)
-        }
+        ThumbnailMethod::Crop => img.resize_to_fill(width, height, image::imageops::FilterType::Triangle),
         ThumbnailMethod::Scale => img.thumbnail(width, height),
     };
     let mut out = std::io::Cursor::new(Vec::new());
-    let format = if jpeg {
-        image::ImageFormat::Jpeg
-    } else {
-        image::ImageFormat::Png
-    };
+    let format = if jpeg { image::ImageFormat::Jpeg } else { image::ImageFormat::Png };
     let thumb = if jpeg {
         image::DynamicImage::ImageRgb8(thumb.to_rgb8())
     } else {
         thumb
     };
-    thumb
-        .write_to(&mut out, format)
-        .map_err(|e| Error::Internal(e.to_string()))?;
+    thumb.write_to(&mut out, format).map_err(|e| Error::Internal(e.to_string()))?;
     Ok(out.into_inner())
 }

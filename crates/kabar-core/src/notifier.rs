@@ -45,9 +45,7 @@ impl<K: Eq + Hash + Clone> Channels<K> {
             // by the number of live waiters rather than every room ever seen.
             map.retain(|_, tx| tx.receiver_count() > 0);
         }
-        map.entry(key.clone())
-            .or_insert_with(|| watch::channel(0).0)
-            .subscribe()
+        map.entry(key.clone()).or_insert_with(|| watch::channel(0).0).subscribe()
     }
 }
 
@@ -78,10 +76,7 @@ impl Interest {
             return false;
         }
         let changed = select_all(self.receivers.iter_mut().map(|r| Box::pin(r.changed())));
-        matches!(
-            tokio::time::timeout(timeout, changed).await,
-            Ok((Ok(()), _, _))
-        )
+        matches!(tokio::time::timeout(timeout, changed).await, Ok((Ok(()), _, _)))
     }
 }
 
@@ -106,17 +101,9 @@ impl Notifier {
         self.users.bump(&user_id.to_owned(), self.next());
     }
 
-    pub fn interest<'a>(
-        &self,
-        user_id: &UserId,
-        rooms: impl IntoIterator<Item = &'a RoomId>,
-    ) -> Interest {
+    pub fn interest<'a>(&self, user_id: &UserId, rooms: impl IntoIterator<Item = &'a RoomId>) -> Interest {
         let mut receivers = vec![self.users.subscribe(&user_id.to_owned())];
-        receivers.extend(
-            rooms
-                .into_iter()
-                .map(|r| self.rooms.subscribe(&r.to_owned())),
-        );
+        receivers.extend(rooms.into_iter().map(|r| self.rooms.subscribe(&r.to_owned())));
         for r in &mut receivers {
             r.mark_unchanged();
         }

@@ -12,9 +12,7 @@ use std::{
 
 use argon2::{
     Algorithm, Argon2, Params, Version,
-    password_hash::{
-        PasswordHash, PasswordHasher as _, PasswordVerifier, SaltString, rand_core::OsRng,
-    },
+    password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier, SaltString, rand_core::OsRng},
 };
 use tokio::sync::oneshot;
 
@@ -49,8 +47,7 @@ pub struct PasswordHasher {
 impl PasswordHasher {
     /// Starts `threads` hashing threads with room for `queue` waiting jobs.
     pub fn new(cost: HashCost, threads: usize, queue: usize) -> Result<Self> {
-        let params = Params::new(cost.memory_kib, cost.iterations, cost.parallelism, None)
-            .map_err(|e| Error::Internal(e.to_string()))?;
+        let params = Params::new(cost.memory_kib, cost.iterations, cost.parallelism, None).map_err(|e| Error::Internal(e.to_string()))?;
         let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
         let (tx, rx) = mpsc::sync_channel::<Job>(queue);
         let rx = Arc::new(Mutex::new(rx));
@@ -73,20 +70,12 @@ impl PasswordHasher {
                 })
                 .map_err(|e| Error::Internal(e.to_string()))?;
         }
-        let retry_after_ms = (u64::from(cost.memory_kib) / 512 * u64::from(cost.iterations))
-            .max(10)
-            * (queue as u64 + 1)
-            / threads.max(1) as u64;
-        Ok(Self {
-            queue: tx,
-            retry_after_ms,
-        })
+        let retry_after_ms =
+            (u64::from(cost.memory_kib) / 512 * u64::from(cost.iterations)).max(10) * (queue as u64 + 1) / threads.max(1) as u64;
+        Ok(Self { queue: tx, retry_after_ms })
     }
 
-    async fn run<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Argon2<'static>) -> R + Send + 'static,
-    ) -> Result<R> {
+    async fn run<R: Send + 'static>(&self, f: impl FnOnce(&Argon2<'static>) -> R + Send + 'static) -> Result<R> {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |a| {
             let _ = tx.send(f(a));
@@ -95,20 +84,16 @@ impl PasswordHasher {
             mpsc::TrySendError::Full(_) => Error::LimitExceeded {
                 retry_after_ms: self.retry_after_ms,
             },
-            mpsc::TrySendError::Disconnected(_) => {
-                Error::Internal("password hashing pool stopped".into())
-            }
+            mpsc::TrySendError::Disconnected(_) => Error::Internal("password hashing pool stopped".into()),
         })?;
-        rx.await
-            .map_err(|_| Error::Internal("password hashing pool stopped".into()))
+        rx.await.map_err(|_| Error::Internal("password hashing pool stopped".into()))
     }
 
     /// A PHC string for `password`.
     pub async fn hash(&self, password: String) -> Result<String> {
         self.run(move |a| {
             let salt = SaltString::generate(&mut OsRng);
-            a.hash_password(password.as_bytes(), &salt)
-                .map(|h| h.to_string())
+            a.hash_password(password.as_bytes(), &salt).map(|h| h.to_string())
         })
         .await?
         .map_err(|e| Error::Internal(e.to_string()))
@@ -142,11 +127,7 @@ mod tests {
         let h = PasswordHasher::new(cheap(), 1, 4).unwrap();
         let hash = h.hash("correct horse".into()).await.unwrap();
         assert!(hash.starts_with("$argon2id$"));
-        assert!(
-            h.verify("correct horse".into(), hash.clone())
-                .await
-                .unwrap()
-        );
+        assert!(h.verify("correct horse".into(), hash.clone()).await.unwrap());
         assert!(!h.verify("wrong".into(), hash).await.unwrap());
         assert!(!h.verify("x".into(), "not a hash".into()).await.unwrap());
     }
@@ -167,9 +148,6 @@ mod tests {
                 refused += 1;
             }
         }
-        assert!(
-            refused > 0,
-            "eight hashes at once cannot all fit one thread and one queue slot"
-        );
+        assert!(refused > 0, "eight hashes at once cannot all fit one thread and one queue slot");
     }
 }

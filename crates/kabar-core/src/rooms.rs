@@ -18,17 +18,11 @@ use kabar_domain::{
     event::{EventSigner, raw},
     membership::{HistoryVisibility, Membership, may_see_event},
 };
-use kabar_store::{
-    AppendOutcome, Direction, EventRange, EventWrite, RoomRecord, Store, StoredEvent, StreamPos,
-    TxnRef,
-};
+use kabar_store::{AppendOutcome, Direction, EventRange, EventWrite, RoomRecord, Store, StoredEvent, StreamPos, TxnRef};
 use rand::{Rng, distributions::Alphanumeric};
 use ruma::{
-    EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId,
-    RoomVersionId, UserId,
-    events::room::power_levels::{
-        RoomPowerLevels, RoomPowerLevelsEventContent, RoomPowerLevelsSource,
-    },
+    EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId,
+    events::room::power_levels::{RoomPowerLevels, RoomPowerLevelsEventContent, RoomPowerLevelsSource},
     room_version_rules::RoomVersionRules,
 };
 use serde_json::{Value, json};
@@ -40,8 +34,7 @@ use crate::{
 };
 
 /// Room versions this server creates and serves.
-pub const SUPPORTED_ROOM_VERSIONS: [RoomVersionId; 3] =
-    [RoomVersionId::V10, RoomVersionId::V11, RoomVersionId::V12];
+pub const SUPPORTED_ROOM_VERSIONS: [RoomVersionId; 3] = [RoomVersionId::V10, RoomVersionId::V11, RoomVersionId::V12];
 
 /// One piece of current state with the stream position it was set at.
 #[derive(Debug, Clone)]
@@ -80,19 +73,13 @@ impl RoomCache {
     }
 
     pub fn history_visibility(&self) -> HistoryVisibility {
-        HistoryVisibility::from_content(
-            self.state("m.room.history_visibility", "")
-                .map(|e| e.pdu.content.get()),
-        )
+        HistoryVisibility::from_content(self.state("m.room.history_visibility", "").map(|e| e.pdu.content.get()))
     }
 
     pub fn members(&self, membership: Membership) -> impl Iterator<Item = &str> {
         self.state
             .iter()
-            .filter(move |((t, _), e)| {
-                t == "m.room.member"
-                    && Membership::from_content(e.pdu.content.get()) == Some(membership)
-            })
+            .filter(move |((t, _), e)| t == "m.room.member" && Membership::from_content(e.pdu.content.get()) == Some(membership))
             .map(|((_, k), _)| k.as_str())
     }
 
@@ -102,12 +89,7 @@ impl RoomCache {
         };
         let mut creators = vec![create.pdu.sender.clone()];
         if self.rules.authorization.additional_room_creators {
-            if let Some(extra) = create
-                .pdu
-                .content_value()
-                .get("additional_creators")
-                .and_then(Value::as_array)
-            {
+            if let Some(extra) = create.pdu.content_value().get("additional_creators").and_then(Value::as_array) {
                 creators.extend(
                     extra
                         .iter()
@@ -122,9 +104,7 @@ impl RoomCache {
     pub fn power_levels(&self) -> RoomPowerLevels {
         let source = self
             .state("m.room.power_levels", "")
-            .and_then(|e| {
-                serde_json::from_str::<RoomPowerLevelsEventContent>(e.pdu.content.get()).ok()
-            })
+            .and_then(|e| serde_json::from_str::<RoomPowerLevelsEventContent>(e.pdu.content.get()).ok())
             .map(RoomPowerLevelsSource::Original)
             .unwrap_or(RoomPowerLevelsSource::None);
         RoomPowerLevels::new(source, &self.rules.authorization, self.creators())
@@ -175,19 +155,11 @@ fn relation_of(content: &Value) -> Option<(OwnedEventId, String)> {
         return Some((OwnedEventId::try_from(id).ok()?, t.to_owned()));
     }
     let reply = rel.get("m.in_reply_to")?.get("event_id")?.as_str()?;
-    Some((
-        OwnedEventId::try_from(reply).ok()?,
-        "m.in_reply_to".to_owned(),
-    ))
+    Some((OwnedEventId::try_from(reply).ok()?, "m.in_reply_to".to_owned()))
 }
 
 impl Rooms {
-    pub fn new(
-        store: Arc<dyn Store>,
-        signer: Arc<EventSigner>,
-        notifier: Arc<Notifier>,
-        default_version: RoomVersionId,
-    ) -> Self {
+    pub fn new(store: Arc<dyn Store>, signer: Arc<EventSigner>, notifier: Arc<Notifier>, default_version: RoomVersionId) -> Self {
         Self {
             store,
             signer,
@@ -215,22 +187,14 @@ impl Rooms {
             .room(room_id)
             .await?
             .ok_or_else(|| Error::NotFound("unknown room".into()))?;
-        let rules = record.version.rules().ok_or_else(|| {
-            Error::Internal(format!(
-                "stored room has unknown version {}",
-                record.version
-            ))
-        })?;
+        let rules = record
+            .version
+            .rules()
+            .ok_or_else(|| Error::Internal(format!("stored room has unknown version {}", record.version)))?;
         let mut state = BTreeMap::new();
         for e in self.store.current_state(room_id).await? {
             if let Some(k) = e.pdu.state_key_pair() {
-                state.insert(
-                    k,
-                    StateEntry {
-                        pdu: e.pdu,
-                        pos: e.pos,
-                    },
-                );
+                state.insert(k, StateEntry { pdu: e.pdu, pos: e.pos });
             }
         }
         let last = self
@@ -274,24 +238,11 @@ impl Rooms {
     ) -> Result<(OwnedEventId, StreamPos)> {
         let auth_rules = &room.rules.authorization;
         let content = raw(&event.content);
-        let keys = auth_event_keys(
-            auth_rules,
-            &event.kind,
-            sender,
-            event.state_key.as_deref(),
-            &content,
-        )?;
-        let mut auth_events: Vec<&Pdu> = keys
-            .iter()
-            .filter_map(|k| room.state.get(k))
-            .map(|e| &e.pdu)
-            .collect();
+        let keys = auth_event_keys(auth_rules, &event.kind, sender, event.state_key.as_deref(), &content)?;
+        let mut auth_events: Vec<&Pdu> = keys.iter().filter_map(|k| room.state.get(k)).map(|e| &e.pdu).collect();
         if !auth_rules.room_create_event_id_as_room_id {
             if let Some(create) = room.state("m.room.create", "") {
-                if !auth_events
-                    .iter()
-                    .any(|p| p.event_id == create.pdu.event_id)
-                {
+                if !auth_events.iter().any(|p| p.event_id == create.pdu.event_id) {
                     auth_events.push(&create.pdu);
                 }
             }
@@ -309,26 +260,19 @@ impl Rooms {
             room.depth + 1,
             now(),
         )?;
-        let by_id: HashMap<&EventId, &Pdu> =
-            auth_events.iter().map(|p| (&*p.event_id, *p)).collect();
+        // v12 names the create event only through the room id, so it is always fetchable.
+        let create = room.state("m.room.create", "").map(|e| &e.pdu);
+        let by_id: HashMap<&EventId, &Pdu> = auth_events.iter().copied().chain(create).map(|p| (&*p.event_id, p)).collect();
         authorize(
             auth_rules,
             &pdu,
-            |t, k| {
-                room.state
-                    .get(&(t.to_owned(), k.to_owned()))
-                    .map(|e| &e.pdu)
-            },
+            |t, k| room.state.get(&(t.to_owned(), k.to_owned())).map(|e| &e.pdu),
             |id| by_id.get(id).copied(),
         )?;
 
         let redacted_target = match &redacts {
             Some(target) => {
-                let original = self
-                    .store
-                    .event(target)
-                    .await?
-                    .filter(|e| e.pdu.room_id == room.record.room_id);
+                let original = self.store.event(target).await?.filter(|e| e.pdu.room_id == room.record.room_id);
                 match original {
                     Some(original) => {
                         let pl = room.power_levels();
@@ -341,13 +285,10 @@ impl Rooms {
                         if !allowed {
                             return Err(Error::Forbidden("you may not redact this event".into()));
                         }
-                        redact_pdu(&original.pdu, &room.record.version)
-                            .map(|json| (target.clone(), json))
+                        redact_pdu(&original.pdu, &room.record.version).map(|json| (target.clone(), json))
                     }
                     None => {
-                        return Err(Error::NotFound(
-                            "event to redact not found in this room".into(),
-                        ));
+                        return Err(Error::NotFound("event to redact not found in this room".into()));
                     }
                 }
             }
@@ -368,13 +309,7 @@ impl Rooms {
             AppendOutcome::Duplicate(id) => return Ok((id, 0)),
         };
         if let Some(key) = pdu.state_key_pair() {
-            room.state.insert(
-                key,
-                StateEntry {
-                    pdu: pdu.clone(),
-                    pos,
-                },
-            );
+            room.state.insert(key, StateEntry { pdu: pdu.clone(), pos });
         }
         room.head = vec![pdu.event_id.clone()];
         room.depth = pdu.depth;
@@ -389,19 +324,9 @@ impl Rooms {
     }
 
     /// Sends an event as `sender`; with a transaction id, a repeat returns the first event.
-    pub async fn send(
-        &self,
-        sender: &UserId,
-        room_id: &RoomId,
-        event: NewEvent,
-        txn: Option<TxnRef>,
-    ) -> Result<OwnedEventId> {
+    pub async fn send(&self, sender: &UserId, room_id: &RoomId, event: NewEvent, txn: Option<TxnRef>) -> Result<OwnedEventId> {
         if let Some(t) = &txn {
-            if let Some(id) = self
-                .store
-                .event_by_txn(sender, &t.device_id, &t.txn_id)
-                .await?
-            {
+            if let Some(id) = self.store.event_by_txn(sender, &t.device_id, &t.txn_id).await? {
                 return Ok(id);
             }
         }
@@ -483,30 +408,19 @@ impl Rooms {
                 .map(|(r, _)| r)
                 .ok_or_else(|| Error::NotFound("room alias not found".into()));
         }
-        OwnedRoomId::try_from(id_or_alias)
-            .map_err(|_| Error::InvalidParam("not a room id or alias".into()))
+        OwnedRoomId::try_from(id_or_alias).map_err(|_| Error::InvalidParam("not a room id or alias".into()))
     }
 
     pub async fn create_room(&self, creator: &UserId, req: CreateRoom) -> Result<OwnedRoomId> {
-        let version = req
-            .room_version
-            .clone()
-            .unwrap_or_else(|| self.default_version.clone());
+        let version = req.room_version.clone().unwrap_or_else(|| self.default_version.clone());
         if !SUPPORTED_ROOM_VERSIONS.contains(&version) {
-            return Err(Error::UnsupportedRoomVersion(format!(
-                "room version {version} is not supported"
-            )));
+            return Err(Error::UnsupportedRoomVersion(format!("room version {version} is not supported")));
         }
-        let rules = version
-            .rules()
-            .ok_or_else(|| Error::UnsupportedRoomVersion(version.to_string()))?;
+        let rules = version.rules().ok_or_else(|| Error::UnsupportedRoomVersion(version.to_string()))?;
         let alias = match &req.room_alias_name {
             Some(name) => {
                 let alias = format!("#{name}:{}", self.server_name());
-                if ruma::RoomAliasId::parse(&alias).is_err()
-                    || name.contains(':')
-                    || name.is_empty()
-                {
+                if ruma::RoomAliasId::parse(&alias).is_err() || name.contains(':') || name.is_empty() {
                     return Err(Error::InvalidParam("invalid room alias name".into()));
                 }
                 if self.store.alias(&alias).await?.is_some() {
@@ -525,15 +439,8 @@ impl Rooms {
         let room_id = if rules.authorization.room_create_event_id_as_room_id {
             None
         } else {
-            let local: String = rand::thread_rng()
-                .sample_iter(&Alphanumeric)
-                .take(18)
-                .map(char::from)
-                .collect();
-            Some(
-                OwnedRoomId::try_from(format!("!{local}:{}", self.server_name()))
-                    .map_err(|e| Error::Internal(e.to_string()))?,
-            )
+            let local: String = rand::thread_rng().sample_iter(&Alphanumeric).take(18).map(char::from).collect();
+            Some(OwnedRoomId::try_from(format!("!{local}:{}", self.server_name())).map_err(|e| Error::Internal(e.to_string()))?)
         };
 
         let mut create = req.creation_content.clone().unwrap_or_default();
@@ -591,40 +498,22 @@ impl Rooms {
 
         let mut events = vec![
             NewEvent::state("m.room.create", "", Value::Object(create)),
-            NewEvent::state(
-                "m.room.member",
-                creator.as_str(),
-                self.join_content(creator).await?,
-            ),
+            NewEvent::state("m.room.member", creator.as_str(), self.join_content(creator).await?),
             NewEvent::state("m.room.power_levels", "", power),
         ];
         if let Some(a) = &alias {
-            events.push(NewEvent::state(
-                "m.room.canonical_alias",
-                "",
-                json!({ "alias": a }),
-            ));
+            events.push(NewEvent::state("m.room.canonical_alias", "", json!({ "alias": a })));
         }
-        events.push(NewEvent::state(
-            "m.room.join_rules",
-            "",
-            json!({ "join_rule": join_rule }),
-        ));
+        events.push(NewEvent::state("m.room.join_rules", "", json!({ "join_rule": join_rule })));
         events.push(NewEvent::state(
             "m.room.history_visibility",
             "",
             json!({ "history_visibility": history }),
         ));
-        events.push(NewEvent::state(
-            "m.room.guest_access",
-            "",
-            json!({ "guest_access": guest }),
-        ));
+        events.push(NewEvent::state("m.room.guest_access", "", json!({ "guest_access": guest })));
         for (kind, key, content) in &req.initial_state {
             if kind == "m.room.create" || kind == "m.room.member" {
-                return Err(Error::InvalidParam(format!(
-                    "{kind} cannot be set in initial_state"
-                )));
+                return Err(Error::InvalidParam(format!("{kind} cannot be set in initial_state")));
             }
             events.push(NewEvent::state(kind.clone(), key.clone(), content.clone()));
         }
@@ -650,9 +539,9 @@ impl Rooms {
         // Build the whole chain in memory, checking each event against the state so far.
         let mut room = RoomCache {
             record: RoomRecord {
-                room_id: room_id.clone().unwrap_or_else(|| {
-                    OwnedRoomId::try_from("!placeholder:localhost").expect("valid")
-                }),
+                room_id: room_id
+                    .clone()
+                    .unwrap_or_else(|| OwnedRoomId::try_from("!placeholder:localhost").expect("valid")),
                 version: version.clone(),
                 creator: creator.to_owned(),
                 is_public: req.visibility_public,
@@ -666,18 +555,8 @@ impl Rooms {
         let mut pdus = Vec::with_capacity(events.len());
         for ev in events {
             let content = raw(&ev.content);
-            let keys = auth_event_keys(
-                &rules.authorization,
-                &ev.kind,
-                creator,
-                ev.state_key.as_deref(),
-                &content,
-            )?;
-            let mut auth: Vec<&Pdu> = keys
-                .iter()
-                .filter_map(|k| room.state.get(k))
-                .map(|e| &e.pdu)
-                .collect();
+            let keys = auth_event_keys(&rules.authorization, &ev.kind, creator, ev.state_key.as_deref(), &content)?;
+            let mut auth: Vec<&Pdu> = keys.iter().filter_map(|k| room.state.get(k)).map(|e| &e.pdu).collect();
             if !rules.authorization.room_create_event_id_as_room_id {
                 if let Some(c) = room.state("m.room.create", "") {
                     if !auth.iter().any(|p| p.event_id == c.pdu.event_id) {
@@ -701,34 +580,23 @@ impl Rooms {
                 room.depth + 1,
                 now(),
             )?;
-            let by_id: HashMap<&EventId, &Pdu> = auth.iter().map(|p| (&*p.event_id, *p)).collect();
+            let create = room.state("m.room.create", "").map(|e| &e.pdu);
+            let by_id: HashMap<&EventId, &Pdu> = auth.iter().copied().chain(create).map(|p| (&*p.event_id, p)).collect();
             authorize(
                 &rules.authorization,
                 &pdu,
-                |t, k| {
-                    room.state
-                        .get(&(t.to_owned(), k.to_owned()))
-                        .map(|e| &e.pdu)
-                },
+                |t, k| room.state.get(&(t.to_owned(), k.to_owned())).map(|e| &e.pdu),
                 |id| by_id.get(id).copied(),
             )
             .map_err(|e| match e {
-                kabar_domain::AuthError::Forbidden(m) => {
-                    Error::InvalidParam(format!("room creation event rejected: {m}"))
-                }
+                kabar_domain::AuthError::Forbidden(m) => Error::InvalidParam(format!("room creation event rejected: {m}")),
                 other => other.into(),
             })?;
             if is_create {
                 room.record.room_id = pdu.room_id.clone();
             }
             if let Some(k) = pdu.state_key_pair() {
-                room.state.insert(
-                    k,
-                    StateEntry {
-                        pdu: pdu.clone(),
-                        pos: 0,
-                    },
-                );
+                room.state.insert(k, StateEntry { pdu: pdu.clone(), pos: 0 });
             }
             room.head = vec![pdu.event_id.clone()];
             room.depth = pdu.depth;
@@ -802,11 +670,7 @@ impl Rooms {
     }
 
     /// Fails unless `user` may read the room's current state (a member, or the room is world-readable).
-    pub async fn check_can_read(
-        &self,
-        user: &UserId,
-        room_id: &RoomId,
-    ) -> Result<Arc<AsyncMutex<RoomCache>>> {
+    pub async fn check_can_read(&self, user: &UserId, room_id: &RoomId) -> Result<Arc<AsyncMutex<RoomCache>>> {
         let room = self.room(room_id).await.map_err(|e| match e {
             Error::NotFound(_) => Error::Forbidden("you are not in this room".into()),
             other => other,
@@ -822,12 +686,7 @@ impl Rooms {
     }
 
     /// Which of `events` the user may see, by history visibility and their membership at each.
-    pub async fn filter_visible(
-        &self,
-        user: &UserId,
-        room_id: &RoomId,
-        events: Vec<StoredEvent>,
-    ) -> Result<Vec<StoredEvent>> {
+    pub async fn filter_visible(&self, user: &UserId, room_id: &RoomId, events: Vec<StoredEvent>) -> Result<Vec<StoredEvent>> {
         let room = self.room(room_id).await?;
         let (visibility, now) = {
             let r = room.lock().await;
@@ -843,11 +702,7 @@ impl Rooms {
         Ok(events
             .into_iter()
             .filter(|e| {
-                let at = history
-                    .iter()
-                    .take_while(|m| m.pos <= e.pos)
-                    .last()
-                    .map(|m| m.membership);
+                let at = history.iter().take_while(|m| m.pos <= e.pos).last().map(|m| m.membership);
                 // A user's own membership event is always visible to them.
                 let own_member = e.pdu.state_key.as_deref() == Some(user.as_str());
                 own_member || may_see_event(visibility, at, now)
@@ -868,9 +723,7 @@ impl Rooms {
         let room = self.room(room_id).await?;
         {
             let r = room.lock().await;
-            if r.membership(user).is_none()
-                && r.history_visibility() != HistoryVisibility::WorldReadable
-            {
+            if r.membership(user).is_none() && r.history_visibility() != HistoryVisibility::WorldReadable {
                 return Err(Error::Forbidden("you are not in this room".into()));
             }
         }
@@ -903,12 +756,7 @@ impl Rooms {
         Ok((visible, end))
     }
 
-    pub async fn event(
-        &self,
-        user: &UserId,
-        room_id: &RoomId,
-        event_id: &EventId,
-    ) -> Result<StoredEvent> {
+    pub async fn event(&self, user: &UserId, room_id: &RoomId, event_id: &EventId) -> Result<StoredEvent> {
         let not_found = || Error::NotFound("event not found".into());
         let ev = self
             .store
@@ -916,10 +764,7 @@ impl Rooms {
             .await?
             .filter(|e| e.pdu.room_id == room_id)
             .ok_or_else(not_found)?;
-        self.filter_visible(user, room_id, vec![ev])
-            .await?
-            .pop()
-            .ok_or_else(not_found)
+        self.filter_visible(user, room_id, vec![ev]).await?.pop().ok_or_else(not_found)
     }
 
     pub async fn relations(
@@ -931,10 +776,7 @@ impl Rooms {
         limit: usize,
     ) -> Result<Vec<StoredEvent>> {
         self.event(user, room_id, event_id).await?;
-        let rel = self
-            .store
-            .relations(room_id, event_id, rel_type, limit.clamp(1, 1000))
-            .await?;
+        let rel = self.store.relations(room_id, event_id, rel_type, limit.clamp(1, 1000)).await?;
         self.filter_visible(user, room_id, rel).await
     }
 

@@ -8,9 +8,7 @@ use std::{
 };
 
 use kabar_domain::{SyncToken, client_event::to_client_event, membership::Membership};
-use kabar_store::{
-    Direction, EventRange, MembershipRecord, Session, Store, StoredEvent, StreamPos,
-};
+use kabar_store::{Direction, EventRange, MembershipRecord, Session, Store, StoredEvent, StreamPos};
 use ruma::{
     OwnedRoomId, RoomId, UserId,
     api::client::filter::{FilterDefinition, RoomEventFilter},
@@ -23,12 +21,7 @@ const DEFAULT_TIMELINE_LIMIT: usize = 10;
 const MAX_TIMELINE_LIMIT: usize = 1000;
 const MAX_TIMEOUT: Duration = Duration::from_secs(300);
 /// Event types whose unread count a client shows.
-const NOTIFYING_TYPES: &[&str] = &[
-    "m.room.message",
-    "m.room.encrypted",
-    "m.sticker",
-    "m.poll.start",
-];
+const NOTIFYING_TYPES: &[&str] = &["m.room.message", "m.room.encrypted", "m.sticker", "m.poll.start"];
 /// State a client sees for a room it is invited to, before joining.
 const INVITE_STATE_TYPES: &[&str] = &[
     "m.room.create",
@@ -65,9 +58,7 @@ fn type_matches(pattern: &str, kind: &str) -> bool {
 
 /// Whether an event passes a room event filter.
 pub fn filter_allows(filter: &RoomEventFilter, kind: &str, sender: &UserId) -> bool {
-    if filter.not_types.iter().any(|p| type_matches(p, kind))
-        || filter.not_senders.iter().any(|s| s == sender)
-    {
+    if filter.not_types.iter().any(|p| type_matches(p, kind)) || filter.not_senders.iter().any(|s| s == sender) {
         return false;
     }
     if let Some(types) = &filter.types {
@@ -75,19 +66,11 @@ pub fn filter_allows(filter: &RoomEventFilter, kind: &str, sender: &UserId) -> b
             return false;
         }
     }
-    filter
-        .senders
-        .as_ref()
-        .is_none_or(|s| s.iter().any(|x| x == sender))
+    filter.senders.as_ref().is_none_or(|s| s.iter().any(|x| x == sender))
 }
 
 fn room_allowed(filter: &FilterDefinition, room_id: &RoomId) -> bool {
-    !filter.room.not_rooms.iter().any(|r| r == room_id)
-        && filter
-            .room
-            .rooms
-            .as_ref()
-            .is_none_or(|rs| rs.iter().any(|r| r == room_id))
+    !filter.room.not_rooms.iter().any(|r| r == room_id) && filter.room.rooms.as_ref().is_none_or(|rs| rs.iter().any(|r| r == room_id))
 }
 
 /// The client form of a stored event, with `unsigned` for this viewer.
@@ -104,10 +87,7 @@ pub fn client_event(e: &StoredEvent, viewer: &Session) -> Value {
         }
     }
     if let Some(by) = &e.redacted_by {
-        unsigned.insert(
-            "redacted_because".into(),
-            json!({ "event_id": by, "type": "m.room.redaction" }),
-        );
+        unsigned.insert("redacted_because".into(), json!({ "event_id": by, "type": "m.room.redaction" }));
     }
     obj.insert("unsigned".into(), Value::Object(unsigned));
     Value::Object(obj)
@@ -123,12 +103,7 @@ fn stripped(e: &kabar_domain::Pdu) -> Value {
 }
 
 impl SyncEngine {
-    pub fn new(
-        store: Arc<dyn Store>,
-        rooms: Arc<Rooms>,
-        notifier: Arc<Notifier>,
-        ephemeral: Arc<Ephemeral>,
-    ) -> Self {
+    pub fn new(store: Arc<dyn Store>, rooms: Arc<Rooms>, notifier: Arc<Notifier>, ephemeral: Arc<Ephemeral>) -> Self {
         Self {
             store,
             rooms,
@@ -143,12 +118,8 @@ impl SyncEngine {
     pub async fn sync(&self, session: &Session, req: SyncRequest) -> Result<Value> {
         match req.set_presence.as_deref() {
             Some("offline") => {}
-            Some(p @ ("online" | "unavailable")) => {
-                self.ephemeral.set_presence(&session.user_id, p, None)
-            }
-            _ => self
-                .ephemeral
-                .set_presence(&session.user_id, "online", None),
+            Some(p @ ("online" | "unavailable")) => self.ephemeral.set_presence(&session.user_id, p, None),
+            _ => self.ephemeral.set_presence(&session.user_id, "online", None),
         }
         let deadline = Instant::now() + req.timeout.min(MAX_TIMEOUT);
         loop {
@@ -159,9 +130,7 @@ impl SyncEngine {
                 .map(|m| &*m.room_id)
                 .collect();
             // Subscribe before looking, so a change between look and wait still wakes us.
-            let interest = self
-                .notifier
-                .interest(&session.user_id, watched.iter().copied());
+            let interest = self.notifier.interest(&session.user_id, watched.iter().copied());
             let (response, has_news) = self.build(session, &req, &memberships).await?;
             let now = Instant::now();
             if req.since.is_none() || req.full_state || has_news || now >= deadline {
@@ -173,12 +142,7 @@ impl SyncEngine {
         }
     }
 
-    async fn build(
-        &self,
-        session: &Session,
-        req: &SyncRequest,
-        memberships: &[MembershipRecord],
-    ) -> Result<(Value, bool)> {
+    async fn build(&self, session: &Session, req: &SyncRequest, memberships: &[MembershipRecord]) -> Result<(Value, bool)> {
         let user = &*session.user_id;
         let upto = SyncToken {
             stream: self.store.current_position(),
@@ -195,10 +159,7 @@ impl SyncEngine {
             .unwrap_or(DEFAULT_TIMELINE_LIMIT)
             .clamp(1, MAX_TIMELINE_LIMIT);
 
-        let account_data = self
-            .store
-            .account_data_since(user, if initial { 0 } else { since.stream })
-            .await?;
+        let account_data = self.store.account_data_since(user, if initial { 0 } else { since.stream }).await?;
         let mut room_account_data: BTreeMap<OwnedRoomId, Vec<Value>> = BTreeMap::new();
         let mut global_account_data = vec![];
         for a in account_data.iter().filter(|a| a.pos <= upto.stream) {
@@ -248,14 +209,9 @@ impl SyncEngine {
                     if let Some(me) = r.state("m.room.member", user.as_str()) {
                         events.push(stripped(&me.pdu));
                     }
-                    invite.insert(
-                        m.room_id.to_string(),
-                        json!({ "invite_state": { "events": events } }),
-                    );
+                    invite.insert(m.room_id.to_string(), json!({ "invite_state": { "events": events } }));
                 }
-                Membership::Leave | Membership::Ban
-                    if m.pos > since.stream && (!initial || filter.room.include_leave) =>
-                {
+                Membership::Leave | Membership::Ban if m.pos > since.stream && (!initial || filter.room.include_leave) => {
                     let events = self
                         .store
                         .room_events(EventRange {
@@ -271,8 +227,7 @@ impl SyncEngine {
                     events.reverse();
                     let events = self.rooms.filter_visible(user, &m.room_id, events).await?;
                     let prev_batch = events.first().map(|e| format!("t{}", e.pos - 1));
-                    let timeline: Vec<Value> =
-                        events.iter().map(|e| client_event(e, session)).collect();
+                    let timeline: Vec<Value> = events.iter().map(|e| client_event(e, session)).collect();
                     leave.insert(
                         m.room_id.to_string(),
                         json!({ "timeline": { "events": timeline, "limited": limited, "prev_batch": prev_batch }, "state": { "events": [] } }),
@@ -282,18 +237,9 @@ impl SyncEngine {
             }
         }
 
-        let presence = self
-            .presence(
-                user,
-                &shared_rooms,
-                if initial { 0 } else { since.ephemeral },
-            )
-            .await;
-        let has_news = !join.is_empty()
-            || !invite.is_empty()
-            || !leave.is_empty()
-            || !global_account_data.is_empty()
-            || !presence.is_empty();
+        let presence = self.presence(user, &shared_rooms, if initial { 0 } else { since.ephemeral }).await;
+        let has_news =
+            !join.is_empty() || !invite.is_empty() || !leave.is_empty() || !global_account_data.is_empty() || !presence.is_empty();
         let response = json!({
             "next_batch": upto.to_string(),
             "rooms": { "join": join, "invite": invite, "leave": leave, "knock": {} },
@@ -351,11 +297,7 @@ impl SyncEngine {
             }
             for e in &events {
                 timeline_ids.insert(e.pdu.event_id.clone());
-                if filter_allows(
-                    &filter.room.timeline,
-                    e.pdu.kind.to_string().as_str(),
-                    &e.pdu.sender,
-                ) {
+                if filter_allows(&filter.room.timeline, e.pdu.kind.to_string().as_str(), &e.pdu.sender) {
                     timeline.push(client_event(e, session));
                 }
             }
@@ -367,8 +309,7 @@ impl SyncEngine {
             let r = room.lock().await;
             for entry in r.state_entries() {
                 let in_gap = full || (entry.pos > since.stream && entry.pos < first_pos);
-                if in_gap && entry.pos <= upto.stream && !timeline_ids.contains(&entry.pdu.event_id)
-                {
+                if in_gap && entry.pos <= upto.stream && !timeline_ids.contains(&entry.pdu.event_id) {
                     let e = StoredEvent {
                         pos: entry.pos,
                         pdu: entry.pdu.clone(),
@@ -381,18 +322,12 @@ impl SyncEngine {
         }
 
         let mut ephemeral = vec![];
-        if let Some(typing) = self
-            .ephemeral
-            .typing_since(room_id, if full { 0 } else { since.ephemeral })
-        {
+        if let Some(typing) = self.ephemeral.typing_since(room_id, if full { 0 } else { since.ephemeral }) {
             if !(full && typing.is_empty()) {
                 ephemeral.push(json!({ "type": "m.typing", "content": { "user_ids": typing } }));
             }
         }
-        let receipts = self
-            .store
-            .receipts_since(room_id, if full { 0 } else { since.stream })
-            .await?;
+        let receipts = self.store.receipts_since(room_id, if full { 0 } else { since.stream }).await?;
         let mut receipt_content: Map<String, Value> = Map::new();
         for rc in receipts.iter().filter(|r| r.pos <= upto.stream) {
             if rc.receipt_type == "m.read.private" && rc.user_id != user {
@@ -402,9 +337,7 @@ impl SyncEngine {
             if let Some(t) = &rc.thread_id {
                 data["thread_id"] = json!(t);
             }
-            let by_event = receipt_content
-                .entry(rc.event_id.to_string())
-                .or_insert_with(|| json!({}));
+            let by_event = receipt_content.entry(rc.event_id.to_string()).or_insert_with(|| json!({}));
             by_event[&rc.receipt_type][rc.user_id.as_str()] = data;
         }
         if !receipt_content.is_empty() {
@@ -422,12 +355,7 @@ impl SyncEngine {
         {
             return Ok(None);
         }
-        if !full
-            && timeline.is_empty()
-            && state.is_empty()
-            && ephemeral.is_empty()
-            && account_data.is_empty()
-        {
+        if !full && timeline.is_empty() && state.is_empty() && ephemeral.is_empty() && account_data.is_empty() {
             // Only events this filter hides changed; nothing to tell.
             return Ok(None);
         }
@@ -448,10 +376,7 @@ impl SyncEngine {
 
         let (joined, invited) = {
             let r = room.lock().await;
-            (
-                r.members(Membership::Join).count(),
-                r.members(Membership::Invite).count(),
-            )
+            (r.members(Membership::Join).count(), r.members(Membership::Invite).count())
         };
         Ok(Some(json!({
             "timeline": { "events": timeline, "limited": limited, "prev_batch": prev_batch },
@@ -463,12 +388,7 @@ impl SyncEngine {
         })))
     }
 
-    async fn presence(
-        &self,
-        user: &UserId,
-        shared_rooms: &[OwnedRoomId],
-        since: u64,
-    ) -> Vec<Value> {
+    async fn presence(&self, user: &UserId, shared_rooms: &[OwnedRoomId], since: u64) -> Vec<Value> {
         let mut users = HashSet::new();
         users.insert(user.to_owned());
         for room_id in shared_rooms {
@@ -477,10 +397,7 @@ impl SyncEngine {
                 // Presence of members in huge rooms is skipped: it would cost a
                 // walk of every member on every sync.
                 if r.state_len() < 1000 {
-                    users.extend(
-                        r.members(Membership::Join)
-                            .filter_map(|u| ruma::OwnedUserId::try_from(u).ok()),
-                    );
+                    users.extend(r.members(Membership::Join).filter_map(|u| ruma::OwnedUserId::try_from(u).ok()));
                 }
             }
         }

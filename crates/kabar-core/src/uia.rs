@@ -43,11 +43,7 @@ impl UiaSessions {
     }
 
     fn new_session(&self) -> String {
-        let id: String = rand::thread_rng()
-            .sample_iter(&Alphanumeric)
-            .take(24)
-            .map(char::from)
-            .collect();
+        let id: String = rand::thread_rng().sample_iter(&Alphanumeric).take(24).map(char::from).collect();
         let mut map = self.sessions.lock().expect("uia lock");
         if map.len() >= MAX_SESSIONS {
             map.retain(|_, s| s.created.elapsed() < SESSION_TTL);
@@ -64,13 +60,7 @@ impl UiaSessions {
         id
     }
 
-    fn challenge(
-        flows: &[&[&'static str]],
-        session: &str,
-        completed: &[String],
-        params: Value,
-        error: Option<String>,
-    ) -> Error {
+    fn challenge(flows: &[&[&'static str]], session: &str, completed: &[String], params: Value, error: Option<String>) -> Error {
         let mut body = json!({
             "flows": flows.iter().map(|f| json!({"stages": f})).collect::<Vec<_>>(),
             "params": params,
@@ -86,13 +76,7 @@ impl UiaSessions {
 
     /// Drives one UIA request. `check` validates the `auth` dict for its stage.
     /// Returns `Ok(())` once a whole flow is complete, else the challenge to send.
-    pub async fn step<F, Fut>(
-        &self,
-        flows: &[&[&'static str]],
-        params: Value,
-        auth: Option<&Value>,
-        check: F,
-    ) -> Result<()>
+    pub async fn step<F, Fut>(&self, flows: &[&[&'static str]], params: Value, auth: Option<&Value>, check: F) -> Result<()>
     where
         F: FnOnce(String, Value) -> Fut,
         Fut: std::future::Future<Output = Result<StageOutcome>>,
@@ -113,23 +97,15 @@ impl UiaSessions {
                 s.to_owned()
             }
             Some(_) => {
-                return Err(Error::Forbidden(
-                    "unknown or expired user-interactive auth session".into(),
-                ));
+                return Err(Error::Forbidden("unknown or expired user-interactive auth session".into()));
             }
             // Clients may complete a single-stage flow without a session.
             None => self.new_session(),
         };
-        let kind = auth
-            .get("type")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
+        let kind = auth.get("type").and_then(Value::as_str).unwrap_or_default().to_owned();
         let completed = {
             let map = self.sessions.lock().expect("uia lock");
-            map.get(&session)
-                .map(|s| s.completed.clone())
-                .unwrap_or_default()
+            map.get(&session).map(|s| s.completed.clone()).unwrap_or_default()
         };
         if kind.is_empty() {
             return Err(Self::challenge(flows, &session, &completed, params, None));
@@ -150,19 +126,10 @@ impl UiaSessions {
                 s.completed.clone()
             }
             StageOutcome::Failed(msg) => {
-                return Err(Self::challenge(
-                    flows,
-                    &session,
-                    &completed,
-                    params,
-                    Some(msg),
-                ));
+                return Err(Self::challenge(flows, &session, &completed, params, Some(msg)));
             }
         };
-        if flows
-            .iter()
-            .any(|f| f.iter().all(|stage| completed.iter().any(|c| c == stage)))
-        {
+        if flows.iter().any(|f| f.iter().all(|stage| completed.iter().any(|c| c == stage))) {
             self.sessions.lock().expect("uia lock").remove(&session);
             Ok(())
         } else {
@@ -179,10 +146,7 @@ mod tests {
     async fn no_auth_gets_a_challenge_then_dummy_completes() {
         let uia = UiaSessions::new();
         let flows: &[&[&str]] = &[&["m.login.dummy"]];
-        let Err(Error::UiaRequired(body)) = uia
-            .step(flows, json!({}), None, |_, _| async { unreachable!() })
-            .await
-        else {
+        let Err(Error::UiaRequired(body)) = uia.step(flows, json!({}), None, |_, _| async { unreachable!() }).await else {
             panic!()
         };
         let session = body["session"].as_str().unwrap().to_owned();

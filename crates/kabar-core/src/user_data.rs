@@ -27,20 +27,10 @@ pub struct UserData {
 
 impl UserData {
     pub fn new(store: Arc<dyn Store>, notifier: Arc<Notifier>, rooms: Arc<Rooms>) -> Self {
-        Self {
-            store,
-            notifier,
-            rooms,
-        }
+        Self { store, notifier, rooms }
     }
 
-    async fn write_account_data(
-        &self,
-        user: &UserId,
-        room: Option<&RoomId>,
-        kind: &str,
-        content: &Value,
-    ) -> Result<()> {
+    async fn write_account_data(&self, user: &UserId, room: Option<&RoomId>, kind: &str, content: &Value) -> Result<()> {
         let json = serde_json::to_string(content).map_err(|e| Error::BadJson(e.to_string()))?;
         if json.len() > MAX_ACCOUNT_DATA_BYTES {
             return Err(Error::TooLarge("account data is larger than 64 KiB".into()));
@@ -50,22 +40,12 @@ impl UserData {
         Ok(())
     }
 
-    pub async fn set_account_data(
-        &self,
-        user: &UserId,
-        room: Option<&RoomId>,
-        kind: &str,
-        content: Value,
-    ) -> Result<()> {
+    pub async fn set_account_data(&self, user: &UserId, room: Option<&RoomId>, kind: &str, content: Value) -> Result<()> {
         if RESERVED_ACCOUNT_DATA.contains(&kind) {
-            return Err(Error::BadJson(format!(
-                "{kind} cannot be set through account data"
-            )));
+            return Err(Error::BadJson(format!("{kind} cannot be set through account data")));
         }
         if !content.is_object() {
-            return Err(Error::BadJson(
-                "account data content must be an object".into(),
-            ));
+            return Err(Error::BadJson("account data content must be an object".into()));
         }
         if kind.is_empty() || kind.len() > 255 {
             return Err(Error::InvalidParam("invalid account data type".into()));
@@ -73,12 +53,7 @@ impl UserData {
         self.write_account_data(user, room, kind, &content).await
     }
 
-    pub async fn account_data(
-        &self,
-        user: &UserId,
-        room: Option<&RoomId>,
-        kind: &str,
-    ) -> Result<Value> {
+    pub async fn account_data(&self, user: &UserId, room: Option<&RoomId>, kind: &str) -> Result<Value> {
         let json = self
             .store
             .account_data(user, room, kind)
@@ -108,25 +83,15 @@ impl UserData {
         thread_id: Option<String>,
     ) -> Result<()> {
         if !matches!(receipt_type, "m.read" | "m.read.private" | "m.fully_read") {
-            return Err(Error::InvalidParam(format!(
-                "unknown receipt type {receipt_type}"
-            )));
+            return Err(Error::InvalidParam(format!("unknown receipt type {receipt_type}")));
         }
         self.require_member(user, room_id).await?;
-        if self
-            .store
-            .event(event_id)
-            .await?
-            .filter(|e| e.pdu.room_id == room_id)
-            .is_none()
-        {
+        if self.store.event(event_id).await?.filter(|e| e.pdu.room_id == room_id).is_none() {
             return Err(Error::NotFound("event not found in this room".into()));
         }
         if receipt_type == "m.fully_read" {
             let content = serde_json::json!({ "event_id": event_id });
-            return self
-                .write_account_data(user, Some(room_id), "m.fully_read", &content)
-                .await;
+            return self.write_account_data(user, Some(room_id), "m.fully_read", &content).await;
         }
         self.store
             .put_receipt(ReceiptRecord {
@@ -163,18 +128,11 @@ impl UserData {
             .ok_or_else(|| Error::NotFound("profile not found".into()))
     }
 
-    pub async fn set_profile(
-        &self,
-        user: &UserId,
-        field: ProfileField,
-        value: Option<String>,
-    ) -> Result<()> {
+    pub async fn set_profile(&self, user: &UserId, field: ProfileField, value: Option<String>) -> Result<()> {
         if value.as_ref().is_some_and(|v| v.len() > 1024) {
             return Err(Error::TooLarge("profile field is too long".into()));
         }
-        self.store
-            .set_profile(user, field, value.as_deref())
-            .await?;
+        self.store.set_profile(user, field, value.as_deref()).await?;
         self.rooms.propagate_profile(user).await?;
         self.notifier.user_changed(user);
         Ok(())
@@ -183,10 +141,8 @@ impl UserData {
     pub async fn push_rules(&self, user: &UserId) -> Result<Ruleset> {
         match self.store.account_data(user, None, "m.push_rules").await? {
             Some(json) => {
-                let v: Value =
-                    serde_json::from_str(&json).map_err(|e| Error::Internal(e.to_string()))?;
-                serde_json::from_value(v["global"].clone())
-                    .map_err(|e| Error::Internal(e.to_string()))
+                let v: Value = serde_json::from_str(&json).map_err(|e| Error::Internal(e.to_string()))?;
+                serde_json::from_value(v["global"].clone()).map_err(|e| Error::Internal(e.to_string()))
             }
             None => Ok(Ruleset::server_default(user)),
         }
@@ -194,8 +150,7 @@ impl UserData {
 
     pub async fn set_push_rules(&self, user: &UserId, rules: &Ruleset) -> Result<()> {
         let content = serde_json::json!({ "global": rules });
-        self.write_account_data(user, None, "m.push_rules", &content)
-            .await
+        self.write_account_data(user, None, "m.push_rules", &content).await
     }
 
     /// Local, active users whose id or display name contains `term`.

@@ -32,8 +32,7 @@ pub fn auth_event_keys(
     content: &RawValue,
 ) -> Result<Vec<StateKey>, AuthError> {
     let kind = TimelineEventType::from(kind);
-    let keys = ruma::state_res::auth_types_for_event(&kind, sender, state_key, content, rules)
-        .map_err(AuthError::BadContent)?;
+    let keys = ruma::state_res::auth_types_for_event(&kind, sender, state_key, content, rules).map_err(AuthError::BadContent)?;
     let mut keys: Vec<StateKey> = keys.into_iter().map(|(t, k)| (t.to_string(), k)).collect();
     if rules.room_create_event_id_as_room_id {
         // From v12 the create event is implied by the room id and must not be listed.
@@ -52,23 +51,16 @@ pub fn authorize<'a>(
     state: impl Fn(&str, &str) -> Option<&'a Pdu>,
     by_id: impl Fn(&EventId) -> Option<&'a Pdu>,
 ) -> Result<(), AuthError> {
-    ruma::state_res::check_state_independent_auth_rules(rules, event, |id| by_id(id))
-        .map_err(AuthError::Forbidden)?;
-    ruma::state_res::check_state_dependent_auth_rules(
-        rules,
-        event,
-        |t: &StateEventType, k: &str| state(&t.to_string(), k),
-    )
-    .map_err(AuthError::Forbidden)
+    ruma::state_res::check_state_independent_auth_rules(rules, event, |id| by_id(id)).map_err(AuthError::Forbidden)?;
+    ruma::state_res::check_state_dependent_auth_rules(rules, event, |t: &StateEventType, k: &str| state(&t.to_string(), k))
+        .map_err(AuthError::Forbidden)
 }
 
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
 
-    use ruma::{
-        MilliSecondsSinceUnixEpoch, OwnedEventId, RoomVersionId, owned_server_name, user_id,
-    };
+    use ruma::{MilliSecondsSinceUnixEpoch, OwnedEventId, RoomVersionId, owned_server_name, user_id};
     use serde_json::json;
 
     use super::*;
@@ -86,12 +78,7 @@ mod tests {
 
     impl Room {
         fn new(version: RoomVersionId) -> Self {
-            let signer = EventSigner::new(
-                owned_server_name!("localhost"),
-                &EventSigner::generate_key(),
-                "a",
-            )
-            .unwrap();
+            let signer = EventSigner::new(owned_server_name!("localhost"), &EventSigner::generate_key(), "a").unwrap();
             Self {
                 version,
                 signer,
@@ -105,18 +92,8 @@ mod tests {
         fn try_send(&mut self, sender: &UserId, event: NewEvent) -> Result<Pdu, AuthError> {
             let rules = self.version.rules().unwrap().authorization;
             let content = crate::event::raw(&event.content);
-            let keys = auth_event_keys(
-                &rules,
-                &event.kind,
-                sender,
-                event.state_key.as_deref(),
-                &content,
-            )?;
-            let mut auth: Vec<OwnedEventId> = keys
-                .iter()
-                .filter_map(|k| self.state.get(k))
-                .map(|p| p.event_id.clone())
-                .collect();
+            let keys = auth_event_keys(&rules, &event.kind, sender, event.state_key.as_deref(), &content)?;
+            let mut auth: Vec<OwnedEventId> = keys.iter().filter_map(|k| self.state.get(k)).map(|p| p.event_id.clone()).collect();
             if !rules.room_create_event_id_as_room_id {
                 if let Some(create) = self.state.get(&("m.room.create".into(), "".into())) {
                     if !auth.contains(&create.event_id) {
@@ -136,11 +113,7 @@ mod tests {
                 MilliSecondsSinceUnixEpoch::now(),
             )
             .unwrap();
-            let by_id: BTreeMap<OwnedEventId, Pdu> = self
-                .state
-                .values()
-                .map(|p| (p.event_id.clone(), p.clone()))
-                .collect();
+            let by_id: BTreeMap<OwnedEventId, Pdu> = self.state.values().map(|p| (p.event_id.clone(), p.clone())).collect();
             authorize(
                 &rules,
                 &pdu,
@@ -167,20 +140,12 @@ mod tests {
             }
             room.try_send(
                 creator,
-                NewEvent::state(
-                    "m.room.create",
-                    "",
-                    json!({"room_version": version.as_str(), "creator": creator}),
-                ),
+                NewEvent::state("m.room.create", "", json!({"room_version": version.as_str(), "creator": creator})),
             )
             .unwrap();
             room.try_send(
                 creator,
-                NewEvent::state(
-                    "m.room.member",
-                    creator.as_str(),
-                    json!({"membership": "join"}),
-                ),
+                NewEvent::state("m.room.member", creator.as_str(), json!({"membership": "join"})),
             )
             .unwrap();
             let users = if version == RoomVersionId::V12 {
@@ -188,16 +153,10 @@ mod tests {
             } else {
                 json!({ creator.as_str(): 100 })
             };
-            room.try_send(
-                creator,
-                NewEvent::state("m.room.power_levels", "", json!({"users": users})),
-            )
-            .unwrap();
-            room.try_send(
-                creator,
-                NewEvent::state("m.room.join_rules", "", json!({"join_rule": "invite"})),
-            )
-            .unwrap();
+            room.try_send(creator, NewEvent::state("m.room.power_levels", "", json!({"users": users})))
+                .unwrap();
+            room.try_send(creator, NewEvent::state("m.room.join_rules", "", json!({"join_rule": "invite"})))
+                .unwrap();
             room
         }
     }
@@ -212,29 +171,14 @@ mod tests {
             let alice = user_id!("@alice:localhost");
             let bob = user_id!("@bob:localhost");
             let mut room = Room::create(v.clone(), alice);
-            let err = room.try_send(
-                bob,
-                NewEvent::state("m.room.member", bob.as_str(), member("join")),
-            );
-            assert!(
-                matches!(err, Err(AuthError::Forbidden(_))),
-                "{v}: uninvited join must fail"
-            );
-            room.try_send(
-                alice,
-                NewEvent::state("m.room.member", bob.as_str(), member("invite")),
-            )
-            .unwrap();
-            room.try_send(
-                bob,
-                NewEvent::state("m.room.member", bob.as_str(), member("join")),
-            )
-            .unwrap();
-            room.try_send(
-                bob,
-                NewEvent::message("m.room.message", json!({"body": "hi", "msgtype": "m.text"})),
-            )
-            .unwrap();
+            let err = room.try_send(bob, NewEvent::state("m.room.member", bob.as_str(), member("join")));
+            assert!(matches!(err, Err(AuthError::Forbidden(_))), "{v}: uninvited join must fail");
+            room.try_send(alice, NewEvent::state("m.room.member", bob.as_str(), member("invite")))
+                .unwrap();
+            room.try_send(bob, NewEvent::state("m.room.member", bob.as_str(), member("join")))
+                .unwrap();
+            room.try_send(bob, NewEvent::message("m.room.message", json!({"body": "hi", "msgtype": "m.text"})))
+                .unwrap();
         }
     }
 
@@ -245,54 +189,25 @@ mod tests {
             let bob = user_id!("@bob:localhost");
             let mut room = Room::create(v.clone(), alice);
             assert!(
-                room.try_send(
-                    bob,
-                    NewEvent::message("m.room.message", json!({"body": "x"}))
-                )
-                .is_err()
+                room.try_send(bob, NewEvent::message("m.room.message", json!({"body": "x"})))
+                    .is_err()
             );
-            room.try_send(
-                alice,
-                NewEvent::state("m.room.member", bob.as_str(), member("invite")),
-            )
-            .unwrap();
-            room.try_send(
-                bob,
-                NewEvent::state("m.room.member", bob.as_str(), member("join")),
-            )
-            .unwrap();
+            room.try_send(alice, NewEvent::state("m.room.member", bob.as_str(), member("invite")))
+                .unwrap();
+            room.try_send(bob, NewEvent::state("m.room.member", bob.as_str(), member("join")))
+                .unwrap();
             let err = room.try_send(
                 bob,
-                NewEvent::state(
-                    "m.room.power_levels",
-                    "",
-                    json!({"users": {bob.as_str(): 100}}),
-                ),
+                NewEvent::state("m.room.power_levels", "", json!({"users": {bob.as_str(): 100}})),
             );
             assert!(err.is_err(), "{v}: a member at level 0 cannot raise itself");
-            let err = room.try_send(
-                bob,
-                NewEvent::state(
-                    "m.room.member",
-                    alice.as_str(),
-                    json!({"membership": "ban"}),
-                ),
-            );
+            let err = room.try_send(bob, NewEvent::state("m.room.member", alice.as_str(), json!({"membership": "ban"})));
+            assert!(err.is_err(), "{v}: a member at level 0 cannot ban the creator");
+            room.try_send(alice, NewEvent::state("m.room.member", bob.as_str(), json!({"membership": "ban"})))
+                .unwrap();
             assert!(
-                err.is_err(),
-                "{v}: a member at level 0 cannot ban the creator"
-            );
-            room.try_send(
-                alice,
-                NewEvent::state("m.room.member", bob.as_str(), json!({"membership": "ban"})),
-            )
-            .unwrap();
-            assert!(
-                room.try_send(
-                    bob,
-                    NewEvent::message("m.room.message", json!({"body": "x"}))
-                )
-                .is_err()
+                room.try_send(bob, NewEvent::message("m.room.message", json!({"body": "x"})))
+                    .is_err()
             );
         }
     }
@@ -301,9 +216,7 @@ mod tests {
     fn v12_creator_is_not_in_auth_events() {
         let alice = user_id!("@alice:localhost");
         let room = Room::create(RoomVersionId::V12, alice);
-        let create_id = room.state[&("m.room.create".to_owned(), String::new())]
-            .event_id
-            .clone();
+        let create_id = room.state[&("m.room.create".to_owned(), String::new())].event_id.clone();
         for pdu in room.state.values() {
             assert!(!pdu.auth_events.contains(&create_id));
         }

@@ -6,14 +6,7 @@ use serde_json::{Map, Value};
 use crate::event::Pdu;
 
 /// Fields of a PDU that clients never see.
-const SERVER_ONLY_FIELDS: &[&str] = &[
-    "auth_events",
-    "prev_events",
-    "hashes",
-    "signatures",
-    "depth",
-    "origin",
-];
+const SERVER_ONLY_FIELDS: &[&str] = &["auth_events", "prev_events", "hashes", "signatures", "depth", "origin"];
 
 /// The event as `/sync`, `/messages` and `/event` return it (the "client
 /// event" format, with `room_id`), without `unsigned`.
@@ -44,21 +37,13 @@ mod tests {
 
     #[test]
     fn client_event_hides_server_fields_and_redaction_strips_content() {
-        let signer = EventSigner::new(
-            owned_server_name!("localhost"),
-            &EventSigner::generate_key(),
-            "a",
-        )
-        .unwrap();
+        let signer = EventSigner::new(owned_server_name!("localhost"), &EventSigner::generate_key(), "a").unwrap();
         let pdu = Pdu::build(
             &signer,
             &RoomVersionId::V11,
             Some(room_id!("!r:localhost")),
             user_id!("@a:localhost"),
-            NewEvent::message(
-                "m.room.message",
-                serde_json::json!({"body": "secret", "msgtype": "m.text"}),
-            ),
+            NewEvent::message("m.room.message", serde_json::json!({"body": "secret", "msgtype": "m.text"})),
             vec![],
             vec![],
             3,
@@ -73,8 +58,7 @@ mod tests {
         assert_eq!(client["content"]["body"], "secret");
         let redacted = redact_pdu(&pdu, &RoomVersionId::V11).unwrap();
         assert!(!redacted.contains("secret"));
-        let redacted =
-            Pdu::from_stored(pdu.event_id.clone(), pdu.room_id.clone(), &redacted).unwrap();
+        let redacted = Pdu::from_stored(pdu.event_id.clone(), pdu.room_id.clone(), &redacted).unwrap();
         assert_eq!(redacted.content.get(), "{}");
     }
 }

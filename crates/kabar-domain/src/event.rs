@@ -3,9 +3,8 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use ruma::{
-    CanonicalJsonObject, CanonicalJsonValue, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId,
-    OwnedServerName, OwnedUserId, RoomId, RoomVersionId, UserId, events::TimelineEventType,
-    room_version_rules::RoomVersionRules, serde::Base64, signatures::Ed25519KeyPair,
+    CanonicalJsonObject, CanonicalJsonValue, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId,
+    RoomVersionId, UserId, events::TimelineEventType, room_version_rules::RoomVersionRules, serde::Base64, signatures::Ed25519KeyPair,
 };
 use serde::Deserialize;
 use serde_json::value::{RawValue, to_raw_value};
@@ -36,13 +35,8 @@ pub struct EventSigner {
 
 impl EventSigner {
     /// `pkcs8` is the DER document from [`EventSigner::generate_key`], kept by the store.
-    pub fn new(
-        server_name: OwnedServerName,
-        pkcs8: &[u8],
-        key_version: &str,
-    ) -> Result<Self, BuildError> {
-        let key = Ed25519KeyPair::from_der(pkcs8, key_version.to_owned())
-            .map_err(|e| BuildError::Signing(e.to_string()))?;
+    pub fn new(server_name: OwnedServerName, pkcs8: &[u8], key_version: &str) -> Result<Self, BuildError> {
+        let key = Ed25519KeyPair::from_der(pkcs8, key_version.to_owned()).map_err(|e| BuildError::Signing(e.to_string()))?;
         Ok(Self { server_name, key })
     }
 
@@ -59,18 +53,9 @@ impl EventSigner {
         self.key.public_key().to_vec()
     }
 
-    fn sign(
-        &self,
-        object: &mut CanonicalJsonObject,
-        rules: &RoomVersionRules,
-    ) -> Result<(), BuildError> {
-        ruma::signatures::hash_and_sign_event(
-            self.server_name.as_str(),
-            &self.key,
-            object,
-            &rules.redaction,
-        )
-        .map_err(|e| BuildError::Signing(e.to_string()))
+    fn sign(&self, object: &mut CanonicalJsonObject, rules: &RoomVersionRules) -> Result<(), BuildError> {
+        ruma::signatures::hash_and_sign_event(self.server_name.as_str(), &self.key, object, &rules.redaction)
+            .map_err(|e| BuildError::Signing(e.to_string()))
     }
 }
 
@@ -101,11 +86,7 @@ impl NewEvent {
         }
     }
 
-    pub fn state(
-        kind: impl Into<String>,
-        state_key: impl Into<String>,
-        content: serde_json::Value,
-    ) -> Self {
+    pub fn state(kind: impl Into<String>, state_key: impl Into<String>, content: serde_json::Value) -> Self {
         Self {
             kind: kind.into(),
             content,
@@ -160,13 +141,8 @@ struct PduFields {
 
 impl Pdu {
     /// Rebuilds a PDU from what the store kept.
-    pub fn from_stored(
-        event_id: OwnedEventId,
-        room_id: OwnedRoomId,
-        json: &str,
-    ) -> Result<Self, BuildError> {
-        let f: PduFields =
-            serde_json::from_str(json).map_err(|e| BuildError::Json(e.to_string()))?;
+    pub fn from_stored(event_id: OwnedEventId, room_id: OwnedRoomId, json: &str) -> Result<Self, BuildError> {
+        let f: PduFields = serde_json::from_str(json).map_err(|e| BuildError::Json(e.to_string()))?;
         let redacts = f.redacts.or_else(|| redacts_from_content(&f.content));
         let has_room_id = f.room_id.is_some();
         Ok(Self {
@@ -187,9 +163,7 @@ impl Pdu {
     }
 
     pub fn state_key_pair(&self) -> Option<StateKey> {
-        self.state_key
-            .as_ref()
-            .map(|k| (self.kind.to_string(), k.clone()))
+        self.state_key.as_ref().map(|k| (self.kind.to_string(), k.clone()))
     }
 
     pub fn content_value(&self) -> serde_json::Value {
@@ -216,56 +190,31 @@ impl Pdu {
             .rules()
             .ok_or_else(|| BuildError::UnsupportedRoomVersion(room_version.clone()))?;
         let is_create = event.kind == "m.room.create";
-        let omit_room_id =
-            is_create && rules.room_id_format == ruma::room_version_rules::RoomIdFormatVersion::V2;
+        let omit_room_id = is_create && rules.room_id_format == ruma::room_version_rules::RoomIdFormatVersion::V2;
 
         let mut object = CanonicalJsonObject::new();
         let to_canonical = |v: serde_json::Value| -> Result<CanonicalJsonValue, BuildError> {
             CanonicalJsonValue::try_from(v).map_err(|e| BuildError::Json(e.to_string()))
         };
-        object.insert(
-            "type".into(),
-            CanonicalJsonValue::String(event.kind.clone()),
-        );
-        object.insert(
-            "sender".into(),
-            CanonicalJsonValue::String(sender.to_string()),
-        );
-        object.insert(
-            "origin_server_ts".into(),
-            to_canonical(serde_json::json!(now))?,
-        );
+        object.insert("type".into(), CanonicalJsonValue::String(event.kind.clone()));
+        object.insert("sender".into(), CanonicalJsonValue::String(sender.to_string()));
+        object.insert("origin_server_ts".into(), to_canonical(serde_json::json!(now))?);
         object.insert("depth".into(), to_canonical(serde_json::json!(depth))?);
         object.insert("content".into(), to_canonical(event.content)?);
         if !omit_room_id {
             let room_id = room_id.ok_or_else(|| BuildError::Json("room_id is required".into()))?;
-            object.insert(
-                "room_id".into(),
-                CanonicalJsonValue::String(room_id.to_string()),
-            );
+            object.insert("room_id".into(), CanonicalJsonValue::String(room_id.to_string()));
         }
         if let Some(state_key) = &event.state_key {
-            object.insert(
-                "state_key".into(),
-                CanonicalJsonValue::String(state_key.clone()),
-            );
+            object.insert("state_key".into(), CanonicalJsonValue::String(state_key.clone()));
         }
-        let ids = |v: &[OwnedEventId]| {
-            CanonicalJsonValue::Array(
-                v.iter()
-                    .map(|id| CanonicalJsonValue::String(id.to_string()))
-                    .collect(),
-            )
-        };
+        let ids = |v: &[OwnedEventId]| CanonicalJsonValue::Array(v.iter().map(|id| CanonicalJsonValue::String(id.to_string())).collect());
         object.insert("prev_events".into(), ids(&prev_events));
         object.insert("auth_events".into(), ids(&auth_events));
         if let Some(redacts) = &event.redacts {
             // v11+ carries `redacts` in content; older versions at the top level.
             // Both are written so every client reads it where it looks.
-            object.insert(
-                "redacts".into(),
-                CanonicalJsonValue::String(redacts.to_string()),
-            );
+            object.insert("redacts".into(), CanonicalJsonValue::String(redacts.to_string()));
         }
 
         if serde_json::to_string(&object).map_or(0, |j| j.len()) > MAX_PDU_BYTES {
@@ -276,11 +225,9 @@ impl Pdu {
             ruma::signatures::JsonError::PduTooLarge => BuildError::TooLarge,
             other => BuildError::Json(other.to_string()),
         })?;
-        let event_id = OwnedEventId::try_from(format!("${hash}"))
-            .map_err(|e| BuildError::Json(e.to_string()))?;
+        let event_id = OwnedEventId::try_from(format!("${hash}")).map_err(|e| BuildError::Json(e.to_string()))?;
         let room_id = if omit_room_id {
-            OwnedRoomId::try_from(format!("!{hash}"))
-                .map_err(|e| BuildError::Json(e.to_string()))?
+            OwnedRoomId::try_from(format!("!{hash}")).map_err(|e| BuildError::Json(e.to_string()))?
         } else {
             room_id.expect("checked above").to_owned()
         };
@@ -298,9 +245,7 @@ fn redacts_from_content(content: &RawValue) -> Option<OwnedEventId> {
     struct Redacts {
         redacts: Option<OwnedEventId>,
     }
-    serde_json::from_str::<Redacts>(content.get())
-        .ok()
-        .and_then(|r| r.redacts)
+    serde_json::from_str::<Redacts>(content.get()).ok().and_then(|r| r.redacts)
 }
 
 impl ruma::state_res::Event for Pdu {
@@ -360,12 +305,7 @@ mod tests {
     use ruma::{owned_server_name, user_id};
 
     fn signer() -> EventSigner {
-        EventSigner::new(
-            owned_server_name!("localhost"),
-            &EventSigner::generate_key(),
-            "a",
-        )
-        .unwrap()
+        EventSigner::new(owned_server_name!("localhost"), &EventSigner::generate_key(), "a").unwrap()
     }
 
     #[test]
@@ -376,11 +316,7 @@ mod tests {
             &RoomVersionId::V12,
             None,
             user_id!("@alice:localhost"),
-            NewEvent::state(
-                "m.room.create",
-                "",
-                serde_json::json!({"room_version": "12"}),
-            ),
+            NewEvent::state("m.room.create", "", serde_json::json!({"room_version": "12"})),
             vec![],
             vec![],
             1,
@@ -403,10 +339,7 @@ mod tests {
                 &RoomVersionId::V11,
                 Some(room_id),
                 user_id!("@alice:localhost"),
-                NewEvent::message(
-                    "m.room.message",
-                    serde_json::json!({"body": "hi", "msgtype": "m.text"}),
-                ),
+                NewEvent::message("m.room.message", serde_json::json!({"body": "hi", "msgtype": "m.text"})),
                 vec![],
                 vec![],
                 2,

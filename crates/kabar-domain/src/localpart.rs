@@ -6,9 +6,9 @@
 pub fn is_valid_new_localpart(localpart: &str, server_name: &str) -> bool {
     !localpart.is_empty()
         && localpart.len() + server_name.len() + 2 <= 255
-        && localpart.bytes().all(
-            |b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/' | b'+'),
-        )
+        && localpart
+            .bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/' | b'+'))
 }
 
 #[cfg(test)]

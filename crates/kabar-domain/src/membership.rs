@@ -42,9 +42,7 @@ impl Membership {
         struct C {
             membership: String,
         }
-        serde_json::from_str::<C>(content)
-            .ok()
-            .and_then(|c| Self::parse(&c.membership))
+        serde_json::from_str::<C>(content).ok().and_then(|c| Self::parse(&c.membership))
     }
 }
 
@@ -81,22 +79,12 @@ impl HistoryVisibility {
 /// This is the spec's rule for the common cases: members see what was sent
 /// while they were joined; `shared` lets past and present members see events
 /// from before they joined; `invited` extends that to the time since invite.
-pub fn may_see_event(
-    visibility: HistoryVisibility,
-    membership_at_event: Option<Membership>,
-    membership_now: Option<Membership>,
-) -> bool {
+pub fn may_see_event(visibility: HistoryVisibility, membership_at_event: Option<Membership>, membership_now: Option<Membership>) -> bool {
     match visibility {
         HistoryVisibility::WorldReadable => true,
-        HistoryVisibility::Shared => {
-            membership_at_event == Some(Membership::Join)
-                || membership_now == Some(Membership::Join)
-        }
+        HistoryVisibility::Shared => membership_at_event == Some(Membership::Join) || membership_now == Some(Membership::Join),
         HistoryVisibility::Invited => {
-            matches!(
-                membership_at_event,
-                Some(Membership::Join | Membership::Invite)
-            )
+            matches!(membership_at_event, Some(Membership::Join | Membership::Invite))
         }
         HistoryVisibility::Joined => membership_at_event == Some(Membership::Join),
     }
@@ -110,11 +98,7 @@ mod tests {
     fn shared_history_is_visible_to_current_members_only() {
         let v = HistoryVisibility::Shared;
         assert!(may_see_event(v, None, Some(Membership::Join)));
-        assert!(may_see_event(
-            v,
-            Some(Membership::Join),
-            Some(Membership::Leave)
-        ));
+        assert!(may_see_event(v, Some(Membership::Join), Some(Membership::Leave)));
         assert!(!may_see_event(v, None, Some(Membership::Leave)));
         assert!(!may_see_event(v, None, None));
     }
@@ -123,19 +107,12 @@ mod tests {
     fn joined_history_needs_membership_at_the_event() {
         let v = HistoryVisibility::Joined;
         assert!(!may_see_event(v, None, Some(Membership::Join)));
-        assert!(may_see_event(
-            v,
-            Some(Membership::Join),
-            Some(Membership::Leave)
-        ));
+        assert!(may_see_event(v, Some(Membership::Join), Some(Membership::Leave)));
     }
 
     #[test]
     fn parse_visibility_defaults_to_shared() {
-        assert_eq!(
-            HistoryVisibility::from_content(None),
-            HistoryVisibility::Shared
-        );
+        assert_eq!(HistoryVisibility::from_content(None), HistoryVisibility::Shared);
         assert_eq!(
             HistoryVisibility::from_content(Some(r#"{"history_visibility":"joined"}"#)),
             HistoryVisibility::Joined

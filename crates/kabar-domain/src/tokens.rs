@@ -59,10 +59,7 @@ impl std::str::FromStr for PaginationToken {
     type Err = TokenError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if let Some(rest) = s.strip_prefix('t') {
-            return rest
-                .parse()
-                .map(Self)
-                .map_err(|_| TokenError(s.chars().take(64).collect()));
+            return rest.parse().map(Self).map_err(|_| TokenError(s.chars().take(64).collect()));
         }
         s.parse::<SyncToken>().map(|t| Self(t.stream))
     }
@@ -74,24 +71,13 @@ mod tests {
 
     #[test]
     fn sync_token_round_trips() {
-        let t = SyncToken {
-            stream: 42,
-            ephemeral: 7,
-        };
+        let t = SyncToken { stream: 42, ephemeral: 7 };
         assert_eq!(t.to_string().parse::<SyncToken>().unwrap(), t);
     }
 
     #[test]
     fn malformed_tokens_are_errors() {
-        for s in [
-            "",
-            "s",
-            "s1",
-            "x1_2",
-            "s-1_2",
-            "s1_",
-            "s99999999999999999999999_1",
-        ] {
+        for s in ["", "s", "s1", "x1_2", "s-1_2", "s1_", "s99999999999999999999999_1"] {
             assert!(s.parse::<SyncToken>().is_err(), "{s}");
         }
         assert!("t".parse::<PaginationToken>().is_err());
@@ -100,13 +86,7 @@ mod tests {
 
     #[test]
     fn pagination_accepts_sync_tokens() {
-        assert_eq!(
-            "s5_9".parse::<PaginationToken>().unwrap(),
-            PaginationToken(5)
-        );
-        assert_eq!(
-            "t12".parse::<PaginationToken>().unwrap(),
-            PaginationToken(12)
-        );
+        assert_eq!("s5_9".parse::<PaginationToken>().unwrap(), PaginationToken(5));
+        assert_eq!("t12".parse::<PaginationToken>().unwrap(), PaginationToken(12));
     }
 }

@@ -53,9 +53,7 @@ pub(crate) fn backend(e: impl std::fmt::Display) -> StoreError {
 
 fn open(path: &Path, write: bool) -> StoreResult<Connection> {
     let flags = if write {
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
     } else {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
     };
@@ -70,9 +68,7 @@ fn open(path: &Path, write: bool) -> StoreResult<Connection> {
 impl Engine {
     pub(crate) fn open(path: &Path) -> StoreResult<Self> {
         let conn = open(path, true)?;
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(backend)?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(backend)?;
         if version == 0 {
             conn.execute_batch(&format!(
                 "BEGIN; {} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;",
@@ -85,7 +81,11 @@ impl Engine {
             )));
         }
         let last: i64 = conn
-            .query_row("SELECT COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'stream_pos'), 0)", [], |r| r.get(0))
+            .query_row(
+                "SELECT COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'stream_pos'), 0)",
+                [],
+                |r| r.get(0),
+            )
             .map_err(backend)?;
         let committed = Arc::new(AtomicU64::new(last as u64));
         let (tx, rx) = mpsc::channel::<WriteJob>();
@@ -126,9 +126,7 @@ impl Engine {
             .map_err(backend)?
             .clone()
             .ok_or_else(|| backend("store is closed"))?;
-        sender
-            .send(job)
-            .map_err(|_| backend("writer thread stopped"))?;
+        sender.send(job).map_err(|_| backend("writer thread stopped"))?;
         rx.await.map_err(|_| backend("writer thread stopped"))?
     }
 
@@ -162,12 +160,7 @@ impl Engine {
     }
 }
 
-fn writer_loop(
-    conn: Connection,
-    rx: mpsc::Receiver<WriteJob>,
-    committed: Arc<AtomicU64>,
-    last: StreamPos,
-) {
+fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteJob>, committed: Arc<AtomicU64>, last: StreamPos) {
     let mut positions = Positions { next: last + 1 };
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -193,11 +186,7 @@ fn writer_loop(
             let savepoint = conn.execute_batch("SAVEPOINT job");
             let (ok, reply) = job(&conn, &mut positions);
             if savepoint.is_ok() {
-                let end = if ok {
-                    "RELEASE job"
-                } else {
-                    "ROLLBACK TO job; RELEASE job"
-                };
+                let end = if ok { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
                 let _ = conn.execute_batch(end);
             }
             if !ok {
@@ -207,7 +196,10 @@ fn writer_loop(
         }
         let last_assigned = positions.next - 1;
         let commit = conn
-            .execute("INSERT INTO meta (key, value) VALUES ('stream_pos', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value", [last_assigned as i64])
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ('stream_pos', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [last_assigned as i64],
+            )
             .and_then(|_| conn.execute_batch("COMMIT"));
         match commit {
             Ok(()) => {

@@ -49,13 +49,7 @@ fn parse<T: TryFrom<String>>(s: String) -> rusqlite::Result<T>
 where
     T::Error: std::fmt::Display,
 {
-    T::try_from(s).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(
-            0,
-            rusqlite::types::Type::Text,
-            e.to_string().into(),
-        )
-    })
+    T::try_from(s).map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.to_string().into()))
 }
 
 const EVENT_COLUMNS: &str = "pos, event_id, room_id, json, txn_device, txn_id, redacted_by";
@@ -68,19 +62,12 @@ fn event_from_row(row: &Row<'_>) -> rusqlite::Result<StoredEvent> {
     let txn_device: Option<String> = row.get(4)?;
     let txn_id: Option<String> = row.get(5)?;
     let redacted_by: Option<String> = row.get(6)?;
-    let pdu = Pdu::from_stored(event_id, room_id, &json).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(
-            3,
-            rusqlite::types::Type::Text,
-            e.to_string().into(),
-        )
-    })?;
+    let pdu = Pdu::from_stored(event_id, room_id, &json)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, e.to_string().into()))?;
     Ok(StoredEvent {
         pos: pos as u64,
         pdu,
-        txn: txn_device
-            .zip(txn_id)
-            .map(|(device_id, txn_id)| TxnRef { device_id, txn_id }),
+        txn: txn_device.zip(txn_id).map(|(device_id, txn_id)| TxnRef { device_id, txn_id }),
         redacted_by: redacted_by.map(parse).transpose()?,
     })
 }
@@ -101,11 +88,7 @@ fn receipt_from_row(r: &Row<'_>) -> rusqlite::Result<ReceiptRecord> {
         room_id: parse(r.get(0)?)?,
         user_id: parse(r.get(1)?)?,
         receipt_type: r.get(2)?,
-        thread_id: if thread.is_empty() {
-            None
-        } else {
-            Some(thread)
-        },
+        thread_id: if thread.is_empty() { None } else { Some(thread) },
         event_id: parse(r.get(4)?)?,
         ts_ms: r.get::<_, i64>(5)? as u64,
         pos: r.get::<_, i64>(6)? as u64,
@@ -123,11 +106,7 @@ fn membership_from_row(row: &Row<'_>) -> rusqlite::Result<MembershipRecord> {
 }
 
 /// Inserts one event and applies its effects. Runs on the writer thread.
-fn insert_event(
-    conn: &Connection,
-    positions: &mut Positions,
-    w: &EventWrite,
-) -> StoreResult<AppendOutcome> {
+fn insert_event(conn: &Connection, positions: &mut Positions, w: &EventWrite) -> StoreResult<AppendOutcome> {
     let pdu = &w.pdu;
     if let Some(txn) = &w.txn {
         let existing: Option<String> = conn
@@ -139,9 +118,7 @@ fn insert_event(
             .optional()
             .map_err(backend)?;
         if let Some(id) = existing {
-            return Ok(AppendOutcome::Duplicate(
-                OwnedEventId::try_from(id).map_err(corrupt)?,
-            ));
+            return Ok(AppendOutcome::Duplicate(OwnedEventId::try_from(id).map_err(corrupt)?));
         }
     }
     let pos = positions.allocate();
@@ -166,22 +143,22 @@ fn insert_event(
             rel_type,
         ],
     )
-    .map_err(|e| if is_unique_violation(&e) { StoreError::Conflict(format!("event {} exists", pdu.event_id)) } else { backend(e) })?;
+    .map_err(|e| {
+        if is_unique_violation(&e) {
+            StoreError::Conflict(format!("event {} exists", pdu.event_id))
+        } else {
+            backend(e)
+        }
+    })?;
     if let Some(state_key) = &pdu.state_key {
         conn.execute(
             "INSERT INTO current_state (room_id, kind, state_key, pos) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (room_id, kind, state_key) DO UPDATE SET pos = excluded.pos",
-            params![
-                pdu.room_id.as_str(),
-                pdu.kind.to_string(),
-                state_key,
-                pos as i64
-            ],
+            params![pdu.room_id.as_str(), pdu.kind.to_string(), state_key, pos as i64],
         )
         .map_err(backend)?;
         if pdu.kind == ruma::events::TimelineEventType::RoomMember {
-            let membership =
-                Membership::from_content(pdu.content.get()).unwrap_or(Membership::Leave);
+            let membership = Membership::from_content(pdu.content.get()).unwrap_or(Membership::Leave);
             conn.execute(
                 "INSERT INTO memberships (user_id, room_id, membership, pos, event_id) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (user_id, room_id) DO UPDATE SET membership = excluded.membership, pos = excluded.pos, event_id = excluded.event_id",
@@ -193,12 +170,7 @@ fn insert_event(
     if let Some((target, redacted_json)) = &w.redacted_target {
         conn.execute(
             "UPDATE events SET json = ?2, redacted_by = ?3 WHERE event_id = ?1 AND room_id = ?4",
-            params![
-                target.as_str(),
-                redacted_json,
-                pdu.event_id.as_str(),
-                pdu.room_id.as_str()
-            ],
+            params![target.as_str(), redacted_json, pdu.event_id.as_str(), pdu.room_id.as_str()],
         )
         .map_err(backend)?;
     }
@@ -212,11 +184,7 @@ impl AccountStore for SqliteStore {
             .write(move |c, _| {
                 c.execute(
                     "INSERT INTO users (user_id, password_hash, created_ms) VALUES (?1, ?2, ?3)",
-                    params![
-                        user.user_id.as_str(),
-                        user.password_hash,
-                        user.created_ms as i64
-                    ],
+                    params![user.user_id.as_str(), user.password_hash, user.created_ms as i64],
                 )
                 .map_err(|e| {
                     if is_unique_violation(&e) {
@@ -234,9 +202,13 @@ impl AccountStore for SqliteStore {
         let id = user_id.to_string();
         self.engine
             .read(move |c| {
-                c.query_row("SELECT user_id, password_hash, deactivated, displayname, avatar_url FROM users WHERE user_id = ?1", [id], user_from_row)
-                    .optional()
-                    .map_err(corrupt)
+                c.query_row(
+                    "SELECT user_id, password_hash, deactivated, displayname, avatar_url FROM users WHERE user_id = ?1",
+                    [id],
+                    user_from_row,
+                )
+                .optional()
+                .map_err(corrupt)
             })
             .await
     }
@@ -245,12 +217,9 @@ impl AccountStore for SqliteStore {
         let (id, hash) = (user_id.to_string(), hash.to_owned());
         self.engine
             .write(move |c, _| {
-                c.execute(
-                    "UPDATE users SET password_hash = ?2 WHERE user_id = ?1",
-                    [id, hash],
-                )
-                .map(|_| ())
-                .map_err(backend)
+                c.execute("UPDATE users SET password_hash = ?2 WHERE user_id = ?1", [id, hash])
+                    .map(|_| ())
+                    .map_err(backend)
             })
             .await
     }
@@ -259,45 +228,29 @@ impl AccountStore for SqliteStore {
         let id = user_id.to_string();
         self.engine
             .write(move |c, _| {
-                c.execute(
-                    "UPDATE users SET deactivated = 1, password_hash = NULL WHERE user_id = ?1",
-                    [&id],
-                )
-                .map_err(backend)?;
-                c.execute("DELETE FROM devices WHERE user_id = ?1", [&id])
+                c.execute("UPDATE users SET deactivated = 1, password_hash = NULL WHERE user_id = ?1", [&id])
                     .map_err(backend)?;
+                c.execute("DELETE FROM devices WHERE user_id = ?1", [&id]).map_err(backend)?;
                 Ok(())
             })
             .await
     }
 
-    async fn set_profile(
-        &self,
-        user_id: &UserId,
-        field: ProfileField,
-        value: Option<&str>,
-    ) -> StoreResult<()> {
+    async fn set_profile(&self, user_id: &UserId, field: ProfileField, value: Option<&str>) -> StoreResult<()> {
         let (id, value) = (user_id.to_string(), value.map(str::to_owned));
         let sql = match field {
             ProfileField::DisplayName => "UPDATE users SET displayname = ?2 WHERE user_id = ?1",
             ProfileField::AvatarUrl => "UPDATE users SET avatar_url = ?2 WHERE user_id = ?1",
         };
         self.engine
-            .write(move |c, _| {
-                c.execute(sql, params![id, value])
-                    .map(|_| ())
-                    .map_err(backend)
-            })
+            .write(move |c, _| c.execute(sql, params![id, value]).map(|_| ()).map_err(backend))
             .await
     }
 
     async fn search_users(&self, term: &str, limit: usize) -> StoreResult<Vec<UserRecord>> {
         let pattern = format!(
             "%{}%",
-            term.to_lowercase()
-                .replace('\\', "\\\\")
-                .replace('%', "\\%")
-                .replace('_', "\\_")
+            term.to_lowercase().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
         );
         self.engine
             .read(move |c| {
@@ -308,7 +261,10 @@ impl AccountStore for SqliteStore {
                          ORDER BY user_id LIMIT ?2",
                     )
                     .map_err(backend)?;
-                st.query_map(params![pattern, limit as i64], user_from_row).map_err(backend)?.collect::<Result<_, _>>().map_err(corrupt)
+                st.query_map(params![pattern, limit as i64], user_from_row)
+                    .map_err(backend)?
+                    .collect::<Result<_, _>>()
+                    .map_err(corrupt)
             })
             .await
     }
@@ -323,7 +279,13 @@ impl AccountStore for SqliteStore {
                     params![d.user_id.as_str(), d.device_id, d.display_name, d.token_hash, d.now_ms as i64],
                 )
                 .map(|_| ())
-                .map_err(|e| if is_unique_violation(&e) { StoreError::Conflict("token exists".into()) } else { backend(e) })
+                .map_err(|e| {
+                    if is_unique_violation(&e) {
+                        StoreError::Conflict("token exists".into())
+                    } else {
+                        backend(e)
+                    }
+                })
             })
             .await
     }
@@ -350,9 +312,15 @@ impl AccountStore for SqliteStore {
         let id = user_id.to_string();
         self.engine
             .read(move |c| {
-                let mut st = c.prepare_cached("SELECT device_id, display_name, last_seen_ms FROM devices WHERE user_id = ?1 ORDER BY device_id").map_err(backend)?;
+                let mut st = c
+                    .prepare_cached("SELECT device_id, display_name, last_seen_ms FROM devices WHERE user_id = ?1 ORDER BY device_id")
+                    .map_err(backend)?;
                 st.query_map([id], |r| {
-                    Ok(DeviceRecord { device_id: r.get(0)?, display_name: r.get(1)?, last_seen_ms: r.get::<_, Option<i64>>(2)?.map(|v| v as u64) })
+                    Ok(DeviceRecord {
+                        device_id: r.get(0)?,
+                        display_name: r.get(1)?,
+                        last_seen_ms: r.get::<_, Option<i64>>(2)?.map(|v| v as u64),
+                    })
                 })
                 .map_err(backend)?
                 .collect::<Result<_, _>>()
@@ -361,17 +329,8 @@ impl AccountStore for SqliteStore {
             .await
     }
 
-    async fn rename_device(
-        &self,
-        user_id: &UserId,
-        device_id: &str,
-        name: Option<&str>,
-    ) -> StoreResult<bool> {
-        let (id, dev, name) = (
-            user_id.to_string(),
-            device_id.to_owned(),
-            name.map(str::to_owned),
-        );
+    async fn rename_device(&self, user_id: &UserId, device_id: &str, name: Option<&str>) -> StoreResult<bool> {
+        let (id, dev, name) = (user_id.to_string(), device_id.to_owned(), name.map(str::to_owned));
         self.engine
             .write(move |c, _| {
                 c.execute(
@@ -391,10 +350,7 @@ impl AccountStore for SqliteStore {
                 let mut n = 0;
                 for d in devs {
                     n += c
-                        .execute(
-                            "DELETE FROM devices WHERE user_id = ?1 AND device_id = ?2",
-                            params![id, d],
-                        )
+                        .execute("DELETE FROM devices WHERE user_id = ?1 AND device_id = ?2", params![id, d])
                         .map_err(backend)?;
                 }
                 Ok(n)
@@ -406,11 +362,8 @@ impl AccountStore for SqliteStore {
         let (id, keep) = (user_id.to_string(), keep.map(str::to_owned));
         self.engine
             .write(move |c, _| {
-                c.execute(
-                    "DELETE FROM devices WHERE user_id = ?1 AND device_id IS NOT ?2",
-                    params![id, keep],
-                )
-                .map_err(backend)
+                c.execute("DELETE FROM devices WHERE user_id = ?1 AND device_id IS NOT ?2", params![id, keep])
+                    .map_err(backend)
             })
             .await
     }
@@ -418,18 +371,25 @@ impl AccountStore for SqliteStore {
 
 #[async_trait]
 impl RoomStore for SqliteStore {
-    async fn create_room(
-        &self,
-        room: RoomRecord,
-        events: Vec<EventWrite>,
-    ) -> StoreResult<Vec<StreamPos>> {
+    async fn create_room(&self, room: RoomRecord, events: Vec<EventWrite>) -> StoreResult<Vec<StreamPos>> {
         self.engine
             .write(move |c, positions| {
                 c.execute(
                     "INSERT INTO rooms (room_id, version, creator, is_public) VALUES (?1, ?2, ?3, ?4)",
-                    params![room.room_id.as_str(), room.version.as_str(), room.creator.as_str(), room.is_public as i64],
+                    params![
+                        room.room_id.as_str(),
+                        room.version.as_str(),
+                        room.creator.as_str(),
+                        room.is_public as i64
+                    ],
                 )
-                .map_err(|e| if is_unique_violation(&e) { StoreError::Conflict("room exists".into()) } else { backend(e) })?;
+                .map_err(|e| {
+                    if is_unique_violation(&e) {
+                        StoreError::Conflict("room exists".into())
+                    } else {
+                        backend(e)
+                    }
+                })?;
                 let mut out = Vec::with_capacity(events.len());
                 for w in &events {
                     match insert_event(c, positions, w)? {
@@ -446,26 +406,20 @@ impl RoomStore for SqliteStore {
         let id = room_id.to_string();
         self.engine
             .read(move |c| {
-                c.prepare_cached(
-                    "SELECT room_id, version, creator, is_public FROM rooms WHERE room_id = ?1",
-                )
-                .map_err(backend)?
-                .query_row([id], |r| {
-                    Ok(RoomRecord {
-                        room_id: parse(r.get(0)?)?,
-                        version: RoomVersionId::try_from(r.get::<_, String>(1)?).map_err(|e| {
-                            rusqlite::Error::FromSqlConversionFailure(
-                                1,
-                                rusqlite::types::Type::Text,
-                                e.to_string().into(),
-                            )
-                        })?,
-                        creator: parse(r.get(2)?)?,
-                        is_public: r.get::<_, i64>(3)? != 0,
+                c.prepare_cached("SELECT room_id, version, creator, is_public FROM rooms WHERE room_id = ?1")
+                    .map_err(backend)?
+                    .query_row([id], |r| {
+                        Ok(RoomRecord {
+                            room_id: parse(r.get(0)?)?,
+                            version: RoomVersionId::try_from(r.get::<_, String>(1)?).map_err(|e| {
+                                rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, e.to_string().into())
+                            })?,
+                            creator: parse(r.get(2)?)?,
+                            is_public: r.get::<_, i64>(3)? != 0,
+                        })
                     })
-                })
-                .optional()
-                .map_err(corrupt)
+                    .optional()
+                    .map_err(corrupt)
             })
             .await
     }
@@ -474,12 +428,9 @@ impl RoomStore for SqliteStore {
         let id = room_id.to_string();
         self.engine
             .write(move |c, _| {
-                c.execute(
-                    "UPDATE rooms SET is_public = ?2 WHERE room_id = ?1",
-                    params![id, public as i64],
-                )
-                .map(|_| ())
-                .map_err(backend)
+                c.execute("UPDATE rooms SET is_public = ?2 WHERE room_id = ?1", params![id, public as i64])
+                    .map(|_| ())
+                    .map_err(backend)
             })
             .await
     }
@@ -488,9 +439,7 @@ impl RoomStore for SqliteStore {
         self.engine
             .read(|c| {
                 let mut st = c
-                    .prepare_cached(
-                        "SELECT room_id FROM rooms WHERE is_public = 1 ORDER BY room_id",
-                    )
+                    .prepare_cached("SELECT room_id FROM rooms WHERE is_public = 1 ORDER BY room_id")
                     .map_err(backend)?;
                 st.query_map([], |r| parse(r.get(0)?))
                     .map_err(backend)?
@@ -501,32 +450,23 @@ impl RoomStore for SqliteStore {
     }
 
     async fn append_event(&self, event: EventWrite) -> StoreResult<AppendOutcome> {
-        self.engine
-            .write(move |c, positions| insert_event(c, positions, &event))
-            .await
+        self.engine.write(move |c, positions| insert_event(c, positions, &event)).await
     }
 
     async fn event(&self, event_id: &EventId) -> StoreResult<Option<StoredEvent>> {
         let id = event_id.to_string();
         self.engine
             .read(move |c| {
-                c.prepare_cached(&format!(
-                    "SELECT {EVENT_COLUMNS} FROM events WHERE event_id = ?1"
-                ))
-                .map_err(backend)?
-                .query_row([id], event_from_row)
-                .optional()
-                .map_err(corrupt)
+                c.prepare_cached(&format!("SELECT {EVENT_COLUMNS} FROM events WHERE event_id = ?1"))
+                    .map_err(backend)?
+                    .query_row([id], event_from_row)
+                    .optional()
+                    .map_err(corrupt)
             })
             .await
     }
 
-    async fn event_by_txn(
-        &self,
-        user_id: &UserId,
-        device_id: &str,
-        txn_id: &str,
-    ) -> StoreResult<Option<OwnedEventId>> {
+    async fn event_by_txn(&self, user_id: &UserId, device_id: &str, txn_id: &str) -> StoreResult<Option<OwnedEventId>> {
         let (u, d, t) = (user_id.to_string(), device_id.to_owned(), txn_id.to_owned());
         self.engine
             .read(move |c| {
@@ -555,23 +495,16 @@ impl RoomStore for SqliteStore {
                         "SELECT {EVENT_COLUMNS} FROM events WHERE room_id = ?1 AND pos > ?2 AND pos <= ?3 ORDER BY pos {order} LIMIT ?4"
                     ))
                     .map_err(backend)?;
-                st.query_map(params![room, after, until, limit], event_from_row).map_err(backend)?.collect::<Result<_, _>>().map_err(corrupt)
+                st.query_map(params![room, after, until, limit], event_from_row)
+                    .map_err(backend)?
+                    .collect::<Result<_, _>>()
+                    .map_err(corrupt)
             })
             .await
     }
 
-    async fn relations(
-        &self,
-        room_id: &RoomId,
-        event_id: &EventId,
-        rel_type: Option<&str>,
-        limit: usize,
-    ) -> StoreResult<Vec<StoredEvent>> {
-        let (room, id, rel) = (
-            room_id.to_string(),
-            event_id.to_string(),
-            rel_type.map(str::to_owned),
-        );
+    async fn relations(&self, room_id: &RoomId, event_id: &EventId, rel_type: Option<&str>, limit: usize) -> StoreResult<Vec<StoredEvent>> {
+        let (room, id, rel) = (room_id.to_string(), event_id.to_string(), rel_type.map(str::to_owned));
         self.engine
             .read(move |c| {
                 let mut st = c
@@ -594,17 +527,15 @@ impl RoomStore for SqliteStore {
                          FROM current_state s JOIN events e ON e.pos = s.pos WHERE s.room_id = ?1 ORDER BY e.pos",
                     )
                     .map_err(backend)?;
-                st.query_map([room], event_from_row).map_err(backend)?.collect::<Result<_, _>>().map_err(corrupt)
+                st.query_map([room], event_from_row)
+                    .map_err(backend)?
+                    .collect::<Result<_, _>>()
+                    .map_err(corrupt)
             })
             .await
     }
 
-    async fn membership_at(
-        &self,
-        room_id: &RoomId,
-        user_id: &UserId,
-        at: StreamPos,
-    ) -> StoreResult<Option<MembershipRecord>> {
+    async fn membership_at(&self, room_id: &RoomId, user_id: &UserId, at: StreamPos) -> StoreResult<Option<MembershipRecord>> {
         let (room, user) = (room_id.to_string(), user_id.to_string());
         self.engine
             .read(move |c| {
@@ -614,12 +545,19 @@ impl RoomStore for SqliteStore {
                          WHERE room_id = ?1 AND kind = 'm.room.member' AND state_key = ?2 AND pos <= ?3 ORDER BY pos DESC LIMIT 1",
                     )
                     .map_err(backend)?
-                    .query_row(params![room, user, at.min(i64::MAX as u64) as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                    .query_row(params![room, user, at.min(i64::MAX as u64) as i64], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })
                     .optional()
                     .map_err(corrupt)?;
-                let Some((room_id, pos, event_id, json)) = row else { return Ok(None) };
+                let Some((room_id, pos, event_id, json)) = row else {
+                    return Ok(None);
+                };
                 let v: serde_json::Value = serde_json::from_str(&json).map_err(corrupt)?;
-                let membership = v["content"]["membership"].as_str().and_then(Membership::parse).unwrap_or(Membership::Leave);
+                let membership = v["content"]["membership"]
+                    .as_str()
+                    .and_then(Membership::parse)
+                    .unwrap_or(Membership::Leave);
                 Ok(Some(MembershipRecord {
                     room_id: OwnedRoomId::try_from(room_id).map_err(corrupt)?,
                     membership,
@@ -630,11 +568,7 @@ impl RoomStore for SqliteStore {
             .await
     }
 
-    async fn membership_history(
-        &self,
-        room_id: &RoomId,
-        user_id: &UserId,
-    ) -> StoreResult<Vec<MembershipRecord>> {
+    async fn membership_history(&self, room_id: &RoomId, user_id: &UserId) -> StoreResult<Vec<MembershipRecord>> {
         let (room, user) = (room_id.to_string(), user_id.to_string());
         self.engine
             .read(move |c| {
@@ -675,7 +609,9 @@ impl RoomStore for SqliteStore {
                      AND kind IN (SELECT value FROM json_each(?4)) LIMIT ?5)",
                 )
                 .map_err(backend)?
-                .query_row(params![room, after.min(i64::MAX as u64) as i64, user, kinds, cap as i64], |r| r.get::<_, i64>(0))
+                .query_row(params![room, after.min(i64::MAX as u64) as i64, user, kinds, cap as i64], |r| {
+                    r.get::<_, i64>(0)
+                })
                 .map(|n| n as u64)
                 .map_err(backend)
             })
@@ -686,17 +622,18 @@ impl RoomStore for SqliteStore {
         let user = user_id.to_string();
         self.engine
             .read(move |c| {
-                let mut st = c.prepare_cached("SELECT room_id, membership, pos, event_id FROM memberships WHERE user_id = ?1 ORDER BY pos").map_err(backend)?;
-                st.query_map([user], membership_from_row).map_err(backend)?.collect::<Result<_, _>>().map_err(corrupt)
+                let mut st = c
+                    .prepare_cached("SELECT room_id, membership, pos, event_id FROM memberships WHERE user_id = ?1 ORDER BY pos")
+                    .map_err(backend)?;
+                st.query_map([user], membership_from_row)
+                    .map_err(backend)?
+                    .collect::<Result<_, _>>()
+                    .map_err(corrupt)
             })
             .await
     }
 
-    async fn room_members(
-        &self,
-        room_id: &RoomId,
-        membership: Option<Membership>,
-    ) -> StoreResult<Vec<(OwnedUserId, Membership)>> {
+    async fn room_members(&self, room_id: &RoomId, membership: Option<Membership>) -> StoreResult<Vec<(OwnedUserId, Membership)>> {
         let (room, m) = (room_id.to_string(), membership.map(|m| m.as_str()));
         self.engine
             .read(move |c| {
@@ -718,9 +655,12 @@ impl RoomStore for SqliteStore {
         let (user, room) = (user_id.to_string(), room_id.to_string());
         self.engine
             .write(move |c, _| {
-                c.execute("DELETE FROM memberships WHERE user_id = ?1 AND room_id = ?2 AND membership IN ('leave', 'ban')", [user, room])
-                    .map(|_| ())
-                    .map_err(backend)
+                c.execute(
+                    "DELETE FROM memberships WHERE user_id = ?1 AND room_id = ?2 AND membership IN ('leave', 'ban')",
+                    [user, room],
+                )
+                .map(|_| ())
+                .map_err(backend)
             })
             .await
     }
@@ -729,18 +669,15 @@ impl RoomStore for SqliteStore {
         let (a, r, u) = (alias.to_owned(), room_id.to_string(), creator.to_string());
         self.engine
             .write(move |c, _| {
-                c.execute(
-                    "INSERT INTO aliases (alias, room_id, creator) VALUES (?1, ?2, ?3)",
-                    [a, r, u],
-                )
-                .map(|_| ())
-                .map_err(|e| {
-                    if is_unique_violation(&e) {
-                        StoreError::Conflict("alias exists".into())
-                    } else {
-                        backend(e)
-                    }
-                })
+                c.execute("INSERT INTO aliases (alias, room_id, creator) VALUES (?1, ?2, ?3)", [a, r, u])
+                    .map(|_| ())
+                    .map_err(|e| {
+                        if is_unique_violation(&e) {
+                            StoreError::Conflict("alias exists".into())
+                        } else {
+                            backend(e)
+                        }
+                    })
             })
             .await
     }
@@ -749,11 +686,9 @@ impl RoomStore for SqliteStore {
         let a = alias.to_owned();
         self.engine
             .read(move |c| {
-                c.query_row(
-                    "SELECT room_id, creator FROM aliases WHERE alias = ?1",
-                    [a],
-                    |r| Ok((parse(r.get(0)?)?, parse(r.get(1)?)?)),
-                )
+                c.query_row("SELECT room_id, creator FROM aliases WHERE alias = ?1", [a], |r| {
+                    Ok((parse(r.get(0)?)?, parse(r.get(1)?)?))
+                })
                 .optional()
                 .map_err(corrupt)
             })
@@ -793,13 +728,7 @@ impl RoomStore for SqliteStore {
 
 #[async_trait]
 impl UserDataStore for SqliteStore {
-    async fn put_account_data(
-        &self,
-        user_id: &UserId,
-        room_id: Option<&RoomId>,
-        kind: &str,
-        content: &str,
-    ) -> StoreResult<StreamPos> {
+    async fn put_account_data(&self, user_id: &UserId, room_id: Option<&RoomId>, kind: &str, content: &str) -> StoreResult<StreamPos> {
         let (u, r, k, v) = (
             user_id.to_string(),
             room_id.map(|r| r.to_string()).unwrap_or_default(),
@@ -820,12 +749,7 @@ impl UserDataStore for SqliteStore {
             .await
     }
 
-    async fn account_data(
-        &self,
-        user_id: &UserId,
-        room_id: Option<&RoomId>,
-        kind: &str,
-    ) -> StoreResult<Option<String>> {
+    async fn account_data(&self, user_id: &UserId, room_id: Option<&RoomId>, kind: &str) -> StoreResult<Option<String>> {
         let (u, r, k) = (
             user_id.to_string(),
             room_id.map(|r| r.to_string()).unwrap_or_default(),
@@ -842,15 +766,13 @@ impl UserDataStore for SqliteStore {
             .await
     }
 
-    async fn account_data_since(
-        &self,
-        user_id: &UserId,
-        since: StreamPos,
-    ) -> StoreResult<Vec<AccountDataRecord>> {
+    async fn account_data_since(&self, user_id: &UserId, since: StreamPos) -> StoreResult<Vec<AccountDataRecord>> {
         let u = user_id.to_string();
         self.engine
             .read(move |c| {
-                let mut st = c.prepare_cached("SELECT room_id, kind, content, pos FROM account_data WHERE user_id = ?1 AND pos > ?2 ORDER BY pos").map_err(backend)?;
+                let mut st = c
+                    .prepare_cached("SELECT room_id, kind, content, pos FROM account_data WHERE user_id = ?1 AND pos > ?2 ORDER BY pos")
+                    .map_err(backend)?;
                 st.query_map(params![u, since.min(i64::MAX as u64) as i64], |r| {
                     let room: String = r.get(0)?;
                     Ok(AccountDataRecord {
@@ -890,17 +812,8 @@ impl UserDataStore for SqliteStore {
             .await
     }
 
-    async fn receipt(
-        &self,
-        room_id: &RoomId,
-        user_id: &UserId,
-        receipt_type: &str,
-    ) -> StoreResult<Option<ReceiptRecord>> {
-        let (r, u, t) = (
-            room_id.to_string(),
-            user_id.to_string(),
-            receipt_type.to_owned(),
-        );
+    async fn receipt(&self, room_id: &RoomId, user_id: &UserId, receipt_type: &str) -> StoreResult<Option<ReceiptRecord>> {
+        let (r, u, t) = (room_id.to_string(), user_id.to_string(), receipt_type.to_owned());
         self.engine
             .read(move |c| {
                 c.prepare_cached(
@@ -915,11 +828,7 @@ impl UserDataStore for SqliteStore {
             .await
     }
 
-    async fn receipts_since(
-        &self,
-        room_id: &RoomId,
-        since: StreamPos,
-    ) -> StoreResult<Vec<ReceiptRecord>> {
+    async fn receipts_since(&self, room_id: &RoomId, since: StreamPos) -> StoreResult<Vec<ReceiptRecord>> {
         let r = room_id.to_string();
         self.engine
             .read(move |c| {
@@ -993,17 +902,21 @@ impl MediaStore for SqliteStore {
         let id = media_id.to_owned();
         self.engine
             .read(move |c| {
-                c.query_row("SELECT media_id, content_type, filename, sha256, size, uploader, created_ms FROM media WHERE media_id = ?1", [id], |r| {
-                    Ok(MediaRecord {
-                        media_id: r.get(0)?,
-                        content_type: r.get(1)?,
-                        filename: r.get(2)?,
-                        sha256: r.get(3)?,
-                        size: r.get::<_, i64>(4)? as u64,
-                        uploader: parse(r.get(5)?)?,
-                        created_ms: r.get::<_, i64>(6)? as u64,
-                    })
-                })
+                c.query_row(
+                    "SELECT media_id, content_type, filename, sha256, size, uploader, created_ms FROM media WHERE media_id = ?1",
+                    [id],
+                    |r| {
+                        Ok(MediaRecord {
+                            media_id: r.get(0)?,
+                            content_type: r.get(1)?,
+                            filename: r.get(2)?,
+                            sha256: r.get(3)?,
+                            size: r.get::<_, i64>(4)? as u64,
+                            uploader: parse(r.get(5)?)?,
+                            created_ms: r.get::<_, i64>(6)? as u64,
+                        })
+                    },
+                )
                 .optional()
                 .map_err(corrupt)
             })
@@ -1016,27 +929,15 @@ impl ServerStore for SqliteStore {
     async fn signing_key(&self, generate: Vec<u8>) -> StoreResult<Vec<u8>> {
         self.engine
             .write(move |c, _| {
-                c.execute(
-                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('signing_key', ?1)",
-                    [&generate],
-                )
-                .map_err(backend)?;
-                c.query_row(
-                    "SELECT value FROM meta WHERE key = 'signing_key'",
-                    [],
-                    |r| r.get(0),
-                )
-                .map_err(backend)
+                c.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('signing_key', ?1)", [&generate])
+                    .map_err(backend)?;
+                c.query_row("SELECT value FROM meta WHERE key = 'signing_key'", [], |r| r.get(0))
+                    .map_err(backend)
             })
             .await
     }
 
-    async fn create_registration_token(
-        &self,
-        token: &str,
-        uses_allowed: Option<u32>,
-        expiry_ms: Option<u64>,
-    ) -> StoreResult<()> {
+    async fn create_registration_token(&self, token: &str, uses_allowed: Option<u32>, expiry_ms: Option<u64>) -> StoreResult<()> {
         let t = token.to_owned();
         self.engine
             .write(move |c, _| {
@@ -1045,7 +946,13 @@ impl ServerStore for SqliteStore {
                     params![t, uses_allowed.map(i64::from), expiry_ms.map(|v| v as i64)],
                 )
                 .map(|_| ())
-                .map_err(|e| if is_unique_violation(&e) { StoreError::Conflict("token exists".into()) } else { backend(e) })
+                .map_err(|e| {
+                    if is_unique_violation(&e) {
+                        StoreError::Conflict("token exists".into())
+                    } else {
+                        backend(e)
+                    }
+                })
             })
             .await
     }
@@ -1118,11 +1025,7 @@ mod tests {
             .map(|i| {
                 let s = store.clone();
                 let u = u.clone();
-                tokio::spawn(async move {
-                    s.put_account_data(&u, None, &format!("k{i}"), "{}")
-                        .await
-                        .unwrap()
-                })
+                tokio::spawn(async move { s.put_account_data(&u, None, &format!("k{i}"), "{}").await.unwrap() })
             })
             .collect();
         let mut positions = Vec::new();

@@ -7,8 +7,7 @@ use std::sync::Arc;
 
 use kabar_domain::{EventSigner, NewEvent, Pdu};
 use ruma::{
-    MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, RoomVersionId, owned_room_id,
-    owned_server_name, owned_user_id, user_id,
+    MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, RoomVersionId, owned_room_id, owned_server_name, owned_user_id, user_id,
 };
 use serde_json::json;
 
@@ -48,12 +47,7 @@ fn write(pdu: Pdu) -> EventWrite {
 }
 
 fn test_room(id: &str) -> (RoomRecord, EventSigner) {
-    let signer = EventSigner::new(
-        owned_server_name!("localhost"),
-        &EventSigner::generate_key(),
-        "t",
-    )
-    .unwrap();
+    let signer = EventSigner::new(owned_server_name!("localhost"), &EventSigner::generate_key(), "t").unwrap();
     let room = RoomRecord {
         room_id: OwnedRoomId::try_from(id).unwrap(),
         version: RoomVersionId::V11,
@@ -89,10 +83,7 @@ async fn accounts_and_tokens(store: &dyn Store) {
     let rec = store.user(&alice).await.unwrap().expect("user stored");
     assert_eq!(rec.password_hash.as_deref(), Some("h1"));
     store.set_password_hash(&alice, "h2").await.unwrap();
-    store
-        .set_profile(&alice, ProfileField::DisplayName, Some("Alice A"))
-        .await
-        .unwrap();
+    store.set_profile(&alice, ProfileField::DisplayName, Some("Alice A")).await.unwrap();
     let rec = store.user(&alice).await.unwrap().unwrap();
     assert_eq!(
         (rec.password_hash.as_deref(), rec.displayname.as_deref()),
@@ -103,13 +94,7 @@ async fn accounts_and_tokens(store: &dyn Store) {
         1,
         "search by display name, any case"
     );
-    assert!(
-        store
-            .user(user_id!("@nobody:localhost"))
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(store.user(user_id!("@nobody:localhost")).await.unwrap().is_none());
 
     for (dev, tok) in [("D1", "t1"), ("D2", "t2")] {
         store
@@ -123,15 +108,7 @@ async fn accounts_and_tokens(store: &dyn Store) {
             .await
             .unwrap();
     }
-    assert_eq!(
-        store
-            .session_by_token_hash("t1")
-            .await
-            .unwrap()
-            .unwrap()
-            .device_id,
-        "D1"
-    );
+    assert_eq!(store.session_by_token_hash("t1").await.unwrap().unwrap().device_id, "D1");
     // Logging a device in again replaces its token.
     store
         .upsert_device(NewDevice {
@@ -143,27 +120,11 @@ async fn accounts_and_tokens(store: &dyn Store) {
         })
         .await
         .unwrap();
-    assert!(
-        store.session_by_token_hash("t1").await.unwrap().is_none(),
-        "old token revoked"
-    );
+    assert!(store.session_by_token_hash("t1").await.unwrap().is_none(), "old token revoked");
     assert_eq!(store.devices(&alice).await.unwrap().len(), 2);
-    assert!(
-        store
-            .rename_device(&alice, "D2", Some("laptop"))
-            .await
-            .unwrap()
-    );
-    assert!(
-        !store
-            .rename_device(&alice, "NOPE", Some("x"))
-            .await
-            .unwrap()
-    );
-    assert_eq!(
-        store.delete_devices(&alice, &["D2".into()]).await.unwrap(),
-        1
-    );
+    assert!(store.rename_device(&alice, "D2", Some("laptop")).await.unwrap());
+    assert!(!store.rename_device(&alice, "NOPE", Some("x")).await.unwrap());
+    assert_eq!(store.delete_devices(&alice, &["D2".into()]).await.unwrap(), 1);
     assert!(
         store.session_by_token_hash("t2").await.unwrap().is_none(),
         "deleting a device revokes its token"
@@ -185,10 +146,7 @@ async fn events_positions_and_idempotency(store: &dyn Store) {
         NewEvent::state("m.room.create", "", json!({"room_version": "11"})),
     );
     let start = store.current_position();
-    let positions = store
-        .create_room(room.clone(), vec![write(create)])
-        .await
-        .unwrap();
+    let positions = store.create_room(room.clone(), vec![write(create)]).await.unwrap();
     assert!(positions[0] > start, "positions increase");
     assert_eq!(store.room(&room.room_id).await.unwrap().unwrap(), room);
 
@@ -216,19 +174,10 @@ async fn events_positions_and_idempotency(store: &dyn Store) {
         }
         ids.push(id);
     }
-    assert_eq!(
-        store.current_position(),
-        last,
-        "current position is the last commit"
-    );
+    assert_eq!(store.current_position(), last, "current position is the last commit");
 
     // The same transaction id again maps to the first event and writes nothing.
-    let again = pdu(
-        &room,
-        &signer,
-        99,
-        NewEvent::message("m.room.message", json!({"body": "dup"})),
-    );
+    let again = pdu(&room, &signer, 99, NewEvent::message("m.room.message", json!({"body": "dup"})));
     let mut w = write(again);
     w.txn = Some(TxnRef {
         device_id: "D".into(),
@@ -238,18 +187,9 @@ async fn events_positions_and_idempotency(store: &dyn Store) {
         AppendOutcome::Duplicate(id) => assert_eq!(id, ids[3]),
         AppendOutcome::Appended(_) => panic!("duplicate txn was appended"),
     }
+    assert_eq!(store.event_by_txn(&room.creator, "D", "txn5").await.unwrap(), Some(ids[5].clone()));
     assert_eq!(
-        store
-            .event_by_txn(&room.creator, "D", "txn5")
-            .await
-            .unwrap(),
-        Some(ids[5].clone())
-    );
-    assert_eq!(
-        store
-            .event_by_txn(&room.creator, "OTHER", "txn5")
-            .await
-            .unwrap(),
+        store.event_by_txn(&room.creator, "OTHER", "txn5").await.unwrap(),
         None,
         "txn ids are per device"
     );
@@ -287,12 +227,7 @@ async fn events_positions_and_idempotency(store: &dyn Store) {
         })
         .await
         .unwrap();
-    assert_eq!(
-        fwd.iter()
-            .map(|e| e.pdu.event_id.clone())
-            .collect::<Vec<_>>(),
-        ids
-    );
+    assert_eq!(fwd.iter().map(|e| e.pdu.event_id.clone()).collect::<Vec<_>>(), ids);
     let got = store.event(&ids[0]).await.unwrap().expect("event by id");
     assert_eq!(
         got.txn,
@@ -317,70 +252,33 @@ async fn state_membership_and_redaction(store: &dyn Store) {
         &room,
         &signer,
         2,
-        NewEvent::state(
-            "m.room.member",
-            alice.as_str(),
-            json!({"membership": "join"}),
-        ),
+        NewEvent::state("m.room.member", alice.as_str(), json!({"membership": "join"})),
     );
-    store
-        .create_room(room.clone(), vec![write(create), write(join)])
-        .await
-        .unwrap();
+    store.create_room(room.clone(), vec![write(create), write(join)]).await.unwrap();
     let invite = pdu(
         &room,
         &signer,
         3,
-        NewEvent::state(
-            "m.room.member",
-            bob.as_str(),
-            json!({"membership": "invite"}),
-        ),
+        NewEvent::state("m.room.member", bob.as_str(), json!({"membership": "invite"})),
     );
-    let AppendOutcome::Appended(invite_pos) = store.append_event(write(invite)).await.unwrap()
-    else {
+    let AppendOutcome::Appended(invite_pos) = store.append_event(write(invite)).await.unwrap() else {
         panic!()
     };
-    let topic1 = pdu(
-        &room,
-        &signer,
-        4,
-        NewEvent::state("m.room.topic", "", json!({"topic": "one"})),
-    );
+    let topic1 = pdu(&room, &signer, 4, NewEvent::state("m.room.topic", "", json!({"topic": "one"})));
     store.append_event(write(topic1)).await.unwrap();
-    let topic2 = pdu(
-        &room,
-        &signer,
-        5,
-        NewEvent::state("m.room.topic", "", json!({"topic": "two"})),
-    );
+    let topic2 = pdu(&room, &signer, 5, NewEvent::state("m.room.topic", "", json!({"topic": "two"})));
     store.append_event(write(topic2.clone())).await.unwrap();
 
     let state = store.current_state(&room.room_id).await.unwrap();
     assert_eq!(state.len(), 4, "create, two members, one topic");
-    assert!(
-        state.iter().any(|e| e.pdu.event_id == topic2.event_id),
-        "latest state wins"
-    );
+    assert!(state.iter().any(|e| e.pdu.event_id == topic2.event_id), "latest state wins");
 
     let bobs = store.memberships(&bob).await.unwrap();
     assert_eq!(bobs.len(), 1);
-    assert_eq!(
-        (bobs[0].membership, bobs[0].pos),
-        (Membership::Invite, invite_pos)
-    );
-    let members = store
-        .room_members(&room.room_id, Some(Membership::Join))
-        .await
-        .unwrap();
+    assert_eq!((bobs[0].membership, bobs[0].pos), (Membership::Invite, invite_pos));
+    let members = store.room_members(&room.room_id, Some(Membership::Join)).await.unwrap();
     assert_eq!(members, vec![(alice.clone(), Membership::Join)]);
-    assert_eq!(
-        store
-            .membership_at(&room.room_id, &bob, invite_pos - 1)
-            .await
-            .unwrap(),
-        None
-    );
+    assert_eq!(store.membership_at(&room.room_id, &bob, invite_pos - 1).await.unwrap(), None);
     assert_eq!(
         store
             .membership_at(&room.room_id, &bob, invite_pos)
@@ -391,12 +289,7 @@ async fn state_membership_and_redaction(store: &dyn Store) {
         Membership::Invite
     );
 
-    let msg = pdu(
-        &room,
-        &signer,
-        6,
-        NewEvent::message("m.room.message", json!({"body": "oops"})),
-    );
+    let msg = pdu(&room, &signer, 6, NewEvent::message("m.room.message", json!({"body": "oops"})));
     store.append_event(write(msg.clone())).await.unwrap();
     let reaction = pdu(
         &room,
@@ -423,8 +316,7 @@ async fn state_membership_and_redaction(store: &dyn Store) {
             .is_empty()
     );
 
-    let mut redaction_event =
-        NewEvent::message("m.room.redaction", json!({"redacts": msg.event_id}));
+    let mut redaction_event = NewEvent::message("m.room.redaction", json!({"redacts": msg.event_id}));
     redaction_event.redacts = Some(msg.event_id.clone());
     let redaction = pdu(&room, &signer, 8, redaction_event);
     let redacted = kabar_domain::client_event::redact_pdu(&msg, &room.version).unwrap();
@@ -432,28 +324,16 @@ async fn state_membership_and_redaction(store: &dyn Store) {
     w.redacted_target = Some((msg.event_id.clone(), redacted));
     store.append_event(w).await.unwrap();
     let got = store.event(&msg.event_id).await.unwrap().unwrap();
-    assert_eq!(
-        got.pdu.content.get(),
-        "{}",
-        "redaction replaces stored content"
-    );
+    assert_eq!(got.pdu.content.get(), "{}", "redaction replaces stored content");
     assert_eq!(got.redacted_by, Some(redaction.event_id.clone()));
     assert!(!got.pdu.json.contains("oops"));
 
-    store
-        .set_alias("#state:localhost", &room.room_id, &alice)
-        .await
-        .unwrap();
+    store.set_alias("#state:localhost", &room.room_id, &alice).await.unwrap();
     assert!(matches!(
-        store
-            .set_alias("#state:localhost", &room.room_id, &alice)
-            .await,
+        store.set_alias("#state:localhost", &room.room_id, &alice).await,
         Err(StoreError::Conflict(_))
     ));
-    assert_eq!(
-        store.alias("#state:localhost").await.unwrap().unwrap().0,
-        room.room_id
-    );
+    assert_eq!(store.alias("#state:localhost").await.unwrap().unwrap().0, room.room_id);
     assert_eq!(
         store.room_aliases(&room.room_id).await.unwrap(),
         vec!["#state:localhost".to_owned()]
@@ -467,25 +347,12 @@ async fn state_membership_and_redaction(store: &dyn Store) {
 async fn user_data(store: &dyn Store) {
     let u = owned_user_id!("@carol:localhost");
     let room = owned_room_id!("!ud:localhost");
-    let p1 = store
-        .put_account_data(&u, None, "m.direct", "{\"a\":1}")
-        .await
-        .unwrap();
-    let p2 = store
-        .put_account_data(&u, Some(&room), "m.tag", "{\"tags\":{}}")
-        .await
-        .unwrap();
+    let p1 = store.put_account_data(&u, None, "m.direct", "{\"a\":1}").await.unwrap();
+    let p2 = store.put_account_data(&u, Some(&room), "m.tag", "{\"tags\":{}}").await.unwrap();
     assert!(p2 > p1);
-    store
-        .put_account_data(&u, None, "m.direct", "{\"a\":2}")
-        .await
-        .unwrap();
+    store.put_account_data(&u, None, "m.direct", "{\"a\":2}").await.unwrap();
     assert_eq!(
-        store
-            .account_data(&u, None, "m.direct")
-            .await
-            .unwrap()
-            .as_deref(),
+        store.account_data(&u, None, "m.direct").await.unwrap().as_deref(),
         Some("{\"a\":2}")
     );
     let since = store.account_data_since(&u, p2).await.unwrap();
@@ -512,34 +379,13 @@ async fn user_data(store: &dyn Store) {
     assert_eq!(got.len(), 1, "a newer receipt replaces the older");
     assert_eq!(got[0].event_id.as_str(), "$two");
     assert!(got[0].pos > rp);
-    assert_eq!(
-        store
-            .receipt(&room, &u, "m.read")
-            .await
-            .unwrap()
-            .unwrap()
-            .event_id
-            .as_str(),
-        "$two"
-    );
-    assert!(
-        store
-            .receipt(&room, &u, "m.read.private")
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert_eq!(store.receipt(&room, &u, "m.read").await.unwrap().unwrap().event_id.as_str(), "$two");
+    assert!(store.receipt(&room, &u, "m.read.private").await.unwrap().is_none());
 
     let id = store.put_filter(&u, "{\"room\":{}}").await.unwrap();
+    assert_eq!(store.filter(&u, &id).await.unwrap().as_deref(), Some("{\"room\":{}}"));
     assert_eq!(
-        store.filter(&u, &id).await.unwrap().as_deref(),
-        Some("{\"room\":{}}")
-    );
-    assert_eq!(
-        store
-            .filter(user_id!("@other:localhost"), &id)
-            .await
-            .unwrap(),
+        store.filter(user_id!("@other:localhost"), &id).await.unwrap(),
         None,
         "filters are per user"
     );
@@ -562,23 +408,11 @@ async fn server_data(store: &dyn Store) {
     let k2 = store.signing_key(vec![9]).await.unwrap();
     assert_eq!(k1, vec![1, 2, 3]);
     assert_eq!(k2, k1, "the first key is kept");
-    store
-        .create_registration_token("tok", Some(1), None)
-        .await
-        .unwrap();
+    store.create_registration_token("tok", Some(1), None).await.unwrap();
     assert!(store.registration_token_valid("tok", 0).await.unwrap());
     assert!(store.use_registration_token("tok", 0).await.unwrap());
-    assert!(
-        !store.use_registration_token("tok", 0).await.unwrap(),
-        "uses are bounded"
-    );
-    store
-        .create_registration_token("old", None, Some(10))
-        .await
-        .unwrap();
-    assert!(
-        !store.use_registration_token("old", 11).await.unwrap(),
-        "expired"
-    );
+    assert!(!store.use_registration_token("tok", 0).await.unwrap(), "uses are bounded");
+    store.create_registration_token("old", None, Some(10)).await.unwrap();
+    assert!(!store.use_registration_token("old", 11).await.unwrap(), "expired");
     assert!(!store.use_registration_token("missing", 0).await.unwrap());
 }

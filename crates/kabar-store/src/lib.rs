@@ -44,12 +44,7 @@ pub trait AccountStore: Send + Sync {
     async fn set_password_hash(&self, user_id: &UserId, hash: &str) -> StoreResult<()>;
     /// Marks the user deactivated and removes every device and token.
     async fn deactivate_user(&self, user_id: &UserId) -> StoreResult<()>;
-    async fn set_profile(
-        &self,
-        user_id: &UserId,
-        field: ProfileField,
-        value: Option<&str>,
-    ) -> StoreResult<()>;
+    async fn set_profile(&self, user_id: &UserId, field: ProfileField, value: Option<&str>) -> StoreResult<()>;
     /// Users whose id or display name contains `term` (case-insensitive).
     async fn search_users(&self, term: &str, limit: usize) -> StoreResult<Vec<UserRecord>>;
 
@@ -57,12 +52,7 @@ pub trait AccountStore: Send + Sync {
     async fn upsert_device(&self, device: NewDevice) -> StoreResult<()>;
     async fn session_by_token_hash(&self, token_hash: &str) -> StoreResult<Option<Session>>;
     async fn devices(&self, user_id: &UserId) -> StoreResult<Vec<DeviceRecord>>;
-    async fn rename_device(
-        &self,
-        user_id: &UserId,
-        device_id: &str,
-        name: Option<&str>,
-    ) -> StoreResult<bool>;
+    async fn rename_device(&self, user_id: &UserId, device_id: &str, name: Option<&str>) -> StoreResult<bool>;
     /// Deletes devices and their tokens; returns how many existed.
     async fn delete_devices(&self, user_id: &UserId, device_ids: &[String]) -> StoreResult<usize>;
     /// Deletes every device of the user except `keep`; returns how many went.
@@ -73,11 +63,7 @@ pub trait AccountStore: Send + Sync {
 #[async_trait]
 pub trait RoomStore: Send + Sync {
     /// Creates the room and appends its first events in one transaction.
-    async fn create_room(
-        &self,
-        room: RoomRecord,
-        events: Vec<EventWrite>,
-    ) -> StoreResult<Vec<StreamPos>>;
+    async fn create_room(&self, room: RoomRecord, events: Vec<EventWrite>) -> StoreResult<Vec<StreamPos>>;
     async fn room(&self, room_id: &RoomId) -> StoreResult<Option<RoomRecord>>;
     async fn set_room_public(&self, room_id: &RoomId, public: bool) -> StoreResult<()>;
     async fn public_rooms(&self) -> StoreResult<Vec<OwnedRoomId>>;
@@ -87,12 +73,7 @@ pub trait RoomStore: Send + Sync {
     /// existing event instead if the transaction id was used before.
     async fn append_event(&self, event: EventWrite) -> StoreResult<AppendOutcome>;
     async fn event(&self, event_id: &ruma::EventId) -> StoreResult<Option<StoredEvent>>;
-    async fn event_by_txn(
-        &self,
-        user_id: &UserId,
-        device_id: &str,
-        txn_id: &str,
-    ) -> StoreResult<Option<OwnedEventId>>;
+    async fn event_by_txn(&self, user_id: &UserId, device_id: &str, txn_id: &str) -> StoreResult<Option<OwnedEventId>>;
     /// Events of a room in stream order between two positions (exclusive
     /// `after`, inclusive `until`), from the `direction` end, at most `limit`.
     async fn room_events(&self, range: EventRange<'_>) -> StoreResult<Vec<StoredEvent>>;
@@ -106,18 +87,9 @@ pub trait RoomStore: Send + Sync {
     ) -> StoreResult<Vec<StoredEvent>>;
     async fn current_state(&self, room_id: &RoomId) -> StoreResult<Vec<StoredEvent>>;
     /// The membership event of `user_id` in force at stream position `at`.
-    async fn membership_at(
-        &self,
-        room_id: &RoomId,
-        user_id: &UserId,
-        at: StreamPos,
-    ) -> StoreResult<Option<MembershipRecord>>;
+    async fn membership_at(&self, room_id: &RoomId, user_id: &UserId, at: StreamPos) -> StoreResult<Option<MembershipRecord>>;
     /// Every membership event of `user_id` in the room, oldest first.
-    async fn membership_history(
-        &self,
-        room_id: &RoomId,
-        user_id: &UserId,
-    ) -> StoreResult<Vec<MembershipRecord>>;
+    async fn membership_history(&self, room_id: &RoomId, user_id: &UserId) -> StoreResult<Vec<MembershipRecord>>;
     /// How many events of the given types others sent in the room after `after`, at most `cap`.
     async fn count_events_after(
         &self,
@@ -130,11 +102,7 @@ pub trait RoomStore: Send + Sync {
     /// Current memberships of a user, in every room they have one in.
     async fn memberships(&self, user_id: &UserId) -> StoreResult<Vec<MembershipRecord>>;
     /// Current members of a room with the given membership.
-    async fn room_members(
-        &self,
-        room_id: &RoomId,
-        membership: Option<Membership>,
-    ) -> StoreResult<Vec<(OwnedUserId, Membership)>>;
+    async fn room_members(&self, room_id: &RoomId, membership: Option<Membership>) -> StoreResult<Vec<(OwnedUserId, Membership)>>;
     /// Drops a left room from the user's lists (`/forget`).
     async fn forget_room(&self, user_id: &UserId, room_id: &RoomId) -> StoreResult<()>;
 
@@ -150,40 +118,16 @@ pub trait RoomStore: Send + Sync {
 /// Per-user data: account data, receipts, filters.
 #[async_trait]
 pub trait UserDataStore: Send + Sync {
-    async fn put_account_data(
-        &self,
-        user_id: &UserId,
-        room_id: Option<&RoomId>,
-        kind: &str,
-        content: &str,
-    ) -> StoreResult<StreamPos>;
-    async fn account_data(
-        &self,
-        user_id: &UserId,
-        room_id: Option<&RoomId>,
-        kind: &str,
-    ) -> StoreResult<Option<String>>;
+    async fn put_account_data(&self, user_id: &UserId, room_id: Option<&RoomId>, kind: &str, content: &str) -> StoreResult<StreamPos>;
+    async fn account_data(&self, user_id: &UserId, room_id: Option<&RoomId>, kind: &str) -> StoreResult<Option<String>>;
     /// Account data changed after `since` (all of it for `since = 0`).
-    async fn account_data_since(
-        &self,
-        user_id: &UserId,
-        since: StreamPos,
-    ) -> StoreResult<Vec<AccountDataRecord>>;
+    async fn account_data_since(&self, user_id: &UserId, since: StreamPos) -> StoreResult<Vec<AccountDataRecord>>;
 
     async fn put_receipt(&self, receipt: ReceiptRecord) -> StoreResult<StreamPos>;
     /// The user's own unthreaded receipt of this type in the room.
-    async fn receipt(
-        &self,
-        room_id: &RoomId,
-        user_id: &UserId,
-        receipt_type: &str,
-    ) -> StoreResult<Option<ReceiptRecord>>;
+    async fn receipt(&self, room_id: &RoomId, user_id: &UserId, receipt_type: &str) -> StoreResult<Option<ReceiptRecord>>;
     /// The latest receipt of each (user, type, thread) in these rooms changed after `since`.
-    async fn receipts_since(
-        &self,
-        room_id: &RoomId,
-        since: StreamPos,
-    ) -> StoreResult<Vec<ReceiptRecord>>;
+    async fn receipts_since(&self, room_id: &RoomId, since: StreamPos) -> StoreResult<Vec<ReceiptRecord>>;
 
     async fn put_filter(&self, user_id: &UserId, filter_json: &str) -> StoreResult<String>;
     async fn filter(&self, user_id: &UserId, filter_id: &str) -> StoreResult<Option<String>>;
@@ -201,12 +145,7 @@ pub trait MediaStore: Send + Sync {
 pub trait ServerStore: Send + Sync {
     /// Returns the stored signing key, storing `generate()` first if there is none.
     async fn signing_key(&self, generate: Vec<u8>) -> StoreResult<Vec<u8>>;
-    async fn create_registration_token(
-        &self,
-        token: &str,
-        uses_allowed: Option<u32>,
-        expiry_ms: Option<u64>,
-    ) -> StoreResult<()>;
+    async fn create_registration_token(&self, token: &str, uses_allowed: Option<u32>, expiry_ms: Option<u64>) -> StoreResult<()>;
     /// Uses the token once if it is valid now; false if unknown, used up or expired.
     async fn use_registration_token(&self, token: &str, now_ms: u64) -> StoreResult<bool>;
     async fn registration_token_valid(&self, token: &str, now_ms: u64) -> StoreResult<bool>;

@@ -1,1 +1,188 @@
-fn main() {}
+//! The `kabar` binary: reads the configuration, wires the services, serves.
+
+mod config;
+
+use std::{path::PathBuf, sync::Arc};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use config::Config;
+use kabar_core::{
+    accounts::{Accounts, RegistrationPolicy},
+    ephemeral::Ephemeral,
+    media::Media,
+    notifier::Notifier,
+    password::{HashCost, PasswordHasher},
+    rooms::Rooms,
+    sync::SyncEngine,
+    user_data::UserData,
+};
+use kabar_domain::EventSigner;
+use kabar_store::{ServerStore, Store};
+use kabar_store_sqlite::SqliteStore;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "kabar", version, about = "A Matrix homeserver built to stay up")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the homeserver.
+    Serve {
+        /// Configuration file (TOML). Without one, every setting takes its default.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override `listen` (port 0 picks a free port; the bound address is printed).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Override `data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Create a registration token for `m.login.registration_token`.
+    CreateRegistrationToken {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// How many registrations the token allows (unlimited if unset).
+        #[arg(long)]
+        uses: Option<u32>,
+    },
+}
+
+fn open_store(config: &Config) -> anyhow::Result<SqliteStore> {
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    Ok(SqliteStore::open(&config.data_dir.join("kabar.db"))?)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::Serve { config, listen, data_dir } => {
+            let mut config = Config::load(config.as_deref())?;
+            if let Some(l) = listen {
+                config.listen = l;
+            }
+            if let Some(d) = data_dir {
+                config.data_dir = d;
+            }
+            tracing_subscriber::fmt()
+                .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log)))
+                .init();
+            runtime.block_on(serve(config))
+        }
+        Command::CreateRegistrationToken { config, data_dir, uses } => {
+            let mut config = Config::load(config.as_deref())?;
+            if let Some(d) = data_dir {
+                config.data_dir = d;
+            }
+            runtime.block_on(async {
+                let store = open_store(&config)?;
+                let token = kabar_core::accounts::random_token(24);
+                store.create_registration_token(&token, uses, None).await?;
+                println!("{token}");
+                Ok(())
+            })
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let store = open_store(&config)?;
+    let store: Arc<dyn Store> = Arc::new(store);
+    let server_name = ruma::OwnedServerName::try_from(config.server_name.as_str())?;
+    let key = store.signing_key(EventSigner::generate_key()).await?;
+    let signer = Arc::new(EventSigner::new(server_name.clone(), &key, "kabar1")?);
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let bound = listener.local_addr()?;
+    let policy = match config.registration.mode.as_str() {
+        "open" => RegistrationPolicy::Open,
+        "token" => RegistrationPolicy::TokenRequired,
+        "closed" => RegistrationPolicy::Closed,
+        _ if bound.ip().is_loopback() => RegistrationPolicy::Open,
+        _ => RegistrationPolicy::TokenRequired,
+    };
+
+    let hashing = &config.password_hashing;
+    let threads = if hashing.threads == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+    } else {
+        hashing.threads
+    };
+    let hasher = Arc::new(PasswordHasher::new(
+        HashCost {
+            memory_kib: hashing.memory_kib,
+            iterations: hashing.iterations,
+            parallelism: 1,
+        },
+        threads,
+        hashing.queue,
+    )?);
+    let notifier = Arc::new(Notifier::new());
+    let ephemeral = Arc::new(Ephemeral::new(notifier.clone()));
+    let accounts = Arc::new(Accounts::new(store.clone(), hasher, server_name.clone(), policy));
+    let default_version = ruma::RoomVersionId::try_from(config.rooms.default_version.as_str())?;
+    let rooms = Arc::new(Rooms::new(store.clone(), signer, notifier.clone(), default_version));
+    let sync = Arc::new(SyncEngine::new(store.clone(), rooms.clone(), notifier.clone(), ephemeral.clone()));
+    let user_data = Arc::new(UserData::new(store.clone(), notifier.clone(), rooms.clone()));
+    let media = Arc::new(Media::new(
+        store.clone(),
+        config.data_dir.join("media"),
+        config.limits.max_upload_bytes as u64,
+        2,
+    )?);
+    let info = Arc::new(kabar_api::ServerInfo {
+        server_name: server_name.to_string(),
+        public_base_url: config.public_base_url(bound),
+    });
+    let state = kabar_api::AppState {
+        accounts,
+        rooms,
+        sync,
+        ephemeral,
+        user_data,
+        media,
+        info,
+    };
+    let app = kabar_api::router(
+        state,
+        kabar_api::EdgeLimits {
+            max_json_body: config.limits.max_json_body_bytes,
+            max_upload: config.limits.max_upload_bytes,
+        },
+    );
+
+    tracing::info!(server_name = %server_name, address = %bound, registration = ?policy, "kabar is serving");
+    // Tests and scripts read this line to learn the port.
+    println!("kabar listening on http://{bound}");
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    tracing::info!("shut down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

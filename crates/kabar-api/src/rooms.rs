@@ -1,0 +1,883 @@
+//! Rooms: creation, membership, events, state, history, aliases, directory.
+
+use std::sync::Arc;
+
+use axum::{Json, extract::State};
+use kabar_core::{
+    rooms::{CreateRoom, Dir, Rooms},
+    sync::{client_event, filter_allows},
+};
+use kabar_domain::{NewEvent, PaginationToken, membership::Membership};
+use kabar_store::{Session, TxnRef};
+use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomVersionId, api::client::filter::RoomEventFilter};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use crate::{
+    error::{ApiError, ApiResult},
+    extract::{Auth, JsonBody, PathParams, QueryParams},
+};
+
+fn room_id(s: &str) -> ApiResult<OwnedRoomId> {
+    OwnedRoomId::try_from(s).map_err(|_| ApiError::invalid_param("invalid room id"))
+}
+
+fn event_id(s: &str) -> ApiResult<OwnedEventId> {
+    OwnedEventId::try_from(s).map_err(|_| ApiError::invalid_param("invalid event id"))
+}
+
+fn user_id(s: &str) -> ApiResult<OwnedUserId> {
+    OwnedUserId::try_from(s).map_err(|_| ApiError::invalid_param("invalid user id"))
+}
+
+#[derive(Deserialize, Default)]
+pub struct CreateRoomBody {
+    preset: Option<String>,
+    visibility: Option<String>,
+    room_version: Option<String>,
+    creation_content: Option<Map<String, Value>>,
+    #[serde(default)]
+    initial_state: Vec<InitialState>,
+    #[serde(default)]
+    invite: Vec<String>,
+    #[serde(default)]
+    is_direct: bool,
+    name: Option<String>,
+    topic: Option<String>,
+    room_alias_name: Option<String>,
+    power_level_content_override: Option<Map<String, Value>>,
+}
+
+#[derive(Deserialize)]
+struct InitialState {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    state_key: String,
+    content: Map<String, Value>,
+}
+
+/// POST /_matrix/client/v3/createRoom
+pub async fn create_room_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    JsonBody(b): JsonBody<CreateRoomBody>,
+) -> ApiResult<Json<Value>> {
+    let room_version = b
+        .room_version
+        .map(|v| {
+            RoomVersionId::try_from(v.as_str())
+                .map_err(|_| kabar_core::Error::UnsupportedRoomVersion(format!("room version {v} is not supported")))
+        })
+        .transpose()?;
+    let invite = b.invite.iter().map(|u| user_id(u)).collect::<ApiResult<Vec<_>>>()?;
+    let visibility_public = match b.visibility.as_deref() {
+        None | Some("private") => false,
+        Some("public") => true,
+        Some(_) => return Err(ApiError::invalid_param("visibility must be public or private")),
+    };
+    let room_id = rooms
+        .create_room(
+            &s.user_id,
+            CreateRoom {
+                preset: b.preset,
+                visibility_public,
+                room_version,
+                creation_content: b.creation_content,
+                initial_state: b
+                    .initial_state
+                    .into_iter()
+                    .map(|i| (i.kind, i.state_key, Value::Object(i.content)))
+                    .collect(),
+                invite,
+                is_direct: b.is_direct,
+                name: b.name,
+                topic: b.topic,
+                room_alias_name: b.room_alias_name,
+                power_level_content_override: b.power_level_content_override,
+            },
+        )
+        .await?;
+    Ok(Json(json!({ "room_id": room_id })))
+}
+
+#[derive(Deserialize, Default)]
+pub struct ReasonBody {
+    reason: Option<String>,
+}
+
+/// POST /_matrix/client/v3/join/{roomIdOrAlias}
+pub async fn join_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams(target): PathParams<String>,
+    JsonBody(b): JsonBody<ReasonBody>,
+) -> ApiResult<Json<Value>> {
+    let room_id = rooms.resolve(&target).await?;
+    rooms
+        .set_membership(&s.user_id, &room_id, &s.user_id, Membership::Join, b.reason, None)
+        .await?;
+    Ok(Json(json!({ "room_id": room_id })))
+}
+
+/// POST /_matrix/client/v3/rooms/{roomId}/join
+pub async fn join_by_id_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams(target): PathParams<String>,
+    JsonBody(b): JsonBody<ReasonBody>,
+) -> ApiResult<Json<Value>> {
+    let room_id = room_id(&target)?;
+    rooms
+        .set_membership(&s.user_id, &room_id, &s.user_id, Membership::Join, b.reason, None)
+        .await?;
+    Ok(Json(json!({ "room_id": room_id })))
+}
+
+/// POST /_matrix/client/v3/rooms/{roomId}/leave
+pub async fn leave_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams(target): PathParams<String>,
+    JsonBody(b): JsonBody<ReasonBody>,
+) -> ApiResult<Json<Value>> {
+    let room_id = room_id(&target)?;
+    let room = rooms
+        .room(&room_id)
+        .await
+        .map_err(|_| ApiError::forbidden("you are not in this room"))?;
+    if room.lock().await.membership(&s.user_id).is_none_or(|m| m == Membership::Leave) {
+        return Err(ApiError::forbidden("you are not in this room"));
+    }
+    rooms
+        .set_membership(&s.user_id, &room_id, &s.user_id, Membership::Leave, b.reason, None)
+        .await?;
+    Ok(Json(json!({})))
+}
+
+/// POST /_matrix/client/v3/rooms/{roomId}/forget
+pub async fn forget_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams(target): PathParams<String>,
+) -> ApiResult<Json<Value>> {
+    let room_id = room_id(&target)?;
+    if let Ok(room) = rooms.room(&room_id).await {
+        if matches!(
+            room.lock().await.membership(&s.user_id),
+            Some(Membership::Join | Membership::Invite)
+        ) {
+            return Err(ApiError::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                "M_UNKNOWN",
+                "leave the room before forgetting it",
+            ));
+        }
+    }
+    rooms
+        .store()
+        .forget_room(&s.user_id, &room_id)
+        .await
+        .map_err(kabar_core::Error::from)?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+pub struct TargetBody {
+    user_id: String,
+    reason: Option<String>,
+}
+
+async fn membership_action(rooms: &Rooms, s: &Session, room: &str, b: TargetBody, membership: Membership) -> ApiResult<Json<Value>> {
+    let room_id = room_id(room)?;
+    let target = user_id(&b.user_id)?;
+    rooms.check_can_read(&s.user_id, &room_id).await?;
+    if membership == Membership::Leave {
+        // Kick and unban both send "leave"; the auth rules tell them apart.
+        let room = rooms.room(&room_id).await?;
+        if room.lock().await.membership(&target).is_none() {
+            return Err(ApiError::forbidden("the user is not in this room"));
+        }
+    }
+    rooms
+        .set_membership(&s.user_id, &room_id, &target, membership, b.reason, None)
+        .await?;
+    Ok(Json(json!({})))
+}
+
+/// POST /_matrix/client/v3/rooms/{roomId}/invite
+pub async fn invite_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams(room): PathParams<String>,
+    JsonBody(b): JsonBody<TargetBody>,
+) -> ApiResult<Json<Value>> {
+    let target = user_id(&b.user_id)?;
+    let rid = room_id(&room)?;
+    if let Ok(r) = rooms.room(&rid).await {
+        if matches!(r.lock().await.membership(&target), Some(Membership::Join)) {
+            return Err(ApiError::forbidden("the user is already in the room"));
+        }
+    }
+    membership_action(&rooms, &s, &room, b, Membership::Invite).await
+}
+
+/// POST /_matrix/client/v3/rooms/{roomId}/kick
+pub async fn kick_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams(room): PathParams<String>,
+    JsonBody(b): JsonBody<TargetBody>,
+) -> ApiResult<Json<Value>> {
+    membership_action(&rooms, &s, &room, b, Membership::Leave).await
+}
+
+/// POST /_matrix/client/v3/rooms/{roomId}/ban
+pub async fn ban_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams(room): PathParams<String>,
+    JsonBody(b): JsonBody<TargetBody>,
+) -> ApiResult<Json<Value>> {
+    let rid = room_id(&room)?;
+    let target = user_id(&b.user_id)?;
+    rooms.check_can_read(&s.user_id, &rid).await?;
+    rooms
+        .set_membership(&s.user_id, &rid, &target, Membership::Ban, b.reason, None)
+        .await?;
+    Ok(Json(json!({})))
+}
+
+/// POST /_matrix/client/v3/rooms/{roomId}/unban
+pub async fn unban_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams(room): PathParams<String>,
+    JsonBody(b): JsonBody<TargetBody>,
+) -> ApiResult<Json<Value>> {
+    let rid = room_id(&room)?;
+    let r = rooms.room(&rid).await?;
+    if r.lock().await.membership(&user_id(&b.user_id)?) != Some(Membership::Ban) {
+        return Err(ApiError::forbidden("the user is not banned"));
+    }
+    membership_action(&rooms, &s, &room, b, Membership::Leave).await
+}
+
+/// GET /_matrix/client/v3/joined_rooms
+pub async fn joined_rooms_route(State(ud): State<Arc<kabar_core::user_data::UserData>>, Auth(s): Auth) -> ApiResult<Json<Value>> {
+    Ok(Json(json!({ "joined_rooms": ud.joined_rooms(&s.user_id).await? })))
+}
+
+fn content_object(body: Value) -> ApiResult<Value> {
+    if body.is_object() {
+        Ok(body)
+    } else {
+        Err(ApiError::bad_json("event content must be a JSON object"))
+    }
+}
+
+/// PUT /_matrix/client/v3/rooms/{roomId}/send/{eventType}/{txnId}
+pub async fn send_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams((room, kind, txn_id)): PathParams<(String, String, String)>,
+    JsonBody(body): JsonBody<Value>,
+) -> ApiResult<Json<Value>> {
+    let room_id = room_id(&room)?;
+    if kind.is_empty() || kind.len() > 255 || txn_id.is_empty() || txn_id.len() > 255 {
+        return Err(ApiError::invalid_param("invalid event type or transaction id"));
+    }
+    let content = content_object(body)?;
+    let mut ev = NewEvent::message(kind.clone(), content);
+    if kind == "m.room.redaction" {
+        ev.redacts = ev.content.get("redacts").and_then(Value::as_str).map(event_id).transpose()?;
+    }
+    let txn = TxnRef {
+        device_id: s.device_id.clone(),
+        txn_id,
+    };
+    let id = rooms.send(&s.user_id, &room_id, ev, Some(txn)).await?;
+    Ok(Json(json!({ "event_id": id })))
+}
+
+/// PUT /_matrix/client/v3/rooms/{roomId}/state/{eventType}/{stateKey}
+pub async fn put_state_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams((room, kind, state_key)): PathParams<(String, String, String)>,
+    JsonBody(body): JsonBody<Value>,
+) -> ApiResult<Json<Value>> {
+    put_state(&rooms, &s, &room, kind, state_key, body).await
+}
+
+/// PUT /_matrix/client/v3/rooms/{roomId}/state/{eventType}
+pub async fn put_state_empty_key_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams((room, kind)): PathParams<(String, String)>,
+    JsonBody(body): JsonBody<Value>,
+) -> ApiResult<Json<Value>> {
+    put_state(&rooms, &s, &room, kind, String::new(), body).await
+}
+
+async fn put_state(rooms: &Rooms, s: &Session, room: &str, kind: String, state_key: String, body: Value) -> ApiResult<Json<Value>> {
+    let room_id = room_id(room)?;
+    if kind.is_empty() || kind.len() > 255 || state_key.len() > 255 {
+        return Err(ApiError::invalid_param("invalid event type or state key"));
+    }
+    let content = content_object(body)?;
+    if kind == "m.room.member" {
+        // Membership changes go through the same checks as the membership endpoints.
+        let target = user_id(&state_key)?;
+        let m = content
+            .get("membership")
+            .and_then(Value::as_str)
+            .and_then(Membership::parse)
+            .ok_or_else(|| ApiError::bad_json("invalid membership"))?;
+        let extra = content.as_object().cloned();
+        let id = rooms.set_membership(&s.user_id, &room_id, &target, m, None, extra).await?;
+        return Ok(Json(json!({ "event_id": id })));
+    }
+    let id = rooms
+        .send(&s.user_id, &room_id, NewEvent::state(kind, state_key, content), None)
+        .await?;
+    Ok(Json(json!({ "event_id": id })))
+}
+
+/// GET /_matrix/client/v3/rooms/{roomId}/state
+pub async fn state_route(State(rooms): State<Arc<Rooms>>, Auth(s): Auth, PathParams(room): PathParams<String>) -> ApiResult<Json<Value>> {
+    let room = rooms.check_can_read(&s.user_id, &room_id(&room)?).await?;
+    let r = room.lock().await;
+    let events: Vec<Value> = r
+        .state_entries()
+        .map(|e| {
+            client_event(
+                &kabar_store::StoredEvent {
+                    pos: e.pos,
+                    pdu: e.pdu.clone(),
+                    txn: None,
+                    redacted_by: None,
+                },
+                &s,
+            )
+        })
+        .collect();
+    Ok(Json(Value::Array(events)))
+}
+
+#[derive(Deserialize)]
+pub struct StateQuery {
+    format: Option<String>,
+}
+
+async fn get_state(rooms: &Rooms, s: &Session, room: &str, kind: &str, key: &str, format: Option<String>) -> ApiResult<Json<Value>> {
+    let room = rooms.check_can_read(&s.user_id, &room_id(room)?).await?;
+    let r = room.lock().await;
+    let e = r.state(kind, key).ok_or_else(|| ApiError::not_found("state event not found"))?;
+    if format.as_deref() == Some("event") {
+        return Ok(Json(client_event(
+            &kabar_store::StoredEvent {
+                pos: e.pos,
+                pdu: e.pdu.clone(),
+                txn: None,
+                redacted_by: None,
+            },
+            s,
+        )));
+    }
+    Ok(Json(e.pdu.content_value()))
+}
+
+/// GET /_matrix/client/v3/rooms/{roomId}/state/{eventType}/{stateKey}
+pub async fn get_state_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams((room, kind, key)): PathParams<(String, String, String)>,
+    QueryParams(q): QueryParams<StateQuery>,
+) -> ApiResult<Json<Value>> {
+    get_state(&rooms, &s, &room, &kind, &key, q.format).await
+}
+
+/// GET /_matrix/client/v3/rooms/{roomId}/state/{eventType}
+pub async fn get_state_empty_key_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams((room, kind)): PathParams<(String, String)>,
+    QueryParams(q): QueryParams<StateQuery>,
+) -> ApiResult<Json<Value>> {
+    get_state(&rooms, &s, &room, &kind, "", q.format).await
+}
+
+/// PUT /_matrix/client/v3/rooms/{roomId}/redact/{eventId}/{txnId}
+pub async fn redact_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams((room, event, txn_id)): PathParams<(String, String, String)>,
+    JsonBody(b): JsonBody<ReasonBody>,
+) -> ApiResult<Json<Value>> {
+    let room_id = room_id(&room)?;
+    let target = event_id(&event)?;
+    let txn = TxnRef {
+        device_id: s.device_id.clone(),
+        txn_id,
+    };
+    let id = rooms.redact(&s.user_id, &room_id, &target, b.reason, Some(txn)).await?;
+    Ok(Json(json!({ "event_id": id })))
+}
+
+/// GET /_matrix/client/v3/rooms/{roomId}/event/{eventId}
+pub async fn event_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams((room, event)): PathParams<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let e = rooms.event(&s.user_id, &room_id(&room)?, &event_id(&event)?).await?;
+    Ok(Json(client_event(&e, &s)))
+}
+
+#[derive(Deserialize)]
+pub struct MessagesQuery {
+    from: Option<String>,
+    to: Option<String>,
+    dir: String,
+    limit: Option<usize>,
+    filter: Option<String>,
+}
+
+fn parse_filter(f: Option<&str>) -> ApiResult<RoomEventFilter> {
+    match f {
+        None => Ok(RoomEventFilter::default()),
+        Some(f) => serde_json::from_str(f).map_err(|e| ApiError::bad_json(format!("invalid filter: {e}"))),
+    }
+}
+
+fn token(s: &str) -> ApiResult<u64> {
+    s.parse::<PaginationToken>()
+        .map(|t| t.0)
+        .map_err(|e| ApiError::invalid_param(e.to_string()))
+}
+
+/// GET /_matrix/client/v3/rooms/{roomId}/messages
+pub async fn messages_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams(room): PathParams<String>,
+    QueryParams(q): QueryParams<MessagesQuery>,
+) -> ApiResult<Json<Value>> {
+    let room_id = room_id(&room)?;
+    let dir = match q.dir.as_str() {
+        "b" => Dir::Backward,
+        "f" => Dir::Forward,
+        _ => return Err(ApiError::invalid_param("dir must be b or f")),
+    };
+    let filter = parse_filter(q.filter.as_deref())?;
+    let limit = q.limit.or(filter.limit.map(|l| u64::from(l) as usize)).unwrap_or(10);
+    let from = match (&q.from, dir) {
+        (Some(f), _) => token(f)?,
+        (None, Dir::Backward) => u64::MAX,
+        (None, Dir::Forward) => 0,
+    };
+    let to = q.to.as_deref().map(token).transpose()?;
+    let (events, end) = rooms.messages(&s.user_id, &room_id, from, to, dir, limit).await?;
+    let chunk: Vec<Value> = events
+        .iter()
+        .filter(|e| filter_allows(&filter, e.pdu.kind.to_string().as_str(), &e.pdu.sender))
+        .map(|e| client_event(e, &s))
+        .collect();
+    let start = if from == u64::MAX { rooms.store().current_position() } else { from };
+    let mut out = json!({ "chunk": chunk, "start": PaginationToken(start).to_string(), "state": [] });
+    if let Some(end) = end {
+        out["end"] = json!(PaginationToken(end).to_string());
+    }
+    Ok(Json(out))
+}
+
+#[derive(Deserialize)]
+pub struct ContextQuery {
+    limit: Option<usize>,
+}
+
+/// GET /_matrix/client/v3/rooms/{roomId}/context/{eventId}
+pub async fn context_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams((room, event)): PathParams<(String, String)>,
+    QueryParams(q): QueryParams<ContextQuery>,
+) -> ApiResult<Json<Value>> {
+    let room_id = room_id(&room)?;
+    let ev = rooms.event(&s.user_id, &room_id, &event_id(&event)?).await?;
+    let limit = q.limit.unwrap_or(10).min(100);
+    let before_n = limit / 2;
+    let after_n = limit - before_n;
+    let (before, _) = if before_n > 0 {
+        rooms
+            .messages(&s.user_id, &room_id, ev.pos - 1, None, Dir::Backward, before_n)
+            .await?
+    } else {
+        (vec![], None)
+    };
+    let (after, _) = if after_n > 0 {
+        rooms.messages(&s.user_id, &room_id, ev.pos, None, Dir::Forward, after_n).await?
+    } else {
+        (vec![], None)
+    };
+    let start = before.last().map(|e| e.pos - 1).unwrap_or(ev.pos - 1);
+    let end = after.last().map(|e| e.pos).unwrap_or(ev.pos);
+    let room = rooms.room(&room_id).await?;
+    let state: Vec<Value> = room
+        .lock()
+        .await
+        .state_entries()
+        .map(|e| {
+            client_event(
+                &kabar_store::StoredEvent {
+                    pos: e.pos,
+                    pdu: e.pdu.clone(),
+                    txn: None,
+                    redacted_by: None,
+                },
+                &s,
+            )
+        })
+        .collect();
+    Ok(Json(json!({
+        "event": client_event(&ev, &s),
+        "events_before": before.iter().map(|e| client_event(e, &s)).collect::<Vec<_>>(),
+        "events_after": after.iter().map(|e| client_event(e, &s)).collect::<Vec<_>>(),
+        "start": PaginationToken(start).to_string(),
+        "end": PaginationToken(end).to_string(),
+        "state": state,
+    })))
+}
+
+#[derive(Deserialize)]
+pub struct MembersQuery {
+    membership: Option<String>,
+    not_membership: Option<String>,
+}
+
+/// GET /_matrix/client/v3/rooms/{roomId}/members
+pub async fn members_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams(room): PathParams<String>,
+    QueryParams(q): QueryParams<MembersQuery>,
+) -> ApiResult<Json<Value>> {
+    let room = rooms.check_can_read(&s.user_id, &room_id(&room)?).await?;
+    let r = room.lock().await;
+    let chunk: Vec<Value> = r
+        .state_entries()
+        .filter(|e| e.pdu.kind == ruma::events::TimelineEventType::RoomMember)
+        .filter(|e| {
+            let m = Membership::from_content(e.pdu.content.get()).map(|m| m.as_str());
+            q.membership.as_deref().is_none_or(|want| m == Some(want)) && q.not_membership.as_deref().is_none_or(|not| m != Some(not))
+        })
+        .map(|e| {
+            client_event(
+                &kabar_store::StoredEvent {
+                    pos: e.pos,
+                    pdu: e.pdu.clone(),
+                    txn: None,
+                    redacted_by: None,
+                },
+                &s,
+            )
+        })
+        .collect();
+    Ok(Json(json!({ "chunk": chunk })))
+}
+
+/// GET /_matrix/client/v3/rooms/{roomId}/joined_members
+pub async fn joined_members_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams(room): PathParams<String>,
+) -> ApiResult<Json<Value>> {
+    let room = rooms.check_can_read(&s.user_id, &room_id(&room)?).await?;
+    let r = room.lock().await;
+    let mut joined = Map::new();
+    for user in r.members(Membership::Join) {
+        let c = r.state("m.room.member", user).map(|e| e.pdu.content_value()).unwrap_or_default();
+        joined.insert(
+            user.to_owned(),
+            json!({ "display_name": c.get("displayname"), "avatar_url": c.get("avatar_url") }),
+        );
+    }
+    Ok(Json(json!({ "joined": joined })))
+}
+
+#[derive(Deserialize)]
+pub struct RelationsQuery {
+    limit: Option<usize>,
+    dir: Option<String>,
+}
+
+async fn relations(
+    rooms: &Rooms,
+    s: &Session,
+    room: &str,
+    event: &str,
+    rel_type: Option<&str>,
+    event_type: Option<&str>,
+    q: RelationsQuery,
+) -> ApiResult<Json<Value>> {
+    let mut events = rooms
+        .relations(&s.user_id, &room_id(room)?, &event_id(event)?, rel_type, 1000)
+        .await?;
+    if let Some(t) = event_type {
+        events.retain(|e| e.pdu.kind.to_string() == t);
+    }
+    if q.dir.as_deref() != Some("f") {
+        events.reverse();
+    }
+    events.truncate(q.limit.unwrap_or(50).clamp(1, 1000));
+    Ok(Json(
+        json!({ "chunk": events.iter().map(|e| client_event(e, s)).collect::<Vec<_>>() }),
+    ))
+}
+
+/// GET /_matrix/client/v1/rooms/{roomId}/relations/{eventId}
+pub async fn relations_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams((room, event)): PathParams<(String, String)>,
+    QueryParams(q): QueryParams<RelationsQuery>,
+) -> ApiResult<Json<Value>> {
+    relations(&rooms, &s, &room, &event, None, None, q).await
+}
+
+/// GET /_matrix/client/v1/rooms/{roomId}/relations/{eventId}/{relType}
+pub async fn relations_type_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams((room, event, rel)): PathParams<(String, String, String)>,
+    QueryParams(q): QueryParams<RelationsQuery>,
+) -> ApiResult<Json<Value>> {
+    relations(&rooms, &s, &room, &event, Some(&rel), None, q).await
+}
+
+/// GET /_matrix/client/v1/rooms/{roomId}/relations/{eventId}/{relType}/{eventType}
+pub async fn relations_type_event_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams((room, event, rel, kind)): PathParams<(String, String, String, String)>,
+    QueryParams(q): QueryParams<RelationsQuery>,
+) -> ApiResult<Json<Value>> {
+    relations(&rooms, &s, &room, &event, Some(&rel), Some(&kind), q).await
+}
+
+fn alias_of(s: &str, rooms: &Rooms) -> ApiResult<String> {
+    let alias = ruma::RoomAliasId::parse(s).map_err(|_| ApiError::invalid_param("invalid room alias"))?;
+    if alias.server_name() != rooms.server_name() {
+        return Err(ApiError::invalid_param("aliases on other servers are not supported"));
+    }
+    Ok(alias.to_string())
+}
+
+/// GET /_matrix/client/v3/directory/room/{roomAlias}
+pub async fn get_alias_route(State(rooms): State<Arc<Rooms>>, PathParams(alias): PathParams<String>) -> ApiResult<Json<Value>> {
+    let alias = alias_of(&alias, &rooms)?;
+    let room_id = rooms.resolve(&alias).await?;
+    Ok(Json(json!({ "room_id": room_id, "servers": [rooms.server_name()] })))
+}
+
+#[derive(Deserialize)]
+pub struct AliasBody {
+    room_id: String,
+}
+
+/// PUT /_matrix/client/v3/directory/room/{roomAlias}
+pub async fn put_alias_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams(alias): PathParams<String>,
+    JsonBody(b): JsonBody<AliasBody>,
+) -> ApiResult<Json<Value>> {
+    let alias = alias_of(&alias, &rooms)?;
+    let room_id = room_id(&b.room_id)?;
+    rooms.check_can_read(&s.user_id, &room_id).await?;
+    rooms.store().set_alias(&alias, &room_id, &s.user_id).await.map_err(|e| match e {
+        kabar_store::StoreError::Conflict(_) => kabar_core::Error::RoomInUse("alias already exists".into()),
+        other => other.into(),
+    })?;
+    Ok(Json(json!({})))
+}
+
+/// DELETE /_matrix/client/v3/directory/room/{roomAlias}
+pub async fn delete_alias_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams(alias): PathParams<String>,
+) -> ApiResult<Json<Value>> {
+    let alias = alias_of(&alias, &rooms)?;
+    let (room_id, creator) = rooms
+        .store()
+        .alias(&alias)
+        .await
+        .map_err(kabar_core::Error::from)?
+        .ok_or_else(|| ApiError::not_found("alias not found"))?;
+    if creator != s.user_id {
+        let room = rooms.room(&room_id).await?;
+        let r = room.lock().await;
+        if !r
+            .power_levels()
+            .user_can_send_state(&s.user_id, ruma::events::StateEventType::RoomCanonicalAlias)
+        {
+            return Err(ApiError::forbidden("you may not remove this alias"));
+        }
+    }
+    rooms.store().delete_alias(&alias).await.map_err(kabar_core::Error::from)?;
+    Ok(Json(json!({})))
+}
+
+/// GET /_matrix/client/v3/rooms/{roomId}/aliases
+pub async fn room_aliases_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams(room): PathParams<String>,
+) -> ApiResult<Json<Value>> {
+    let room_id = room_id(&room)?;
+    rooms.check_can_read(&s.user_id, &room_id).await?;
+    Ok(Json(
+        json!({ "aliases": rooms.store().room_aliases(&room_id).await.map_err(kabar_core::Error::from)? }),
+    ))
+}
+
+/// GET /_matrix/client/v3/directory/list/room/{roomId}
+pub async fn get_visibility_route(State(rooms): State<Arc<Rooms>>, PathParams(room): PathParams<String>) -> ApiResult<Json<Value>> {
+    let rec = rooms
+        .store()
+        .room(&room_id(&room)?)
+        .await
+        .map_err(kabar_core::Error::from)?
+        .ok_or_else(|| ApiError::not_found("unknown room"))?;
+    Ok(Json(json!({ "visibility": if rec.is_public { "public" } else { "private" } })))
+}
+
+#[derive(Deserialize)]
+pub struct VisibilityBody {
+    visibility: String,
+}
+
+/// PUT /_matrix/client/v3/directory/list/room/{roomId}
+pub async fn set_visibility_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams(room): PathParams<String>,
+    JsonBody(b): JsonBody<VisibilityBody>,
+) -> ApiResult<Json<Value>> {
+    let room_id = room_id(&room)?;
+    let public = match b.visibility.as_str() {
+        "public" => true,
+        "private" => false,
+        _ => return Err(ApiError::invalid_param("visibility must be public or private")),
+    };
+    let room = rooms.check_can_read(&s.user_id, &room_id).await?;
+    if !room
+        .lock()
+        .await
+        .power_levels()
+        .user_can_send_state(&s.user_id, ruma::events::StateEventType::RoomCanonicalAlias)
+    {
+        return Err(ApiError::forbidden("you may not change this room's visibility"));
+    }
+    rooms
+        .store()
+        .set_room_public(&room_id, public)
+        .await
+        .map_err(kabar_core::Error::from)?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize, Default)]
+pub struct PublicRoomsBody {
+    limit: Option<usize>,
+    since: Option<String>,
+    filter: Option<PublicRoomsFilter>,
+}
+
+#[derive(Deserialize, Default)]
+pub struct PublicRoomsFilter {
+    generic_search_term: Option<String>,
+}
+
+async fn public_rooms(rooms: &Rooms, b: PublicRoomsBody) -> ApiResult<Json<Value>> {
+    let ids = rooms.store().public_rooms().await.map_err(kabar_core::Error::from)?;
+    let term = b.filter.and_then(|f| f.generic_search_term).map(|t| t.to_lowercase());
+    let mut chunk = vec![];
+    for id in ids {
+        let room = rooms.room(&id).await?;
+        let r = room.lock().await;
+        let get = |t: &str, f: &str| {
+            r.state(t, "")
+                .and_then(|e| e.pdu.content_value().get(f).and_then(Value::as_str).map(str::to_owned))
+        };
+        let name = get("m.room.name", "name");
+        let topic = get("m.room.topic", "topic");
+        if let Some(t) = &term {
+            let hay = format!("{} {} {}", name.clone().unwrap_or_default(), topic.clone().unwrap_or_default(), id).to_lowercase();
+            if !hay.contains(t.as_str()) {
+                continue;
+            }
+        }
+        chunk.push(json!({
+            "room_id": id,
+            "name": name,
+            "topic": topic,
+            "canonical_alias": get("m.room.canonical_alias", "alias"),
+            "avatar_url": get("m.room.avatar", "url"),
+            "num_joined_members": r.members(Membership::Join).count(),
+            "world_readable": r.history_visibility() == kabar_domain::membership::HistoryVisibility::WorldReadable,
+            "guest_can_join": get("m.room.guest_access", "guest_access").as_deref() == Some("can_join"),
+            "join_rule": get("m.room.join_rules", "join_rule"),
+        }));
+    }
+    let total = chunk.len();
+    let skip: usize = b
+        .since
+        .as_deref()
+        .and_then(|s| s.strip_prefix('p'))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let limit = b.limit.unwrap_or(100).clamp(1, 500);
+    let page: Vec<Value> = chunk.into_iter().skip(skip).take(limit).collect();
+    let mut out = json!({ "chunk": page, "total_room_count_estimate": total });
+    if skip + limit < total {
+        out["next_batch"] = json!(format!("p{}", skip + limit));
+    }
+    if skip > 0 {
+        out["prev_batch"] = json!(format!("p{}", skip.saturating_sub(limit)));
+    }
+    Ok(Json(out))
+}
+
+/// GET /_matrix/client/v3/publicRooms
+pub async fn public_rooms_get_route(
+    State(rooms): State<Arc<Rooms>>,
+    QueryParams(q): QueryParams<PublicRoomsQuery>,
+) -> ApiResult<Json<Value>> {
+    public_rooms(
+        &rooms,
+        PublicRoomsBody {
+            limit: q.limit,
+            since: q.since,
+            filter: None,
+        },
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+pub struct PublicRoomsQuery {
+    limit: Option<usize>,
+    since: Option<String>,
+}
+
+/// POST /_matrix/client/v3/publicRooms
+pub async fn public_rooms_post_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(_): Auth,
+    JsonBody(b): JsonBody<PublicRoomsBody>,
+) -> ApiResult<Json<Value>> {
+    public_rooms(&rooms, b).await
+}
