@@ -191,7 +191,7 @@ pub fn router(state: AppState, limits: EdgeLimits) -> Router {
         .route("/.well-known/matrix/client", get(account::well_known_route))
         .nest("/_matrix/client/v3", client.clone())
         .nest("/_matrix/client/r0", client.clone())
-        .nest("/_matrix/client/v1", client.merge(authed_media_routes()))
+        .nest("/_matrix/client/v1", client.nest("/media", authed_media_routes()))
         .nest("/_matrix/media/v3", legacy_media_routes(limits))
         .nest("/_matrix/media/r0", legacy_media_routes(limits))
         .route(

@@ -1,0 +1,128 @@
+//! Test harness: runs the real `kabar` binary on a free port with a temporary
+//! data directory, and builds clients against it.
+
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use matrix_sdk::{
+    Client,
+    ruma::api::client::{account::register, uiaa},
+};
+
+pub struct Server {
+    child: Child,
+    pub url: String,
+    data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// Starts a server with a fresh data directory.
+    pub fn start() -> Self {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_owned();
+        let mut s = Self::start_in(&dir, &[]);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// Starts a server with extra config lines (TOML) and a fresh data directory.
+    pub fn start_with_config(toml: &str) -> Self {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let config = tmp.path().join("kabar.toml");
+        std::fs::write(&config, toml).expect("write config");
+        let dir = tmp.path().join("data");
+        let mut s = Self::start_in(&dir, &["--config".into(), config.to_string_lossy().into_owned()]);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// Starts a server on an existing data directory (for restarts).
+    pub fn start_in(dir: &Path, extra: &[String]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kabar"))
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .args(extra)
+            .env("RUST_LOG", std::env::var("KABAR_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn kabar");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let url = loop {
+            let line = lines.next().expect("kabar exited before listening").expect("read stdout");
+            if let Some(addr) = line.strip_prefix("kabar listening on ") {
+                break addr.trim().to_owned();
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Self {
+            child,
+            url,
+            data_dir: dir.to_owned(),
+            _tmp: None,
+        }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Kills the server the hard way (SIGKILL), as a crash would.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Hands the temporary directory to a later server.
+    pub fn take_tmp(&mut self) -> Option<tempfile::TempDir> {
+        self._tmp.take()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub async fn client(url: &str) -> Client {
+    Client::builder()
+        .homeserver_url(url)
+        .request_config(
+            matrix_sdk::config::RequestConfig::new()
+                .timeout(Duration::from_secs(30))
+                .disable_retry(),
+        )
+        .build()
+        .await
+        .expect("build client")
+}
+
+/// A new client registered (and so logged in) as `name`.
+pub async fn registered(url: &str, name: &str) -> Client {
+    let c = client(url).await;
+    let mut req = register::v3::Request::new();
+    req.username = Some(name.to_owned());
+    req.password = Some(format!("{name}-password"));
+    req.auth = Some(uiaa::AuthData::Dummy(uiaa::Dummy::new()));
+    c.matrix_auth().register(req).await.expect("register");
+    c
+}
+
+/// A plain HTTP client for requests a Matrix SDK would never send.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("http client")
+}
