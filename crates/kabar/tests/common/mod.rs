@@ -45,9 +45,13 @@ impl Server {
 
     /// Starts a server on an existing data directory (for restarts).
     pub fn start_in(dir: &Path, extra: &[String]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kabar"))
-            .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kabar"));
+        cmd.arg("serve");
+        if !extra.iter().any(|a| a == "--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        let mut child = cmd
+            .arg("--data-dir")
             .arg(dir)
             .args(extra)
             .env("RUST_LOG", std::env::var("KABAR_TEST_LOG").unwrap_or_else(|_| "warn".into()))
