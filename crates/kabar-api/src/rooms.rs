@@ -162,17 +162,16 @@ pub async fn forget_route(
     PathParams(target): PathParams<String>,
 ) -> ApiResult<Json<Value>> {
     let room_id = room_id(&target)?;
-    if let Ok(room) = rooms.room(&room_id).await {
-        if matches!(
-            room.lock().await.membership(&s.user_id),
-            Some(Membership::Join | Membership::Invite)
-        ) {
-            return Err(ApiError::new(
-                axum::http::StatusCode::BAD_REQUEST,
-                "M_UNKNOWN",
-                "leave the room before forgetting it",
-            ));
-        }
+    let membership = match rooms.room(&room_id).await {
+        Ok(room) => room.lock().await.membership(&s.user_id),
+        Err(_) => None,
+    };
+    if matches!(membership, Some(Membership::Join | Membership::Invite)) {
+        return Err(ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "M_UNKNOWN",
+            "leave the room before forgetting it",
+        ));
     }
     rooms
         .store()
@@ -214,10 +213,10 @@ pub async fn invite_route(
 ) -> ApiResult<Json<Value>> {
     let target = user_id(&b.user_id)?;
     let rid = room_id(&room)?;
-    if let Ok(r) = rooms.room(&rid).await {
-        if matches!(r.lock().await.membership(&target), Some(Membership::Join)) {
-            return Err(ApiError::forbidden("the user is already in the room"));
-        }
+    if let Ok(r) = rooms.room(&rid).await
+        && r.lock().await.membership(&target) == Some(Membership::Join)
+    {
+        return Err(ApiError::forbidden("the user is already in the room"));
     }
     membership_action(&rooms, &s, &room, b, Membership::Invite).await
 }

@@ -88,17 +88,63 @@ impl RoomCache {
             return vec![];
         };
         let mut creators = vec![create.pdu.sender.clone()];
-        if self.rules.authorization.additional_room_creators {
-            if let Some(extra) = create.pdu.content_value().get("additional_creators").and_then(Value::as_array) {
-                creators.extend(
-                    extra
-                        .iter()
-                        .filter_map(|v| v.as_str())
-                        .filter_map(|s| OwnedUserId::try_from(s).ok()),
-                );
-            }
+        if self.rules.authorization.additional_room_creators
+            && let Some(extra) = create.pdu.content_value().get("additional_creators").and_then(Value::as_array)
+        {
+            creators.extend(
+                extra
+                    .iter()
+                    .filter_map(|v| v.as_str())
+                    .filter_map(|s| OwnedUserId::try_from(s).ok()),
+            );
         }
         creators
+    }
+
+    /// Builds the next event on top of the room's head and checks it against the
+    /// current state. `room_id` is what goes in the event (none for a v12 create).
+    fn build_authorized(&self, signer: &EventSigner, room_id: Option<&RoomId>, sender: &UserId, event: NewEvent) -> Result<Pdu> {
+        let auth_rules = &self.rules.authorization;
+        let content = raw(&event.content);
+        let keys = auth_event_keys(auth_rules, &event.kind, sender, event.state_key.as_deref(), &content)?;
+        let mut auth_events: Vec<&Pdu> = keys.iter().filter_map(|k| self.state.get(k)).map(|e| &e.pdu).collect();
+        // v12 names the create event only through the room id; older versions list it.
+        let create = self.state("m.room.create", "").map(|e| &e.pdu);
+        if let Some(create) = create
+            && !auth_rules.room_create_event_id_as_room_id
+            && !auth_events.iter().any(|p| p.event_id == create.event_id)
+        {
+            auth_events.push(create);
+        }
+        let pdu = Pdu::build(
+            signer,
+            &self.record.version,
+            room_id,
+            sender,
+            event,
+            self.head.clone(),
+            auth_events.iter().map(|p| p.event_id.clone()).collect(),
+            self.depth + 1,
+            now(),
+        )?;
+        let by_id: HashMap<&EventId, &Pdu> = auth_events.iter().copied().chain(create).map(|p| (&*p.event_id, p)).collect();
+        authorize(
+            auth_rules,
+            &pdu,
+            |t, k| self.state.get(&(t.to_owned(), k.to_owned())).map(|e| &e.pdu),
+            |id| by_id.get(id).copied(),
+        )?;
+        Ok(pdu)
+    }
+
+    /// Makes a stored event the room's new head (and state, for a state event).
+    fn apply(&mut self, pdu: &Pdu, pos: StreamPos) {
+        if let Some(key) = pdu.state_key_pair() {
+            self.state.insert(key, StateEntry { pdu: pdu.clone(), pos });
+        }
+        self.head = vec![pdu.event_id.clone()];
+        self.depth = pdu.depth;
+        self.last_pos = self.last_pos.max(pos);
     }
 
     pub fn power_levels(&self) -> RoomPowerLevels {
@@ -236,39 +282,10 @@ impl Rooms {
         event: NewEvent,
         txn: Option<TxnRef>,
     ) -> Result<(OwnedEventId, StreamPos)> {
-        let auth_rules = &room.rules.authorization;
-        let content = raw(&event.content);
-        let keys = auth_event_keys(auth_rules, &event.kind, sender, event.state_key.as_deref(), &content)?;
-        let mut auth_events: Vec<&Pdu> = keys.iter().filter_map(|k| room.state.get(k)).map(|e| &e.pdu).collect();
-        if !auth_rules.room_create_event_id_as_room_id {
-            if let Some(create) = room.state("m.room.create", "") {
-                if !auth_events.iter().any(|p| p.event_id == create.pdu.event_id) {
-                    auth_events.push(&create.pdu);
-                }
-            }
-        }
         let relation = relation_of(&event.content);
         let redacts = event.redacts.clone();
-        let pdu = Pdu::build(
-            &self.signer,
-            &room.record.version,
-            Some(&room.record.room_id),
-            sender,
-            event,
-            room.head.clone(),
-            auth_events.iter().map(|p| p.event_id.clone()).collect(),
-            room.depth + 1,
-            now(),
-        )?;
-        // v12 names the create event only through the room id, so it is always fetchable.
-        let create = room.state("m.room.create", "").map(|e| &e.pdu);
-        let by_id: HashMap<&EventId, &Pdu> = auth_events.iter().copied().chain(create).map(|p| (&*p.event_id, p)).collect();
-        authorize(
-            auth_rules,
-            &pdu,
-            |t, k| room.state.get(&(t.to_owned(), k.to_owned())).map(|e| &e.pdu),
-            |id| by_id.get(id).copied(),
-        )?;
+        let room_id = room.record.room_id.clone();
+        let pdu = room.build_authorized(&self.signer, Some(&room_id), sender, event)?;
 
         let redacted_target = match &redacts {
             Some(target) => {
@@ -308,27 +325,22 @@ impl Rooms {
             AppendOutcome::Appended(pos) => pos,
             AppendOutcome::Duplicate(id) => return Ok((id, 0)),
         };
-        if let Some(key) = pdu.state_key_pair() {
-            room.state.insert(key, StateEntry { pdu: pdu.clone(), pos });
-        }
-        room.head = vec![pdu.event_id.clone()];
-        room.depth = pdu.depth;
-        room.last_pos = pos;
+        room.apply(&pdu, pos);
         self.notifier.room_changed(&room.record.room_id);
-        if pdu.kind == ruma::events::TimelineEventType::RoomMember {
-            if let Ok(target) = <&UserId>::try_from(pdu.state_key.as_deref().unwrap_or_default()) {
-                self.notifier.user_changed(target);
-            }
+        if pdu.kind == ruma::events::TimelineEventType::RoomMember
+            && let Ok(target) = <&UserId>::try_from(pdu.state_key.as_deref().unwrap_or_default())
+        {
+            self.notifier.user_changed(target);
         }
         Ok((pdu.event_id, pos))
     }
 
     /// Sends an event as `sender`; with a transaction id, a repeat returns the first event.
     pub async fn send(&self, sender: &UserId, room_id: &RoomId, event: NewEvent, txn: Option<TxnRef>) -> Result<OwnedEventId> {
-        if let Some(t) = &txn {
-            if let Some(id) = self.store.event_by_txn(sender, &t.device_id, &t.txn_id).await? {
-                return Ok(id);
-            }
+        if let Some(t) = &txn
+            && let Some(id) = self.store.event_by_txn(sender, &t.device_id, &t.txn_id).await?
+        {
+            return Ok(id);
         }
         let room = self.room(room_id).await?;
         let mut room = room.lock().await;
@@ -371,10 +383,11 @@ impl Rooms {
         }
         let room = self.room(room_id).await?;
         let mut room = room.lock().await;
-        if membership == Membership::Join && room.membership(target) == Some(Membership::Join) {
-            if let Some(e) = room.state("m.room.member", target.as_str()) {
-                return Ok(e.pdu.event_id.clone());
-            }
+        if membership == Membership::Join
+            && room.membership(target) == Some(Membership::Join)
+            && let Some(e) = room.state("m.room.member", target.as_str())
+        {
+            return Ok(e.pdu.event_id.clone());
         }
         let mut content = serde_json::Map::new();
         content.insert("membership".into(), json!(membership.as_str()));
@@ -484,10 +497,8 @@ impl Rooms {
                 power[k] = v.clone();
             }
         }
-        if creators_privileged {
-            if let Some(users) = power.get_mut("users").and_then(Value::as_object_mut) {
-                users.remove(creator.as_str());
-            }
+        if creators_privileged && let Some(users) = power.get_mut("users").and_then(Value::as_object_mut) {
+            users.remove(creator.as_str());
         }
 
         let (join_rule, history, guest) = match preset.as_str() {
@@ -528,10 +539,10 @@ impl Rooms {
             if req.is_direct {
                 content["is_direct"] = json!(true);
             }
-            if let Some(p) = self.store.user(u).await? {
-                if let Some(d) = p.displayname {
-                    content["displayname"] = json!(d);
-                }
+            if let Some(p) = self.store.user(u).await?
+                && let Some(d) = p.displayname
+            {
+                content["displayname"] = json!(d);
             }
             events.push(NewEvent::state("m.room.member", u.as_str(), content));
         }
@@ -554,52 +565,22 @@ impl Rooms {
         };
         let mut pdus = Vec::with_capacity(events.len());
         for ev in events {
-            let content = raw(&ev.content);
-            let keys = auth_event_keys(&rules.authorization, &ev.kind, creator, ev.state_key.as_deref(), &content)?;
-            let mut auth: Vec<&Pdu> = keys.iter().filter_map(|k| room.state.get(k)).map(|e| &e.pdu).collect();
-            if !rules.authorization.room_create_event_id_as_room_id {
-                if let Some(c) = room.state("m.room.create", "") {
-                    if !auth.iter().any(|p| p.event_id == c.pdu.event_id) {
-                        auth.push(&c.pdu);
-                    }
-                }
-            }
             let is_create = ev.kind == "m.room.create";
-            let pdu = Pdu::build(
-                &self.signer,
-                &version,
-                if is_create {
-                    room_id.as_deref()
-                } else {
-                    Some(&room.record.room_id)
-                },
-                creator,
-                ev,
-                room.head.clone(),
-                auth.iter().map(|p| p.event_id.clone()).collect(),
-                room.depth + 1,
-                now(),
-            )?;
-            let create = room.state("m.room.create", "").map(|e| &e.pdu);
-            let by_id: HashMap<&EventId, &Pdu> = auth.iter().copied().chain(create).map(|p| (&*p.event_id, p)).collect();
-            authorize(
-                &rules.authorization,
-                &pdu,
-                |t, k| room.state.get(&(t.to_owned(), k.to_owned())).map(|e| &e.pdu),
-                |id| by_id.get(id).copied(),
-            )
-            .map_err(|e| match e {
-                kabar_domain::AuthError::Forbidden(m) => Error::InvalidParam(format!("room creation event rejected: {m}")),
-                other => other.into(),
-            })?;
+            let target_room = if is_create {
+                room_id.clone()
+            } else {
+                Some(room.record.room_id.clone())
+            };
+            let pdu = room
+                .build_authorized(&self.signer, target_room.as_deref(), creator, ev)
+                .map_err(|e| match e {
+                    Error::Forbidden(m) => Error::InvalidParam(format!("room creation event rejected: {m}")),
+                    other => other,
+                })?;
             if is_create {
                 room.record.room_id = pdu.room_id.clone();
             }
-            if let Some(k) = pdu.state_key_pair() {
-                room.state.insert(k, StateEntry { pdu: pdu.clone(), pos: 0 });
-            }
-            room.head = vec![pdu.event_id.clone()];
-            room.depth = pdu.depth;
+            room.apply(&pdu, 0);
             pdus.push(pdu);
         }
         let writes = pdus
@@ -613,17 +594,8 @@ impl Rooms {
             .collect();
         let positions = self.store.create_room(room.record.clone(), writes).await?;
         for (pdu, pos) in pdus.iter().zip(&positions) {
-            if let Some(k) = pdu.state_key_pair() {
-                room.state.insert(
-                    k,
-                    StateEntry {
-                        pdu: pdu.clone(),
-                        pos: *pos,
-                    },
-                );
-            }
+            room.apply(pdu, *pos);
         }
-        room.last_pos = positions.last().copied().unwrap_or(0);
         let room_id = room.record.room_id.clone();
         if let Some(a) = alias {
             self.store.set_alias(&a, &room_id, creator).await?;

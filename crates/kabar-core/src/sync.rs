@@ -61,10 +61,10 @@ pub fn filter_allows(filter: &RoomEventFilter, kind: &str, sender: &UserId) -> b
     if filter.not_types.iter().any(|p| type_matches(p, kind)) || filter.not_senders.iter().any(|s| s == sender) {
         return false;
     }
-    if let Some(types) = &filter.types {
-        if !types.iter().any(|p| type_matches(p, kind)) {
-            return false;
-        }
+    if let Some(types) = &filter.types
+        && !types.iter().any(|p| type_matches(p, kind))
+    {
+        return false;
     }
     filter.senders.as_ref().is_none_or(|s| s.iter().any(|x| x == sender))
 }
@@ -81,10 +81,11 @@ pub fn client_event(e: &StoredEvent, viewer: &Session) -> Value {
         .get()
         .saturating_sub(e.pdu.origin_server_ts.get());
     unsigned.insert("age".into(), json!(age));
-    if let Some(txn) = &e.txn {
-        if e.pdu.sender == viewer.user_id && txn.device_id == viewer.device_id {
-            unsigned.insert("transaction_id".into(), json!(txn.txn_id));
-        }
+    if let Some(txn) = &e.txn
+        && e.pdu.sender == viewer.user_id
+        && txn.device_id == viewer.device_id
+    {
+        unsigned.insert("transaction_id".into(), json!(txn.txn_id));
     }
     if let Some(by) = &e.redacted_by {
         unsigned.insert("redacted_because".into(), json!({ "event_id": by, "type": "m.room.redaction" }));
@@ -322,10 +323,11 @@ impl SyncEngine {
         }
 
         let mut ephemeral = vec![];
-        if let Some(typing) = self.ephemeral.typing_since(room_id, if full { 0 } else { since.ephemeral }) {
-            if !(full && typing.is_empty()) {
-                ephemeral.push(json!({ "type": "m.typing", "content": { "user_ids": typing } }));
-            }
+        let typing = self.ephemeral.typing_since(room_id, if full { 0 } else { since.ephemeral });
+        if let Some(typing) = typing
+            && !(full && typing.is_empty())
+        {
+            ephemeral.push(json!({ "type": "m.typing", "content": { "user_ids": typing } }));
         }
         let receipts = self.store.receipts_since(room_id, if full { 0 } else { since.stream }).await?;
         let mut receipt_content: Map<String, Value> = Map::new();
@@ -363,10 +365,10 @@ impl SyncEngine {
         // Unread count: messages from others after the user's own read receipt.
         let mut read_pos: StreamPos = 0;
         for kind in ["m.read", "m.read.private"] {
-            if let Some(r) = self.store.receipt(room_id, user, kind).await? {
-                if let Some(e) = self.store.event(&r.event_id).await? {
-                    read_pos = read_pos.max(e.pos);
-                }
+            if let Some(r) = self.store.receipt(room_id, user, kind).await?
+                && let Some(e) = self.store.event(&r.event_id).await?
+            {
+                read_pos = read_pos.max(e.pos);
             }
         }
         let unread = self
