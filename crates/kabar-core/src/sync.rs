@@ -290,6 +290,11 @@ impl SyncEngine {
             limited = events.len() > limit;
             events.truncate(limit);
             events.reverse();
+            if full {
+                // A room seen for the first time may hold history from before
+                // the user joined; its history visibility decides what shows.
+                events = self.rooms.filter_visible(user, room_id, events).await?;
+            }
             if let Some(first) = events.first() {
                 first_pos = first.pos;
                 prev_batch = Some(format!("t{}", first.pos - 1));

@@ -22,6 +22,9 @@ use kabar_store::{ServerStore, Store};
 use kabar_store_sqlite::SqliteStore;
 use tracing_subscriber::EnvFilter;
 
+/// How long shutdown waits for requests in flight.
+const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Parser)]
 #[command(name = "kabar", version, about = "A Matrix homeserver built to stay up")]
 struct Cli {
@@ -164,7 +167,24 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(server_name = %server_name, address = %bound, registration = ?policy, "kabar is serving");
     // Tests and scripts read this line to learn the port.
     println!("kabar listening on http://{bound}");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(async move {
+        let mut stop_rx = stop_rx;
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    shutdown_signal().await;
+    tracing::info!("shutting down: no new connections, waiting for requests in flight");
+    let _ = stop_tx.send(true);
+    // Long-polling syncs could hold shutdown for minutes; writes are durable
+    // once acknowledged, so after the deadline the process simply ends.
+    match tokio::time::timeout(SHUTDOWN_DEADLINE, server).await {
+        Ok(result) => result??,
+        Err(_) => tracing::warn!("requests still in flight after {SHUTDOWN_DEADLINE:?}; exiting"),
+    }
     tracing::info!("shut down");
     Ok(())
 }

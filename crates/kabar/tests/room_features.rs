@@ -422,3 +422,69 @@ async fn push_rules_and_thumbnails() {
         .unwrap();
     assert_eq!(thumb.status().as_u16(), 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_visibility_joined_hides_what_came_before() {
+    let server = Server::start();
+    let alice = Api::register(&server, "alice").await;
+    let bob = Api::register(&server, "bob").await;
+    let room = alice
+        .ok(
+            M::POST,
+            "/createRoom",
+            Some(json!({"initial_state": [{"type": "m.room.history_visibility", "content": {"history_visibility": "joined"}}]})),
+        )
+        .await;
+    let room = room["room_id"].as_str().unwrap().to_owned();
+    alice
+        .ok(
+            M::PUT,
+            &format!("/rooms/{}/send/m.room.message/secret", enc(&room)),
+            Some(json!({"msgtype": "m.text", "body": "before bob"})),
+        )
+        .await;
+    alice
+        .ok(
+            M::POST,
+            &format!("/rooms/{}/invite", enc(&room)),
+            Some(json!({"user_id": bob.user_id})),
+        )
+        .await;
+    bob.ok(M::POST, &format!("/rooms/{}/join", enc(&room)), Some(json!({}))).await;
+    alice
+        .ok(
+            M::PUT,
+            &format!("/rooms/{}/send/m.room.message/open", enc(&room)),
+            Some(json!({"msgtype": "m.text", "body": "after bob"})),
+        )
+        .await;
+
+    let bodies = |events: &Value| -> Vec<String> {
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let sync = bob
+        .ok(
+            M::GET,
+            "/sync?filter=%7B%22room%22%3A%7B%22timeline%22%3A%7B%22limit%22%3A50%7D%7D%7D",
+            None,
+        )
+        .await;
+    assert_eq!(bodies(&sync["rooms"]["join"][&room]["timeline"]["events"]), vec!["after bob"]);
+    let msgs = bob
+        .ok(M::GET, &format!("/rooms/{}/messages?dir=b&limit=50", enc(&room)), None)
+        .await;
+    assert_eq!(bodies(&msgs["chunk"]), vec!["after bob"]);
+    let msgs = alice
+        .ok(M::GET, &format!("/rooms/{}/messages?dir=b&limit=50", enc(&room)), None)
+        .await;
+    assert_eq!(
+        bodies(&msgs["chunk"]),
+        vec!["after bob", "before bob"],
+        "the sender still sees everything"
+    );
+}
