@@ -121,17 +121,15 @@ pub async fn join_route(
 }
 
 /// POST /_matrix/client/v3/rooms/{roomId}/join
+///
+/// The same as joining by id through `/join/{roomIdOrAlias}`.
 pub async fn join_by_id_route(
-    State(rooms): State<Arc<Rooms>>,
-    Auth(s): Auth,
+    rooms: State<Arc<Rooms>>,
+    auth: Auth,
     PathParams(target): PathParams<String>,
-    JsonBody(b): JsonBody<ReasonBody>,
+    body: JsonBody<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
-    let room_id = room_id(&target)?;
-    rooms
-        .set_membership(&s.user_id, &room_id, &s.user_id, Membership::Join, b.reason, None)
-        .await?;
-    Ok(Json(json!({ "room_id": room_id })))
+    join_route(rooms, auth, PathParams(room_id(&target)?.to_string()), body).await
 }
 
 /// POST /_matrix/client/v3/rooms/{roomId}/leave

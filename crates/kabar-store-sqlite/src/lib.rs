@@ -41,6 +41,18 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
         || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
 }
 
+/// Maps a uniqueness violation to `Conflict(what)` and anything else to `Backend`.
+fn conflict_or_backend(what: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    let what = what.into();
+    move |e| {
+        if is_unique_violation(&e) {
+            StoreError::Conflict(what)
+        } else {
+            backend(e)
+        }
+    }
+}
+
 fn corrupt(e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
@@ -143,13 +155,7 @@ fn insert_event(conn: &Connection, positions: &mut Positions, w: &EventWrite) ->
             rel_type,
         ],
     )
-    .map_err(|e| {
-        if is_unique_violation(&e) {
-            StoreError::Conflict(format!("event {} exists", pdu.event_id))
-        } else {
-            backend(e)
-        }
-    })?;
+    .map_err(conflict_or_backend(format!("event {} exists", pdu.event_id)))?;
     if let Some(state_key) = &pdu.state_key {
         conn.execute(
             "INSERT INTO current_state (room_id, kind, state_key, pos) VALUES (?1, ?2, ?3, ?4)
@@ -186,13 +192,7 @@ impl AccountStore for SqliteStore {
                     "INSERT INTO users (user_id, password_hash, created_ms) VALUES (?1, ?2, ?3)",
                     params![user.user_id.as_str(), user.password_hash, user.created_ms as i64],
                 )
-                .map_err(|e| {
-                    if is_unique_violation(&e) {
-                        StoreError::Conflict("user id taken".into())
-                    } else {
-                        backend(e)
-                    }
-                })?;
+                .map_err(conflict_or_backend("user id taken"))?;
                 Ok(())
             })
             .await
@@ -279,13 +279,7 @@ impl AccountStore for SqliteStore {
                     params![d.user_id.as_str(), d.device_id, d.display_name, d.token_hash, d.now_ms as i64],
                 )
                 .map(|_| ())
-                .map_err(|e| {
-                    if is_unique_violation(&e) {
-                        StoreError::Conflict("token exists".into())
-                    } else {
-                        backend(e)
-                    }
-                })
+                .map_err(conflict_or_backend("token exists"))
             })
             .await
     }
@@ -383,13 +377,7 @@ impl RoomStore for SqliteStore {
                         room.is_public as i64
                     ],
                 )
-                .map_err(|e| {
-                    if is_unique_violation(&e) {
-                        StoreError::Conflict("room exists".into())
-                    } else {
-                        backend(e)
-                    }
-                })?;
+                .map_err(conflict_or_backend("room exists"))?;
                 let mut out = Vec::with_capacity(events.len());
                 for w in &events {
                     match insert_event(c, positions, w)? {
@@ -671,13 +659,7 @@ impl RoomStore for SqliteStore {
             .write(move |c, _| {
                 c.execute("INSERT INTO aliases (alias, room_id, creator) VALUES (?1, ?2, ?3)", [a, r, u])
                     .map(|_| ())
-                    .map_err(|e| {
-                        if is_unique_violation(&e) {
-                            StoreError::Conflict("alias exists".into())
-                        } else {
-                            backend(e)
-                        }
-                    })
+                    .map_err(conflict_or_backend("alias exists"))
             })
             .await
     }
@@ -893,7 +875,7 @@ impl MediaStore for SqliteStore {
                     params![m.media_id, m.content_type, m.filename, m.sha256, m.size as i64, m.uploader.as_str(), m.created_ms as i64],
                 )
                 .map(|_| ())
-                .map_err(|e| if is_unique_violation(&e) { StoreError::Conflict("media id exists".into()) } else { backend(e) })
+                .map_err(conflict_or_backend("media id exists"))
             })
             .await
     }
@@ -946,13 +928,7 @@ impl ServerStore for SqliteStore {
                     params![t, uses_allowed.map(i64::from), expiry_ms.map(|v| v as i64)],
                 )
                 .map(|_| ())
-                .map_err(|e| {
-                    if is_unique_violation(&e) {
-                        StoreError::Conflict("token exists".into())
-                    } else {
-                        backend(e)
-                    }
-                })
+                .map_err(conflict_or_backend("token exists"))
             })
             .await
     }
