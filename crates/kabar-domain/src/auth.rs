@@ -94,12 +94,11 @@ mod tests {
             let content = crate::event::raw(&event.content);
             let keys = auth_event_keys(&rules, &event.kind, sender, event.state_key.as_deref(), &content)?;
             let mut auth: Vec<OwnedEventId> = keys.iter().filter_map(|k| self.state.get(k)).map(|p| p.event_id.clone()).collect();
-            if !rules.room_create_event_id_as_room_id {
-                if let Some(create) = self.state.get(&("m.room.create".into(), "".into())) {
-                    if !auth.contains(&create.event_id) {
-                        auth.push(create.event_id.clone());
-                    }
-                }
+            if let Some(create) = self.state.get(&("m.room.create".into(), "".into()))
+                && !rules.room_create_event_id_as_room_id
+                && !auth.contains(&create.event_id)
+            {
+                auth.push(create.event_id.clone());
             }
             let pdu = Pdu::build(
                 &self.signer,
