@@ -116,7 +116,12 @@ impl SyncEngine {
     /// Answers a `/sync`: at once if there is news (or this is an initial or
     /// full-state sync), else when the next relevant change arrives or the
     /// timeout ends.
-    pub async fn sync(&self, session: &Session, req: SyncRequest) -> Result<Value> {
+    pub async fn sync(&self, session: &Session, mut req: SyncRequest) -> Result<Value> {
+        if req.since.is_some_and(|t| t.stream > self.store.current_position()) {
+            // A token from the future (another server, a restored backup) cannot
+            // say what the client has seen; start it over with an initial sync.
+            req.since = None;
+        }
         match req.set_presence.as_deref() {
             Some("offline") => {}
             Some(p @ ("online" | "unavailable")) => self.ephemeral.set_presence(&session.user_id, p, None),

@@ -185,4 +185,12 @@ async fn long_poll_wakes_on_a_new_message_and_sends_are_idempotent() {
     let empty = get(format!("{url}/_matrix/client/v3/sync?since={next}&timeout=300"), &token).await;
     assert!(start.elapsed() >= Duration::from_millis(250));
     assert!(empty["rooms"]["join"].as_object().unwrap().is_empty());
+
+    // A token from the future cannot be trusted: the client gets a fresh initial sync.
+    let reset = get(format!("{url}/_matrix/client/v3/sync?since=s999999999_0&timeout=5000"), &token).await;
+    let state = reset["rooms"]["join"][&room]["state"]["events"]
+        .as_array()
+        .expect("room in a full sync");
+    let timeline = reset["rooms"]["join"][&room]["timeline"]["events"].as_array().unwrap();
+    assert!(state.iter().chain(timeline).any(|e| e["type"] == "m.room.create"));
 }
