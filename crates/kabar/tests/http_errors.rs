@@ -417,3 +417,86 @@ async fn registration_needs_a_token_off_loopback_or_when_configured() {
     assert_eq!(s, 401);
     assert_eq!(v["flows"], json!([{ "stages": ["m.login.registration_token"] }]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_are_enforced_with_the_right_errors() {
+    let server = Server::start_with_config("[limits]\nmax_upload_bytes = 1000\n\n[password_hashing]\nthreads = 1\nqueue = 1\n");
+    use reqwest::Method as M;
+
+    // Registrations beyond what the hashing pool can queue are told when to come back.
+    let attempts: Vec<_> = (0..12)
+        .map(|i| {
+            let url = format!("{}/_matrix/client/v3/register", server.url);
+            tokio::spawn(async move {
+                let body = json!({"username": format!("flood{i}"), "password": "pw", "auth": {"type": "m.login.dummy"}});
+                call(M::POST, url, None, Some(body.to_string().into_bytes())).await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut limited = 0;
+    for a in attempts {
+        let (s, v) = a.await.unwrap();
+        match s {
+            200 => ok += 1,
+            429 => {
+                assert_eq!(errcode(&v), "M_LIMIT_EXCEEDED");
+                assert!(v["retry_after_ms"].as_u64().unwrap() > 0);
+                limited += 1;
+            }
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    assert!(ok >= 1 && limited >= 1, "ok {ok}, limited {limited}");
+    assert_eq!(ok + limited, 12);
+
+    // Uploads over the configured limit are M_TOO_LARGE.
+    let alice = register(&server, "alice").await;
+    let resp = http()
+        .post(format!("{}/_matrix/media/v3/upload", server.url))
+        .bearer_auth(&alice.token)
+        .header("content-type", "application/octet-stream")
+        .body(vec![7u8; 2000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 413);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(errcode(&v), "M_TOO_LARGE");
+    let config: Value = http()
+        .get(format!("{}/_matrix/client/v1/media/config", server.url))
+        .bearer_auth(&alice.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(config["m.upload.size"], 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_tokens_and_passwords_are_stored_only_as_hashes() {
+    let server = Server::start();
+    let alice = register(&server, "alice").await;
+    let (s, _) = call(
+        reqwest::Method::GET,
+        format!("{}/_matrix/client/v3/account/whoami", server.url),
+        Some(&alice.token),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let mut stored = Vec::new();
+    for entry in std::fs::read_dir(server.data_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            stored.extend(std::fs::read(path).unwrap());
+        }
+    }
+    assert!(!stored.is_empty());
+    let contains = |needle: &[u8]| stored.windows(needle.len()).any(|w| w == needle);
+    assert!(contains(b"@alice:localhost"), "the scan reads the database files");
+    assert!(!contains(alice.token.as_bytes()), "the access token itself is never stored");
+    assert!(contains(b"$argon2id$"), "the password is stored as an argon2id hash");
+}
