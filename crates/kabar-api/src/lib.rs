@@ -110,6 +110,7 @@ fn client_routes() -> Router<AppState> {
         .route("/rooms/{room}/relations/{event}", get(relations_route))
         .route("/rooms/{room}/relations/{event}/{rel}", get(relations_type_route))
         .route("/rooms/{room}/relations/{event}/{rel}/{kind}", get(relations_type_event_route))
+        .route("/rooms/{room}/threads", get(threads_route))
         .route("/rooms/{room}/aliases", get(room_aliases_route))
         .route("/rooms/{room}/typing/{user}", put(typing_route))
         .route("/rooms/{room}/receipt/{kind}/{event}", post(receipt_route))

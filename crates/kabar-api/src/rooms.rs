@@ -607,6 +607,8 @@ pub async fn joined_members_route(
 pub struct RelationsQuery {
     limit: Option<usize>,
     dir: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
 }
 
 async fn relations(
@@ -624,13 +626,75 @@ async fn relations(
     if let Some(t) = event_type {
         events.retain(|e| e.pdu.kind.to_string() == t);
     }
-    if q.dir.as_deref() != Some("f") {
+    let from = q.from.as_deref().map(token).transpose()?;
+    let to = q.to.as_deref().map(token).transpose()?;
+    let forward = q.dir.as_deref() == Some("f");
+    // Same token meaning as /messages: t{n} sits just after the event at position n.
+    if forward {
+        events.retain(|e| from.is_none_or(|f| e.pos > f) && to.is_none_or(|t| e.pos <= t));
+    } else {
+        events.retain(|e| from.is_none_or(|f| e.pos <= f) && to.is_none_or(|t| e.pos > t));
         events.reverse();
     }
-    events.truncate(q.limit.unwrap_or(50).clamp(1, 1000));
-    Ok(Json(
-        json!({ "chunk": events.iter().map(|e| client_event(e, s)).collect::<Vec<_>>() }),
-    ))
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    let more = events.len() > limit;
+    events.truncate(limit);
+    let mut out = json!({ "chunk": events.iter().map(|e| client_event(e, s)).collect::<Vec<_>>() });
+    if let (true, Some(last)) = (more, events.last()) {
+        let next = if forward { last.pos } else { last.pos - 1 };
+        out["next_batch"] = json!(PaginationToken(next).to_string());
+    }
+    Ok(Json(out))
+}
+
+#[derive(Deserialize)]
+pub struct ThreadsQuery {
+    include: Option<String>,
+    from: Option<String>,
+    limit: Option<usize>,
+}
+
+/// GET /_matrix/client/v1/rooms/{roomId}/threads
+pub async fn threads_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams(room): PathParams<String>,
+    QueryParams(q): QueryParams<ThreadsQuery>,
+) -> ApiResult<Json<Value>> {
+    let participated = match q.include.as_deref() {
+        None | Some("all") => false,
+        Some("participated") => true,
+        Some(_) => return Err(ApiError::invalid_param("include must be all or participated")),
+    };
+    let skip: usize = match q.from.as_deref() {
+        None => 0,
+        Some(f) => f
+            .strip_prefix('p')
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| ApiError::invalid_param("invalid from token"))?,
+    };
+    let limit = q.limit.unwrap_or(20).clamp(1, 100);
+    let threads = rooms.threads(&s.user_id, &room_id(&room)?, participated, skip + limit + 1).await?;
+    let more = threads.len() > skip + limit;
+    let chunk: Vec<Value> = threads
+        .iter()
+        .skip(skip)
+        .take(limit)
+        .map(|t| {
+            let mut root = client_event(&t.root, &s);
+            root["unsigned"]["m.relations"] = json!({ "m.thread": {
+                "latest_event": client_event(&t.latest, &s),
+                "count": t.count,
+                "current_user_participated": t.participated,
+            }});
+            root
+        })
+        .collect();
+    let mut out = json!({ "chunk": chunk });
+    if more {
+        out["next_batch"] = json!(format!("p{}", skip + limit));
+    }
+    Ok(Json(out))
 }
 
 /// GET /_matrix/client/v1/rooms/{roomId}/relations/{eventId}

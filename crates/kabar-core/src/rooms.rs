@@ -173,6 +173,14 @@ pub struct CreateRoom {
     pub power_level_content_override: Option<serde_json::Map<String, Value>>,
 }
 
+/// A thread as `/threads` lists it.
+pub struct ThreadSummary {
+    pub root: StoredEvent,
+    pub latest: StoredEvent,
+    pub count: usize,
+    pub participated: bool,
+}
+
 /// Which way `/messages` reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dir {
@@ -750,6 +758,33 @@ impl Rooms {
         self.event(user, room_id, event_id).await?;
         let rel = self.store.relations(room_id, event_id, rel_type, limit.clamp(1, 1000)).await?;
         self.filter_visible(user, room_id, rel).await
+    }
+
+    /// Threads in the room the user can see: each root with its reply count,
+    /// latest reply and whether the user took part, most recently active first.
+    pub async fn threads(&self, user: &UserId, room_id: &RoomId, participated_only: bool, limit: usize) -> Result<Vec<ThreadSummary>> {
+        self.check_can_read(user, room_id).await?;
+        let mut out = vec![];
+        for (root_id, _) in self.store.thread_roots(room_id, limit.clamp(1, 1000)).await? {
+            let Some(root) = self.store.event(&root_id).await? else { continue };
+            let replies = self.store.relations(room_id, &root_id, Some("m.thread"), 10_000).await?;
+            let replies = self.filter_visible(user, room_id, replies).await?;
+            let roots = self.filter_visible(user, room_id, vec![root]).await?;
+            let (Some(root), Some(latest)) = (roots.into_iter().next(), replies.last().cloned()) else {
+                continue;
+            };
+            let participated = root.pdu.sender == user || replies.iter().any(|r| r.pdu.sender == user);
+            if participated_only && !participated {
+                continue;
+            }
+            out.push(ThreadSummary {
+                root,
+                latest,
+                count: replies.len(),
+                participated,
+            });
+        }
+        Ok(out)
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

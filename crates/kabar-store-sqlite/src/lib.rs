@@ -505,6 +505,26 @@ impl RoomStore for SqliteStore {
             .await
     }
 
+    async fn thread_roots(&self, room_id: &RoomId, limit: usize) -> StoreResult<Vec<(OwnedEventId, StreamPos)>> {
+        let room = room_id.to_string();
+        self.engine
+            .read(move |c| {
+                let mut st = c
+                    .prepare_cached(
+                        "SELECT relates_to, MAX(pos) AS latest FROM events WHERE room_id = ?1 AND rel_type = 'm.thread'
+                         GROUP BY relates_to ORDER BY latest DESC LIMIT ?2",
+                    )
+                    .map_err(backend)?;
+                st.query_map(params![room, limit.min(10_000) as i64], |r| {
+                    Ok((parse(r.get(0)?)?, r.get::<_, i64>(1)? as u64))
+                })
+                .map_err(backend)?
+                .collect::<Result<_, _>>()
+                .map_err(corrupt)
+            })
+            .await
+    }
+
     async fn current_state(&self, room_id: &RoomId) -> StoreResult<Vec<StoredEvent>> {
         let room = room_id.to_string();
         self.engine

@@ -85,6 +85,9 @@ pub trait RoomStore: Send + Sync {
         rel_type: Option<&str>,
         limit: usize,
     ) -> StoreResult<Vec<StoredEvent>>;
+    /// Events that have `m.thread` replies, most recently active first, with
+    /// the position of their latest reply.
+    async fn thread_roots(&self, room_id: &RoomId, limit: usize) -> StoreResult<Vec<(OwnedEventId, StreamPos)>>;
     async fn current_state(&self, room_id: &RoomId) -> StoreResult<Vec<StoredEvent>>;
     /// The membership event of `user_id` in force at stream position `at`.
     async fn membership_at(&self, room_id: &RoomId, user_id: &UserId, at: StreamPos) -> StoreResult<Option<MembershipRecord>>;

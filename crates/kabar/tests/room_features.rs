@@ -488,3 +488,76 @@ async fn history_visibility_joined_hides_what_came_before() {
         "the sender still sees everything"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threads_and_relation_pages() {
+    let server = Server::start();
+    let alice = Api::register(&server, "alice").await;
+    let bob = Api::register(&server, "bob").await;
+    let room = alice.ok(M::POST, "/createRoom", Some(json!({"preset": "public_chat"}))).await["room_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    bob.ok(M::POST, &format!("/join/{}", enc(&room)), Some(json!({}))).await;
+    async fn send(api: &Api, room: &str, txn: String, content: Value) -> String {
+        let path = format!("/rooms/{}/send/m.room.message/{txn}", enc(room));
+        api.ok(M::PUT, &path, Some(content)).await["event_id"].as_str().unwrap().to_owned()
+    }
+    let root_a = send(&alice, &room, "a".into(), json!({"msgtype": "m.text", "body": "topic A"})).await;
+    let root_b = send(&alice, &room, "b".into(), json!({"msgtype": "m.text", "body": "topic B"})).await;
+    let mut replies = vec![];
+    for i in 0..5 {
+        let content = json!({"msgtype": "m.text", "body": format!("reply {i}"), "m.relates_to": {"rel_type": "m.thread", "event_id": root_a, "is_falling_back": true, "m.in_reply_to": {"event_id": root_a}}});
+        replies.push(send(&bob, &room, format!("ra{i}"), content).await);
+    }
+    send(
+        &alice,
+        &room,
+        "rb".into(),
+        json!({"msgtype": "m.text", "body": "on B", "m.relates_to": {"rel_type": "m.thread", "event_id": root_b}}),
+    )
+    .await;
+
+    // Threads list: B is the most recently active; A has five replies from Bob.
+    let threads = alice.ok(M::GET, &format!("/rooms/{}/threads", enc(&room)), None).await;
+    let chunk = threads["chunk"].as_array().unwrap();
+    assert_eq!(
+        chunk.iter().map(|t| t["event_id"].as_str().unwrap()).collect::<Vec<_>>(),
+        vec![root_b.as_str(), root_a.as_str()]
+    );
+    let summary = &chunk[1]["unsigned"]["m.relations"]["m.thread"];
+    assert_eq!(summary["count"], 5);
+    assert_eq!(summary["latest_event"]["event_id"], replies[4].as_str());
+    assert_eq!(summary["current_user_participated"], true, "alice wrote the root");
+    let bobs = bob
+        .ok(M::GET, &format!("/rooms/{}/threads?include=participated", enc(&room)), None)
+        .await;
+    assert_eq!(bobs["chunk"].as_array().unwrap().len(), 1, "bob only took part in A");
+
+    // Relation pages of two, newest first, follow next_batch to the end.
+    let mut seen = vec![];
+    let mut from = String::new();
+    loop {
+        let q = if from.is_empty() { String::new() } else { format!("&from={from}") };
+        let page = alice
+            .ok(
+                M::GET,
+                &format!("/rooms/{}/relations/{}/m.thread?limit=2{q}", enc(&room), enc(&root_a)),
+                None,
+            )
+            .await;
+        seen.extend(
+            page["chunk"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["event_id"].as_str().unwrap().to_owned()),
+        );
+        match page["next_batch"].as_str() {
+            Some(n) => from = n.to_owned(),
+            None => break,
+        }
+    }
+    replies.reverse();
+    assert_eq!(seen, replies);
+}
