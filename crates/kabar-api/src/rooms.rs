@@ -887,7 +887,7 @@ async fn public_rooms(rooms: &Rooms, b: PublicRoomsBody) -> ApiResult<Json<Value
             "topic": topic,
             "canonical_alias": get("m.room.canonical_alias", "alias"),
             "avatar_url": get("m.room.avatar", "url"),
-            "num_joined_members": r.members(Membership::Join).count(),
+            "num_joined_members": r.member_count(Membership::Join),
             "world_readable": r.history_visibility() == kabar_domain::membership::HistoryVisibility::WorldReadable,
             "guest_can_join": get("m.room.guest_access", "guest_access").as_deref() == Some("can_join"),
             "join_rule": get("m.room.join_rules", "join_rule"),

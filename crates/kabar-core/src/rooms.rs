@@ -52,6 +52,9 @@ pub struct RoomCache {
     depth: u64,
     /// Stream position of the room's newest event.
     pub last_pos: StreamPos,
+    /// How many users hold each membership, kept up to date by `apply` so that
+    /// big rooms are not walked on every sync.
+    member_counts: HashMap<Membership, usize>,
 }
 
 impl RoomCache {
@@ -137,8 +140,37 @@ impl RoomCache {
         Ok(pdu)
     }
 
+    pub fn member_count(&self, membership: Membership) -> usize {
+        self.member_counts.get(&membership).copied().unwrap_or(0)
+    }
+
+    fn count_members(state: &BTreeMap<StateKey, StateEntry>) -> HashMap<Membership, usize> {
+        let mut counts = HashMap::new();
+        for ((t, _), e) in state {
+            if t == "m.room.member"
+                && let Some(m) = Membership::from_content(e.pdu.content.get())
+            {
+                *counts.entry(m).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
     /// Makes a stored event the room's new head (and state, for a state event).
     fn apply(&mut self, pdu: &Pdu, pos: StreamPos) {
+        if pdu.kind == ruma::events::TimelineEventType::RoomMember {
+            let key = pdu.state_key.as_deref().unwrap_or_default();
+            if let Some(old) = self
+                .state("m.room.member", key)
+                .and_then(|e| Membership::from_content(e.pdu.content.get()))
+                && let Some(n) = self.member_counts.get_mut(&old)
+            {
+                *n = n.saturating_sub(1);
+            }
+            if let Some(new) = Membership::from_content(pdu.content.get()) {
+                *self.member_counts.entry(new).or_insert(0) += 1;
+            }
+        }
         if let Some(key) = pdu.state_key_pair() {
             self.state.insert(key, StateEntry { pdu: pdu.clone(), pos });
         }
@@ -265,6 +297,7 @@ impl Rooms {
             Some(e) => (vec![e.pdu.event_id.clone()], e.pdu.depth, e.pos),
             None => (vec![], 0, 0),
         };
+        let member_counts = RoomCache::count_members(&state);
         let cache = Arc::new(AsyncMutex::new(RoomCache {
             record,
             rules,
@@ -272,6 +305,7 @@ impl Rooms {
             head,
             depth,
             last_pos,
+            member_counts,
         }));
         Ok(self
             .rooms
@@ -570,6 +604,7 @@ impl Rooms {
             head: vec![],
             depth: 0,
             last_pos: 0,
+            member_counts: HashMap::new(),
         };
         let mut pdus = Vec::with_capacity(events.len());
         for ev in events {

@@ -279,6 +279,7 @@ impl SyncEngine {
         let mut limited = false;
         let mut prev_batch = None;
         let mut timeline_ids = HashSet::new();
+        let mut timeline_senders: HashSet<String> = HashSet::new();
         let mut first_pos = upto.stream + 1;
         if timeline_changed {
             let after = if full { 0 } else { since.stream };
@@ -308,19 +309,33 @@ impl SyncEngine {
             }
             for e in &events {
                 timeline_ids.insert(e.pdu.event_id.clone());
+                timeline_senders.insert(e.pdu.sender.to_string());
                 if filter_allows(&filter.room.timeline, e.pdu.kind.to_string().as_str(), &e.pdu.sender) {
                     timeline.push(client_event(e, session));
                 }
             }
         }
 
-        // State: everything for a full sync; otherwise what changed in a gap the timeline skipped.
+        // State: everything for a full sync; otherwise what changed in a gap the
+        // timeline skipped. With lazy-loaded members, member events only for the
+        // timeline's senders and the user, so a huge room costs what its timeline does.
+        let state_filter = &filter.room.state;
+        let lazy_members = !state_filter.lazy_load_options.is_disabled();
         let mut state = vec![];
-        if full || limited {
+        if full || limited || (lazy_members && !timeline_senders.is_empty()) {
             let r = room.lock().await;
             for entry in r.state_entries() {
-                let in_gap = full || (entry.pos > since.stream && entry.pos < first_pos);
-                if in_gap && entry.pos <= upto.stream && !timeline_ids.contains(&entry.pdu.event_id) {
+                if entry.pos > upto.stream || timeline_ids.contains(&entry.pdu.event_id) {
+                    continue;
+                }
+                let in_gap = full || (limited && entry.pos > since.stream && entry.pos < first_pos);
+                let key = entry.pdu.state_key.as_deref().unwrap_or_default();
+                let wanted = if lazy_members && entry.pdu.kind == ruma::events::TimelineEventType::RoomMember {
+                    timeline_senders.contains(key) || (full && key == user.as_str())
+                } else {
+                    in_gap
+                };
+                if wanted && filter_allows(state_filter, entry.pdu.kind.to_string().as_str(), &entry.pdu.sender) {
                     let e = StoredEvent {
                         pos: entry.pos,
                         pdu: entry.pdu.clone(),
@@ -388,7 +403,7 @@ impl SyncEngine {
 
         let (joined, invited) = {
             let r = room.lock().await;
-            (r.members(Membership::Join).count(), r.members(Membership::Invite).count())
+            (r.member_count(Membership::Join), r.member_count(Membership::Invite))
         };
         Ok(Some(json!({
             "timeline": { "events": timeline, "limited": limited, "prev_batch": prev_batch },

@@ -561,3 +561,62 @@ async fn threads_and_relation_pages() {
     replies.reverse();
     assert_eq!(seen, replies);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_loaded_members_and_state_filters() {
+    let server = Server::start();
+    let alice = Api::register(&server, "alice").await;
+    let bob = Api::register(&server, "bob").await;
+    let room = alice
+        .ok(M::POST, "/createRoom", Some(json!({"preset": "public_chat", "name": "big"})))
+        .await["room_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for name in ["carol", "dave", "erin"] {
+        let u = Api::register(&server, name).await;
+        u.ok(M::POST, &format!("/join/{}", enc(&room)), Some(json!({}))).await;
+    }
+    bob.ok(M::POST, &format!("/join/{}", enc(&room)), Some(json!({}))).await;
+    alice
+        .ok(
+            M::PUT,
+            &format!("/rooms/{}/send/m.room.message/x", enc(&room)),
+            Some(json!({"msgtype": "m.text", "body": "hi"})),
+        )
+        .await;
+
+    let lazy = r#"{"room":{"timeline":{"limit":1},"state":{"lazy_load_members":true}}}"#;
+    let v = bob.ok(M::GET, &format!("/sync?filter={}", urlencode(lazy)), None).await;
+    let state = v["rooms"]["join"][&room]["state"]["events"].as_array().unwrap();
+    let mut members: Vec<&str> = state
+        .iter()
+        .filter(|e| e["type"] == "m.room.member")
+        .map(|e| e["state_key"].as_str().unwrap())
+        .collect();
+    members.sort();
+    assert_eq!(
+        members,
+        vec!["@alice:localhost", "@bob:localhost"],
+        "only the timeline's sender and the user"
+    );
+    assert!(state.iter().any(|e| e["type"] == "m.room.name"), "other state still comes");
+    assert_eq!(v["rooms"]["join"][&room]["summary"]["m.joined_member_count"], 5);
+
+    let only_name = r#"{"room":{"timeline":{"limit":1},"state":{"types":["m.room.name"]}}}"#;
+    let v = bob.ok(M::GET, &format!("/sync?filter={}", urlencode(only_name)), None).await;
+    let state = v["rooms"]["join"][&room]["state"]["events"].as_array().unwrap();
+    assert!(!state.is_empty() && state.iter().all(|e| e["type"] == "m.room.name"));
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
