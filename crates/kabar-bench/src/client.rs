@@ -1,0 +1,196 @@
+//! A minimal Client-Server API client: only what the scenarios need, nothing
+//! server-specific, so the same run can target any homeserver.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    /// The request did not complete (connection refused, reset, timed out).
+    #[error("transport: {0}")]
+    Transport(String),
+    /// The server answered with a Matrix error.
+    #[error("{status} {errcode}: {message}")]
+    Matrix { status: u16, errcode: String, message: String },
+}
+
+impl ApiError {
+    /// The key errors are counted under in reports.
+    pub fn kind(&self) -> String {
+        match self {
+            ApiError::Transport(m) if m.contains("timed out") => "TIMEOUT".into(),
+            ApiError::Transport(_) => "TRANSPORT".into(),
+            ApiError::Matrix { errcode, .. } => errcode.clone(),
+        }
+    }
+}
+
+/// How to reach the server.
+#[derive(Clone)]
+pub struct Target {
+    pub http: reqwest::Client,
+    pub base: String,
+}
+
+impl Target {
+    pub fn new(base: &str) -> Self {
+        Self::with_client(base, Self::builder().build().expect("http client"))
+    }
+
+    pub fn with_client(base: &str, http: reqwest::Client) -> Self {
+        Self {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    pub fn builder() -> reqwest::ClientBuilder {
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .pool_max_idle_per_host(usize::MAX)
+            .tcp_nodelay(true)
+    }
+
+    /// Sends a request; returns the status and the JSON body (null if none).
+    async fn call_raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value), ApiError> {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.map_err(|e| ApiError::Transport(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(|e| ApiError::Transport(e.to_string()))?;
+        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, token: Option<&str>, body: Option<&Value>) -> Result<Value, ApiError> {
+        let (status, value) = self.call_raw(method, path, token, body).await?;
+        if (200..300).contains(&status) {
+            Ok(value)
+        } else {
+            Err(ApiError::Matrix {
+                status,
+                errcode: value["errcode"].as_str().unwrap_or("NO_ERRCODE").to_owned(),
+                message: value["error"].as_str().unwrap_or_default().to_owned(),
+            })
+        }
+    }
+
+    /// GET /_matrix/client/versions
+    pub async fn versions(&self) -> Result<Value, ApiError> {
+        self.call(reqwest::Method::GET, "/_matrix/client/versions", None, None).await
+    }
+
+    /// Registers through user-interactive auth with the dummy stage, as clients do:
+    /// a first request to learn the flows and get a session, a second to complete it.
+    pub async fn register(&self, username: &str, password: &str) -> Result<User, ApiError> {
+        let path = "/_matrix/client/v3/register";
+        let mut body = json!({ "username": username, "password": password, "initial_device_display_name": "kabar-bench" });
+        let (status, challenge) = self.call_raw(reqwest::Method::POST, path, None, Some(&body)).await?;
+        match status {
+            200 => return User::from_login(self.clone(), &challenge),
+            401 => {}
+            _ => {
+                return Err(ApiError::Matrix {
+                    status,
+                    errcode: challenge["errcode"].as_str().unwrap_or("NO_ERRCODE").to_owned(),
+                    message: challenge["error"].as_str().unwrap_or_default().to_owned(),
+                });
+            }
+        }
+        body["auth"] = json!({ "type": "m.login.dummy", "session": challenge["session"] });
+        let v = self.call(reqwest::Method::POST, path, None, Some(&body)).await?;
+        User::from_login(self.clone(), &v)
+    }
+}
+
+/// A signed-in user.
+#[derive(Clone)]
+pub struct User {
+    pub target: Target,
+    pub user_id: String,
+    pub token: String,
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+impl User {
+    fn from_login(target: Target, v: &Value) -> Result<Self, ApiError> {
+        let bad = || ApiError::Matrix {
+            status: 200,
+            errcode: "BAD_RESPONSE".into(),
+            message: v.to_string(),
+        };
+        Ok(Self {
+            target,
+            user_id: v["user_id"].as_str().ok_or_else(bad)?.to_owned(),
+            token: v["access_token"].as_str().ok_or_else(bad)?.to_owned(),
+        })
+    }
+
+    /// The same user over another connection pool (another source address).
+    pub fn via(&self, target: &Target) -> Self {
+        Self {
+            target: target.clone(),
+            ..self.clone()
+        }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<Value, ApiError> {
+        self.target.call(method, path, Some(&self.token), body).await
+    }
+
+    pub async fn create_room(&self, body: Value) -> Result<String, ApiError> {
+        let v = self
+            .call(reqwest::Method::POST, "/_matrix/client/v3/createRoom", Some(&body))
+            .await?;
+        Ok(v["room_id"].as_str().unwrap_or_default().to_owned())
+    }
+
+    pub async fn join(&self, room_id: &str) -> Result<(), ApiError> {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/_matrix/client/v3/join/{}", enc(room_id)),
+            Some(&json!({})),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn send_text(&self, room_id: &str, txn: &str, body: &str) -> Result<String, ApiError> {
+        let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{}", enc(room_id), enc(txn));
+        let v = self
+            .call(reqwest::Method::PUT, &path, Some(&json!({ "msgtype": "m.text", "body": body })))
+            .await?;
+        Ok(v["event_id"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// GET /sync; `filter` is inline JSON.
+    pub async fn sync(&self, since: Option<&str>, timeout_ms: u64, filter: &str) -> Result<Value, ApiError> {
+        let mut path = format!("/_matrix/client/v3/sync?timeout={timeout_ms}&filter={}", enc(filter));
+        if let Some(s) = since {
+            path.push_str(&format!("&since={}", enc(s)));
+        }
+        self.call(reqwest::Method::GET, &path, None).await
+    }
+}

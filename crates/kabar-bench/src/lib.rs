@@ -1,0 +1,265 @@
+//! kabar-bench: load scenarios against any Matrix homeserver, through the
+//! Client-Server API only. Each scenario returns a report that prints as a
+//! human summary or as one JSON object.
+
+pub mod client;
+pub mod scenarios;
+pub mod stats;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use client::{ApiError, Target, User};
+use futures::{StreamExt, stream};
+use serde_json::Value;
+use stats::{ErrorCounts, Latencies, count_error};
+use tokio::sync::watch;
+
+/// A sync filter that keeps responses to what the scenarios read.
+pub const SYNC_FILTER: &str = r#"{"room":{"timeline":{"limit":1000,"types":["m.room.message"]},"state":{"types":[],"lazy_load_members":true},"ephemeral":{"types":[]},"account_data":{"types":[]}},"presence":{"types":[]},"account_data":{"types":[]}}"#;
+
+/// Prints a progress line to stderr every second until dropped.
+pub struct Progress {
+    stop: watch::Sender<bool>,
+}
+
+impl Progress {
+    pub fn start(label: &'static str, read: impl Fn() -> String + Send + 'static) -> Self {
+        let (stop, mut rx) = watch::channel(false);
+        let started = Instant::now();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => eprintln!("[{label} {:>4.0}s] {}", started.elapsed().as_secs_f64(), read()),
+                    _ = rx.changed() => break,
+                }
+            }
+        });
+        Self { stop }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Registers `n` users named `{prefix}{i}` with `concurrency` in flight.
+/// Returns the users that made it, their latencies, and errors by errcode.
+pub async fn register_many(target: &Target, prefix: &str, n: usize, concurrency: usize) -> (Vec<Option<User>>, Latencies, ErrorCounts) {
+    let done = Arc::new(AtomicU64::new(0));
+    let d = done.clone();
+    let _p = Progress::start("register", move || format!("{}/{n} accounts", d.load(Ordering::Relaxed)));
+    let results: Vec<(usize, Result<User, ApiError>, u64)> = stream::iter(0..n)
+        .map(|i| {
+            let target = target.clone();
+            let name = format!("{prefix}{i}");
+            let done = done.clone();
+            async move {
+                let t = Instant::now();
+                let r = target.register(&name, &format!("{name}-pw")).await;
+                done.fetch_add(1, Ordering::Relaxed);
+                (i, r, t.elapsed().as_micros() as u64)
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    let mut users = vec![None; n];
+    let mut lat = Latencies::default();
+    let mut errors = ErrorCounts::new();
+    for (i, r, micros) in results {
+        match r {
+            Ok(u) => {
+                lat.push(micros);
+                users[i] = Some(u);
+            }
+            Err(e) => count_error(&mut errors, e.kind()),
+        }
+    }
+    (users, lat, errors)
+}
+
+/// Registers users, retrying refusals (`M_LIMIT_EXCEEDED`) so setup always completes.
+pub async fn setup_users(target: &Target, prefix: &str, n: usize, concurrency: usize) -> Result<Vec<User>, String> {
+    let (mut users, _, _) = register_many(target, prefix, n, concurrency).await;
+    for _round in 0..20 {
+        let missing: Vec<usize> = users.iter().enumerate().filter(|(_, u)| u.is_none()).map(|(i, _)| i).collect();
+        if missing.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for i in missing {
+            let name = format!("{prefix}{i}");
+            if let Ok(u) = target.register(&name, &format!("{name}-pw")).await {
+                users[i] = Some(u);
+            }
+        }
+    }
+    users
+        .into_iter()
+        .enumerate()
+        .map(|(i, u)| u.ok_or_else(|| format!("could not register {prefix}{i}")))
+        .collect()
+}
+
+/// Who received which benchmark message, and how long it took.
+pub struct Deliveries {
+    clock: Instant,
+    state: Mutex<DeliveryState>,
+    pub delivered: AtomicU64,
+}
+
+#[derive(Default)]
+struct DeliveryState {
+    seen: HashMap<(u32, u64), u32>,
+    latencies: Latencies,
+}
+
+/// The outcome of a delivery check.
+#[derive(Debug, Clone, Copy, serde::Serialize, PartialEq, Eq)]
+pub struct DeliveryCheck {
+    pub expected: u64,
+    pub delivered: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+}
+
+impl Default for Deliveries {
+    fn default() -> Self {
+        Self {
+            clock: Instant::now(),
+            state: Mutex::default(),
+            delivered: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Deliveries {
+    /// Microseconds since the tracker was made: the timestamps in message bodies.
+    pub fn now_us(&self) -> u64 {
+        self.clock.elapsed().as_micros() as u64
+    }
+
+    /// The body of benchmark message `id`, stamped now.
+    pub fn body(&self, id: u64) -> String {
+        format!("kb {id} {}", self.now_us())
+    }
+
+    /// Records every benchmark message in a sync response for `member`.
+    pub fn record_sync(&self, member: u32, sync: &Value) {
+        let Some(rooms) = sync["rooms"]["join"].as_object() else { return };
+        let now = self.now_us();
+        let mut st = self.state.lock().expect("deliveries lock");
+        for room in rooms.values() {
+            for ev in room["timeline"]["events"].as_array().into_iter().flatten() {
+                let Some(body) = ev["content"]["body"].as_str() else { continue };
+                let mut parts = body.split(' ');
+                if parts.next() != Some("kb") {
+                    continue;
+                }
+                let (Some(Ok(id)), Some(Ok(ts))) = (parts.next().map(str::parse::<u64>), parts.next().map(str::parse::<u64>)) else {
+                    continue;
+                };
+                let n = st.seen.entry((member, id)).or_insert(0);
+                *n += 1;
+                if *n == 1 {
+                    st.latencies.push(now.saturating_sub(ts));
+                    self.delivered.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Compares what arrived with what should have: `expected` lists, per
+    /// member, the message ids it must see.
+    pub fn check(&self, expected: &[(u32, u64)]) -> DeliveryCheck {
+        let st = self.state.lock().expect("deliveries lock");
+        let lost = expected.iter().filter(|k| !st.seen.contains_key(k)).count() as u64;
+        let duplicated = st.seen.values().filter(|n| **n > 1).map(|n| u64::from(*n - 1)).sum();
+        DeliveryCheck {
+            expected: expected.len() as u64,
+            delivered: st.seen.len() as u64,
+            lost,
+            duplicated,
+        }
+    }
+
+    pub fn latencies(&self) -> Latencies {
+        self.state.lock().expect("deliveries lock").latencies.clone()
+    }
+
+    /// Waits until `expected` deliveries arrived or `timeout` passed.
+    pub async fn wait_for(&self, expected: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Long-polls /sync for `user` until `stop`, feeding `deliveries`.
+/// `held` counts requests in flight, `errors` failed syncs.
+pub async fn follow(
+    user: User,
+    member: u32,
+    mut since: String,
+    deliveries: Arc<Deliveries>,
+    mut stop: watch::Receiver<bool>,
+    held: Arc<AtomicU64>,
+    errors: Arc<Mutex<ErrorCounts>>,
+) {
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        held.fetch_add(1, Ordering::Relaxed);
+        let result = tokio::select! {
+            r = user.sync(Some(&since), 30_000, SYNC_FILTER) => r,
+            _ = stop.changed() => { held.fetch_sub(1, Ordering::Relaxed); return; }
+        };
+        held.fetch_sub(1, Ordering::Relaxed);
+        match result {
+            Ok(v) => {
+                deliveries.record_sync(member, &v);
+                if let Some(next) = v["next_batch"].as_str() {
+                    since = next.to_owned();
+                }
+            }
+            Err(e) => {
+                count_error(&mut errors.lock().expect("errors lock"), e.kind());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// One sync to learn where a user's stream stands now.
+pub async fn initial_since(user: &User) -> Result<String, ApiError> {
+    let v = user.sync(None, 0, SYNC_FILTER).await?;
+    Ok(v["next_batch"].as_str().unwrap_or_default().to_owned())
+}
+
+/// A run-unique user name prefix, so repeated runs against one server do not collide.
+pub fn run_prefix(scenario: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("kb{scenario}{:x}{:x}_", std::process::id() % 4096, nanos % 65536)
+}
+
+/// Resident memory of a process in bytes, from /proc (Linux).
+pub fn resident_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,176 @@
+//! `kabar-bench`: run one scenario against a homeserver URL and print the report.
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use kabar_bench::{
+    client::Target,
+    scenarios::{Report, bigroom, idle, messages, register, versions},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "kabar-bench",
+    about = "Load scenarios for any Matrix homeserver, through the Client-Server API"
+)]
+struct Cli {
+    /// Homeserver base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8008", global = true)]
+    url: String,
+    /// Print one JSON object instead of the human summary.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// N new accounts at concurrency C.
+    Register {
+        #[arg(long, default_value_t = 200)]
+        accounts: usize,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+    },
+    /// The server's rate on its most trivial request, GET /_matrix/client/versions.
+    Versions {
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
+    /// U users in R rooms send for T seconds while every member long-polls /sync.
+    Messages {
+        #[arg(long, default_value_t = 50)]
+        users: usize,
+        #[arg(long, default_value_t = 10)]
+        rooms: usize,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Messages per second per sender (default: as fast as each can).
+        #[arg(long)]
+        rate: Option<f64>,
+        #[arg(long, default_value_t = 16)]
+        setup_concurrency: usize,
+    },
+    /// J users join one room; one sender posts K messages to all of them.
+    Bigroom {
+        #[arg(long, default_value_t = 500)]
+        members: usize,
+        #[arg(long, default_value_t = 20)]
+        messages: usize,
+        /// Milliseconds between messages.
+        #[arg(long, default_value_t = 250)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+    },
+    /// S clients hold /sync long-polls; memory per client and one message to all.
+    Idle {
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        #[arg(long, default_value_t = 100)]
+        users: usize,
+        #[arg(long, default_value_t = 4)]
+        sources: usize,
+        /// Multiplex the long-polls over HTTP/2 (cleartext, prior knowledge).
+        #[arg(long)]
+        http2: bool,
+        /// The server's process id, to read its resident memory.
+        #[arg(long)]
+        server_pid: Option<u32>,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+    },
+}
+
+fn print(report: &impl Report, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        println!("{}", report.human());
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let target = Target::new(&cli.url);
+    target
+        .versions()
+        .await
+        .map_err(|e| anyhow::anyhow!("{} is not answering: {e}", cli.url))?;
+    match cli.scenario {
+        Scenario::Register { accounts, concurrency } => {
+            print(&register::run(&target, register::Params { accounts, concurrency }).await, cli.json)
+        }
+        Scenario::Versions { seconds, concurrency } => {
+            print(&versions::run(&target, versions::Params { seconds, concurrency }).await, cli.json)
+        }
+        Scenario::Messages {
+            users,
+            rooms,
+            seconds,
+            rate,
+            setup_concurrency,
+        } => {
+            let r = messages::run(
+                &target,
+                messages::Params {
+                    users,
+                    rooms,
+                    seconds,
+                    rate_per_sender: rate,
+                    setup_concurrency,
+                },
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+            print(&r, cli.json)
+        }
+        Scenario::Bigroom {
+            members,
+            messages,
+            interval_ms,
+            concurrency,
+        } => {
+            let r = bigroom::run(
+                &target,
+                bigroom::Params {
+                    members,
+                    messages,
+                    interval: Duration::from_millis(interval_ms),
+                    concurrency,
+                },
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+            print(&r, cli.json)
+        }
+        Scenario::Idle {
+            clients,
+            users,
+            sources,
+            http2,
+            server_pid,
+            concurrency,
+        } => {
+            let r = idle::run(
+                &target,
+                idle::Params {
+                    clients,
+                    users,
+                    sources,
+                    http2,
+                    server_pid,
+                    concurrency,
+                },
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+            print(&r, cli.json)
+        }
+    }
+}

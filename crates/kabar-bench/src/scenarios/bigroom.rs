@@ -1,0 +1,175 @@
+//! `bigroom`: J users join one room; one sender posts K messages; measures
+//! joins/s and the delivery latency of each message to all J members.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures::{StreamExt, stream};
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::watch;
+
+use super::Report;
+use crate::{
+    Deliveries, DeliveryCheck, Progress,
+    client::Target,
+    follow, initial_since, run_prefix, setup_users,
+    stats::{ErrorCounts, LatencySummary, count_error},
+};
+
+#[derive(Debug, Clone)]
+pub struct Params {
+    pub members: usize,
+    pub messages: usize,
+    pub interval: Duration,
+    pub concurrency: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BigroomReport {
+    pub scenario: &'static str,
+    pub members: usize,
+    pub joined: usize,
+    pub join_seconds: f64,
+    pub joins_per_sec: f64,
+    pub join_latency: LatencySummary,
+    pub join_errors: ErrorCounts,
+    pub messages: usize,
+    pub delivery_latency: LatencySummary,
+    pub deliveries: DeliveryCheck,
+    pub sync_errors: ErrorCounts,
+}
+
+impl Report for BigroomReport {
+    fn human(&self) -> String {
+        format!(
+            "bigroom: {}/{} joined in {:.1}s = {:.1} joins/s (join p50 {:.0} ms, p99 {:.0} ms), join errors {:?}\n  {} messages to {} members: delivery p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {} of {} deliveries, lost {}, duplicated {}; sync errors {:?}",
+            self.joined,
+            self.members,
+            self.join_seconds,
+            self.joins_per_sec,
+            self.join_latency.p50_ms,
+            self.join_latency.p99_ms,
+            self.join_errors,
+            self.messages,
+            self.joined,
+            self.delivery_latency.p50_ms,
+            self.delivery_latency.p99_ms,
+            self.delivery_latency.max_ms,
+            self.deliveries.delivered,
+            self.deliveries.expected,
+            self.deliveries.lost,
+            self.deliveries.duplicated,
+            self.sync_errors,
+        )
+    }
+}
+
+pub async fn run(target: &Target, p: Params) -> Result<BigroomReport, String> {
+    let prefix = run_prefix("big");
+    let users = setup_users(target, &prefix, p.members.max(1), p.concurrency).await?;
+    let room = users[0]
+        .create_room(json!({ "preset": "public_chat" }))
+        .await
+        .map_err(|e| format!("create room: {e}"))?;
+
+    // Joins, timed.
+    let joined_n = Arc::new(AtomicU64::new(0));
+    let j = joined_n.clone();
+    let progress = Progress::start("bigroom joins", move || format!("{} joined", j.load(Ordering::Relaxed)));
+    let start = Instant::now();
+    let results: Vec<(usize, Result<(), crate::client::ApiError>, u64)> = stream::iter(users.iter().enumerate().skip(1))
+        .map(|(i, u)| {
+            let (room, joined_n) = (room.clone(), joined_n.clone());
+            async move {
+                let t = Instant::now();
+                let r = u.join(&room).await;
+                joined_n.fetch_add(1, Ordering::Relaxed);
+                (i, r, t.elapsed().as_micros() as u64)
+            }
+        })
+        .buffer_unordered(p.concurrency.max(1))
+        .collect()
+        .await;
+    let join_seconds = start.elapsed().as_secs_f64();
+    drop(progress);
+    let mut join_errors = ErrorCounts::new();
+    let mut join_latency = crate::stats::Latencies::default();
+    let mut members = vec![0usize];
+    for (i, r, micros) in results {
+        match r {
+            Ok(()) => {
+                join_latency.push(micros);
+                members.push(i);
+            }
+            Err(e) => count_error(&mut join_errors, e.kind()),
+        }
+    }
+
+    // Every member follows its sync.
+    let deliveries = Arc::new(Deliveries::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let held = Arc::new(AtomicU64::new(0));
+    let sync_errors = Arc::new(Mutex::new(ErrorCounts::new()));
+    let sinces: Vec<Result<String, crate::client::ApiError>> = stream::iter(members.iter().map(|&i| initial_since(&users[i])))
+        .buffered(p.concurrency.max(1))
+        .collect()
+        .await;
+    let mut followers = Vec::new();
+    for (&i, since) in members.iter().zip(sinces) {
+        let since = since.map_err(|e| format!("initial sync: {e}"))?;
+        followers.push(tokio::spawn(follow(
+            users[i].clone(),
+            i as u32,
+            since,
+            deliveries.clone(),
+            stop_rx.clone(),
+            held.clone(),
+            sync_errors.clone(),
+        )));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while held.load(Ordering::Relaxed) < members.len() as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // One sender posts K messages.
+    let d = deliveries.clone();
+    let progress = Progress::start("bigroom messages", move || {
+        format!("{} delivered", d.delivered.load(Ordering::Relaxed))
+    });
+    let mut expected = Vec::new();
+    for k in 0..p.messages as u64 {
+        match users[0].send_text(&room, &format!("kb{k}"), &deliveries.body(k)).await {
+            Ok(_) => expected.extend(members.iter().map(|&m| (m as u32, k))),
+            Err(e) => count_error(&mut sync_errors.lock().expect("errors lock"), format!("SEND_{}", e.kind())),
+        }
+        tokio::time::sleep(p.interval).await;
+    }
+    deliveries.wait_for(expected.len() as u64, Duration::from_secs(60)).await;
+    drop(progress);
+    let _ = stop_tx.send(true);
+    for f in followers {
+        let _ = f.await;
+    }
+    let sync_errors = sync_errors.lock().expect("errors lock").clone();
+    Ok(BigroomReport {
+        scenario: "bigroom",
+        members: p.members,
+        joined: members.len(),
+        join_seconds,
+        joins_per_sec: (members.len() - 1) as f64 / join_seconds,
+        join_latency: join_latency.summary(),
+        join_errors,
+        messages: p.messages,
+        delivery_latency: deliveries.latencies().summary(),
+        deliveries: deliveries.check(&expected),
+        sync_errors,
+    })
+}
