@@ -1,4 +1,9 @@
-//! Connections: one writer thread with group commit, a pool of readers.
+//! Connections: one writer thread with group commit, a fixed set of reader threads.
+//!
+//! Reads run on a fixed number of threads, each owning one read-only
+//! connection, fed from one queue. A burst of reads (thousands of syncs at
+//! once) waits in that queue instead of spawning a thread and a connection
+//! each, which would cost memory per waiting client.
 //!
 //! SQLite allows one writer at a time, so every write goes through a single
 //! thread. It takes whatever writes have queued up while the previous batch was
@@ -7,7 +12,7 @@
 //! after that commit, so an acknowledged write is durable.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -22,7 +27,9 @@ use tokio::sync::oneshot;
 
 const SCHEMA_VERSION: i64 = 1;
 const MAX_BATCH: usize = 512;
-const MAX_IDLE_READERS: usize = 16;
+/// Reader threads: SQLite reads are short and CPU-bound, so a few more than
+/// the cores keep them busy while one waits on the disk.
+const READER_THREADS: usize = 4;
 
 /// Hands out stream positions inside the writer thread.
 pub(crate) struct Positions {
@@ -38,12 +45,12 @@ impl Positions {
 }
 
 type Reply = Box<dyn FnOnce(StoreResult<()>) + Send>;
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 type WriteJob = Box<dyn FnOnce(&Connection, &mut Positions) -> (bool, Reply) + Send>;
 
 pub(crate) struct Engine {
-    path: PathBuf,
     writer: Mutex<Option<mpsc::Sender<WriteJob>>>,
-    readers: Mutex<Vec<Connection>>,
+    readers: Mutex<Option<mpsc::Sender<ReadJob>>>,
     committed: Arc<AtomicU64>,
 }
 
@@ -94,10 +101,31 @@ impl Engine {
             .name("kabar-sqlite-writer".into())
             .spawn(move || writer_loop(conn, rx, committed_w, last as u64))
             .map_err(backend)?;
+        let (read_tx, read_rx) = mpsc::channel::<ReadJob>();
+        let read_rx = Arc::new(Mutex::new(read_rx));
+        for i in 0..READER_THREADS {
+            let conn = open(path, false)?;
+            let rx = read_rx.clone();
+            thread::Builder::new()
+                .name(format!("kabar-sqlite-reader-{i}"))
+                .spawn(move || {
+                    loop {
+                        // The lock is held only while waiting for the next job.
+                        let job = match rx.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(&conn),
+                            Err(_) => return,
+                        }
+                    }
+                })
+                .map_err(backend)?;
+        }
         Ok(Self {
-            path: path.to_owned(),
             writer: Mutex::new(Some(tx)),
-            readers: Mutex::new(Vec::new()),
+            readers: Mutex::new(Some(read_tx)),
             committed,
         })
     }
@@ -130,32 +158,29 @@ impl Engine {
         rx.await.map_err(|_| backend("writer thread stopped"))?
     }
 
-    /// Runs `f` on a reader connection on the blocking pool.
-    pub(crate) async fn read<R: Send + 'static>(
-        self: &Arc<Self>,
-        f: impl FnOnce(&Connection) -> StoreResult<R> + Send + 'static,
-    ) -> StoreResult<R> {
-        let engine = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = match engine.readers.lock().map_err(backend)?.pop() {
-                Some(c) => c,
-                None => open(&engine.path, false)?,
-            };
-            let result = f(&conn);
-            let mut pool = engine.readers.lock().map_err(backend)?;
-            if pool.len() < MAX_IDLE_READERS {
-                pool.push(conn);
-            }
-            result
-        })
-        .await
-        .map_err(backend)?
+    /// Runs `f` on one of the reader threads.
+    pub(crate) async fn read<R: Send + 'static>(&self, f: impl FnOnce(&Connection) -> StoreResult<R> + Send + 'static) -> StoreResult<R> {
+        let (tx, rx) = oneshot::channel();
+        let job: ReadJob = Box::new(move |conn| {
+            let _ = tx.send(f(conn));
+        });
+        let sender = self
+            .readers
+            .lock()
+            .map_err(backend)?
+            .clone()
+            .ok_or_else(|| backend("store is closed"))?;
+        sender.send(job).map_err(|_| backend("reader threads stopped"))?;
+        rx.await.map_err(|_| backend("reader threads stopped"))?
     }
 
     /// Stops accepting writes; the writer thread finishes what is queued.
     pub(crate) fn close(&self) {
         if let Ok(mut w) = self.writer.lock() {
             w.take();
+        }
+        if let Ok(mut r) = self.readers.lock() {
+            r.take();
         }
     }
 }
