@@ -41,7 +41,8 @@ CREATE TABLE events (
     rel_type    TEXT,
     redacted_by TEXT
 );
-CREATE INDEX events_by_room ON events (room_id, pos);
+-- Covers room timelines and unread counts without touching the table rows.
+CREATE INDEX events_by_room ON events (room_id, pos, kind, sender);
 CREATE INDEX events_members ON events (room_id, state_key, pos) WHERE kind = 'm.room.member';
 CREATE INDEX events_by_relation ON events (relates_to, rel_type, pos) WHERE relates_to IS NOT NULL;
 CREATE UNIQUE INDEX events_by_txn ON events (sender, txn_device, txn_id) WHERE txn_id IS NOT NULL;
