@@ -2,15 +2,15 @@
 //! for the next change.
 
 use std::{
-    collections::{BTreeMap, HashSet},
-    sync::Arc,
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use kabar_domain::{SyncToken, client_event::to_client_event, membership::Membership};
 use kabar_store::{Direction, EventRange, MembershipRecord, Session, Store, StoredEvent, StreamPos};
 use ruma::{
-    OwnedRoomId, RoomId, UserId,
+    OwnedRoomId, OwnedUserId, RoomId, UserId,
     api::client::filter::{FilterDefinition, RoomEventFilter},
 };
 use serde_json::{Map, Value, json};
@@ -46,7 +46,20 @@ pub struct SyncEngine {
     rooms: Arc<Rooms>,
     notifier: Arc<Notifier>,
     ephemeral: Arc<Ephemeral>,
+    unread: Mutex<HashMap<(OwnedUserId, OwnedRoomId), UnreadEntry>>,
 }
+
+/// An unread count and the stream position it was counted up to.
+#[derive(Debug, Clone, Copy)]
+struct UnreadEntry {
+    counted_upto: StreamPos,
+    count: u64,
+}
+
+/// Unread counts stop at this; clients show "999+".
+const UNREAD_CAP: usize = 1000;
+/// Bound on remembered unread counts; past it they are recounted from the store.
+const MAX_UNREAD_ENTRIES: usize = 1_000_000;
 
 /// Whether a type matches a filter pattern, where a trailing `*` matches any suffix.
 fn type_matches(pattern: &str, kind: &str) -> bool {
@@ -110,6 +123,7 @@ impl SyncEngine {
             rooms,
             notifier,
             ephemeral,
+            unread: Mutex::new(HashMap::new()),
         }
     }
 
@@ -388,18 +402,11 @@ impl SyncEngine {
         }
 
         // Unread count: messages from others after the user's own read receipt.
-        let mut read_pos: StreamPos = 0;
-        for kind in ["m.read", "m.read.private"] {
-            if let Some(r) = self.store.receipt(room_id, user, kind).await?
-                && let Some(e) = self.store.event(&r.event_id).await?
-            {
-                read_pos = read_pos.max(e.pos);
-            }
-        }
-        let unread = self
-            .store
-            .count_events_after(room_id, read_pos, user, NOTIFYING_TYPES, 1000)
-            .await?;
+        let my_receipt_moved = full
+            || receipts
+                .iter()
+                .any(|r| r.user_id == user && r.thread_id.is_none() && matches!(r.receipt_type.as_str(), "m.read" | "m.read.private"));
+        let unread = self.unread_count(user, room_id, upto.stream, my_receipt_moved).await?;
 
         let (joined, invited) = {
             let r = room.lock().await;
@@ -413,6 +420,49 @@ impl SyncEngine {
             "unread_notifications": { "notification_count": unread, "highlight_count": 0 },
             "summary": { "m.joined_member_count": joined, "m.invited_member_count": invited },
         })))
+    }
+
+    /// Counts unread messages incrementally: the last count is kept per user and
+    /// room, and only events after it are counted, until the read receipt moves.
+    async fn unread_count(&self, user: &UserId, room_id: &RoomId, upto: StreamPos, receipt_moved: bool) -> Result<u64> {
+        let key = (user.to_owned(), room_id.to_owned());
+        let cached = self.unread.lock().expect("unread lock").get(&key).copied();
+        let entry = match cached {
+            Some(e) if !receipt_moved && e.counted_upto <= upto => {
+                let more = if upto > e.counted_upto {
+                    self.store
+                        .count_events_between(room_id, e.counted_upto, upto, user, NOTIFYING_TYPES, UNREAD_CAP)
+                        .await?
+                } else {
+                    0
+                };
+                UnreadEntry {
+                    counted_upto: upto,
+                    count: (e.count + more).min(UNREAD_CAP as u64),
+                }
+            }
+            _ => {
+                let mut read_pos: StreamPos = 0;
+                for kind in ["m.read", "m.read.private"] {
+                    if let Some(r) = self.store.receipt(room_id, user, kind).await?
+                        && let Some(e) = self.store.event(&r.event_id).await?
+                    {
+                        read_pos = read_pos.max(e.pos);
+                    }
+                }
+                let count = self
+                    .store
+                    .count_events_between(room_id, read_pos, upto, user, NOTIFYING_TYPES, UNREAD_CAP)
+                    .await?;
+                UnreadEntry { counted_upto: upto, count }
+            }
+        };
+        let mut map = self.unread.lock().expect("unread lock");
+        if map.len() >= MAX_UNREAD_ENTRIES {
+            map.clear();
+        }
+        map.insert(key, entry);
+        Ok(entry.count)
     }
 
     async fn presence(&self, user: &UserId, shared_rooms: &[OwnedRoomId], since: u64) -> Vec<Value> {

@@ -93,11 +93,13 @@ pub trait RoomStore: Send + Sync {
     async fn membership_at(&self, room_id: &RoomId, user_id: &UserId, at: StreamPos) -> StoreResult<Option<MembershipRecord>>;
     /// Every membership event of `user_id` in the room, oldest first.
     async fn membership_history(&self, room_id: &RoomId, user_id: &UserId) -> StoreResult<Vec<MembershipRecord>>;
-    /// How many events of the given types others sent in the room after `after`, at most `cap`.
-    async fn count_events_after(
+    /// How many events of the given types others sent in the room at positions
+    /// in `(after, until]`, counting at most `cap`.
+    async fn count_events_between(
         &self,
         room_id: &RoomId,
         after: StreamPos,
+        until: StreamPos,
         not_sender: &UserId,
         kinds: &[&str],
         cap: usize,
