@@ -26,6 +26,18 @@ impl ApiError {
     }
 }
 
+/// The error and its causes on one line (reqwest's own message hides the cause).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 /// How to reach the server.
 #[derive(Clone)]
 pub struct Target {
@@ -46,9 +58,12 @@ impl Target {
     }
 
     pub fn builder() -> reqwest::ClientBuilder {
+        // Idle connections are capped: a setup phase of thousands of sign-ups must
+        // not leave thousands of sockets open on both sides (file descriptors
+        // are limited, here to 20,000 a process).
         reqwest::Client::builder()
             .timeout(Duration::from_secs(120))
-            .pool_max_idle_per_host(usize::MAX)
+            .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
     }
 
@@ -67,7 +82,7 @@ impl Target {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req.send().await.map_err(|e| ApiError::Transport(e.to_string()))?;
+        let resp = req.send().await.map_err(|e| ApiError::Transport(error_chain(&e)))?;
         let status = resp.status().as_u16();
         let bytes = resp.bytes().await.map_err(|e| ApiError::Transport(e.to_string()))?;
         Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))

@@ -234,7 +234,14 @@ pub async fn follow(
                 }
             }
             Err(e) => {
-                count_error(&mut errors.lock().expect("errors lock"), e.kind());
+                {
+                    let mut errors = errors.lock().expect("errors lock");
+                    if errors.get(&e.kind()).copied().unwrap_or(0) < 3 {
+                        // A few samples on stderr say what the counts mean.
+                        eprintln!("sync error for member {member}: {e}");
+                    }
+                    count_error(&mut errors, e.kind());
+                }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }

@@ -109,9 +109,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let key = store.signing_key(EventSigner::generate_key()).await?;
     let signer = Arc::new(EventSigner::new(server_name.clone(), &key, "kabar1")?);
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
+    let listener = bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
     let bound = listener.local_addr()?;
     let policy = match config.registration.mode.as_str() {
         "open" => RegistrationPolicy::Open,
@@ -193,6 +191,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("shut down");
     Ok(())
+}
+
+/// How many connections may wait to be accepted. tokio's default (1024) is
+/// too small for a crowd arriving at once: the kernel drops the excess SYNs
+/// and clients stall for seconds in TCP retransmission. The kernel caps this
+/// at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 65_535;
+
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 async fn shutdown_signal() {
