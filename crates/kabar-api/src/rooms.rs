@@ -345,20 +345,7 @@ async fn put_state(rooms: &Rooms, s: &Session, room: &str, kind: String, state_k
 pub async fn state_route(State(rooms): State<Arc<Rooms>>, Auth(s): Auth, PathParams(room): PathParams<String>) -> ApiResult<Json<Value>> {
     let room = rooms.check_can_read(&s.user_id, &room_id(&room)?).await?;
     let r = room.lock().await;
-    let events: Vec<Value> = r
-        .state_entries()
-        .map(|e| {
-            client_event(
-                &kabar_store::StoredEvent {
-                    pos: e.pos,
-                    pdu: e.pdu.clone(),
-                    txn: None,
-                    redacted_by: None,
-                },
-                &s,
-            )
-        })
-        .collect();
+    let events: Vec<Value> = r.state_entries().map(|e| client_event(&e.to_stored(), &s)).collect();
     Ok(Json(Value::Array(events)))
 }
 
@@ -372,15 +359,7 @@ async fn get_state(rooms: &Rooms, s: &Session, room: &str, kind: &str, key: &str
     let r = room.lock().await;
     let e = r.state(kind, key).ok_or_else(|| ApiError::not_found("state event not found"))?;
     if format.as_deref() == Some("event") {
-        return Ok(Json(client_event(
-            &kabar_store::StoredEvent {
-                pos: e.pos,
-                pdu: e.pdu.clone(),
-                txn: None,
-                redacted_by: None,
-            },
-            s,
-        )));
+        return Ok(Json(client_event(&e.to_stored(), s)));
     }
     Ok(Json(e.pdu.content_value()))
 }
@@ -525,17 +504,7 @@ pub async fn context_route(
         .lock()
         .await
         .state_entries()
-        .map(|e| {
-            client_event(
-                &kabar_store::StoredEvent {
-                    pos: e.pos,
-                    pdu: e.pdu.clone(),
-                    txn: None,
-                    redacted_by: None,
-                },
-                &s,
-            )
-        })
+        .map(|e| client_event(&e.to_stored(), &s))
         .collect();
     Ok(Json(json!({
         "event": client_event(&ev, &s),
@@ -569,17 +538,7 @@ pub async fn members_route(
             let m = Membership::from_content(e.pdu.content.get()).map(|m| m.as_str());
             q.membership.as_deref().is_none_or(|want| m == Some(want)) && q.not_membership.as_deref().is_none_or(|not| m != Some(not))
         })
-        .map(|e| {
-            client_event(
-                &kabar_store::StoredEvent {
-                    pos: e.pos,
-                    pdu: e.pdu.clone(),
-                    txn: None,
-                    redacted_by: None,
-                },
-                &s,
-            )
-        })
+        .map(|e| client_event(&e.to_stored(), &s))
         .collect();
     Ok(Json(json!({ "chunk": chunk })))
 }

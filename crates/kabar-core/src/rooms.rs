@@ -43,6 +43,18 @@ pub struct StateEntry {
     pub pos: StreamPos,
 }
 
+impl StateEntry {
+    /// The entry as a stored event, for the client-event serializer.
+    pub fn to_stored(&self) -> StoredEvent {
+        StoredEvent {
+            pos: self.pos,
+            pdu: self.pdu.clone(),
+            txn: None,
+            redacted_by: None,
+        }
+    }
+}
+
 /// A room's cached current state and head.
 pub struct RoomCache {
     pub record: RoomRecord,

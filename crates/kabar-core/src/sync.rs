@@ -350,13 +350,7 @@ impl SyncEngine {
                     in_gap
                 };
                 if wanted && filter_allows(state_filter, entry.pdu.kind.to_string().as_str(), &entry.pdu.sender) {
-                    let e = StoredEvent {
-                        pos: entry.pos,
-                        pdu: entry.pdu.clone(),
-                        txn: None,
-                        redacted_by: None,
-                    };
-                    state.push(client_event(&e, session));
+                    state.push(client_event(&entry.to_stored(), session));
                 }
             }
         }
