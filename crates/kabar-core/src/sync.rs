@@ -338,19 +338,35 @@ impl SyncEngine {
         let mut state = vec![];
         if full || limited || (lazy_members && !timeline_senders.is_empty()) {
             let r = room.lock().await;
-            for entry in r.state_entries() {
-                if entry.pos > upto.stream || timeline_ids.contains(&entry.pdu.event_id) {
-                    continue;
-                }
-                let in_gap = full || (limited && entry.pos > since.stream && entry.pos < first_pos);
-                let key = entry.pdu.state_key.as_deref().unwrap_or_default();
-                let wanted = if lazy_members && entry.pdu.kind == ruma::events::TimelineEventType::RoomMember {
-                    timeline_senders.contains(key) || (full && key == user.as_str())
-                } else {
-                    in_gap
-                };
-                if wanted && filter_allows(state_filter, entry.pdu.kind.to_string().as_str(), &entry.pdu.sender) {
+            let mut add = |entry: &crate::rooms::StateEntry| {
+                if entry.pos <= upto.stream
+                    && !timeline_ids.contains(&entry.pdu.event_id)
+                    && filter_allows(state_filter, entry.pdu.kind.to_string().as_str(), &entry.pdu.sender)
+                {
                     state.push(client_event(&entry.to_stored(), session));
+                }
+            };
+            if full || limited {
+                for entry in r.state_entries() {
+                    if lazy_members && entry.pdu.kind == ruma::events::TimelineEventType::RoomMember {
+                        continue;
+                    }
+                    if full || (entry.pos > since.stream && entry.pos < first_pos) {
+                        add(entry);
+                    }
+                }
+            }
+            if lazy_members {
+                // Looked up one by one: walking every member of a huge room on
+                // every wake-up would make a send cost members squared.
+                let mut wanted: std::collections::BTreeSet<&str> = timeline_senders.iter().map(String::as_str).collect();
+                if full {
+                    wanted.insert(user.as_str());
+                }
+                for key in wanted {
+                    if let Some(entry) = r.state("m.room.member", key) {
+                        add(entry);
+                    }
                 }
             }
         }
