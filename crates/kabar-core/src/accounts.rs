@@ -52,7 +52,7 @@ pub struct Accounts {
     store: Arc<dyn Store>,
     hasher: Arc<PasswordHasher>,
     server_name: OwnedServerName,
-    policy: Mutex<RegistrationPolicy>,
+    policy: RegistrationPolicy,
     uia: UiaSessions,
     /// token hash -> session; cleared whole whenever a token is revoked.
     token_cache: Mutex<HashMap<String, Session>>,
@@ -87,7 +87,7 @@ impl Accounts {
             store,
             hasher,
             server_name,
-            policy: Mutex::new(policy),
+            policy,
             uia: UiaSessions::new(),
             token_cache: Mutex::new(HashMap::new()),
         }
@@ -95,14 +95,6 @@ impl Accounts {
 
     pub fn server_name(&self) -> &ruma::ServerName {
         &self.server_name
-    }
-
-    pub fn set_policy(&self, policy: RegistrationPolicy) {
-        *self.policy.lock().expect("policy lock") = policy;
-    }
-
-    fn policy(&self) -> RegistrationPolicy {
-        *self.policy.lock().expect("policy lock")
     }
 
     fn user_id(&self, localpart: &str) -> Result<OwnedUserId> {
@@ -134,7 +126,7 @@ impl Accounts {
     }
 
     pub async fn register(&self, req: RegistrationRequest) -> Result<LoggedIn> {
-        let flows: &[&[&'static str]] = match self.policy() {
+        let flows: &[&[&'static str]] = match self.policy {
             RegistrationPolicy::Closed => return Err(Error::RegistrationDisabled),
             RegistrationPolicy::Open => &[&["m.login.dummy"], &["m.login.registration_token"]],
             RegistrationPolicy::TokenRequired => &[&["m.login.registration_token"]],

@@ -543,39 +543,6 @@ impl RoomStore for SqliteStore {
             .await
     }
 
-    async fn membership_at(&self, room_id: &RoomId, user_id: &UserId, at: StreamPos) -> StoreResult<Option<MembershipRecord>> {
-        let (room, user) = (room_id.to_string(), user_id.to_string());
-        self.engine
-            .read(move |c| {
-                let row: Option<(String, i64, String, String)> = c
-                    .prepare_cached(
-                        "SELECT room_id, pos, event_id, json FROM events
-                         WHERE room_id = ?1 AND kind = 'm.room.member' AND state_key = ?2 AND pos <= ?3 ORDER BY pos DESC LIMIT 1",
-                    )
-                    .map_err(backend)?
-                    .query_row(params![room, user, at.min(i64::MAX as u64) as i64], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                    })
-                    .optional()
-                    .map_err(corrupt)?;
-                let Some((room_id, pos, event_id, json)) = row else {
-                    return Ok(None);
-                };
-                let v: serde_json::Value = serde_json::from_str(&json).map_err(corrupt)?;
-                let membership = v["content"]["membership"]
-                    .as_str()
-                    .and_then(Membership::parse)
-                    .unwrap_or(Membership::Leave);
-                Ok(Some(MembershipRecord {
-                    room_id: OwnedRoomId::try_from(room_id).map_err(corrupt)?,
-                    membership,
-                    pos: pos as u64,
-                    event_id: OwnedEventId::try_from(event_id).map_err(corrupt)?,
-                }))
-            })
-            .await
-    }
-
     async fn membership_history(&self, room_id: &RoomId, user_id: &UserId) -> StoreResult<Vec<MembershipRecord>> {
         let (room, user) = (room_id.to_string(), user_id.to_string());
         self.engine
@@ -637,24 +604,6 @@ impl RoomStore for SqliteStore {
                     .map_err(backend)?
                     .collect::<Result<_, _>>()
                     .map_err(corrupt)
-            })
-            .await
-    }
-
-    async fn room_members(&self, room_id: &RoomId, membership: Option<Membership>) -> StoreResult<Vec<(OwnedUserId, Membership)>> {
-        let (room, m) = (room_id.to_string(), membership.map(|m| m.as_str()));
-        self.engine
-            .read(move |c| {
-                let mut st = c
-                    .prepare_cached("SELECT user_id, membership FROM memberships WHERE room_id = ?1 AND (?2 IS NULL OR membership = ?2) ORDER BY user_id")
-                    .map_err(backend)?;
-                st.query_map(params![room, m], |r| {
-                    let m: String = r.get(1)?;
-                    Ok((parse(r.get(0)?)?, Membership::parse(&m).unwrap_or(Membership::Leave)))
-                })
-                .map_err(backend)?
-                .collect::<Result<_, _>>()
-                .map_err(corrupt)
             })
             .await
     }

@@ -89,8 +89,6 @@ pub trait RoomStore: Send + Sync {
     /// the position of their latest reply.
     async fn thread_roots(&self, room_id: &RoomId, limit: usize) -> StoreResult<Vec<(OwnedEventId, StreamPos)>>;
     async fn current_state(&self, room_id: &RoomId) -> StoreResult<Vec<StoredEvent>>;
-    /// The membership event of `user_id` in force at stream position `at`.
-    async fn membership_at(&self, room_id: &RoomId, user_id: &UserId, at: StreamPos) -> StoreResult<Option<MembershipRecord>>;
     /// Every membership event of `user_id` in the room, oldest first.
     async fn membership_history(&self, room_id: &RoomId, user_id: &UserId) -> StoreResult<Vec<MembershipRecord>>;
     /// How many events of the given types others sent in the room at positions
@@ -106,8 +104,6 @@ pub trait RoomStore: Send + Sync {
     ) -> StoreResult<u64>;
     /// Current memberships of a user, in every room they have one in.
     async fn memberships(&self, user_id: &UserId) -> StoreResult<Vec<MembershipRecord>>;
-    /// Current members of a room with the given membership.
-    async fn room_members(&self, room_id: &RoomId, membership: Option<Membership>) -> StoreResult<Vec<(OwnedUserId, Membership)>>;
     /// Drops a left room from the user's lists (`/forget`).
     async fn forget_room(&self, user_id: &UserId, room_id: &RoomId) -> StoreResult<()>;
 

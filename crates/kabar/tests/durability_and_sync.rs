@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Server, http};
+use common::{Server, enc, http};
 use futures::{StreamExt, stream};
 use serde_json::{Value, json};
 
@@ -38,10 +38,6 @@ async fn setup(server: &Server) -> (String, String) {
     let token = r["access_token"].as_str().unwrap().to_owned();
     let room = post(format!("{}/_matrix/client/v3/createRoom", server.url), Some(&token), json!({})).await;
     (token, room["room_id"].as_str().unwrap().to_owned())
-}
-
-fn enc(s: &str) -> String {
-    s.replace('!', "%21").replace(':', "%3A")
 }
 
 /// Every message in the room, oldest first, by paging backwards.

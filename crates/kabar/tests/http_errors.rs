@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Server, http};
+use common::{Server, enc, http};
 use serde_json::{Value, json};
 
 struct User {
@@ -60,14 +60,6 @@ async fn create_room(server: &Server, u: &User) -> String {
     .await;
     assert_eq!(s, 200, "{v}");
     v["room_id"].as_str().unwrap().to_owned()
-}
-
-fn enc(s: &str) -> String {
-    s.replace('!', "%21")
-        .replace(':', "%3A")
-        .replace('$', "%24")
-        .replace('@', "%40")
-        .replace('#', "%23")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -123,6 +123,19 @@ pub async fn registered(url: &str, name: &str) -> Client {
     c
 }
 
+/// Percent-encodes a path or query component (room ids, aliases, filters).
+pub fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 /// A plain HTTP client for requests a Matrix SDK would never send.
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder()
