@@ -171,11 +171,7 @@ pub async fn forget_route(
             "leave the room before forgetting it",
         ));
     }
-    rooms
-        .store()
-        .forget_room(&s.user_id, &room_id)
-        .await
-        .map_err(kabar_core::Error::from)?;
+    rooms.forget(&s.user_id, &room_id).await?;
     Ok(Json(json!({})))
 }
 

@@ -33,6 +33,9 @@ struct RoomTyping {
 
 pub struct Ephemeral {
     serial: AtomicU64,
+    /// The serial of the latest presence change of anyone, so that a sync can
+    /// skip looking at its rooms' members when nobody's presence changed.
+    last_presence_change: AtomicU64,
     typing: Mutex<HashMap<OwnedRoomId, RoomTyping>>,
     presence: Mutex<HashMap<OwnedUserId, PresenceState>>,
     notifier: Arc<Notifier>,
@@ -42,6 +45,7 @@ impl Ephemeral {
     pub fn new(notifier: Arc<Notifier>) -> Self {
         Self {
             serial: AtomicU64::new(1),
+            last_presence_change: AtomicU64::new(0),
             typing: Mutex::default(),
             presence: Mutex::default(),
             notifier,
@@ -91,11 +95,19 @@ impl Ephemeral {
     }
 
     pub fn set_presence(&self, user_id: &UserId, presence: &str, status_msg: Option<String>) {
-        let serial = self.bump();
         let mut map = self.presence.lock().expect("presence lock");
-        let changed = map
-            .get(user_id)
-            .is_none_or(|p| p.presence != presence || (status_msg.is_some() && p.status_msg != status_msg));
+        if let Some(p) = map.get_mut(user_id)
+            && p.presence == presence
+            && (status_msg.is_none() || p.status_msg == status_msg)
+        {
+            // Being active again is not news: only a change moves the serial.
+            p.last_active = Instant::now();
+            return;
+        }
+        // Marked as changing before the serial moves: a sync that reads the new
+        // serial must not find the old `last_presence_change` and skip this.
+        self.last_presence_change.store(u64::MAX, Ordering::Release);
+        let serial = self.bump();
         let entry = map.entry(user_id.to_owned()).or_insert_with(|| PresenceState {
             presence: presence.to_owned(),
             status_msg: None,
@@ -103,13 +115,17 @@ impl Ephemeral {
             serial,
         });
         entry.last_active = Instant::now();
-        if changed {
-            entry.presence = presence.to_owned();
-            if status_msg.is_some() {
-                entry.status_msg = status_msg;
-            }
-            entry.serial = serial;
+        entry.presence = presence.to_owned();
+        if status_msg.is_some() {
+            entry.status_msg = status_msg;
         }
+        entry.serial = serial;
+        self.last_presence_change.store(serial, Ordering::Release);
+    }
+
+    /// Whether anyone's presence may have changed after `since`.
+    pub fn presence_changed_since(&self, since: u64) -> bool {
+        since > self.serial() || self.last_presence_change.load(Ordering::Acquire) > since
     }
 
     pub fn presence(&self, user_id: &UserId) -> Option<PresenceState> {
@@ -142,5 +158,19 @@ mod tests {
         assert!(e.typing_since(room_id!("!r:x"), seen).is_none(), "nothing new since");
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(e.typing_since(room_id!("!r:x"), seen).unwrap().len(), 0, "expiry is reported");
+    }
+
+    #[test]
+    fn only_a_presence_change_is_news() {
+        let e = Ephemeral::new(Arc::new(Notifier::new()));
+        e.set_presence(user_id!("@a:x"), "online", None);
+        let seen = e.serial();
+        assert!(!e.presence_changed_since(seen));
+        e.set_presence(user_id!("@a:x"), "online", None);
+        assert!(!e.presence_changed_since(seen), "being active again is not a change");
+        assert_eq!(e.serial(), seen);
+        e.set_presence(user_id!("@a:x"), "unavailable", None);
+        assert!(e.presence_changed_since(seen));
+        assert_eq!(e.presence_since([user_id!("@a:x")], seen).len(), 1);
     }
 }

@@ -6,6 +6,7 @@
 //! rules in `kabar-domain`.
 
 pub mod accounts;
+pub mod changes;
 pub mod ephemeral;
 pub mod error;
 pub mod media;

@@ -8,7 +8,7 @@
 //! in parallel and share the store's group commits.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{Arc, Mutex},
 };
 
@@ -22,19 +22,28 @@ use kabar_store::{AppendOutcome, Direction, EventRange, EventWrite, RoomRecord, 
 use rand::{Rng, distributions::Alphanumeric};
 use ruma::{
     EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId,
-    events::room::power_levels::{RoomPowerLevels, RoomPowerLevelsEventContent, RoomPowerLevelsSource},
+    events::{
+        TimelineEventType,
+        room::power_levels::{RoomPowerLevels, RoomPowerLevelsEventContent, RoomPowerLevelsSource},
+    },
     room_version_rules::RoomVersionRules,
 };
 use serde_json::{Value, json};
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::{
+    changes::Changes,
     error::{Error, Result},
     notifier::Notifier,
 };
 
 /// Room versions this server creates and serves.
 pub const SUPPORTED_ROOM_VERSIONS: [RoomVersionId; 3] = [RoomVersionId::V10, RoomVersionId::V11, RoomVersionId::V12];
+
+/// How many of a room's newest events stay in memory. A sync that is at most
+/// this far behind reads its timeline (and counts unread messages) without the
+/// store; one that is further behind goes to the store.
+const RECENT_EVENTS: usize = 64;
 
 /// One piece of current state with the stream position it was set at.
 #[derive(Debug, Clone)]
@@ -67,6 +76,10 @@ pub struct RoomCache {
     /// How many users hold each membership, kept up to date by `apply` so that
     /// big rooms are not walked on every sync.
     member_counts: HashMap<Membership, usize>,
+    /// The room's newest events, oldest first.
+    recent: VecDeque<Arc<StoredEvent>>,
+    /// Every event of the room after this position is in `recent`.
+    recent_after: StreamPos,
 }
 
 impl RoomCache {
@@ -150,6 +163,51 @@ impl RoomCache {
             |id| by_id.get(id).copied(),
         )?;
         Ok(pdu)
+    }
+
+    /// The newest `limit` events in `(after, until]`, oldest first, and whether
+    /// there were more; `None` when the in-memory window does not reach back to
+    /// `after` and the store must be asked.
+    pub fn recent_events(&self, after: StreamPos, until: StreamPos, limit: usize) -> Option<(Vec<Arc<StoredEvent>>, bool)> {
+        if after < self.recent_after {
+            return None;
+        }
+        let in_range = self.recent.iter().rev().filter(|e| e.pos > after && e.pos <= until);
+        let mut events: Vec<Arc<StoredEvent>> = in_range.take(limit + 1).cloned().collect();
+        let more = events.len() > limit;
+        events.truncate(limit);
+        events.reverse();
+        Some((events, more))
+    }
+
+    /// Counts events in `(after, until]` of the given types not sent by `not_sender`,
+    /// up to `cap`; `None` when the window does not reach back to `after`.
+    pub fn count_recent(&self, after: StreamPos, until: StreamPos, not_sender: &UserId, kinds: &[&str], cap: usize) -> Option<usize> {
+        if after < self.recent_after {
+            return None;
+        }
+        let kinds: Vec<TimelineEventType> = kinds.iter().map(|k| TimelineEventType::from(*k)).collect();
+        let matching = self
+            .recent
+            .iter()
+            .filter(|e| e.pos > after && e.pos <= until && e.pdu.sender != not_sender && kinds.contains(&e.pdu.kind));
+        Some(matching.take(cap).count())
+    }
+
+    fn remember(&mut self, event: StoredEvent) {
+        if event.pdu.kind == ruma::events::TimelineEventType::RoomRedaction {
+            // The redacted event may be in the window; rather than rewrite it,
+            // start the window afresh after the redaction.
+            self.recent.clear();
+            self.recent_after = event.pos;
+            return;
+        }
+        self.recent.push_back(Arc::new(event));
+        while self.recent.len() > RECENT_EVENTS {
+            if let Some(old) = self.recent.pop_front() {
+                self.recent_after = old.pos;
+            }
+        }
     }
 
     pub fn member_count(&self, membership: Membership) -> usize {
@@ -236,6 +294,7 @@ pub struct Rooms {
     store: Arc<dyn Store>,
     signer: Arc<EventSigner>,
     notifier: Arc<Notifier>,
+    changes: Arc<Changes>,
     default_version: RoomVersionId,
     rooms: Mutex<HashMap<OwnedRoomId, Arc<AsyncMutex<RoomCache>>>>,
 }
@@ -257,11 +316,18 @@ fn relation_of(content: &Value) -> Option<(OwnedEventId, String)> {
 }
 
 impl Rooms {
-    pub fn new(store: Arc<dyn Store>, signer: Arc<EventSigner>, notifier: Arc<Notifier>, default_version: RoomVersionId) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        signer: Arc<EventSigner>,
+        notifier: Arc<Notifier>,
+        changes: Arc<Changes>,
+        default_version: RoomVersionId,
+    ) -> Self {
         Self {
             store,
             signer,
             notifier,
+            changes,
             default_version,
             rooms: Mutex::new(HashMap::new()),
         }
@@ -318,6 +384,8 @@ impl Rooms {
             depth,
             last_pos,
             member_counts,
+            recent: VecDeque::new(),
+            recent_after: last_pos,
         }));
         Ok(self
             .rooms
@@ -366,11 +434,16 @@ impl Rooms {
             None => None,
         };
 
+        let member_target = match pdu.kind {
+            TimelineEventType::RoomMember => pdu.state_key.as_deref().and_then(|k| OwnedUserId::try_from(k).ok()),
+            _ => None,
+        };
+        let membership_change = member_target.as_ref().map(|t| self.changes.memberships.begin(t));
         let outcome = self
             .store
             .append_event(EventWrite {
                 pdu: pdu.clone(),
-                txn,
+                txn: txn.clone(),
                 relation,
                 redacted_target,
             })
@@ -379,26 +452,44 @@ impl Rooms {
             AppendOutcome::Appended(pos) => pos,
             AppendOutcome::Duplicate(id) => return Ok((id, 0)),
         };
+        if let Some(change) = membership_change {
+            change.finish(pos);
+        }
         room.apply(&pdu, pos);
+        let event_id = pdu.event_id.clone();
+        room.remember(StoredEvent {
+            pos,
+            pdu,
+            txn,
+            redacted_by: None,
+        });
         self.notifier.room_changed(&room.record.room_id);
-        if pdu.kind == ruma::events::TimelineEventType::RoomMember
-            && let Ok(target) = <&UserId>::try_from(pdu.state_key.as_deref().unwrap_or_default())
-        {
+        if let Some(target) = &member_target {
             self.notifier.user_changed(target);
         }
-        Ok((pdu.event_id, pos))
+        Ok((event_id, pos))
     }
 
     /// Sends an event as `sender`; with a transaction id, a repeat returns the first event.
+    ///
+    /// The store recognises a repeated transaction inside the write itself, so
+    /// the common case (a new transaction) costs no extra read.
     pub async fn send(&self, sender: &UserId, room_id: &RoomId, event: NewEvent, txn: Option<TxnRef>) -> Result<OwnedEventId> {
-        if let Some(t) = &txn
-            && let Some(id) = self.store.event_by_txn(sender, &t.device_id, &t.txn_id).await?
-        {
-            return Ok(id);
-        }
         let room = self.room(room_id).await?;
         let mut room = room.lock().await;
-        Ok(self.append(&mut room, sender, event, txn).await?.0)
+        match self.append(&mut room, sender, event, txn.clone()).await {
+            Ok((event_id, _)) => Ok(event_id),
+            Err(e) => {
+                // A retry of a send that succeeded gets the first event, even if
+                // the sender could no longer send it (they left the room since).
+                if let Some(t) = &txn
+                    && let Some(id) = self.store.event_by_txn(sender, &t.device_id, &t.txn_id).await?
+                {
+                    return Ok(id);
+                }
+                Err(e)
+            }
+        }
     }
 
     pub async fn redact(
@@ -617,6 +708,8 @@ impl Rooms {
             depth: 0,
             last_pos: 0,
             member_counts: HashMap::new(),
+            recent: VecDeque::new(),
+            recent_after: 0,
         };
         let mut pdus = Vec::with_capacity(events.len());
         for ev in events {
@@ -647,10 +740,17 @@ impl Rooms {
                 redacted_target: None,
             })
             .collect();
+        let members: Vec<OwnedUserId> = std::iter::once(creator.to_owned()).chain(req.invite.iter().cloned()).collect();
+        let membership_changes: Vec<_> = members.iter().map(|u| self.changes.memberships.begin(u)).collect();
         let positions = self.store.create_room(room.record.clone(), writes).await?;
+        let last = positions.iter().copied().max().unwrap_or_default();
+        for change in membership_changes {
+            change.finish(last);
+        }
         for (pdu, pos) in pdus.iter().zip(&positions) {
             room.apply(pdu, *pos);
         }
+        room.recent_after = room.last_pos;
         let room_id = room.record.room_id.clone();
         if let Some(a) = alias {
             self.store.set_alias(&a, &room_id, creator).await?;
@@ -832,6 +932,14 @@ impl Rooms {
             });
         }
         Ok(out)
+    }
+
+    /// Forgets a room the user has left: it no longer appears in their sync.
+    pub async fn forget(&self, user: &UserId, room_id: &RoomId) -> Result<()> {
+        let change = self.changes.memberships.begin(&user.to_owned());
+        self.store.forget_room(user, room_id).await?;
+        change.finish(self.store.current_position());
+        Ok(())
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

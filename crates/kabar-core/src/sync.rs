@@ -15,7 +15,13 @@ use ruma::{
 };
 use serde_json::{Map, Value, json};
 
-use crate::{ephemeral::Ephemeral, error::Result, notifier::Notifier, rooms::Rooms};
+use crate::{
+    changes::Changes,
+    ephemeral::Ephemeral,
+    error::Result,
+    notifier::Notifier,
+    rooms::{RoomCache, Rooms},
+};
 
 const DEFAULT_TIMELINE_LIMIT: usize = 10;
 const MAX_TIMELINE_LIMIT: usize = 1000;
@@ -46,8 +52,15 @@ pub struct SyncEngine {
     rooms: Arc<Rooms>,
     notifier: Arc<Notifier>,
     ephemeral: Arc<Ephemeral>,
+    changes: Arc<Changes>,
     unread: Mutex<HashMap<(OwnedUserId, OwnedRoomId), UnreadEntry>>,
+    /// Each user's memberships with the tracker generation they were read at.
+    memberships: Mutex<HashMap<OwnedUserId, CachedMemberships>>,
 }
+
+/// A user's memberships as read from the store, and the generation of the
+/// user's membership changes at the time of the read.
+type CachedMemberships = (u64, Arc<Vec<MembershipRecord>>);
 
 /// An unread count and the stream position it was counted up to.
 #[derive(Debug, Clone, Copy)]
@@ -60,6 +73,8 @@ struct UnreadEntry {
 const UNREAD_CAP: usize = 1000;
 /// Bound on remembered unread counts; past it they are recounted from the store.
 const MAX_UNREAD_ENTRIES: usize = 1_000_000;
+/// Bound on users whose memberships are remembered; past it they are read again.
+const MAX_CACHED_MEMBERSHIPS: usize = 1_000_000;
 
 /// Whether a type matches a filter pattern, where a trailing `*` matches any suffix.
 fn type_matches(pattern: &str, kind: &str) -> bool {
@@ -80,6 +95,11 @@ pub fn filter_allows(filter: &RoomEventFilter, kind: &str, sender: &UserId) -> b
         return false;
     }
     filter.senders.as_ref().is_none_or(|s| s.iter().any(|x| x == sender))
+}
+
+/// Whether a filter with these lists lets no event type through.
+fn excludes_everything(types: Option<&[String]>, not_types: &[String]) -> bool {
+    types.is_some_and(<[String]>::is_empty) || not_types.iter().any(|t| t == "*")
 }
 
 fn room_allowed(filter: &FilterDefinition, room_id: &RoomId) -> bool {
@@ -117,14 +137,43 @@ fn stripped(e: &kabar_domain::Pdu) -> Value {
 }
 
 impl SyncEngine {
-    pub fn new(store: Arc<dyn Store>, rooms: Arc<Rooms>, notifier: Arc<Notifier>, ephemeral: Arc<Ephemeral>) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        rooms: Arc<Rooms>,
+        notifier: Arc<Notifier>,
+        ephemeral: Arc<Ephemeral>,
+        changes: Arc<Changes>,
+    ) -> Self {
         Self {
             store,
             rooms,
             notifier,
             ephemeral,
+            changes,
             unread: Mutex::new(HashMap::new()),
+            memberships: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The user's memberships, from memory unless they changed since last read.
+    async fn memberships(&self, user: &UserId) -> Result<Arc<Vec<MembershipRecord>>> {
+        let key = user.to_owned();
+        let generation = self.changes.memberships.generation(&key);
+        if let Some(generation) = generation
+            && let Some((cached_at, records)) = self.memberships.lock().expect("memberships lock").get(&key)
+            && *cached_at == generation
+        {
+            return Ok(records.clone());
+        }
+        let records = Arc::new(self.store.memberships(user).await?);
+        if let Some(generation) = generation {
+            let mut cache = self.memberships.lock().expect("memberships lock");
+            if cache.len() >= MAX_CACHED_MEMBERSHIPS {
+                cache.clear();
+            }
+            cache.insert(key, (generation, records.clone()));
+        }
+        Ok(records)
     }
 
     /// Answers a `/sync`: at once if there is news (or this is an initial or
@@ -143,7 +192,7 @@ impl SyncEngine {
         }
         let deadline = Instant::now() + req.timeout.min(MAX_TIMEOUT);
         loop {
-            let memberships = self.store.memberships(&session.user_id).await?;
+            let memberships = self.memberships(&session.user_id).await?;
             let watched: Vec<&RoomId> = memberships
                 .iter()
                 .filter(|m| m.membership != Membership::Leave && m.membership != Membership::Ban)
@@ -179,7 +228,11 @@ impl SyncEngine {
             .unwrap_or(DEFAULT_TIMELINE_LIMIT)
             .clamp(1, MAX_TIMELINE_LIMIT);
 
-        let account_data = self.store.account_data_since(user, if initial { 0 } else { since.stream }).await?;
+        let account_data = if initial || self.changes.account_data.changed_since(&user.to_owned(), since.stream) {
+            self.store.account_data_since(user, if initial { 0 } else { since.stream }).await?
+        } else {
+            vec![]
+        };
         let mut room_account_data: BTreeMap<OwnedRoomId, Vec<Value>> = BTreeMap::new();
         let mut global_account_data = vec![];
         for a in account_data.iter().filter(|a| a.pos <= upto.stream) {
@@ -257,7 +310,15 @@ impl SyncEngine {
             }
         }
 
-        let presence = self.presence(user, &shared_rooms, if initial { 0 } else { since.ephemeral }).await;
+        let presence_since = if initial { 0 } else { since.ephemeral };
+        let presence_filter = &filter.presence;
+        let presence = if excludes_everything(presence_filter.types.as_deref(), &presence_filter.not_types)
+            || (!initial && !self.ephemeral.presence_changed_since(presence_since))
+        {
+            vec![]
+        } else {
+            self.presence(user, &shared_rooms, presence_since).await
+        };
         let has_news =
             !join.is_empty() || !invite.is_empty() || !leave.is_empty() || !global_account_data.is_empty() || !presence.is_empty();
         let response = json!({
@@ -286,7 +347,14 @@ impl SyncEngine {
     ) -> Result<Option<Value>> {
         let user = &*session.user_id;
         let room = self.rooms.room(room_id).await?;
-        let last_pos = room.lock().await.last_pos;
+        let (last_pos, recent) = {
+            let r = room.lock().await;
+            // A sync that is only a little behind finds its timeline in memory.
+            let recent = (!full && r.last_pos > since.stream)
+                .then(|| r.recent_events(since.stream, upto.stream, limit))
+                .flatten();
+            (r.last_pos, recent)
+        };
         let timeline_changed = full || last_pos > since.stream;
 
         let mut timeline = vec![];
@@ -296,25 +364,34 @@ impl SyncEngine {
         let mut timeline_senders: HashSet<String> = HashSet::new();
         let mut first_pos = upto.stream + 1;
         if timeline_changed {
-            let after = if full { 0 } else { since.stream };
-            let mut events = self
-                .store
-                .room_events(EventRange {
-                    room_id,
-                    after,
-                    until: upto.stream,
-                    direction: Direction::Backward,
-                    limit: limit + 1,
-                })
-                .await?;
-            limited = events.len() > limit;
-            events.truncate(limit);
-            events.reverse();
-            if full {
-                // A room seen for the first time may hold history from before
-                // the user joined; its history visibility decides what shows.
-                events = self.rooms.filter_visible(user, room_id, events).await?;
-            }
+            let events: Vec<Arc<StoredEvent>> = match recent {
+                Some((events, more)) => {
+                    limited = more;
+                    events
+                }
+                None => {
+                    let after = if full { 0 } else { since.stream };
+                    let mut events = self
+                        .store
+                        .room_events(EventRange {
+                            room_id,
+                            after,
+                            until: upto.stream,
+                            direction: Direction::Backward,
+                            limit: limit + 1,
+                        })
+                        .await?;
+                    limited = events.len() > limit;
+                    events.truncate(limit);
+                    events.reverse();
+                    if full {
+                        // A room seen for the first time may hold history from before
+                        // the user joined; its history visibility decides what shows.
+                        events = self.rooms.filter_visible(user, room_id, events).await?;
+                    }
+                    events.into_iter().map(Arc::new).collect()
+                }
+            };
             if let Some(first) = events.first() {
                 first_pos = first.pos;
                 prev_batch = Some(format!("t{}", first.pos - 1));
@@ -378,7 +455,11 @@ impl SyncEngine {
         {
             ephemeral.push(json!({ "type": "m.typing", "content": { "user_ids": typing } }));
         }
-        let receipts = self.store.receipts_since(room_id, if full { 0 } else { since.stream }).await?;
+        let receipts = if full || self.changes.receipts.changed_since(&room_id.to_owned(), since.stream) {
+            self.store.receipts_since(room_id, if full { 0 } else { since.stream }).await?
+        } else {
+            vec![]
+        };
         let mut receipt_content: Map<String, Value> = Map::new();
         for rc in receipts.iter().filter(|r| r.pos <= upto.stream) {
             if rc.receipt_type == "m.read.private" && rc.user_id != user {
@@ -416,7 +497,7 @@ impl SyncEngine {
             || receipts
                 .iter()
                 .any(|r| r.user_id == user && r.thread_id.is_none() && matches!(r.receipt_type.as_str(), "m.read" | "m.read.private"));
-        let unread = self.unread_count(user, room_id, upto.stream, my_receipt_moved).await?;
+        let unread = self.unread_count(user, room_id, &room, upto.stream, my_receipt_moved).await?;
 
         let (joined, invited) = {
             let r = room.lock().await;
@@ -434,17 +515,31 @@ impl SyncEngine {
 
     /// Counts unread messages incrementally: the last count is kept per user and
     /// room, and only events after it are counted, until the read receipt moves.
-    async fn unread_count(&self, user: &UserId, room_id: &RoomId, upto: StreamPos, receipt_moved: bool) -> Result<u64> {
+    async fn unread_count(
+        &self,
+        user: &UserId,
+        room_id: &RoomId,
+        room: &tokio::sync::Mutex<RoomCache>,
+        upto: StreamPos,
+        receipt_moved: bool,
+    ) -> Result<u64> {
         let key = (user.to_owned(), room_id.to_owned());
         let cached = self.unread.lock().expect("unread lock").get(&key).copied();
         let entry = match cached {
             Some(e) if !receipt_moved && e.counted_upto <= upto => {
-                let more = if upto > e.counted_upto {
+                let recent = || async {
+                    let r = room.lock().await;
+                    r.count_recent(e.counted_upto, upto, user, NOTIFYING_TYPES, UNREAD_CAP)
+                        .map(|n| n as u64)
+                };
+                let more = if upto == e.counted_upto {
+                    0
+                } else if let Some(n) = recent().await {
+                    n
+                } else {
                     self.store
                         .count_events_between(room_id, e.counted_upto, upto, user, NOTIFYING_TYPES, UNREAD_CAP)
                         .await?
-                } else {
-                    0
                 };
                 UnreadEntry {
                     counted_upto: upto,

@@ -9,6 +9,7 @@ use ruma::{EventId, OwnedRoomId, RoomId, UserId, push::Ruleset};
 use serde_json::Value;
 
 use crate::{
+    changes::Changes,
     error::{Error, Result},
     notifier::Notifier,
     now_ms,
@@ -22,12 +23,18 @@ const MAX_ACCOUNT_DATA_BYTES: usize = 64 * 1024;
 pub struct UserData {
     store: Arc<dyn Store>,
     notifier: Arc<Notifier>,
+    changes: Arc<Changes>,
     rooms: Arc<Rooms>,
 }
 
 impl UserData {
-    pub fn new(store: Arc<dyn Store>, notifier: Arc<Notifier>, rooms: Arc<Rooms>) -> Self {
-        Self { store, notifier, rooms }
+    pub fn new(store: Arc<dyn Store>, notifier: Arc<Notifier>, changes: Arc<Changes>, rooms: Arc<Rooms>) -> Self {
+        Self {
+            store,
+            notifier,
+            changes,
+            rooms,
+        }
     }
 
     async fn write_account_data(&self, user: &UserId, room: Option<&RoomId>, kind: &str, content: &Value) -> Result<()> {
@@ -35,7 +42,9 @@ impl UserData {
         if json.len() > MAX_ACCOUNT_DATA_BYTES {
             return Err(Error::TooLarge("account data is larger than 64 KiB".into()));
         }
-        self.store.put_account_data(user, room, kind, &json).await?;
+        let change = self.changes.account_data.begin(&user.to_owned());
+        let pos = self.store.put_account_data(user, room, kind, &json).await?;
+        change.finish(pos);
         self.notifier.user_changed(user);
         Ok(())
     }
@@ -93,7 +102,9 @@ impl UserData {
             let content = serde_json::json!({ "event_id": event_id });
             return self.write_account_data(user, Some(room_id), "m.fully_read", &content).await;
         }
-        self.store
+        let change = self.changes.receipts.begin(&room_id.to_owned());
+        let pos = self
+            .store
             .put_receipt(ReceiptRecord {
                 room_id: room_id.to_owned(),
                 user_id: user.to_owned(),
@@ -104,6 +115,7 @@ impl UserData {
                 pos: 0,
             })
             .await?;
+        change.finish(pos);
         self.notifier.room_changed(room_id);
         Ok(())
     }

@@ -6,17 +6,31 @@ use serde_json::{Map, Value};
 use crate::event::Pdu;
 
 /// Fields of a PDU that clients never see.
+#[cfg(test)]
 const SERVER_ONLY_FIELDS: &[&str] = &["auth_events", "prev_events", "hashes", "signatures", "depth", "origin"];
 
 /// The event as `/sync`, `/messages` and `/event` return it (the "client
 /// event" format, with `room_id`), without `unsigned`.
+///
+/// Built from the parsed fields rather than by re-parsing the whole PDU: a
+/// sync serializes every event once per member, and the signatures, hashes
+/// and graph edges it would parse are exactly what clients never see.
 pub fn to_client_event(pdu: &Pdu) -> Map<String, Value> {
-    let mut obj: Map<String, Value> = serde_json::from_str(&pdu.json).unwrap_or_default();
-    for f in SERVER_ONLY_FIELDS {
-        obj.remove(*f);
-    }
+    let mut obj = Map::new();
+    obj.insert("content".into(), serde_json::from_str(pdu.content.get()).unwrap_or_default());
     obj.insert("event_id".into(), Value::String(pdu.event_id.to_string()));
+    obj.insert("origin_server_ts".into(), Value::from(u64::from(pdu.origin_server_ts.get())));
     obj.insert("room_id".into(), Value::String(pdu.room_id.to_string()));
+    obj.insert("sender".into(), Value::String(pdu.sender.to_string()));
+    obj.insert("type".into(), Value::String(pdu.kind.to_string()));
+    if let Some(key) = &pdu.state_key {
+        obj.insert("state_key".into(), Value::String(key.clone()));
+    }
+    if let Some(redacts) = &pdu.redacts {
+        // Room versions 11 and later carry it in the content; clients written
+        // for older versions look for it at the top level, so it is in both.
+        obj.insert("redacts".into(), Value::String(redacts.to_string()));
+    }
     obj
 }
 
@@ -55,6 +69,11 @@ mod tests {
             assert!(!client.contains_key(*f), "{f}");
         }
         assert_eq!(client["event_id"], pdu.event_id.as_str());
+        assert_eq!(client["room_id"], "!r:localhost");
+        assert_eq!(client["sender"], "@a:localhost");
+        assert_eq!(client["type"], "m.room.message");
+        assert_eq!(client["origin_server_ts"], u64::from(pdu.origin_server_ts.get()));
+        assert!(!client.contains_key("state_key") && !client.contains_key("redacts"));
         assert_eq!(client["content"]["body"], "secret");
         let redacted = redact_pdu(&pdu, &RoomVersionId::V11).unwrap();
         assert!(!redacted.contains("secret"));

@@ -73,7 +73,18 @@ fn open(path: &Path, write: bool) -> StoreResult<Connection> {
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000; PRAGMA foreign_keys=OFF; PRAGMA mmap_size=1073741824;",
     )
     .map_err(backend)?;
+    // Every statement is prepared once per connection and reused: parsing SQL
+    // cost more than running it for the small statements of a send or a sync.
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(conn)
+}
+
+/// More than the number of distinct statements the store runs.
+const STATEMENT_CACHE: usize = 256;
+
+/// Runs one statement through the connection's statement cache.
+pub(crate) fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
 }
 
 impl Engine {
@@ -200,7 +211,7 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteJob>, committed: Arc<At
             }
         }
         let batch_start = positions.next;
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        if let Err(e) = exec(&conn, "BEGIN IMMEDIATE", []) {
             tracing::error!(error = %e, "could not begin write transaction");
             for job in batch {
                 let (_, reply) = job(&conn, &mut positions);
@@ -212,11 +223,13 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteJob>, committed: Arc<At
         let mut replies = Vec::with_capacity(batch.len());
         for job in batch {
             let before = positions.next;
-            let savepoint = conn.execute_batch("SAVEPOINT job");
+            let savepoint = exec(&conn, "SAVEPOINT job", []);
             let (ok, reply) = job(&conn, &mut positions);
             if savepoint.is_ok() {
-                let end = if ok { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
-                let _ = conn.execute_batch(end);
+                if !ok {
+                    let _ = exec(&conn, "ROLLBACK TO job", []);
+                }
+                let _ = exec(&conn, "RELEASE job", []);
             }
             if !ok {
                 positions.next = before;
@@ -224,12 +237,13 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteJob>, committed: Arc<At
             replies.push(reply);
         }
         let last_assigned = positions.next - 1;
-        let commit = conn
-            .execute(
-                "INSERT INTO meta (key, value) VALUES ('stream_pos', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                [last_assigned as i64],
-            )
-            .and_then(|_| conn.execute_batch("COMMIT"));
+        let commit = exec(
+            &conn,
+            "INSERT INTO meta (key, value) VALUES ('stream_pos', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [last_assigned as i64],
+        )
+        .and_then(|_| exec(&conn, "COMMIT", []))
+        .map(|_| ());
         match commit {
             Ok(()) => {
                 committed.store(last_assigned, Ordering::Release);
@@ -239,7 +253,7 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteJob>, committed: Arc<At
             }
             Err(e) => {
                 tracing::error!(error = %e, "group commit failed");
-                let _ = conn.execute_batch("ROLLBACK");
+                let _ = exec(&conn, "ROLLBACK", []);
                 positions.next = batch_start;
                 for reply in replies {
                     reply(Err(backend(&e)));

@@ -10,7 +10,7 @@ mod engine;
 use std::{path::Path, sync::Arc};
 
 use async_trait::async_trait;
-use engine::{Engine, Positions, backend};
+use engine::{Engine, Positions, backend, exec};
 use kabar_domain::Pdu;
 use kabar_store::*;
 use ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId};
@@ -122,11 +122,8 @@ fn insert_event(conn: &Connection, positions: &mut Positions, w: &EventWrite) ->
     let pdu = &w.pdu;
     if let Some(txn) = &w.txn {
         let existing: Option<String> = conn
-            .query_row(
-                "SELECT event_id FROM events WHERE sender = ?1 AND txn_device = ?2 AND txn_id = ?3",
-                params![pdu.sender.as_str(), txn.device_id, txn.txn_id],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT event_id FROM events WHERE sender = ?1 AND txn_device = ?2 AND txn_id = ?3")
+            .and_then(|mut stmt| stmt.query_row(params![pdu.sender.as_str(), txn.device_id, txn.txn_id], |r| r.get(0)))
             .optional()
             .map_err(backend)?;
         if let Some(id) = existing {
@@ -138,7 +135,8 @@ fn insert_event(conn: &Connection, positions: &mut Positions, w: &EventWrite) ->
         Some((id, t)) => (Some(id.as_str()), Some(t.as_str())),
         None => (None, None),
     };
-    conn.execute(
+    exec(
+        conn,
         "INSERT INTO events (pos, event_id, room_id, sender, kind, state_key, json, txn_device, txn_id, relates_to, rel_type)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         params![
@@ -157,7 +155,8 @@ fn insert_event(conn: &Connection, positions: &mut Positions, w: &EventWrite) ->
     )
     .map_err(conflict_or_backend(format!("event {} exists", pdu.event_id)))?;
     if let Some(state_key) = &pdu.state_key {
-        conn.execute(
+        exec(
+            conn,
             "INSERT INTO current_state (room_id, kind, state_key, pos) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (room_id, kind, state_key) DO UPDATE SET pos = excluded.pos",
             params![pdu.room_id.as_str(), pdu.kind.to_string(), state_key, pos as i64],
@@ -165,7 +164,7 @@ fn insert_event(conn: &Connection, positions: &mut Positions, w: &EventWrite) ->
         .map_err(backend)?;
         if pdu.kind == ruma::events::TimelineEventType::RoomMember {
             let membership = Membership::from_content(pdu.content.get()).unwrap_or(Membership::Leave);
-            conn.execute(
+            exec(conn,
                 "INSERT INTO memberships (user_id, room_id, membership, pos, event_id) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (user_id, room_id) DO UPDATE SET membership = excluded.membership, pos = excluded.pos, event_id = excluded.event_id",
                 params![state_key, pdu.room_id.as_str(), membership.as_str(), pos as i64, pdu.event_id.as_str()],
@@ -174,7 +173,8 @@ fn insert_event(conn: &Connection, positions: &mut Positions, w: &EventWrite) ->
         }
     }
     if let Some((target, redacted_json)) = &w.redacted_target {
-        conn.execute(
+        exec(
+            conn,
             "UPDATE events SET json = ?2, redacted_by = ?3 WHERE event_id = ?1 AND room_id = ?4",
             params![target.as_str(), redacted_json, pdu.event_id.as_str(), pdu.room_id.as_str()],
         )
@@ -188,7 +188,8 @@ impl AccountStore for SqliteStore {
     async fn create_user(&self, user: NewUser) -> StoreResult<()> {
         self.engine
             .write(move |c, _| {
-                c.execute(
+                exec(
+                    c,
                     "INSERT INTO users (user_id, password_hash, created_ms) VALUES (?1, ?2, ?3)",
                     params![user.user_id.as_str(), user.password_hash, user.created_ms as i64],
                 )
@@ -217,7 +218,7 @@ impl AccountStore for SqliteStore {
         let (id, hash) = (user_id.to_string(), hash.to_owned());
         self.engine
             .write(move |c, _| {
-                c.execute("UPDATE users SET password_hash = ?2 WHERE user_id = ?1", [id, hash])
+                exec(c, "UPDATE users SET password_hash = ?2 WHERE user_id = ?1", [id, hash])
                     .map(|_| ())
                     .map_err(backend)
             })
@@ -228,9 +229,13 @@ impl AccountStore for SqliteStore {
         let id = user_id.to_string();
         self.engine
             .write(move |c, _| {
-                c.execute("UPDATE users SET deactivated = 1, password_hash = NULL WHERE user_id = ?1", [&id])
-                    .map_err(backend)?;
-                c.execute("DELETE FROM devices WHERE user_id = ?1", [&id]).map_err(backend)?;
+                exec(
+                    c,
+                    "UPDATE users SET deactivated = 1, password_hash = NULL WHERE user_id = ?1",
+                    [&id],
+                )
+                .map_err(backend)?;
+                exec(c, "DELETE FROM devices WHERE user_id = ?1", [&id]).map_err(backend)?;
                 Ok(())
             })
             .await
@@ -243,7 +248,7 @@ impl AccountStore for SqliteStore {
             ProfileField::AvatarUrl => "UPDATE users SET avatar_url = ?2 WHERE user_id = ?1",
         };
         self.engine
-            .write(move |c, _| c.execute(sql, params![id, value]).map(|_| ()).map_err(backend))
+            .write(move |c, _| exec(c, sql, params![id, value]).map(|_| ()).map_err(backend))
             .await
     }
 
@@ -272,7 +277,8 @@ impl AccountStore for SqliteStore {
     async fn upsert_device(&self, d: NewDevice) -> StoreResult<()> {
         self.engine
             .write(move |c, _| {
-                c.execute(
+                exec(
+                    c,
                     "INSERT INTO devices (user_id, device_id, display_name, token_hash, last_seen_ms) VALUES (?1, ?2, ?3, ?4, ?5)
                      ON CONFLICT (user_id, device_id) DO UPDATE SET token_hash = excluded.token_hash,
                         display_name = COALESCE(excluded.display_name, devices.display_name), last_seen_ms = excluded.last_seen_ms",
@@ -327,7 +333,8 @@ impl AccountStore for SqliteStore {
         let (id, dev, name) = (user_id.to_string(), device_id.to_owned(), name.map(str::to_owned));
         self.engine
             .write(move |c, _| {
-                c.execute(
+                exec(
+                    c,
                     "UPDATE devices SET display_name = ?3 WHERE user_id = ?1 AND device_id = ?2",
                     params![id, dev, name],
                 )
@@ -356,8 +363,12 @@ impl AccountStore for SqliteStore {
         let (id, keep) = (user_id.to_string(), keep.map(str::to_owned));
         self.engine
             .write(move |c, _| {
-                c.execute("DELETE FROM devices WHERE user_id = ?1 AND device_id IS NOT ?2", params![id, keep])
-                    .map_err(backend)
+                exec(
+                    c,
+                    "DELETE FROM devices WHERE user_id = ?1 AND device_id IS NOT ?2",
+                    params![id, keep],
+                )
+                .map_err(backend)
             })
             .await
     }
@@ -368,7 +379,8 @@ impl RoomStore for SqliteStore {
     async fn create_room(&self, room: RoomRecord, events: Vec<EventWrite>) -> StoreResult<Vec<StreamPos>> {
         self.engine
             .write(move |c, positions| {
-                c.execute(
+                exec(
+                    c,
                     "INSERT INTO rooms (room_id, version, creator, is_public) VALUES (?1, ?2, ?3, ?4)",
                     params![
                         room.room_id.as_str(),
@@ -416,7 +428,7 @@ impl RoomStore for SqliteStore {
         let id = room_id.to_string();
         self.engine
             .write(move |c, _| {
-                c.execute("UPDATE rooms SET is_public = ?2 WHERE room_id = ?1", params![id, public as i64])
+                exec(c, "UPDATE rooms SET is_public = ?2 WHERE room_id = ?1", params![id, public as i64])
                     .map(|_| ())
                     .map_err(backend)
             })
@@ -612,7 +624,8 @@ impl RoomStore for SqliteStore {
         let (user, room) = (user_id.to_string(), room_id.to_string());
         self.engine
             .write(move |c, _| {
-                c.execute(
+                exec(
+                    c,
                     "DELETE FROM memberships WHERE user_id = ?1 AND room_id = ?2 AND membership IN ('leave', 'ban')",
                     [user, room],
                 )
@@ -626,7 +639,7 @@ impl RoomStore for SqliteStore {
         let (a, r, u) = (alias.to_owned(), room_id.to_string(), creator.to_string());
         self.engine
             .write(move |c, _| {
-                c.execute("INSERT INTO aliases (alias, room_id, creator) VALUES (?1, ?2, ?3)", [a, r, u])
+                exec(c, "INSERT INTO aliases (alias, room_id, creator) VALUES (?1, ?2, ?3)", [a, r, u])
                     .map(|_| ())
                     .map_err(conflict_or_backend("alias exists"))
             })
@@ -649,11 +662,7 @@ impl RoomStore for SqliteStore {
     async fn delete_alias(&self, alias: &str) -> StoreResult<bool> {
         let a = alias.to_owned();
         self.engine
-            .write(move |c, _| {
-                c.execute("DELETE FROM aliases WHERE alias = ?1", [a])
-                    .map(|n| n > 0)
-                    .map_err(backend)
-            })
+            .write(move |c, _| exec(c, "DELETE FROM aliases WHERE alias = ?1", [a]).map(|n| n > 0).map_err(backend))
             .await
     }
 
@@ -689,7 +698,8 @@ impl UserDataStore for SqliteStore {
         self.engine
             .write(move |c, positions| {
                 let pos = positions.allocate();
-                c.execute(
+                exec(
+                    c,
                     "INSERT INTO account_data (user_id, room_id, kind, content, pos) VALUES (?1, ?2, ?3, ?4, ?5)
                      ON CONFLICT (user_id, room_id, kind) DO UPDATE SET content = excluded.content, pos = excluded.pos",
                     params![u, r, k, v, pos as i64],
@@ -744,7 +754,7 @@ impl UserDataStore for SqliteStore {
         self.engine
             .write(move |c, positions| {
                 let pos = positions.allocate();
-                c.execute(
+                exec(c,
                     "INSERT INTO receipts (room_id, user_id, receipt_type, thread_id, event_id, ts_ms, pos) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                      ON CONFLICT (room_id, user_id, receipt_type, thread_id) DO UPDATE SET event_id = excluded.event_id, ts_ms = excluded.ts_ms, pos = excluded.pos",
                     params![
@@ -799,13 +809,11 @@ impl UserDataStore for SqliteStore {
         self.engine
             .write(move |c, _| {
                 let next: i64 = c
-                    .query_row(
-                        "SELECT COALESCE(MAX(filter_id), -1) + 1 FROM filters WHERE user_id = ?1",
-                        [&u],
-                        |r| r.get(0),
-                    )
+                    .prepare_cached("SELECT COALESCE(MAX(filter_id), -1) + 1 FROM filters WHERE user_id = ?1")
+                    .and_then(|mut stmt| stmt.query_row([&u], |r| r.get(0)))
                     .map_err(backend)?;
-                c.execute(
+                exec(
+                    c,
                     "INSERT INTO filters (user_id, filter_id, json) VALUES (?1, ?2, ?3)",
                     params![u, next, j],
                 )
@@ -839,7 +847,7 @@ impl MediaStore for SqliteStore {
     async fn put_media(&self, m: MediaRecord) -> StoreResult<()> {
         self.engine
             .write(move |c, _| {
-                c.execute(
+                exec(c,
                     "INSERT INTO media (media_id, content_type, filename, sha256, size, uploader, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                     params![m.media_id, m.content_type, m.filename, m.sha256, m.size as i64, m.uploader.as_str(), m.created_ms as i64],
                 )
@@ -880,8 +888,7 @@ impl ServerStore for SqliteStore {
     async fn signing_key(&self, generate: Vec<u8>) -> StoreResult<Vec<u8>> {
         self.engine
             .write(move |c, _| {
-                c.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('signing_key', ?1)", [&generate])
-                    .map_err(backend)?;
+                exec(c, "INSERT OR IGNORE INTO meta (key, value) VALUES ('signing_key', ?1)", [&generate]).map_err(backend)?;
                 c.query_row("SELECT value FROM meta WHERE key = 'signing_key'", [], |r| r.get(0))
                     .map_err(backend)
             })
@@ -892,7 +899,8 @@ impl ServerStore for SqliteStore {
         let t = token.to_owned();
         self.engine
             .write(move |c, _| {
-                c.execute(
+                exec(
+                    c,
                     "INSERT INTO registration_tokens (token, uses_allowed, expiry_ms) VALUES (?1, ?2, ?3)",
                     params![t, uses_allowed.map(i64::from), expiry_ms.map(|v| v as i64)],
                 )
@@ -906,7 +914,8 @@ impl ServerStore for SqliteStore {
         let t = token.to_owned();
         self.engine
             .write(move |c, _| {
-                c.execute(
+                exec(
+                    c,
                     "UPDATE registration_tokens SET completed = completed + 1 WHERE token = ?1
                      AND (uses_allowed IS NULL OR completed < uses_allowed) AND (expiry_ms IS NULL OR expiry_ms > ?2)",
                     params![t, now_ms as i64],

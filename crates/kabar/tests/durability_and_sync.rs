@@ -190,3 +190,205 @@ async fn long_poll_wakes_on_a_new_message_and_sends_are_idempotent() {
     let timeline = reset["rooms"]["join"][&room]["timeline"]["events"].as_array().unwrap();
     assert!(state.iter().chain(timeline).any(|e| e["type"] == "m.room.create"));
 }
+
+/// A user with a token, registered on `server`.
+async fn register(server: &Server, name: &str) -> String {
+    let r = post(
+        format!("{}/_matrix/client/v3/register", server.url),
+        None,
+        json!({"username": name, "password": "pw", "auth": {"type": "m.login.dummy"}}),
+    )
+    .await;
+    r["access_token"].as_str().unwrap().to_owned()
+}
+
+/// An incremental sync with a timeline limit, returning the room's section and the next token.
+async fn sync_room(url: &str, token: &str, since: &str, limit: u32, room: &str) -> (Value, String) {
+    let filter = json!({"room": {"timeline": {"limit": limit}}}).to_string();
+    let v = get(
+        format!("{url}/_matrix/client/v3/sync?since={since}&timeout=0&filter={}", enc(&filter)),
+        token,
+    )
+    .await;
+    (v["rooms"]["join"][room].clone(), v["next_batch"].as_str().unwrap().to_owned())
+}
+
+fn bodies(room_section: &Value) -> Vec<String> {
+    room_section["timeline"]["events"]
+        .as_array()
+        .map(|events| {
+            events
+                .iter()
+                .filter(|e| e["type"] == "m.room.message")
+                .map(|e| e["content"]["body"].as_str().unwrap_or("<redacted>").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Recent timelines, unread counts, receipts and account data come from memory
+/// when a sync is only a little behind and from the store otherwise; both must
+/// give the same answers, before and after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_syncs_agree_whether_served_from_memory_or_the_store() {
+    let mut server = Server::start();
+    let (alice, room) = setup(&server).await;
+    let bob = register(&server, "bob").await;
+    let url = server.url.clone();
+    post(
+        format!("{url}/_matrix/client/v3/rooms/{}/invite", enc(&room)),
+        Some(&alice),
+        json!({"user_id": "@bob:localhost"}),
+    )
+    .await;
+    let joined = post(format!("{url}/_matrix/client/v3/join/{}", enc(&room)), Some(&bob), json!({})).await;
+    assert_eq!(joined["room_id"], room.as_str(), "{joined}");
+    let t0 = get(format!("{url}/_matrix/client/v3/sync?timeout=0"), &bob).await["next_batch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let mut ids = vec![];
+    let mut t90 = String::new();
+    for i in 0..100 {
+        let (s, v) = put(
+            format!("{url}/_matrix/client/v3/rooms/{}/send/m.room.message/m{i}", enc(&room)),
+            &alice,
+            json!({"msgtype": "m.text", "body": format!("m{i}")}),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+        ids.push(v["event_id"].as_str().unwrap().to_owned());
+        if i == 89 {
+            t90 = sync_room(&url, &bob, &t0, 1, &room).await.1;
+        }
+    }
+    let expected = |range: std::ops::Range<usize>| range.map(|i| format!("m{i}")).collect::<Vec<_>>();
+
+    // Ten behind: within the in-memory window.
+    let (near, _) = sync_room(&url, &bob, &t90, 50, &room).await;
+    assert_eq!(bodies(&near), expected(90..100), "{near} since {t90} from {t0}");
+    assert_eq!(near["timeline"]["limited"], false);
+    assert_eq!(near["unread_notifications"]["notification_count"], 100);
+    // A hundred behind: past the window, from the store.
+    let (far, _) = sync_room(&url, &bob, &t0, 200, &room).await;
+    assert_eq!(bodies(&far), expected(0..100));
+    assert_eq!(far["timeline"]["limited"], false);
+    // A small limit gives the newest events and a gap to page back through.
+    let (short, _) = sync_room(&url, &bob, &t0, 5, &room).await;
+    assert_eq!(bodies(&short), expected(95..100));
+    assert_eq!(short["timeline"]["limited"], true);
+    let prev = short["timeline"]["prev_batch"].as_str().unwrap();
+    let page = get(
+        format!("{url}/_matrix/client/v3/rooms/{}/messages?dir=b&limit=3&from={prev}", enc(&room)),
+        &bob,
+    )
+    .await;
+    let paged: Vec<&str> = page["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["content"]["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(paged, ["m94", "m93", "m92"]);
+
+    // A read receipt moves the unread count; later messages are counted on top.
+    let (_, mut since) = sync_room(&url, &bob, &t90, 50, &room).await;
+    let receipt = post(
+        format!("{url}/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(&room), enc(&ids[49])),
+        Some(&bob),
+        json!({}),
+    )
+    .await;
+    assert_eq!(receipt, json!({}));
+    let (section, next) = sync_room(&url, &bob, &since, 50, &room).await;
+    let receipt = section["ephemeral"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["type"] == "m.receipt")
+        .expect("the receipt in the next sync");
+    assert!(receipt["content"][&ids[49]]["m.read"].get("@bob:localhost").is_some(), "{receipt}");
+    assert_eq!(section["unread_notifications"]["notification_count"], 50);
+    since = next;
+    put(
+        format!("{url}/_matrix/client/v3/rooms/{}/send/m.room.message/extra", enc(&room)),
+        &alice,
+        json!({"msgtype": "m.text", "body": "m100"}),
+    )
+    .await;
+    let (section, next) = sync_room(&url, &bob, &since, 50, &room).await;
+    assert_eq!(bodies(&section), ["m100"]);
+    assert_eq!(section["unread_notifications"]["notification_count"], 51);
+    assert!(
+        section["ephemeral"]["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["type"] != "m.receipt"),
+        "an unchanged receipt is not sent again"
+    );
+    since = next;
+
+    // Account data shows once, in the sync after it was set.
+    let (s, _) = put(
+        format!("{url}/_matrix/client/v3/user/@bob:localhost/account_data/org.example.x"),
+        &bob,
+        json!({"n": 1}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let v = get(format!("{url}/_matrix/client/v3/sync?since={since}&timeout=0"), &bob).await;
+    assert!(
+        v["account_data"]["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["type"] == "org.example.x")
+    );
+    let v = get(
+        format!("{url}/_matrix/client/v3/sync?since={}&timeout=0", v["next_batch"].as_str().unwrap()),
+        &bob,
+    )
+    .await;
+    assert!(v["account_data"]["events"].as_array().unwrap().is_empty());
+
+    // A redaction in the window: the old token now sees the event redacted.
+    put(
+        format!("{url}/_matrix/client/v3/rooms/{}/redact/{}/r1", enc(&room), enc(&ids[99])),
+        &alice,
+        json!({}),
+    )
+    .await;
+    let (near, _) = sync_room(&url, &bob, &t90, 50, &room).await;
+    let events = near["timeline"]["events"].as_array().unwrap();
+    let redacted = events.iter().find(|e| e["event_id"] == ids[99].as_str()).unwrap();
+    assert_eq!(redacted["content"], json!({}));
+    assert!(events.iter().any(|e| e["type"] == "m.room.redaction"));
+
+    // After a restart every answer comes from the store, and is the same.
+    server.kill9();
+    let tmp = server.take_tmp();
+    let restarted = Server::start_in(server.data_dir(), &[]);
+    let url = restarted.url.clone();
+    let (near_again, _) = sync_room(&url, &bob, &t90, 50, &room).await;
+    assert_eq!(bodies(&near_again), bodies(&near));
+    assert_eq!(near_again["unread_notifications"]["notification_count"], 51);
+    let (far, _) = sync_room(&url, &bob, &t0, 200, &room).await;
+    assert_eq!(bodies(&far).len(), 101);
+
+    // Leaving shows the room under "leave"; forgetting it removes it for good.
+    let leave_filter = enc(&json!({"room": {"include_leave": true}}).to_string());
+    post(format!("{url}/_matrix/client/v3/rooms/{}/leave", enc(&room)), Some(&bob), json!({})).await;
+    let v = get(format!("{url}/_matrix/client/v3/sync?timeout=0&filter={leave_filter}"), &bob).await;
+    assert!(v["rooms"]["leave"].get(&room).is_some(), "{}", v["rooms"]);
+    post(
+        format!("{url}/_matrix/client/v3/rooms/{}/forget", enc(&room)),
+        Some(&bob),
+        json!({}),
+    )
+    .await;
+    let v = get(format!("{url}/_matrix/client/v3/sync?timeout=0&filter={leave_filter}"), &bob).await;
+    assert!(v["rooms"]["leave"].get(&room).is_none(), "{}", v["rooms"]);
+    drop(tmp);
+}
