@@ -7,7 +7,7 @@ use axum::{Json, extract::State};
 use kabar_core::{
     ephemeral::Ephemeral,
     rooms::Rooms,
-    sync::{SyncEngine, SyncRequest},
+    sync::{SyncEngine, SyncRequest, SyncResponse},
     user_data::UserData,
 };
 use kabar_domain::{SyncToken, membership::Membership};
@@ -40,24 +40,21 @@ pub async fn sync_route(
     State(ud): State<Arc<UserData>>,
     Auth(s): Auth,
     QueryParams(q): QueryParams<SyncQuery>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SyncResponse>> {
     let since = q
         .since
         .as_deref()
         .map(|t| t.parse::<SyncToken>().map_err(|e| ApiError::invalid_param(e.to_string())))
         .transpose()?;
-    let filter: FilterDefinition = match q.filter.as_deref() {
-        None => FilterDefinition::default(),
+    let filter: Arc<FilterDefinition> = match q.filter.as_deref() {
+        None => Arc::default(),
         Some(f) if f.trim_start().starts_with('{') => {
-            serde_json::from_str(f).map_err(|e| ApiError::bad_json(format!("invalid filter: {e}")))?
+            Arc::new(serde_json::from_str(f).map_err(|e| ApiError::bad_json(format!("invalid filter: {e}")))?)
         }
-        Some(id) => {
-            let json = ud
-                .filter(&s.user_id, id)
-                .await?
-                .ok_or_else(|| ApiError::not_found("unknown filter"))?;
-            serde_json::from_str(&json).map_err(|e| ApiError::bad_json(format!("invalid stored filter: {e}")))?
-        }
+        Some(id) => ud
+            .sync_filter(&s.user_id, id)
+            .await?
+            .ok_or_else(|| ApiError::not_found("unknown filter"))?,
     };
     let req = SyncRequest {
         since,

@@ -75,6 +75,25 @@ impl Target {
         token: Option<&str>,
         body: Option<&Value>,
     ) -> Result<(u16, Value), ApiError> {
+        let (status, bytes) = self.call_bytes(method, path, token, body).await?;
+        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<(u16, bytes::Bytes), ApiError> {
+        let resp = req.send().await.map_err(|e| ApiError::Transport(error_chain(&e)))?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(|e| ApiError::Transport(e.to_string()))?;
+        Ok((status, bytes))
+    }
+
+    /// Sends a request; returns the status and the raw body.
+    async fn call_bytes(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> Result<(u16, bytes::Bytes), ApiError> {
         let mut req = self.http.request(method, format!("{}{path}", self.base));
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -82,10 +101,7 @@ impl Target {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req.send().await.map_err(|e| ApiError::Transport(error_chain(&e)))?;
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.map_err(|e| ApiError::Transport(e.to_string()))?;
-        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+        self.send(req).await
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, token: Option<&str>, body: Option<&Value>) -> Result<Value, ApiError> {
@@ -200,12 +216,96 @@ impl User {
         Ok(v["event_id"].as_str().unwrap_or_default().to_owned())
     }
 
-    /// GET /sync; `filter` is inline JSON.
+    /// GET /sync; `filter` is inline JSON or the id of an uploaded filter.
     pub async fn sync(&self, since: Option<&str>, timeout_ms: u64, filter: &str) -> Result<Value, ApiError> {
+        self.call(reqwest::Method::GET, &Self::sync_path(since, timeout_ms, filter), None)
+            .await
+    }
+
+    /// GET /sync, reading only the timeline messages' bodies (what the
+    /// delivery checks need), so the load generator spends little on each.
+    pub async fn sync_messages(&self, since: &str, timeout_ms: u64, filter: &str) -> Result<SyncMessages, ApiError> {
+        let path = Self::sync_path(Some(since), timeout_ms, filter);
+        let (status, bytes) = self.target.call_bytes(reqwest::Method::GET, &path, Some(&self.token), None).await?;
+        if (200..300).contains(&status)
+            && let Ok(parsed) = serde_json::from_slice::<SyncMessages>(&bytes)
+        {
+            return Ok(parsed);
+        }
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Err(ApiError::Matrix {
+            status,
+            errcode: value["errcode"].as_str().unwrap_or("BAD_RESPONSE").to_owned(),
+            message: value["error"].as_str().unwrap_or_default().to_owned(),
+        })
+    }
+
+    fn sync_path(since: Option<&str>, timeout_ms: u64, filter: &str) -> String {
         let mut path = format!("/_matrix/client/v3/sync?timeout={timeout_ms}&filter={}", enc(filter));
         if let Some(s) = since {
             path.push_str(&format!("&since={}", enc(s)));
         }
-        self.call(reqwest::Method::GET, &path, None).await
+        path
+    }
+
+    /// POST /user/{userId}/filter; returns the filter id.
+    pub async fn upload_filter(&self, filter: &str) -> Result<String, ApiError> {
+        let body: Value = serde_json::from_str(filter).map_err(|e| ApiError::Transport(format!("bad filter: {e}")))?;
+        let path = format!("/_matrix/client/v3/user/{}/filter", enc(&self.user_id));
+        let v = self.call(reqwest::Method::POST, &path, Some(&body)).await?;
+        v["filter_id"].as_str().map(str::to_owned).ok_or_else(|| ApiError::Matrix {
+            status: 200,
+            errcode: "BAD_RESPONSE".into(),
+            message: v.to_string(),
+        })
+    }
+}
+
+/// The parts of a sync response the delivery checks read; everything else is skipped.
+#[derive(Debug, serde::Deserialize)]
+pub struct SyncMessages {
+    pub next_batch: String,
+    #[serde(default)]
+    pub rooms: SyncRooms,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct SyncRooms {
+    #[serde(default)]
+    pub join: std::collections::HashMap<String, SyncJoinedRoom>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct SyncJoinedRoom {
+    #[serde(default)]
+    pub timeline: SyncTimeline,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct SyncTimeline {
+    #[serde(default)]
+    pub events: Vec<SyncEvent>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct SyncEvent {
+    #[serde(default)]
+    pub content: SyncContent,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct SyncContent {
+    #[serde(default)]
+    pub body: Option<String>,
+}
+
+impl SyncMessages {
+    /// The bodies of the timeline events in every joined room.
+    pub fn bodies(&self) -> impl Iterator<Item = &str> {
+        self.rooms
+            .join
+            .values()
+            .flat_map(|r| r.timeline.events.iter())
+            .filter_map(|e| e.content.body.as_deref())
     }
 }

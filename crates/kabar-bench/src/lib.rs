@@ -15,9 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use client::{ApiError, Target, User};
+use client::{ApiError, SyncMessages, Target, User};
 use futures::{StreamExt, stream};
-use serde_json::Value;
 use stats::{ErrorCounts, Latencies, count_error};
 use tokio::sync::watch;
 
@@ -154,26 +153,22 @@ impl Deliveries {
     }
 
     /// Records every benchmark message in a sync response for `member`.
-    pub fn record_sync(&self, member: u32, sync: &Value) {
-        let Some(rooms) = sync["rooms"]["join"].as_object() else { return };
+    pub fn record_sync(&self, member: u32, sync: &SyncMessages) {
         let now = self.now_us();
         let mut st = self.state.lock().expect("deliveries lock");
-        for room in rooms.values() {
-            for ev in room["timeline"]["events"].as_array().into_iter().flatten() {
-                let Some(body) = ev["content"]["body"].as_str() else { continue };
-                let mut parts = body.split(' ');
-                if parts.next() != Some("kb") {
-                    continue;
-                }
-                let (Some(Ok(id)), Some(Ok(ts))) = (parts.next().map(str::parse::<u64>), parts.next().map(str::parse::<u64>)) else {
-                    continue;
-                };
-                let n = st.seen.entry((member, id)).or_insert(0);
-                *n += 1;
-                if *n == 1 {
-                    st.latencies.push(now.saturating_sub(ts));
-                    self.delivered.fetch_add(1, Ordering::Relaxed);
-                }
+        for body in sync.bodies() {
+            let mut parts = body.split(' ');
+            if parts.next() != Some("kb") {
+                continue;
+            }
+            let (Some(Ok(id)), Some(Ok(ts))) = (parts.next().map(str::parse::<u64>), parts.next().map(str::parse::<u64>)) else {
+                continue;
+            };
+            let n = st.seen.entry((member, id)).or_insert(0);
+            *n += 1;
+            if *n == 1 {
+                st.latencies.push(now.saturating_sub(ts));
+                self.delivered.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -210,28 +205,27 @@ impl Deliveries {
 pub async fn follow(
     user: User,
     member: u32,
-    mut since: String,
+    start: SyncStart,
     deliveries: Arc<Deliveries>,
     mut stop: watch::Receiver<bool>,
     held: Arc<AtomicU64>,
     errors: Arc<Mutex<ErrorCounts>>,
 ) {
+    let SyncStart { mut since, filter_id } = start;
     loop {
         if *stop.borrow() {
             return;
         }
         held.fetch_add(1, Ordering::Relaxed);
         let result = tokio::select! {
-            r = user.sync(Some(&since), 30_000, SYNC_FILTER) => r,
+            r = user.sync_messages(&since, 30_000, &filter_id) => r,
             _ = stop.changed() => { held.fetch_sub(1, Ordering::Relaxed); return; }
         };
         held.fetch_sub(1, Ordering::Relaxed);
         match result {
             Ok(v) => {
                 deliveries.record_sync(member, &v);
-                if let Some(next) = v["next_batch"].as_str() {
-                    since = next.to_owned();
-                }
+                since = v.next_batch;
             }
             Err(e) => {
                 {
@@ -248,10 +242,22 @@ pub async fn follow(
     }
 }
 
-/// One sync to learn where a user's stream stands now.
-pub async fn initial_since(user: &User) -> Result<String, ApiError> {
-    let v = user.sync(None, 0, SYNC_FILTER).await?;
-    Ok(v["next_batch"].as_str().unwrap_or_default().to_owned())
+/// Where a user's long-polls start: the stream position and the uploaded filter.
+#[derive(Debug, Clone)]
+pub struct SyncStart {
+    pub since: String,
+    pub filter_id: String,
+}
+
+/// Uploads the benchmark's sync filter, as clients do once per session, and
+/// runs one sync to learn where the user's stream stands now.
+pub async fn initial_since(user: &User) -> Result<SyncStart, ApiError> {
+    let filter_id = user.upload_filter(SYNC_FILTER).await?;
+    let v = user.sync(None, 0, &filter_id).await?;
+    Ok(SyncStart {
+        since: v["next_batch"].as_str().unwrap_or_default().to_owned(),
+        filter_id,
+    })
 }
 
 /// A run-unique user name prefix, so repeated runs against one server do not collide.

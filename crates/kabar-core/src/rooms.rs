@@ -14,7 +14,7 @@ use std::{
 
 use kabar_domain::{
     NewEvent, Pdu, StateKey, auth_event_keys, authorize,
-    client_event::redact_pdu,
+    client_event::{client_event_prefix, redact_pdu},
     event::{EventSigner, raw},
     membership::{HistoryVisibility, Membership, may_see_event},
 };
@@ -44,6 +44,22 @@ pub const SUPPORTED_ROOM_VERSIONS: [RoomVersionId; 3] = [RoomVersionId::V10, Roo
 /// this far behind reads its timeline (and counts unread messages) without the
 /// store; one that is further behind goes to the store.
 const RECENT_EVENTS: usize = 64;
+
+/// An event with its client form serialized once (see
+/// [`client_event_prefix`]), so that a sync waking thousands of members
+/// serializes each new event once, not once per member.
+#[derive(Debug)]
+pub struct TimelineEvent {
+    pub event: StoredEvent,
+    pub client_prefix: String,
+}
+
+impl TimelineEvent {
+    pub fn new(event: StoredEvent) -> Self {
+        let client_prefix = client_event_prefix(&event.pdu);
+        Self { event, client_prefix }
+    }
+}
 
 /// One piece of current state with the stream position it was set at.
 #[derive(Debug, Clone)]
@@ -77,7 +93,7 @@ pub struct RoomCache {
     /// big rooms are not walked on every sync.
     member_counts: HashMap<Membership, usize>,
     /// The room's newest events, oldest first.
-    recent: VecDeque<Arc<StoredEvent>>,
+    recent: VecDeque<Arc<TimelineEvent>>,
     /// Every event of the room after this position is in `recent`.
     recent_after: StreamPos,
 }
@@ -168,12 +184,12 @@ impl RoomCache {
     /// The newest `limit` events in `(after, until]`, oldest first, and whether
     /// there were more; `None` when the in-memory window does not reach back to
     /// `after` and the store must be asked.
-    pub fn recent_events(&self, after: StreamPos, until: StreamPos, limit: usize) -> Option<(Vec<Arc<StoredEvent>>, bool)> {
+    pub fn recent_events(&self, after: StreamPos, until: StreamPos, limit: usize) -> Option<(Vec<Arc<TimelineEvent>>, bool)> {
         if after < self.recent_after {
             return None;
         }
-        let in_range = self.recent.iter().rev().filter(|e| e.pos > after && e.pos <= until);
-        let mut events: Vec<Arc<StoredEvent>> = in_range.take(limit + 1).cloned().collect();
+        let in_range = self.recent.iter().rev().filter(|e| e.event.pos > after && e.event.pos <= until);
+        let mut events: Vec<Arc<TimelineEvent>> = in_range.take(limit + 1).cloned().collect();
         let more = events.len() > limit;
         events.truncate(limit);
         events.reverse();
@@ -190,6 +206,7 @@ impl RoomCache {
         let matching = self
             .recent
             .iter()
+            .map(|e| &e.event)
             .filter(|e| e.pos > after && e.pos <= until && e.pdu.sender != not_sender && kinds.contains(&e.pdu.kind));
         Some(matching.take(cap).count())
     }
@@ -202,10 +219,10 @@ impl RoomCache {
             self.recent_after = event.pos;
             return;
         }
-        self.recent.push_back(Arc::new(event));
+        self.recent.push_back(Arc::new(TimelineEvent::new(event)));
         while self.recent.len() > RECENT_EVENTS {
             if let Some(old) = self.recent.pop_front() {
-                self.recent_after = old.pos;
+                self.recent_after = old.event.pos;
             }
         }
     }

@@ -13,14 +13,15 @@ use ruma::{
     OwnedRoomId, OwnedUserId, RoomId, UserId,
     api::client::filter::{FilterDefinition, RoomEventFilter},
 };
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::{Map, Value, json, value::RawValue};
 
 use crate::{
     changes::Changes,
     ephemeral::Ephemeral,
     error::Result,
     notifier::Notifier,
-    rooms::{RoomCache, Rooms},
+    rooms::{RoomCache, Rooms, TimelineEvent},
 };
 
 const DEFAULT_TIMELINE_LIMIT: usize = 10;
@@ -39,11 +40,74 @@ const INVITE_STATE_TYPES: &[&str] = &[
     "m.room.topic",
 ];
 
+/// A `/sync` response. Events are pre-serialized JSON: the same event goes
+/// to every member of a room, and is serialized once for all of them.
+#[derive(Debug, Serialize)]
+pub struct SyncResponse {
+    pub next_batch: String,
+    rooms: SyncRooms,
+    account_data: Events<Value>,
+    presence: Events<Value>,
+    to_device: Events<Value>,
+    device_lists: DeviceLists,
+    device_one_time_keys_count: Map<String, Value>,
+}
+
+#[derive(Debug, Serialize)]
+struct SyncRooms {
+    join: BTreeMap<OwnedRoomId, JoinedRoom>,
+    invite: Map<String, Value>,
+    leave: Map<String, Value>,
+    knock: Map<String, Value>,
+}
+
+#[derive(Debug, Serialize)]
+struct Events<T> {
+    events: Vec<T>,
+}
+
+#[derive(Debug, Serialize)]
+struct DeviceLists {
+    changed: Vec<OwnedUserId>,
+    left: Vec<OwnedUserId>,
+}
+
+#[derive(Debug, Serialize)]
+struct JoinedRoom {
+    timeline: Timeline,
+    state: Events<Box<RawValue>>,
+    ephemeral: Events<Value>,
+    account_data: Events<Value>,
+    unread_notifications: UnreadNotifications,
+    summary: RoomSummary,
+}
+
+#[derive(Debug, Serialize)]
+struct Timeline {
+    events: Vec<Box<RawValue>>,
+    limited: bool,
+    prev_batch: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct UnreadNotifications {
+    notification_count: u64,
+    highlight_count: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct RoomSummary {
+    #[serde(rename = "m.joined_member_count")]
+    joined: usize,
+    #[serde(rename = "m.invited_member_count")]
+    invited: usize,
+}
+
 pub struct SyncRequest {
     pub since: Option<SyncToken>,
     pub full_state: bool,
     pub timeout: Duration,
-    pub filter: FilterDefinition,
+    pub filter: Arc<FilterDefinition>,
     pub set_presence: Option<String>,
 }
 
@@ -127,6 +191,38 @@ pub fn client_event(e: &StoredEvent, viewer: &Session) -> Value {
     Value::Object(obj)
 }
 
+/// [`client_event`] from an event's pre-serialized client form: only the
+/// viewer's `unsigned` object is written per viewer.
+fn client_event_json(event: &TimelineEvent, viewer: &Session) -> Box<RawValue> {
+    let e = &event.event;
+    let age = ruma::MilliSecondsSinceUnixEpoch::now()
+        .get()
+        .saturating_sub(e.pdu.origin_server_ts.get());
+    let mut out = String::with_capacity(event.client_prefix.len() + 96);
+    out.push_str(&event.client_prefix);
+    out.push_str(",\"unsigned\":{\"age\":");
+    out.push_str(&u64::from(age).to_string());
+    if let Some(txn) = &e.txn
+        && e.pdu.sender == viewer.user_id
+        && txn.device_id == viewer.device_id
+    {
+        out.push_str(",\"transaction_id\":");
+        out.push_str(&Value::from(txn.txn_id.as_str()).to_string());
+    }
+    if let Some(by) = &e.redacted_by {
+        out.push_str(",\"redacted_because\":{\"event_id\":");
+        out.push_str(&Value::from(by.as_str()).to_string());
+        out.push_str(",\"type\":\"m.room.redaction\"}");
+    }
+    out.push_str("}}");
+    // The prefix is valid JSON up to its closing brace and the rest is written
+    // above with escaped strings; a failure here would be a bug, not bad input.
+    RawValue::from_string(out).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "client event serialization produced invalid JSON");
+        RawValue::from_string("{}".into()).expect("valid JSON")
+    })
+}
+
 fn stripped(e: &kabar_domain::Pdu) -> Value {
     json!({
         "type": e.kind.to_string(),
@@ -179,7 +275,7 @@ impl SyncEngine {
     /// Answers a `/sync`: at once if there is news (or this is an initial or
     /// full-state sync), else when the next relevant change arrives or the
     /// timeout ends.
-    pub async fn sync(&self, session: &Session, mut req: SyncRequest) -> Result<Value> {
+    pub async fn sync(&self, session: &Session, mut req: SyncRequest) -> Result<SyncResponse> {
         if req.since.is_some_and(|t| t.stream > self.store.current_position()) {
             // A token from the future (another server, a restored backup) cannot
             // say what the client has seen; start it over with an initial sync.
@@ -211,7 +307,7 @@ impl SyncEngine {
         }
     }
 
-    async fn build(&self, session: &Session, req: &SyncRequest, memberships: &[MembershipRecord]) -> Result<(Value, bool)> {
+    async fn build(&self, session: &Session, req: &SyncRequest, memberships: &[MembershipRecord]) -> Result<(SyncResponse, bool)> {
         let user = &*session.user_id;
         let upto = SyncToken {
             stream: self.store.current_position(),
@@ -243,7 +339,7 @@ impl SyncEngine {
             }
         }
 
-        let mut join = Map::new();
+        let mut join = BTreeMap::new();
         let mut invite = Map::new();
         let mut leave = Map::new();
         let mut shared_rooms = Vec::new();
@@ -268,7 +364,7 @@ impl SyncEngine {
                         )
                         .await?
                     {
-                        join.insert(m.room_id.to_string(), room);
+                        join.insert(m.room_id.clone(), room);
                     }
                 }
                 Membership::Invite if initial || m.pos > since.stream => {
@@ -321,15 +417,25 @@ impl SyncEngine {
         };
         let has_news =
             !join.is_empty() || !invite.is_empty() || !leave.is_empty() || !global_account_data.is_empty() || !presence.is_empty();
-        let response = json!({
-            "next_batch": upto.to_string(),
-            "rooms": { "join": join, "invite": invite, "leave": leave, "knock": {} },
-            "account_data": { "events": global_account_data },
-            "presence": { "events": presence },
-            "to_device": { "events": [] },
-            "device_lists": { "changed": [], "left": [] },
-            "device_one_time_keys_count": {},
-        });
+        let response = SyncResponse {
+            next_batch: upto.to_string(),
+            rooms: SyncRooms {
+                join,
+                invite,
+                leave,
+                knock: Map::new(),
+            },
+            account_data: Events {
+                events: global_account_data,
+            },
+            presence: Events { events: presence },
+            to_device: Events { events: vec![] },
+            device_lists: DeviceLists {
+                changed: vec![],
+                left: vec![],
+            },
+            device_one_time_keys_count: Map::new(),
+        };
         Ok((response, has_news))
     }
 
@@ -344,7 +450,7 @@ impl SyncEngine {
         limit: usize,
         filter: &FilterDefinition,
         account_data: Option<Vec<Value>>,
-    ) -> Result<Option<Value>> {
+    ) -> Result<Option<JoinedRoom>> {
         let user = &*session.user_id;
         let room = self.rooms.room(room_id).await?;
         let (last_pos, recent) = {
@@ -364,7 +470,7 @@ impl SyncEngine {
         let mut timeline_senders: HashSet<String> = HashSet::new();
         let mut first_pos = upto.stream + 1;
         if timeline_changed {
-            let events: Vec<Arc<StoredEvent>> = match recent {
+            let events: Vec<Arc<TimelineEvent>> = match recent {
                 Some((events, more)) => {
                     limited = more;
                     events
@@ -389,20 +495,21 @@ impl SyncEngine {
                         // the user joined; its history visibility decides what shows.
                         events = self.rooms.filter_visible(user, room_id, events).await?;
                     }
-                    events.into_iter().map(Arc::new).collect()
+                    events.into_iter().map(|e| Arc::new(TimelineEvent::new(e))).collect()
                 }
             };
             if let Some(first) = events.first() {
-                first_pos = first.pos;
-                prev_batch = Some(format!("t{}", first.pos - 1));
+                first_pos = first.event.pos;
+                prev_batch = Some(format!("t{}", first.event.pos - 1));
             } else {
                 prev_batch = Some(format!("t{}", upto.stream));
             }
-            for e in &events {
+            for te in &events {
+                let e = &te.event;
                 timeline_ids.insert(e.pdu.event_id.clone());
                 timeline_senders.insert(e.pdu.sender.to_string());
                 if filter_allows(&filter.room.timeline, e.pdu.kind.to_string().as_str(), &e.pdu.sender) {
-                    timeline.push(client_event(e, session));
+                    timeline.push(client_event_json(te, session));
                 }
             }
         }
@@ -420,7 +527,7 @@ impl SyncEngine {
                     && !timeline_ids.contains(&entry.pdu.event_id)
                     && filter_allows(state_filter, entry.pdu.kind.to_string().as_str(), &entry.pdu.sender)
                 {
-                    state.push(client_event(&entry.to_stored(), session));
+                    state.push(client_event_json(&TimelineEvent::new(entry.to_stored()), session));
                 }
             };
             if full || limited {
@@ -503,14 +610,21 @@ impl SyncEngine {
             let r = room.lock().await;
             (r.member_count(Membership::Join), r.member_count(Membership::Invite))
         };
-        Ok(Some(json!({
-            "timeline": { "events": timeline, "limited": limited, "prev_batch": prev_batch },
-            "state": { "events": state },
-            "ephemeral": { "events": ephemeral },
-            "account_data": { "events": account_data },
-            "unread_notifications": { "notification_count": unread, "highlight_count": 0 },
-            "summary": { "m.joined_member_count": joined, "m.invited_member_count": invited },
-        })))
+        Ok(Some(JoinedRoom {
+            timeline: Timeline {
+                events: timeline,
+                limited,
+                prev_batch,
+            },
+            state: Events { events: state },
+            ephemeral: Events { events: ephemeral },
+            account_data: Events { events: account_data },
+            unread_notifications: UnreadNotifications {
+                notification_count: unread,
+                highlight_count: 0,
+            },
+            summary: RoomSummary { joined, invited },
+        }))
     }
 
     /// Counts unread messages incrementally: the last count is kept per user and

@@ -1,11 +1,14 @@
 //! Per-user data: account data, tags, receipts and read markers, filters,
 //! profiles, push rules, the user directory.
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use kabar_domain::membership::Membership;
 use kabar_store::{ProfileField, ReceiptRecord, Store, UserRecord};
-use ruma::{EventId, OwnedRoomId, RoomId, UserId, push::Ruleset};
+use ruma::{EventId, OwnedRoomId, OwnedUserId, RoomId, UserId, api::client::filter::FilterDefinition, push::Ruleset};
 use serde_json::Value;
 
 use crate::{
@@ -19,12 +22,17 @@ use crate::{
 /// Account data types that clients must set through their own endpoints.
 const RESERVED_ACCOUNT_DATA: &[&str] = &["m.fully_read", "m.push_rules"];
 const MAX_ACCOUNT_DATA_BYTES: usize = 64 * 1024;
+/// Bound on parsed filters kept in memory; past it they are read again.
+const MAX_CACHED_FILTERS: usize = 100_000;
 
 pub struct UserData {
     store: Arc<dyn Store>,
     notifier: Arc<Notifier>,
     changes: Arc<Changes>,
     rooms: Arc<Rooms>,
+    /// Uploaded filters, parsed. A filter never changes once uploaded, and a
+    /// client names the same one on every sync.
+    filters: Mutex<HashMap<(OwnedUserId, String), Arc<FilterDefinition>>>,
 }
 
 impl UserData {
@@ -34,6 +42,7 @@ impl UserData {
             notifier,
             changes,
             rooms,
+            filters: Mutex::new(HashMap::new()),
         }
     }
 
@@ -130,6 +139,25 @@ impl UserData {
 
     pub async fn filter(&self, user: &UserId, filter_id: &str) -> Result<Option<String>> {
         Ok(self.store.filter(user, filter_id).await?)
+    }
+
+    /// An uploaded filter, parsed, for `/sync`.
+    pub async fn sync_filter(&self, user: &UserId, filter_id: &str) -> Result<Option<Arc<FilterDefinition>>> {
+        let key = (user.to_owned(), filter_id.to_owned());
+        if let Some(f) = self.filters.lock().expect("filters lock").get(&key) {
+            return Ok(Some(f.clone()));
+        }
+        let Some(json) = self.store.filter(user, filter_id).await? else {
+            return Ok(None);
+        };
+        let parsed: Arc<FilterDefinition> =
+            Arc::new(serde_json::from_str(&json).map_err(|e| Error::BadJson(format!("invalid stored filter: {e}")))?);
+        let mut filters = self.filters.lock().expect("filters lock");
+        if filters.len() >= MAX_CACHED_FILTERS {
+            filters.clear();
+        }
+        filters.insert(key, parsed.clone());
+        Ok(Some(parsed))
     }
 
     pub async fn profile(&self, user: &UserId) -> Result<UserRecord> {

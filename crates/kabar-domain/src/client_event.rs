@@ -34,6 +34,35 @@ pub fn to_client_event(pdu: &Pdu) -> Map<String, Value> {
     obj
 }
 
+/// The client event serialized once, without its closing brace, so that each
+/// viewer's `unsigned` object can be appended: `{"content":…,"type":"…"`.
+/// The content is copied as stored (canonical JSON), not re-encoded.
+pub fn client_event_prefix(pdu: &Pdu) -> String {
+    let string = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
+    let mut out = String::with_capacity(pdu.content.get().len() + 256);
+    out.push_str("{\"content\":");
+    out.push_str(pdu.content.get());
+    out.push_str(",\"event_id\":");
+    out.push_str(&string(pdu.event_id.as_str()));
+    out.push_str(",\"origin_server_ts\":");
+    out.push_str(&u64::from(pdu.origin_server_ts.get()).to_string());
+    if let Some(redacts) = &pdu.redacts {
+        out.push_str(",\"redacts\":");
+        out.push_str(&string(redacts.as_str()));
+    }
+    out.push_str(",\"room_id\":");
+    out.push_str(&string(pdu.room_id.as_str()));
+    out.push_str(",\"sender\":");
+    out.push_str(&string(pdu.sender.as_str()));
+    if let Some(key) = &pdu.state_key {
+        out.push_str(",\"state_key\":");
+        out.push_str(&string(key));
+    }
+    out.push_str(",\"type\":");
+    out.push_str(&string(&pdu.kind.to_string()));
+    out
+}
+
 /// The PDU after redaction under the room version's rules, keeping the
 /// signatures and hashes a redacted PDU still carries.
 pub fn redact_pdu(pdu: &Pdu, version: &RoomVersionId) -> Option<String> {
@@ -75,6 +104,8 @@ mod tests {
         assert_eq!(client["origin_server_ts"], u64::from(pdu.origin_server_ts.get()));
         assert!(!client.contains_key("state_key") && !client.contains_key("redacts"));
         assert_eq!(client["content"]["body"], "secret");
+        let once: Value = serde_json::from_str(&(client_event_prefix(&pdu) + "}")).unwrap();
+        assert_eq!(once, Value::Object(client.clone()), "both serializations agree");
         let redacted = redact_pdu(&pdu, &RoomVersionId::V11).unwrap();
         assert!(!redacted.contains("secret"));
         let redacted = Pdu::from_stored(pdu.event_id.clone(), pdu.room_id.clone(), &redacted).unwrap();

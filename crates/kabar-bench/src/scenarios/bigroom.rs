@@ -116,7 +116,7 @@ pub async fn run(target: &Target, p: Params) -> Result<BigroomReport, String> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let held = Arc::new(AtomicU64::new(0));
     let sync_errors = Arc::new(Mutex::new(ErrorCounts::new()));
-    let sinces: Vec<Result<String, crate::client::ApiError>> = stream::iter(members.iter().map(|&i| initial_since(&users[i])))
+    let sinces: Vec<Result<crate::SyncStart, crate::client::ApiError>> = stream::iter(members.iter().map(|&i| initial_since(&users[i])))
         .buffered(p.concurrency.max(1))
         .collect()
         .await;

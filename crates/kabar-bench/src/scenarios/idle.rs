@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use super::Report;
 use crate::{
-    Deliveries, DeliveryCheck, Progress,
+    Deliveries, DeliveryCheck, Progress, SyncStart,
     client::Target,
     follow, initial_since, resident_bytes, run_prefix, setup_users,
     stats::{ErrorCounts, LatencySummary},
@@ -104,11 +104,11 @@ pub async fn run(target: &Target, p: Params) -> Result<IdleReport, String> {
     let sync_errors = Arc::new(Mutex::new(ErrorCounts::new()));
     let h = held.clone();
     let progress = Progress::start("idle", move || format!("{} long-polls held", h.load(Ordering::Relaxed)));
-    let sinces: Vec<Result<String, crate::client::ApiError>> = stream::iter(users.iter().map(initial_since))
+    let sinces: Vec<Result<SyncStart, crate::client::ApiError>> = stream::iter(users.iter().map(initial_since))
         .buffered(p.concurrency.max(1))
         .collect()
         .await;
-    let sinces: Vec<String> = sinces
+    let sinces: Vec<SyncStart> = sinces
         .into_iter()
         .collect::<Result<_, _>>()
         .map_err(|e| format!("initial sync: {e}"))?;
