@@ -144,7 +144,7 @@ pub async fn leave_route(
         .room(&room_id)
         .await
         .map_err(|_| ApiError::forbidden("you are not in this room"))?;
-    if room.lock().await.membership(&s.user_id).is_none_or(|m| m == Membership::Leave) {
+    if room.read().membership(&s.user_id).is_none_or(|m| m == Membership::Leave) {
         return Err(ApiError::forbidden("you are not in this room"));
     }
     rooms
@@ -161,7 +161,7 @@ pub async fn forget_route(
 ) -> ApiResult<Json<Value>> {
     let room_id = room_id(&target)?;
     let membership = match rooms.room(&room_id).await {
-        Ok(room) => room.lock().await.membership(&s.user_id),
+        Ok(room) => room.read().membership(&s.user_id),
         Err(_) => None,
     };
     if matches!(membership, Some(Membership::Join | Membership::Invite)) {
@@ -188,7 +188,7 @@ async fn membership_action(rooms: &Rooms, s: &Session, room: &str, b: TargetBody
     if membership == Membership::Leave {
         // Kick and unban both send "leave"; the auth rules tell them apart.
         let room = rooms.room(&room_id).await?;
-        if room.lock().await.membership(&target).is_none() {
+        if room.read().membership(&target).is_none() {
             return Err(ApiError::forbidden("the user is not in this room"));
         }
     }
@@ -208,7 +208,7 @@ pub async fn invite_route(
     let target = user_id(&b.user_id)?;
     let rid = room_id(&room)?;
     if let Ok(r) = rooms.room(&rid).await
-        && r.lock().await.membership(&target) == Some(Membership::Join)
+        && r.read().membership(&target) == Some(Membership::Join)
     {
         return Err(ApiError::forbidden("the user is already in the room"));
     }
@@ -250,7 +250,7 @@ pub async fn unban_route(
 ) -> ApiResult<Json<Value>> {
     let rid = room_id(&room)?;
     let r = rooms.room(&rid).await?;
-    if r.lock().await.membership(&user_id(&b.user_id)?) != Some(Membership::Ban) {
+    if r.read().membership(&user_id(&b.user_id)?) != Some(Membership::Ban) {
         return Err(ApiError::forbidden("the user is not banned"));
     }
     membership_action(&rooms, &s, &room, b, Membership::Leave).await
@@ -340,7 +340,7 @@ async fn put_state(rooms: &Rooms, s: &Session, room: &str, kind: String, state_k
 /// GET /_matrix/client/v3/rooms/{roomId}/state
 pub async fn state_route(State(rooms): State<Arc<Rooms>>, Auth(s): Auth, PathParams(room): PathParams<String>) -> ApiResult<Json<Value>> {
     let room = rooms.check_can_read(&s.user_id, &room_id(&room)?).await?;
-    let r = room.lock().await;
+    let r = room.read();
     let events: Vec<Value> = r.state_entries().map(|e| client_event(&e.to_stored(), &s)).collect();
     Ok(Json(Value::Array(events)))
 }
@@ -352,7 +352,7 @@ pub struct StateQuery {
 
 async fn get_state(rooms: &Rooms, s: &Session, room: &str, kind: &str, key: &str, format: Option<String>) -> ApiResult<Json<Value>> {
     let room = rooms.check_can_read(&s.user_id, &room_id(room)?).await?;
-    let r = room.lock().await;
+    let r = room.read();
     let e = r.state(kind, key).ok_or_else(|| ApiError::not_found("state event not found"))?;
     if format.as_deref() == Some("event") {
         return Ok(Json(client_event(&e.to_stored(), s)));
@@ -496,12 +496,7 @@ pub async fn context_route(
     let start = before.last().map(|e| e.pos - 1).unwrap_or(ev.pos - 1);
     let end = after.last().map(|e| e.pos).unwrap_or(ev.pos);
     let room = rooms.room(&room_id).await?;
-    let state: Vec<Value> = room
-        .lock()
-        .await
-        .state_entries()
-        .map(|e| client_event(&e.to_stored(), &s))
-        .collect();
+    let state: Vec<Value> = room.read().state_entries().map(|e| client_event(&e.to_stored(), &s)).collect();
     Ok(Json(json!({
         "event": client_event(&ev, &s),
         "events_before": before.iter().map(|e| client_event(e, &s)).collect::<Vec<_>>(),
@@ -526,7 +521,7 @@ pub async fn members_route(
     QueryParams(q): QueryParams<MembersQuery>,
 ) -> ApiResult<Json<Value>> {
     let room = rooms.check_can_read(&s.user_id, &room_id(&room)?).await?;
-    let r = room.lock().await;
+    let r = room.read();
     let chunk: Vec<Value> = r
         .state_entries()
         .filter(|e| e.pdu.kind == ruma::events::TimelineEventType::RoomMember)
@@ -546,7 +541,7 @@ pub async fn joined_members_route(
     PathParams(room): PathParams<String>,
 ) -> ApiResult<Json<Value>> {
     let room = rooms.check_can_read(&s.user_id, &room_id(&room)?).await?;
-    let r = room.lock().await;
+    let r = room.read();
     let mut joined = Map::new();
     for user in r.members(Membership::Join) {
         let c = r.state("m.room.member", user).map(|e| e.pdu.content_value()).unwrap_or_default();
@@ -734,7 +729,7 @@ pub async fn delete_alias_route(
         .ok_or_else(|| ApiError::not_found("alias not found"))?;
     if creator != s.user_id {
         let room = rooms.room(&room_id).await?;
-        let r = room.lock().await;
+        let r = room.read();
         if !r
             .power_levels()
             .user_can_send_state(&s.user_id, ruma::events::StateEventType::RoomCanonicalAlias)
@@ -790,8 +785,7 @@ pub async fn set_visibility_route(
     };
     let room = rooms.check_can_read(&s.user_id, &room_id).await?;
     if !room
-        .lock()
-        .await
+        .read()
         .power_levels()
         .user_can_send_state(&s.user_id, ruma::events::StateEventType::RoomCanonicalAlias)
     {
@@ -823,7 +817,7 @@ async fn public_rooms(rooms: &Rooms, b: PublicRoomsBody) -> ApiResult<Json<Value
     let mut chunk = vec![];
     for id in ids {
         let room = rooms.room(&id).await?;
-        let r = room.lock().await;
+        let r = room.read();
         let get = |t: &str, f: &str| {
             r.state(t, "")
                 .and_then(|e| e.pdu.content_value().get(f).and_then(Value::as_str).map(str::to_owned))

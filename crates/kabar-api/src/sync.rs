@@ -123,7 +123,7 @@ pub async fn typing_route(
         .room(&room_id)
         .await
         .map_err(|_| ApiError::forbidden("you are not in this room"))?;
-    if room.lock().await.membership(&user) != Some(Membership::Join) {
+    if room.read().membership(&user) != Some(Membership::Join) {
         return Err(ApiError::forbidden("you are not in this room"));
     }
     eph.set_typing(&room_id, &user, b.typing, Duration::from_millis(b.timeout.unwrap_or(30_000)));

@@ -1,15 +1,23 @@
 //! Rooms: creation, membership, sending events, reading history.
 //!
 //! Each room's current state is kept in memory (loaded from the store on first
-//! use) behind a per-room lock. A send takes the lock, builds the event on top
-//! of the room's head, checks the authorization rules against the cached state,
+//! use). A send takes the room's write turn, builds the event on top of the
+//! room's head, checks the authorization rules against the cached state,
 //! appends it to the store, and only then updates the cache and wakes waiters.
-//! The lock makes each room's history a simple chain; different rooms proceed
-//! in parallel and share the store's group commits.
+//! The write turn makes each room's history a simple chain; different rooms
+//! proceed in parallel and share the store's group commits.
+//!
+//! Readers (a sync, a membership check) never wait for a writer's store
+//! write: they take a short read lock on the committed state. A reader that
+//! must see every committed event (a sync building a timeline up to a stream
+//! position) first waits for the appends already started to be applied.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex, RwLock, RwLockReadGuard,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use kabar_domain::{
@@ -29,7 +37,7 @@ use ruma::{
     room_version_rules::RoomVersionRules,
 };
 use serde_json::{Value, json};
-use tokio::sync::Mutex as AsyncMutex;
+use tokio::sync::{Mutex as AsyncMutex, MutexGuard as AsyncMutexGuard, watch};
 
 use crate::{
     changes::Changes,
@@ -276,6 +284,84 @@ impl RoomCache {
     }
 }
 
+/// A room: its cached state behind a read-write lock, and the turn that
+/// serializes its writers.
+pub struct Room {
+    cache: RwLock<RoomCache>,
+    /// Held by the one writer appending to the room, across the store write.
+    writer: AsyncMutex<()>,
+    /// Appends started, and the number of them applied to `cache` (or failed).
+    started: AtomicU64,
+    applied: watch::Sender<u64>,
+}
+
+/// The right to append to a room; see [`Room::write_turn`].
+pub struct WriteTurn<'a> {
+    room: &'a Room,
+    _guard: AsyncMutexGuard<'a, ()>,
+}
+
+/// Marks an append as applied when dropped, whether it succeeded or not, so
+/// that readers waiting for it never wait forever.
+struct AppendInProgress<'a> {
+    room: &'a Room,
+    seq: u64,
+}
+
+impl Drop for AppendInProgress<'_> {
+    fn drop(&mut self) {
+        let seq = self.seq;
+        self.room.applied.send_if_modified(|applied| {
+            let moved = *applied < seq;
+            *applied = (*applied).max(seq);
+            moved
+        });
+    }
+}
+
+impl Room {
+    fn new(cache: RoomCache) -> Self {
+        Self {
+            cache: RwLock::new(cache),
+            writer: AsyncMutex::new(()),
+            started: AtomicU64::new(0),
+            applied: watch::channel(0).0,
+        }
+    }
+
+    /// The committed state as applied so far. Never hold it across an await.
+    pub fn read(&self) -> RwLockReadGuard<'_, RoomCache> {
+        self.cache.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The state once every append started before this call is applied: it
+    /// then holds every event of the room up to the store's current position.
+    pub async fn settled(&self) -> RwLockReadGuard<'_, RoomCache> {
+        let started = self.started.load(Ordering::SeqCst);
+        if *self.applied.borrow() < started {
+            let mut applied = self.applied.subscribe();
+            // The sender lives as long as the room, so this cannot fail.
+            let _ = applied.wait_for(|a| *a >= started).await;
+        }
+        self.read()
+    }
+
+    /// Waits for the room's write turn: appends are made one at a time.
+    pub async fn write_turn(&self) -> WriteTurn<'_> {
+        WriteTurn {
+            room: self,
+            _guard: self.writer.lock().await,
+        }
+    }
+
+    fn begin_append(&self) -> AppendInProgress<'_> {
+        AppendInProgress {
+            room: self,
+            seq: self.started.fetch_add(1, Ordering::SeqCst) + 1,
+        }
+    }
+}
+
 /// What `/createRoom` asks for, already parsed.
 #[derive(Debug, Default, Clone)]
 pub struct CreateRoom {
@@ -313,7 +399,7 @@ pub struct Rooms {
     notifier: Arc<Notifier>,
     changes: Arc<Changes>,
     default_version: RoomVersionId,
-    rooms: Mutex<HashMap<OwnedRoomId, Arc<AsyncMutex<RoomCache>>>>,
+    rooms: Mutex<HashMap<OwnedRoomId, Arc<Room>>>,
 }
 
 fn now() -> MilliSecondsSinceUnixEpoch {
@@ -359,7 +445,7 @@ impl Rooms {
     }
 
     /// The room's cache, loading it from the store on first use.
-    pub async fn room(&self, room_id: &RoomId) -> Result<Arc<AsyncMutex<RoomCache>>> {
+    pub async fn room(&self, room_id: &RoomId) -> Result<Arc<Room>> {
         if let Some(r) = self.rooms.lock().expect("rooms lock").get(room_id) {
             return Ok(r.clone());
         }
@@ -393,7 +479,7 @@ impl Rooms {
             None => (vec![], 0, 0),
         };
         let member_counts = RoomCache::count_members(&state);
-        let cache = Arc::new(AsyncMutex::new(RoomCache {
+        let cache = Arc::new(Room::new(RoomCache {
             record,
             rules,
             state,
@@ -413,43 +499,48 @@ impl Rooms {
             .clone())
     }
 
-    /// Builds, authorizes, stores and announces one event. The caller holds the room lock.
+    /// Builds, authorizes, stores and announces one event, in the caller's write turn.
     async fn append(
         &self,
-        room: &mut RoomCache,
+        turn: &WriteTurn<'_>,
         sender: &UserId,
         event: NewEvent,
         txn: Option<TxnRef>,
     ) -> Result<(OwnedEventId, StreamPos)> {
+        let room = turn.room;
+        let in_progress = room.begin_append();
         let relation = relation_of(&event.content);
         let redacts = event.redacts.clone();
-        let room_id = room.record.room_id.clone();
-        let pdu = room.build_authorized(&self.signer, Some(&room_id), sender, event)?;
-
-        let redacted_target = match &redacts {
-            Some(target) => {
-                let original = self.store.event(target).await?.filter(|e| e.pdu.room_id == room.record.room_id);
-                match original {
-                    Some(original) => {
-                        let pl = room.power_levels();
-                        let own = original.pdu.sender == sender;
-                        let allowed = if own {
-                            pl.user_can_redact_own_event(sender)
-                        } else {
-                            pl.user_can_redact_event_of_other(sender)
-                        };
-                        if !allowed {
-                            return Err(Error::Forbidden("you may not redact this event".into()));
-                        }
-                        redact_pdu(&original.pdu, &room.record.version).map(|json| (target.clone(), json))
-                    }
-                    None => {
-                        return Err(Error::NotFound("event to redact not found in this room".into()));
-                    }
-                }
-            }
+        let (room_id, version) = {
+            let r = room.read();
+            (r.record.room_id.clone(), r.record.version.clone())
+        };
+        let original = match &redacts {
+            Some(target) => Some(
+                self.store
+                    .event(target)
+                    .await?
+                    .filter(|e| e.pdu.room_id == room_id)
+                    .ok_or_else(|| Error::NotFound("event to redact not found in this room".into()))?,
+            ),
             None => None,
         };
+        let pdu = {
+            let r = room.read();
+            if let Some(original) = &original {
+                let pl = r.power_levels();
+                let allowed = if original.pdu.sender == sender {
+                    pl.user_can_redact_own_event(sender)
+                } else {
+                    pl.user_can_redact_event_of_other(sender)
+                };
+                if !allowed {
+                    return Err(Error::Forbidden("you may not redact this event".into()));
+                }
+            }
+            r.build_authorized(&self.signer, Some(&room_id), sender, event)?
+        };
+        let redacted_target = original.and_then(|o| redact_pdu(&o.pdu, &version).map(|json| (o.pdu.event_id.clone(), json)));
 
         let member_target = match pdu.kind {
             TimelineEventType::RoomMember => pdu.state_key.as_deref().and_then(|k| OwnedUserId::try_from(k).ok()),
@@ -472,15 +563,19 @@ impl Rooms {
         if let Some(change) = membership_change {
             change.finish(pos);
         }
-        room.apply(&pdu, pos);
         let event_id = pdu.event_id.clone();
-        room.remember(StoredEvent {
-            pos,
-            pdu,
-            txn,
-            redacted_by: None,
-        });
-        self.notifier.room_changed(&room.record.room_id);
+        {
+            let mut r = room.cache.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+            r.apply(&pdu, pos);
+            r.remember(StoredEvent {
+                pos,
+                pdu,
+                txn,
+                redacted_by: None,
+            });
+        }
+        drop(in_progress);
+        self.notifier.room_changed(&room_id);
         if let Some(target) = &member_target {
             self.notifier.user_changed(target);
         }
@@ -493,8 +588,8 @@ impl Rooms {
     /// the common case (a new transaction) costs no extra read.
     pub async fn send(&self, sender: &UserId, room_id: &RoomId, event: NewEvent, txn: Option<TxnRef>) -> Result<OwnedEventId> {
         let room = self.room(room_id).await?;
-        let mut room = room.lock().await;
-        match self.append(&mut room, sender, event, txn.clone()).await {
+        let turn = room.write_turn().await;
+        match self.append(&turn, sender, event, txn.clone()).await {
             Ok((event_id, _)) => Ok(event_id),
             Err(e) => {
                 // A retry of a send that succeeded gets the first event, even if
@@ -544,12 +639,15 @@ impl Rooms {
             return Err(Error::NotFound(format!("unknown user {target}")));
         }
         let room = self.room(room_id).await?;
-        let mut room = room.lock().await;
-        if membership == Membership::Join
-            && room.membership(target) == Some(Membership::Join)
-            && let Some(e) = room.state("m.room.member", target.as_str())
+        let turn = room.write_turn().await;
         {
-            return Ok(e.pdu.event_id.clone());
+            let r = room.read();
+            if membership == Membership::Join
+                && r.membership(target) == Some(Membership::Join)
+                && let Some(e) = r.state("m.room.member", target.as_str())
+            {
+                return Ok(e.pdu.event_id.clone());
+            }
         }
         let mut content = serde_json::Map::new();
         content.insert("membership".into(), json!(membership.as_str()));
@@ -570,7 +668,7 @@ impl Rooms {
             }
         }
         let ev = NewEvent::state("m.room.member", target.as_str(), Value::Object(content));
-        Ok(self.append(&mut room, sender, ev, None).await?.0)
+        Ok(self.append(&turn, sender, ev, None).await?.0)
     }
 
     /// Resolves a room id or alias to a room id.
@@ -775,7 +873,7 @@ impl Rooms {
         self.rooms
             .lock()
             .expect("rooms lock")
-            .insert(room_id.clone(), Arc::new(AsyncMutex::new(room)));
+            .insert(room_id.clone(), Arc::new(Room::new(room)));
         self.notifier.user_changed(creator);
         for u in &req.invite {
             self.notifier.user_changed(u);
@@ -803,9 +901,9 @@ impl Rooms {
         for m in self.store.memberships(user).await? {
             if m.membership == Membership::Join {
                 let room = self.room(&m.room_id).await?;
-                let mut room = room.lock().await;
+                let turn = room.write_turn().await;
                 let ev = NewEvent::state("m.room.member", user.as_str(), content.clone());
-                if let Err(e) = self.append(&mut room, user, ev, None).await {
+                if let Err(e) = self.append(&turn, user, ev, None).await {
                     tracing::warn!(room = %m.room_id, error = %e, "could not update profile in room");
                 }
             }
@@ -814,13 +912,13 @@ impl Rooms {
     }
 
     /// Fails unless `user` may read the room's current state (a member, or the room is world-readable).
-    pub async fn check_can_read(&self, user: &UserId, room_id: &RoomId) -> Result<Arc<AsyncMutex<RoomCache>>> {
+    pub async fn check_can_read(&self, user: &UserId, room_id: &RoomId) -> Result<Arc<Room>> {
         let room = self.room(room_id).await.map_err(|e| match e {
             Error::NotFound(_) => Error::Forbidden("you are not in this room".into()),
             other => other,
         })?;
         {
-            let r = room.lock().await;
+            let r = room.read();
             let member = r.membership(user) == Some(Membership::Join);
             if !member && r.history_visibility() != HistoryVisibility::WorldReadable {
                 return Err(Error::Forbidden("you are not in this room".into()));
@@ -833,7 +931,7 @@ impl Rooms {
     pub async fn filter_visible(&self, user: &UserId, room_id: &RoomId, events: Vec<StoredEvent>) -> Result<Vec<StoredEvent>> {
         let room = self.room(room_id).await?;
         let (visibility, now) = {
-            let r = room.lock().await;
+            let r = room.read();
             (r.history_visibility(), r.membership(user))
         };
         if visibility == HistoryVisibility::WorldReadable {
@@ -866,7 +964,7 @@ impl Rooms {
     ) -> Result<(Vec<StoredEvent>, Option<StreamPos>)> {
         let room = self.room(room_id).await?;
         {
-            let r = room.lock().await;
+            let r = room.read();
             if r.membership(user).is_none() && r.history_visibility() != HistoryVisibility::WorldReadable {
                 return Err(Error::Forbidden("you are not in this room".into()));
             }
@@ -961,5 +1059,69 @@ impl Rooms {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn empty_room() -> Room {
+        Room::new(RoomCache {
+            record: RoomRecord {
+                room_id: ruma::owned_room_id!("!r:x"),
+                version: RoomVersionId::V12,
+                creator: ruma::owned_user_id!("@a:x"),
+                is_public: false,
+            },
+            rules: RoomVersionId::V12.rules().expect("known version"),
+            state: BTreeMap::new(),
+            head: vec![],
+            depth: 0,
+            last_pos: 0,
+            member_counts: HashMap::new(),
+            recent: VecDeque::new(),
+            recent_after: 0,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_settled_read_waits_for_appends_already_started_and_a_plain_read_does_not() {
+        let room = Arc::new(empty_room());
+        let in_progress = room.begin_append();
+        assert_eq!(room.read().last_pos, 0, "a plain read does not wait");
+        let reader = {
+            let room = room.clone();
+            tokio::spawn(async move { room.settled().await.last_pos })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!reader.is_finished(), "the settled read waits for the append");
+        room.cache.write().expect("lock").last_pos = 7;
+        drop(in_progress);
+        let seen = tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .expect("woken")
+            .expect("joined");
+        assert_eq!(seen, 7, "and then sees what the append applied");
+    }
+
+    #[tokio::test]
+    async fn a_failed_append_still_releases_settled_readers() {
+        let room = empty_room();
+        drop(room.begin_append());
+        let read = tokio::time::timeout(Duration::from_secs(1), room.settled()).await;
+        assert!(read.is_ok());
+    }
+
+    #[test]
+    fn the_recent_window_answers_only_for_positions_it_covers() {
+        let room = empty_room();
+        let mut r = room.cache.write().expect("lock");
+        assert!(r.recent_events(0, 10, 5).is_some_and(|(events, more)| events.is_empty() && !more));
+        r.recent_after = 5;
+        assert!(r.recent_events(4, 10, 5).is_none(), "events at or before 5 are not in memory");
+        assert!(r.recent_events(5, 10, 5).is_some());
     }
 }

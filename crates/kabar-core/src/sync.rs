@@ -21,7 +21,7 @@ use crate::{
     ephemeral::Ephemeral,
     error::Result,
     notifier::Notifier,
-    rooms::{RoomCache, Rooms, TimelineEvent},
+    rooms::{Room, Rooms, TimelineEvent},
 };
 
 const DEFAULT_TIMELINE_LIMIT: usize = 10;
@@ -369,7 +369,7 @@ impl SyncEngine {
                 }
                 Membership::Invite if initial || m.pos > since.stream => {
                     let room = self.rooms.room(&m.room_id).await?;
-                    let r = room.lock().await;
+                    let r = room.read();
                     let mut events: Vec<Value> = INVITE_STATE_TYPES
                         .iter()
                         .filter_map(|t| r.state(t, ""))
@@ -454,7 +454,9 @@ impl SyncEngine {
         let user = &*session.user_id;
         let room = self.rooms.room(room_id).await?;
         let (last_pos, recent) = {
-            let r = room.lock().await;
+            // Settled: every event up to `upto` is in the cache, so the window
+            // and `last_pos` cannot miss one that committed a moment ago.
+            let r = room.settled().await;
             // A sync that is only a little behind finds its timeline in memory.
             let recent = (!full && r.last_pos > since.stream)
                 .then(|| r.recent_events(since.stream, upto.stream, limit))
@@ -521,7 +523,7 @@ impl SyncEngine {
         let lazy_members = !state_filter.lazy_load_options.is_disabled();
         let mut state = vec![];
         if full || limited || (lazy_members && !timeline_senders.is_empty()) {
-            let r = room.lock().await;
+            let r = room.read();
             let mut add = |entry: &crate::rooms::StateEntry| {
                 if entry.pos <= upto.stream
                     && !timeline_ids.contains(&entry.pdu.event_id)
@@ -607,7 +609,7 @@ impl SyncEngine {
         let unread = self.unread_count(user, room_id, &room, upto.stream, my_receipt_moved).await?;
 
         let (joined, invited) = {
-            let r = room.lock().await;
+            let r = room.read();
             (r.member_count(Membership::Join), r.member_count(Membership::Invite))
         };
         Ok(Some(JoinedRoom {
@@ -629,26 +631,19 @@ impl SyncEngine {
 
     /// Counts unread messages incrementally: the last count is kept per user and
     /// room, and only events after it are counted, until the read receipt moves.
-    async fn unread_count(
-        &self,
-        user: &UserId,
-        room_id: &RoomId,
-        room: &tokio::sync::Mutex<RoomCache>,
-        upto: StreamPos,
-        receipt_moved: bool,
-    ) -> Result<u64> {
+    async fn unread_count(&self, user: &UserId, room_id: &RoomId, room: &Room, upto: StreamPos, receipt_moved: bool) -> Result<u64> {
         let key = (user.to_owned(), room_id.to_owned());
         let cached = self.unread.lock().expect("unread lock").get(&key).copied();
         let entry = match cached {
             Some(e) if !receipt_moved && e.counted_upto <= upto => {
-                let recent = || async {
-                    let r = room.lock().await;
-                    r.count_recent(e.counted_upto, upto, user, NOTIFYING_TYPES, UNREAD_CAP)
+                let recent = || {
+                    room.read()
+                        .count_recent(e.counted_upto, upto, user, NOTIFYING_TYPES, UNREAD_CAP)
                         .map(|n| n as u64)
                 };
                 let more = if upto == e.counted_upto {
                     0
-                } else if let Some(n) = recent().await {
+                } else if let Some(n) = recent() {
                     n
                 } else {
                     self.store
@@ -689,7 +684,7 @@ impl SyncEngine {
         users.insert(user.to_owned());
         for room_id in shared_rooms {
             if let Ok(room) = self.rooms.room(room_id).await {
-                let r = room.lock().await;
+                let r = room.read();
                 // Presence of members in huge rooms is skipped: it would cost a
                 // walk of every member on every sync.
                 if r.state_len() < 1000 {

@@ -86,7 +86,7 @@ impl UserData {
             .room(room_id)
             .await
             .map_err(|_| Error::Forbidden("you are not in this room".into()))?;
-        if room.lock().await.membership(user) != Some(Membership::Join) {
+        if room.read().membership(user) != Some(Membership::Join) {
             return Err(Error::Forbidden("you are not in this room".into()));
         }
         Ok(())
