@@ -5,6 +5,7 @@
 #
 #   bench/compare.sh                 # everything at the default sizes
 #   SCENARIOS="register messages" bench/compare.sh
+#   REPEAT=3 bench/compare.sh        # each scenario three times; the table shows medians
 #
 # Sizes can be set through the environment (see the defaults below). Results
 # (JSON lines and the table) go to $WORK/results-<date>/.
@@ -13,6 +14,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 WORK=${KABAR_BENCH_DIR:-$ROOT/target/bench}
 SCENARIOS=${SCENARIOS:-"versions register messages bigroom idle"}
+REPEAT=${REPEAT:-1}
 SYNAPSE_PORT=${SYNAPSE_PORT:-18448}
 KABAR_PORT=${KABAR_PORT:-18449}
 
@@ -109,22 +111,27 @@ stop_server() {
   wait "$SERVER_PID" 2>/dev/null || true
 }
 
-# run SERVER SCENARIO ARGS...: one scenario on a fresh server, JSON appended to results.
+# run SERVER SCENARIO ARGS...: one scenario on a fresh server; the JSON goes to
+# $OUT/SERVER-NAME.REP.json, where NAME is $LABEL or the scenario.
 run() {
   local server=$1 scenario=$2; shift 2
   if [ "$server" = synapse ]; then start_synapse; url="http://127.0.0.1:$SYNAPSE_PORT"; else start_kabar; url="http://127.0.0.1:$KABAR_PORT"; fi
   local args=("$@")
   [ "$scenario" = idle ] && args+=(--server-pid "$SERVER_PID")
-  log "$server: $scenario ${args[*]}"
-  if "$BENCH" --url "$url" --json "$scenario" "${args[@]}" > "$OUT/$server-$scenario.json" 2> "$OUT/$server-$scenario.log"; then
-    cat "$OUT/$server-$scenario.json" >&2
+  local name="$server-${LABEL:-$scenario}.$REP"
+  log "[$REP/$REPEAT] $server: $scenario ${args[*]}"
+  if "$BENCH" --url "$url" --json "$scenario" "${args[@]}" > "$OUT/$name.json" 2> "$OUT/$name.log"; then
+    cat "$OUT/$name.json" >&2
   else
-    echo "{\"scenario\": \"$scenario\", \"failed\": true}" > "$OUT/$server-$scenario.json"
-    tail -5 "$OUT/$server-$scenario.log" >&2
+    echo "{\"scenario\": \"$scenario\", \"failed\": true}" > "$OUT/$name.json"
+    tail -5 "$OUT/$name.log" >&2
   fi
   stop_server
 }
 
+# Repetitions go round all scenarios, so that a noisy minute on this shared
+# machine touches one run of each rather than every run of one.
+for REP in $(seq 1 "$REPEAT"); do
 for s in $SCENARIOS; do
   case $s in
     versions)
@@ -137,11 +144,8 @@ for s in $SCENARIOS; do
       run synapse messages --users "$MSG_USERS" --rooms "$MSG_ROOMS" --seconds "$MSG_SECONDS"
       run kabar messages --users "$MSG_USERS" --rooms "$MSG_ROOMS" --seconds "$MSG_SECONDS"
       # Kabar again at half its measured maximum rate, for the latency target.
-      half=$(python3 -c "import json; r=json.load(open('$OUT/kabar-messages.json')); print(max(0.1, r.get('sends_per_sec', 0) / 2 / $MSG_USERS))")
-      cp "$OUT/kabar-messages.json" "$OUT/kabar-messages-max.json"
-      run kabar messages --users "$MSG_USERS" --rooms "$MSG_ROOMS" --seconds "$MSG_SECONDS" --rate "$half"
-      mv "$OUT/kabar-messages.json" "$OUT/kabar-messages-half.json"
-      mv "$OUT/kabar-messages-max.json" "$OUT/kabar-messages.json" ;;
+      half=$(python3 -c "import json; r=json.load(open('$OUT/kabar-messages.$REP.json')); print(max(0.1, r.get('sends_per_sec', 0) / 2 / $MSG_USERS))")
+      LABEL=messages-half run kabar messages --users "$MSG_USERS" --rooms "$MSG_ROOMS" --seconds "$MSG_SECONDS" --rate "$half" ;;
     bigroom)
       run synapse bigroom --members "$BIG_SYNAPSE" --messages "$BIG_MESSAGES"
       run kabar bigroom --members "$BIG_KABAR" --messages "$BIG_MESSAGES" ;;
@@ -149,6 +153,7 @@ for s in $SCENARIOS; do
       run synapse idle --clients "$IDLE_SYNAPSE" --users "$IDLE_USERS"
       run kabar idle --clients "$IDLE_KABAR" --users "$IDLE_USERS" --http2 --sources 8 ;;
   esac
+done
 done
 
 python3 "$ROOT/bench/table.py" "$OUT" "$SYNAPSE_VERSION" | tee "$OUT/table.md"

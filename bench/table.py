@@ -1,25 +1,51 @@
-"""Prints the comparison table from a compare.sh results directory."""
+"""Prints the comparison table from a compare.sh results directory.
+
+Each scenario may have run several times (files NAME.1.json, NAME.2.json, ...);
+every figure in the table is the median over the runs, and lost/duplicated
+deliveries are summed over them.
+"""
+import glob
 import json
 import os
+import statistics
 import sys
 
 out, synapse_version = sys.argv[1], sys.argv[2]
 
 
 def load(name):
-    try:
-        with open(os.path.join(out, name + ".json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
+    """Every successful run of NAME."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(out, name + ".*.json"))):
+        try:
+            with open(path) as f:
+                r = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if not r.get("failed"):
+            runs.append(r)
+    return runs
 
 
-def get(d, path):
+def one(d, path):
     for k in path.split("."):
         if not isinstance(d, dict) or k not in d:
             return None
         d = d[k]
     return d
+
+
+def median(runs, path):
+    values = [v for v in (one(r, path) for r in runs) if isinstance(v, (int, float))]
+    if not values:
+        return None
+    m = statistics.median(values)
+    return int(m) if all(isinstance(v, int) for v in values) and m == int(m) else float(m)
+
+
+def total(runs, path):
+    values = [one(r, path) for r in runs]
+    return sum(v for v in values if isinstance(v, int)) if values else None
 
 
 ROWS = [
@@ -33,9 +59,12 @@ ROWS = [
     ("bigroom", "members joined", "joined", True),
     ("bigroom", "joins/s", "joins_per_sec", True),
     ("bigroom", "delivery p99 to all (ms)", "delivery_latency.p99_ms", False),
+    ("bigroom", "lost / duplicated", None, None),
     ("idle", "long-polls held", "held", True),
-    ("idle", "server RSS per held client (KiB)", "rss_per_client_kib", False),
+    ("idle", "server RSS while held (MiB)", "server_rss_held_mib", False),
+    ("idle", "server RSS / held client (KiB)", "rss_held_per_client_kib", False),
     ("idle", "delivery p99 to all (ms)", "delivery_latency.p99_ms", False),
+    ("idle", "lost / duplicated", None, None),
 ]
 
 
@@ -47,6 +76,10 @@ def fmt(v):
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
+def runs_label(runs):
+    return f" ({len(runs)} runs)" if len(runs) > 1 else ""
+
+
 print(f"| scenario | figure | Synapse {synapse_version} | Kabar | Kabar/Synapse |")
 print("| --- | --- | --- | --- | --- |")
 for scenario, label, path, higher_better in ROWS:
@@ -54,23 +87,24 @@ for scenario, label, path, higher_better in ROWS:
     if not s and not k:
         continue
     if path is None:
-        sv = "{} / {}".format(get(s, "deliveries.lost"), get(s, "deliveries.duplicated")) if s else "-"
-        kv = "{} / {}".format(get(k, "deliveries.lost"), get(k, "deliveries.duplicated")) if k else "-"
+        sv = "{} / {}".format(total(s, "deliveries.lost"), total(s, "deliveries.duplicated")) if s else "-"
+        kv = "{} / {}".format(total(k, "deliveries.lost"), total(k, "deliveries.duplicated")) if k else "-"
         print(f"| {scenario} | {label} | {sv} | {kv} | |")
         continue
-    sv, kv = get(s, path), get(k, path)
+    sv, kv = median(s, path), median(k, path)
     ratio = (f"{kv / sv:,.1f}x" if kv / sv >= 1 else f"{kv / sv:.3f}x") if isinstance(sv, (int, float)) and isinstance(kv, (int, float)) and sv else "-"
-    print(f"| {scenario} | {label} | {fmt(sv)} | {fmt(kv)} | {ratio} |")
+    print(f"| {scenario}{runs_label(k)} | {label} | {fmt(sv)} | {fmt(kv)} | {ratio} |")
 
 half = load("kabar-messages-half")
 if half:
     print()
     print(
-        "Kabar `messages` at half its maximum rate ({:.1f} msgs/s): delivery p50 {:.1f} ms, p99 {:.1f} ms, lost {}, duplicated {}.".format(
-            half.get("sends_per_sec", 0),
-            get(half, "delivery_latency.p50_ms") or 0,
-            get(half, "delivery_latency.p99_ms") or 0,
-            get(half, "deliveries.lost"),
-            get(half, "deliveries.duplicated"),
+        "Kabar `messages` at half its maximum rate{} ({:.1f} msgs/s): delivery p50 {:.1f} ms, p99 {:.1f} ms, lost {}, duplicated {}.".format(
+            runs_label(half) and " (medians of {} runs)".format(len(half)),
+            median(half, "sends_per_sec") or 0,
+            median(half, "delivery_latency.p50_ms") or 0,
+            median(half, "delivery_latency.p99_ms") or 0,
+            total(half, "deliveries.lost"),
+            total(half, "deliveries.duplicated"),
         )
     )

@@ -46,7 +46,12 @@ pub struct IdleReport {
     pub http2: bool,
     pub server_rss_before_mib: Option<f64>,
     pub server_rss_held_mib: Option<f64>,
+    /// (RSS held - RSS before) / held; can be near zero or negative noise when
+    /// the allocator returned setup memory in between.
     pub rss_per_client_kib: Option<f64>,
+    /// The whole process's RSS while held, divided by the clients held: an
+    /// upper bound that counts the server's baseline against the clients.
+    pub rss_held_per_client_kib: Option<f64>,
     pub delivery_latency: LatencySummary,
     pub deliveries: DeliveryCheck,
     pub sync_errors: ErrorCounts,
@@ -167,6 +172,7 @@ pub async fn run(target: &Target, p: Params) -> Result<IdleReport, String> {
         server_rss_before_mib: mib(rss_before),
         server_rss_held_mib: mib(rss_held),
         rss_per_client_kib: per_client,
+        rss_held_per_client_kib: rss_held.filter(|_| held_now > 0).map(|a| a as f64 / 1024.0 / held_now as f64),
         delivery_latency: deliveries.latencies().summary(),
         deliveries: deliveries.check(&expected),
         sync_errors,
