@@ -108,6 +108,21 @@ pub struct RoomCache {
 }
 
 impl RoomCache {
+    /// A room with no events yet: the start of `create_room`'s chain.
+    fn empty(record: RoomRecord, rules: RoomVersionRules) -> Self {
+        Self {
+            record,
+            rules,
+            state: BTreeMap::new(),
+            head: vec![],
+            depth: 0,
+            last_pos: 0,
+            member_counts: HashMap::new(),
+            recent: VecDeque::new(),
+            recent_after: 0,
+        }
+    }
+
     pub fn state(&self, kind: &str, key: &str) -> Option<&StateEntry> {
         self.state.get(&(kind.to_owned(), key.to_owned()))
     }
@@ -827,8 +842,8 @@ impl Rooms {
         }
 
         // Build the whole chain in memory, checking each event against the state so far.
-        let mut room = RoomCache {
-            record: RoomRecord {
+        let mut room = RoomCache::empty(
+            RoomRecord {
                 room_id: room_id
                     .clone()
                     .unwrap_or_else(|| OwnedRoomId::try_from("!placeholder:localhost").expect("valid")),
@@ -836,15 +851,8 @@ impl Rooms {
                 creator: creator.to_owned(),
                 is_public: req.visibility_public,
             },
-            rules: rules.clone(),
-            state: BTreeMap::new(),
-            head: vec![],
-            depth: 0,
-            last_pos: 0,
-            member_counts: HashMap::new(),
-            recent: VecDeque::new(),
-            recent_after: 0,
-        };
+            rules.clone(),
+        );
         let mut pdus = Vec::with_capacity(events.len());
         for ev in events {
             let is_create = ev.kind == "m.room.create";
@@ -1086,22 +1094,15 @@ mod tests {
     use super::*;
 
     fn empty_room() -> Room {
-        Room::new(RoomCache {
-            record: RoomRecord {
+        Room::new(RoomCache::empty(
+            RoomRecord {
                 room_id: ruma::owned_room_id!("!r:x"),
                 version: RoomVersionId::V12,
                 creator: ruma::owned_user_id!("@a:x"),
                 is_public: false,
             },
-            rules: RoomVersionId::V12.rules().expect("known version"),
-            state: BTreeMap::new(),
-            head: vec![],
-            depth: 0,
-            last_pos: 0,
-            member_counts: HashMap::new(),
-            recent: VecDeque::new(),
-            recent_after: 0,
-        })
+            RoomVersionId::V12.rules().expect("known version"),
+        ))
     }
 
     #[tokio::test]
