@@ -173,53 +173,65 @@ fn room_allowed(filter: &FilterDefinition, room_id: &RoomId) -> bool {
     !filter.room.not_rooms.iter().any(|r| r == room_id) && filter.room.rooms.as_ref().is_none_or(|rs| rs.iter().any(|r| r == room_id))
 }
 
+/// An event's `unsigned` object as one viewer sees it.
+#[derive(Serialize)]
+struct Unsigned<'a> {
+    age: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    transaction_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redacted_because: Option<RedactedBecause<'a>>,
+}
+
+#[derive(Serialize)]
+struct RedactedBecause<'a> {
+    event_id: &'a ruma::EventId,
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+impl<'a> Unsigned<'a> {
+    /// The transaction id is shown only to the device that sent the event.
+    fn for_viewer(e: &'a StoredEvent, viewer: &Session) -> Self {
+        let age = ruma::MilliSecondsSinceUnixEpoch::now()
+            .get()
+            .saturating_sub(e.pdu.origin_server_ts.get());
+        Self {
+            age: age.into(),
+            transaction_id: e
+                .txn
+                .as_ref()
+                .filter(|txn| e.pdu.sender == viewer.user_id && txn.device_id == viewer.device_id)
+                .map(|txn| txn.txn_id.as_str()),
+            redacted_because: e.redacted_by.as_deref().map(|event_id| RedactedBecause {
+                event_id,
+                kind: "m.room.redaction",
+            }),
+        }
+    }
+}
+
 /// The client form of a stored event, with `unsigned` for this viewer.
 pub fn client_event(e: &StoredEvent, viewer: &Session) -> Value {
     let mut obj = to_client_event(&e.pdu);
-    let mut unsigned = Map::new();
-    let age = ruma::MilliSecondsSinceUnixEpoch::now()
-        .get()
-        .saturating_sub(e.pdu.origin_server_ts.get());
-    unsigned.insert("age".into(), json!(age));
-    if let Some(txn) = &e.txn
-        && e.pdu.sender == viewer.user_id
-        && txn.device_id == viewer.device_id
-    {
-        unsigned.insert("transaction_id".into(), json!(txn.txn_id));
-    }
-    if let Some(by) = &e.redacted_by {
-        unsigned.insert("redacted_because".into(), json!({ "event_id": by, "type": "m.room.redaction" }));
-    }
-    obj.insert("unsigned".into(), Value::Object(unsigned));
+    obj.insert(
+        "unsigned".into(),
+        serde_json::to_value(Unsigned::for_viewer(e, viewer)).unwrap_or_default(),
+    );
     Value::Object(obj)
 }
 
 /// [`client_event`] from an event's pre-serialized client form: only the
 /// viewer's `unsigned` object is written per viewer.
 fn client_event_json(event: &TimelineEvent, viewer: &Session) -> Box<RawValue> {
-    let e = &event.event;
-    let age = ruma::MilliSecondsSinceUnixEpoch::now()
-        .get()
-        .saturating_sub(e.pdu.origin_server_ts.get());
-    let mut out = String::with_capacity(event.client_prefix.len() + 96);
+    let unsigned = serde_json::to_string(&Unsigned::for_viewer(&event.event, viewer)).unwrap_or_else(|_| "{}".into());
+    let mut out = String::with_capacity(event.client_prefix.len() + unsigned.len() + 16);
     out.push_str(&event.client_prefix);
-    out.push_str(",\"unsigned\":{\"age\":");
-    out.push_str(&u64::from(age).to_string());
-    if let Some(txn) = &e.txn
-        && e.pdu.sender == viewer.user_id
-        && txn.device_id == viewer.device_id
-    {
-        out.push_str(",\"transaction_id\":");
-        out.push_str(&Value::from(txn.txn_id.as_str()).to_string());
-    }
-    if let Some(by) = &e.redacted_by {
-        out.push_str(",\"redacted_because\":{\"event_id\":");
-        out.push_str(&Value::from(by.as_str()).to_string());
-        out.push_str(",\"type\":\"m.room.redaction\"}");
-    }
-    out.push_str("}}");
-    // The prefix is valid JSON up to its closing brace and the rest is written
-    // above with escaped strings; a failure here would be a bug, not bad input.
+    out.push_str(",\"unsigned\":");
+    out.push_str(&unsigned);
+    out.push('}');
+    // The prefix is valid JSON up to its closing brace and `unsigned` is
+    // serialized above; a failure here would be a bug, not bad input.
     RawValue::from_string(out).unwrap_or_else(|e| {
         tracing::error!(error = %e, "client event serialization produced invalid JSON");
         RawValue::from_string("{}".into()).expect("valid JSON")
@@ -713,6 +725,53 @@ impl SyncEngine {
 mod tests {
     use super::*;
     use ruma::user_id;
+
+    #[test]
+    fn both_client_forms_agree_and_show_the_transaction_id_to_the_sending_device_only() {
+        use kabar_domain::{NewEvent, Pdu, event::EventSigner};
+        use kabar_store::TxnRef;
+        let signer = EventSigner::new(ruma::owned_server_name!("x"), &EventSigner::generate_key(), "k").unwrap();
+        let pdu = Pdu::build(
+            &signer,
+            &ruma::RoomVersionId::V11,
+            Some(ruma::room_id!("!r:x")),
+            user_id!("@a:x"),
+            NewEvent::message("m.room.message", json!({"body": "hi \"there\"", "msgtype": "m.text"})),
+            vec![],
+            vec![],
+            1,
+            ruma::MilliSecondsSinceUnixEpoch::now(),
+        )
+        .unwrap();
+        let stored = StoredEvent {
+            pos: 3,
+            pdu,
+            txn: Some(TxnRef {
+                device_id: "PHONE".into(),
+                txn_id: "t\"1".into(),
+            }),
+            redacted_by: None,
+        };
+        let sender = Session {
+            user_id: ruma::owned_user_id!("@a:x"),
+            device_id: "PHONE".into(),
+        };
+        let other_device = Session {
+            user_id: ruma::owned_user_id!("@a:x"),
+            device_id: "LAPTOP".into(),
+        };
+        let event = TimelineEvent::new(stored.clone());
+        for viewer in [&sender, &other_device] {
+            let mut once: Value = serde_json::from_str(client_event_json(&event, viewer).get()).unwrap();
+            let mut value = client_event(&stored, viewer);
+            // Ages are read from the clock separately.
+            once["unsigned"]["age"] = json!(0);
+            value["unsigned"]["age"] = json!(0);
+            assert_eq!(once, value);
+        }
+        assert_eq!(client_event(&stored, &sender)["unsigned"]["transaction_id"], "t\"1");
+        assert!(client_event(&stored, &other_device)["unsigned"].get("transaction_id").is_none());
+    }
 
     #[test]
     fn filters_match_types_with_wildcards_and_senders() {
