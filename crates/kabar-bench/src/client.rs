@@ -153,7 +153,8 @@ pub struct User {
     pub token: String,
 }
 
-fn enc(s: &str) -> String {
+/// Percent-encodes a path or query component (room ids, aliases, filters).
+pub fn enc(s: &str) -> String {
     s.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {

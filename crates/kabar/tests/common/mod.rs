@@ -123,18 +123,11 @@ pub async fn registered(url: &str, name: &str) -> Client {
     c
 }
 
-/// Percent-encodes a path or query component (room ids, aliases, filters).
-pub fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
+/// Percent-encodes a path or query component (room ids, aliases, filters);
+/// the load generator's, so tests and benchmarks encode alike. Not every test
+/// binary uses it, as with the rest of this module.
+#[allow(unused_imports)]
+pub use kabar_bench::client::enc;
 
 /// A plain HTTP client for requests a Matrix SDK would never send.
 pub fn http() -> reqwest::Client {
