@@ -10,28 +10,10 @@ use crate::event::Pdu;
 const SERVER_ONLY_FIELDS: &[&str] = &["auth_events", "prev_events", "hashes", "signatures", "depth", "origin"];
 
 /// The event as `/sync`, `/messages` and `/event` return it (the "client
-/// event" format, with `room_id`), without `unsigned`.
-///
-/// Built from the parsed fields rather than by re-parsing the whole PDU: a
-/// sync serializes every event once per member, and the signatures, hashes
-/// and graph edges it would parse are exactly what clients never see.
+/// event" format, with `room_id`), without `unsigned`: the parsed form of
+/// [`client_event_prefix`], so the two cannot disagree on the fields.
 pub fn to_client_event(pdu: &Pdu) -> Map<String, Value> {
-    let mut obj = Map::new();
-    obj.insert("content".into(), serde_json::from_str(pdu.content.get()).unwrap_or_default());
-    obj.insert("event_id".into(), Value::String(pdu.event_id.to_string()));
-    obj.insert("origin_server_ts".into(), Value::from(u64::from(pdu.origin_server_ts.get())));
-    obj.insert("room_id".into(), Value::String(pdu.room_id.to_string()));
-    obj.insert("sender".into(), Value::String(pdu.sender.to_string()));
-    obj.insert("type".into(), Value::String(pdu.kind.to_string()));
-    if let Some(key) = &pdu.state_key {
-        obj.insert("state_key".into(), Value::String(key.clone()));
-    }
-    if let Some(redacts) = &pdu.redacts {
-        // Room versions 11 and later carry it in the content; clients written
-        // for older versions look for it at the top level, so it is in both.
-        obj.insert("redacts".into(), Value::String(redacts.to_string()));
-    }
-    obj
+    serde_json::from_str(&(client_event_prefix(pdu) + "}")).unwrap_or_default()
 }
 
 /// The client event serialized once, without its closing brace, so that each
@@ -47,6 +29,8 @@ pub fn client_event_prefix(pdu: &Pdu) -> String {
     out.push_str(",\"origin_server_ts\":");
     out.push_str(&u64::from(pdu.origin_server_ts.get()).to_string());
     if let Some(redacts) = &pdu.redacts {
+        // Room versions 11 and later carry it in the content; clients written
+        // for older versions look for it at the top level, so it is in both.
         out.push_str(",\"redacts\":");
         out.push_str(&string(redacts.as_str()));
     }
