@@ -6,8 +6,10 @@
 //! rules in `kabar-domain`.
 
 pub mod accounts;
+pub mod admission;
 pub mod changes;
 pub mod ephemeral;
+pub mod load;
 pub mod error;
 pub mod media;
 pub mod notifier;

@@ -1,0 +1,190 @@
+//! Admission control for newcomers: how many registrations and logins one
+//! client address, and the server as a whole, may start.
+//!
+//! Both limits are governor's GCRA rate limiters. A refusal costs a few
+//! microseconds and tells the client exactly when its next attempt would be
+//! allowed. Behind these limits the password-hashing [`Gate`](crate::load::Gate)
+//! still refuses work the machine cannot finish in time, so a global limit is
+//! optional: by default the real capacity, measured, sets the pace.
+
+use std::{
+    net::{IpAddr, Ipv6Addr},
+    num::NonZeroU32,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use governor::{
+    Quota, RateLimiter,
+    clock::{Clock, DefaultClock},
+    state::keyed::DefaultKeyedStateStore,
+};
+
+use crate::{
+    error::Result,
+    load::{ShedReason, WorkClass},
+};
+
+/// Allowances for one class of newcomer request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimits {
+    /// Sustained attempts per minute from one client address (0: no limit).
+    pub per_address_per_minute: u32,
+    /// Attempts one address may make at once before the sustained rate applies.
+    pub per_address_burst: u32,
+    /// Sustained attempts per second for the whole server (0: no fixed limit).
+    pub global_per_second: u32,
+    /// Attempts the whole server may take at once before the sustained rate applies.
+    pub global_burst: u32,
+}
+
+type KeyedLimiter = RateLimiter<IpAddr, DefaultKeyedStateStore<IpAddr>, DefaultClock>;
+type DirectLimiter = RateLimiter<governor::state::NotKeyed, governor::state::InMemoryState, DefaultClock>;
+
+/// Per-address and global rate limits for one class (registration or login).
+pub struct Admission {
+    class: WorkClass,
+    per_address: Option<KeyedLimiter>,
+    global: Option<DirectLimiter>,
+    clock: DefaultClock,
+    checks: AtomicU64,
+}
+
+/// How many checks pass between sweeps of addresses whose allowance is full
+/// again, so a flood from many addresses does not keep their state forever.
+const SWEEP_EVERY: u64 = 4096;
+
+fn nonzero(n: u32) -> NonZeroU32 {
+    NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN)
+}
+
+/// The key a client address is limited under. An IPv6 client controls its
+/// whole /64, so the /64 is one key; IPv4-mapped addresses count as IPv4.
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+impl Admission {
+    pub fn new(class: WorkClass, limits: RateLimits) -> Self {
+        let per_address = (limits.per_address_per_minute > 0).then(|| {
+            RateLimiter::keyed(Quota::per_minute(nonzero(limits.per_address_per_minute)).allow_burst(nonzero(limits.per_address_burst)))
+        });
+        let global = (limits.global_per_second > 0).then(|| {
+            RateLimiter::direct(Quota::per_second(nonzero(limits.global_per_second)).allow_burst(nonzero(limits.global_burst)))
+        });
+        Self {
+            class,
+            per_address,
+            global,
+            clock: DefaultClock::default(),
+            checks: AtomicU64::new(0),
+        }
+    }
+
+    /// Admits one attempt from `client`, or refuses it with the time until
+    /// the next attempt would be allowed.
+    pub fn check(&self, client: IpAddr) -> Result<()> {
+        if let Some(limiter) = &self.per_address {
+            if self.checks.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+                limiter.retain_recent();
+                limiter.shrink_to_fit();
+            }
+            if let Err(not_until) = limiter.check_key(&address_key(client)) {
+                return Err(self.refuse(ShedReason::AddressRate, not_until.wait_time_from(self.clock.now())));
+            }
+        }
+        if let Some(limiter) = &self.global
+            && let Err(not_until) = limiter.check()
+        {
+            return Err(self.refuse(ShedReason::GlobalRate, not_until.wait_time_from(self.clock.now())));
+        }
+        Ok(())
+    }
+
+    fn refuse(&self, reason: ShedReason, wait: Duration) -> crate::Error {
+        // Round up: a client that comes back after exactly this long is admitted.
+        self.class.shed(reason, wait + Duration::from_millis(1))
+    }
+
+    /// Addresses currently tracked (for tests).
+    pub fn tracked_addresses(&self) -> usize {
+        self.per_address.as_ref().map_or(0, |l| l.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Error, load::LoadMetrics};
+
+    fn limits(per_minute: u32, burst: u32, global: u32, global_burst: u32) -> RateLimits {
+        RateLimits {
+            per_address_per_minute: per_minute,
+            per_address_burst: burst,
+            global_per_second: global,
+            global_burst,
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn one_address_gets_its_burst_then_an_honest_wait() {
+        let m = LoadMetrics::default();
+        let a = Admission::new(m.class("register"), limits(6, 3, 0, 0));
+        for _ in 0..3 {
+            a.check(ip("192.0.2.1")).unwrap();
+        }
+        match a.check(ip("192.0.2.1")) {
+            // 6 a minute: one every 10 s.
+            Err(Error::LimitExceeded { retry_after_ms }) => assert!((9_000..=10_001).contains(&retry_after_ms), "{retry_after_ms}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // Another address is not affected.
+        a.check(ip("192.0.2.2")).unwrap();
+        assert_eq!(m.shed_total("register"), 1);
+    }
+
+    #[test]
+    fn an_ipv6_client_is_limited_by_its_64() {
+        let m = LoadMetrics::default();
+        let a = Admission::new(m.class("login"), limits(1, 1, 0, 0));
+        a.check(ip("2001:db8:1:2::1")).unwrap();
+        assert!(a.check(ip("2001:db8:1:2:ffff::9")).is_err(), "same /64");
+        a.check(ip("2001:db8:1:3::1")).unwrap();
+        assert_eq!(address_key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+    }
+
+    #[test]
+    fn the_global_limit_holds_across_addresses() {
+        let m = LoadMetrics::default();
+        let a = Admission::new(m.class("register"), limits(0, 0, 1, 2));
+        a.check(ip("192.0.2.1")).unwrap();
+        a.check(ip("192.0.2.2")).unwrap();
+        match a.check(ip("192.0.2.3")) {
+            Err(Error::LimitExceeded { retry_after_ms }) => assert!((900..=1_001).contains(&retry_after_ms), "{retry_after_ms}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(a.tracked_addresses(), 0, "no per-address limit configured");
+    }
+
+    #[test]
+    fn zero_means_no_limit() {
+        let m = LoadMetrics::default();
+        let a = Admission::new(m.class("register"), limits(0, 0, 0, 0));
+        for i in 0..10_000u32 {
+            a.check(IpAddr::from(i.to_be_bytes())).unwrap();
+        }
+    }
+}
