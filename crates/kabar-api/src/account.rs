@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use crate::{
     ServerInfo,
     error::{ApiError, ApiResult},
-    extract::{Auth, JsonBody, PathParams, QueryParams},
+    extract::{Auth, ClientAddr, JsonBody, PathParams, QueryParams},
 };
 
 /// GET /_matrix/client/versions
@@ -66,6 +66,7 @@ pub struct LoginBody {
 pub async fn login_route(
     State(accounts): State<Arc<Accounts>>,
     State(info): State<Arc<ServerInfo>>,
+    ClientAddr(client): ClientAddr,
     JsonBody(body): JsonBody<LoginBody>,
 ) -> ApiResult<Json<Value>> {
     if body.kind != "m.login.password" {
@@ -91,7 +92,7 @@ pub async fn login_route(
     .ok_or_else(|| ApiError::bad_json("missing user identifier"))?;
     let password = body.password.ok_or_else(|| ApiError::bad_json("missing password"))?;
     let li = accounts
-        .login_password(&user, &password, body.device_id, body.initial_device_display_name)
+        .login_password(&user, &password, body.device_id, body.initial_device_display_name, client)
         .await?;
     Ok(Json(json!({
         "user_id": li.user_id,
@@ -121,6 +122,7 @@ pub struct RegisterQuery {
 /// POST /_matrix/client/v3/register
 pub async fn register_route(
     State(accounts): State<Arc<Accounts>>,
+    ClientAddr(client): ClientAddr,
     QueryParams(q): QueryParams<RegisterQuery>,
     JsonBody(body): JsonBody<RegisterBody>,
 ) -> ApiResult<Json<Value>> {
@@ -135,7 +137,7 @@ pub async fn register_route(
             initial_device_display_name: body.initial_device_display_name,
             inhibit_login: body.inhibit_login,
             auth: body.auth,
-        })
+        }, client)
         .await?;
     let mut out = json!({ "user_id": li.user_id, "home_server": accounts.server_name() });
     if let Some(t) = li.access_token {

@@ -112,6 +112,14 @@ impl From<Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         // A UIA challenge is its own body (flows, session, ...), possibly with an errcode.
+        // Since Matrix 1.10 a refusal also carries the HTTP Retry-After
+        // header, in whole seconds rounded up.
+        let retry_after_secs = self
+            .extra
+            .as_ref()
+            .and_then(|e| e.get("retry_after_ms"))
+            .and_then(serde_json::Value::as_u64)
+            .map(|ms| ms.div_ceil(1000).max(1));
         let mut body = if self.errcode.is_empty() {
             json!({})
         } else {
@@ -122,7 +130,11 @@ impl IntoResponse for ApiError {
                 body[k] = v;
             }
         }
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(secs) = retry_after_secs {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 

@@ -1,14 +1,17 @@
 //! Extractors that turn HTTP into typed input, with Matrix errors on failure.
 
 use axum::{
-    extract::{FromRef, FromRequest, FromRequestParts, Request, rejection::BytesRejection},
+    extract::{ConnectInfo, FromRef, FromRequest, FromRequestParts, Request, rejection::BytesRejection},
     http::request::Parts,
 };
 use bytes::Bytes;
 use kabar_core::{Error, accounts::Accounts};
 use kabar_store::Session;
 use serde::de::DeserializeOwned;
-use std::sync::Arc;
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::Arc,
+};
 
 use crate::error::ApiError;
 
@@ -63,6 +66,24 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T>
             .await
             .map(|q| QueryParams(q.0))
             .map_err(|e| ApiError::invalid_param(e.body_text()))
+    }
+}
+
+/// The client's network address, for per-address admission limits. Served
+/// without connection info (as in-process tests may be), every client shares
+/// the unspecified address.
+pub struct ClientAddr(pub IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(ClientAddr(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip()),
+        ))
     }
 }
 

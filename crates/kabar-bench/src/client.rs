@@ -145,6 +145,57 @@ impl Target {
     }
 }
 
+/// The outcome of one person's attempt to sign up, as a surge measures it.
+#[derive(Debug)]
+pub enum SignupOutcome {
+    Registered,
+    /// Refused with `M_LIMIT_EXCEEDED`: how long the refusing request took,
+    /// and the `retry_after_ms` it carried (if any).
+    Refused { answered_in_us: u64, retry_after_ms: Option<u64> },
+    Failed(ApiError),
+}
+
+impl Target {
+    /// One registration attempt (challenge, then `m.login.dummy`) that reports
+    /// a refusal instead of treating it as an error.
+    pub async fn try_signup(&self, username: &str, password: &str) -> SignupOutcome {
+        let path = "/_matrix/client/v3/register";
+        let mut body = json!({ "username": username, "password": password, "initial_device_display_name": "kabar-bench" });
+        let challenge = match self.signup_step(path, &body).await {
+            Err(outcome) => return outcome,
+            Ok(challenge) => challenge,
+        };
+        body["auth"] = json!({ "type": "m.login.dummy", "session": challenge["session"] });
+        match self.signup_step(path, &body).await {
+            Err(outcome) => outcome,
+            Ok(_) => SignupOutcome::Failed(ApiError::Transport("registration still asks for authentication".into())),
+        }
+    }
+
+    /// One registration request: the UIA challenge to answer (`Ok`), or how
+    /// the attempt ended (`Err`).
+    async fn signup_step(&self, path: &str, body: &Value) -> Result<Value, SignupOutcome> {
+        let started = std::time::Instant::now();
+        let (status, v) = self
+            .call_raw(reqwest::Method::POST, path, None, Some(body))
+            .await
+            .map_err(SignupOutcome::Failed)?;
+        match (status, v["errcode"].as_str()) {
+            (200, _) => Err(SignupOutcome::Registered),
+            (401, _) => Ok(v),
+            (429, Some("M_LIMIT_EXCEEDED")) => Err(SignupOutcome::Refused {
+                answered_in_us: started.elapsed().as_micros() as u64,
+                retry_after_ms: v["retry_after_ms"].as_u64(),
+            }),
+            (status, errcode) => Err(SignupOutcome::Failed(ApiError::Matrix {
+                status,
+                errcode: errcode.unwrap_or("NO_ERRCODE").to_owned(),
+                message: v["error"].as_str().unwrap_or_default().to_owned(),
+            })),
+        }
+    }
+}
+
 /// A signed-in user.
 #[derive(Clone)]
 pub struct User {

@@ -2,6 +2,7 @@
 //! Client-Server API only. Each scenario returns a report that prints as a
 //! human summary or as one JSON object.
 
+pub mod chat;
 pub mod client;
 pub mod scenarios;
 pub mod stats;
@@ -119,7 +120,8 @@ pub struct Deliveries {
 #[derive(Default)]
 struct DeliveryState {
     seen: HashMap<(u32, u64), u32>,
-    latencies: Latencies,
+    /// (send time, latency) of each first delivery, in µs on the tracker's clock.
+    timed: Vec<(u64, u64)>,
 }
 
 /// The outcome of a delivery check.
@@ -167,7 +169,7 @@ impl Deliveries {
             let n = st.seen.entry((member, id)).or_insert(0);
             *n += 1;
             if *n == 1 {
-                st.latencies.push(now.saturating_sub(ts));
+                st.timed.push((ts, now.saturating_sub(ts)));
                 self.delivered.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -188,7 +190,19 @@ impl Deliveries {
     }
 
     pub fn latencies(&self) -> Latencies {
-        self.state.lock().expect("deliveries lock").latencies.clone()
+        self.latencies_sent_between(0, u64::MAX)
+    }
+
+    /// Latencies of the messages sent in `[from_us, to_us)` (tracker clock).
+    pub fn latencies_sent_between(&self, from_us: u64, to_us: u64) -> Latencies {
+        let st = self.state.lock().expect("deliveries lock");
+        let mut out = Latencies::default();
+        for &(ts, lat) in &st.timed {
+            if (from_us..to_us).contains(&ts) {
+                out.push(lat);
+            }
+        }
+        out
     }
 
     /// Waits until `expected` deliveries arrived or `timeout` passed.

@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use kabar_bench::{
     client::Target,
-    scenarios::{Report, bigroom, idle, messages, register, versions},
+    scenarios::{Report, bigroom, idle, messages, register, surge, versions},
 };
 
 #[derive(Parser)]
@@ -82,6 +82,41 @@ enum Scenario {
         server_pid: Option<u32>,
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
+    },
+    /// Steady chat while a crowd of newcomers tries to register at a multiple of capacity.
+    Surge {
+        #[arg(long, default_value_t = 50)]
+        users: usize,
+        #[arg(long, default_value_t = 10)]
+        rooms: usize,
+        /// Messages per second per chatting user.
+        #[arg(long, default_value_t = 2.0)]
+        rate: f64,
+        /// Seconds of sign-ups alone to measure capacity.
+        #[arg(long, default_value_t = 10.0)]
+        capacity_seconds: f64,
+        /// Known sustained sign-ups/s (skips the measurement).
+        #[arg(long)]
+        capacity: Option<f64>,
+        #[arg(long, default_value_t = 10.0)]
+        before: f64,
+        #[arg(long, default_value_t = 20.0)]
+        flood: f64,
+        #[arg(long, default_value_t = 15.0)]
+        after: f64,
+        /// Flood arrivals as a multiple of capacity.
+        #[arg(long, default_value_t = 10.0)]
+        multiplier: f64,
+        #[arg(long, default_value_t = 16)]
+        sources: usize,
+        /// Seconds a newcomer waits for an answer before it counts as timed out.
+        #[arg(long, default_value_t = 10.0)]
+        newcomer_timeout: f64,
+        /// The server's process id, to read its resident memory.
+        #[arg(long)]
+        server_pid: Option<u32>,
+        #[arg(long, default_value_t = 16)]
+        setup_concurrency: usize,
     },
 }
 
@@ -166,6 +201,43 @@ async fn main() -> anyhow::Result<()> {
                     http2,
                     server_pid,
                     concurrency,
+                },
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+            print(&r, cli.json)
+        }
+        Scenario::Surge {
+            users,
+            rooms,
+            rate,
+            capacity_seconds,
+            capacity,
+            before,
+            flood,
+            after,
+            multiplier,
+            sources,
+            newcomer_timeout,
+            server_pid,
+            setup_concurrency,
+        } => {
+            let r = surge::run(
+                &target,
+                surge::Params {
+                    users,
+                    rooms,
+                    rate_per_sender: rate,
+                    capacity_seconds,
+                    capacity,
+                    before_seconds: before,
+                    flood_seconds: flood,
+                    after_seconds: after,
+                    multiplier,
+                    sources,
+                    newcomer_timeout: Duration::from_secs_f64(newcomer_timeout),
+                    server_pid,
+                    setup_concurrency,
                 },
             )
             .await

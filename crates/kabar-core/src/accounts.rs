@@ -2,6 +2,7 @@
 
 use std::{
     collections::HashMap,
+    net::IpAddr,
     sync::{Arc, Mutex},
 };
 
@@ -13,6 +14,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::{
+    admission::NewcomerAdmission,
     error::{Error, Result},
     now_ms,
     password::PasswordHasher,
@@ -51,6 +53,7 @@ pub struct LoggedIn {
 pub struct Accounts {
     store: Arc<dyn Store>,
     hasher: Arc<PasswordHasher>,
+    admission: NewcomerAdmission,
     server_name: OwnedServerName,
     policy: RegistrationPolicy,
     uia: UiaSessions,
@@ -82,10 +85,17 @@ fn new_device_id() -> String {
 }
 
 impl Accounts {
-    pub fn new(store: Arc<dyn Store>, hasher: Arc<PasswordHasher>, server_name: OwnedServerName, policy: RegistrationPolicy) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        hasher: Arc<PasswordHasher>,
+        admission: NewcomerAdmission,
+        server_name: OwnedServerName,
+        policy: RegistrationPolicy,
+    ) -> Self {
         Self {
             store,
             hasher,
+            admission,
             server_name,
             policy,
             uia: UiaSessions::new(),
@@ -125,17 +135,44 @@ impl Accounts {
         Ok(true)
     }
 
-    pub async fn register(&self, req: RegistrationRequest) -> Result<LoggedIn> {
+    /// Registers an account for a request from `client`. The request that
+    /// completes authentication is the attempt that counts against the
+    /// address's and the server's allowance, and it takes its hashing slot
+    /// before a registration token is spent, so a refusal loses nothing.
+    pub async fn register(&self, req: RegistrationRequest, client: IpAddr) -> Result<LoggedIn> {
         let flows: &[&[&'static str]] = match self.policy {
             RegistrationPolicy::Closed => return Err(Error::RegistrationDisabled),
             RegistrationPolicy::Open => &[&["m.login.dummy"], &["m.login.registration_token"]],
             RegistrationPolicy::TokenRequired => &[&["m.login.registration_token"]],
         };
-        // Check the name before asking for auth, so a taken name fails fast.
+        let password = match req.password {
+            Some(p) if p.len() > 1024 => return Err(Error::InvalidParam("password is too long".into())),
+            Some(p) if !p.is_empty() => Some(p),
+            _ => None,
+        };
         let user_id = match &req.username {
             Some(name) => self.user_id(&name.to_lowercase())?,
             None => self.user_id(&new_device_id().to_lowercase())?,
         };
+        // Admission comes before any store read, so a refusal costs next to
+        // nothing. The first step (no `auth`) only learns whether it would be
+        // let in now; the step that completes authentication is the attempt
+        // that counts, and takes its hashing slot.
+        let hash_slot = match (&req.auth, &password) {
+            (None, Some(_)) => {
+                self.hasher.check_room()?;
+                None
+            }
+            (None, None) => None,
+            (Some(_), password) => {
+                self.admission.register.check(client)?;
+                match password {
+                    Some(_) => Some(self.hasher.slot().await?),
+                    None => None,
+                }
+            }
+        };
+        // Check the name before asking for auth, so a taken name fails fast.
         if self.store.user(&user_id).await?.is_some() {
             return Err(Error::UserInUse);
         }
@@ -157,14 +194,12 @@ impl Accounts {
             })
             .await?;
 
-        let password_hash = match req.password {
-            Some(p) if !p.is_empty() => {
-                if p.len() > 1024 {
-                    return Err(Error::InvalidParam("password is too long".into()));
-                }
-                Some(self.hasher.hash(p).await?)
-            }
-            _ => None,
+        let password_hash = match (password, hash_slot) {
+            (Some(p), Some(slot)) => Some(slot.hash(p).await?),
+            // Unreachable today (without `auth` the flow stops at the
+            // challenge); should it happen, the password is hashed as usual.
+            (Some(p), None) => Some(self.hasher.hash(p).await?),
+            (None, _) => None,
         };
         self.store
             .create_user(NewUser {
@@ -189,7 +224,11 @@ impl Accounts {
     }
 
     async fn new_session(&self, user_id: OwnedUserId, device_id: Option<String>, display_name: Option<String>) -> Result<LoggedIn> {
-        let device_id = device_id.filter(|d| !d.is_empty() && d.len() <= 255).unwrap_or_else(new_device_id);
+        let chosen = device_id.filter(|d| !d.is_empty() && d.len() <= 255);
+        // A device id the client chose may already have a token, which this
+        // one replaces; a fresh random id cannot have one cached.
+        let replaces_token = chosen.is_some();
+        let device_id = chosen.unwrap_or_else(new_device_id);
         let token = new_access_token();
         self.store
             .upsert_device(NewDevice {
@@ -200,7 +239,9 @@ impl Accounts {
                 now_ms: now_ms(),
             })
             .await?;
-        self.token_cache.lock().expect("token cache").clear();
+        if replaces_token {
+            self.token_cache.lock().expect("token cache").clear();
+        }
         Ok(LoggedIn {
             user_id,
             device_id,
@@ -218,13 +259,16 @@ impl Accounts {
         }
     }
 
+    /// Signs in with a password, for a request from `client`.
     pub async fn login_password(
         &self,
         user: &str,
         password: &str,
         device_id: Option<String>,
         display_name: Option<String>,
+        client: IpAddr,
     ) -> Result<LoggedIn> {
+        self.admission.login.check(client)?;
         let user_id = self.parse_login_user(user)?;
         if !self.check_password(&user_id, password).await? {
             return Err(Error::Forbidden("invalid username or password".into()));
@@ -326,24 +370,37 @@ impl Accounts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::password::HashCost;
+    use crate::{
+        admission::{Admission, RateLimits},
+        load::LoadMetrics,
+        password::{HashCost, HashingPool},
+    };
 
-    fn accounts(policy: RegistrationPolicy) -> (Accounts, tempfile::TempDir) {
+    const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
+
+    fn accounts_with(policy: RegistrationPolicy, max_queued: usize, admission: NewcomerAdmission) -> (Accounts, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(kabar_store_sqlite::SqliteStore::open(&dir.path().join("db")).unwrap());
-        let hasher = Arc::new(
-            PasswordHasher::new(
-                HashCost {
-                    memory_kib: 64,
-                    iterations: 1,
-                    parallelism: 1,
-                },
-                1,
-                16,
-            )
-            .unwrap(),
-        );
-        (Accounts::new(store, hasher, ruma::owned_server_name!("localhost"), policy), dir)
+        let pool = HashingPool {
+            threads: 1,
+            max_queued,
+            max_queue_delay: std::time::Duration::from_secs(5),
+            priority: crate::password::HashPriority::Normal,
+        };
+        let cost = HashCost {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        };
+        let hasher = Arc::new(PasswordHasher::new(cost, pool, LoadMetrics::default().class("password_hashing")).unwrap());
+        (
+            Accounts::new(store, hasher, admission, ruma::owned_server_name!("localhost"), policy),
+            dir,
+        )
+    }
+
+    fn accounts(policy: RegistrationPolicy) -> (Accounts, tempfile::TempDir) {
+        accounts_with(policy, 16, NewcomerAdmission::unlimited(&LoadMetrics::default()))
     }
 
     fn dummy() -> Option<Value> {
@@ -359,7 +416,7 @@ mod tests {
                 password: Some("pw".into()),
                 auth: dummy(),
                 ..Default::default()
-            })
+            }, CLIENT)
             .await
             .unwrap();
         assert_eq!(r.user_id.as_str(), "@alice:localhost", "names are lowercased");
@@ -371,15 +428,15 @@ mod tests {
                 username: Some("alice".into()),
                 auth: dummy(),
                 ..Default::default()
-            })
+            }, CLIENT)
             .await,
             Err(Error::UserInUse)
         ));
         assert!(matches!(
-            acc.login_password("alice", "bad", None, None).await,
+            acc.login_password("alice", "bad", None, None, CLIENT).await,
             Err(Error::Forbidden(_))
         ));
-        let second = acc.login_password("@alice:localhost", "pw", None, None).await.unwrap();
+        let second = acc.login_password("@alice:localhost", "pw", None, None, CLIENT).await.unwrap();
         acc.logout(&acc.authenticate(&token).await.unwrap()).await.unwrap();
         assert!(matches!(acc.authenticate(&token).await, Err(Error::UnknownToken)));
         assert!(
@@ -396,7 +453,7 @@ mod tests {
                 username: Some("bob".into()),
                 auth: dummy(),
                 ..Default::default()
-            })
+            }, CLIENT)
             .await,
             Err(Error::BadJson(_))
         ));
@@ -406,7 +463,7 @@ mod tests {
             username: Some("bob".into()),
             auth: auth.clone(),
             ..Default::default()
-        })
+        }, CLIENT)
         .await
         .unwrap();
         assert!(matches!(
@@ -414,7 +471,7 @@ mod tests {
                 username: Some("carol".into()),
                 auth,
                 ..Default::default()
-            })
+            }, CLIENT)
             .await,
             Err(Error::UiaRequired(_))
         ));
@@ -423,14 +480,84 @@ mod tests {
                 username: Some("bad name".into()),
                 auth: dummy(),
                 ..Default::default()
-            })
+            }, CLIENT)
             .await,
             Err(Error::InvalidUsername(_))
         ));
         let (closed, _d) = accounts(RegistrationPolicy::Closed);
         assert!(matches!(
-            closed.register(RegistrationRequest::default()).await,
+            closed.register(RegistrationRequest::default(), CLIENT).await,
             Err(Error::RegistrationDisabled)
         ));
+    }
+
+    /// A registration refused because hashing is saturated is refused before
+    /// its registration token is spent, so the retry still works.
+    #[tokio::test]
+    async fn a_refused_registration_keeps_its_token() {
+        let (acc, _dir) = accounts_with(
+            RegistrationPolicy::TokenRequired,
+            0,
+            NewcomerAdmission::unlimited(&LoadMetrics::default()),
+        );
+        acc.store().create_registration_token("once", Some(1), None).await.unwrap();
+        let request = || RegistrationRequest {
+            username: Some("dora".into()),
+            password: Some("pw".into()),
+            auth: Some(json!({"type": "m.login.registration_token", "token": "once"})),
+            ..Default::default()
+        };
+        let busy = acc.hasher.slot().await.unwrap();
+        assert!(matches!(
+            acc.register(request(), CLIENT).await,
+            Err(Error::LimitExceeded { retry_after_ms }) if retry_after_ms > 0
+        ));
+        drop(busy);
+        acc.register(request(), CLIENT).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn each_address_gets_its_allowance_of_attempts() {
+        let metrics = LoadMetrics::default();
+        let limits = RateLimits {
+            per_address_per_minute: 1,
+            per_address_burst: 2,
+            global_per_second: 0,
+            global_burst: 0,
+        };
+        let admission = NewcomerAdmission {
+            register: Admission::new(metrics.class("register"), limits),
+            login: Admission::new(metrics.class("login"), limits),
+        };
+        let (acc, _dir) = accounts_with(RegistrationPolicy::Open, 16, admission);
+        let register = |name: &str| RegistrationRequest {
+            username: Some(name.into()),
+            password: Some("pw".into()),
+            auth: dummy(),
+            ..Default::default()
+        };
+        // The first step (no auth) is a challenge and costs no allowance.
+        assert!(matches!(
+            acc.register(RegistrationRequest { auth: None, ..register("a0") }, CLIENT).await,
+            Err(Error::UiaRequired(_))
+        ));
+        acc.register(register("a1"), CLIENT).await.unwrap();
+        acc.register(register("a2"), CLIENT).await.unwrap();
+        assert!(matches!(
+            acc.register(register("a3"), CLIENT).await,
+            Err(Error::LimitExceeded { retry_after_ms }) if retry_after_ms > 20_000
+        ));
+        assert!(acc.store().user(&acc.user_id("a3").unwrap()).await.unwrap().is_none(), "nothing was created");
+        let other: IpAddr = "192.0.2.99".parse().unwrap();
+        acc.register(register("a3"), other).await.unwrap();
+        for _ in 0..2 {
+            assert!(matches!(acc.login_password("a1", "wrong", None, None, CLIENT).await, Err(Error::Forbidden(_))));
+        }
+        assert!(matches!(
+            acc.login_password("a1", "pw", None, None, CLIENT).await,
+            Err(Error::LimitExceeded { .. })
+        ));
+        assert_eq!(metrics.shed_total("register"), 1);
+        assert_eq!(metrics.shed_total("login"), 1);
     }
 }

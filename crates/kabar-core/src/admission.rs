@@ -121,6 +121,28 @@ impl Admission {
     }
 }
 
+/// The admission limits in front of account creation and sign-in.
+pub struct NewcomerAdmission {
+    pub register: Admission,
+    pub login: Admission,
+}
+
+impl NewcomerAdmission {
+    /// No limits at all (tests of other things).
+    pub fn unlimited(metrics: &crate::load::LoadMetrics) -> Self {
+        let none = RateLimits {
+            per_address_per_minute: 0,
+            per_address_burst: 0,
+            global_per_second: 0,
+            global_burst: 0,
+        };
+        Self {
+            register: Admission::new(metrics.class("register"), none),
+            login: Admission::new(metrics.class("login"), none),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

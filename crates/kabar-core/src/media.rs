@@ -11,10 +11,10 @@ use kabar_store::{MediaRecord, Store};
 use rand::{Rng, distributions::Alphanumeric};
 use ruma::UserId;
 use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
 
 use crate::{
     error::{Error, Result},
+    load::Gate,
     now_ms,
 };
 
@@ -26,7 +26,8 @@ pub struct Media {
     store: Arc<dyn Store>,
     dir: PathBuf,
     max_upload_bytes: u64,
-    thumbnail_slots: Semaphore,
+    /// Thumbnailing decodes whole images: bounded, and refused once the queue is too long.
+    thumbnails: Gate,
 }
 
 pub struct Download {
@@ -41,13 +42,13 @@ pub enum ThumbnailMethod {
 }
 
 impl Media {
-    pub fn new(store: Arc<dyn Store>, dir: PathBuf, max_upload_bytes: u64, thumbnail_threads: usize) -> Result<Self> {
+    pub fn new(store: Arc<dyn Store>, dir: PathBuf, max_upload_bytes: u64, thumbnails: Gate) -> Result<Self> {
         std::fs::create_dir_all(&dir).map_err(|e| Error::Internal(format!("cannot create media directory: {e}")))?;
         Ok(Self {
             store,
             dir,
             max_upload_bytes,
-            thumbnail_slots: Semaphore::new(thumbnail_threads.max(1)),
+            thumbnails,
         })
     }
 
@@ -113,7 +114,7 @@ impl Media {
         if let Ok(bytes) = tokio::fs::read(&cached).await {
             return Ok((content_type, bytes));
         }
-        let _slot = self.thumbnail_slots.acquire().await.map_err(|e| Error::Internal(e.to_string()))?;
+        let _slot = self.thumbnails.enter().await?;
         let bytes = tokio::task::spawn_blocking(move || make_thumbnail(&source.bytes, width, height, method, jpeg))
             .await
             .map_err(|e| Error::Internal(e.to_string()))??;

@@ -43,6 +43,7 @@ use tokio::sync::{Mutex as AsyncMutex, MutexGuard as AsyncMutexGuard, watch};
 use crate::{
     changes::Changes,
     error::{Error, Result},
+    load::Gate,
     notifier::Notifier,
 };
 
@@ -434,6 +435,10 @@ pub struct Rooms {
     changes: Arc<Changes>,
     default_version: RoomVersionId,
     rooms: Mutex<HashMap<OwnedRoomId, Arc<Room>>>,
+    /// Joins are bounded: a crowd joining one huge room queues here, and is
+    /// refused once the wait would pass the deadline, instead of piling up
+    /// behind the room's write turn.
+    joins: Gate,
 }
 
 fn now() -> MilliSecondsSinceUnixEpoch {
@@ -459,6 +464,7 @@ impl Rooms {
         notifier: Arc<Notifier>,
         changes: Arc<Changes>,
         default_version: RoomVersionId,
+        joins: Gate,
     ) -> Self {
         Self {
             store,
@@ -467,6 +473,7 @@ impl Rooms {
             changes,
             default_version,
             rooms: Mutex::new(HashMap::new()),
+            joins,
         }
     }
 
@@ -672,6 +679,10 @@ impl Rooms {
         if profile.is_none() {
             return Err(Error::NotFound(format!("unknown user {target}")));
         }
+        let _join_pass = match membership {
+            Membership::Join => Some(self.joins.enter().await?),
+            _ => None,
+        };
         let room = self.room(room_id).await?;
         let turn = room.write_turn().await;
         {

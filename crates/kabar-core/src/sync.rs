@@ -20,6 +20,7 @@ use crate::{
     changes::Changes,
     ephemeral::Ephemeral,
     error::Result,
+    load::Gate,
     notifier::Notifier,
     rooms::{Room, Rooms, TimelineEvent},
 };
@@ -123,6 +124,10 @@ pub struct SyncEngine {
     unread: Mutex<HashMap<(OwnedUserId, OwnedRoomId), UnreadEntry>>,
     /// Each user's memberships with the tracker generation they were read at.
     memberships: Mutex<HashMap<OwnedUserId, CachedMemberships>>,
+    /// Initial and full-state syncs read every joined room's state: bounded,
+    /// so a crowd signing in cannot take the store's readers from the
+    /// incremental syncs of people already chatting.
+    full_syncs: Gate,
 }
 
 /// A user's memberships as read from the store, and the generation of the
@@ -254,6 +259,7 @@ impl SyncEngine {
         notifier: Arc<Notifier>,
         ephemeral: Arc<Ephemeral>,
         changes: Arc<Changes>,
+        full_syncs: Gate,
     ) -> Self {
         Self {
             store,
@@ -263,6 +269,7 @@ impl SyncEngine {
             changes,
             unread: Mutex::new(HashMap::new()),
             memberships: Mutex::new(HashMap::new()),
+            full_syncs,
         }
     }
 
@@ -296,6 +303,11 @@ impl SyncEngine {
             // say what the client has seen; start it over with an initial sync.
             req.since = None;
         }
+        let _full_sync_pass = if req.since.is_none() || req.full_state {
+            Some(self.full_syncs.enter().await?)
+        } else {
+            None
+        };
         match req.set_presence.as_deref() {
             Some("offline") => {}
             Some(p @ ("online" | "unavailable")) => self.ephemeral.set_presence(&session.user_id, p, None),

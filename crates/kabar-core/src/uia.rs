@@ -5,7 +5,7 @@
 //! at a time. Sessions live in memory, expire, and their number is bounded.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -26,7 +26,41 @@ struct UiaSession {
 
 #[derive(Default)]
 pub struct UiaSessions {
-    sessions: Mutex<HashMap<String, UiaSession>>,
+    sessions: Mutex<Sessions>,
+}
+
+/// The live sessions and the order they were made in, so the oldest can be
+/// dropped in constant time: a flood of first steps must not make each new
+/// session scan all the others.
+#[derive(Default)]
+struct Sessions {
+    live: HashMap<String, UiaSession>,
+    created: VecDeque<(Instant, String)>,
+}
+
+impl Sessions {
+    fn get(&self, id: &str) -> Option<&UiaSession> {
+        self.live.get(id).filter(|s| s.created.elapsed() < SESSION_TTL)
+    }
+
+    fn insert(&mut self, id: String) {
+        let now = Instant::now();
+        while let Some((made, old)) = self.created.front() {
+            if now.duration_since(*made) < SESSION_TTL && self.created.len() < MAX_SESSIONS {
+                break;
+            }
+            self.live.remove(old);
+            self.created.pop_front();
+        }
+        self.created.push_back((now, id.clone()));
+        self.live.insert(
+            id,
+            UiaSession {
+                completed: vec![],
+                created: now,
+            },
+        );
+    }
 }
 
 /// What a stage handler decided about the `auth` dict it was given.
@@ -44,19 +78,7 @@ impl UiaSessions {
 
     fn new_session(&self) -> String {
         let id: String = rand::thread_rng().sample_iter(&Alphanumeric).take(24).map(char::from).collect();
-        let mut map = self.sessions.lock().expect("uia lock");
-        if map.len() >= MAX_SESSIONS {
-            map.retain(|_, s| s.created.elapsed() < SESSION_TTL);
-        }
-        if map.len() < MAX_SESSIONS {
-            map.insert(
-                id.clone(),
-                UiaSession {
-                    completed: vec![],
-                    created: Instant::now(),
-                },
-            );
-        }
+        self.sessions.lock().expect("uia lock").insert(id.clone());
         id
     }
 
@@ -87,12 +109,7 @@ impl UiaSessions {
         };
         let session = match auth.get("session").and_then(Value::as_str) {
             Some(s)
-                if self
-                    .sessions
-                    .lock()
-                    .expect("uia lock")
-                    .get(s)
-                    .is_some_and(|x| x.created.elapsed() < SESSION_TTL) =>
+                if self.sessions.lock().expect("uia lock").get(s).is_some() =>
             {
                 s.to_owned()
             }
@@ -116,10 +133,10 @@ impl UiaSessions {
         let completed = match check(kind, auth.clone()).await? {
             StageOutcome::Completed(stage) => {
                 let mut map = self.sessions.lock().expect("uia lock");
-                let s = map.entry(session.clone()).or_insert(UiaSession {
-                    completed: vec![],
-                    created: Instant::now(),
-                });
+                if !map.live.contains_key(&session) {
+                    map.insert(session.clone());
+                }
+                let s = map.live.get_mut(&session).expect("inserted above");
                 if !s.completed.iter().any(|c| c == stage) {
                     s.completed.push(stage.to_owned());
                 }
@@ -130,7 +147,7 @@ impl UiaSessions {
             }
         };
         if flows.iter().any(|f| f.iter().all(|stage| completed.iter().any(|c| c == stage))) {
-            self.sessions.lock().expect("uia lock").remove(&session);
+            self.sessions.lock().expect("uia lock").live.remove(&session);
             Ok(())
         } else {
             Err(Self::challenge(flows, &session, &completed, params, None))
@@ -165,6 +182,18 @@ mod tests {
             .await
             .is_err()
         );
+    }
+
+    #[test]
+    fn the_oldest_sessions_make_room_for_new_ones() {
+        let mut s = Sessions::default();
+        for i in 0..MAX_SESSIONS + 10 {
+            s.insert(format!("s{i}"));
+        }
+        assert_eq!(s.live.len(), MAX_SESSIONS);
+        assert!(s.get("s0").is_none() && s.get("s9").is_none());
+        assert!(s.get("s10").is_some());
+        assert!(s.get(&format!("s{}", MAX_SESSIONS + 9)).is_some());
     }
 
     #[tokio::test]

@@ -27,6 +27,59 @@ pub struct Config {
     pub rooms: RoomsConfig,
     pub limits: LimitsConfig,
     pub password_hashing: PasswordHashingConfig,
+    /// Address of the Prometheus metrics listener (`/metrics`); off when unset.
+    /// Keep it off the public network.
+    pub metrics_listen: Option<SocketAddr>,
+    pub admission: AdmissionConfig,
+    pub work: WorkConfig,
+}
+
+/// Rate limits for newcomers, per client address and for the whole server.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionConfig {
+    /// Attempts to complete a registration.
+    pub register: RateLimitConfig,
+    /// Password logins.
+    pub login: RateLimitConfig,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Sustained attempts per minute from one client address (an IPv6 /64); 0 turns it off.
+    pub per_address_per_minute: u32,
+    /// Attempts one address may make in a burst.
+    pub per_address_burst: u32,
+    /// Sustained attempts per second for the whole server; 0 (the default)
+    /// leaves the pace to the measured capacity of the hashing pool.
+    pub global_per_second: u32,
+    /// Attempts the whole server may take in a burst.
+    pub global_burst: u32,
+}
+
+/// Bounded classes of expensive work. Unset values take each class's default.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkConfig {
+    /// Initial and full-state syncs.
+    pub initial_sync: WorkClassConfig,
+    /// Room joins.
+    pub join: WorkClassConfig,
+    /// Thumbnail generation.
+    pub thumbnail: WorkClassConfig,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkClassConfig {
+    /// How many run at once (0: one per core).
+    pub slots: Option<usize>,
+    /// How many may wait for a slot.
+    pub max_queued: Option<usize>,
+    /// The longest one may wait, in milliseconds; a request predicted to wait
+    /// longer is refused at once with M_LIMIT_EXCEEDED.
+    pub max_queue_delay_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -65,6 +118,13 @@ pub struct PasswordHashingConfig {
     pub threads: usize,
     /// Hashes that may wait; beyond this, clients are told to retry later.
     pub queue: usize,
+    /// The longest a hash may wait for a thread, in milliseconds; a request
+    /// predicted to wait longer is refused at once with M_LIMIT_EXCEEDED.
+    pub max_queue_delay_ms: u64,
+    /// CPU priority of the hashing threads against the threads serving
+    /// requests: `idle` (only spare CPU; signed-in users always first), `low`
+    /// (nice 19) or `normal`.
+    pub priority: String,
 }
 
 impl Default for Config {
@@ -79,6 +139,9 @@ impl Default for Config {
             rooms: RoomsConfig::default(),
             limits: LimitsConfig::default(),
             password_hashing: PasswordHashingConfig::default(),
+            metrics_listen: None,
+            admission: AdmissionConfig::default(),
+            work: WorkConfig::default(),
         }
     }
 }
@@ -113,7 +176,33 @@ impl Default for PasswordHashingConfig {
             iterations: 2,
             threads: 0,
             queue: 256,
+            max_queue_delay_ms: 2_000,
+            priority: "idle".into(),
         }
+    }
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            per_address_per_minute: 30,
+            per_address_burst: 10,
+            global_per_second: 0,
+            global_burst: 100,
+        }
+    }
+}
+
+impl WorkClassConfig {
+    /// This class's settings with `defaults` filling what is unset; 0 slots
+    /// means one per core.
+    pub fn resolve(&self, defaults: (usize, usize, u64), cores: usize) -> (usize, usize, u64) {
+        let slots = self.slots.unwrap_or(defaults.0);
+        (
+            if slots == 0 { cores } else { slots },
+            self.max_queued.unwrap_or(defaults.1),
+            self.max_queue_delay_ms.unwrap_or(defaults.2),
+        )
     }
 }
 
@@ -145,6 +234,23 @@ impl Config {
         }
         if self.password_hashing.memory_kib < 19 * 1024 || self.password_hashing.iterations < 2 {
             bail!("password_hashing must be at least memory_kib = 19456 and iterations = 2");
+        }
+        for (name, r) in [("register", &self.admission.register), ("login", &self.admission.login)] {
+            if r.per_address_per_minute > 0 && r.per_address_burst == 0 {
+                bail!("admission.{name}.per_address_burst must be at least 1 when per_address_per_minute is set");
+            }
+            if r.global_per_second > 0 && r.global_burst == 0 {
+                bail!("admission.{name}.global_burst must be at least 1 when global_per_second is set");
+            }
+        }
+        if !["idle", "low", "normal"].contains(&self.password_hashing.priority.as_str()) {
+            bail!(
+                "password_hashing.priority must be idle, low or normal, not {:?}",
+                self.password_hashing.priority
+            );
+        }
+        if self.password_hashing.max_queue_delay_ms == 0 {
+            bail!("password_hashing.max_queue_delay_ms must be at least 1");
         }
         if self.limits.max_json_body_bytes < 65_536 {
             bail!("limits.max_json_body_bytes must be at least 65536 (one event)");

@@ -1,6 +1,7 @@
 //! The `kabar` binary: reads the configuration, wires the services, serves.
 
 mod config;
+mod metrics;
 
 /// mimalloc returns freed memory to the system far better than glibc's malloc
 /// under this workload (19 MiB argon2 buffers on worker threads, many
@@ -8,18 +9,20 @@ mod config;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::{path::PathBuf, sync::Arc};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use config::Config;
 use kabar_core::{
     accounts::{Accounts, RegistrationPolicy},
+    admission::{Admission, NewcomerAdmission, RateLimits},
     changes::Changes,
     ephemeral::Ephemeral,
+    load::{Gate, GateLimits, LoadMetrics},
     media::Media,
     notifier::Notifier,
-    password::{HashCost, PasswordHasher},
+    password::{HashCost, HashPriority, HashingPool, PasswordHasher},
     rooms::Rooms,
     sync::SyncEngine,
     user_data::UserData,
@@ -28,6 +31,15 @@ use kabar_domain::EventSigner;
 use kabar_store::{ServerStore, Store};
 use kabar_store_sqlite::SqliteStore;
 use tracing_subscriber::EnvFilter;
+
+fn rate_limits(c: &config::RateLimitConfig) -> RateLimits {
+    RateLimits {
+        per_address_per_minute: c.per_address_per_minute,
+        per_address_burst: c.per_address_burst,
+        global_per_second: c.global_per_second,
+        global_burst: c.global_burst,
+    }
+}
 
 /// How long shutdown waits for requests in flight.
 const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -131,24 +143,51 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         _ => RegistrationPolicy::TokenRequired,
     };
 
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let load = LoadMetrics::new();
     let hashing = &config.password_hashing;
-    let threads = if hashing.threads == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
-    } else {
-        hashing.threads
-    };
     let hasher = Arc::new(PasswordHasher::new(
         HashCost {
             memory_kib: hashing.memory_kib,
             iterations: hashing.iterations,
             parallelism: 1,
         },
-        threads,
-        hashing.queue,
+        HashingPool {
+            threads: if hashing.threads == 0 { cores } else { hashing.threads },
+            max_queued: hashing.queue,
+            max_queue_delay: Duration::from_millis(hashing.max_queue_delay_ms),
+            priority: match hashing.priority.as_str() {
+                "normal" => HashPriority::Normal,
+                "low" => HashPriority::Low,
+                _ => HashPriority::Idle,
+            },
+        },
+        load.class("password_hashing"),
     )?);
+    tracing::info!(hash_ms = hasher.hash_time().as_secs_f64() * 1000.0, "password hashing calibrated");
+    let admission = NewcomerAdmission {
+        register: Admission::new(load.class("register"), rate_limits(&config.admission.register)),
+        login: Admission::new(load.class("login"), rate_limits(&config.admission.login)),
+    };
+    let gate = |name: &'static str, class: &config::WorkClassConfig, defaults: (usize, usize, u64), expected: Duration| {
+        let (slots, max_queued, delay_ms) = class.resolve(defaults, cores);
+        Gate::new(
+            load.class(name),
+            GateLimits {
+                slots,
+                max_queued,
+                max_queue_delay: Duration::from_millis(delay_ms),
+            },
+            expected,
+        )
+    };
+    let work = &config.work;
+    let full_syncs = gate("initial_sync", &work.initial_sync, (0, 1024, 10_000), Duration::from_millis(5));
+    let joins = gate("join", &work.join, (64, 4096, 5_000), Duration::from_millis(2));
+    let thumbnails = gate("thumbnail", &work.thumbnail, (0, 64, 5_000), Duration::from_millis(50));
     let notifier = Arc::new(Notifier::new());
     let ephemeral = Arc::new(Ephemeral::new(notifier.clone()));
-    let accounts = Arc::new(Accounts::new(store.clone(), hasher, server_name.clone(), policy));
+    let accounts = Arc::new(Accounts::new(store.clone(), hasher, admission, server_name.clone(), policy));
     let default_version = ruma::RoomVersionId::try_from(config.rooms.default_version.as_str())?;
     let changes = Changes::new(store.current_position());
     let rooms = Arc::new(Rooms::new(
@@ -157,6 +196,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         notifier.clone(),
         changes.clone(),
         default_version,
+        joins,
     ));
     let sync = Arc::new(SyncEngine::new(
         store.clone(),
@@ -164,13 +204,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         notifier.clone(),
         ephemeral.clone(),
         changes.clone(),
+        full_syncs,
     ));
     let user_data = Arc::new(UserData::new(store.clone(), notifier.clone(), changes, rooms.clone()));
     let media = Arc::new(Media::new(
         store.clone(),
         config.data_dir.join("media"),
         config.limits.max_upload_bytes as u64,
-        2,
+        thumbnails,
     )?);
     let info = Arc::new(kabar_api::ServerInfo {
         server_name: server_name.to_string(),
@@ -193,17 +234,34 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         },
     );
 
+    // Shedding episodes end (and say so) after a second without refusals.
+    let episodes = load.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            episodes.end_quiet_episodes();
+        }
+    });
+    if let Some(addr) = config.metrics_listen {
+        let mut registry = prometheus_client::registry::Registry::default();
+        load.register(&mut registry);
+        let bound = metrics::serve(addr, registry).await.with_context(|| format!("binding metrics_listen {addr}"))?;
+        println!("kabar metrics on http://{bound}/metrics");
+    }
+
     tracing::info!(server_name = %server_name, address = %bound, registration = ?policy, "kabar is serving");
     // Tests and scripts read this line to learn the port.
     println!("kabar listening on http://{bound}");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(async move {
         let mut stop_rx = stop_rx;
-        // into_make_service: a plain `Router` is re-specialised with its state
-        // for every connection, which costs memory in proportion to the number
-        // of routes (about 400 KiB a connection here); this way each
-        // connection shares the one router.
-        axum::serve(listener, app.into_make_service())
+        // A make-service shares the one router among connections: a plain
+        // `Router` is re-specialised with its state for every connection,
+        // which costs memory in proportion to the number of routes (about
+        // 400 KiB a connection here). The peer address it records feeds the
+        // per-address admission limits.
+        axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
             .with_graceful_shutdown(async move {
                 let _ = stop_rx.wait_for(|s| *s).await;
             })

@@ -5,24 +5,19 @@
 //! duplicated deliveries.
 
 use std::{
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
-use futures::future::join_all;
 use serde::Serialize;
-use serde_json::json;
-use tokio::sync::watch;
 
 use super::Report;
 use crate::{
-    Deliveries, DeliveryCheck, Progress,
+    DeliveryCheck, Progress,
+    chat::{Chat, merge},
     client::Target,
-    follow, initial_since, run_prefix, setup_users,
-    stats::{ErrorCounts, LatencySummary, count_error},
+    run_prefix,
+    stats::{ErrorCounts, LatencySummary},
 };
 
 #[derive(Debug, Clone)]
@@ -77,50 +72,8 @@ impl Report for MessagesReport {
 }
 
 pub async fn run(target: &Target, p: Params) -> Result<MessagesReport, String> {
-    let rooms_n = p.rooms.clamp(1, p.users.max(1));
-    let prefix = run_prefix("msg");
-    let users = setup_users(target, &prefix, p.users, p.setup_concurrency).await?;
-
-    // Room r is created by user r; user i sits in room i % R.
-    let mut room_ids = Vec::with_capacity(rooms_n);
-    for creator in users.iter().take(rooms_n) {
-        room_ids.push(
-            creator
-                .create_room(json!({ "preset": "public_chat" }))
-                .await
-                .map_err(|e| format!("create room: {e}"))?,
-        );
-    }
-    let joins = users.iter().enumerate().skip(rooms_n).map(|(i, u)| {
-        let room = room_ids[i % rooms_n].clone();
-        async move { u.join(&room).await }
-    });
-    for r in join_all(joins).await {
-        r.map_err(|e| format!("join: {e}"))?;
-    }
-
-    // Every member follows its sync from now on.
-    let deliveries = Arc::new(Deliveries::default());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let held = Arc::new(AtomicU64::new(0));
-    let sync_errors = Arc::new(Mutex::new(ErrorCounts::new()));
-    let mut followers = Vec::new();
-    for (i, u) in users.iter().enumerate() {
-        let since = initial_since(u).await.map_err(|e| format!("initial sync: {e}"))?;
-        followers.push(tokio::spawn(follow(
-            u.clone(),
-            i as u32,
-            since,
-            deliveries.clone(),
-            stop_rx.clone(),
-            held.clone(),
-            sync_errors.clone(),
-        )));
-    }
-
-    // Senders.
-    let sent = Arc::new(AtomicU64::new(0));
-    let (s, d) = (sent.clone(), deliveries.clone());
+    let chat = Chat::start(target, &run_prefix("msg"), p.users, p.rooms, p.setup_concurrency).await?;
+    let (s, d) = (chat.sent.clone(), chat.deliveries.clone());
     let progress = Progress::start("messages", move || {
         format!(
             "{} sent, {} delivered",
@@ -129,69 +82,19 @@ pub async fn run(target: &Target, p: Params) -> Result<MessagesReport, String> {
         )
     });
     let start = Instant::now();
-    let deadline = start + Duration::from_secs_f64(p.seconds);
-    let senders = users.iter().enumerate().map(|(i, u)| {
-        let (u, room, deliveries, sent) = (u.clone(), room_ids[i % rooms_n].clone(), deliveries.clone(), sent.clone());
-        let interval = p.rate_per_sender.map(|r| Duration::from_secs_f64(1.0 / r.max(0.001)));
-        async move {
-            let mut acked = Vec::new();
-            let mut errors = ErrorCounts::new();
-            let mut latencies = crate::stats::Latencies::default();
-            let mut next = Instant::now();
-            let mut seq: u64 = 0;
-            while Instant::now() < deadline {
-                if let Some(iv) = interval {
-                    tokio::time::sleep_until(next.into()).await;
-                    next += iv;
-                    if Instant::now() >= deadline {
-                        break;
-                    }
-                }
-                let id = ((i as u64) << 32) | seq;
-                seq += 1;
-                let t = Instant::now();
-                match u.send_text(&room, &format!("kb{id}"), &deliveries.body(id)).await {
-                    Ok(_) => {
-                        latencies.push(t.elapsed().as_micros() as u64);
-                        acked.push(id);
-                        sent.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => count_error(&mut errors, e.kind()),
-                }
-            }
-            (i, acked, errors, latencies)
-        }
-    });
-    let results = join_all(senders).await;
+    let interval = p.rate_per_sender.map(|r| Duration::from_secs_f64(1.0 / r.max(0.001)));
+    let results = chat.send_until(start + Duration::from_secs_f64(p.seconds), interval).await;
     let seconds = start.elapsed().as_secs_f64();
-
-    // Who must see what: every member of the sender's room, the sender included.
-    let mut expected = Vec::new();
-    let mut send_errors = ErrorCounts::new();
-    let mut send_latency = crate::stats::Latencies::default();
-    let mut total_sent = 0u64;
-    for (i, acked, errors, lat) in results {
-        total_sent += acked.len() as u64;
-        for (k, v) in errors {
-            *send_errors.entry(k).or_insert(0) += v;
-        }
-        send_latency.extend(lat);
-        for member in (0..users.len()).filter(|m| m % rooms_n == i % rooms_n) {
-            expected.extend(acked.iter().map(|id| (member as u32, *id)));
-        }
-    }
-    deliveries.wait_for(expected.len() as u64, Duration::from_secs(30)).await;
+    let expected = chat.expected(&results);
+    let (total_sent, send_errors, send_latency) = merge(&results);
+    let rooms = chat.rooms.len();
+    let deliveries = chat.deliveries.clone();
+    let (check, sync_errors) = chat.finish(&expected).await;
     drop(progress);
-    let _ = stop_tx.send(true);
-    for f in followers {
-        let _ = f.await;
-    }
-    let check = deliveries.check(&expected);
-    let sync_errors = sync_errors.lock().expect("errors lock").clone();
     Ok(MessagesReport {
         scenario: "messages",
         users: p.users,
-        rooms: rooms_n,
+        rooms,
         seconds,
         rate_per_sender: p.rate_per_sender,
         sent: total_sent,

@@ -4,6 +4,7 @@ pub mod bigroom;
 pub mod idle;
 pub mod messages;
 pub mod register;
+pub mod surge;
 pub mod versions;
 
 /// What every scenario report offers.

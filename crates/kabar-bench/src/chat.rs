@@ -1,0 +1,174 @@
+//! Existing users chatting: U users in R rooms, every member following its
+//! /sync, senders posting benchmark messages. Shared by the scenarios that
+//! measure what people already chatting experience (`messages`, `surge`).
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures::future::join_all;
+use serde_json::json;
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{
+    Deliveries, DeliveryCheck,
+    client::{Target, User},
+    follow, initial_since, setup_users,
+    stats::{ErrorCounts, Latencies, count_error},
+};
+
+/// The people chatting, their rooms, and their followers.
+pub struct Chat {
+    pub users: Vec<User>,
+    pub rooms: Vec<String>,
+    pub deliveries: Arc<Deliveries>,
+    pub sync_errors: Arc<Mutex<ErrorCounts>>,
+    /// Benchmark messages acknowledged so far, by all senders.
+    pub sent: Arc<AtomicU64>,
+    stop: watch::Sender<bool>,
+    followers: Vec<JoinHandle<()>>,
+}
+
+/// What one sender did.
+pub struct SenderResult {
+    pub sender: usize,
+    pub acked: Vec<u64>,
+    pub errors: ErrorCounts,
+    pub latencies: Latencies,
+}
+
+impl Chat {
+    /// Registers `users` users named `{prefix}{i}`, puts user i in room i % R
+    /// (room r created by user r), and starts every member's sync follower.
+    pub async fn start(target: &Target, prefix: &str, users: usize, rooms: usize, setup_concurrency: usize) -> Result<Self, String> {
+        let rooms_n = rooms.clamp(1, users.max(1));
+        let users = setup_users(target, prefix, users, setup_concurrency).await?;
+        let mut room_ids = Vec::with_capacity(rooms_n);
+        for creator in users.iter().take(rooms_n) {
+            room_ids.push(
+                creator
+                    .create_room(json!({ "preset": "public_chat" }))
+                    .await
+                    .map_err(|e| format!("create room: {e}"))?,
+            );
+        }
+        let joins = users.iter().enumerate().skip(rooms_n).map(|(i, u)| {
+            let room = room_ids[i % rooms_n].clone();
+            async move { u.join(&room).await }
+        });
+        for r in join_all(joins).await {
+            r.map_err(|e| format!("join: {e}"))?;
+        }
+        let deliveries = Arc::new(Deliveries::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let held = Arc::new(AtomicU64::new(0));
+        let sync_errors = Arc::new(Mutex::new(ErrorCounts::new()));
+        let mut followers = Vec::new();
+        for (i, u) in users.iter().enumerate() {
+            let since = initial_since(u).await.map_err(|e| format!("initial sync: {e}"))?;
+            followers.push(tokio::spawn(follow(
+                u.clone(),
+                i as u32,
+                since,
+                deliveries.clone(),
+                stop_rx.clone(),
+                held.clone(),
+                sync_errors.clone(),
+            )));
+        }
+        Ok(Self {
+            users,
+            rooms: room_ids,
+            deliveries,
+            sync_errors,
+            sent: Arc::default(),
+            stop,
+            followers,
+        })
+    }
+
+    /// Every user sends into its room until `deadline`, as fast as it can or
+    /// one message per `interval`.
+    pub async fn send_until(&self, deadline: Instant, interval: Option<Duration>) -> Vec<SenderResult> {
+        let senders = self.users.iter().enumerate().map(|(i, u)| {
+            let room = &self.rooms[i % self.rooms.len()];
+            let (deliveries, sent) = (&self.deliveries, &self.sent);
+            async move {
+                let mut result = SenderResult {
+                    sender: i,
+                    acked: Vec::new(),
+                    errors: ErrorCounts::new(),
+                    latencies: Latencies::default(),
+                };
+                let mut next = Instant::now();
+                let mut seq: u64 = 0;
+                while Instant::now() < deadline {
+                    if let Some(iv) = interval {
+                        tokio::time::sleep_until(next.into()).await;
+                        next += iv;
+                        if Instant::now() >= deadline {
+                            break;
+                        }
+                    }
+                    let id = ((i as u64) << 32) | seq;
+                    seq += 1;
+                    let t = Instant::now();
+                    match u.send_text(room, &format!("kb{id}"), &deliveries.body(id)).await {
+                        Ok(_) => {
+                            result.latencies.push(t.elapsed().as_micros() as u64);
+                            result.acked.push(id);
+                            sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => count_error(&mut result.errors, e.kind()),
+                    }
+                }
+                result
+            }
+        });
+        join_all(senders).await
+    }
+
+    /// Who must see what: every member of the sender's room, the sender included.
+    pub fn expected(&self, results: &[SenderResult]) -> Vec<(u32, u64)> {
+        let rooms_n = self.rooms.len();
+        let mut expected = Vec::new();
+        for r in results {
+            for member in (0..self.users.len()).filter(|m| m % rooms_n == r.sender % rooms_n) {
+                expected.extend(r.acked.iter().map(|id| (member as u32, *id)));
+            }
+        }
+        expected
+    }
+
+    /// Waits up to 30 s for every expected delivery, stops the followers, and
+    /// says what arrived and which syncs failed.
+    pub async fn finish(self, expected: &[(u32, u64)]) -> (DeliveryCheck, ErrorCounts) {
+        self.deliveries.wait_for(expected.len() as u64, Duration::from_secs(30)).await;
+        let _ = self.stop.send(true);
+        for f in self.followers {
+            let _ = f.await;
+        }
+        let check = self.deliveries.check(expected);
+        let errors = self.sync_errors.lock().expect("errors lock").clone();
+        (check, errors)
+    }
+}
+
+/// Sums the senders' errors and send latencies.
+pub fn merge(results: &[SenderResult]) -> (u64, ErrorCounts, Latencies) {
+    let mut sent = 0;
+    let mut errors = ErrorCounts::new();
+    let mut latencies = Latencies::default();
+    for r in results {
+        sent += r.acked.len() as u64;
+        for (k, v) in &r.errors {
+            *errors.entry(k.clone()).or_insert(0) += v;
+        }
+        latencies.extend(r.latencies.clone());
+    }
+    (sent, errors, latencies)
+}

@@ -1,0 +1,33 @@
+//! The Prometheus listener: `GET /metrics` on its own address, so scraping
+//! never competes with clients for the client listener and the numbers are
+//! not published to the world.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use prometheus_client::{encoding::text::encode, registry::Registry};
+
+async fn metrics_route(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
+    let mut body = String::new();
+    match encode(&mut body, &registry) {
+        Ok(()) => (
+            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            body,
+        )
+            .into_response(),
+        Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// Binds `addr` and serves the registry until the process ends; returns the bound address.
+pub async fn serve(addr: SocketAddr, registry: Registry) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = Router::new().route("/metrics", get(metrics_route)).with_state(Arc::new(registry));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app.into_make_service()).await {
+            tracing::error!(error = %e, "metrics listener stopped");
+        }
+    });
+    Ok(bound)
+}
