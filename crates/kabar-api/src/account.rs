@@ -130,14 +130,17 @@ pub async fn register_route(
         return Err(ApiError::forbidden("guest access is not enabled"));
     }
     let li = accounts
-        .register(RegistrationRequest {
-            username: body.username,
-            password: body.password,
-            device_id: body.device_id,
-            initial_device_display_name: body.initial_device_display_name,
-            inhibit_login: body.inhibit_login,
-            auth: body.auth,
-        }, client)
+        .register(
+            RegistrationRequest {
+                username: body.username,
+                password: body.password,
+                device_id: body.device_id,
+                initial_device_display_name: body.initial_device_display_name,
+                inhibit_login: body.inhibit_login,
+                auth: body.auth,
+            },
+            client,
+        )
         .await?;
     let mut out = json!({ "user_id": li.user_id, "home_server": accounts.server_name() });
     if let Some(t) = li.access_token {

@@ -151,7 +151,10 @@ pub enum SignupOutcome {
     Registered,
     /// Refused with `M_LIMIT_EXCEEDED`: how long the refusing request took,
     /// and the `retry_after_ms` it carried (if any).
-    Refused { answered_in_us: u64, retry_after_ms: Option<u64> },
+    Refused {
+        answered_in_us: u64,
+        retry_after_ms: Option<u64>,
+    },
     Failed(ApiError),
 }
 

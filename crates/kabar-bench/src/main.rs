@@ -98,6 +98,9 @@ enum Scenario {
         /// Known sustained sign-ups/s (skips the measurement).
         #[arg(long)]
         capacity: Option<f64>,
+        /// People signing up back to back while capacity is measured.
+        #[arg(long, default_value_t = 16)]
+        capacity_concurrency: usize,
         #[arg(long, default_value_t = 10.0)]
         before: f64,
         #[arg(long, default_value_t = 20.0)]
@@ -213,6 +216,7 @@ async fn main() -> anyhow::Result<()> {
             rate,
             capacity_seconds,
             capacity,
+            capacity_concurrency,
             before,
             flood,
             after,
@@ -230,6 +234,7 @@ async fn main() -> anyhow::Result<()> {
                     rate_per_sender: rate,
                     capacity_seconds,
                     capacity,
+                    capacity_concurrency,
                     before_seconds: before,
                     flood_seconds: flood,
                     after_seconds: after,

@@ -411,12 +411,15 @@ mod tests {
     async fn register_login_and_token_lifecycle() {
         let (acc, _dir) = accounts(RegistrationPolicy::Open);
         let r = acc
-            .register(RegistrationRequest {
-                username: Some("Alice".into()),
-                password: Some("pw".into()),
-                auth: dummy(),
-                ..Default::default()
-            }, CLIENT)
+            .register(
+                RegistrationRequest {
+                    username: Some("Alice".into()),
+                    password: Some("pw".into()),
+                    auth: dummy(),
+                    ..Default::default()
+                },
+                CLIENT,
+            )
             .await
             .unwrap();
         assert_eq!(r.user_id.as_str(), "@alice:localhost", "names are lowercased");
@@ -424,11 +427,14 @@ mod tests {
         assert!(token.len() >= 40, "at least 128 bits of randomness");
         assert_eq!(acc.authenticate(&token).await.unwrap().user_id, r.user_id);
         assert!(matches!(
-            acc.register(RegistrationRequest {
-                username: Some("alice".into()),
-                auth: dummy(),
-                ..Default::default()
-            }, CLIENT)
+            acc.register(
+                RegistrationRequest {
+                    username: Some("alice".into()),
+                    auth: dummy(),
+                    ..Default::default()
+                },
+                CLIENT
+            )
             .await,
             Err(Error::UserInUse)
         ));
@@ -449,38 +455,50 @@ mod tests {
     async fn token_policy_and_bad_names() {
         let (acc, _dir) = accounts(RegistrationPolicy::TokenRequired);
         assert!(matches!(
-            acc.register(RegistrationRequest {
-                username: Some("bob".into()),
-                auth: dummy(),
-                ..Default::default()
-            }, CLIENT)
+            acc.register(
+                RegistrationRequest {
+                    username: Some("bob".into()),
+                    auth: dummy(),
+                    ..Default::default()
+                },
+                CLIENT
+            )
             .await,
             Err(Error::BadJson(_))
         ));
         acc.store().create_registration_token("letmein", Some(1), None).await.unwrap();
         let auth = Some(json!({"type": "m.login.registration_token", "token": "letmein"}));
-        acc.register(RegistrationRequest {
-            username: Some("bob".into()),
-            auth: auth.clone(),
-            ..Default::default()
-        }, CLIENT)
+        acc.register(
+            RegistrationRequest {
+                username: Some("bob".into()),
+                auth: auth.clone(),
+                ..Default::default()
+            },
+            CLIENT,
+        )
         .await
         .unwrap();
         assert!(matches!(
-            acc.register(RegistrationRequest {
-                username: Some("carol".into()),
-                auth,
-                ..Default::default()
-            }, CLIENT)
+            acc.register(
+                RegistrationRequest {
+                    username: Some("carol".into()),
+                    auth,
+                    ..Default::default()
+                },
+                CLIENT
+            )
             .await,
             Err(Error::UiaRequired(_))
         ));
         assert!(matches!(
-            acc.register(RegistrationRequest {
-                username: Some("bad name".into()),
-                auth: dummy(),
-                ..Default::default()
-            }, CLIENT)
+            acc.register(
+                RegistrationRequest {
+                    username: Some("bad name".into()),
+                    auth: dummy(),
+                    ..Default::default()
+                },
+                CLIENT
+            )
             .await,
             Err(Error::InvalidUsername(_))
         ));
@@ -538,7 +556,14 @@ mod tests {
         };
         // The first step (no auth) is a challenge and costs no allowance.
         assert!(matches!(
-            acc.register(RegistrationRequest { auth: None, ..register("a0") }, CLIENT).await,
+            acc.register(
+                RegistrationRequest {
+                    auth: None,
+                    ..register("a0")
+                },
+                CLIENT
+            )
+            .await,
             Err(Error::UiaRequired(_))
         ));
         acc.register(register("a1"), CLIENT).await.unwrap();
@@ -547,11 +572,17 @@ mod tests {
             acc.register(register("a3"), CLIENT).await,
             Err(Error::LimitExceeded { retry_after_ms }) if retry_after_ms > 20_000
         ));
-        assert!(acc.store().user(&acc.user_id("a3").unwrap()).await.unwrap().is_none(), "nothing was created");
+        assert!(
+            acc.store().user(&acc.user_id("a3").unwrap()).await.unwrap().is_none(),
+            "nothing was created"
+        );
         let other: IpAddr = "192.0.2.99".parse().unwrap();
         acc.register(register("a3"), other).await.unwrap();
         for _ in 0..2 {
-            assert!(matches!(acc.login_password("a1", "wrong", None, None, CLIENT).await, Err(Error::Forbidden(_))));
+            assert!(matches!(
+                acc.login_password("a1", "wrong", None, None, CLIENT).await,
+                Err(Error::Forbidden(_))
+            ));
         }
         assert!(matches!(
             acc.login_password("a1", "pw", None, None, CLIENT).await,

@@ -78,9 +78,8 @@ impl Admission {
         let per_address = (limits.per_address_per_minute > 0).then(|| {
             RateLimiter::keyed(Quota::per_minute(nonzero(limits.per_address_per_minute)).allow_burst(nonzero(limits.per_address_burst)))
         });
-        let global = (limits.global_per_second > 0).then(|| {
-            RateLimiter::direct(Quota::per_second(nonzero(limits.global_per_second)).allow_burst(nonzero(limits.global_burst)))
-        });
+        let global = (limits.global_per_second > 0)
+            .then(|| RateLimiter::direct(Quota::per_second(nonzero(limits.global_per_second)).allow_burst(nonzero(limits.global_burst))));
         Self {
             class,
             per_address,

@@ -108,7 +108,11 @@ impl LoadMetrics {
             "Requests refused with M_LIMIT_EXCEEDED, by work class and reason",
             self.shed.clone(),
         );
-        registry.register("kabar_load_queued", "Requests waiting for a slot, by work class", self.queued.clone());
+        registry.register(
+            "kabar_load_queued",
+            "Requests waiting for a slot, by work class",
+            self.queued.clone(),
+        );
         registry.register(
             "kabar_load_queue_delay_seconds",
             "Time admitted requests waited for a slot, by work class",
@@ -124,11 +128,10 @@ impl LoadMetrics {
         }
         let label = ClassLabel { class: name };
         let shed_counter = |reason: ShedReason| {
-            self.shed
-                .get_or_create_owned(&ShedLabel {
-                    class: name,
-                    reason: reason.label(),
-                })
+            self.shed.get_or_create_owned(&ShedLabel {
+                class: name,
+                reason: reason.label(),
+            })
         };
         let class = WorkClass {
             name,
@@ -158,11 +161,7 @@ impl LoadMetrics {
     pub fn shed_total(&self, class: &'static str) -> u64 {
         [ShedReason::Queue, ShedReason::AddressRate, ShedReason::GlobalRate]
             .into_iter()
-            .map(|r| {
-                self.shed
-                    .get_or_create(&ShedLabel { class, reason: r.label() })
-                    .get()
-            })
+            .map(|r| self.shed.get_or_create(&ShedLabel { class, reason: r.label() }).get())
             .sum()
     }
 }
@@ -454,7 +453,10 @@ mod tests {
         let t = Instant::now();
         assert!(matches!(g.enter().await, Err(Error::LimitExceeded { .. })));
         let waited = t.elapsed();
-        assert!(waited >= Duration::from_millis(100) && waited < Duration::from_millis(600), "{waited:?}");
+        assert!(
+            waited >= Duration::from_millis(100) && waited < Duration::from_millis(600),
+            "{waited:?}"
+        );
         assert_eq!(m.class("test").queued.get(), 0, "the waiter left the queue");
     }
 

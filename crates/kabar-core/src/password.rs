@@ -192,22 +192,24 @@ pub struct HashSlot<'a> {
 impl HashSlot<'_> {
     /// A PHC string for `password`.
     pub async fn hash(self, password: String) -> Result<String> {
-        self.hasher.run(move |a| {
-            let salt = SaltString::generate(&mut OsRng);
-            a.hash_password(password.as_bytes(), &salt).map(|h| h.to_string())
-        })
-        .await?
-        .map_err(|e| Error::Internal(e.to_string()))
+        self.hasher
+            .run(move |a| {
+                let salt = SaltString::generate(&mut OsRng);
+                a.hash_password(password.as_bytes(), &salt).map(|h| h.to_string())
+            })
+            .await?
+            .map_err(|e| Error::Internal(e.to_string()))
     }
 
     /// Whether `password` matches the PHC string `hash`.
     pub async fn verify(self, password: String, hash: String) -> Result<bool> {
-        self.hasher.run(move |a| {
-            PasswordHash::new(&hash)
-                .map(|parsed| a.verify_password(password.as_bytes(), &parsed).is_ok())
-                .unwrap_or(false)
-        })
-        .await
+        self.hasher
+            .run(move |a| {
+                PasswordHash::new(&hash)
+                    .map(|parsed| a.verify_password(password.as_bytes(), &parsed).is_ok())
+                    .unwrap_or(false)
+            })
+            .await
     }
 }
 

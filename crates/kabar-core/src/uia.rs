@@ -108,11 +108,7 @@ impl UiaSessions {
             return Err(Self::challenge(flows, &session, &[], params, None));
         };
         let session = match auth.get("session").and_then(Value::as_str) {
-            Some(s)
-                if self.sessions.lock().expect("uia lock").get(s).is_some() =>
-            {
-                s.to_owned()
-            }
+            Some(s) if self.sessions.lock().expect("uia lock").get(s).is_some() => s.to_owned(),
             Some(_) => {
                 return Err(Error::Forbidden("unknown or expired user-interactive auth session".into()));
             }

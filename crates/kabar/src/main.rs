@@ -246,7 +246,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(addr) = config.metrics_listen {
         let mut registry = prometheus_client::registry::Registry::default();
         load.register(&mut registry);
-        let bound = metrics::serve(addr, registry).await.with_context(|| format!("binding metrics_listen {addr}"))?;
+        let bound = metrics::serve(addr, registry)
+            .await
+            .with_context(|| format!("binding metrics_listen {addr}"))?;
         println!("kabar metrics on http://{bound}/metrics");
     }
 

@@ -107,3 +107,49 @@ async fn every_scenario_runs_and_loses_nothing() {
         );
     }
 }
+
+/// The surge scenario at a small size: people chatting lose and repeat
+/// nothing and see no error while newcomers flood in at ten times capacity;
+/// every newcomer is either admitted or refused with M_LIMIT_EXCEEDED and a
+/// retry time, never left to time out; the server counts what it refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn surge_keeps_chatters_whole_and_answers_every_newcomer() {
+    let server = Server::start_with_config("metrics_listen = \"127.0.0.1:0\"\n");
+    let target = Target::new(&server.url);
+    let s = scenarios::surge::run(
+        &target,
+        scenarios::surge::Params {
+            users: 6,
+            rooms: 2,
+            rate_per_sender: 4.0,
+            capacity_seconds: 3.0,
+            capacity: None,
+            capacity_concurrency: 4,
+            before_seconds: 1.5,
+            flood_seconds: 3.0,
+            after_seconds: 2.0,
+            multiplier: 10.0,
+            sources: 4,
+            newcomer_timeout: Duration::from_secs(30),
+            server_pid: None,
+            setup_concurrency: 4,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(s.capacity_signups_per_sec > 0.0, "{s:?}");
+    assert!(s.sent > 0, "{s:?}");
+    assert_eq!((s.deliveries.lost, s.deliveries.duplicated), (0, 0), "{s:?}");
+    assert_eq!(s.deliveries.expected, s.sent * 3, "each room has 3 members: {s:?}");
+    assert!(s.send_errors.is_empty() && s.sync_errors.is_empty(), "{s:?}");
+    let n = &s.newcomers;
+    assert!(n.attempts > 0 && n.registered > 0 && n.refused > 0, "{n:?}");
+    assert_eq!(n.registered + n.refused, n.attempts, "every newcomer got an answer: {n:?}");
+    assert_eq!((n.timed_out, n.refused_without_retry_after, n.failed.len()), (0, 0, 0), "{n:?}");
+    let shed = common::metric(&server, "kabar_load_shed_total{class=\"password_hashing\",reason=\"queue\"}").await;
+    assert!(
+        shed >= n.refused as f64,
+        "the server counted {shed} refusals, the newcomers saw {}",
+        n.refused
+    );
+}

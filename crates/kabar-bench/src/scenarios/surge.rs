@@ -45,6 +45,10 @@ pub struct Params {
     pub capacity_seconds: f64,
     /// Known sustained sign-ups/s, instead of measuring it.
     pub capacity: Option<f64>,
+    /// People signing up back to back while capacity is measured: enough to
+    /// keep every hashing thread busy, few enough that the queue stays within
+    /// its deadline.
+    pub capacity_concurrency: usize,
     pub before_seconds: f64,
     pub flood_seconds: f64,
     pub after_seconds: f64,
@@ -141,7 +145,9 @@ impl Report for SurgeReport {
             l.after.p99_ms,
             l.after_settled.p50_ms,
             l.after_settled.p99_ms,
-            self.recovery_seconds.map(|s| format!("{s:.0} s")).unwrap_or_else(|| "not reached".into()),
+            self.recovery_seconds
+                .map(|s| format!("{s:.0} s"))
+                .unwrap_or_else(|| "not reached".into()),
             n.attempts,
             n.registered,
             self.flood_admitted_per_sec,
@@ -175,15 +181,13 @@ fn rss_mib(pid: Option<u32>) -> Option<f64> {
 }
 
 /// Sign-ups/s with `concurrency` people registering back to back for `seconds`.
-async fn measure_capacity(targets: &[Target], prefix: &str, seconds: f64) -> f64 {
+async fn measure_capacity(targets: &[Target], prefix: &str, seconds: f64, concurrency: usize) -> f64 {
     let registered = Arc::new(AtomicU64::new(0));
     let r = registered.clone();
     let _progress = Progress::start("surge capacity", move || format!("{} registered", r.load(Ordering::Relaxed)));
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(seconds);
-    // Enough in flight to keep every hashing thread busy without the queue
-    // reaching its deadline.
-    let concurrency = 16;
+    let concurrency = concurrency.max(1);
     let next = Arc::new(AtomicU64::new(0));
     stream::iter(0..concurrency)
         .for_each_concurrent(concurrency, |w| {
@@ -285,7 +289,10 @@ pub async fn run(target: &Target, p: Params) -> Result<SurgeReport, String> {
     let chat = Chat::start(target, &prefix, p.users, p.rooms, p.setup_concurrency).await?;
     let (capacity, capacity_measured) = match p.capacity {
         Some(c) => (c, false),
-        None => (measure_capacity(&newcomer_targets, &prefix, p.capacity_seconds).await, true),
+        None => (
+            measure_capacity(&newcomer_targets, &prefix, p.capacity_seconds, p.capacity_concurrency).await,
+            true,
+        ),
     };
     if capacity <= 0.0 {
         return Err("no sign-up succeeded while measuring capacity".into());
@@ -340,10 +347,9 @@ pub async fn run(target: &Target, p: Params) -> Result<SurgeReport, String> {
         })
         .collect();
     let threshold = before.p99_ms * 1.5;
-    let recovery_seconds = by_second
-        .iter()
-        .rposition(|p99| *p99 > threshold)
-        .map_or(Some(0.0), |last_slow| (last_slow + 1 < by_second.len()).then_some((last_slow + 1) as f64));
+    let recovery_seconds = by_second.iter().rposition(|p99| *p99 > threshold).map_or(Some(0.0), |last_slow| {
+        (last_slow + 1 < by_second.len()).then_some((last_slow + 1) as f64)
+    });
 
     retry_afters.sort_unstable();
     newcomers.retry_after_ms_min = retry_afters.first().copied();

@@ -15,9 +15,16 @@ use matrix_sdk::{
     ruma::api::client::{account::register, uiaa},
 };
 
+/// Configuration every test server gets unless its test says otherwise: the
+/// tests sign up many users from one address, so the per-address limits are
+/// off (the admission tests set their own).
+pub const HARNESS_CONFIG: &str = "[admission.register]\nper_address_per_minute = 0\n\n[admission.login]\nper_address_per_minute = 0\n";
+
 pub struct Server {
     child: Child,
     pub url: String,
+    /// The Prometheus listener's `/metrics` URL, when `metrics_listen` is set.
+    pub metrics_url: Option<String>,
     data_dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -32,10 +39,16 @@ impl Server {
         s
     }
 
-    /// Starts a server with extra config lines (TOML) and a fresh data directory.
+    /// Starts a server with extra config lines (TOML) and a fresh data
+    /// directory. [`HARNESS_CONFIG`] is added unless the lines set admission limits.
     pub fn start_with_config(toml: &str) -> Self {
         let tmp = tempfile::tempdir().expect("tempdir");
         let config = tmp.path().join("kabar.toml");
+        let toml = if toml.contains("[admission") {
+            toml.to_owned()
+        } else {
+            format!("{toml}\n{HARNESS_CONFIG}")
+        };
         std::fs::write(&config, toml).expect("write config");
         let dir = tmp.path().join("data");
         let mut s = Self::start_in(&dir, &["--config".into(), config.to_string_lossy().into_owned()]);
@@ -43,10 +56,17 @@ impl Server {
         s
     }
 
-    /// Starts a server on an existing data directory (for restarts).
+    /// Starts a server on an existing data directory (for restarts), with
+    /// [`HARNESS_CONFIG`] unless `extra` names a configuration file.
     pub fn start_in(dir: &Path, extra: &[String]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_kabar"));
         cmd.arg("serve");
+        if !extra.iter().any(|a| a == "--config") {
+            std::fs::create_dir_all(dir).expect("data directory");
+            let config = dir.join("harness.toml");
+            std::fs::write(&config, HARNESS_CONFIG).expect("write config");
+            cmd.arg("--config").arg(config);
+        }
         if !extra.iter().any(|a| a == "--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
@@ -61,10 +81,14 @@ impl Server {
             .expect("spawn kabar");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
+        let mut metrics_url = None;
         let url = loop {
             let line = lines.next().expect("kabar exited before listening").expect("read stdout");
             if let Some(addr) = line.strip_prefix("kabar listening on ") {
                 break addr.trim().to_owned();
+            }
+            if let Some(addr) = line.strip_prefix("kabar metrics on ") {
+                metrics_url = Some(addr.trim().to_owned());
             }
         };
         // Keep draining stdout so the server never blocks on a full pipe.
@@ -72,6 +96,7 @@ impl Server {
         Self {
             child,
             url,
+            metrics_url,
             data_dir: dir.to_owned(),
             _tmp: None,
         }
@@ -128,6 +153,16 @@ pub async fn registered(url: &str, name: &str) -> Client {
 /// binary uses it, as with the rest of this module.
 #[allow(unused_imports)]
 pub use kabar_bench::client::enc;
+
+/// One sample from the server's Prometheus metrics: the value of the line
+/// that starts with `series` (name and labels, exactly as exposed).
+pub async fn metric(server: &Server, series: &str) -> f64 {
+    let url = server.metrics_url.as_deref().expect("metrics_listen is configured");
+    let text = http().get(url).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
 
 /// A plain HTTP client for requests a Matrix SDK would never send.
 pub fn http() -> reqwest::Client {
