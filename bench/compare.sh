@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 WORK=${KABAR_BENCH_DIR:-$ROOT/target/bench}
-SCENARIOS=${SCENARIOS:-"versions register messages bigroom idle"}
+SCENARIOS=${SCENARIOS:-"versions register messages bigroom idle surge"}
 REPEAT=${REPEAT:-1}
 SYNAPSE_PORT=${SYNAPSE_PORT:-18448}
 KABAR_PORT=${KABAR_PORT:-18449}
@@ -23,6 +23,11 @@ REG_SYNAPSE=${REG_SYNAPSE:-50};        REG_KABAR=${REG_KABAR:-1000};       REG_C
 MSG_USERS=${MSG_USERS:-50};            MSG_ROOMS=${MSG_ROOMS:-10};         MSG_SECONDS=${MSG_SECONDS:-20}
 BIG_SYNAPSE=${BIG_SYNAPSE:-500};       BIG_KABAR=${BIG_KABAR:-10000};      BIG_MESSAGES=${BIG_MESSAGES:-10}
 IDLE_SYNAPSE=${IDLE_SYNAPSE:-2000};    IDLE_KABAR=${IDLE_KABAR:-50000};    IDLE_USERS=${IDLE_USERS:-200}
+# surge: the same light chat on both (Synapse manages ~40 msgs/s in all), then
+# Kabar alone under a busier chat.
+SURGE_USERS=${SURGE_USERS:-20};        SURGE_ROOMS=${SURGE_ROOMS:-5};      SURGE_RATE=${SURGE_RATE:-0.5}
+SURGE_BUSY_USERS=${SURGE_BUSY_USERS:-50}; SURGE_BUSY_ROOMS=${SURGE_BUSY_ROOMS:-10}; SURGE_BUSY_RATE=${SURGE_BUSY_RATE:-2}
+SURGE_PHASES=${SURGE_PHASES:-"--capacity-seconds 10 --before 10 --flood 20 --after 15 --multiplier 10 --sources 16"}
 
 mkdir -p "$WORK"
 OUT="$WORK/results-$(date -u +%Y%m%dT%H%M%SZ)"
@@ -93,7 +98,15 @@ YAML
 start_kabar() {
   local dir="$WORK/kabar-run"
   rm -rf "$dir"; mkdir -p "$dir"
-  "$KABAR" serve --listen "127.0.0.1:$KABAR_PORT" --data-dir "$dir/data" >"$dir/stdout.log" 2>"$dir/stderr.log" &
+  # Like Synapse above, no per-address limits: the load comes from a few
+  # loopback addresses. The capacity-based shedding stays as it ships.
+  cat > "$dir/kabar.toml" <<TOML
+[admission.register]
+per_address_per_minute = 0
+[admission.login]
+per_address_per_minute = 0
+TOML
+  "$KABAR" serve --config "$dir/kabar.toml" --listen "127.0.0.1:$KABAR_PORT" --data-dir "$dir/data" >"$dir/stdout.log" 2>"$dir/stderr.log" &
   SERVER_PID=$!
   wait_up "http://127.0.0.1:$KABAR_PORT"
 }
@@ -117,7 +130,7 @@ run() {
   local server=$1 scenario=$2; shift 2
   if [ "$server" = synapse ]; then start_synapse; url="http://127.0.0.1:$SYNAPSE_PORT"; else start_kabar; url="http://127.0.0.1:$KABAR_PORT"; fi
   local args=("$@")
-  [ "$scenario" = idle ] && args+=(--server-pid "$SERVER_PID")
+  if [ "$scenario" = idle ] || [ "$scenario" = surge ]; then args+=(--server-pid "$SERVER_PID"); fi
   local name="$server-${LABEL:-$scenario}.$REP"
   log "[$REP/$REPEAT] $server: $scenario ${args[*]}"
   if "$BENCH" --url "$url" --json "$scenario" "${args[@]}" > "$OUT/$name.json" 2> "$OUT/$name.log"; then
@@ -152,6 +165,13 @@ for s in $SCENARIOS; do
     idle)
       run synapse idle --clients "$IDLE_SYNAPSE" --users "$IDLE_USERS"
       run kabar idle --clients "$IDLE_KABAR" --users "$IDLE_USERS" --http2 --sources 8 ;;
+    surge)
+      # shellcheck disable=SC2086 # SURGE_PHASES is a list of flags
+      run synapse surge --users "$SURGE_USERS" --rooms "$SURGE_ROOMS" --rate "$SURGE_RATE" $SURGE_PHASES
+      # shellcheck disable=SC2086
+      run kabar surge --users "$SURGE_USERS" --rooms "$SURGE_ROOMS" --rate "$SURGE_RATE" $SURGE_PHASES
+      # shellcheck disable=SC2086
+      LABEL=surge-busy run kabar surge --users "$SURGE_BUSY_USERS" --rooms "$SURGE_BUSY_ROOMS" --rate "$SURGE_BUSY_RATE" $SURGE_PHASES ;;
   esac
 done
 done

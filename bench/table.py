@@ -35,8 +35,19 @@ def one(d, path):
     return d
 
 
+def value(r, path):
+    """A figure of one run: a dotted path, or a function of the run."""
+    return path(r) if callable(path) else one(r, path)
+
+
+def unanswered(r):
+    """Newcomers who timed out or failed other than by a refusal."""
+    n = r.get("newcomers", {})
+    return n.get("timed_out", 0) + sum(n.get("failed", {}).values())
+
+
 def median(runs, path):
-    values = [v for v in (one(r, path) for r in runs) if isinstance(v, (int, float))]
+    values = [v for v in (value(r, path) for r in runs) if isinstance(v, (int, float))]
     if not values:
         return None
     m = statistics.median(values)
@@ -65,6 +76,17 @@ ROWS = [
     ("idle", "server RSS / held client (KiB)", "rss_held_per_client_kib", False),
     ("idle", "delivery p99 to all (ms)", "delivery_latency.p99_ms", False),
     ("idle", "lost / duplicated", None, None),
+    ("surge", "sign-ups/s alone (capacity)", "capacity_signups_per_sec", True),
+    ("surge", "sign-ups/s admitted in a 10x flood", "flood_admitted_per_sec", True),
+    ("surge", "admitted / capacity", "admitted_share_of_capacity", True),
+    ("surge", "newcomers refused (M_LIMIT_EXCEEDED)", "newcomers.refused", None),
+    ("surge", "refusal answered in, p99 (ms)", "newcomers.refusal_latency.p99_ms", False),
+    ("surge", "newcomers timed out or failed", unanswered, False),
+    ("surge", "chat delivery p99 before (ms)", "delivery_latency.before.p99_ms", False),
+    ("surge", "chat delivery p99 during flood (ms)", "delivery_latency.flood.p99_ms", False),
+    ("surge", "chat delivery p99 5 s after (ms)", "delivery_latency.after_settled.p99_ms", False),
+    ("surge", "chat send/sync errors", lambda r: sum(r.get("send_errors", {}).values()) + sum(r.get("sync_errors", {}).values()), False),
+    ("surge", "lost / duplicated", None, None),
 ]
 
 
@@ -92,7 +114,8 @@ for scenario, label, path, higher_better in ROWS:
         print(f"| {scenario} | {label} | {sv} | {kv} | |")
         continue
     sv, kv = median(s, path), median(k, path)
-    ratio = (f"{kv / sv:,.1f}x" if kv / sv >= 1 else f"{kv / sv:.3f}x") if isinstance(sv, (int, float)) and isinstance(kv, (int, float)) and sv else "-"
+    comparable = higher_better is not None and isinstance(sv, (int, float)) and isinstance(kv, (int, float)) and sv
+    ratio = (f"{kv / sv:,.1f}x" if kv / sv >= 1 else f"{kv / sv:.3f}x") if comparable else "-"
     print(f"| {scenario}{runs_label(k)} | {label} | {fmt(sv)} | {fmt(kv)} | {ratio} |")
 
 half = load("kabar-messages-half")
@@ -106,5 +129,28 @@ if half:
             median(half, "delivery_latency.p99_ms") or 0,
             total(half, "deliveries.lost"),
             total(half, "deliveries.duplicated"),
+        )
+    )
+
+busy = load("kabar-surge-busy")
+if busy:
+    print()
+    print(
+        "Kabar `surge` under a busier chat{} ({:.0f} msgs/s): capacity {:.1f} sign-ups/s, admitted {:.1f}/s in the flood ({:.0%}), "
+        "refusals answered p99 {:.1f} ms, {} timed out or failed; chat delivery p99 before {:.1f} ms, during {:.1f} ms, 5 s after {:.1f} ms; "
+        "send/sync errors {}, lost {}, duplicated {}.".format(
+            runs_label(busy) and " (medians of {} runs)".format(len(busy)),
+            (median(busy, "users") or 0) * (median(busy, "rate_per_sender") or 0),
+            median(busy, "capacity_signups_per_sec") or 0,
+            median(busy, "flood_admitted_per_sec") or 0,
+            median(busy, "admitted_share_of_capacity") or 0,
+            median(busy, "newcomers.refusal_latency.p99_ms") or 0,
+            sum(unanswered(r) for r in busy),
+            median(busy, "delivery_latency.before.p99_ms") or 0,
+            median(busy, "delivery_latency.flood.p99_ms") or 0,
+            median(busy, "delivery_latency.after_settled.p99_ms") or 0,
+            sum(sum(r.get("send_errors", {}).values()) + sum(r.get("sync_errors", {}).values()) for r in busy),
+            total(busy, "deliveries.lost"),
+            total(busy, "deliveries.duplicated"),
         )
     )

@@ -277,4 +277,24 @@ mod tests {
         let bad: Config = toml::from_str("[rooms]\ndefault_version = \"9\"").unwrap();
         assert!(bad.validate().is_err());
     }
+
+    #[test]
+    fn load_settings_are_checked() {
+        let c: Config = toml::from_str("[admission.login]\nper_address_burst = 3\n\n[work.join]\nslots = 8").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.admission.login.per_address_burst, 3);
+        assert_eq!(c.admission.login.per_address_per_minute, 30, "unset keys keep their defaults");
+        assert_eq!(c.work.join.resolve((64, 4096, 5000), 2), (8, 4096, 5000));
+        assert_eq!(c.work.initial_sync.resolve((0, 1024, 10_000), 2), (2, 1024, 10_000), "0 slots: one per core");
+        for bad in [
+            "[admission.register]\nper_address_burst = 0",
+            "[admission.login]\nglobal_per_second = 5\nglobal_burst = 0",
+            "[password_hashing]\npriority = \"urgent\"",
+            "[password_hashing]\nmax_queue_delay_ms = 0",
+        ] {
+            let c: Config = toml::from_str(bad).unwrap();
+            assert!(c.validate().is_err(), "{bad}");
+        }
+        assert!(toml::from_str::<Config>("[work.jion]\nslots = 1").is_err(), "unknown class");
+    }
 }
