@@ -92,8 +92,11 @@ impl Chat {
     }
 
     /// Every user sends into its room until `deadline`, as fast as it can or
-    /// one message per `interval`.
+    /// one message per `interval`. Paced senders start spread over the first
+    /// interval, as people do, rather than all in the same instant.
     pub async fn send_until(&self, deadline: Instant, interval: Option<Duration>) -> Vec<SenderResult> {
+        let start = Instant::now();
+        let senders_n = self.users.len().max(1) as u32;
         let senders = self.users.iter().enumerate().map(|(i, u)| {
             let room = &self.rooms[i % self.rooms.len()];
             let (deliveries, sent) = (&self.deliveries, &self.sent);
@@ -104,7 +107,7 @@ impl Chat {
                     errors: ErrorCounts::new(),
                     latencies: Latencies::default(),
                 };
-                let mut next = Instant::now();
+                let mut next = start + interval.map_or(Duration::ZERO, |iv| iv * i as u32 / senders_n);
                 let mut seq: u64 = 0;
                 while Instant::now() < deadline {
                     if let Some(iv) = interval {

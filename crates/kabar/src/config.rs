@@ -285,7 +285,11 @@ mod tests {
         assert_eq!(c.admission.login.per_address_burst, 3);
         assert_eq!(c.admission.login.per_address_per_minute, 30, "unset keys keep their defaults");
         assert_eq!(c.work.join.resolve((64, 4096, 5000), 2), (8, 4096, 5000));
-        assert_eq!(c.work.initial_sync.resolve((0, 1024, 10_000), 2), (2, 1024, 10_000), "0 slots: one per core");
+        assert_eq!(
+            c.work.initial_sync.resolve((0, 1024, 10_000), 2),
+            (2, 1024, 10_000),
+            "0 slots: one per core"
+        );
         for bad in [
             "[admission.register]\nper_address_burst = 0",
             "[admission.login]\nglobal_per_second = 5\nglobal_burst = 0",

@@ -88,8 +88,8 @@ pub struct PhaseLatency {
     pub after: LatencySummary,
     /// The after phase without its first 5 seconds.
     pub after_settled: LatencySummary,
-    /// p99 of each second after the flood, in ms.
-    pub after_p99_by_second_ms: Vec<f64>,
+    /// p99 of each second after the flood, in ms (null: nothing sent that second).
+    pub after_p99_by_second_ms: Vec<Option<f64>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -110,7 +110,7 @@ pub struct SurgeReport {
     pub sent: u64,
     pub delivery_latency: PhaseLatency,
     /// Seconds after the flood until every later second's p99 is within 1.5x
-    /// the before-flood p99.
+    /// the before-flood p99 (null: not within the after phase).
     pub recovery_seconds: Option<f64>,
     pub send_errors: ErrorCounts,
     pub sync_errors: ErrorCounts,
@@ -174,6 +174,14 @@ impl Report for SurgeReport {
             mib(self.server_rss_end_mib),
         )
     }
+}
+
+/// The first second after which every second with deliveries has its p99
+/// within `threshold`, if some second with deliveries follows it.
+fn recovery(by_second: &[Option<f64>], threshold: f64) -> Option<f64> {
+    let last_slow = by_second.iter().rposition(|p| p.is_some_and(|p99| p99 > threshold));
+    let from = last_slow.map_or(0, |i| i + 1);
+    by_second[from..].iter().any(Option::is_some).then_some(from as f64)
 }
 
 fn rss_mib(pid: Option<u32>) -> Option<f64> {
@@ -340,17 +348,14 @@ pub async fn run(target: &Target, p: Params) -> Result<SurgeReport, String> {
 
     let phase = |from: u64, to: u64| deliveries.latencies_sent_between(from, to).summary();
     let before = phase(t0, flood_start_us);
-    let by_second: Vec<f64> = (0..p.after_seconds.ceil() as u64)
+    let by_second: Vec<Option<f64>> = (0..p.after_seconds.ceil() as u64)
         .map(|k| {
             let from = flood_end_us + k * second.as_micros() as u64;
-            phase(from, (from + second.as_micros() as u64).min(end_us)).p99_ms
+            let window = deliveries.latencies_sent_between(from, (from + second.as_micros() as u64).min(end_us));
+            (!window.is_empty()).then(|| window.summary().p99_ms)
         })
         .collect();
-    let threshold = before.p99_ms * 1.5;
-    let recovery_seconds = by_second.iter().rposition(|p99| *p99 > threshold).map_or(Some(0.0), |last_slow| {
-        (last_slow + 1 < by_second.len()).then_some((last_slow + 1) as f64)
-    });
-
+    let recovery_seconds = recovery(&by_second, before.p99_ms * 1.5);
     retry_afters.sort_unstable();
     newcomers.retry_after_ms_min = retry_afters.first().copied();
     newcomers.retry_after_ms_median = retry_afters.get(retry_afters.len() / 2).copied();
@@ -385,4 +390,20 @@ pub async fn run(target: &Target, p: Params) -> Result<SurgeReport, String> {
         server_rss_flood_end_mib: rss_flood_end,
         server_rss_end_mib: rss_end,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn recovery_is_the_first_second_after_the_last_slow_one() {
+        use super::recovery;
+        assert_eq!(recovery(&[Some(10.0), None, Some(12.0)], 20.0), Some(0.0));
+        assert_eq!(recovery(&[Some(50.0), Some(30.0), None, Some(12.0), None], 20.0), Some(2.0));
+        assert_eq!(
+            recovery(&[Some(10.0), Some(90.0), None], 20.0),
+            None,
+            "nothing measured after the last slow second"
+        );
+        assert_eq!(recovery(&[None, None], 20.0), None);
+    }
 }
