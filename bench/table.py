@@ -78,7 +78,7 @@ ROWS = [
     ("idle", "lost / duplicated", None, None),
     ("surge", "sign-ups/s alone (capacity)", "capacity_signups_per_sec", True),
     ("surge", "sign-ups/s admitted in a 10x flood", "flood_admitted_per_sec", True),
-    ("surge", "admitted / capacity", "admitted_share_of_capacity", True),
+    ("surge", "admitted / capacity (%)", lambda r: 100 * r.get("admitted_share_of_capacity", 0), True),
     ("surge", "newcomers refused (M_LIMIT_EXCEEDED)", "newcomers.refused", None),
     ("surge", "refusal answered in, p99 (ms)", "newcomers.refusal_latency.p99_ms", False),
     ("surge", "newcomers timed out or failed", unanswered, False),
