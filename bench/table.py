@@ -85,6 +85,9 @@ ROWS = [
     ("surge", "chat delivery p99 before (ms)", "delivery_latency.before.p99_ms", False),
     ("surge", "chat delivery p99 during flood (ms)", "delivery_latency.flood.p99_ms", False),
     ("surge", "chat delivery p99 5 s after (ms)", "delivery_latency.after_settled.p99_ms", False),
+    ("surge", "server RSS before flood (MiB)", "server_rss_before_mib", False),
+    ("surge", "server RSS at flood end (MiB)", "server_rss_flood_end_mib", False),
+    ("surge", "server RSS at the end (MiB)", "server_rss_end_mib", False),
     ("surge", "chat send/sync errors", lambda r: sum(r.get("send_errors", {}).values()) + sum(r.get("sync_errors", {}).values()), False),
     ("surge", "lost / duplicated", None, None),
 ]
