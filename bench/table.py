@@ -46,6 +46,11 @@ def unanswered(r):
     return n.get("timed_out", 0) + sum(n.get("failed", {}).values())
 
 
+def chat_errors(r):
+    """Failed requests of the people chatting (sends and syncs)."""
+    return sum(r.get("send_errors", {}).values()) + sum(r.get("sync_errors", {}).values())
+
+
 def median(runs, path):
     values = [v for v in (value(r, path) for r in runs) if isinstance(v, (int, float))]
     if not values:
@@ -88,7 +93,7 @@ ROWS = [
     ("surge", "server RSS before flood (MiB)", "server_rss_before_mib", False),
     ("surge", "server RSS at flood end (MiB)", "server_rss_flood_end_mib", False),
     ("surge", "server RSS at the end (MiB)", "server_rss_end_mib", False),
-    ("surge", "chat send/sync errors", lambda r: sum(r.get("send_errors", {}).values()) + sum(r.get("sync_errors", {}).values()), False),
+    ("surge", "chat send/sync errors", chat_errors, False),
     ("surge", "lost / duplicated", None, None),
 ]
 
@@ -152,7 +157,7 @@ if busy:
             median(busy, "delivery_latency.before.p99_ms") or 0,
             median(busy, "delivery_latency.flood.p99_ms") or 0,
             median(busy, "delivery_latency.after_settled.p99_ms") or 0,
-            sum(sum(r.get("send_errors", {}).values()) + sum(r.get("sync_errors", {}).values()) for r in busy),
+            sum(chat_errors(r) for r in busy),
             total(busy, "deliveries.lost"),
             total(busy, "deliveries.duplicated"),
         )
