@@ -164,11 +164,12 @@ impl Accounts {
                 None
             }
             (None, None) => None,
-            (Some(_), password) => {
+            (Some(_), _) => {
                 self.admission.register.check(client)?;
-                match password {
-                    Some(_) => Some(self.hasher.slot().await?),
-                    None => None,
+                if password.is_some() {
+                    Some(self.hasher.slot().await?)
+                } else {
+                    None
                 }
             }
         };
@@ -269,6 +270,8 @@ impl Accounts {
         client: IpAddr,
     ) -> Result<LoggedIn> {
         self.admission.login.check(client)?;
+        // Refused before the store is read when hashing is saturated.
+        self.hasher.check_room()?;
         let user_id = self.parse_login_user(user)?;
         if !self.check_password(&user_id, password).await? {
             return Err(Error::Forbidden("invalid username or password".into()));
