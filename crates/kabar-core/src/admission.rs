@@ -114,8 +114,9 @@ impl Admission {
         self.class.shed(reason, wait + Duration::from_millis(1))
     }
 
-    /// Addresses currently tracked (for tests).
-    pub fn tracked_addresses(&self) -> usize {
+    /// Addresses currently tracked.
+    #[cfg(test)]
+    fn tracked_addresses(&self) -> usize {
         self.per_address.as_ref().map_or(0, |l| l.len())
     }
 }

@@ -47,6 +47,13 @@ pub enum ShedReason {
 }
 
 impl ShedReason {
+    const ALL: [ShedReason; 3] = [ShedReason::Queue, ShedReason::AddressRate, ShedReason::GlobalRate];
+
+    /// Position in [`Self::ALL`] (and in a class's refusal counters).
+    fn index(self) -> usize {
+        self as usize
+    }
+
     fn label(self) -> &'static str {
         match self {
             ShedReason::Queue => "queue",
@@ -136,11 +143,7 @@ impl LoadMetrics {
         let class = WorkClass {
             name,
             admitted: self.admitted.get_or_create_owned(&label),
-            shed: [
-                shed_counter(ShedReason::Queue),
-                shed_counter(ShedReason::AddressRate),
-                shed_counter(ShedReason::GlobalRate),
-            ],
+            shed: ShedReason::ALL.map(shed_counter),
             queued: self.queued.get_or_create_owned(&label),
             queue_delay: self.queue_delay.get_or_create_owned(&label),
             episode: Arc::default(),
@@ -159,7 +162,7 @@ impl LoadMetrics {
 
     /// Refusals so far for `class` (all reasons); for tests and reports.
     pub fn shed_total(&self, class: &'static str) -> u64 {
-        [ShedReason::Queue, ShedReason::AddressRate, ShedReason::GlobalRate]
+        ShedReason::ALL
             .into_iter()
             .map(|r| self.shed.get_or_create(&ShedLabel { class, reason: r.label() }).get())
             .sum()
@@ -186,10 +189,6 @@ pub struct WorkClass {
 }
 
 impl WorkClass {
-    pub fn name(&self) -> &'static str {
-        self.name
-    }
-
     pub fn admitted(&self, waited: Duration) {
         self.admitted.inc();
         self.queue_delay.observe(waited.as_secs_f64());
@@ -197,12 +196,7 @@ impl WorkClass {
 
     /// Counts a refusal and returns the error the client gets.
     pub fn shed(&self, reason: ShedReason, retry_after: Duration) -> Error {
-        let index = match reason {
-            ShedReason::Queue => 0,
-            ShedReason::AddressRate => 1,
-            ShedReason::GlobalRate => 2,
-        };
-        self.shed[index].inc();
+        self.shed[reason.index()].inc();
         self.episode.refused.fetch_add(1, Ordering::Relaxed);
         if !self.episode.active.swap(true, Ordering::Relaxed) {
             tracing::warn!(
@@ -280,13 +274,16 @@ impl Gate {
         }
     }
 
-    pub fn class(&self) -> &WorkClass {
-        &self.class
-    }
-
     /// The estimated duration of one piece of work.
     pub fn service_time(&self) -> Duration {
         Duration::from_micros(self.service_us.load(Ordering::Relaxed))
+    }
+
+    /// The refusal for an arrival behind `ahead` waiting requests, if the
+    /// queue is full or the predicted wait passes the deadline.
+    fn refusal(&self, ahead: usize) -> Option<Error> {
+        let predicted = self.predicted_wait(ahead);
+        (ahead >= self.limits.max_queued || predicted > self.limits.max_queue_delay).then(|| self.class.shed(ShedReason::Queue, predicted))
     }
 
     /// How long an arrival behind `ahead` waiting requests would wait for a slot.
@@ -311,12 +308,10 @@ impl Gate {
         if self.slots.available_permits() > 0 {
             return Ok(());
         }
-        let ahead = self.waiting.load(Ordering::Acquire);
-        let predicted = self.predicted_wait(ahead);
-        if ahead >= self.limits.max_queued || predicted > self.limits.max_queue_delay {
-            return Err(self.class.shed(ShedReason::Queue, predicted));
+        match self.refusal(self.waiting.load(Ordering::Acquire)) {
+            Some(refused) => Err(refused),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Takes a slot, waiting in the queue if the wait is predicted to be
@@ -333,10 +328,9 @@ impl Gate {
             });
         }
         let ahead = self.waiting.fetch_add(1, Ordering::AcqRel);
-        let predicted = self.predicted_wait(ahead);
-        if ahead >= self.limits.max_queued || predicted > self.limits.max_queue_delay {
+        if let Some(refused) = self.refusal(ahead) {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
-            return Err(self.class.shed(ShedReason::Queue, predicted));
+            return Err(refused);
         }
         self.class.queued.inc();
         // The estimate decided at arrival; a request let into the queue is
