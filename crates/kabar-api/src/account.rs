@@ -28,7 +28,7 @@ pub async fn versions_route() -> Json<Value> {
 
 /// GET /.well-known/matrix/client
 pub async fn well_known_route(State(info): State<Arc<ServerInfo>>) -> Json<Value> {
-    Json(json!({ "m.homeserver": { "base_url": info.public_base_url } }))
+    Json(json!({ "m.homeserver": { "base_url": info.public_base_url() } }))
 }
 
 /// GET /_matrix/client/v3/capabilities
@@ -99,7 +99,7 @@ pub async fn login_route(
         "access_token": li.access_token,
         "device_id": li.device_id,
         "home_server": accounts.server_name(),
-        "well_known": { "m.homeserver": { "base_url": info.public_base_url } },
+        "well_known": { "m.homeserver": { "base_url": info.public_base_url() } },
     })))
 }
 

@@ -10,29 +10,63 @@ mod account;
 pub mod error;
 mod extract;
 mod media;
+pub mod ops;
 mod rooms;
 mod sync;
 
-use std::{any::Any, sync::Arc};
+use std::{
+    any::Any,
+    sync::{Arc, RwLock},
+};
 
 use axum::{
     Router,
-    extract::{DefaultBodyLimit, FromRef},
+    extract::{DefaultBodyLimit, FromRef, Request},
     http::{Method, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post, put},
 };
-use kabar_core::{accounts::Accounts, ephemeral::Ephemeral, media::Media, rooms::Rooms, sync::SyncEngine, user_data::UserData};
-use tower_http::{catch_panic::CatchPanicLayer, cors::CorsLayer, trace::TraceLayer};
+use kabar_core::{
+    accounts::Accounts, ephemeral::Ephemeral, health::Readiness, media::Media, rooms::Rooms, sync::SyncEngine, user_data::UserData,
+};
+use tower_http::{
+    catch_panic::CatchPanicLayer,
+    cors::CorsLayer,
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    trace::TraceLayer,
+};
 
 pub use error::ApiError;
+pub use ops::ApiMetrics;
 
 /// Facts about this server that handlers report to clients.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ServerInfo {
     pub server_name: String,
-    /// The URL clients should use, for `/.well-known/matrix/client`.
-    pub public_base_url: String,
+    /// The URL clients should use, for `/.well-known/matrix/client`; a
+    /// configuration reload may change it.
+    public_base_url: RwLock<String>,
+    /// Random per process, reported by `/health`: tells a probe whether the
+    /// server behind a URL is this one.
+    pub instance: String,
+}
+
+impl ServerInfo {
+    pub fn new(server_name: String, public_base_url: String, instance: String) -> Self {
+        Self {
+            server_name,
+            public_base_url: RwLock::new(public_base_url),
+            instance,
+        }
+    }
+
+    pub fn public_base_url(&self) -> String {
+        self.public_base_url.read().expect("server info").clone()
+    }
+
+    pub fn set_public_base_url(&self, url: String) {
+        *self.public_base_url.write().expect("server info") = url;
+    }
 }
 
 /// What the router hands to handlers. Each handler extracts only the services
@@ -46,11 +80,16 @@ pub struct AppState {
     pub user_data: Arc<UserData>,
     pub media: Arc<Media>,
     pub info: Arc<ServerInfo>,
+    pub readiness: Arc<Readiness>,
+    pub metrics: Arc<ApiMetrics>,
 }
 
 /// Limits applied at the edge.
 #[derive(Debug, Clone, Copy)]
 pub struct EdgeLimits {
+    /// Largest request body of any kind, refused from its declared length
+    /// before it is read.
+    pub max_request_body: usize,
     /// Largest JSON request body.
     pub max_json_body: usize,
     /// Largest media upload.
@@ -175,6 +214,13 @@ fn panic_response(_: Box<dyn Any + Send + 'static>) -> Response {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", "internal server error").into_response()
 }
 
+/// Every log line about a request carries its id (also returned to the
+/// client in `X-Request-Id`). The path only: query strings may hold tokens.
+fn request_span(request: &Request) -> tracing::Span {
+    let id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
+    tracing::info_span!("request", request_id = %id, method = %request.method(), path = %request.uri().path())
+}
+
 /// Builds the whole HTTP surface.
 pub fn router(state: AppState, limits: EdgeLimits) -> Router {
     let client = client_routes();
@@ -187,7 +233,10 @@ pub fn router(state: AppState, limits: EdgeLimits) -> Router {
             header::ACCEPT,
             header::HeaderName::from_static("x-requested-with"),
         ]);
+    let metrics = state.metrics.clone();
     Router::new()
+        .route("/health", get(ops::health_route))
+        .route("/ready", get(ops::ready_route))
         .route("/_matrix/client/versions", get(account::versions_route))
         .route("/.well-known/matrix/client", get(account::well_known_route))
         .nest("/_matrix/client/v3", client.clone())
@@ -209,7 +258,11 @@ pub fn router(state: AppState, limits: EdgeLimits) -> Router {
         })
         .layer(DefaultBodyLimit::max(limits.max_json_body))
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn_with_state(limits.max_request_body, ops::refuse_oversized))
+        .layer(axum::middleware::from_fn_with_state(metrics, ops::record_request))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(cors)
         .with_state(state)
 }

@@ -20,6 +20,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::{
+    ApiMetrics,
     error::{ApiError, ApiResult},
     extract::{Auth, JsonBody, PathParams, QueryParams},
 };
@@ -38,6 +39,7 @@ pub struct SyncQuery {
 pub async fn sync_route(
     State(sync): State<Arc<SyncEngine>>,
     State(ud): State<Arc<UserData>>,
+    State(metrics): State<Arc<ApiMetrics>>,
     Auth(s): Auth,
     QueryParams(q): QueryParams<SyncQuery>,
 ) -> ApiResult<Json<SyncResponse>> {
@@ -63,6 +65,7 @@ pub async fn sync_route(
         filter,
         set_presence: q.set_presence,
     };
+    let _open = metrics.sync_opened();
     Ok(Json(sync.sync(&s, req).await?))
 }
 

@@ -55,7 +55,8 @@ pub struct Accounts {
     hasher: Arc<PasswordHasher>,
     admission: NewcomerAdmission,
     server_name: OwnedServerName,
-    policy: RegistrationPolicy,
+    /// Changed by a configuration reload.
+    policy: Mutex<RegistrationPolicy>,
     uia: UiaSessions,
     /// token hash -> session; cleared whole whenever a token is revoked.
     token_cache: Mutex<HashMap<String, Session>>,
@@ -97,7 +98,7 @@ impl Accounts {
             hasher,
             admission,
             server_name,
-            policy,
+            policy: Mutex::new(policy),
             uia: UiaSessions::new(),
             token_cache: Mutex::new(HashMap::new()),
         }
@@ -105,6 +106,71 @@ impl Accounts {
 
     pub fn server_name(&self) -> &ruma::ServerName {
         &self.server_name
+    }
+
+    /// Who may register now.
+    pub fn policy(&self) -> RegistrationPolicy {
+        *self.policy.lock().expect("registration policy")
+    }
+
+    /// Changes who may register (a configuration reload).
+    pub fn set_policy(&self, policy: RegistrationPolicy) {
+        *self.policy.lock().expect("registration policy") = policy;
+    }
+
+    /// The sign-up and login limits, which a reload may change.
+    pub fn admission(&self) -> &NewcomerAdmission {
+        &self.admission
+    }
+
+    /// The password hasher, whose queue a reload may resize.
+    pub fn hasher(&self) -> &PasswordHasher {
+        &self.hasher
+    }
+
+    /// Creates an account for the operator, whatever the registration policy
+    /// and limits: the break-glass path. The password is hashed on a blocking
+    /// thread outside the (possibly saturated) hashing pool.
+    pub async fn create_user_as_operator(&self, localpart: &str, password: Option<String>) -> Result<OwnedUserId> {
+        let user_id = self.user_id(&localpart.to_lowercase())?;
+        let password_hash = match password {
+            Some(p) if p.is_empty() || p.len() > 1024 => return Err(Error::InvalidParam("password must be 1 to 1024 bytes".into())),
+            Some(p) => {
+                let hasher = self.hasher.clone();
+                Some(
+                    tokio::task::spawn_blocking(move || hasher.hash_blocking(&p))
+                        .await
+                        .map_err(|e| Error::Internal(e.to_string()))??,
+                )
+            }
+            None => None,
+        };
+        self.store
+            .create_user(NewUser {
+                user_id: user_id.clone(),
+                password_hash,
+                created_ms: now_ms(),
+            })
+            .await
+            .map_err(|e| match e {
+                kabar_store::StoreError::Conflict(_) => Error::UserInUse,
+                other => other.into(),
+            })?;
+        tracing::info!(user = %user_id, "account created by the operator");
+        Ok(user_id)
+    }
+
+    /// Deactivates an account for the operator: its devices are signed out
+    /// and it can no longer log in.
+    pub async fn deactivate_as_operator(&self, user_id: &UserId) -> Result<()> {
+        if self.store.user(user_id).await?.is_none() {
+            return Err(Error::NotFound("no such user".into()));
+        }
+        self.store.delete_all_devices(user_id, None).await?;
+        self.store.deactivate_user(user_id).await?;
+        self.forget_tokens();
+        tracing::info!(user = %user_id, "deactivated by the operator");
+        Ok(())
     }
 
     fn user_id(&self, localpart: &str) -> Result<OwnedUserId> {
@@ -140,7 +206,7 @@ impl Accounts {
     /// address's and the server's allowance, and it takes its hashing slot
     /// before a registration token is spent, so a refusal loses nothing.
     pub async fn register(&self, req: RegistrationRequest, client: IpAddr) -> Result<LoggedIn> {
-        let flows: &[&[&'static str]] = match self.policy {
+        let flows: &[&[&'static str]] = match self.policy() {
             RegistrationPolicy::Closed => return Err(Error::RegistrationDisabled),
             RegistrationPolicy::Open => &[&["m.login.dummy"], &["m.login.registration_token"]],
             RegistrationPolicy::TokenRequired => &[&["m.login.registration_token"]],

@@ -10,7 +10,10 @@
 use std::{
     net::{IpAddr, Ipv6Addr},
     num::NonZeroU32,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -44,10 +47,31 @@ type DirectLimiter = RateLimiter<governor::state::NotKeyed, governor::state::InM
 /// Per-address and global rate limits for one class (registration or login).
 pub struct Admission {
     class: WorkClass,
-    per_address: Option<KeyedLimiter>,
-    global: Option<DirectLimiter>,
+    limiters: RwLock<Limiters>,
     clock: DefaultClock,
     checks: AtomicU64,
+}
+
+/// The limiters for one set of [`RateLimits`]; replaced whole when they change.
+struct Limiters {
+    limits: RateLimits,
+    per_address: Option<KeyedLimiter>,
+    global: Option<DirectLimiter>,
+}
+
+impl Limiters {
+    fn new(limits: RateLimits) -> Self {
+        let per_address = (limits.per_address_per_minute > 0).then(|| {
+            RateLimiter::keyed(Quota::per_minute(nonzero(limits.per_address_per_minute)).allow_burst(nonzero(limits.per_address_burst)))
+        });
+        let global = (limits.global_per_second > 0)
+            .then(|| RateLimiter::direct(Quota::per_second(nonzero(limits.global_per_second)).allow_burst(nonzero(limits.global_burst))));
+        Self {
+            limits,
+            per_address,
+            global,
+        }
+    }
 }
 
 /// How many checks pass between sweeps of addresses whose allowance is full
@@ -75,24 +99,33 @@ pub fn address_key(ip: IpAddr) -> IpAddr {
 
 impl Admission {
     pub fn new(class: WorkClass, limits: RateLimits) -> Self {
-        let per_address = (limits.per_address_per_minute > 0).then(|| {
-            RateLimiter::keyed(Quota::per_minute(nonzero(limits.per_address_per_minute)).allow_burst(nonzero(limits.per_address_burst)))
-        });
-        let global = (limits.global_per_second > 0)
-            .then(|| RateLimiter::direct(Quota::per_second(nonzero(limits.global_per_second)).allow_burst(nonzero(limits.global_burst))));
         Self {
             class,
-            per_address,
-            global,
+            limiters: RwLock::new(Limiters::new(limits)),
             clock: DefaultClock::default(),
             checks: AtomicU64::new(0),
         }
     }
 
+    /// Replaces the limits (a configuration reload). Unchanged limits keep
+    /// their state; changed ones start with every allowance full.
+    pub fn set_limits(&self, limits: RateLimits) {
+        let mut current = self.limiters.write().expect("admission limiters");
+        if current.limits != limits {
+            *current = Limiters::new(limits);
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> RateLimits {
+        self.limiters.read().expect("admission limiters").limits
+    }
+
     /// Admits one attempt from `client`, or refuses it with the time until
     /// the next attempt would be allowed.
     pub fn check(&self, client: IpAddr) -> Result<()> {
-        if let Some(limiter) = &self.per_address {
+        let limiters = self.limiters.read().expect("admission limiters");
+        if let Some(limiter) = &limiters.per_address {
             if self.checks.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
                 limiter.retain_recent();
                 limiter.shrink_to_fit();
@@ -101,7 +134,7 @@ impl Admission {
                 return Err(self.refuse(ShedReason::AddressRate, not_until.wait_time_from(self.clock.now())));
             }
         }
-        if let Some(limiter) = &self.global
+        if let Some(limiter) = &limiters.global
             && let Err(not_until) = limiter.check()
         {
             return Err(self.refuse(ShedReason::GlobalRate, not_until.wait_time_from(self.clock.now())));
@@ -117,7 +150,12 @@ impl Admission {
     /// Addresses currently tracked.
     #[cfg(test)]
     fn tracked_addresses(&self) -> usize {
-        self.per_address.as_ref().map_or(0, |l| l.len())
+        self.limiters
+            .read()
+            .expect("admission limiters")
+            .per_address
+            .as_ref()
+            .map_or(0, |l| l.len())
     }
 }
 

@@ -10,6 +10,7 @@ pub mod admission;
 pub mod changes;
 pub mod ephemeral;
 pub mod error;
+pub mod health;
 pub mod load;
 pub mod media;
 pub mod notifier;

@@ -160,6 +160,16 @@ impl LoadMetrics {
         }
     }
 
+    /// Refusals so far of every class (all reasons), by class name.
+    pub fn shed_totals(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        self.classes
+            .lock()
+            .expect("load classes lock")
+            .iter()
+            .map(|c| (c.name, c.shed.iter().map(Counter::get).sum()))
+            .collect()
+    }
+
     /// Refusals so far for `class` (all reasons); for tests and reports.
     pub fn shed_total(&self, class: &'static str) -> u64 {
         ShedReason::ALL
@@ -238,7 +248,11 @@ pub struct GateLimits {
 pub struct Gate {
     class: WorkClass,
     slots: Semaphore,
-    limits: GateLimits,
+    /// Changed by a configuration reload ([`Gate::set_limits`]).
+    limits: Mutex<GateLimits>,
+    /// Slots removed by a reload while in use: the passes holding them give
+    /// them up instead of returning them.
+    slots_owed: AtomicUsize,
     waiting: AtomicUsize,
     /// Moving average of how long a piece of work holds its slot, in µs.
     service_us: AtomicU64,
@@ -247,13 +261,22 @@ pub struct Gate {
 /// A slot held; dropping it frees the slot and teaches the gate how long the work took.
 pub struct Pass<'a> {
     gate: &'a Gate,
-    _permit: SemaphorePermit<'a>,
+    permit: Option<SemaphorePermit<'a>>,
     started: Instant,
 }
 
 impl Drop for Pass<'_> {
     fn drop(&mut self) {
         self.gate.learn(self.started.elapsed());
+        let owed = self
+            .gate
+            .slots_owed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if owed.is_ok()
+            && let Some(permit) = self.permit.take()
+        {
+            permit.forget();
+        }
     }
 }
 
@@ -268,10 +291,40 @@ impl Gate {
         Self {
             class,
             slots: Semaphore::new(limits.slots),
-            limits,
+            limits: Mutex::new(limits),
+            slots_owed: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             service_us: AtomicU64::new((expected_service.as_micros() as u64).max(1)),
         }
+    }
+
+    /// The sizes in force.
+    pub fn limits(&self) -> GateLimits {
+        *self.limits.lock().expect("gate limits")
+    }
+
+    /// Resizes the gate (a configuration reload). Work running or queued
+    /// keeps going; fewer slots take effect as running work finishes.
+    pub fn set_limits(&self, new: GateLimits) {
+        let new = GateLimits {
+            slots: new.slots.max(1),
+            ..new
+        };
+        let mut limits = self.limits.lock().expect("gate limits");
+        if new.slots > limits.slots {
+            let more = new.slots - limits.slots;
+            // Slots still owed from an earlier shrink are simply not taken.
+            let owed = self
+                .slots_owed
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |owed| Some(owed - owed.min(more)))
+                .unwrap_or(0);
+            self.slots.add_permits(more - owed.min(more));
+        } else if new.slots < limits.slots {
+            let fewer = limits.slots - new.slots;
+            let forgotten = self.slots.forget_permits(fewer);
+            self.slots_owed.fetch_add(fewer - forgotten, Ordering::AcqRel);
+        }
+        *limits = new;
     }
 
     /// The estimated duration of one piece of work.
@@ -282,14 +335,15 @@ impl Gate {
     /// The refusal for an arrival behind `ahead` waiting requests, if the
     /// queue is full or the predicted wait passes the deadline.
     fn refusal(&self, ahead: usize) -> Option<Error> {
+        let limits = self.limits();
         let predicted = self.predicted_wait(ahead);
-        (ahead >= self.limits.max_queued || predicted > self.limits.max_queue_delay).then(|| self.class.shed(ShedReason::Queue, predicted))
+        (ahead >= limits.max_queued || predicted > limits.max_queue_delay).then(|| self.class.shed(ShedReason::Queue, predicted))
     }
 
     /// How long an arrival behind `ahead` waiting requests would wait for a slot.
     fn predicted_wait(&self, ahead: usize) -> Duration {
         let rounds = (ahead + 1) as u64;
-        Duration::from_micros(rounds * self.service_us.load(Ordering::Relaxed) / self.limits.slots as u64)
+        Duration::from_micros(rounds * self.service_us.load(Ordering::Relaxed) / self.limits().slots as u64)
     }
 
     fn learn(&self, took: Duration) {
@@ -323,7 +377,7 @@ impl Gate {
             self.class.admitted(Duration::ZERO);
             return Ok(Pass {
                 gate: self,
-                _permit: permit,
+                permit: Some(permit),
                 started: arrived,
             });
         }
@@ -336,7 +390,7 @@ impl Gate {
         // The estimate decided at arrival; a request let into the queue is
         // served even if it runs a little late. The cap only ends waits the
         // estimate was far wrong about (work stuck or suddenly much slower).
-        let acquired = tokio::time::timeout(self.limits.max_queue_delay * 2, self.slots.acquire()).await;
+        let acquired = tokio::time::timeout(self.limits().max_queue_delay * 2, self.slots.acquire()).await;
         self.class.queued.dec();
         let ahead_now = self.waiting.fetch_sub(1, Ordering::AcqRel) - 1;
         match acquired {
@@ -345,7 +399,7 @@ impl Gate {
                 self.class.admitted(started - arrived);
                 Ok(Pass {
                     gate: self,
-                    _permit: permit,
+                    permit: Some(permit),
                     started,
                 })
             }
@@ -479,5 +533,36 @@ mod tests {
         m.end_quiet_episodes(); // nothing new: over
         assert!(!c.episode.active.load(Ordering::Relaxed));
         assert_eq!(m.shed_total("test"), 1);
+    }
+
+    #[tokio::test]
+    async fn resizing_takes_effect_without_dropping_work() {
+        let m = LoadMetrics::default();
+        let g = gate(&m, 2, 0, 100, 10);
+        let a = g.enter().await.unwrap();
+        let b = g.enter().await.unwrap();
+        assert!(g.check_room().is_err(), "both slots busy, no queue");
+        g.set_limits(GateLimits {
+            slots: 3,
+            max_queued: 0,
+            max_queue_delay: Duration::from_millis(100),
+        });
+        let c = g.enter().await.expect("a third slot after growing");
+        // Shrink to one while three run: nothing is taken from running work,
+        // and slots come back only down to the new size.
+        g.set_limits(GateLimits {
+            slots: 1,
+            max_queued: 0,
+            max_queue_delay: Duration::from_millis(100),
+        });
+        drop(a);
+        assert!(g.check_room().is_err(), "a freed slot is given up while over the new size");
+        drop(b);
+        assert!(g.check_room().is_err());
+        drop(c);
+        let d = g.enter().await.expect("one slot left");
+        assert!(g.check_room().is_err(), "and only one");
+        drop(d);
+        assert_eq!(g.limits().slots, 1);
     }
 }

@@ -27,7 +27,7 @@ pub struct Media {
     dir: PathBuf,
     max_upload_bytes: u64,
     /// Thumbnailing decodes whole images: bounded, and refused once the queue is too long.
-    thumbnails: Gate,
+    thumbnails: Arc<Gate>,
 }
 
 pub struct Download {
@@ -42,7 +42,7 @@ pub enum ThumbnailMethod {
 }
 
 impl Media {
-    pub fn new(store: Arc<dyn Store>, dir: PathBuf, max_upload_bytes: u64, thumbnails: Gate) -> Result<Self> {
+    pub fn new(store: Arc<dyn Store>, dir: PathBuf, max_upload_bytes: u64, thumbnails: Arc<Gate>) -> Result<Self> {
         std::fs::create_dir_all(&dir).map_err(|e| Error::Internal(format!("cannot create media directory: {e}")))?;
         Ok(Self {
             store,

@@ -53,6 +53,8 @@ pub struct Notifier {
     rooms: Channels<OwnedRoomId>,
     users: Channels<OwnedUserId>,
     serial: AtomicU64,
+    /// Set once at shutdown: every wait ends and none starts.
+    closing: watch::Sender<bool>,
 }
 
 impl Default for Notifier {
@@ -65,18 +67,24 @@ impl Default for Notifier {
 /// change between the check and the wait is missed.
 pub struct Interest {
     receivers: Vec<watch::Receiver<u64>>,
+    closing: watch::Receiver<bool>,
 }
 
 impl Interest {
-    /// Waits until any subscribed room or user changes, or `timeout` passes.
-    /// Returns whether something changed.
+    /// Waits until any subscribed room or user changes, or `timeout` passes,
+    /// or the server starts shutting down. Returns whether something changed.
     pub async fn wait(mut self, timeout: Duration) -> bool {
-        if self.receivers.is_empty() {
-            tokio::time::sleep(timeout).await;
-            return false;
+        let changed = async {
+            if self.receivers.is_empty() {
+                std::future::pending::<()>().await;
+            }
+            let _ = select_all(self.receivers.iter_mut().map(|r| Box::pin(r.changed()))).await;
+        };
+        tokio::select! {
+            _ = changed => true,
+            _ = self.closing.wait_for(|c| *c) => false,
+            _ = tokio::time::sleep(timeout) => false,
         }
-        let changed = select_all(self.receivers.iter_mut().map(|r| Box::pin(r.changed())));
-        matches!(tokio::time::timeout(timeout, changed).await, Ok((Ok(()), _, _)))
     }
 }
 
@@ -86,7 +94,19 @@ impl Notifier {
             rooms: Channels::new(),
             users: Channels::new(),
             serial: AtomicU64::new(1),
+            closing: watch::channel(false).0,
         }
+    }
+
+    /// Ends every wait now and every later one at once: the server is
+    /// shutting down, and waiting syncs should be answered, not dropped.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closing(&self) -> bool {
+        *self.closing.borrow()
     }
 
     fn next(&self) -> u64 {
@@ -107,7 +127,10 @@ impl Notifier {
         for r in &mut receivers {
             r.mark_unchanged();
         }
-        Interest { receivers }
+        Interest {
+            receivers,
+            closing: self.closing.subscribe(),
+        }
     }
 }
 
@@ -138,5 +161,24 @@ mod tests {
         let interest = n.interest(user_id!("@a:x"), []);
         n.user_changed(user_id!("@a:x"));
         assert!(interest.wait(Duration::from_millis(10)).await);
+    }
+
+    #[tokio::test]
+    async fn closing_ends_waits_at_once() {
+        let n = std::sync::Arc::new(Notifier::new());
+        let waiting = n.interest(user_id!("@a:x"), [room_id!("!r:x")]);
+        let n2 = n.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            n2.close();
+        });
+        let start = std::time::Instant::now();
+        assert!(!waiting.wait(Duration::from_secs(30)).await, "nothing changed");
+        assert!(start.elapsed() < Duration::from_secs(5));
+        let later = n.interest(user_id!("@a:x"), []);
+        let start = std::time::Instant::now();
+        assert!(!later.wait(Duration::from_secs(30)).await);
+        assert!(start.elapsed() < Duration::from_secs(1), "a wait after closing ends at once");
+        assert!(n.is_closing());
     }
 }

@@ -74,6 +74,8 @@ type Job = Box<dyn FnOnce(&Argon2<'static>) + Send>;
 pub struct PasswordHasher {
     jobs: mpsc::SyncSender<Job>,
     gate: Gate,
+    /// For hashes outside the pool (the operator's admin channel).
+    argon: Argon2<'static>,
 }
 
 /// Sets the calling thread's CPU priority. Where the idle class does not
@@ -138,7 +140,29 @@ impl PasswordHasher {
             },
             started.elapsed(),
         );
-        Ok(Self { jobs: tx, gate })
+        Ok(Self { jobs: tx, gate, argon })
+    }
+
+    /// Changes how many hashes may wait and for how long (a configuration
+    /// reload); the number of threads stays.
+    pub fn set_queue(&self, max_queued: usize, max_queue_delay: Duration) {
+        let limits = self.gate.limits();
+        self.gate.set_limits(GateLimits {
+            max_queued,
+            max_queue_delay,
+            ..limits
+        });
+    }
+
+    /// Hashes on the calling thread, outside the pool and its queue: for the
+    /// operator's admin channel, which must work while the pool is saturated.
+    /// Blocks for one hash's time.
+    pub fn hash_blocking(&self, password: &str) -> Result<String> {
+        let salt = SaltString::generate(&mut OsRng);
+        self.argon
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(|e| Error::Internal(e.to_string()))
     }
 
     /// The estimated time of one hash, measured.

@@ -438,7 +438,7 @@ pub struct Rooms {
     /// Joins are bounded: a crowd joining one huge room queues here, and is
     /// refused once the wait would pass the deadline, instead of piling up
     /// behind the room's write turn.
-    joins: Gate,
+    joins: Arc<Gate>,
 }
 
 fn now() -> MilliSecondsSinceUnixEpoch {
@@ -464,7 +464,7 @@ impl Rooms {
         notifier: Arc<Notifier>,
         changes: Arc<Changes>,
         default_version: RoomVersionId,
-        joins: Gate,
+        joins: Arc<Gate>,
     ) -> Self {
         Self {
             store,

@@ -127,7 +127,7 @@ pub struct SyncEngine {
     /// Initial and full-state syncs read every joined room's state: bounded,
     /// so a crowd signing in cannot take the store's readers from the
     /// incremental syncs of people already chatting.
-    full_syncs: Gate,
+    full_syncs: Arc<Gate>,
 }
 
 /// A user's memberships as read from the store, and the generation of the
@@ -259,7 +259,7 @@ impl SyncEngine {
         notifier: Arc<Notifier>,
         ephemeral: Arc<Ephemeral>,
         changes: Arc<Changes>,
-        full_syncs: Gate,
+        full_syncs: Arc<Gate>,
     ) -> Self {
         Self {
             store,

@@ -21,7 +21,7 @@ use std::{
     thread,
 };
 
-use kabar_store::{StoreError, StoreResult, StreamPos};
+use kabar_store::{StoreError, StoreObserver, StoreOp, StoreResult, StreamPos};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
@@ -52,6 +52,7 @@ pub(crate) struct Engine {
     writer: Mutex<Option<mpsc::Sender<WriteJob>>>,
     readers: Mutex<Option<mpsc::Sender<ReadJob>>>,
     committed: Arc<AtomicU64>,
+    observer: Option<Arc<dyn StoreObserver>>,
 }
 
 pub(crate) fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -88,7 +89,7 @@ pub(crate) fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) 
 }
 
 impl Engine {
-    pub(crate) fn open(path: &Path) -> StoreResult<Self> {
+    pub(crate) fn open(path: &Path, observer: Option<Arc<dyn StoreObserver>>) -> StoreResult<Self> {
         let conn = open(path, true)?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(backend)?;
         if version == 0 {
@@ -142,6 +143,7 @@ impl Engine {
             writer: Mutex::new(Some(tx)),
             readers: Mutex::new(Some(read_tx)),
             committed,
+            observer,
         })
     }
 
@@ -169,8 +171,13 @@ impl Engine {
             .map_err(backend)?
             .clone()
             .ok_or_else(|| backend("store is closed"))?;
+        let started = std::time::Instant::now();
         sender.send(job).map_err(|_| backend("writer thread stopped"))?;
-        rx.await.map_err(|_| backend("writer thread stopped"))?
+        let result = rx.await.map_err(|_| backend("writer thread stopped"))?;
+        if let Some(o) = &self.observer {
+            o.observe(StoreOp::Write, started.elapsed());
+        }
+        result
     }
 
     /// Runs `f` on one of the reader threads.
@@ -185,8 +192,13 @@ impl Engine {
             .map_err(backend)?
             .clone()
             .ok_or_else(|| backend("store is closed"))?;
+        let started = std::time::Instant::now();
         sender.send(job).map_err(|_| backend("reader threads stopped"))?;
-        rx.await.map_err(|_| backend("reader threads stopped"))?
+        let result = rx.await.map_err(|_| backend("reader threads stopped"))?;
+        if let Some(o) = &self.observer {
+            o.observe(StoreOp::Read, started.elapsed());
+        }
+        result
     }
 
     /// Stops accepting writes; the writer thread finishes what is queued.

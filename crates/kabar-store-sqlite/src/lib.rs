@@ -25,8 +25,13 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> StoreResult<Self> {
+        Self::open_observed(path, None)
+    }
+
+    /// Opens the database, telling `observer` how long every read and write takes.
+    pub fn open_observed(path: &Path, observer: Option<Arc<dyn StoreObserver>>) -> StoreResult<Self> {
         Ok(Self {
-            engine: Arc::new(Engine::open(path)?),
+            engine: Arc::new(Engine::open(path, observer)?),
         })
     }
 
@@ -885,6 +890,26 @@ impl MediaStore for SqliteStore {
 
 #[async_trait]
 impl ServerStore for SqliteStore {
+    async fn ping(&self) -> StoreResult<()> {
+        self.engine
+            .read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(backend))
+            .await?;
+        self.engine
+            .write(|conn, _| {
+                exec(
+                    conn,
+                    "INSERT INTO meta (key, value) VALUES ('last_ping_ms', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    [std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as i64)
+                        .unwrap_or(0)],
+                )
+                .map(|_| ())
+                .map_err(backend)
+            })
+            .await
+    }
+
     async fn signing_key(&self, generate: Vec<u8>) -> StoreResult<Vec<u8>> {
         self.engine
             .write(move |c, _| {

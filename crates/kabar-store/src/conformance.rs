@@ -20,6 +20,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     state_membership_and_redaction(&*store).await;
     user_data(&*store).await;
     server_data(&*store).await;
+    store.ping().await.expect("a healthy store answers a ping");
 }
 
 fn pdu(room: &RoomRecord, signer: &EventSigner, n: u64, event: NewEvent) -> Pdu {

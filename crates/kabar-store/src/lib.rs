@@ -150,6 +150,32 @@ pub trait ServerStore: Send + Sync {
     /// Uses the token once if it is valid now; false if unknown, used up or expired.
     async fn use_registration_token(&self, token: &str, now_ms: u64) -> StoreResult<bool>;
     async fn registration_token_valid(&self, token: &str, now_ms: u64) -> StoreResult<bool>;
+    /// Proves the engine can still read and commit (a health check): `Ok`
+    /// only after one read and one durable write both went through.
+    async fn ping(&self) -> StoreResult<()>;
+}
+
+/// The two kinds of storage operation whose latency is reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StoreOp {
+    Read,
+    /// Until durable (a commit), queueing included.
+    Write,
+}
+
+impl StoreOp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreOp::Read => "read",
+            StoreOp::Write => "write",
+        }
+    }
+}
+
+/// Told how long each storage operation took, as the caller saw it (for
+/// metrics). Engines call it; the binary decides where the numbers go.
+pub trait StoreObserver: Send + Sync {
+    fn observe(&self, op: StoreOp, elapsed: std::time::Duration);
 }
 
 /// Everything a Kabar server stores.

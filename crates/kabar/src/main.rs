@@ -1,6 +1,10 @@
-//! The `kabar` binary: reads the configuration, wires the services, serves.
+//! The `kabar` binary: reads the configuration, wires the services, serves,
+//! and gives the operator `check-config` and the `admin` channel.
 
+mod admin;
 mod config;
+mod control;
+mod logging;
 mod metrics;
 
 /// mimalloc returns freed memory to the system far better than glibc's malloc
@@ -9,17 +13,19 @@ mod metrics;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{io::BufRead, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use anyhow::Context;
-use clap::{Parser, Subcommand};
-use config::Config;
+use anyhow::{Context, anyhow};
+use clap::{Args, Parser, Subcommand};
+use config::{Config, ConfigSource, INITIAL_SYNC_DEFAULTS, JOIN_DEFAULTS, Overrides, THUMBNAIL_DEFAULTS};
+use control::{ConfigControl, HealthProbe, LiveSettings, WorkGates, gate_limits, rate_limits, registration_policy};
 use kabar_core::{
-    accounts::{Accounts, RegistrationPolicy},
-    admission::{Admission, NewcomerAdmission, RateLimits},
+    accounts::Accounts,
+    admission::{Admission, NewcomerAdmission},
     changes::Changes,
     ephemeral::Ephemeral,
-    load::{Gate, GateLimits, LoadMetrics},
+    health::Readiness,
+    load::{Gate, LoadMetrics},
     media::Media,
     notifier::Notifier,
     password::{HashCost, HashPriority, HashingPool, PasswordHasher},
@@ -30,19 +36,6 @@ use kabar_core::{
 use kabar_domain::EventSigner;
 use kabar_store::{ServerStore, Store};
 use kabar_store_sqlite::SqliteStore;
-use tracing_subscriber::EnvFilter;
-
-fn rate_limits(c: &config::RateLimitConfig) -> RateLimits {
-    RateLimits {
-        per_address_per_minute: c.per_address_per_minute,
-        per_address_burst: c.per_address_burst,
-        global_per_second: c.global_per_second,
-        global_burst: c.global_burst,
-    }
-}
-
-/// How long shutdown waits for requests in flight.
-const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Parser)]
 #[command(name = "kabar", version, about = "A Matrix homeserver built to stay up")]
@@ -60,12 +53,31 @@ enum Command {
         config: Option<PathBuf>,
         /// Override `listen` (port 0 picks a free port; the bound address is printed).
         #[arg(long)]
-        listen: Option<std::net::SocketAddr>,
+        listen: Option<SocketAddr>,
         /// Override `data_dir`.
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
-    /// Create a registration token for `m.login.registration_token`.
+    /// Check a configuration without starting anything: lists every problem
+    /// and exits with status 1 if any is an error.
+    CheckConfig {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Check as if `--data-dir` were given to `serve`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Print the reference of every setting (the table in docs/config.md).
+    ConfigReference,
+    /// Talk to a running server over its admin socket (works when HTTP does not).
+    Admin {
+        #[command(flatten)]
+        target: AdminTarget,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// Create a registration token for `m.login.registration_token` directly
+    /// in the database (also works with the server stopped).
     CreateRegistrationToken {
         #[arg(long)]
         config: Option<PathBuf>,
@@ -77,20 +89,65 @@ enum Command {
     },
 }
 
-/// The configured log filter, with ruma's state-resolution library quieted to
-/// warnings unless the filter names it: at `info` it logs two lines for every
-/// event it authorizes, which cost a tenth of the server's time under load.
-fn log_directives(configured: &str) -> String {
-    if configured.contains("ruma_state_res") {
-        configured.to_owned()
-    } else {
-        format!("{configured},ruma_state_res=warn")
-    }
+/// Which server to talk to: its socket, or the data directory (given or
+/// read from a configuration file) holding `admin.sock`.
+#[derive(Args)]
+struct AdminTarget {
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
 }
 
-fn open_store(config: &Config) -> anyhow::Result<SqliteStore> {
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Listeners, readiness, load, and the last reload's outcome.
+    Status,
+    /// The running configuration, as TOML.
+    Config,
+    /// Read the configuration file again and apply it (same as SIGHUP).
+    Reload,
+    /// Go back to the configuration before the last applied reload.
+    Rollback,
+    /// Create an account, whatever the registration policy and limits.
+    CreateUser {
+        username: String,
+        /// The password (visible to other local users in the process list;
+        /// prefer --password-stdin).
+        #[arg(long)]
+        password: Option<String>,
+        /// Read the password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Sign out every device of an account and stop it from logging in.
+    DeactivateUser { user_id: String },
+    /// Issue a registration token.
+    CreateRegistrationToken {
+        /// How many registrations the token allows (unlimited if unset).
+        #[arg(long)]
+        uses: Option<u32>,
+    },
+}
+
+fn open_store(config: &Config, observer: Option<Arc<dyn kabar_store::StoreObserver>>) -> anyhow::Result<SqliteStore> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
-    Ok(SqliteStore::open(&config.data_dir.join("kabar.db"))?)
+    Ok(SqliteStore::open_observed(&config.data_dir.join("kabar.db"), observer)?)
+}
+
+fn load(source: &ConfigSource) -> anyhow::Result<Config> {
+    match source.load() {
+        Ok((config, warnings)) => {
+            eprint!("{warnings}");
+            Ok(config)
+        }
+        Err(problems) => Err(anyhow!(
+            "the configuration has {} error(s); nothing was started:\n{problems}",
+            problems.errors()
+        )),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -98,25 +155,48 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Serve { config, listen, data_dir } => {
-            let mut config = Config::load(config.as_deref())?;
-            if let Some(l) = listen {
-                config.listen = l;
-            }
-            if let Some(d) = data_dir {
-                config.data_dir = d;
-            }
-            tracing_subscriber::fmt()
-                .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(log_directives(&config.log))))
-                .init();
-            runtime.block_on(serve(config))
+            let source = ConfigSource {
+                file: config,
+                overrides: Overrides { listen, data_dir },
+            };
+            let config = load(&source)?;
+            let log = logging::init(&config.log, &config.log_format);
+            runtime.block_on(serve(source, config, log))
         }
-        Command::CreateRegistrationToken { config, data_dir, uses } => {
-            let mut config = Config::load(config.as_deref())?;
-            if let Some(d) = data_dir {
-                config.data_dir = d;
+        Command::CheckConfig { config, data_dir } => {
+            let source = ConfigSource {
+                file: config,
+                overrides: Overrides { listen: None, data_dir },
+            };
+            match source.load() {
+                Ok((_, warnings)) => {
+                    print!("{warnings}");
+                    println!("configuration is valid ({} warning(s))", warnings.items.len());
+                    Ok(())
+                }
+                Err(problems) => {
+                    print!("{problems}");
+                    println!(
+                        "configuration is invalid: {} error(s), {} warning(s)",
+                        problems.errors(),
+                        problems.items.len() - problems.errors()
+                    );
+                    std::process::exit(1);
+                }
             }
+        }
+        Command::ConfigReference => {
+            print!("{}", config::schema::reference_table());
+            Ok(())
+        }
+        Command::Admin { target, command } => runtime.block_on(admin_command(target, command)),
+        Command::CreateRegistrationToken { config, data_dir, uses } => {
+            let config = load(&ConfigSource {
+                file: config,
+                overrides: Overrides { listen: None, data_dir },
+            })?;
             runtime.block_on(async {
-                let store = open_store(&config)?;
+                let store = open_store(&config, None)?;
                 let token = kabar_core::accounts::random_token(24);
                 store.create_registration_token(&token, uses, None).await?;
                 println!("{token}");
@@ -126,22 +206,86 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
-    let store = open_store(&config)?;
-    let store: Arc<dyn Store> = Arc::new(store);
+async fn admin_command(target: AdminTarget, command: AdminCommand) -> anyhow::Result<()> {
+    let socket = match (target.socket, target.data_dir) {
+        (Some(s), _) => s,
+        (None, Some(d)) => d.join(admin::SOCKET_NAME),
+        (None, None) => {
+            // The data directory as the configuration (or the default) says.
+            let source = ConfigSource {
+                file: target.config,
+                overrides: Overrides::default(),
+            };
+            let data_dir = match source.load() {
+                Ok((c, _)) => c.data_dir,
+                Err(_) => Config::default().data_dir,
+            };
+            data_dir.join(admin::SOCKET_NAME)
+        }
+    };
+    let request = match command {
+        AdminCommand::Status => admin::Request::Status,
+        AdminCommand::Config => admin::Request::Config,
+        AdminCommand::Reload => admin::Request::Reload,
+        AdminCommand::Rollback => admin::Request::Rollback,
+        AdminCommand::CreateUser {
+            username,
+            password,
+            password_stdin,
+        } => {
+            let password = if password_stdin {
+                let mut line = String::new();
+                std::io::stdin().lock().read_line(&mut line)?;
+                Some(line.trim_end_matches(['\r', '\n']).to_owned())
+            } else {
+                password
+            };
+            admin::Request::CreateUser { username, password }
+        }
+        AdminCommand::DeactivateUser { user_id } => admin::Request::DeactivateUser { user_id },
+        AdminCommand::CreateRegistrationToken { uses } => admin::Request::CreateRegistrationToken { uses },
+    };
+    let response = admin::call(&socket, &request).await?;
+    if !response.ok {
+        anyhow::bail!("{}", response.error.unwrap_or_default());
+    }
+    let result = response.result.unwrap_or_default();
+    match request {
+        admin::Request::Config => print!("{}", result["toml"].as_str().unwrap_or_default()),
+        admin::Request::CreateRegistrationToken { .. } => println!("{}", result["token"].as_str().unwrap_or_default()),
+        admin::Request::CreateUser { .. } => println!("{}", result["user_id"].as_str().unwrap_or_default()),
+        _ => println!("{}", serde_json::to_string_pretty(&result)?),
+    }
+    // A reload that did not apply is a failure for scripts.
+    let outcome = result.get("outcome").and_then(|o| o.as_str());
+    if matches!(outcome, Some("refused" | "rolled_back")) {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn random_instance_id() -> String {
+    kabar_core::accounts::random_token(16)
+}
+
+async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    // The admin socket comes first: it also stops a second server on this data directory.
+    let (admin_listener, admin_path) = admin::bind(&config.data_dir)?;
+    let storage_metrics = metrics::StorageMetrics::new();
+    let sqlite = open_store(&config, Some(storage_metrics.clone()))?;
+    let store: Arc<dyn Store> = Arc::new(sqlite.clone());
     let server_name = ruma::OwnedServerName::try_from(config.server_name.as_str())?;
     let key = store.signing_key(EventSigner::generate_key()).await?;
     let signer = Arc::new(EventSigner::new(server_name.clone(), &key, "kabar1")?);
 
-    let listener = bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
-    let bound = listener.local_addr()?;
-    let policy = match config.registration.mode.as_str() {
-        "open" => RegistrationPolicy::Open,
-        "token" => RegistrationPolicy::TokenRequired,
-        "closed" => RegistrationPolicy::Closed,
-        _ if bound.ip().is_loopback() => RegistrationPolicy::Open,
-        _ => RegistrationPolicy::TokenRequired,
-    };
+    let mut listeners = vec![];
+    for addr in &config.listen {
+        listeners.push(bind(*addr).with_context(|| format!("binding listen address {addr}"))?);
+    }
+    let bound: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
+    let policy = registration_policy(&config, &bound);
 
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let load = LoadMetrics::new();
@@ -169,22 +313,24 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         register: Admission::new(load.class("register"), rate_limits(&config.admission.register)),
         login: Admission::new(load.class("login"), rate_limits(&config.admission.login)),
     };
-    let gate = |name: &'static str, class: &config::WorkClassConfig, defaults: (usize, usize, u64), expected: Duration| {
-        let (slots, max_queued, delay_ms) = class.resolve(defaults, cores);
-        Gate::new(
-            load.class(name),
-            GateLimits {
-                slots,
-                max_queued,
-                max_queue_delay: Duration::from_millis(delay_ms),
-            },
-            expected,
-        )
-    };
     let work = &config.work;
-    let full_syncs = gate("initial_sync", &work.initial_sync, (0, 1024, 10_000), Duration::from_millis(5));
-    let joins = gate("join", &work.join, (64, 4096, 5_000), Duration::from_millis(2));
-    let thumbnails = gate("thumbnail", &work.thumbnail, (0, 64, 5_000), Duration::from_millis(50));
+    let gates = WorkGates {
+        initial_sync: Arc::new(Gate::new(
+            load.class("initial_sync"),
+            gate_limits(work.initial_sync.resolve(INITIAL_SYNC_DEFAULTS, cores)),
+            Duration::from_millis(5),
+        )),
+        join: Arc::new(Gate::new(
+            load.class("join"),
+            gate_limits(work.join.resolve(JOIN_DEFAULTS, cores)),
+            Duration::from_millis(2),
+        )),
+        thumbnail: Arc::new(Gate::new(
+            load.class("thumbnail"),
+            gate_limits(work.thumbnail.resolve(THUMBNAIL_DEFAULTS, cores)),
+            Duration::from_millis(50),
+        )),
+    };
     let notifier = Arc::new(Notifier::new());
     let ephemeral = Arc::new(Ephemeral::new(notifier.clone()));
     let accounts = Arc::new(Accounts::new(store.clone(), hasher, admission, server_name.clone(), policy));
@@ -196,7 +342,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         notifier.clone(),
         changes.clone(),
         default_version,
-        joins,
+        gates.join.clone(),
     ));
     let sync = Arc::new(SyncEngine::new(
         store.clone(),
@@ -204,31 +350,37 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         notifier.clone(),
         ephemeral.clone(),
         changes.clone(),
-        full_syncs,
+        gates.initial_sync.clone(),
     ));
     let user_data = Arc::new(UserData::new(store.clone(), notifier.clone(), changes, rooms.clone()));
     let media = Arc::new(Media::new(
         store.clone(),
         config.data_dir.join("media"),
         config.limits.max_upload_bytes as u64,
-        thumbnails,
+        gates.thumbnail.clone(),
     )?);
-    let info = Arc::new(kabar_api::ServerInfo {
-        server_name: server_name.to_string(),
-        public_base_url: config.public_base_url(bound),
-    });
+    let info = Arc::new(kabar_api::ServerInfo::new(
+        server_name.to_string(),
+        config.public_base_url(bound[0]),
+        random_instance_id(),
+    ));
+    let readiness = Arc::new(Readiness::new(store.clone(), notifier.clone()));
+    let api_metrics = Arc::new(kabar_api::ApiMetrics::default());
     let state = kabar_api::AppState {
-        accounts,
+        accounts: accounts.clone(),
         rooms,
         sync,
         ephemeral,
         user_data,
         media,
-        info,
+        info: info.clone(),
+        readiness: readiness.clone(),
+        metrics: api_metrics.clone(),
     };
     let app = kabar_api::router(
         state,
         kabar_api::EdgeLimits {
+            max_request_body: config.limits.max_request_body_bytes,
             max_json_body: config.limits.max_json_body_bytes,
             max_upload: config.limits.max_upload_bytes,
         },
@@ -243,41 +395,101 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             episodes.end_quiet_episodes();
         }
     });
+    let mut metrics_bound = None;
     if let Some(addr) = config.metrics_listen {
         let mut registry = prometheus_client::registry::Registry::default();
         load.register(&mut registry);
-        let bound = metrics::serve(addr, registry)
+        api_metrics.register(&mut registry);
+        storage_metrics.register(&mut registry);
+        let addr = metrics::serve(addr, registry)
             .await
             .with_context(|| format!("binding metrics_listen {addr}"))?;
-        println!("kabar metrics on http://{bound}/metrics");
+        println!("kabar metrics on http://{addr}/metrics");
+        metrics_bound = Some(addr);
     }
 
-    tracing::info!(server_name = %server_name, address = %bound, registration = ?policy, "kabar is serving");
-    // Tests and scripts read this line to learn the port.
-    println!("kabar listening on http://{bound}");
+    let probe = HealthProbe::new(readiness.clone(), info.clone(), bound.clone(), metrics_bound)?;
+    let live = LiveSettings {
+        accounts: accounts.clone(),
+        gates,
+        info: info.clone(),
+        log,
+        bound: bound.clone(),
+        cores,
+    };
+    let control = Arc::new(ConfigControl::new(source, config.clone(), live, probe));
+    admin::serve(
+        admin_listener,
+        admin::AdminContext {
+            control: control.clone(),
+            accounts,
+            readiness,
+            info,
+            api_metrics,
+            load,
+            listening: bound.clone(),
+            metrics_listening: metrics_bound,
+            started,
+        },
+    )?;
+    println!("kabar admin socket at {}", admin_path.display());
+    #[cfg(unix)]
+    {
+        let control = control.clone();
+        let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the configuration");
+                control.reload().await;
+            }
+        });
+    }
+
+    tracing::info!(server_name = %server_name, addresses = ?bound, registration = ?policy, "kabar is serving");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(async move {
-        let mut stop_rx = stop_rx;
+    let mut servers = vec![];
+    for listener in listeners {
+        let mut stop_rx = stop_rx.clone();
         // A make-service shares the one router among connections: a plain
         // `Router` is re-specialised with its state for every connection,
         // which costs memory in proportion to the number of routes (about
         // 400 KiB a connection here). The peer address it records feeds the
         // per-address admission limits.
-        axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.wait_for(|s| *s).await;
-            })
-            .await
-    });
-    shutdown_signal().await;
-    tracing::info!("shutting down: no new connections, waiting for requests in flight");
-    let _ = stop_tx.send(true);
-    // Long-polling syncs could hold shutdown for minutes; writes are durable
-    // once acknowledged, so after the deadline the process simply ends.
-    match tokio::time::timeout(SHUTDOWN_DEADLINE, server).await {
-        Ok(result) => result??,
-        Err(_) => tracing::warn!("requests still in flight after {SHUTDOWN_DEADLINE:?}; exiting"),
+        let service = app.clone().into_make_service_with_connect_info::<SocketAddr>();
+        servers.push(tokio::spawn(async move {
+            axum::serve(listener, service)
+                .with_graceful_shutdown(async move {
+                    let _ = stop_rx.wait_for(|s| *s).await;
+                })
+                .await
+        }));
     }
+    for addr in &bound {
+        // Tests and scripts read this line to learn the port.
+        println!("kabar listening on http://{addr}");
+    }
+
+    shutdown_signal().await;
+    // Waiting syncs are answered now (not dropped), readiness turns false,
+    // the listeners stop accepting, and requests in flight get the deadline.
+    notifier.close();
+    let _ = stop_tx.send(true);
+    let deadline = Duration::from_millis(control.running().await.shutdown_deadline_ms);
+    tracing::info!(
+        ?deadline,
+        "shutting down: no new connections, answering waiting syncs, finishing requests in flight"
+    );
+    match tokio::time::timeout(deadline, futures::future::join_all(servers)).await {
+        Ok(results) => {
+            for r in results {
+                r??;
+            }
+        }
+        Err(_) => tracing::warn!("requests still in flight after {deadline:?}; exiting (writes are durable once acknowledged)"),
+    }
+    // Writes already queued still commit; nothing new is taken.
+    sqlite.close();
+    let _ = std::fs::remove_file(&admin_path);
     tracing::info!("shut down");
     Ok(())
 }
@@ -288,7 +500,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 /// at `net.core.somaxconn`.
 const LISTEN_BACKLOG: u32 = 65_535;
 
-fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {

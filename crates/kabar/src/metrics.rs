@@ -2,10 +2,18 @@
 //! never competes with clients for the client listener and the numbers are
 //! not published to the world.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
-use prometheus_client::{encoding::text::encode, registry::Registry};
+use kabar_store::{StoreObserver, StoreOp};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        family::Family,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
 
 async fn metrics_route(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
     let mut body = String::new();
@@ -30,4 +38,39 @@ pub async fn serve(addr: SocketAddr, registry: Registry) -> anyhow::Result<Socke
         }
     });
     Ok(bound)
+}
+
+/// Storage latency as callers see it, by operation.
+pub struct StorageMetrics {
+    latency: Family<StoreOpLabel, Histogram>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreOpLabel {
+    op: &'static str,
+}
+
+impl StorageMetrics {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            // 10 µs .. ~10 s.
+            latency: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.00001, 2.0, 20))),
+        })
+    }
+
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "kabar_storage_duration_seconds",
+            "Time a storage read or write took as its caller saw it (writes until durable)",
+            self.latency.clone(),
+        );
+    }
+}
+
+impl StoreObserver for StorageMetrics {
+    fn observe(&self, op: StoreOp, elapsed: Duration) {
+        self.latency
+            .get_or_create(&StoreOpLabel { op: op.as_str() })
+            .observe(elapsed.as_secs_f64());
+    }
 }

@@ -1,0 +1,58 @@
+//! Readiness: whether this server can take requests now.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use kabar_store::Store;
+
+use crate::notifier::Notifier;
+
+/// How long one readiness verdict is reused: `/ready` is public, and each
+/// fresh check commits a write, so a flood of probes must not become a flood
+/// of commits.
+const VERDICT_TTL: Duration = Duration::from_secs(1);
+/// A store that takes longer than this to read and commit is not ready.
+const STORE_DEADLINE: Duration = Duration::from_secs(2);
+
+pub struct Readiness {
+    store: Arc<dyn Store>,
+    notifier: Arc<Notifier>,
+    last: Mutex<Option<(Instant, Result<(), String>)>>,
+}
+
+impl Readiness {
+    pub fn new(store: Arc<dyn Store>, notifier: Arc<Notifier>) -> Self {
+        Self {
+            store,
+            notifier,
+            last: Mutex::new(None),
+        }
+    }
+
+    /// `Ok` when the server is not shutting down and storage reads and
+    /// commits within the deadline; otherwise why not.
+    pub async fn check(&self) -> Result<(), String> {
+        if self.notifier.is_closing() {
+            return Err("shutting down".into());
+        }
+        if let Some((at, verdict)) = &*self.last.lock().expect("readiness") {
+            if at.elapsed() < VERDICT_TTL {
+                return verdict.clone();
+            }
+        }
+        let verdict = self.check_store().await;
+        *self.last.lock().expect("readiness") = Some((Instant::now(), verdict.clone()));
+        verdict
+    }
+
+    /// Storage alone, never cached: reads and commits within the deadline.
+    pub async fn check_store(&self) -> Result<(), String> {
+        match tokio::time::timeout(STORE_DEADLINE, self.store.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("storage: {e}")),
+            Err(_) => Err(format!("storage did not answer within {STORE_DEADLINE:?}")),
+        }
+    }
+}

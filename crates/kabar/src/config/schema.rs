@@ -1,0 +1,369 @@
+//! Every setting Kabar knows: its key, type, default, whether it can change
+//! while the server runs, and what it means. The checks walk a file against
+//! this table, and `docs/config.md` is generated from it (a test keeps the
+//! two equal), so the reference cannot drift from the code.
+
+/// What a value must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// One of a fixed set of strings.
+    OneOf(&'static [&'static str]),
+    /// An integer within `min..=max`.
+    Integer {
+        min: i64,
+        max: i64,
+    },
+    Bool,
+    /// `"host:port"` with an IP address.
+    SocketAddr,
+    /// One `"ip:port"` or a list of them.
+    SocketAddrs,
+    Path,
+    /// An `http://` or `https://` URL without query or fragment.
+    HttpUrl,
+    /// A Matrix server name.
+    ServerName,
+    /// A tracing filter directive (`info`, `kabar_core=debug,warn`, ...).
+    LogFilter,
+}
+
+impl Kind {
+    /// How the reference names this type.
+    pub fn describe(&self) -> String {
+        match self {
+            Kind::OneOf(options) => options.iter().map(|o| format!("`{o}`")).collect::<Vec<_>>().join(" \\| "),
+            Kind::Integer { min, max } if *max == i64::MAX => format!("integer ≥ {min}"),
+            Kind::Integer { min, max } => format!("integer {min}–{max}"),
+            Kind::Bool => "boolean".into(),
+            Kind::SocketAddr => "address (`ip:port`)".into(),
+            Kind::SocketAddrs => "address or list of addresses".into(),
+            Kind::Path => "path".into(),
+            Kind::HttpUrl => "URL (`http` or `https`)".into(),
+            Kind::ServerName => "server name".into(),
+            Kind::LogFilter => "log filter".into(),
+        }
+    }
+}
+
+/// When a new value takes effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Apply {
+    /// On reload (SIGHUP or `kabar admin reload`), without dropping anyone.
+    Live,
+    /// Only at the next start; a reload reports it as waiting for a restart.
+    Restart,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    pub key: &'static str,
+    pub kind: Kind,
+    /// The default as the reference shows it.
+    pub default: &'static str,
+    pub apply: Apply,
+    pub doc: &'static str,
+}
+
+const fn int(min: i64, max: i64) -> Kind {
+    Kind::Integer { min, max }
+}
+
+const U32: i64 = u32::MAX as i64;
+const MAX: i64 = i64::MAX;
+
+const fn setting(key: &'static str, kind: Kind, default: &'static str, apply: Apply, doc: &'static str) -> Setting {
+    Setting {
+        key,
+        kind,
+        default,
+        apply,
+        doc,
+    }
+}
+
+use Apply::{Live, Restart};
+
+/// The whole reference, in the order `docs/config.md` shows it.
+pub const SETTINGS: &[Setting] = &[
+    setting(
+        "server_name",
+        Kind::ServerName,
+        "`\"localhost\"`",
+        Restart,
+        "The name in user ids (`@alice:<server_name>`). Cannot change once users exist.",
+    ),
+    setting(
+        "listen",
+        Kind::SocketAddrs,
+        "`\"127.0.0.1:8008\"`",
+        Restart,
+        "Where the client API listens: one address or a list. Port 0 picks a free port; each bound address is printed as `kabar listening on http://ADDR`. An empty list is refused (no way in).",
+    ),
+    setting(
+        "public_base_url",
+        Kind::HttpUrl,
+        "`http://<first listen address>`",
+        Live,
+        "The URL clients are told to use (`/.well-known/matrix/client`). After a reload that changes it, the server checks that the new URL reaches this server; when the old one did and the new one does not, the change is rolled back.",
+    ),
+    setting(
+        "data_dir",
+        Kind::Path,
+        "`\"./kabar-data\"`",
+        Restart,
+        "Holds `kabar.db` (SQLite), `media/` and the admin socket `admin.sock`. Must be writable.",
+    ),
+    setting(
+        "log",
+        Kind::LogFilter,
+        "`\"info\"`",
+        Live,
+        "Log filter (`error` … `trace`, or a tracing directive such as `info,kabar_core=debug`). `RUST_LOG` overrides it at start. The state-resolution library `ruma_state_res` is kept at `warn` unless the filter names it.",
+    ),
+    setting(
+        "log_format",
+        Kind::OneOf(&["text", "json"]),
+        "`\"text\"`",
+        Restart,
+        "`text` for people, `json` (one object per line) for log collectors. Every request's log lines carry its `request_id`, which is also returned in the `X-Request-Id` header.",
+    ),
+    setting(
+        "shutdown_deadline_ms",
+        int(100, 600_000),
+        "`10000`",
+        Live,
+        "On SIGTERM or Ctrl-C: how long requests in flight may take to finish. Waiting syncs are answered at once; writes in flight complete; then the process exits.",
+    ),
+    setting(
+        "metrics_listen",
+        Kind::SocketAddr,
+        "unset (off)",
+        Restart,
+        "Where Prometheus scrapes `GET /metrics`. Port 0 picks a free port; the bound address is printed as `kabar metrics on http://ADDR/metrics`. Keep it off public networks (a public address is warned about). Must differ from every `listen` address.",
+    ),
+    setting(
+        "registration.mode",
+        Kind::OneOf(&["auto", "open", "token", "closed"]),
+        "`\"auto\"`",
+        Live,
+        "`auto`: open while every listener is on loopback, otherwise a registration token is required; `open`: anyone may register; `token`: a registration token is required; `closed`: nobody may register.",
+    ),
+    setting(
+        "registration.allow_open_on_public_address",
+        Kind::Bool,
+        "`false`",
+        Live,
+        "`mode = \"open\"` on a non-loopback listener is refused unless this is `true`: an open server on the internet is a spam relay within hours.",
+    ),
+    setting(
+        "rooms.default_version",
+        Kind::OneOf(&["10", "11", "12"]),
+        "`\"12\"`",
+        Restart,
+        "Room version for new rooms.",
+    ),
+    setting(
+        "limits.max_request_body_bytes",
+        int(65_536, MAX),
+        "`67108864`",
+        Restart,
+        "Largest request body of any kind; larger is `413 M_TOO_LARGE`. The JSON and upload limits must not exceed it.",
+    ),
+    setting(
+        "limits.max_json_body_bytes",
+        int(65_536, MAX),
+        "`1048576`",
+        Restart,
+        "Largest JSON request body (at least one event's worth).",
+    ),
+    setting(
+        "limits.max_upload_bytes",
+        int(1, MAX),
+        "`52428800`",
+        Restart,
+        "Largest media upload. At most `max_request_body_bytes`.",
+    ),
+    setting(
+        "password_hashing.memory_kib",
+        int(19_456, 4_194_304),
+        "`19456`",
+        Restart,
+        "argon2id memory cost (19456 is OWASP's minimum).",
+    ),
+    setting("password_hashing.iterations", int(2, 100), "`2`", Restart, "argon2id passes."),
+    setting(
+        "password_hashing.threads",
+        int(0, 1024),
+        "`0`",
+        Restart,
+        "Threads that hash passwords (0: one per core).",
+    ),
+    setting(
+        "password_hashing.queue",
+        int(1, 1_000_000),
+        "`256`",
+        Live,
+        "Hashes that may wait for a thread; past this, clients get `M_LIMIT_EXCEEDED` with `retry_after_ms`.",
+    ),
+    setting(
+        "password_hashing.max_queue_delay_ms",
+        int(1, 600_000),
+        "`2000`",
+        Live,
+        "The longest a hash may wait for a thread. A sign-up or login predicted to wait longer is refused at once with `M_LIMIT_EXCEEDED` and the time the queue ahead needs to drain; the first step of a sign-up is refused the same way, so a client is told before it starts.",
+    ),
+    setting(
+        "password_hashing.priority",
+        Kind::OneOf(&["idle", "low", "normal"]),
+        "`\"idle\"`",
+        Restart,
+        "CPU priority of the hashing threads: `idle` (Linux's idle class: hashing uses only CPU nothing else wants, so people already signed in are served first), `low` (nice 19), `normal`.",
+    ),
+    setting(
+        "admission.register.per_address_per_minute",
+        int(0, U32),
+        "`30`",
+        Live,
+        "Sign-ups one client address may complete per minute, sustained (an IPv6 client counts by its /64). The attempt that completes authentication counts. 0 turns the limit off.",
+    ),
+    setting(
+        "admission.register.per_address_burst",
+        int(0, U32),
+        "`10`",
+        Live,
+        "Sign-ups one address may make in a burst before the sustained rate applies. At least 1 when the rate is set.",
+    ),
+    setting(
+        "admission.register.global_per_second",
+        int(0, U32),
+        "`0`",
+        Live,
+        "Sign-ups per second for the whole server. 0: no fixed limit; the measured capacity of the hashing pool sets the pace.",
+    ),
+    setting(
+        "admission.register.global_burst",
+        int(0, U32),
+        "`100`",
+        Live,
+        "Burst for the global limit. At least 1 when the global rate is set.",
+    ),
+    setting(
+        "admission.login.per_address_per_minute",
+        int(0, U32),
+        "`30`",
+        Live,
+        "The same as for sign-ups, for password logins (every attempt counts, right or wrong).",
+    ),
+    setting(
+        "admission.login.per_address_burst",
+        int(0, U32),
+        "`10`",
+        Live,
+        "Burst of logins from one address.",
+    ),
+    setting(
+        "admission.login.global_per_second",
+        int(0, U32),
+        "`0`",
+        Live,
+        "Logins per second for the whole server (0: no fixed limit).",
+    ),
+    setting(
+        "admission.login.global_burst",
+        int(0, U32),
+        "`100`",
+        Live,
+        "Burst for the global login limit.",
+    ),
+    setting(
+        "work.initial_sync.slots",
+        int(0, 4096),
+        "`0`",
+        Live,
+        "Initial and full-state syncs computed at once (0: one per core).",
+    ),
+    setting(
+        "work.initial_sync.max_queued",
+        int(0, 1_000_000),
+        "`1024`",
+        Live,
+        "Initial syncs that may wait for a slot.",
+    ),
+    setting(
+        "work.initial_sync.max_queue_delay_ms",
+        int(1, 600_000),
+        "`10000`",
+        Live,
+        "Longest predicted wait before an initial sync is refused with `M_LIMIT_EXCEEDED`.",
+    ),
+    setting("work.join.slots", int(0, 4096), "`64`", Live, "Room joins processed at once."),
+    setting("work.join.max_queued", int(0, 1_000_000), "`4096`", Live, "Joins that may wait."),
+    setting(
+        "work.join.max_queue_delay_ms",
+        int(1, 600_000),
+        "`5000`",
+        Live,
+        "Longest predicted wait for a join.",
+    ),
+    setting(
+        "work.thumbnail.slots",
+        int(0, 4096),
+        "`0`",
+        Live,
+        "Thumbnails generated at once (0: one per core).",
+    ),
+    setting(
+        "work.thumbnail.max_queued",
+        int(0, 1_000_000),
+        "`64`",
+        Live,
+        "Thumbnails that may wait.",
+    ),
+    setting(
+        "work.thumbnail.max_queue_delay_ms",
+        int(1, 600_000),
+        "`5000`",
+        Live,
+        "Longest predicted wait for a thumbnail.",
+    ),
+];
+
+/// The setting at `key`.
+pub fn setting_at(key: &str) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| s.key == key)
+}
+
+/// Whether `key` names a table of settings (`admission`, `work.join`, ...).
+pub fn is_section(key: &str) -> bool {
+    SETTINGS
+        .iter()
+        .any(|s| s.key.len() > key.len() && s.key.starts_with(key) && s.key.as_bytes()[key.len()] == b'.')
+}
+
+/// Every key and section name, for suggestions.
+pub fn all_names() -> impl Iterator<Item = String> {
+    SETTINGS.iter().flat_map(|s| {
+        let parts: Vec<&str> = s.key.split('.').collect();
+        (1..=parts.len()).map(move |n| parts[..n].join("."))
+    })
+}
+
+/// The settings table of `docs/config.md`.
+pub fn reference_table() -> String {
+    let mut out = String::from("| key | type | default | on reload | meaning |\n| --- | --- | --- | --- | --- |\n");
+    for s in SETTINGS {
+        let apply = match s.apply {
+            Apply::Live => "applied",
+            Apply::Restart => "restart",
+        };
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} | {} |\n",
+            s.key,
+            s.kind.describe(),
+            s.default,
+            apply,
+            s.doc
+        ));
+    }
+    out
+}
