@@ -37,10 +37,10 @@ impl Readiness {
         if self.notifier.is_closing() {
             return Err("shutting down".into());
         }
-        if let Some((at, verdict)) = &*self.last.lock().expect("readiness") {
-            if at.elapsed() < VERDICT_TTL {
-                return verdict.clone();
-            }
+        if let Some((at, verdict)) = &*self.last.lock().expect("readiness")
+            && at.elapsed() < VERDICT_TTL
+        {
+            return verdict.clone();
         }
         let verdict = self.check_store().await;
         *self.last.lock().expect("readiness") = Some((Instant::now(), verdict.clone()));

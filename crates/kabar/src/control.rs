@@ -73,8 +73,11 @@ pub struct WorkGates {
     pub thumbnail: Arc<Gate>,
 }
 
+/// Where a work class's settings sit in the configuration.
+type ClassSettings = fn(&config::WorkConfig) -> &WorkClassConfig;
+
 impl WorkGates {
-    fn each(&self) -> [(&Gate, WorkClassLimits, fn(&config::WorkConfig) -> &WorkClassConfig); 3] {
+    fn each(&self) -> [(&Gate, WorkClassLimits, ClassSettings); 3] {
         [
             (&self.initial_sync, INITIAL_SYNC_DEFAULTS, |w| &w.initial_sync),
             (&self.join, JOIN_DEFAULTS, |w| &w.join),
@@ -242,8 +245,7 @@ impl HealthProbe {
     /// Every probe, with `public_base_url` as `config` would have it.
     async fn probe(&self, config: &Config) -> Verdicts {
         let mut names = vec!["storage".to_owned()];
-        let mut checks: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>> =
-            vec![Box::pin(self.readiness.check_store())];
+        let mut checks: Vec<futures::future::BoxFuture<'_, Result<(), String>>> = vec![Box::pin(self.readiness.check_store())];
         for addr in &self.bound {
             let mut addr = *addr;
             if addr.ip().is_unspecified() {

@@ -1,4 +1,4 @@
-//! Durability across kill -9, send idempotency, and the sync long-poll.
+//! Durability across kill -9 and SIGTERM, send idempotency, and the sync long-poll.
 
 mod common;
 
@@ -120,6 +120,88 @@ async fn acknowledged_sends_survive_kill_9_exactly_once() {
     assert_eq!(s, 200);
     assert_eq!(v["event_id"].as_str().unwrap(), acked[7].0);
     assert_eq!(all_messages(&restarted.url, &token, &room).await.len(), 400);
+    drop(tmp);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_traffic_loses_no_acknowledged_message_and_answers_waiting_syncs() {
+    let mut server = Server::start();
+    let (token, room) = setup(&server).await;
+    let url = server.url.clone();
+
+    // Bob is in no room: his long-poll has nothing to wake it but shutdown.
+    let bob = post(
+        format!("{url}/_matrix/client/v3/register"),
+        None,
+        json!({"username": "bob", "password": "pw", "auth": {"type": "m.login.dummy"}}),
+    )
+    .await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let since = get(format!("{url}/_matrix/client/v3/sync"), &bob).await["next_batch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let waiting = {
+        let url = format!("{url}/_matrix/client/v3/sync?since={since}&timeout=60000");
+        tokio::spawn(async move {
+            let r = http().get(url).bearer_auth(bob).send().await;
+            (Instant::now(), r.map(|r| r.status().as_u16()))
+        })
+    };
+
+    // Eight senders send as fast as they can until the server stops answering.
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
+    let mut senders = vec![];
+    for sender in 0..8 {
+        let (url, token, room, acked) = (url.clone(), token.clone(), room.clone(), acked.clone());
+        senders.push(tokio::spawn(async move {
+            for i in 0.. {
+                let txn = format!("term{sender}-{i}");
+                let sent = http()
+                    .put(format!("{url}/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(&room)))
+                    .bearer_auth(&token)
+                    .json(&json!({"msgtype": "m.text", "body": txn}))
+                    .send()
+                    .await;
+                let Ok(resp) = sent else { break };
+                if resp.status() != 200 {
+                    break;
+                }
+                let Ok(v) = resp.json::<Value>().await else { break };
+                acked.lock().unwrap().push((v["event_id"].as_str().unwrap().to_owned(), txn));
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    server.signal("TERM");
+    let signalled = Instant::now();
+    let status = server
+        .wait_exit(Duration::from_secs(30))
+        .expect("the server exits within its shutdown deadline");
+    assert!(status.success(), "a graceful shutdown exits cleanly: {status:?}");
+    for s in senders {
+        s.await.unwrap();
+    }
+    let (answered_at, answer) = waiting.await.unwrap();
+    assert_eq!(answer.expect("the waiting sync was answered, not dropped"), 200);
+    assert!(
+        answered_at.duration_since(signalled) < Duration::from_secs(5),
+        "the waiting sync was answered at shutdown, not at its timeout"
+    );
+
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 10, "traffic was flowing: {} acknowledged", acked.len());
+    let tmp = server.take_tmp();
+    let restarted = Server::start_in(server.data_dir(), &[]);
+    let stored = all_messages(&restarted.url, &token, &room).await;
+    let ids: HashSet<&String> = stored.iter().map(|(id, _)| id).collect();
+    assert_eq!(ids.len(), stored.len(), "no event stored twice");
+    for (id, txn) in &acked {
+        assert!(ids.contains(id), "acknowledged {txn} ({id}) lost across SIGTERM");
+    }
+    eprintln!("SIGTERM: {} acknowledged, {} stored", acked.len(), stored.len());
     drop(tmp);
 }
 

@@ -70,10 +70,21 @@ impl Server {
         if !extra.iter().any(|a| a == "--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
+        cmd.arg("--data-dir").arg(dir).args(extra);
+        Self::spawn(cmd, dir)
+    }
+
+    /// Starts a server from `config` alone (no command-line overrides), so
+    /// the file decides everything a reload may change; `data_dir` must be
+    /// the one the file names.
+    pub fn start_from_file(config: &Path, data_dir: &Path) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kabar"));
+        cmd.arg("serve").arg("--config").arg(config);
+        Self::spawn(cmd, data_dir)
+    }
+
+    fn spawn(mut cmd: Command, dir: &Path) -> Self {
         let mut child = cmd
-            .arg("--data-dir")
-            .arg(dir)
-            .args(extra)
             .env("RUST_LOG", std::env::var("KABAR_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -104,6 +115,56 @@ impl Server {
 
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// Runs `kabar admin --data-dir <this server's> args...`.
+    pub fn admin(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_kabar"))
+            .arg("admin")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(args)
+            .output()
+            .expect("run kabar admin")
+    }
+
+    /// `kabar admin` with a JSON answer, which must succeed.
+    pub fn admin_json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.admin(args);
+        assert!(
+            out.status.success(),
+            "kabar admin {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("admin JSON")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal by name (`HUP`, `TERM`).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name}");
+    }
+
+    /// Waits up to `limit` for the process to end; its exit status if it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Kills the server the hard way (SIGKILL), as a crash would.
@@ -162,6 +223,11 @@ pub async fn metric(server: &Server, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
         .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
+/// Runs the `kabar` binary with `args` and waits for it.
+pub fn kabar(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kabar")).args(args).output().expect("run kabar")
 }
 
 /// A plain HTTP client for requests a Matrix SDK would never send.
