@@ -217,6 +217,26 @@ mod tests {
     }
 
     #[test]
+    fn new_limits_apply_at_once_and_unchanged_ones_keep_their_state() {
+        let m = LoadMetrics::default();
+        let a = Admission::new(m.class("register"), limits(6, 1, 0, 0));
+        a.check(ip("192.0.2.1")).unwrap();
+        assert!(a.check(ip("192.0.2.1")).is_err());
+        a.set_limits(limits(6, 1, 0, 0));
+        assert!(a.check(ip("192.0.2.1")).is_err(), "the same limits keep what was used");
+        a.set_limits(limits(6, 3, 0, 0));
+        assert_eq!(a.limits().per_address_burst, 3);
+        for _ in 0..3 {
+            a.check(ip("192.0.2.1")).unwrap();
+        }
+        assert!(a.check(ip("192.0.2.1")).is_err());
+        a.set_limits(limits(0, 0, 0, 0));
+        for _ in 0..100 {
+            a.check(ip("192.0.2.1")).unwrap();
+        }
+    }
+
+    #[test]
     fn an_ipv6_client_is_limited_by_its_64() {
         let m = LoadMetrics::default();
         let a = Admission::new(m.class("login"), limits(1, 1, 0, 0));

@@ -29,8 +29,10 @@ impl LogControl {
     }
 }
 
-/// Installs the process's logger. `RUST_LOG`, when set, wins over the
-/// configured filter until a reload changes `log`.
+/// Installs the process's logger, writing to standard error (standard
+/// output carries only the lines scripts read: where the server listens).
+/// `RUST_LOG`, when set, wins over the configured filter until a reload
+/// changes `log`.
 pub fn init(configured: &str, format: &str) -> LogControl {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(directives(configured)));
     let (filter, handle) = reload::Layer::new(filter);
@@ -41,11 +43,12 @@ pub fn init(configured: &str, format: &str) -> LogControl {
                 tracing_subscriber::fmt::layer()
                     .json()
                     .with_current_span(true)
-                    .with_span_list(false),
+                    .with_span_list(false)
+                    .with_writer(std::io::stderr),
             )
             .init();
     } else {
-        registry.with(tracing_subscriber::fmt::layer()).init();
+        registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).init();
     }
     LogControl { handle }
 }

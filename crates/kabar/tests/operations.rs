@@ -240,7 +240,7 @@ impl FileServer {
         );
         let config = tmp.path().join("kabar.toml");
         std::fs::write(&config, format!("{base}{extra}")).unwrap();
-        let server = Server::start_from_file(&config, &data);
+        let server = Server::start_from_file(&config, &data, None);
         Self {
             server,
             config,
@@ -781,4 +781,41 @@ async fn health_ready_metrics_and_request_ids() {
     assert!(common::metric(&server, "kabar_storage_duration_seconds_count{op=\"write\"}").await >= 1.0);
     assert!(common::metric(&server, "kabar_storage_duration_seconds_count{op=\"read\"}").await >= 1.0);
     assert_eq!(common::metric(&server, "kabar_load_queued{class=\"initial_sync\"}").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_request_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let config = tmp.path().join("kabar.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nlog = \"info\"\nlog_format = \"json\"\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    let logs = tmp.path().join("kabar.log");
+    let server = Server::start_from_file(&config, &data, Some(&logs));
+    let r = http()
+        .post(format!("{}/_matrix/client/v3/register", server.url))
+        .header("x-request-id", "sign-up-42")
+        .json(&json!({"username": "alice", "password": "pw", "auth": {"type": "m.login.dummy"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&logs).unwrap();
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}"))).collect();
+        if let Some(line) = lines.iter().find(|l| l["fields"]["message"] == "registered") {
+            assert_eq!(line["span"]["request_id"], "sign-up-42", "{line}");
+            assert_eq!(line["level"], "INFO");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no `registered` line in:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -70,24 +70,36 @@ impl Server {
         if !extra.iter().any(|a| a == "--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
-        cmd.arg("--data-dir").arg(dir).args(extra);
+        cmd.arg("--data-dir")
+            .arg(dir)
+            .args(extra)
+            .env("RUST_LOG", std::env::var("KABAR_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stderr(Stdio::inherit());
         Self::spawn(cmd, dir)
     }
 
     /// Starts a server from `config` alone (no command-line overrides), so
     /// the file decides everything a reload may change; `data_dir` must be
-    /// the one the file names.
-    pub fn start_from_file(config: &Path, data_dir: &Path) -> Self {
+    /// the one the file names. With `logs`, its log goes to that file, at
+    /// the level the file's `log` sets.
+    pub fn start_from_file(config: &Path, data_dir: &Path, logs: Option<&Path>) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_kabar"));
         cmd.arg("serve").arg("--config").arg(config);
+        match logs {
+            Some(path) => {
+                cmd.env_remove("RUST_LOG").stderr(std::fs::File::create(path).expect("log file"));
+            }
+            None => {
+                cmd.env("RUST_LOG", std::env::var("KABAR_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+                    .stderr(Stdio::inherit());
+            }
+        }
         Self::spawn(cmd, data_dir)
     }
 
     fn spawn(mut cmd: Command, dir: &Path) -> Self {
         let mut child = cmd
-            .env("RUST_LOG", std::env::var("KABAR_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn kabar");
         let stdout = child.stdout.take().expect("stdout");
