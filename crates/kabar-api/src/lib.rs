@@ -21,7 +21,7 @@ use std::{
 
 use axum::{
     Router,
-    extract::{DefaultBodyLimit, FromRef, Request},
+    extract::{DefaultBodyLimit, FromRef},
     http::{Method, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post, put},
@@ -29,12 +29,7 @@ use axum::{
 use kabar_core::{
     accounts::Accounts, ephemeral::Ephemeral, health::Readiness, media::Media, rooms::Rooms, sync::SyncEngine, user_data::UserData,
 };
-use tower_http::{
-    catch_panic::CatchPanicLayer,
-    cors::CorsLayer,
-    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
-    trace::TraceLayer,
-};
+use tower_http::{catch_panic::CatchPanicLayer, cors::CorsLayer};
 
 pub use error::ApiError;
 pub use ops::ApiMetrics;
@@ -214,13 +209,6 @@ fn panic_response(_: Box<dyn Any + Send + 'static>) -> Response {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", "internal server error").into_response()
 }
 
-/// Every log line about a request carries its id (also returned to the
-/// client in `X-Request-Id`). The path only: query strings may hold tokens.
-fn request_span(request: &Request) -> tracing::Span {
-    let id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
-    tracing::info_span!("request", request_id = %id, method = %request.method(), path = %request.uri().path())
-}
-
 /// Builds the whole HTTP surface.
 pub fn router(state: AppState, limits: EdgeLimits) -> Router {
     let client = client_routes();
@@ -233,7 +221,7 @@ pub fn router(state: AppState, limits: EdgeLimits) -> Router {
             header::ACCEPT,
             header::HeaderName::from_static("x-requested-with"),
         ]);
-    let metrics = state.metrics.clone();
+    let edge = Arc::new(ops::Edge::new(state.metrics.clone(), limits.max_request_body, &state.info.instance));
     Router::new()
         .route("/health", get(ops::health_route))
         .route("/ready", get(ops::ready_route))
@@ -258,11 +246,7 @@ pub fn router(state: AppState, limits: EdgeLimits) -> Router {
         })
         .layer(DefaultBodyLimit::max(limits.max_json_body))
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(axum::middleware::from_fn_with_state(limits.max_request_body, ops::refuse_oversized))
-        .layer(axum::middleware::from_fn_with_state(metrics, ops::record_request))
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(axum::middleware::from_fn_with_state(edge, ops::edge))
         .layer(cors)
         .with_state(state)
 }

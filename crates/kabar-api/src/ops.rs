@@ -1,5 +1,6 @@
 //! The operations surface on the client listener: liveness and readiness
-//! probes, per-request metrics and the edge check on declared body sizes.
+//! probes, and the edge every request passes (request id, declared body
+//! size, metrics).
 
 use std::{
     sync::{
@@ -12,7 +13,7 @@ use std::{
 use axum::{
     Json,
     extract::{MatchedPath, Request, State},
-    http::{StatusCode, header},
+    http::{HeaderValue, StatusCode, header},
     middleware::Next,
     response::{IntoResponse, Response},
 };
@@ -28,6 +29,7 @@ use prometheus_client::{
     registry::Registry,
 };
 use serde_json::json;
+use tracing::Instrument;
 
 use crate::{ServerInfo, error::ApiError};
 
@@ -92,6 +94,20 @@ impl ApiMetrics {
         (self.answered.load(Ordering::Relaxed), self.server_errors.load(Ordering::Relaxed))
     }
 
+    fn record(&self, endpoint: String, method: String, status: u16, took: std::time::Duration) {
+        self.latency
+            .get_or_create(&EndpointLabels {
+                endpoint: endpoint.clone(),
+                method: method.clone(),
+            })
+            .observe(took.as_secs_f64());
+        self.requests.get_or_create(&RequestLabels { endpoint, method, status }).inc();
+        self.answered.fetch_add(1, Ordering::Relaxed);
+        if status >= 500 {
+            self.server_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Counts one sync as open until the returned guard drops.
     pub fn sync_opened(self: &Arc<Self>) -> OpenSync {
         self.syncs_open.inc();
@@ -108,44 +124,70 @@ impl Drop for OpenSync {
     }
 }
 
-/// Middleware: counts and times every request by its route pattern (never
-/// the raw path, so ids do not explode the number of series).
-pub async fn record_request(State(metrics): State<Arc<ApiMetrics>>, request: Request, next: Next) -> Response {
+/// The edge every request passes first: gives it an id (the client's own
+/// `X-Request-Id` when it sends a sane one) that every log line about it
+/// carries and the response returns, refuses a declared body over the limit
+/// before anything reads it, and counts and times it by its route pattern
+/// (never the raw path, so ids do not explode the number of series). One
+/// middleware instead of a stack of layers: it runs on every request.
+pub struct Edge {
+    metrics: Arc<ApiMetrics>,
+    max_request_body: u64,
+    /// Ids are `<instance>-<counter>`: unique across restarts, and made
+    /// without a system call or a random number per request.
+    id_prefix: String,
+    next_id: AtomicU64,
+}
+
+impl Edge {
+    pub fn new(metrics: Arc<ApiMetrics>, max_request_body: usize, instance: &str) -> Self {
+        Self {
+            metrics,
+            max_request_body: max_request_body as u64,
+            id_prefix: instance.to_owned(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn request_id(&self, request: &Request) -> HeaderValue {
+        match request.headers().get(X_REQUEST_ID) {
+            Some(given) if given.len() <= 128 && given.as_bytes().iter().all(|b| b.is_ascii_graphic()) => given.clone(),
+            _ => {
+                let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+                HeaderValue::from_str(&format!("{}-{n}", self.id_prefix)).expect("ascii request id")
+            }
+        }
+    }
+}
+
+const X_REQUEST_ID: &str = "x-request-id";
+
+pub async fn edge(State(edge): State<Arc<Edge>>, request: Request, next: Next) -> Response {
+    let id = edge.request_id(&request);
+    let span = tracing::info_span!("request", request_id = id.to_str().unwrap_or_default());
     let endpoint = request
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let method = request.method().as_str().to_owned();
     let started = Instant::now();
-    let response = next.run(request).await;
-    let status = response.status().as_u16();
-    metrics
-        .latency
-        .get_or_create(&EndpointLabels {
-            endpoint: endpoint.clone(),
-            method: method.clone(),
-        })
-        .observe(started.elapsed().as_secs_f64());
-    metrics.requests.get_or_create(&RequestLabels { endpoint, method, status }).inc();
-    metrics.answered.fetch_add(1, Ordering::Relaxed);
-    if status >= 500 {
-        metrics.server_errors.fetch_add(1, Ordering::Relaxed);
-    }
-    response
-}
-
-/// Middleware: refuses a request whose declared body is over the limit
-/// before anything reads it.
-pub async fn refuse_oversized(State(max): State<usize>, request: Request, next: Next) -> Response {
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        return ApiError::too_large(format!("request bodies are limited to {max} bytes")).into_response();
+    let mut response = if declared.is_some_and(|n| n > edge.max_request_body) {
+        ApiError::too_large(format!("request bodies are limited to {} bytes", edge.max_request_body)).into_response()
+    } else {
+        next.run(request).instrument(span.clone()).await
+    };
+    let status = response.status().as_u16();
+    if status >= 500 {
+        span.in_scope(|| tracing::error!(status, endpoint, method, "request failed"));
     }
-    next.run(request).await
+    edge.metrics.record(endpoint, method, status, started.elapsed());
+    response.headers_mut().insert(X_REQUEST_ID, id);
+    response
 }
 
 /// GET /health: liveness. Answers as long as the process serves HTTP at all;

@@ -716,9 +716,16 @@ async fn health_ready_metrics_and_request_ids() {
         .to_str()
         .unwrap()
         .to_owned();
-    assert_eq!(request_id.len(), 36, "a UUID");
     let body: Value = health.json().await.unwrap();
     assert_eq!(body["status"], "ok");
+    let instance = body["instance"].as_str().unwrap();
+    assert!(request_id.starts_with(&format!("{instance}-")), "{request_id}");
+    let again = http().get(format!("{}/health", server.url)).send().await.unwrap();
+    assert_ne!(
+        again.headers()["x-request-id"].to_str().unwrap(),
+        request_id,
+        "each request has its own id"
+    );
     let ready = http().get(format!("{}/ready", server.url)).send().await.unwrap();
     assert_eq!(ready.status(), 200);
     // A client's own id is kept.
@@ -809,7 +816,10 @@ async fn json_logs_carry_the_request_id() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = std::fs::read_to_string(&logs).unwrap();
-        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}"))).collect();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+            .collect();
         if let Some(line) = lines.iter().find(|l| l["fields"]["message"] == "registered") {
             assert_eq!(line["span"]["request_id"], "sign-up-42", "{line}");
             assert_eq!(line["level"], "INFO");

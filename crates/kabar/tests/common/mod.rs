@@ -98,10 +98,7 @@ impl Server {
     }
 
     fn spawn(mut cmd: Command, dir: &Path) -> Self {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn kabar");
+        let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn kabar");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let mut metrics_url = None;
