@@ -24,7 +24,7 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
-use crate::control::ConfigControl;
+use crate::{control::ConfigControl, listeners::Listeners};
 
 /// The socket's file name inside the data directory.
 pub const SOCKET_NAME: &str = "admin.sock";
@@ -61,7 +61,7 @@ pub struct AdminContext {
     pub info: Arc<ServerInfo>,
     pub api_metrics: Arc<ApiMetrics>,
     pub load: Arc<LoadMetrics>,
-    pub listening: Vec<SocketAddr>,
+    pub listeners: Arc<Listeners>,
     pub metrics_listening: Option<SocketAddr>,
     pub started: Instant,
 }
@@ -106,7 +106,7 @@ impl AdminContext {
             "instance": self.info.instance,
             "server_name": self.info.server_name,
             "uptime_seconds": self.started.elapsed().as_secs(),
-            "listening": self.listening,
+            "listening": self.listeners.bound(),
             "metrics_listening": self.metrics_listening,
             "public_base_url": self.info.public_base_url(),
             "registration": format!("{:?}", self.accounts.policy()),

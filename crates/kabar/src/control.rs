@@ -30,6 +30,7 @@ use crate::{
         self, Config, ConfigSource, INITIAL_SYNC_DEFAULTS, JOIN_DEFAULTS, Problems, THUMBNAIL_DEFAULTS, WorkClassConfig, WorkClassLimits,
         schema::{self, Apply},
     },
+    listeners::Listeners,
     logging::LogControl,
 };
 
@@ -47,14 +48,25 @@ pub fn rate_limits(c: &config::RateLimitConfig) -> RateLimits {
     }
 }
 
-/// Who may register under `config`, listening on `bound`.
-pub fn registration_policy(config: &Config, bound: &[SocketAddr]) -> RegistrationPolicy {
+/// Who may register under `config` (`auto`: open while every listener is on loopback).
+pub fn registration_policy(config: &Config) -> RegistrationPolicy {
     match config.registration.mode.as_str() {
         "open" => RegistrationPolicy::Open,
         "token" => RegistrationPolicy::TokenRequired,
         "closed" => RegistrationPolicy::Closed,
-        _ if bound.iter().all(|a| a.ip().is_loopback()) => RegistrationPolicy::Open,
+        _ if config.listen.iter().all(|a| a.ip().is_loopback()) => RegistrationPolicy::Open,
         _ => RegistrationPolicy::TokenRequired,
+    }
+}
+
+/// The URL clients are told to use: the configured one, or the first
+/// listener's bound address.
+pub fn public_base_url(config: &Config, listeners: &Listeners) -> String {
+    let first = config.listen.first().and_then(|a| listeners.bound_for(*a).or(Some(*a)));
+    match (&config.public_base_url, first) {
+        (Some(url), _) => url.clone(),
+        (None, Some(addr)) => format!("http://{addr}"),
+        (None, None) => String::new(),
     }
 }
 
@@ -92,18 +104,22 @@ pub struct LiveSettings {
     pub gates: WorkGates,
     pub info: Arc<ServerInfo>,
     pub log: LogControl,
-    /// The client listeners' bound addresses.
-    pub bound: Vec<SocketAddr>,
+    pub listeners: Arc<Listeners>,
     pub cores: usize,
 }
 
 impl LiveSettings {
     /// Applies what differs between `from` and `to` among the live settings.
+    /// New listeners start here; listeners `to` drops keep serving until
+    /// [`settle`](Self::settle), so a failed health check can go back.
     pub fn apply(&self, from: &Config, to: &Config) -> anyhow::Result<()> {
+        if from.listen != to.listen {
+            self.listeners.add_missing(&to.listen)?;
+        }
         if from.log != to.log {
             self.log.set_filter(&to.log)?;
         }
-        self.accounts.set_policy(registration_policy(to, &self.bound));
+        self.accounts.set_policy(registration_policy(to));
         let admission = self.accounts.admission();
         admission.register.set_limits(rate_limits(&to.admission.register));
         admission.login.set_limits(rate_limits(&to.admission.login));
@@ -116,18 +132,20 @@ impl LiveSettings {
                 gate.set_limits(gate_limits(class(&to.work).resolve(defaults, self.cores)));
             }
         }
-        self.info.set_public_base_url(self.public_base_url(to));
+        self.info.set_public_base_url(public_base_url(to, &self.listeners));
         Ok(())
     }
 
-    fn public_base_url(&self, config: &Config) -> String {
-        config.public_base_url(self.bound[0])
+    /// Makes `to` final: listeners it does not name stop accepting.
+    pub fn settle(&self, to: &Config) {
+        self.listeners.retain(&to.listen);
     }
 }
 
 /// `running` with the live settings of `file`: what a reload applies.
 pub fn with_live_settings(running: &Config, file: &Config) -> Config {
     let mut next = running.clone();
+    next.listen = file.listen.clone();
     next.public_base_url = file.public_base_url.clone();
     next.log = file.log.clone();
     next.shutdown_deadline_ms = file.shutdown_deadline_ms;
@@ -194,27 +212,27 @@ impl ReloadReport {
 
 /// The server probing itself before and after a change.
 pub struct HealthProbe {
-    pub readiness: Arc<Readiness>,
-    pub info: Arc<ServerInfo>,
-    pub bound: Vec<SocketAddr>,
-    pub metrics: Option<SocketAddr>,
-    pub client: reqwest::Client,
+    readiness: Arc<Readiness>,
+    info: Arc<ServerInfo>,
+    listeners: Arc<Listeners>,
+    metrics: Option<SocketAddr>,
+    client: reqwest::Client,
 }
 
-/// One probe's verdict, by name.
+/// Each probe's verdict, by name.
 type Verdicts = Vec<(String, Result<(), String>)>;
 
 impl HealthProbe {
     pub fn new(
         readiness: Arc<Readiness>,
         info: Arc<ServerInfo>,
-        bound: Vec<SocketAddr>,
+        listeners: Arc<Listeners>,
         metrics: Option<SocketAddr>,
     ) -> anyhow::Result<Self> {
         Ok(Self {
             readiness,
             info,
-            bound,
+            listeners,
             metrics,
             client: reqwest::Client::builder().timeout(PROBE_TIMEOUT).no_proxy().build()?,
         })
@@ -242,12 +260,17 @@ impl HealthProbe {
         }
     }
 
-    /// Every probe, with `public_base_url` as `config` would have it.
+    /// Every probe of the server as `config` has it: its listeners and its
+    /// public base URL.
     async fn probe(&self, config: &Config) -> Verdicts {
         let mut names = vec!["storage".to_owned()];
         let mut checks: Vec<futures::future::BoxFuture<'_, Result<(), String>>> = vec![Box::pin(self.readiness.check_store())];
-        for addr in &self.bound {
-            let mut addr = *addr;
+        for configured in &config.listen {
+            names.push(format!("listener {configured}"));
+            let Some(mut addr) = self.listeners.bound_for(*configured) else {
+                checks.push(Box::pin(async { Err("not listening".to_owned()) }));
+                continue;
+            };
             if addr.ip().is_unspecified() {
                 addr.set_ip(if addr.is_ipv4() {
                     std::net::Ipv4Addr::LOCALHOST.into()
@@ -255,11 +278,10 @@ impl HealthProbe {
                     std::net::Ipv6Addr::LOCALHOST.into()
                 });
             }
-            names.push(format!("listener {addr}"));
             checks.push(Box::pin(self.reaches_this_server(format!("http://{addr}/health"))));
         }
-        let public = config.public_base_url(self.bound[0]);
-        names.push(format!("public_base_url {public}"));
+        let public = public_base_url(config, &self.listeners);
+        names.push("public_base_url".to_owned());
         checks.push(Box::pin(
             self.reaches_this_server(format!("{}/health", public.trim_end_matches('/'))),
         ));
@@ -271,14 +293,19 @@ impl HealthProbe {
     }
 }
 
-/// What broke: probes that passed `before` and fail `after` (matched by
-/// position; the public URL's name carries the URL, so it is matched by place).
+/// What broke: probes that passed `before` and fail `after`, and new probes
+/// (a listener just added) that fail. A probe that already failed before
+/// (a public URL this machine cannot reach, say) decides nothing.
 fn regressions(before: &Verdicts, after: &Verdicts) -> Vec<String> {
-    before
+    after
         .iter()
-        .zip(after)
-        .filter(|((_, b), (_, a))| b.is_ok() && a.is_err())
-        .map(|(_, (name, a))| format!("{name}: {}", a.as_ref().err().cloned().unwrap_or_default()))
+        .filter_map(|(name, result)| {
+            let was_ok = before.iter().find(|(b, _)| b == name).is_none_or(|(_, r)| r.is_ok());
+            match result {
+                Err(e) if was_ok => Some(format!("{name}: {e}")),
+                _ => None,
+            }
+        })
         .collect()
 }
 
@@ -400,18 +427,25 @@ impl ConfigControl {
     async fn apply_checked(&self, previous: &Config, next: &Config) -> Result<(), String> {
         let before = self.probe.probe(previous).await;
         if let Err(e) = self.live.apply(previous, next) {
-            let _ = self.live.apply(next, previous);
+            self.undo(next, previous);
             return Err(format!("applying failed: {e:#}"));
         }
         let after = self.probe.probe(next).await;
         let broken = regressions(&before, &after);
         if broken.is_empty() {
+            self.live.settle(next);
             return Ok(());
         }
+        self.undo(next, previous);
+        Err(broken.join("; "))
+    }
+
+    /// Puts `previous` back over a partly or wholly applied `next`.
+    fn undo(&self, next: &Config, previous: &Config) {
         if let Err(e) = self.live.apply(next, previous) {
             tracing::error!(error = %e, "rolling back the configuration failed");
         }
-        Err(broken.join("; "))
+        self.live.settle(previous);
     }
 
     /// Goes back to the configuration before the last applied reload.
@@ -440,7 +474,11 @@ impl ConfigControl {
         report.changed.dedup();
         // Going back to a configuration that was good is not refused for a
         // failing probe: the operator is undoing, and the probe says why.
-        self.live.apply(&current, &target).map_err(|e| format!("{e:#}"))?;
+        if let Err(e) = self.live.apply(&current, &target) {
+            self.undo(&target, &current);
+            return Err(format!("{e:#}"));
+        }
+        self.live.settle(&target);
         let after = self.probe.probe(&target).await;
         let failing: Vec<String> = after
             .into_iter()

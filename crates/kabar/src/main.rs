@@ -4,6 +4,7 @@
 mod admin;
 mod config;
 mod control;
+mod listeners;
 mod logging;
 mod metrics;
 
@@ -18,7 +19,7 @@ use std::{io::BufRead, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration
 use anyhow::{Context, anyhow};
 use clap::{Args, Parser, Subcommand};
 use config::{Config, ConfigSource, INITIAL_SYNC_DEFAULTS, JOIN_DEFAULTS, Overrides, THUMBNAIL_DEFAULTS};
-use control::{ConfigControl, HealthProbe, LiveSettings, WorkGates, gate_limits, rate_limits, registration_policy};
+use control::{ConfigControl, HealthProbe, LiveSettings, WorkGates, gate_limits, public_base_url, rate_limits, registration_policy};
 use kabar_core::{
     accounts::Accounts,
     admission::{Admission, NewcomerAdmission},
@@ -36,6 +37,7 @@ use kabar_core::{
 use kabar_domain::EventSigner;
 use kabar_store::{ServerStore, Store};
 use kabar_store_sqlite::SqliteStore;
+use listeners::Listeners;
 
 #[derive(Parser)]
 #[command(name = "kabar", version, about = "A Matrix homeserver built to stay up")]
@@ -280,12 +282,7 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
     let key = store.signing_key(EventSigner::generate_key()).await?;
     let signer = Arc::new(EventSigner::new(server_name.clone(), &key, "kabar1")?);
 
-    let mut listeners = vec![];
-    for addr in &config.listen {
-        listeners.push(bind(*addr).with_context(|| format!("binding listen address {addr}"))?);
-    }
-    let bound: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
-    let policy = registration_policy(&config, &bound);
+    let policy = registration_policy(&config);
 
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let load = LoadMetrics::new();
@@ -359,9 +356,12 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
         config.limits.max_upload_bytes as u64,
         gates.thumbnail.clone(),
     )?);
+    // The public URL may name the first listener's bound port; it is set
+    // once the listeners are bound, before they are announced to anyone
+    // who could ask.
     let info = Arc::new(kabar_api::ServerInfo::new(
         server_name.to_string(),
-        config.public_base_url(bound[0]),
+        String::new(),
         random_instance_id(),
     ));
     let readiness = Arc::new(Readiness::new(store.clone(), notifier.clone()));
@@ -408,13 +408,15 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
         metrics_bound = Some(addr);
     }
 
-    let probe = HealthProbe::new(readiness.clone(), info.clone(), bound.clone(), metrics_bound)?;
+    let listeners = Arc::new(Listeners::start(app, &config.listen)?);
+    info.set_public_base_url(public_base_url(&config, &listeners));
+    let probe = HealthProbe::new(readiness.clone(), info.clone(), listeners.clone(), metrics_bound)?;
     let live = LiveSettings {
         accounts: accounts.clone(),
         gates,
         info: info.clone(),
         log,
-        bound: bound.clone(),
+        listeners: listeners.clone(),
         cores,
     };
     let control = Arc::new(ConfigControl::new(source, config.clone(), live, probe));
@@ -427,7 +429,7 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
             info,
             api_metrics,
             load,
-            listening: bound.clone(),
+            listeners: listeners.clone(),
             metrics_listening: metrics_bound,
             started,
         },
@@ -445,70 +447,25 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
         });
     }
 
-    tracing::info!(server_name = %server_name, addresses = ?bound, registration = ?policy, "kabar is serving");
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut servers = vec![];
-    for listener in listeners {
-        let mut stop_rx = stop_rx.clone();
-        // A make-service shares the one router among connections: a plain
-        // `Router` is re-specialised with its state for every connection,
-        // which costs memory in proportion to the number of routes (about
-        // 400 KiB a connection here). The peer address it records feeds the
-        // per-address admission limits.
-        let service = app.clone().into_make_service_with_connect_info::<SocketAddr>();
-        servers.push(tokio::spawn(async move {
-            axum::serve(listener, service)
-                .with_graceful_shutdown(async move {
-                    let _ = stop_rx.wait_for(|s| *s).await;
-                })
-                .await
-        }));
-    }
-    for addr in &bound {
-        // Tests and scripts read this line to learn the port.
-        println!("kabar listening on http://{addr}");
-    }
+    tracing::info!(server_name = %server_name, addresses = ?listeners.bound(), registration = ?policy, "kabar is serving");
 
     shutdown_signal().await;
     // Waiting syncs are answered now (not dropped), readiness turns false,
     // the listeners stop accepting, and requests in flight get the deadline.
     notifier.close();
-    let _ = stop_tx.send(true);
     let deadline = Duration::from_millis(control.running().await.shutdown_deadline_ms);
     tracing::info!(
         ?deadline,
         "shutting down: no new connections, answering waiting syncs, finishing requests in flight"
     );
-    match tokio::time::timeout(deadline, futures::future::join_all(servers)).await {
-        Ok(results) => {
-            for r in results {
-                r??;
-            }
-        }
-        Err(_) => tracing::warn!("requests still in flight after {deadline:?}; exiting (writes are durable once acknowledged)"),
+    if !listeners.shutdown(deadline).await {
+        tracing::warn!("requests still in flight after {deadline:?}; exiting (writes are durable once acknowledged)");
     }
     // Writes already queued still commit; nothing new is taken.
     sqlite.close();
     let _ = std::fs::remove_file(&admin_path);
     tracing::info!("shut down");
     Ok(())
-}
-
-/// How many connections may wait to be accepted. tokio's default (1024) is
-/// too small for a crowd arriving at once: the kernel drops the excess SYNs
-/// and clients stall for seconds in TCP retransmission. The kernel caps this
-/// at `net.core.somaxconn`.
-const LISTEN_BACKLOG: u32 = 65_535;
-
-fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
 }
 
 async fn shutdown_signal() {

@@ -240,7 +240,8 @@ impl FileServer {
         );
         let config = tmp.path().join("kabar.toml");
         std::fs::write(&config, format!("{base}{extra}")).unwrap();
-        let server = Server::start_from_file(&config, &data, None);
+        // Its log (refusals are logged as errors) stays in the directory.
+        let server = Server::start_from_file(&config, &data, Some(&tmp.path().join("kabar.log")));
         Self {
             server,
             config,
@@ -681,7 +682,7 @@ async fn the_admin_socket_works_while_http_is_saturated() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_admin_socket_works_when_http_is_bound_to_the_wrong_address() {
+async fn the_admin_socket_works_when_http_is_bound_to_the_wrong_address_and_fixes_it_live() {
     // The operator meant port `intended`; the file says another (a typo).
     let intended = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let fs = FileServer::start("");
@@ -689,19 +690,60 @@ async fn the_admin_socket_works_when_http_is_bound_to_the_wrong_address() {
     assert!(refused.is_err(), "nothing answers where clients are sent");
     let (_, token) = break_glass(fs.server.data_dir(), "operator");
     let status = fs.server.admin_json(&["status"]);
-    let listening = status["listening"][0].as_str().unwrap().to_owned();
-    assert_ne!(listening, intended.to_string());
+    let wrong = status["listening"][0].as_str().unwrap().to_owned();
+    assert_ne!(wrong, intended.to_string());
     // The status shows where it really listens; the account and token made
     // through the admin channel work there.
-    let url = format!("http://{listening}");
-    assert_eq!(login(&url, "operator", "break-glass-pw").await, 200);
+    let wrong_url = format!("http://{wrong}");
+    assert_eq!(login(&wrong_url, "operator", "break-glass-pw").await, 200);
+
+    // A fix that cannot work (the port is taken) is rolled back: the old
+    // listener keeps serving.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    fs.write(&format!("listen = \"{}\"\n", taken.local_addr().unwrap()));
+    let (report, ok) = fs.reload();
+    assert!(!ok);
+    assert_eq!(report["outcome"], "rolled_back", "{report}");
+    assert!(
+        report["health_failure"].as_str().unwrap().contains("binding listen address"),
+        "{report}"
+    );
+    assert_eq!(
+        login(&wrong_url, "operator", "break-glass-pw").await,
+        200,
+        "still serving where it was"
+    );
+    drop(taken);
+
+    // The real fix, live: the intended address starts answering, the wrong
+    // one stops, no restart.
+    fs.write(&format!("listen = \"{intended}\"\n"));
+    let (report, ok) = fs.reload();
+    assert!(ok, "{report}");
+    assert_eq!(report["changed"], json!(["listen"]));
+    let url = format!("http://{intended}");
     let r = http()
         .post(format!("{url}/_matrix/client/v3/register"))
         .json(&json!({"username": "newcomer", "password": "pw", "auth": {"type": "m.login.registration_token", "token": token}}))
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), 200, "the admin's token works at the fixed address");
+    let well_known: Value = http()
+        .get(format!("{url}/.well-known/matrix/client"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(well_known["m.homeserver"]["base_url"], url, "clients are told the new address");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http().get(format!("{wrong_url}/health")).send().await.is_ok() {
+        assert!(Instant::now() < deadline, "the wrong address still answers");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(fs.server.admin_json(&["status"])["listening"], json!([intended.to_string()]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

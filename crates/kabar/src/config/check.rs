@@ -173,7 +173,7 @@ impl Walker<'_> {
                     other => self.problems.push(Problem::error(
                         &full,
                         Some(line),
-                        format!("is a table of settings, not a {}", other.type_str()),
+                        format!("is a table of settings, not {}", a(other.type_str())),
                     )),
                 }
             } else {
@@ -187,10 +187,19 @@ impl Walker<'_> {
     }
 }
 
+/// `kind` with its article: "an integer", "a string".
+fn a(kind: &str) -> String {
+    if kind.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        format!("an {kind}")
+    } else {
+        format!("a {kind}")
+    }
+}
+
 fn integer(value: &Spanned<DeValue<'_>>) -> Result<i64, String> {
     match value.get_ref() {
         DeValue::Integer(_) => i64::deserialize(ValueDeserializer::from(value.clone())).map_err(|e| e.message().to_owned()),
-        other => Err(format!("expected an integer, found a {}", other.type_str())),
+        other => Err(format!("expected an integer, found {}", a(other.type_str()))),
     }
 }
 
@@ -198,7 +207,7 @@ fn string<'v>(value: &'v Spanned<DeValue<'_>>) -> Result<&'v str, String> {
     value
         .get_ref()
         .as_str()
-        .ok_or_else(|| format!("expected a string, found a {}", value.get_ref().type_str()))
+        .ok_or_else(|| format!("expected a string, found {}", a(value.get_ref().type_str())))
 }
 
 fn socket_addr(s: &str) -> Result<SocketAddr, String> {
@@ -221,7 +230,7 @@ fn check_value(setting: &Setting, value: &Spanned<DeValue<'_>>) -> Result<(), St
         }
         Kind::Bool => {
             if !value.get_ref().is_bool() {
-                return Err(format!("expected true or false, found a {}", value.get_ref().type_str()));
+                return Err(format!("expected true or false, found {}", a(value.get_ref().type_str())));
             }
         }
         Kind::OneOf(options) => {

@@ -283,11 +283,6 @@ impl ConfigSource {
 }
 
 impl Config {
-    /// The URL clients are told to use (`/.well-known/matrix/client`).
-    pub fn public_base_url(&self, bound: SocketAddr) -> String {
-        self.public_base_url.clone().unwrap_or_else(|| format!("http://{bound}"))
-    }
-
     /// Every setting as `dotted.key -> TOML value`, for comparing two
     /// configurations key by key.
     pub fn flatten(&self) -> std::collections::BTreeMap<String, toml::Value> {

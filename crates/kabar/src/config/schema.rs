@@ -96,8 +96,8 @@ pub const SETTINGS: &[Setting] = &[
         "listen",
         Kind::SocketAddrs,
         "`\"127.0.0.1:8008\"`",
-        Restart,
-        "Where the client API listens: one address or a list. Port 0 picks a free port; each bound address is printed as `kabar listening on http://ADDR`. An empty list is refused (no way in).",
+        Live,
+        "Where the client API listens: one address or a list. Port 0 picks a free port; each bound address is printed as `kabar listening on http://ADDR`. An empty list is refused (no way in). On reload, new addresses are bound and checked first, and removed ones stop accepting only after the check passes (requests in flight finish); a bind failure keeps the old listeners. `--listen` on the command line replaces it at every reload.",
     ),
     setting(
         "public_base_url",
