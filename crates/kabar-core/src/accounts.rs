@@ -145,17 +145,7 @@ impl Accounts {
             }
             None => None,
         };
-        self.store
-            .create_user(NewUser {
-                user_id: user_id.clone(),
-                password_hash,
-                created_ms: now_ms(),
-            })
-            .await
-            .map_err(|e| match e {
-                kabar_store::StoreError::Conflict(_) => Error::UserInUse,
-                other => other.into(),
-            })?;
+        self.insert_user(&user_id, password_hash).await?;
         tracing::info!(user = %user_id, "account created by the operator");
         Ok(user_id)
     }
@@ -268,17 +258,7 @@ impl Accounts {
             (Some(p), None) => Some(self.hasher.hash(p).await?),
             (None, _) => None,
         };
-        self.store
-            .create_user(NewUser {
-                user_id: user_id.clone(),
-                password_hash,
-                created_ms: now_ms(),
-            })
-            .await
-            .map_err(|e| match e {
-                kabar_store::StoreError::Conflict(_) => Error::UserInUse,
-                other => other.into(),
-            })?;
+        self.insert_user(&user_id, password_hash).await?;
         tracing::info!(user = %user_id, "registered");
         if req.inhibit_login {
             return Ok(LoggedIn {
@@ -288,6 +268,21 @@ impl Accounts {
             });
         }
         self.new_session(user_id, req.device_id, req.initial_device_display_name).await
+    }
+
+    /// Stores a new account; a taken id (also a deactivated one) is `UserInUse`.
+    async fn insert_user(&self, user_id: &UserId, password_hash: Option<String>) -> Result<()> {
+        self.store
+            .create_user(NewUser {
+                user_id: user_id.to_owned(),
+                password_hash,
+                created_ms: now_ms(),
+            })
+            .await
+            .map_err(|e| match e {
+                kabar_store::StoreError::Conflict(_) => Error::UserInUse,
+                other => other.into(),
+            })
     }
 
     async fn new_session(&self, user_id: OwnedUserId, device_id: Option<String>, display_name: Option<String>) -> Result<LoggedIn> {

@@ -7,21 +7,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Server, enc, http};
+use common::{Server, enc, get_json as get, http, post_json as post};
 use futures::{StreamExt, stream};
 use serde_json::{Value, json};
-
-async fn post(url: String, token: Option<&str>, body: Value) -> Value {
-    let mut r = http().post(url).json(&body);
-    if let Some(t) = token {
-        r = r.bearer_auth(t);
-    }
-    r.send().await.unwrap().json().await.unwrap()
-}
-
-async fn get(url: String, token: &str) -> Value {
-    http().get(url).bearer_auth(token).send().await.unwrap().json().await.unwrap()
-}
 
 async fn put(url: String, token: &str, body: Value) -> (u16, Value) {
     let resp = http().put(url).bearer_auth(token).json(&body).send().await.unwrap();

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Server, http, kabar, registered};
+use common::{Server, get_json, get_public_json, http, kabar, post_json, registered};
 use matrix_sdk::{
     Client,
     config::SyncSettings,
@@ -421,37 +421,18 @@ async fn a_good_reload_applies_without_dropping_a_connected_sync() {
 
     // A raw long-poll held open across the reload.
     let (token, since) = {
-        let r: Value = http()
-            .post(format!("{}/_matrix/client/v3/register", fs.server.url))
-            .json(&json!({"username": "carol", "password": "pw-carol", "auth": {"type": "m.login.dummy"}}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let url = &fs.server.url;
+        let r = post_json(
+            format!("{url}/_matrix/client/v3/register"),
+            None,
+            json!({"username": "carol", "password": "pw-carol", "auth": {"type": "m.login.dummy"}}),
+        )
+        .await;
         let token = r["access_token"].as_str().unwrap().to_owned();
-        let joined = http()
-            .post(format!(
-                "{}/_matrix/client/v3/join/{}",
-                fs.server.url,
-                common::enc(chat.room.as_str())
-            ))
-            .bearer_auth(&token)
-            .json(&json!({}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(joined.status(), 200);
-        let s: Value = http()
-            .get(format!("{}/_matrix/client/v3/sync?timeout=0", fs.server.url))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let room = common::enc(chat.room.as_str());
+        let joined = post_json(format!("{url}/_matrix/client/v3/join/{room}"), Some(&token), json!({})).await;
+        assert_eq!(joined["room_id"], chat.room.as_str());
+        let s = get_json(format!("{url}/_matrix/client/v3/sync?timeout=0"), &token).await;
         (token, s["next_batch"].as_str().unwrap().to_owned())
     };
     let url = fs.server.url.clone();
@@ -491,15 +472,11 @@ async fn a_good_reload_applies_without_dropping_a_connected_sync() {
     let body: Value = refused.json().await.unwrap();
     assert_eq!(body["errcode"], "M_FORBIDDEN");
     // The restart-only setting is not half-applied: new rooms keep version 12.
-    let caps: Value = http()
-        .get(format!("{}/_matrix/client/v3/capabilities", fs.server.url))
-        .bearer_auth(chat.alice.access_token().unwrap())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let caps = get_json(
+        format!("{}/_matrix/client/v3/capabilities", fs.server.url),
+        &chat.alice.access_token().unwrap(),
+    )
+    .await;
     assert_eq!(caps["capabilities"]["m.room_versions"]["default"], "12");
 
     // The long-poll held across the reload is answered with the next message,
@@ -517,14 +494,7 @@ async fn a_reload_that_fails_its_health_check_rolls_back_by_itself() {
     let fs = FileServer::start("");
     let chat = Chat::start(&fs.server.url).await;
     let well_known = || async {
-        let v: Value = http()
-            .get(format!("{}/.well-known/matrix/client", fs.server.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = get_public_json(format!("{}/.well-known/matrix/client", fs.server.url)).await;
         v["m.homeserver"]["base_url"].as_str().unwrap().to_owned()
     };
     let good_url = well_known().await;
@@ -602,6 +572,17 @@ fn break_glass(data_dir: &Path, name: &str) -> (Vec<Duration>, String) {
     (took, token)
 }
 
+/// Signs up `newcomer` with a registration token.
+async fn sign_up_with_token(url: &str, token: &str) -> reqwest::StatusCode {
+    http()
+        .post(format!("{url}/_matrix/client/v3/register"))
+        .json(&json!({"username": "newcomer", "password": "pw", "auth": {"type": "m.login.registration_token", "token": token}}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
 async fn login(url: &str, name: &str, password: &str) -> reqwest::StatusCode {
     http()
         .post(format!("{url}/_matrix/client/v3/login"))
@@ -668,13 +649,7 @@ async fn the_admin_socket_works_while_http_is_saturated() {
     }
     // What the admin channel did is real: the account logs in, the token signs up.
     assert_eq!(login(&url, "operator", "break-glass-pw").await, 200);
-    let r = http()
-        .post(format!("{url}/_matrix/client/v3/register"))
-        .json(&json!({"username": "newcomer", "password": "pw", "auth": {"type": "m.login.registration_token", "token": token}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "the admin's token works");
+    assert_eq!(sign_up_with_token(&url, &token).await, 200, "the admin's token works");
     // Deactivation through the admin channel ends the account's logins.
     let out = server.admin(&["deactivate-user", "@operator:localhost"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -722,21 +697,12 @@ async fn the_admin_socket_works_when_http_is_bound_to_the_wrong_address_and_fixe
     assert!(ok, "{report}");
     assert_eq!(report["changed"], json!(["listen"]));
     let url = format!("http://{intended}");
-    let r = http()
-        .post(format!("{url}/_matrix/client/v3/register"))
-        .json(&json!({"username": "newcomer", "password": "pw", "auth": {"type": "m.login.registration_token", "token": token}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "the admin's token works at the fixed address");
-    let well_known: Value = http()
-        .get(format!("{url}/.well-known/matrix/client"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(
+        sign_up_with_token(&url, &token).await,
+        200,
+        "the admin's token works at the fixed address"
+    );
+    let well_known = get_public_json(format!("{url}/.well-known/matrix/client")).await;
     assert_eq!(well_known["m.homeserver"]["base_url"], url, "clients are told the new address");
     let deadline = Instant::now() + Duration::from_secs(10);
     while http().get(format!("{wrong_url}/health")).send().await.is_ok() {
@@ -794,15 +760,7 @@ async fn health_ready_metrics_and_request_ids() {
     let alice = registered(&server.url, "alice").await;
     let sync_url = format!("{}/_matrix/client/v3/sync?timeout=3000", server.url);
     let token = alice.access_token().unwrap();
-    let first: Value = http()
-        .get(&sync_url)
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let first = get_json(sync_url.clone(), &token).await;
     let since = first["next_batch"].as_str().unwrap().to_owned();
     let held = tokio::spawn({
         let token = token.clone();

@@ -234,6 +234,25 @@ pub async fn metric(server: &Server, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
 }
 
+/// POSTs `body` (with `token`, if any) and returns the JSON answer.
+pub async fn post_json(url: String, token: Option<&str>, body: serde_json::Value) -> serde_json::Value {
+    let mut r = http().post(url).json(&body);
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    r.send().await.unwrap().json().await.unwrap()
+}
+
+/// GETs with `token` and returns the JSON answer.
+pub async fn get_json(url: String, token: &str) -> serde_json::Value {
+    http().get(url).bearer_auth(token).send().await.unwrap().json().await.unwrap()
+}
+
+/// GETs without a token and returns the JSON answer.
+pub async fn get_public_json(url: String) -> serde_json::Value {
+    http().get(url).send().await.unwrap().json().await.unwrap()
+}
+
 /// Runs the `kabar` binary with `args` and waits for it.
 pub fn kabar(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_kabar")).args(args).output().expect("run kabar")
