@@ -56,3 +56,26 @@ impl Readiness {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn ready_until_shutdown_and_while_storage_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = kabar_store_sqlite::SqliteStore::open(&dir.path().join("db")).unwrap();
+        let notifier = Arc::new(Notifier::new());
+        let readiness = Readiness::new(Arc::new(sqlite.clone()), notifier.clone());
+        readiness.check().await.expect("ready");
+        // A store that no longer commits is not ready (once the cached
+        // verdict has expired).
+        sqlite.close();
+        assert!(readiness.check_store().await.is_err());
+        tokio::time::sleep(VERDICT_TTL + Duration::from_millis(50)).await;
+        let reason = readiness.check().await.expect_err("storage closed");
+        assert!(reason.starts_with("storage"), "{reason}");
+        notifier.close();
+        assert_eq!(readiness.check().await, Err("shutting down".to_owned()));
+    }
+}
