@@ -66,8 +66,7 @@ impl ServerInfo {
 
 /// What the router hands to handlers. Each handler extracts only the services
 /// it uses (axum's `FromRef`), so its signature shows its dependencies.
-#[derive(Clone, FromRef)]
-pub struct AppState {
+pub struct Services {
     pub accounts: Arc<Accounts>,
     pub rooms: Arc<Rooms>,
     pub sync: Arc<SyncEngine>,
@@ -78,6 +77,40 @@ pub struct AppState {
     pub readiness: Arc<Readiness>,
     pub metrics: Arc<ApiMetrics>,
 }
+
+/// The router's state: the services behind one `Arc`, because axum clones
+/// the state for every request (one reference count, not one per service).
+#[derive(Clone)]
+pub struct AppState(Arc<Services>);
+
+impl AppState {
+    pub fn new(services: Services) -> Self {
+        Self(Arc::new(services))
+    }
+}
+
+/// `State<Arc<Service>>` extraction for each service.
+macro_rules! services_from_state {
+    ($($field:ident: $service:ty),* $(,)?) => {
+        $(impl FromRef<AppState> for Arc<$service> {
+            fn from_ref(state: &AppState) -> Self {
+                state.0.$field.clone()
+            }
+        })*
+    };
+}
+
+services_from_state!(
+    accounts: Accounts,
+    rooms: Rooms,
+    sync: SyncEngine,
+    ephemeral: Ephemeral,
+    user_data: UserData,
+    media: Media,
+    info: ServerInfo,
+    readiness: Readiness,
+    metrics: ApiMetrics,
+);
 
 /// Limits applied at the edge.
 #[derive(Debug, Clone, Copy)]
@@ -221,7 +254,11 @@ pub fn router(state: AppState, limits: EdgeLimits) -> Router {
             header::ACCEPT,
             header::HeaderName::from_static("x-requested-with"),
         ]);
-    let edge = Arc::new(ops::Edge::new(state.metrics.clone(), limits.max_request_body, &state.info.instance));
+    let edge = Arc::new(ops::Edge::new(
+        state.0.metrics.clone(),
+        limits.max_request_body,
+        &state.0.info.instance,
+    ));
     Router::new()
         .route("/health", get(ops::health_route))
         .route("/ready", get(ops::ready_route))

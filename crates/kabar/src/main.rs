@@ -366,7 +366,7 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
     ));
     let readiness = Arc::new(Readiness::new(store.clone(), notifier.clone()));
     let api_metrics = Arc::new(kabar_api::ApiMetrics::default());
-    let state = kabar_api::AppState {
+    let state = kabar_api::AppState::new(kabar_api::Services {
         accounts: accounts.clone(),
         rooms,
         sync,
@@ -376,7 +376,7 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
         info: info.clone(),
         readiness: readiness.clone(),
         metrics: api_metrics.clone(),
-    };
+    });
     let app = kabar_api::router(
         state,
         kabar_api::EdgeLimits {
