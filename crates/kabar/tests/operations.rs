@@ -829,3 +829,15 @@ async fn json_logs_carry_the_request_id() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_data_directory_refuses_to_start() {
+    let fs = FileServer::start("");
+    let second = kabar(&["serve", "--config", fs.config.to_str().unwrap()]);
+    assert!(!second.status.success());
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(said.contains("another kabar is running"), "{said}");
+    // The first is untouched, its admin channel included.
+    assert_eq!(fs.server.admin_json(&["status"])["ready"], true);
+    assert_eq!(http().get(format!("{}/health", fs.server.url)).send().await.unwrap().status(), 200);
+}

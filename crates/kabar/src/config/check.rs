@@ -469,8 +469,28 @@ pub fn check_whole(config: &Config, lines: &HashMap<String, usize>) -> Vec<Probl
     if let Some(problem) = data_dir_problem(&config.data_dir) {
         out.push(Problem::error("data_dir", at("data_dir"), problem));
     }
+    // The admin socket lives in the data directory; Unix socket paths are
+    // limited to 107 bytes, and a server without its way in must not start.
+    let socket = config.data_dir.join(crate::admin::SOCKET_NAME);
+    if socket.as_os_str().len() > MAX_SOCKET_PATH {
+        out.push(
+            Problem::error(
+                "data_dir",
+                at("data_dir"),
+                format!(
+                    "the admin socket {} would be {} bytes long; Unix sockets allow {MAX_SOCKET_PATH}",
+                    socket.display(),
+                    socket.as_os_str().len()
+                ),
+            )
+            .hint("use a shorter data_dir path"),
+        );
+    }
     out
 }
+
+/// The longest path a Unix socket can be bound at (`sun_path` less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
 
 /// Why nothing could listen on `addr`'s IP here, if so: the address
 /// belongs to no interface of this machine (a typo, or another host's).

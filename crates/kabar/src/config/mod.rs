@@ -433,6 +433,16 @@ mod tests {
             let problems = check(text).expect_err(text);
             assert!(problems.items.iter().any(|p| p.key == key), "{text}: {problems}");
         }
+        // A data directory whose admin socket path is too long for Unix sockets.
+        let long = format!("data_dir = \"/tmp/{}\"", "d".repeat(100));
+        let problems = check(&long).expect_err("socket path too long");
+        assert!(
+            problems
+                .items
+                .iter()
+                .any(|p| p.key == "data_dir" && p.message.contains("Unix sockets allow")),
+            "{problems}"
+        );
         let opted_in = "listen = \"0.0.0.0:8008\"\n[registration]\nmode = \"open\"\nallow_open_on_public_address = true";
         let (_, warnings) = check(opted_in).expect("an explicit opt-in is allowed");
         assert!(
