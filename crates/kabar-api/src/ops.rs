@@ -203,7 +203,9 @@ pub async fn ready_route(State(readiness): State<Arc<Readiness>>) -> Response {
         Ok(()) => Json(json!({ "status": "ready" })).into_response(),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "not ready", "reason": reason })),
+            // Matrix error JSON like every other non-2xx answer, plus the
+            // fields a load balancer's probe reads.
+            Json(json!({ "errcode": "M_UNKNOWN", "error": format!("not ready: {reason}"), "status": "not ready", "reason": reason })),
         )
             .into_response(),
     }
