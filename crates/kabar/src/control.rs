@@ -10,6 +10,7 @@
 //! back by hand to the configuration before the last applied reload.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -20,7 +21,7 @@ use kabar_core::{
     accounts::{Accounts, RegistrationPolicy},
     admission::RateLimits,
     health::Readiness,
-    load::{Gate, GateLimits},
+    load::{Gate, GateLimits, LoadMetrics},
 };
 use serde::Serialize;
 use tokio::sync::Mutex;
@@ -70,7 +71,7 @@ pub fn public_base_url(config: &Config, listeners: &Listeners) -> String {
     }
 }
 
-pub fn gate_limits(limits: WorkClassLimits) -> GateLimits {
+fn gate_limits(limits: WorkClassLimits) -> GateLimits {
     GateLimits {
         slots: limits.slots,
         max_queued: limits.max_queued,
@@ -89,6 +90,23 @@ pub struct WorkGates {
 type ClassSettings = fn(&config::WorkConfig) -> &WorkClassConfig;
 
 impl WorkGates {
+    /// The gates as `work` and each class's defaults size them, with a first
+    /// guess of one piece of work's duration until real ones are measured.
+    pub fn new(load: &LoadMetrics, work: &config::WorkConfig, cores: usize) -> Self {
+        let gate = |name: &'static str, defaults: WorkClassLimits, class: ClassSettings, expected_ms: u64| {
+            Arc::new(Gate::new(
+                load.class(name),
+                gate_limits(class(work).resolve(defaults, cores)),
+                Duration::from_millis(expected_ms),
+            ))
+        };
+        Self {
+            initial_sync: gate("initial_sync", INITIAL_SYNC_DEFAULTS, |w| &w.initial_sync, 5),
+            join: gate("join", JOIN_DEFAULTS, |w| &w.join, 2),
+            thumbnail: gate("thumbnail", THUMBNAIL_DEFAULTS, |w| &w.thumbnail, 50),
+        }
+    }
+
     fn each(&self) -> [(&Gate, WorkClassLimits, ClassSettings); 3] {
         [
             (&self.initial_sync, INITIAL_SYNC_DEFAULTS, |w| &w.initial_sync),
@@ -327,6 +345,14 @@ pub struct ConfigControl {
     state: Mutex<ControlState>,
 }
 
+/// The keys whose values differ between two flattened configurations, sorted.
+fn changed_keys(a: &BTreeMap<String, toml::Value>, b: &BTreeMap<String, toml::Value>) -> Vec<String> {
+    let mut keys: Vec<String> = a.keys().chain(b.keys()).filter(|k| a.get(*k) != b.get(*k)).cloned().collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
 fn show(v: Option<&toml::Value>) -> String {
     v.map_or_else(|| "(unset)".to_owned(), |v| v.to_string())
 }
@@ -377,19 +403,15 @@ impl ConfigControl {
         };
         let running_keys = state.running.flatten();
         let file_keys = file.flatten();
-        let mut changed_keys: Vec<&String> = running_keys.keys().chain(file_keys.keys()).collect();
-        changed_keys.sort();
-        changed_keys.dedup();
-        changed_keys.retain(|k| running_keys.get(*k) != file_keys.get(*k));
         let mut report = ReloadReport::new(Outcome::Unchanged, warnings);
-        for key in changed_keys {
-            let apply = schema::setting_at(key).map_or(Apply::Restart, |s| s.apply);
+        for key in changed_keys(&running_keys, &file_keys) {
+            let apply = schema::setting_at(&key).map_or(Apply::Restart, |s| s.apply);
             match apply {
-                Apply::Live => report.changed.push(key.clone()),
+                Apply::Live => report.changed.push(key),
                 Apply::Restart => report.needs_restart.push(PendingRestart {
-                    key: key.clone(),
-                    running: show(running_keys.get(key)),
-                    file: show(file_keys.get(key)),
+                    running: show(running_keys.get(&key)),
+                    file: show(file_keys.get(&key)),
+                    key,
                 }),
             }
         }
@@ -463,15 +485,7 @@ impl ConfigControl {
                 items: vec![],
             },
         );
-        let (current_keys, target_keys) = (current.flatten(), target.flatten());
-        report.changed = current_keys
-            .keys()
-            .chain(target_keys.keys())
-            .filter(|k| current_keys.get(*k) != target_keys.get(*k))
-            .cloned()
-            .collect();
-        report.changed.sort();
-        report.changed.dedup();
+        report.changed = changed_keys(&current.flatten(), &target.flatten());
         // Going back to a configuration that was good is not refused for a
         // failing probe: the operator is undoing, and the probe says why.
         if let Err(e) = self.live.apply(&current, &target) {
@@ -497,14 +511,10 @@ impl ConfigControl {
 
 fn log_report(report: &ReloadReport) {
     for p in &report.problems.items {
-        let line = Problems {
-            origin: report.problems.origin.clone(),
-            items: vec![p.clone()],
-        }
-        .to_string();
+        let line = report.problems.line(p);
         match p.severity {
-            config::Severity::Error => tracing::error!("{}", line.trim_end()),
-            config::Severity::Warning => tracing::warn!("{}", line.trim_end()),
+            config::Severity::Error => tracing::error!("{line}"),
+            config::Severity::Warning => tracing::warn!("{line}"),
         }
     }
     for p in &report.needs_restart {

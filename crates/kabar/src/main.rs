@@ -18,15 +18,15 @@ use std::{io::BufRead, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration
 
 use anyhow::{Context, anyhow};
 use clap::{Args, Parser, Subcommand};
-use config::{Config, ConfigSource, INITIAL_SYNC_DEFAULTS, JOIN_DEFAULTS, Overrides, THUMBNAIL_DEFAULTS};
-use control::{ConfigControl, HealthProbe, LiveSettings, WorkGates, gate_limits, public_base_url, rate_limits, registration_policy};
+use config::{Config, ConfigSource, Overrides};
+use control::{ConfigControl, HealthProbe, LiveSettings, WorkGates, public_base_url, rate_limits, registration_policy};
 use kabar_core::{
     accounts::Accounts,
     admission::{Admission, NewcomerAdmission},
     changes::Changes,
     ephemeral::Ephemeral,
     health::Readiness,
-    load::{Gate, LoadMetrics},
+    load::LoadMetrics,
     media::Media,
     notifier::Notifier,
     password::{HashCost, HashPriority, HashingPool, PasswordHasher},
@@ -310,24 +310,7 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
         register: Admission::new(load.class("register"), rate_limits(&config.admission.register)),
         login: Admission::new(load.class("login"), rate_limits(&config.admission.login)),
     };
-    let work = &config.work;
-    let gates = WorkGates {
-        initial_sync: Arc::new(Gate::new(
-            load.class("initial_sync"),
-            gate_limits(work.initial_sync.resolve(INITIAL_SYNC_DEFAULTS, cores)),
-            Duration::from_millis(5),
-        )),
-        join: Arc::new(Gate::new(
-            load.class("join"),
-            gate_limits(work.join.resolve(JOIN_DEFAULTS, cores)),
-            Duration::from_millis(2),
-        )),
-        thumbnail: Arc::new(Gate::new(
-            load.class("thumbnail"),
-            gate_limits(work.thumbnail.resolve(THUMBNAIL_DEFAULTS, cores)),
-            Duration::from_millis(50),
-        )),
-    };
+    let gates = WorkGates::new(&load, &config.work, cores);
     let notifier = Arc::new(Notifier::new());
     let ephemeral = Arc::new(Ephemeral::new(notifier.clone()));
     let accounts = Arc::new(Accounts::new(store.clone(), hasher, admission, server_name.clone(), policy));

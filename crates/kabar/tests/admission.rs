@@ -87,14 +87,7 @@ async fn one_address_is_held_to_its_allowance_and_told_when_to_return() {
     // refusals asked for was created.
     let (status, _, body) = from(Ipv4Addr::new(127, 0, 0, 2), url.clone(), attempt).await;
     assert_eq!(status, 200, "{body}");
-    let available: Value = common::http()
-        .get(format!("{}/_matrix/client/v3/register/available?username=fourth", server.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let available = common::get_public_json(format!("{}/_matrix/client/v3/register/available?username=fourth", server.url)).await;
     assert_eq!(available["available"], true, "the refused sign-up created nothing");
 
     // Logins have their own allowance: two attempts, then a refusal even with

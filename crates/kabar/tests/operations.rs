@@ -397,8 +397,8 @@ async fn bad_configurations_are_refused_by_check_config_and_by_reload_while_serv
         assert!(
             problems.iter().any(|p| p["severity"] == "error"
                 && p["key"] == case.key
-                && p["message"].as_str().unwrap_or_default().contains(case.says)
-                || p["hint"].as_str().unwrap_or_default().contains(case.says)),
+                && (p["message"].as_str().unwrap_or_default().contains(case.says)
+                    || p["hint"].as_str().unwrap_or_default().contains(case.says))),
             "{}: {report}",
             case.what
         );

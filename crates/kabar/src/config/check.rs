@@ -95,27 +95,34 @@ impl Problems {
     }
 }
 
+impl Problems {
+    /// One problem as `file:line: error: key: message (hint)`.
+    pub fn line(&self, p: &Problem) -> String {
+        let mut out = self.origin.clone();
+        if let Some(line) = p.line {
+            out.push_str(&format!(":{line}"));
+        }
+        let severity = match p.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        out.push_str(&format!(": {severity}: "));
+        if !p.key.is_empty() {
+            out.push_str(&format!("{}: ", p.key));
+        }
+        out.push_str(&p.message);
+        if let Some(hint) = &p.hint {
+            out.push_str(&format!(" ({hint})"));
+        }
+        out
+    }
+}
+
 impl fmt::Display for Problems {
-    /// One line per problem: `file:line: error: key: message (hint)`.
+    /// One line per problem.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for p in &self.items {
-            write!(f, "{}", self.origin)?;
-            if let Some(line) = p.line {
-                write!(f, ":{line}")?;
-            }
-            let severity = match p.severity {
-                Severity::Error => "error",
-                Severity::Warning => "warning",
-            };
-            write!(f, ": {severity}: ")?;
-            if !p.key.is_empty() {
-                write!(f, "{}: ", p.key)?;
-            }
-            write!(f, "{}", p.message)?;
-            if let Some(hint) = &p.hint {
-                write!(f, " ({hint})")?;
-            }
-            writeln!(f)?;
+            writeln!(f, "{}", self.line(p))?;
         }
         Ok(())
     }
