@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod client_event;
+pub mod e2ee;
 pub mod event;
 pub mod localpart;
 pub mod membership;

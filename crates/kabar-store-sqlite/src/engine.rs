@@ -25,7 +25,10 @@ use kabar_store::{StoreError, StoreObserver, StoreOp, StoreResult, StreamPos};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
-const SCHEMA_VERSION: i64 = 1;
+/// Each entry brings the schema from its index's version to the next; the
+/// database's `user_version` says where it stands.
+const MIGRATIONS: &[&str] = &[include_str!("schema.sql"), include_str!("e2ee.sql")];
+const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 const MAX_BATCH: usize = 512;
 /// Reader threads: SQLite reads are short and CPU-bound, so a few more than
 /// the cores keep them busy while one waits on the disk.
@@ -92,12 +95,11 @@ impl Engine {
     pub(crate) fn open(path: &Path, observer: Option<Arc<dyn StoreObserver>>) -> StoreResult<Self> {
         let conn = open(path, true)?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(backend)?;
-        if version == 0 {
-            conn.execute_batch(&format!(
-                "BEGIN; {} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;",
-                include_str!("schema.sql")
-            ))
-            .map_err(backend)?;
+        if (0..SCHEMA_VERSION).contains(&version) {
+            for (from, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+                conn.execute_batch(&format!("BEGIN; {migration} PRAGMA user_version = {}; COMMIT;", from + 1))
+                    .map_err(backend)?;
+            }
         } else if version != SCHEMA_VERSION {
             return Err(StoreError::Backend(format!(
                 "database schema version {version} is not supported (expected {SCHEMA_VERSION})"

@@ -5,6 +5,7 @@
 //! relations and memberships, atomic multi-table updates) are what SQL does,
 //! and SQLite's WAL mode gives durable group commits with one file to back up.
 
+mod e2ee;
 mod engine;
 
 use std::{path::Path, sync::Arc};
@@ -230,18 +231,18 @@ impl AccountStore for SqliteStore {
             .await
     }
 
-    async fn deactivate_user(&self, user_id: &UserId) -> StoreResult<()> {
+    async fn deactivate_user(&self, user_id: &UserId) -> StoreResult<DevicesRemoved> {
         let id = user_id.to_string();
         self.engine
-            .write(move |c, _| {
+            .write(move |c, positions| {
                 exec(
                     c,
                     "UPDATE users SET deactivated = 1, password_hash = NULL WHERE user_id = ?1",
                     [&id],
                 )
                 .map_err(backend)?;
-                exec(c, "DELETE FROM devices WHERE user_id = ?1", [&id]).map_err(backend)?;
-                Ok(())
+                let devices = e2ee::device_ids_except(c, &id, None)?;
+                e2ee::remove_devices(c, positions, &id, &devices)
             })
             .await
     }
@@ -349,31 +350,19 @@ impl AccountStore for SqliteStore {
             .await
     }
 
-    async fn delete_devices(&self, user_id: &UserId, device_ids: &[String]) -> StoreResult<usize> {
+    async fn delete_devices(&self, user_id: &UserId, device_ids: &[String]) -> StoreResult<DevicesRemoved> {
         let (id, devs) = (user_id.to_string(), device_ids.to_vec());
         self.engine
-            .write(move |c, _| {
-                let mut n = 0;
-                for d in devs {
-                    n += c
-                        .execute("DELETE FROM devices WHERE user_id = ?1 AND device_id = ?2", params![id, d])
-                        .map_err(backend)?;
-                }
-                Ok(n)
-            })
+            .write(move |c, positions| e2ee::remove_devices(c, positions, &id, &devs))
             .await
     }
 
-    async fn delete_all_devices(&self, user_id: &UserId, keep: Option<&str>) -> StoreResult<usize> {
+    async fn delete_all_devices(&self, user_id: &UserId, keep: Option<&str>) -> StoreResult<DevicesRemoved> {
         let (id, keep) = (user_id.to_string(), keep.map(str::to_owned));
         self.engine
-            .write(move |c, _| {
-                exec(
-                    c,
-                    "DELETE FROM devices WHERE user_id = ?1 AND device_id IS NOT ?2",
-                    params![id, keep],
-                )
-                .map_err(backend)
+            .write(move |c, positions| {
+                let devices = e2ee::device_ids_except(c, &id, keep.as_deref())?;
+                e2ee::remove_devices(c, positions, &id, &devices)
             })
             .await
     }

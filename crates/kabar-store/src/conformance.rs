@@ -20,6 +20,10 @@ pub async fn run_all(store: Arc<dyn Store>) {
     state_membership_and_redaction(&*store).await;
     user_data(&*store).await;
     server_data(&*store).await;
+    device_keys_and_claims(&*store).await;
+    cross_signing_and_signatures(&*store).await;
+    to_device_queue(&*store).await;
+    key_backups(&*store).await;
     store.ping().await.expect("a healthy store answers a ping");
 }
 
@@ -125,7 +129,7 @@ async fn accounts_and_tokens(store: &dyn Store) {
     assert_eq!(store.devices(&alice).await.unwrap().len(), 2);
     assert!(store.rename_device(&alice, "D2", Some("laptop")).await.unwrap());
     assert!(!store.rename_device(&alice, "NOPE", Some("x")).await.unwrap());
-    assert_eq!(store.delete_devices(&alice, &["D2".into()]).await.unwrap(), 1);
+    assert_eq!(store.delete_devices(&alice, &["D2".into()]).await.unwrap().count, 1);
     assert!(
         store.session_by_token_hash("t2").await.unwrap().is_none(),
         "deleting a device revokes its token"
@@ -404,4 +408,231 @@ async fn server_data(store: &dyn Store) {
     store.create_registration_token("old", None, Some(10)).await.unwrap();
     assert!(!store.use_registration_token("old", 11).await.unwrap(), "expired");
     assert!(!store.use_registration_token("missing", 0).await.unwrap());
+}
+
+async fn device(store: &dyn Store, user: &ruma::UserId, device_id: &str) {
+    store
+        .upsert_device(NewDevice {
+            user_id: user.to_owned(),
+            device_id: device_id.into(),
+            display_name: Some(format!("{device_id} name")),
+            token_hash: format!("tok-{user}-{device_id}"),
+            now_ms: 1,
+        })
+        .await
+        .unwrap();
+}
+
+fn otk(alg: &str, id: &str) -> OneTimeKey {
+    OneTimeKey {
+        algorithm: alg.into(),
+        key_id: format!("{alg}:{id}"),
+        json: format!("{{\"key\":\"{id}\"}}"),
+    }
+}
+
+async fn device_keys_and_claims(store: &dyn Store) {
+    let bob = owned_user_id!("@bob_keys:localhost");
+    device(store, &bob, "B1").await;
+    device(store, &bob, "B2").await;
+    let before = store.current_position();
+    let pos = store.put_device_keys(&bob, "B1", r#"{"k":1}"#).await.unwrap();
+    assert!(pos.is_some_and(|p| p > before), "publishing keys is a device-list change at a new position");
+    assert_eq!(
+        store.put_device_keys(&bob, "B1", r#"{"k":1}"#).await.unwrap(),
+        None,
+        "the same keys again change nothing"
+    );
+    let keys = store.device_keys(&bob).await.unwrap();
+    assert_eq!(keys.len(), 1, "only devices that published keys are listed");
+    assert_eq!(keys[0].display_name.as_deref(), Some("B1 name"));
+    let changes = store.device_list_changes(before, store.current_position()).await.unwrap();
+    assert_eq!(changes, vec![(bob.clone(), pos.unwrap())]);
+
+    store
+        .add_one_time_keys(&bob, "B1", vec![otk("signed_curve25519", "a"), otk("signed_curve25519", "b")])
+        .await
+        .unwrap();
+    store.add_one_time_keys(&bob, "B1", vec![otk("signed_curve25519", "a")]).await.unwrap();
+    let mut different = otk("signed_curve25519", "a");
+    different.json = "{}".into();
+    assert!(
+        matches!(store.add_one_time_keys(&bob, "B1", vec![different]).await, Err(StoreError::Conflict(_))),
+        "a key id reused for another key is refused"
+    );
+    store.put_fallback_keys(&bob, "B1", vec![otk("signed_curve25519", "fb")]).await.unwrap();
+    let counts = store.key_counts(&bob, "B1").await.unwrap();
+    assert_eq!(counts.one_time.get("signed_curve25519"), Some(&2));
+    assert_eq!(counts.unused_fallback, vec!["signed_curve25519".to_string()]);
+
+    let claim = || KeyClaim {
+        user_id: bob.clone(),
+        device_id: "B1".into(),
+        algorithm: "signed_curve25519".into(),
+    };
+    let mut handed_out = vec![];
+    for _ in 0..2 {
+        handed_out.push(store.claim_keys(vec![claim()]).await.unwrap().remove(0).key_id);
+    }
+    handed_out.sort();
+    assert_eq!(handed_out, ["signed_curve25519:a", "signed_curve25519:b"], "each one-time key once");
+    let fallback = store.claim_keys(vec![claim(), claim()]).await.unwrap();
+    assert!(
+        fallback.iter().all(|k| k.key_id == "signed_curve25519:fb") && fallback.len() == 2,
+        "with none left, the fallback key is handed out (again)"
+    );
+    let counts = store.key_counts(&bob, "B1").await.unwrap();
+    assert!(counts.one_time.is_empty() && counts.unused_fallback.is_empty(), "{counts:?}");
+    store.put_fallback_keys(&bob, "B1", vec![otk("signed_curve25519", "fb")]).await.unwrap();
+    assert!(
+        store.key_counts(&bob, "B1").await.unwrap().unused_fallback.is_empty(),
+        "re-uploading the used fallback key keeps it used"
+    );
+    store.put_fallback_keys(&bob, "B1", vec![otk("signed_curve25519", "fb2")]).await.unwrap();
+    assert_eq!(store.key_counts(&bob, "B1").await.unwrap().unused_fallback.len(), 1);
+    assert!(
+        store
+            .claim_keys(vec![KeyClaim {
+                device_id: "B2".into(),
+                ..claim()
+            }])
+            .await
+            .unwrap()
+            .is_empty(),
+        "a device without keys yields nothing"
+    );
+
+    store.add_one_time_keys(&bob, "B1", vec![otk("signed_curve25519", "c")]).await.unwrap();
+    let removed = store.delete_devices(&bob, &["B1".into()]).await.unwrap();
+    assert_eq!(removed.count, 1);
+    assert!(removed.list_changed_at.is_some(), "removing a device with keys changes the list");
+    assert!(store.device_keys(&bob).await.unwrap().is_empty());
+    assert!(store.key_counts(&bob, "B1").await.unwrap().one_time.is_empty(), "its one-time keys went too");
+    let removed = store.delete_devices(&bob, &["B2".into()]).await.unwrap();
+    assert_eq!(removed.list_changed_at, None, "a device that published nothing changes no list");
+}
+
+async fn cross_signing_and_signatures(store: &dyn Store) {
+    let carol = owned_user_id!("@carol_keys:localhost");
+    let key = |kind: CrossSigningKind, public: &str| CrossSigningKey {
+        kind,
+        public_key: public.into(),
+        json: format!("{{\"pub\":\"{public}\"}}"),
+    };
+    let before = store.current_position();
+    let pos = store
+        .put_cross_signing_keys(&carol, vec![key(CrossSigningKind::Master, "M1"), key(CrossSigningKind::SelfSigning, "S1")])
+        .await
+        .unwrap();
+    assert!(pos > before);
+    store.put_cross_signing_keys(&carol, vec![key(CrossSigningKind::Master, "M2")]).await.unwrap();
+    let keys = store.cross_signing_keys(&carol).await.unwrap();
+    assert_eq!(keys.len(), 2);
+    assert!(keys.contains(&key(CrossSigningKind::Master, "M2")), "a kind is replaced");
+    assert!(keys.contains(&key(CrossSigningKind::SelfSigning, "S1")), "other kinds stay");
+
+    let sig = |target: &str, signer_key: &str, value: &str| KeySignature {
+        target_user: carol.clone(),
+        target_key: target.into(),
+        signer: carol.clone(),
+        signer_key_id: signer_key.into(),
+        signature: value.into(),
+    };
+    let at = store
+        .put_signatures(vec![sig("DEV", "ed25519:S1", "x"), sig("M2", "ed25519:DEV", "y")])
+        .await
+        .unwrap();
+    store.put_signatures(vec![sig("DEV", "ed25519:S1", "z")]).await.unwrap();
+    let sigs = store.signatures(&carol).await.unwrap();
+    assert_eq!(sigs, vec![sig("DEV", "ed25519:S1", "z"), sig("M2", "ed25519:DEV", "y")]);
+    let changes = store.device_list_changes(pos, store.current_position()).await.unwrap();
+    assert_eq!(changes.len(), 1, "one entry per user, at its latest change: {changes:?}");
+    assert!(changes[0].1 > at);
+}
+
+async fn to_device_queue(store: &dyn Store) {
+    let dan = owned_user_id!("@dan_td:localhost");
+    let erin = owned_user_id!("@erin_td:localhost");
+    device(store, &dan, "D").await;
+    device(store, &erin, "E1").await;
+    let sender = Session {
+        user_id: dan.clone(),
+        device_id: "D".into(),
+    };
+    let msg = |device: &str, n: u32| ToDeviceMessage {
+        recipient: erin.clone(),
+        device_id: device.into(),
+        kind: "m.test".into(),
+        content: format!("{{\"n\":{n}}}"),
+    };
+    let start = store.current_position();
+    let first = store
+        .queue_to_device(&sender, "txn1", vec![msg("E1", 1), msg("GONE", 2), msg("E1", 3)])
+        .await
+        .unwrap();
+    assert!(first.is_some());
+    assert_eq!(
+        store.queue_to_device(&sender, "txn1", vec![msg("E1", 9)]).await.unwrap(),
+        None,
+        "a repeated transaction queues nothing"
+    );
+    let queued = store.to_device(&erin, "E1", start, store.current_position(), 100).await.unwrap();
+    let contents: Vec<&str> = queued.iter().map(|m| m.content.as_str()).collect();
+    assert_eq!(contents, [r#"{"n":1}"#, r#"{"n":3}"#], "in order, only to devices that exist");
+    assert!(queued[0].pos < queued[1].pos && queued[0].sender == dan);
+    assert_eq!(store.to_device(&erin, "E1", start, store.current_position(), 1).await.unwrap().len(), 1);
+    assert_eq!(store.delete_to_device(&erin, "E1", queued[0].pos).await.unwrap(), 1);
+    let left = store.to_device(&erin, "E1", 0, store.current_position(), 100).await.unwrap();
+    assert_eq!(left, queued[1..], "only acknowledged messages are deleted");
+    store.delete_devices(&erin, &["E1".into()]).await.unwrap();
+    assert!(store.to_device(&erin, "E1", 0, store.current_position(), 100).await.unwrap().is_empty());
+}
+
+async fn key_backups(store: &dyn Store) {
+    let fay = owned_user_id!("@fay_backup:localhost");
+    let room = owned_room_id!("!backup:localhost");
+    assert_eq!(store.backup_version(&fay, None).await.unwrap(), None);
+    let v1 = store.create_backup_version(&fay, "m.megolm_backup.v1.curve25519-aes-sha2", "{}").await.unwrap();
+    let v2 = store.create_backup_version(&fay, "m.megolm_backup.v1.curve25519-aes-sha2", r#"{"a":1}"#).await.unwrap();
+    assert!(v2 > v1);
+    assert_eq!(store.backup_version(&fay, None).await.unwrap().unwrap().version, v2, "the newest is current");
+    let key = |session: &str, verified: bool, index: u64, json: &str| BackupKey {
+        room_id: room.clone(),
+        session_id: session.into(),
+        rank: kabar_domain::e2ee::BackupKeyRank {
+            is_verified: verified,
+            first_message_index: index,
+            forwarded_count: 0,
+        },
+        json: json.into(),
+    };
+    assert_eq!(
+        store.put_backup_keys(&fay, v1, vec![key("s1", false, 0, "old")]).await.unwrap(),
+        BackupWrite::WrongVersion { current: Some(v2) },
+        "only the current version takes keys"
+    );
+    let BackupWrite::Done { etag, count } = store
+        .put_backup_keys(&fay, v2, vec![key("s1", false, 5, "first"), key("s2", false, 0, "other")])
+        .await
+        .unwrap()
+    else {
+        panic!("current version refused keys");
+    };
+    assert_eq!(count, 2);
+    let worse = store.put_backup_keys(&fay, v2, vec![key("s1", false, 9, "worse")]).await.unwrap();
+    assert_eq!(worse, BackupWrite::Done { etag, count: 2 }, "a worse key changes nothing, etag included");
+    let better = store.put_backup_keys(&fay, v2, vec![key("s1", true, 9, "better")]).await.unwrap();
+    assert!(matches!(better, BackupWrite::Done { etag: e, count: 2 } if e != etag));
+    let one = store.backup_keys(&fay, v2, BackupScope { room_id: Some(&room), session_id: Some("s1") }).await.unwrap();
+    assert_eq!(one[0].json, "better");
+    assert_eq!(store.backup_keys(&fay, v2, BackupScope { room_id: None, session_id: None }).await.unwrap().len(), 2);
+    assert!(store.update_backup_version(&fay, v2, r#"{"b":2}"#).await.unwrap());
+    assert_eq!(store.backup_version(&fay, Some(v2)).await.unwrap().unwrap().auth_data, r#"{"b":2}"#);
+    let after_delete = store.delete_backup_keys(&fay, v2, BackupScope { room_id: Some(&room), session_id: Some("s2") }).await.unwrap();
+    assert!(matches!(after_delete, BackupWrite::Done { count: 1, .. }));
+    assert!(store.delete_backup_version(&fay, v2).await.unwrap());
+    assert!(!store.delete_backup_version(&fay, v2).await.unwrap());
+    assert_eq!(store.backup_version(&fay, None).await.unwrap().unwrap().version, v1, "the previous version is current again");
+    let v3 = store.create_backup_version(&fay, "alg", "{}").await.unwrap();
+    assert!(v3 > v2, "version numbers are never reused");
 }

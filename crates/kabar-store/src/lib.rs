@@ -43,7 +43,7 @@ pub trait AccountStore: Send + Sync {
     async fn user(&self, user_id: &UserId) -> StoreResult<Option<UserRecord>>;
     async fn set_password_hash(&self, user_id: &UserId, hash: &str) -> StoreResult<()>;
     /// Marks the user deactivated and removes every device and token.
-    async fn deactivate_user(&self, user_id: &UserId) -> StoreResult<()>;
+    async fn deactivate_user(&self, user_id: &UserId) -> StoreResult<DevicesRemoved>;
     async fn set_profile(&self, user_id: &UserId, field: ProfileField, value: Option<&str>) -> StoreResult<()>;
     /// Users whose id or display name contains `term` (case-insensitive).
     async fn search_users(&self, term: &str, limit: usize) -> StoreResult<Vec<UserRecord>>;
@@ -53,10 +53,11 @@ pub trait AccountStore: Send + Sync {
     async fn session_by_token_hash(&self, token_hash: &str) -> StoreResult<Option<Session>>;
     async fn devices(&self, user_id: &UserId) -> StoreResult<Vec<DeviceRecord>>;
     async fn rename_device(&self, user_id: &UserId, device_id: &str, name: Option<&str>) -> StoreResult<bool>;
-    /// Deletes devices and their tokens; returns how many existed.
-    async fn delete_devices(&self, user_id: &UserId, device_ids: &[String]) -> StoreResult<usize>;
-    /// Deletes every device of the user except `keep`; returns how many went.
-    async fn delete_all_devices(&self, user_id: &UserId, keep: Option<&str>) -> StoreResult<usize>;
+    /// Deletes devices with their tokens, keys and queued to-device
+    /// messages, and records a device-list change if any had published keys.
+    async fn delete_devices(&self, user_id: &UserId, device_ids: &[String]) -> StoreResult<DevicesRemoved>;
+    /// [`delete_devices`](Self::delete_devices) for every device of the user except `keep`.
+    async fn delete_all_devices(&self, user_id: &UserId, keep: Option<&str>) -> StoreResult<DevicesRemoved>;
 }
 
 /// Rooms, their events and state.
@@ -134,6 +135,72 @@ pub trait UserDataStore: Send + Sync {
     async fn filter(&self, user_id: &UserId, filter_id: &str) -> StoreResult<Option<String>>;
 }
 
+/// End-to-end encryption keys. The server stores and hands them out; it
+/// cannot use them. Every change to what `/keys/query` shows for a user gets
+/// a stream position (a device-list change), so syncs can tell who changed.
+#[async_trait]
+pub trait KeyStore: Send + Sync {
+    /// Stores a device's identity keys. Returns the device-list change's
+    /// position, or `None` if the same keys were stored already.
+    async fn put_device_keys(&self, user_id: &UserId, device_id: &str, json: &str) -> StoreResult<Option<StreamPos>>;
+    /// Identity keys of the user's devices that published them.
+    async fn device_keys(&self, user_id: &UserId) -> StoreResult<Vec<DeviceKeysRecord>>;
+    /// Adds one-time keys. A key id stored before with the same JSON is
+    /// skipped; with other JSON it is a `Conflict` and nothing is stored.
+    async fn add_one_time_keys(&self, user_id: &UserId, device_id: &str, keys: Vec<OneTimeKey>) -> StoreResult<()>;
+    /// Sets the device's fallback key for each algorithm given, as unused.
+    async fn put_fallback_keys(&self, user_id: &UserId, device_id: &str, keys: Vec<OneTimeKey>) -> StoreResult<()>;
+    async fn key_counts(&self, user_id: &UserId, device_id: &str) -> StoreResult<KeyCounts>;
+    /// For each claim, removes and returns one one-time key of the algorithm,
+    /// or else the device's fallback key (marked used, kept). Atomic: two
+    /// claims, concurrent or not, never get the same one-time key.
+    async fn claim_keys(&self, claims: Vec<KeyClaim>) -> StoreResult<Vec<ClaimedKey>>;
+    /// Replaces the user's cross-signing keys of the kinds given; returns the
+    /// device-list change's position.
+    async fn put_cross_signing_keys(&self, user_id: &UserId, keys: Vec<CrossSigningKey>) -> StoreResult<StreamPos>;
+    async fn cross_signing_keys(&self, user_id: &UserId) -> StoreResult<Vec<CrossSigningKey>>;
+    /// Adds signatures (replacing one by the same signer key on the same
+    /// target); records a device-list change for every target user.
+    async fn put_signatures(&self, signatures: Vec<KeySignature>) -> StoreResult<StreamPos>;
+    /// Every signature on the user's keys.
+    async fn signatures(&self, target_user: &UserId) -> StoreResult<Vec<KeySignature>>;
+    /// Users whose device list changed at positions in `(after, until]`, each
+    /// once with its latest change, in stream order.
+    async fn device_list_changes(&self, after: StreamPos, until: StreamPos) -> StoreResult<Vec<(OwnedUserId, StreamPos)>>;
+}
+
+/// Send-to-device messages, queued per device until the device has synced past them.
+#[async_trait]
+pub trait ToDeviceStore: Send + Sync {
+    /// Queues messages to existing devices (to a device that does not exist,
+    /// nothing) under the sender's transaction id. Returns the last position
+    /// used, or `None` if the transaction was used before (nothing queued).
+    async fn queue_to_device(&self, sender: &Session, txn_id: &str, messages: Vec<ToDeviceMessage>) -> StoreResult<Option<StreamPos>>;
+    /// Queued messages of one device in `(after, until]`, oldest first, at most `limit`.
+    async fn to_device(&self, user_id: &UserId, device_id: &str, after: StreamPos, until: StreamPos, limit: usize) -> StoreResult<Vec<QueuedToDevice>>;
+    /// Deletes the device's messages at or before `upto`; returns how many.
+    async fn delete_to_device(&self, user_id: &UserId, device_id: &str, upto: StreamPos) -> StoreResult<usize>;
+}
+
+/// Server-side key backups: versions and the encrypted room keys in them.
+#[async_trait]
+pub trait KeyBackupStore: Send + Sync {
+    /// Creates a new version, which becomes the current one; returns its number.
+    async fn create_backup_version(&self, user_id: &UserId, algorithm: &str, auth_data: &str) -> StoreResult<u64>;
+    /// A version (`None`: the current one, the newest not deleted).
+    async fn backup_version(&self, user_id: &UserId, version: Option<u64>) -> StoreResult<Option<BackupVersion>>;
+    /// Replaces a version's auth data; false if there is no such version.
+    async fn update_backup_version(&self, user_id: &UserId, version: u64, auth_data: &str) -> StoreResult<bool>;
+    /// Deletes a version and its keys; false if there was none.
+    async fn delete_backup_version(&self, user_id: &UserId, version: u64) -> StoreResult<bool>;
+    /// Stores keys into the current version, each replacing the stored copy
+    /// only if it ranks better ([`kabar_domain::e2ee::BackupKeyRank`]).
+    async fn put_backup_keys(&self, user_id: &UserId, version: u64, keys: Vec<BackupKey>) -> StoreResult<BackupWrite>;
+    async fn backup_keys(&self, user_id: &UserId, version: u64, scope: BackupScope<'_>) -> StoreResult<Vec<BackupKey>>;
+    /// Deletes keys of the version; answers like `put_backup_keys`, but any existing version may be named.
+    async fn delete_backup_keys(&self, user_id: &UserId, version: u64, scope: BackupScope<'_>) -> StoreResult<BackupWrite>;
+}
+
 /// Media metadata; the bytes live in the media directory, named by hash.
 #[async_trait]
 pub trait MediaStore: Send + Sync {
@@ -179,5 +246,5 @@ pub trait StoreObserver: Send + Sync {
 }
 
 /// Everything a Kabar server stores.
-pub trait Store: AccountStore + RoomStore + UserDataStore + MediaStore + ServerStore {}
-impl<T: AccountStore + RoomStore + UserDataStore + MediaStore + ServerStore> Store for T {}
+pub trait Store: AccountStore + RoomStore + UserDataStore + KeyStore + ToDeviceStore + KeyBackupStore + MediaStore + ServerStore {}
+impl<T: AccountStore + RoomStore + UserDataStore + KeyStore + ToDeviceStore + KeyBackupStore + MediaStore + ServerStore> Store for T {}

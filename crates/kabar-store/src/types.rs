@@ -151,3 +151,128 @@ pub struct MediaRecord {
     pub uploader: OwnedUserId,
     pub created_ms: u64,
 }
+
+/// What deleting devices did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DevicesRemoved {
+    pub count: usize,
+    /// The position of the user's device-list change, if a removed device had
+    /// published keys (other users' clients must learn it is gone).
+    pub list_changed_at: Option<StreamPos>,
+}
+
+/// A one-time or fallback key as uploaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OneTimeKey {
+    pub algorithm: String,
+    /// The whole id, `<algorithm>:<id>`.
+    pub key_id: String,
+    pub json: String,
+}
+
+/// A device's published identity keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceKeysRecord {
+    pub device_id: String,
+    pub json: String,
+    pub display_name: Option<String>,
+}
+
+/// How many unclaimed one-time keys a device has, per algorithm, and which
+/// algorithms have a fallback key nobody has claimed yet.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KeyCounts {
+    pub one_time: std::collections::BTreeMap<String, u64>,
+    pub unused_fallback: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyClaim {
+    pub user_id: OwnedUserId,
+    pub device_id: String,
+    pub algorithm: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimedKey {
+    pub user_id: OwnedUserId,
+    pub device_id: String,
+    pub key_id: String,
+    pub json: String,
+}
+
+pub use kabar_domain::e2ee::CrossSigningKind;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrossSigningKey {
+    pub kind: CrossSigningKind,
+    /// The key's ed25519 public key, which signatures name as their target.
+    pub public_key: String,
+    pub json: String,
+}
+
+/// One signature on a device key (target = device id) or a cross-signing key
+/// (target = its public key), kept apart from the signed object so signatures
+/// from several signers accumulate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySignature {
+    pub target_user: OwnedUserId,
+    pub target_key: String,
+    pub signer: OwnedUserId,
+    /// `ed25519:<device id or public key>`.
+    pub signer_key_id: String,
+    pub signature: String,
+}
+
+/// A to-device message to queue for one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToDeviceMessage {
+    pub recipient: OwnedUserId,
+    pub device_id: String,
+    pub kind: String,
+    pub content: String,
+}
+
+/// A queued to-device message, with its position in the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedToDevice {
+    pub pos: StreamPos,
+    pub sender: OwnedUserId,
+    pub kind: String,
+    pub content: String,
+}
+
+/// One version of a user's server-side key backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupVersion {
+    pub version: u64,
+    pub algorithm: String,
+    pub auth_data: String,
+    /// Changes whenever the version's keys change.
+    pub etag: u64,
+    pub count: u64,
+}
+
+/// One backed-up room key (a `KeyBackupData` object).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupKey {
+    pub room_id: OwnedRoomId,
+    pub session_id: String,
+    pub rank: kabar_domain::e2ee::BackupKeyRank,
+    pub json: String,
+}
+
+/// Which backed-up keys an operation covers: all, a room's, or one session's.
+#[derive(Debug, Clone, Copy)]
+pub struct BackupScope<'a> {
+    pub room_id: Option<&'a RoomId>,
+    pub session_id: Option<&'a str>,
+}
+
+/// A backup write's result: the version's etag and key count afterwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackupWrite {
+    Done { etag: u64, count: u64 },
+    /// The version is not the user's current one (`None`: there is no backup).
+    WrongVersion { current: Option<u64> },
+}
