@@ -70,6 +70,14 @@ impl From<Error> for ApiError {
             Error::MissingToken => (S::UNAUTHORIZED, "M_MISSING_TOKEN"),
             Error::BadJson(_) => (S::BAD_REQUEST, "M_BAD_JSON"),
             Error::InvalidParam(_) => (S::BAD_REQUEST, "M_INVALID_PARAM"),
+            Error::WrongRoomKeysVersion { current } => {
+                return Self {
+                    status: S::FORBIDDEN,
+                    errcode: "M_WRONG_ROOM_KEYS_VERSION",
+                    message,
+                    extra: Some(json!({ "current_version": current })),
+                };
+            }
             Error::LimitExceeded { retry_after_ms } => {
                 return Self {
                     status: S::TOO_MANY_REQUESTS,

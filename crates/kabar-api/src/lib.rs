@@ -7,6 +7,7 @@
 //! are set up in [`router`].
 
 mod account;
+mod e2ee;
 pub mod error;
 mod extract;
 mod media;
@@ -27,7 +28,8 @@ use axum::{
     routing::{get, post, put},
 };
 use kabar_core::{
-    accounts::Accounts, ephemeral::Ephemeral, health::Readiness, media::Media, rooms::Rooms, sync::SyncEngine, user_data::UserData,
+    accounts::Accounts, ephemeral::Ephemeral, health::Readiness, key_backup::KeyBackups, keys::Keys, media::Media, rooms::Rooms,
+    sync::SyncEngine, to_device::ToDevice, user_data::UserData,
 };
 use tower_http::{catch_panic::CatchPanicLayer, cors::CorsLayer};
 
@@ -72,6 +74,9 @@ pub struct Services {
     pub sync: Arc<SyncEngine>,
     pub ephemeral: Arc<Ephemeral>,
     pub user_data: Arc<UserData>,
+    pub keys: Arc<Keys>,
+    pub to_device: Arc<ToDevice>,
+    pub key_backups: Arc<KeyBackups>,
     pub media: Arc<Media>,
     pub info: Arc<ServerInfo>,
     pub readiness: Arc<Readiness>,
@@ -106,6 +111,9 @@ services_from_state!(
     sync: SyncEngine,
     ephemeral: Ephemeral,
     user_data: UserData,
+    keys: Keys,
+    to_device: ToDevice,
+    key_backups: KeyBackups,
     media: Media,
     info: ServerInfo,
     readiness: Readiness,
@@ -126,6 +134,7 @@ pub struct EdgeLimits {
 
 fn client_routes() -> Router<AppState> {
     use account::*;
+    use e2ee::*;
     use rooms::*;
     use sync::*;
     Router::new()
@@ -212,6 +221,30 @@ fn client_routes() -> Router<AppState> {
         .route("/pushrules/{scope}/{kind}/{id}/enabled", put(push_rule_enabled_route))
         .route("/pushrules/{scope}/{kind}/{id}/actions", put(push_rule_actions_route))
         .route("/pushers", get(pushers_route))
+        .route("/keys/upload", post(upload_keys_route))
+        .route("/keys/query", post(query_keys_route))
+        .route("/keys/claim", post(claim_keys_route))
+        .route("/keys/changes", get(key_changes_route))
+        .route("/keys/device_signing/upload", post(upload_cross_signing_route))
+        .route("/keys/signatures/upload", post(upload_signatures_route))
+        .route("/sendToDevice/{kind}/{txn}", put(send_to_device_route))
+        .route("/room_keys/version", get(current_backup_route).post(create_backup_route))
+        .route(
+            "/room_keys/version/{version}",
+            get(backup_route).put(update_backup_route).delete(delete_backup_route),
+        )
+        .route(
+            "/room_keys/keys",
+            get(get_room_keys_route).put(put_room_keys_route).delete(delete_room_keys_route),
+        )
+        .route(
+            "/room_keys/keys/{room}",
+            get(get_room_keys_route).put(put_room_keys_route).delete(delete_room_keys_route),
+        )
+        .route(
+            "/room_keys/keys/{room}/{session}",
+            get(get_room_keys_route).put(put_room_keys_route).delete(delete_room_keys_route),
+        )
 }
 
 fn legacy_media_routes(limits: EdgeLimits) -> Router<AppState> {

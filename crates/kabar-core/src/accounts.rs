@@ -17,6 +17,7 @@ use crate::{
     admission::NewcomerAdmission,
     error::{Error, Result},
     now_ms,
+    keys::DeviceLists,
     password::PasswordHasher,
     uia::{StageOutcome, UiaSessions},
 };
@@ -50,8 +51,15 @@ pub struct LoggedIn {
     pub access_token: Option<String>,
 }
 
+/// Which of a user's devices to remove.
+enum DeviceSelection<'a> {
+    These(&'a [String]),
+    AllBut(Option<&'a str>),
+}
+
 pub struct Accounts {
     store: Arc<dyn Store>,
+    device_lists: Arc<DeviceLists>,
     hasher: Arc<PasswordHasher>,
     admission: NewcomerAdmission,
     server_name: OwnedServerName,
@@ -92,9 +100,11 @@ impl Accounts {
         admission: NewcomerAdmission,
         server_name: OwnedServerName,
         policy: RegistrationPolicy,
+        device_lists: Arc<DeviceLists>,
     ) -> Self {
         Self {
             store,
+            device_lists,
             hasher,
             admission,
             server_name,
@@ -156,9 +166,7 @@ impl Accounts {
         if self.store.user(user_id).await?.is_none() {
             return Err(Error::NotFound("no such user".into()));
         }
-        self.store.delete_all_devices(user_id, None).await?;
-        self.store.deactivate_user(user_id).await?;
-        self.forget_tokens();
+        self.deactivate_user(user_id).await?;
         tracing::info!(user = %user_id, "deactivated by the operator");
         Ok(())
     }
@@ -359,22 +367,39 @@ impl Accounts {
         self.token_cache.lock().expect("token cache").clear();
     }
 
-    pub async fn logout(&self, session: &Session) -> Result<()> {
-        self.store
-            .delete_devices(&session.user_id, std::slice::from_ref(&session.device_id))
+    /// Removes devices (their keys and queued messages go with them) and
+    /// tells whoever shares a room with the user that the device list changed.
+    async fn remove_devices(&self, user_id: &UserId, devices: DeviceSelection<'_>) -> Result<()> {
+        let user = [user_id.to_owned()];
+        let removed = match devices {
+            DeviceSelection::These(ids) => self.store.delete_devices(user_id, ids),
+            DeviceSelection::AllBut(keep) => self.store.delete_all_devices(user_id, keep),
+        };
+        self.device_lists.record(&user, removed, |r| r.list_changed_at).await?;
+        self.forget_tokens();
+        Ok(())
+    }
+
+    async fn deactivate_user(&self, user_id: &UserId) -> Result<()> {
+        let user = [user_id.to_owned()];
+        self.device_lists
+            .record(&user, self.store.deactivate_user(user_id), |r| r.list_changed_at)
             .await?;
         self.forget_tokens();
         Ok(())
     }
 
+    pub async fn logout(&self, session: &Session) -> Result<()> {
+        self.remove_devices(&session.user_id, DeviceSelection::These(std::slice::from_ref(&session.device_id)))
+            .await
+    }
+
     pub async fn logout_all(&self, user_id: &UserId) -> Result<()> {
-        self.store.delete_all_devices(user_id, None).await?;
-        self.forget_tokens();
-        Ok(())
+        self.remove_devices(user_id, DeviceSelection::AllBut(None)).await
     }
 
     /// Runs a password UIA for an action the signed-in user takes on their account.
-    async fn require_password(&self, session: &Session, auth: Option<&Value>) -> Result<()> {
+    pub async fn require_password(&self, session: &Session, auth: Option<&Value>) -> Result<()> {
         let user_id = session.user_id.clone();
         self.uia
             .step(&[&["m.login.password"]], json!({}), auth, |_, auth| async move {
@@ -405,25 +430,22 @@ impl Accounts {
         let hash = self.hasher.hash(new_password).await?;
         self.store.set_password_hash(&session.user_id, &hash).await?;
         if logout_devices {
-            self.store.delete_all_devices(&session.user_id, Some(&session.device_id)).await?;
-            self.forget_tokens();
+            self.remove_devices(&session.user_id, DeviceSelection::AllBut(Some(&session.device_id)))
+                .await?;
         }
         Ok(())
     }
 
     pub async fn deactivate(&self, session: &Session, auth: Option<&Value>) -> Result<()> {
         self.require_password(session, auth).await?;
-        self.store.deactivate_user(&session.user_id).await?;
-        self.forget_tokens();
+        self.deactivate_user(&session.user_id).await?;
         tracing::info!(user = %session.user_id, "deactivated");
         Ok(())
     }
 
     pub async fn delete_devices(&self, session: &Session, device_ids: &[String], auth: Option<&Value>) -> Result<()> {
         self.require_password(session, auth).await?;
-        self.store.delete_devices(&session.user_id, device_ids).await?;
-        self.forget_tokens();
-        Ok(())
+        self.remove_devices(&session.user_id, DeviceSelection::These(device_ids)).await
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -458,7 +480,18 @@ mod tests {
         };
         let hasher = Arc::new(PasswordHasher::new(cost, pool, LoadMetrics::default().class("password_hashing")).unwrap());
         (
-            Accounts::new(store, hasher, admission, ruma::owned_server_name!("localhost"), policy),
+            Accounts::new(
+                store.clone(),
+                hasher,
+                admission,
+                ruma::owned_server_name!("localhost"),
+                policy,
+                Arc::new(DeviceLists::new(
+                    store,
+                    crate::changes::Changes::new(0),
+                    Arc::new(crate::notifier::Notifier::new()),
+                )),
+            ),
             dir,
         )
     }

@@ -11,13 +11,13 @@
 //! commits, so a reader in between sees "changed" and goes to the store.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     hash::Hash,
     sync::{Arc, Mutex},
 };
 
 use kabar_store::StreamPos;
-use ruma::{OwnedRoomId, OwnedUserId};
+use ruma::{OwnedRoomId, OwnedUserId, UserId};
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Entry {
@@ -116,6 +116,109 @@ impl<K: Eq + Hash + Clone> ChangeTracker<K> {
     }
 }
 
+/// Bound on remembered device-list changes; older ones are read from the store.
+const MAX_LOGGED_CHANGES: usize = 200_000;
+
+#[derive(Default)]
+struct LogInner {
+    /// Changes at or before this position are not all remembered.
+    floor: StreamPos,
+    by_pos: BTreeMap<StreamPos, OwnedUserId>,
+    latest: HashMap<OwnedUserId, StreamPos>,
+    in_flight: HashMap<OwnedUserId, u32>,
+}
+
+/// Which users changed, in stream order: the device-list changes that syncs
+/// and `/keys/changes` report. Like [`ChangeTracker`] it is conservative: a
+/// user whose change is being written counts as changed.
+pub struct ChangeLog {
+    inner: Mutex<LogInner>,
+}
+
+/// A logged change in progress; see [`PendingChange`].
+#[must_use = "a change must be finished with its position"]
+pub struct PendingLogEntry<'a> {
+    log: &'a ChangeLog,
+    user: Option<OwnedUserId>,
+}
+
+impl PendingLogEntry<'_> {
+    /// The write committed at `pos`; `None` if it turned out to change nothing.
+    pub fn finish(mut self, pos: Option<StreamPos>) {
+        if let Some(user) = self.user.take() {
+            self.log.end(user, pos);
+        }
+    }
+}
+
+impl Drop for PendingLogEntry<'_> {
+    fn drop(&mut self) {
+        if let Some(user) = self.user.take() {
+            self.log.end(user, None);
+        }
+    }
+}
+
+impl ChangeLog {
+    /// A log that knows nothing up to `baseline`, the store's position at start.
+    pub fn new(baseline: StreamPos) -> Self {
+        Self {
+            inner: Mutex::new(LogInner {
+                floor: baseline,
+                ..LogInner::default()
+            }),
+        }
+    }
+
+    pub fn begin(&self, user: &UserId) -> PendingLogEntry<'_> {
+        *self
+            .inner
+            .lock()
+            .expect("change log lock")
+            .in_flight
+            .entry(user.to_owned())
+            .or_default() += 1;
+        PendingLogEntry {
+            log: self,
+            user: Some(user.to_owned()),
+        }
+    }
+
+    fn end(&self, user: OwnedUserId, pos: Option<StreamPos>) {
+        let mut inner = self.inner.lock().expect("change log lock");
+        if let Some(n) = inner.in_flight.get_mut(&user) {
+            *n -= 1;
+            if *n == 0 {
+                inner.in_flight.remove(&user);
+            }
+        }
+        let Some(pos) = pos else { return };
+        if let Some(old) = inner.latest.insert(user.clone(), pos) {
+            inner.by_pos.remove(&old);
+        }
+        inner.by_pos.insert(pos, user);
+        while inner.by_pos.len() > MAX_LOGGED_CHANGES {
+            let (oldest, user) = inner.by_pos.pop_first().expect("non-empty");
+            inner.latest.remove(&user);
+            inner.floor = inner.floor.max(oldest);
+        }
+    }
+
+    /// Users whose latest change is in `(since, until]`, and users with a
+    /// change being written; `None` if `since` is older than the log.
+    pub fn changed_between(&self, since: StreamPos, until: StreamPos) -> Option<Vec<OwnedUserId>> {
+        let inner = self.inner.lock().expect("change log lock");
+        if since < inner.floor {
+            return None;
+        }
+        let mut users: Vec<OwnedUserId> = inner.in_flight.keys().cloned().collect();
+        if since < until {
+            users.extend(inner.by_pos.range(since + 1..=until).map(|(_, u)| u.clone()));
+        }
+        Some(users)
+    }
+}
+
 /// The trackers the sync engine consults, shared with the services that write.
 pub struct Changes {
     /// A user's memberships (joins, invites, leaves, forgets).
@@ -124,7 +227,16 @@ pub struct Changes {
     pub account_data: ChangeTracker<OwnedUserId>,
     /// Receipts in a room.
     pub receipts: ChangeTracker<OwnedRoomId>,
+    /// Users whose devices or keys changed (what `/keys/query` shows of them).
+    pub device_lists: ChangeLog,
+    /// A device's one-time and fallback keys (uploads and claims).
+    pub one_time_keys: ChangeTracker<DeviceKey>,
+    /// A device's queue of to-device messages.
+    pub to_device: ChangeTracker<DeviceKey>,
 }
+
+/// A user's device, as a map key.
+pub type DeviceKey = (OwnedUserId, String);
 
 impl Changes {
     /// Trackers that know of no change up to `baseline`, the store's position at start.
@@ -133,6 +245,9 @@ impl Changes {
             memberships: ChangeTracker::new(baseline),
             account_data: ChangeTracker::new(baseline),
             receipts: ChangeTracker::new(baseline),
+            device_lists: ChangeLog::new(baseline),
+            one_time_keys: ChangeTracker::new(baseline),
+            to_device: ChangeTracker::new(baseline),
         })
     }
 }
@@ -178,6 +293,23 @@ mod tests {
         assert_eq!(t.generation(&"a"), Some(1));
         drop(t.begin(&"a"));
         assert_eq!(t.generation(&"a"), Some(2), "a failed write may still have changed something");
+    }
+
+    #[test]
+    fn the_change_log_lists_each_user_once_at_their_latest_change() {
+        let log = ChangeLog::new(10);
+        let (a, b) = (ruma::owned_user_id!("@a:x"), ruma::owned_user_id!("@b:x"));
+        assert_eq!(log.changed_between(9, 20), None, "before the baseline the store must answer");
+        log.begin(&a).finish(Some(11));
+        let pending = log.begin(&b);
+        assert_eq!(log.changed_between(10, 20).unwrap(), vec![b.clone(), a.clone()], "a write in flight counts");
+        pending.finish(Some(12));
+        log.begin(&a).finish(Some(13));
+        assert_eq!(log.changed_between(10, 20).unwrap(), vec![b.clone(), a.clone()]);
+        assert_eq!(log.changed_between(12, 20).unwrap(), vec![a.clone()]);
+        assert_eq!(log.changed_between(10, 12).unwrap(), vec![b.clone()], "until bounds the range");
+        log.begin(&b).finish(None);
+        assert_eq!(log.changed_between(13, 20).unwrap(), Vec::<OwnedUserId>::new(), "a write that changed nothing");
     }
 
     #[test]

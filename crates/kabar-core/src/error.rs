@@ -36,6 +36,9 @@ pub enum Error {
     /// UIA response (flows, session, completed, params).
     #[error("user-interactive authentication required")]
     UiaRequired(serde_json::Value),
+    /// A key backup write named a version that is not the current one.
+    #[error("the key backup version is not the current one")]
+    WrongRoomKeysVersion { current: Option<String> },
     #[error("{0}")]
     Internal(String),
 }

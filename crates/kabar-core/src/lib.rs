@@ -11,12 +11,15 @@ pub mod changes;
 pub mod ephemeral;
 pub mod error;
 pub mod health;
+pub mod key_backup;
+pub mod keys;
 pub mod load;
 pub mod media;
 pub mod notifier;
 pub mod password;
 pub mod rooms;
 pub mod sync;
+pub mod to_device;
 pub mod uia;
 pub mod user_data;
 

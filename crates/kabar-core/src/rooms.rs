@@ -152,6 +152,39 @@ impl RoomCache {
             .map(|((_, k), _)| k.as_str())
     }
 
+    /// Where end-to-end encryption was turned on, if it was.
+    pub fn encrypted_at(&self) -> Option<StreamPos> {
+        self.state("m.room.encryption", "").map(|e| e.pos)
+    }
+
+    /// Users whose membership changed in `(after, until]`, with the latest
+    /// membership in that range. From the recent window when it reaches back
+    /// far enough (the usual case: a sync a few events behind), else from the
+    /// current state's member entries.
+    pub fn member_changes(&self, after: StreamPos, until: StreamPos) -> HashMap<OwnedUserId, Membership> {
+        let mut changes = HashMap::new();
+        let mut note = |pdu: &Pdu| {
+            if let (Some(key), Some(m)) = (&pdu.state_key, Membership::from_content(pdu.content.get()))
+                && let Ok(user) = OwnedUserId::try_from(key.as_str())
+            {
+                changes.insert(user, m);
+            }
+        };
+        if after >= self.recent_after {
+            self.recent
+                .iter()
+                .map(|e| &e.event)
+                .filter(|e| e.pos > after && e.pos <= until && e.pdu.kind == TimelineEventType::RoomMember)
+                .for_each(|e| note(&e.pdu));
+        } else {
+            self.state
+                .iter()
+                .filter(|((t, _), e)| t == "m.room.member" && e.pos > after && e.pos <= until)
+                .for_each(|(_, e)| note(&e.pdu));
+        }
+        changes
+    }
+
     fn creators(&self) -> Vec<OwnedUserId> {
         let Some(create) = self.state("m.room.create", "") else {
             return vec![];

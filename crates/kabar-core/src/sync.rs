@@ -20,6 +20,8 @@ use crate::{
     changes::Changes,
     ephemeral::Ephemeral,
     error::Result,
+    keys::{DeviceListDelta, Keys},
+    to_device::{ToDevice, ToDeviceEvent},
     load::Gate,
     notifier::Notifier,
     rooms::{Room, Rooms, TimelineEvent},
@@ -52,9 +54,10 @@ pub struct SyncResponse {
     rooms: SyncRooms,
     account_data: Events<Value>,
     presence: Events<Value>,
-    to_device: Events<Value>,
-    device_lists: DeviceLists,
-    device_one_time_keys_count: Map<String, Value>,
+    to_device: Events<ToDeviceEvent>,
+    device_lists: DeviceListDelta,
+    device_one_time_keys_count: BTreeMap<String, u64>,
+    device_unused_fallback_key_types: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -68,12 +71,6 @@ struct SyncRooms {
 #[derive(Debug, Serialize)]
 struct Events<T> {
     events: Vec<T>,
-}
-
-#[derive(Debug, Serialize)]
-struct DeviceLists {
-    changed: Vec<OwnedUserId>,
-    left: Vec<OwnedUserId>,
 }
 
 #[derive(Debug, Serialize)]
@@ -115,12 +112,26 @@ pub struct SyncRequest {
     pub set_presence: Option<String>,
 }
 
+/// What the sync engine reads from: the store and the services that keep
+/// each section of a response.
+pub struct SyncSources {
+    pub store: Arc<dyn Store>,
+    pub rooms: Arc<Rooms>,
+    pub notifier: Arc<Notifier>,
+    pub ephemeral: Arc<Ephemeral>,
+    pub changes: Arc<Changes>,
+    pub keys: Arc<Keys>,
+    pub to_device: Arc<ToDevice>,
+}
+
 pub struct SyncEngine {
     store: Arc<dyn Store>,
     rooms: Arc<Rooms>,
     notifier: Arc<Notifier>,
     ephemeral: Arc<Ephemeral>,
     changes: Arc<Changes>,
+    keys: Arc<Keys>,
+    to_device: Arc<ToDevice>,
     unread: Mutex<HashMap<(OwnedUserId, OwnedRoomId), UnreadEntry>>,
     /// Each user's memberships with the tracker generation they were read at.
     memberships: Mutex<HashMap<OwnedUserId, CachedMemberships>>,
@@ -253,20 +264,24 @@ fn stripped(e: &kabar_domain::Pdu) -> Value {
 }
 
 impl SyncEngine {
-    pub fn new(
-        store: Arc<dyn Store>,
-        rooms: Arc<Rooms>,
-        notifier: Arc<Notifier>,
-        ephemeral: Arc<Ephemeral>,
-        changes: Arc<Changes>,
-        full_syncs: Arc<Gate>,
-    ) -> Self {
+    pub fn new(sources: SyncSources, full_syncs: Arc<Gate>) -> Self {
+        let SyncSources {
+            store,
+            rooms,
+            notifier,
+            ephemeral,
+            changes,
+            keys,
+            to_device,
+        } = sources;
         Self {
             store,
             rooms,
             notifier,
             ephemeral,
             changes,
+            keys,
+            to_device,
             unread: Mutex::new(HashMap::new()),
             memberships: Mutex::new(HashMap::new()),
             full_syncs,
@@ -336,12 +351,24 @@ impl SyncEngine {
 
     async fn build(&self, session: &Session, req: &SyncRequest, memberships: &[MembershipRecord]) -> Result<(SyncResponse, bool)> {
         let user = &*session.user_id;
-        let upto = SyncToken {
+        let mut upto = SyncToken {
             stream: self.store.current_position(),
             ephemeral: self.ephemeral.serial(),
         };
         let initial = req.since.is_none();
         let since = req.since.unwrap_or_default();
+        // First, because more queued messages than one response carries
+        // make the whole response stop at the last one it carries.
+        let to_device = self.to_device.for_sync(session, req.since.map(|t| t.stream), upto.stream).await?;
+        if let Some(stop_at) = to_device.stop_at {
+            upto.stream = stop_at;
+        }
+        let key_counts = self.keys.key_counts(user, &session.device_id).await?;
+        let device_lists = if initial {
+            DeviceListDelta::default()
+        } else {
+            self.keys.device_list_delta(user, memberships, since.stream, upto.stream).await?
+        };
         let filter = &req.filter;
         let limit = filter
             .room
@@ -442,8 +469,16 @@ impl SyncEngine {
         } else {
             self.presence(user, &shared_rooms, presence_since).await
         };
-        let has_news =
-            !join.is_empty() || !invite.is_empty() || !leave.is_empty() || !global_account_data.is_empty() || !presence.is_empty();
+        let has_news = !join.is_empty()
+            || !invite.is_empty()
+            || !leave.is_empty()
+            || !global_account_data.is_empty()
+            || !presence.is_empty()
+            || !to_device.events.is_empty()
+            || !device_lists.is_empty();
+        let mut one_time_key_counts = key_counts.one_time;
+        // Clients read a missing count as "unknown"; zero makes them upload.
+        one_time_key_counts.entry("signed_curve25519".into()).or_insert(0);
         let response = SyncResponse {
             next_batch: upto.to_string(),
             rooms: SyncRooms {
@@ -456,12 +491,10 @@ impl SyncEngine {
                 events: global_account_data,
             },
             presence: Events { events: presence },
-            to_device: Events { events: vec![] },
-            device_lists: DeviceLists {
-                changed: vec![],
-                left: vec![],
-            },
-            device_one_time_keys_count: Map::new(),
+            to_device: Events { events: to_device.events },
+            device_lists,
+            device_one_time_keys_count: one_time_key_counts,
+            device_unused_fallback_key_types: key_counts.unused_fallback,
         };
         Ok((response, has_news))
     }

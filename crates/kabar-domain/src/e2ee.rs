@@ -106,6 +106,57 @@ pub fn check_cross_signing_key(key: &Value, user_id: &str, kind: CrossSigningKin
     Ok(key_name.to_owned())
 }
 
+/// Unpadded standard base64, as the spec writes keys and signatures
+/// (padded input is accepted too).
+const KEY_BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
+
+/// Checks that `object` carries a valid ed25519 signature by `signer`'s key
+/// `key_id` (`ed25519:<name>`), whose public key is `public_key` (base64),
+/// over its canonical JSON without `signatures` and `unsigned`.
+pub fn verify_signature(object: &Value, signer: &str, key_id: &str, public_key: &str) -> Result<(), KeyError> {
+    use base64::Engine as _;
+    let invalid = |m: &str| KeyError::Invalid(format!("signature {signer} {key_id}: {m}"));
+    let signature = object
+        .pointer(&format!("/signatures/{}/{}", pointer_escape(signer), pointer_escape(key_id)))
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid("missing"))?;
+    let canonical = ruma::CanonicalJsonValue::try_from(object.clone()).map_err(|e| invalid(&e.to_string()))?;
+    let ruma::CanonicalJsonValue::Object(canonical) = canonical else {
+        return Err(invalid("not an object"));
+    };
+    let signed = ruma::signatures::to_canonical_json_string_for_signing(&canonical).map_err(|e| invalid(&e.to_string()))?;
+    let public = KEY_BASE64.decode(public_key).map_err(|_| invalid("public key is not base64"))?;
+    let signature = KEY_BASE64.decode(signature).map_err(|_| invalid("signature is not base64"))?;
+    ruma::signatures::verify_canonical_json_bytes(
+        &ruma::SigningKeyAlgorithm::Ed25519,
+        &public,
+        &signature,
+        signed.as_bytes(),
+    )
+    .map_err(|_| invalid("does not verify"))
+}
+
+/// Escapes a JSON pointer segment (`~` and `/`).
+fn pointer_escape(segment: &str) -> String {
+    segment.replace('~', "~0").replace('/', "~1")
+}
+
+/// The object without `signatures` and `unsigned`: what a signature covers,
+/// and what must match when a client re-uploads a key with a new signature.
+pub fn signed_part(object: &Value) -> Value {
+    let mut o = object.clone();
+    if let Some(map) = o.as_object_mut() {
+        map.remove("signatures");
+        map.remove("unsigned");
+    }
+    o
+}
+
 /// What decides whether one backed-up copy of a room key beats another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackupKeyRank {
@@ -167,6 +218,30 @@ mod tests {
         assert!(check_cross_signing_key(&mismatched, "@a:x", CrossSigningKind::Master).is_err());
         let two = json!({ "user_id": "@a:x", "usage": ["master"], "keys": { "ed25519:A": "A", "ed25519:B": "B" } });
         assert!(check_cross_signing_key(&two, "@a:x", CrossSigningKind::Master).is_err());
+    }
+
+    #[test]
+    fn signatures_verify_against_the_signers_public_key_only() {
+        use base64::Engine as _;
+        let pair = ruma::signatures::Ed25519KeyPair::from_der(&ruma::signatures::Ed25519KeyPair::generate(), "K".into()).unwrap();
+        let public = KEY_BASE64.encode(pair.public_key());
+        let mut object = ruma::CanonicalJsonValue::try_from(json!({
+            "user_id": "@a:x", "usage": ["self_signing"], "keys": { "ed25519:S": "S" }
+        }))
+        .unwrap();
+        let ruma::CanonicalJsonValue::Object(obj) = &mut object else { unreachable!() };
+        ruma::signatures::sign_json("@a:x", &pair, obj).unwrap();
+        let signed: Value = object.into();
+        verify_signature(&signed, "@a:x", "ed25519:K", &public).unwrap();
+        let mut with_unsigned = signed.clone();
+        with_unsigned["unsigned"] = json!({ "x": 1 });
+        verify_signature(&with_unsigned, "@a:x", "ed25519:K", &public).expect("unsigned is not covered");
+        let mut tampered = signed.clone();
+        tampered["keys"]["ed25519:S"] = json!("T");
+        assert!(verify_signature(&tampered, "@a:x", "ed25519:K", &public).is_err());
+        assert!(verify_signature(&signed, "@a:x", "ed25519:OTHER", &public).is_err(), "no such signature");
+        let other = ruma::signatures::Ed25519KeyPair::from_der(&ruma::signatures::Ed25519KeyPair::generate(), "K".into()).unwrap();
+        assert!(verify_signature(&signed, "@a:x", "ed25519:K", &KEY_BASE64.encode(other.public_key())).is_err());
     }
 
     #[test]

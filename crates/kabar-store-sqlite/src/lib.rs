@@ -985,6 +985,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_version_one_database_is_migrated_and_keeps_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kabar.db");
+        {
+            let c = rusqlite::Connection::open(&path).unwrap();
+            c.execute_batch(&format!("{} PRAGMA user_version = 1;", include_str!("schema.sql")))
+                .unwrap();
+            c.execute("INSERT INTO users (user_id, created_ms) VALUES ('@old:localhost', 1)", [])
+                .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let old = ruma::owned_user_id!("@old:localhost");
+        assert!(store.user(&old).await.unwrap().is_some(), "data from before the migration stays");
+        assert!(store.put_device_keys(&old, "D", "{}").await.unwrap().is_some(), "new tables exist");
+        store.close();
+        let version: i64 = rusqlite::Connection::open(&path)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 2);
+    }
+
+    #[tokio::test]
     async fn concurrent_writes_share_commits_and_all_land() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("kabar.db")).unwrap();

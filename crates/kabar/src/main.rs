@@ -26,12 +26,15 @@ use kabar_core::{
     changes::Changes,
     ephemeral::Ephemeral,
     health::Readiness,
+    key_backup::KeyBackups,
+    keys::{DeviceLists, Keys},
     load::LoadMetrics,
     media::Media,
     notifier::Notifier,
     password::{HashCost, HashPriority, HashingPool, PasswordHasher},
     rooms::Rooms,
-    sync::SyncEngine,
+    sync::{SyncEngine, SyncSources},
+    to_device::ToDevice,
     user_data::UserData,
 };
 use kabar_domain::EventSigner;
@@ -313,9 +316,17 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
     let gates = WorkGates::new(&load, &config.work, cores);
     let notifier = Arc::new(Notifier::new());
     let ephemeral = Arc::new(Ephemeral::new(notifier.clone()));
-    let accounts = Arc::new(Accounts::new(store.clone(), hasher, admission, server_name.clone(), policy));
-    let default_version = ruma::RoomVersionId::try_from(config.rooms.default_version.as_str())?;
     let changes = Changes::new(store.current_position());
+    let device_lists = Arc::new(DeviceLists::new(store.clone(), changes.clone(), notifier.clone()));
+    let accounts = Arc::new(Accounts::new(
+        store.clone(),
+        hasher,
+        admission,
+        server_name.clone(),
+        policy,
+        device_lists.clone(),
+    ));
+    let default_version = ruma::RoomVersionId::try_from(config.rooms.default_version.as_str())?;
     let rooms = Arc::new(Rooms::new(
         store.clone(),
         signer,
@@ -324,12 +335,18 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
         default_version,
         gates.join.clone(),
     ));
+    let keys = Arc::new(Keys::new(store.clone(), rooms.clone(), changes.clone(), device_lists));
+    let to_device = Arc::new(ToDevice::new(store.clone(), changes.clone(), notifier.clone()));
     let sync = Arc::new(SyncEngine::new(
-        store.clone(),
-        rooms.clone(),
-        notifier.clone(),
-        ephemeral.clone(),
-        changes.clone(),
+        SyncSources {
+            store: store.clone(),
+            rooms: rooms.clone(),
+            notifier: notifier.clone(),
+            ephemeral: ephemeral.clone(),
+            changes: changes.clone(),
+            keys: keys.clone(),
+            to_device: to_device.clone(),
+        },
         gates.initial_sync.clone(),
     ));
     let user_data = Arc::new(UserData::new(store.clone(), notifier.clone(), changes, rooms.clone()));
@@ -355,6 +372,9 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
         sync,
         ephemeral,
         user_data,
+        keys,
+        to_device,
+        key_backups: Arc::new(KeyBackups::new(store.clone())),
         media,
         info: info.clone(),
         readiness: readiness.clone(),

@@ -1,3 +1,4 @@
+#![recursion_limit = "256"]
 //! Configuration safety and the operator's controls, on the real binary:
 //! bad configurations refused by `check-config` and by live reload while
 //! the server keeps serving, a good reload applied under a connected sync, a

@@ -1,0 +1,618 @@
+//! End-to-end encryption keys: device keys, one-time and fallback keys,
+//! cross-signing keys and signatures, and device-list changes.
+//!
+//! The server stores what clients publish and hands it to other clients; it
+//! never holds a private key or a room key it could use. What it decides:
+//! a one-time key goes to one claimer only, a signature is checked before it
+//! is published, and who is told that whose devices changed.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    future::Future,
+    sync::{Arc, Mutex},
+};
+
+use kabar_domain::e2ee::{self, CrossSigningKind};
+use kabar_store::{
+    ClaimedKey, CrossSigningKey, KeyClaim, KeyCounts, KeySignature, MembershipRecord, OneTimeKey, Store, StoreError, StoreResult,
+    StreamPos,
+};
+use ruma::{OwnedUserId, UserId};
+use serde_json::{Map, Value, json};
+
+use crate::{
+    changes::{Changes, DeviceKey},
+    error::{Error, Result},
+    notifier::Notifier,
+    rooms::{Room, Rooms},
+};
+
+use kabar_domain::membership::Membership;
+
+/// Bounds on one request, so a client cannot make one request cost without limit.
+const MAX_KEYS_PER_UPLOAD: usize = 1000;
+const MAX_QUERIED_USERS: usize = 1000;
+const MAX_CLAIMS: usize = 10_000;
+/// Bound on cached key counts; past it they are read again.
+const MAX_CACHED_COUNTS: usize = 1_000_000;
+
+/// Publishes device-list changes: marks them in the change log around the
+/// write (so a sync in between counts the user as changed) and wakes the
+/// syncs of everyone who shares a room with the user.
+pub struct DeviceLists {
+    store: Arc<dyn Store>,
+    changes: Arc<Changes>,
+    notifier: Arc<Notifier>,
+}
+
+impl DeviceLists {
+    pub fn new(store: Arc<dyn Store>, changes: Arc<Changes>, notifier: Arc<Notifier>) -> Self {
+        Self { store, changes, notifier }
+    }
+
+    /// Runs `write`, which may change the device lists of `users`;
+    /// `changed_at` reads the change's position from its result.
+    pub async fn record<T>(
+        &self,
+        users: &[OwnedUserId],
+        write: impl Future<Output = StoreResult<T>>,
+        changed_at: impl Fn(&T) -> Option<StreamPos>,
+    ) -> Result<T> {
+        let pending: Vec<_> = users.iter().map(|u| self.changes.device_lists.begin(u)).collect();
+        let out = write.await?;
+        let pos = changed_at(&out);
+        for p in pending {
+            p.finish(pos);
+        }
+        if pos.is_some() {
+            for user in users {
+                self.wake(user).await;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn wake(&self, user: &UserId) {
+        self.notifier.user_changed(user);
+        match self.store.memberships(user).await {
+            Ok(memberships) => memberships
+                .iter()
+                .filter(|m| m.membership == Membership::Join)
+                .for_each(|m| self.notifier.room_changed(&m.room_id)),
+            // The change is stored and logged; syncs see it at their next wake-up.
+            Err(e) => tracing::warn!(error = %e, "could not wake the rooms of a device-list change"),
+        }
+    }
+}
+
+/// What `/keys/upload` carries.
+#[derive(Debug, Default)]
+pub struct KeysUpload {
+    pub device_keys: Option<Value>,
+    pub one_time_keys: Map<String, Value>,
+    pub fallback_keys: Map<String, Value>,
+}
+
+/// What `/keys/device_signing/upload` carries.
+#[derive(Debug, Default)]
+pub struct CrossSigningUpload {
+    pub master_key: Option<Value>,
+    pub self_signing_key: Option<Value>,
+    pub user_signing_key: Option<Value>,
+}
+
+impl CrossSigningUpload {
+    fn keys(&self) -> impl Iterator<Item = (CrossSigningKind, &Value)> {
+        [
+            (CrossSigningKind::Master, &self.master_key),
+            (CrossSigningKind::SelfSigning, &self.self_signing_key),
+            (CrossSigningKind::UserSigning, &self.user_signing_key),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
+    }
+}
+
+/// Whose devices changed for a user, and with whom they no longer share a room.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceListDelta {
+    pub changed: Vec<OwnedUserId>,
+    pub left: Vec<OwnedUserId>,
+}
+
+impl DeviceListDelta {
+    pub fn is_empty(&self) -> bool {
+        self.changed.is_empty() && self.left.is_empty()
+    }
+}
+
+pub struct Keys {
+    store: Arc<dyn Store>,
+    rooms: Arc<Rooms>,
+    changes: Arc<Changes>,
+    device_lists: Arc<DeviceLists>,
+    /// Each device's key counts with the tracker generation they were read at:
+    /// every sync reports them, and they change only on uploads and claims.
+    counts: Mutex<HashMap<DeviceKey, (u64, KeyCounts)>>,
+}
+
+fn to_json(v: &Value) -> String {
+    // serde_json's maps are sorted, so equal objects give equal strings.
+    v.to_string()
+}
+
+fn parse_stored(json: &str) -> Value {
+    serde_json::from_str(json).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "stored key is not JSON");
+        Value::Null
+    })
+}
+
+/// Adds stored signatures to a key object's `signatures`.
+fn with_signatures(mut key: Value, signatures: &[&KeySignature]) -> Value {
+    if signatures.is_empty() {
+        return key;
+    }
+    if !key.get("signatures").is_some_and(Value::is_object) {
+        key["signatures"] = json!({});
+    }
+    for s in signatures {
+        let by_signer = &mut key["signatures"][s.signer.as_str()];
+        if !by_signer.is_object() {
+            *by_signer = json!({});
+        }
+        by_signer[s.signer_key_id.as_str()] = json!(s.signature);
+    }
+    key
+}
+
+fn signature_failure(errcode: &str, error: impl Into<String>) -> Value {
+    json!({ "errcode": errcode, "error": error.into() })
+}
+
+fn keys_of(map: &Map<String, Value>) -> Result<Vec<OneTimeKey>> {
+    if map.len() > MAX_KEYS_PER_UPLOAD {
+        return Err(Error::TooLarge(format!("at most {MAX_KEYS_PER_UPLOAD} keys per upload")));
+    }
+    map.iter()
+        .map(|(id, key)| {
+            let (algorithm, _) = e2ee::split_key_id(id).map_err(|e| Error::InvalidParam(e.to_string()))?;
+            if !(key.is_object() || key.is_string()) {
+                return Err(Error::BadJson(format!("key {id} must be an object or a string")));
+            }
+            Ok(OneTimeKey {
+                algorithm: algorithm.to_owned(),
+                key_id: id.clone(),
+                json: to_json(key),
+            })
+        })
+        .collect()
+}
+
+/// A conflict in key storage is the client's mistake (a key id reused), not the server's.
+fn client_conflict(e: StoreError) -> Error {
+    match e {
+        StoreError::Conflict(m) => Error::InvalidParam(m),
+        other => other.into(),
+    }
+}
+
+impl Keys {
+    pub fn new(store: Arc<dyn Store>, rooms: Arc<Rooms>, changes: Arc<Changes>, device_lists: Arc<DeviceLists>) -> Self {
+        Self {
+            store,
+            rooms,
+            changes,
+            device_lists,
+            counts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn is_local(&self, user: &UserId) -> bool {
+        user.server_name() == self.rooms.server_name()
+    }
+
+    /// POST /keys/upload: publishes the device's identity keys and adds
+    /// one-time and fallback keys; returns the device's key counts.
+    pub async fn upload(&self, user: &UserId, device_id: &str, upload: KeysUpload) -> Result<KeyCounts> {
+        if let Some(keys) = &upload.device_keys {
+            e2ee::check_device_keys(keys, user.as_str(), device_id).map_err(|e| Error::InvalidParam(e.to_string()))?;
+            let json = to_json(keys);
+            self.device_lists
+                .record(&[user.to_owned()], self.store.put_device_keys(user, device_id, &json), |pos| *pos)
+                .await?;
+        }
+        let one_time = keys_of(&upload.one_time_keys)?;
+        let fallback = keys_of(&upload.fallback_keys)?;
+        if !one_time.is_empty() || !fallback.is_empty() {
+            let key = (user.to_owned(), device_id.to_owned());
+            let change = self.changes.one_time_keys.begin(&key);
+            if !one_time.is_empty() {
+                self.store
+                    .add_one_time_keys(user, device_id, one_time)
+                    .await
+                    .map_err(client_conflict)?;
+            }
+            if !fallback.is_empty() {
+                self.store.put_fallback_keys(user, device_id, fallback).await?;
+            }
+            change.finish(self.store.current_position());
+        }
+        self.key_counts(user, device_id).await
+    }
+
+    /// The device's key counts, from memory unless an upload or claim touched them.
+    pub async fn key_counts(&self, user: &UserId, device_id: &str) -> Result<KeyCounts> {
+        let key = (user.to_owned(), device_id.to_owned());
+        let generation = self.changes.one_time_keys.generation(&key);
+        if let Some(generation) = generation
+            && let Some((at, counts)) = self.counts.lock().expect("key counts lock").get(&key)
+            && *at == generation
+        {
+            return Ok(counts.clone());
+        }
+        let counts = self.store.key_counts(user, device_id).await?;
+        if let Some(generation) = generation {
+            let mut cache = self.counts.lock().expect("key counts lock");
+            if cache.len() >= MAX_CACHED_COUNTS {
+                cache.clear();
+            }
+            cache.insert(key, (generation, counts.clone()));
+        }
+        Ok(counts)
+    }
+
+    /// POST /keys/query: the published keys of the users asked for (all
+    /// devices for an empty list). Users of other servers are not reachable
+    /// (no federation) and are left out.
+    pub async fn query(&self, requester: &UserId, wanted: BTreeMap<OwnedUserId, Vec<String>>) -> Result<Value> {
+        if wanted.len() > MAX_QUERIED_USERS {
+            return Err(Error::TooLarge(format!("at most {MAX_QUERIED_USERS} users per query")));
+        }
+        let mut device_keys = Map::new();
+        let mut master_keys = Map::new();
+        let mut self_signing_keys = Map::new();
+        let mut user_signing_keys = Map::new();
+        for (user, devices) in wanted {
+            if !self.is_local(&user) {
+                continue;
+            }
+            let signatures = self.store.signatures(&user).await?;
+            let on = |target: &str| -> Vec<&KeySignature> { signatures.iter().filter(|s| s.target_key == target).collect() };
+            let mut by_device = Map::new();
+            for record in self.store.device_keys(&user).await? {
+                if !devices.is_empty() && !devices.contains(&record.device_id) {
+                    continue;
+                }
+                let mut key = with_signatures(parse_stored(&record.json), &on(&record.device_id));
+                if key.is_object() {
+                    key["unsigned"] = json!({ "device_display_name": record.display_name });
+                }
+                by_device.insert(record.device_id, key);
+            }
+            device_keys.insert(user.to_string(), Value::Object(by_device));
+            for k in self.store.cross_signing_keys(&user).await? {
+                let key = with_signatures(parse_stored(&k.json), &on(&k.public_key));
+                match k.kind {
+                    CrossSigningKind::Master => master_keys.insert(user.to_string(), key),
+                    CrossSigningKind::SelfSigning => self_signing_keys.insert(user.to_string(), key),
+                    // Only its owner may see which key signs other users.
+                    CrossSigningKind::UserSigning if user == requester => user_signing_keys.insert(user.to_string(), key),
+                    CrossSigningKind::UserSigning => None,
+                };
+            }
+        }
+        Ok(json!({
+            "device_keys": device_keys,
+            "master_keys": master_keys,
+            "self_signing_keys": self_signing_keys,
+            "user_signing_keys": user_signing_keys,
+            "failures": {},
+        }))
+    }
+
+    /// POST /keys/claim: one key per (user, device, algorithm) asked for; each
+    /// one-time key is handed out once, then the fallback key.
+    pub async fn claim(&self, wanted: BTreeMap<OwnedUserId, BTreeMap<String, String>>) -> Result<Value> {
+        let claims: Vec<KeyClaim> = wanted
+            .into_iter()
+            .filter(|(user, _)| self.is_local(user))
+            .flat_map(|(user_id, devices)| {
+                devices.into_iter().map(move |(device_id, algorithm)| KeyClaim {
+                    user_id: user_id.clone(),
+                    device_id,
+                    algorithm,
+                })
+            })
+            .collect();
+        if claims.len() > MAX_CLAIMS {
+            return Err(Error::TooLarge(format!("at most {MAX_CLAIMS} keys per claim")));
+        }
+        let keys: Vec<DeviceKey> = claims.iter().map(|c| (c.user_id.clone(), c.device_id.clone())).collect();
+        let pending: Vec<_> = keys.iter().map(|k| self.changes.one_time_keys.begin(k)).collect();
+        let claimed = self.store.claim_keys(claims).await?;
+        for p in pending {
+            p.finish(self.store.current_position());
+        }
+        let mut out = Map::new();
+        for ClaimedKey {
+            user_id,
+            device_id,
+            key_id,
+            json,
+        } in claimed
+        {
+            let by_user = out.entry(user_id.to_string()).or_insert_with(|| json!({}));
+            let by_device = &mut by_user[device_id.as_str()];
+            if !by_device.is_object() {
+                *by_device = json!({});
+            }
+            by_device[key_id.as_str()] = parse_stored(&json);
+        }
+        Ok(json!({ "one_time_keys": out, "failures": {} }))
+    }
+
+    /// Whether replacing the user's cross-signing keys with `upload` needs
+    /// the password: not for the first keys (clients set them up right after
+    /// sign-up) nor for a repeat of what is stored.
+    pub async fn cross_signing_needs_auth(&self, user: &UserId, upload: &CrossSigningUpload) -> Result<bool> {
+        let stored = self.store.cross_signing_keys(user).await?;
+        if !stored.iter().any(|k| k.kind == CrossSigningKind::Master) {
+            return Ok(false);
+        }
+        Ok(upload
+            .keys()
+            .any(|(kind, key)| !stored.iter().any(|s| s.kind == kind && s.json == to_json(key))))
+    }
+
+    /// POST /keys/device_signing/upload (after user-interactive auth, if
+    /// [`cross_signing_needs_auth`](Self::cross_signing_needs_auth) said so).
+    pub async fn upload_cross_signing(&self, user: &UserId, upload: CrossSigningUpload) -> Result<()> {
+        let stored = self.store.cross_signing_keys(user).await?;
+        let mut keys = vec![];
+        for (kind, key) in upload.keys() {
+            let public_key = e2ee::check_cross_signing_key(key, user.as_str(), kind).map_err(|e| Error::InvalidParam(e.to_string()))?;
+            keys.push(CrossSigningKey {
+                kind,
+                public_key,
+                json: to_json(key),
+            });
+        }
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let master = keys
+            .iter()
+            .chain(stored.iter())
+            .find(|k| k.kind == CrossSigningKind::Master)
+            .map(|k| k.public_key.clone())
+            .ok_or_else(|| Error::InvalidParam("a master key is needed first".into()))?;
+        for (kind, key) in upload.keys().filter(|(k, _)| *k != CrossSigningKind::Master) {
+            e2ee::verify_signature(key, user.as_str(), &format!("ed25519:{master}"), &master)
+                .map_err(|e| Error::InvalidParam(format!("{} key is not signed by the master key: {e}", kind.usage())))?;
+        }
+        self.device_lists
+            .record(&[user.to_owned()], self.store.put_cross_signing_keys(user, keys), |pos| Some(*pos))
+            .await?;
+        Ok(())
+    }
+
+    /// POST /keys/signatures/upload: checks each signature the requester
+    /// made and publishes those that verify; the rest are reported per key.
+    pub async fn upload_signatures(&self, requester: &UserId, body: Map<String, Value>) -> Result<Value> {
+        let own_cross_signing = self.store.cross_signing_keys(requester).await?;
+        let own_key = |kind: CrossSigningKind| own_cross_signing.iter().find(|k| k.kind == kind);
+        let own_devices = self.store.device_keys(requester).await?;
+        let mut accepted = vec![];
+        let mut failures = Map::new();
+        for (target, objects) in body {
+            let Ok(target_user) = OwnedUserId::try_from(target.as_str()) else {
+                failures.insert(target, json!({ "*": signature_failure("M_INVALID_PARAM", "not a user id") }));
+                continue;
+            };
+            let Some(objects) = objects.as_object() else {
+                failures.insert(target, json!({ "*": signature_failure("M_BAD_JSON", "expected an object of keys") }));
+                continue;
+            };
+            let target_keys = if target_user == requester {
+                None
+            } else {
+                Some(self.store.cross_signing_keys(&target_user).await?)
+            };
+            for (key_id, object) in objects {
+                match self.check_signatures(
+                    requester,
+                    &target_user,
+                    key_id,
+                    object,
+                    &own_key,
+                    &own_devices,
+                    target_keys.as_deref(),
+                ) {
+                    Ok(mut sigs) => accepted.append(&mut sigs),
+                    Err(failure) => {
+                        let entry = failures.entry(target.clone()).or_insert_with(|| json!({}));
+                        entry[key_id.as_str()] = failure;
+                    }
+                }
+            }
+        }
+        if !accepted.is_empty() {
+            let mut targets: Vec<OwnedUserId> = accepted.iter().map(|s| s.target_user.clone()).collect();
+            targets.sort();
+            targets.dedup();
+            self.device_lists
+                .record(&targets, self.store.put_signatures(accepted), |pos| Some(*pos))
+                .await?;
+        }
+        Ok(json!({ "failures": failures }))
+    }
+
+    /// The signatures by `requester` on one uploaded key object that are
+    /// allowed and verify, or the failure to report for it.
+    #[allow(clippy::too_many_arguments)]
+    fn check_signatures<'a>(
+        &self,
+        requester: &UserId,
+        target_user: &UserId,
+        key_id: &str,
+        object: &Value,
+        own_key: &impl Fn(CrossSigningKind) -> Option<&'a CrossSigningKey>,
+        own_devices: &[kabar_store::DeviceKeysRecord],
+        target_keys: Option<&[CrossSigningKey]>,
+    ) -> std::result::Result<Vec<KeySignature>, Value> {
+        // What is being signed, as stored, and which of the requester's keys may sign it.
+        let (stored_json, allowed_signers): (&str, Vec<(String, String)>) = match target_keys {
+            None => {
+                if let Some(device) = own_devices.iter().find(|d| d.device_id == key_id) {
+                    let signer = own_key(CrossSigningKind::SelfSigning)
+                        .ok_or_else(|| signature_failure("M_INVALID_SIGNATURE", "no self-signing key to sign devices with"))?;
+                    (device.json.as_str(), vec![(format!("ed25519:{}", signer.public_key), signer.public_key.clone())])
+                } else if let Some(master) = own_key(CrossSigningKind::Master).filter(|m| m.public_key == key_id) {
+                    // A device signs its user's master key (that is how a new
+                    // device vouches for the identity it verified).
+                    let signers = own_devices
+                        .iter()
+                        .filter_map(|d| {
+                            let key = parse_stored(&d.json);
+                            let id = format!("ed25519:{}", d.device_id);
+                            key.pointer(&format!("/keys/{id}")).and_then(Value::as_str).map(|k| (id.clone(), k.to_owned()))
+                        })
+                        .collect();
+                    (master.json.as_str(), signers)
+                } else {
+                    return Err(signature_failure("M_NOT_FOUND", "no such device or key"));
+                }
+            }
+            Some(target_keys) => {
+                let master = target_keys
+                    .iter()
+                    .find(|k| k.kind == CrossSigningKind::Master && k.public_key == key_id)
+                    .ok_or_else(|| signature_failure("M_NOT_FOUND", "not the user's master key"))?;
+                let signer = own_key(CrossSigningKind::UserSigning)
+                    .ok_or_else(|| signature_failure("M_INVALID_SIGNATURE", "no user-signing key to sign users with"))?;
+                (master.json.as_str(), vec![(format!("ed25519:{}", signer.public_key), signer.public_key.clone())])
+            }
+        };
+        if e2ee::signed_part(object) != e2ee::signed_part(&parse_stored(stored_json)) {
+            return Err(signature_failure("M_INVALID_SIGNATURE", "the signed object differs from the published key"));
+        }
+        let mut sigs = vec![];
+        for (signer_key_id, public_key) in &allowed_signers {
+            let Some(signature) = object
+                .get("signatures")
+                .and_then(|s| s.get(requester.as_str()))
+                .and_then(|s| s.get(signer_key_id))
+                .and_then(Value::as_str)
+            else {
+                continue;
+            };
+            e2ee::verify_signature(object, requester.as_str(), signer_key_id, public_key)
+                .map_err(|e| signature_failure("M_INVALID_SIGNATURE", e.to_string()))?;
+            sigs.push(KeySignature {
+                target_user: target_user.to_owned(),
+                target_key: key_id.to_owned(),
+                signer: requester.to_owned(),
+                signer_key_id: signer_key_id.clone(),
+                signature: signature.to_owned(),
+            });
+        }
+        if sigs.is_empty() {
+            return Err(signature_failure("M_INVALID_SIGNATURE", "no signature by a key allowed to sign this"));
+        }
+        Ok(sigs)
+    }
+
+    /// GET /keys/changes: [`device_list_delta`](Self::device_list_delta)
+    /// between two sync tokens, by the user's current memberships.
+    pub async fn changes(&self, user: &UserId, from: StreamPos, to: StreamPos) -> Result<DeviceListDelta> {
+        let to = to.min(self.store.current_position());
+        let memberships = self.store.memberships(user).await?;
+        self.device_list_delta(user, &memberships, from, to).await
+    }
+
+    /// Whose device lists changed for `user` in `(since, until]` and with whom
+    /// `user` no longer shares an encrypted room, for sync and `/keys/changes`.
+    ///
+    /// Changed: users sharing a room with `user` (or `user`) who published or
+    /// removed keys; users who joined one of `user`'s encrypted rooms; every
+    /// member of an encrypted room `user` joined or that turned encryption on.
+    /// Left: users who left (or whose room `user` left) and now share no
+    /// encrypted room with `user`.
+    pub async fn device_list_delta(
+        &self,
+        user: &UserId,
+        memberships: &[MembershipRecord],
+        since: StreamPos,
+        until: StreamPos,
+    ) -> Result<DeviceListDelta> {
+        let mut joined: Vec<(StreamPos, Arc<Room>)> = vec![];
+        let mut left_rooms: Vec<Arc<Room>> = vec![];
+        for m in memberships.iter().filter(|m| m.pos <= until) {
+            match m.membership {
+                Membership::Join => joined.push((m.pos, self.rooms.room(&m.room_id).await?)),
+                Membership::Leave | Membership::Ban if m.pos > since => left_rooms.push(self.rooms.room(&m.room_id).await?),
+                _ => {}
+            }
+        }
+        let shares_room = |other: &UserId, encrypted_only: bool| {
+            other == user
+                || joined.iter().any(|(_, room)| {
+                    let r = room.read();
+                    (!encrypted_only || r.encrypted_at().is_some()) && r.membership(other) == Some(Membership::Join)
+                })
+        };
+
+        let mut changed: BTreeSet<OwnedUserId> = BTreeSet::new();
+        let mut left_candidates: BTreeSet<OwnedUserId> = BTreeSet::new();
+        let logged = match self.changes.device_lists.changed_between(since, until) {
+            Some(users) => users,
+            None => self
+                .store
+                .device_list_changes(since, until)
+                .await?
+                .into_iter()
+                .map(|(u, _)| u)
+                .collect(),
+        };
+        let own_changed = logged.iter().any(|u| u == user);
+        changed.extend(logged.into_iter().filter(|u| shares_room(u, false)));
+
+        for (joined_at, room) in &joined {
+            let r = room.read();
+            let Some(encrypted_at) = r.encrypted_at() else { continue };
+            if *joined_at > since || (encrypted_at > since && encrypted_at <= until) {
+                changed.extend(r.members(Membership::Join).filter_map(|m| OwnedUserId::try_from(m).ok()));
+            } else if r.last_pos > since {
+                for (other, membership) in r.member_changes(since, until) {
+                    match membership {
+                        Membership::Join => {
+                            changed.insert(other);
+                        }
+                        Membership::Leave | Membership::Ban => {
+                            left_candidates.insert(other);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        for room in &left_rooms {
+            let r = room.read();
+            if r.encrypted_at().is_some() {
+                left_candidates.extend(r.members(Membership::Join).filter_map(|m| OwnedUserId::try_from(m).ok()));
+            }
+        }
+        let left: Vec<OwnedUserId> = left_candidates.into_iter().filter(|u| !shares_room(u, true)).collect();
+        // Joining a room does not make the user's own devices news; a change of them does.
+        changed.remove(user);
+        if own_changed {
+            changed.insert(user.to_owned());
+        }
+        changed.retain(|u| !left.contains(u));
+        Ok(DeviceListDelta {
+            changed: changed.into_iter().collect(),
+            left,
+        })
+    }
+}

@@ -1,0 +1,221 @@
+//! Send-to-device messaging: messages queued per device, delivered by its
+//! syncs in stream order, deleted once the device has synced past them.
+//!
+//! **Invariant:** a message is deleted only after its device sent a sync
+//! token at or past the message's position (the device acknowledged the
+//! response that carried it). Until then every sync from an older token
+//! delivers it again: at least once, in order, never after acknowledgment.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use kabar_store::{QueuedToDevice, Session, Store, StreamPos, ToDeviceMessage};
+use ruma::OwnedUserId;
+use serde::Serialize;
+use serde_json::{Map, Value, value::RawValue};
+
+use crate::{
+    changes::{Changes, DeviceKey},
+    error::{Error, Result},
+    notifier::Notifier,
+};
+
+/// Messages one sync response carries at most; the rest come with the next.
+pub const MAX_PER_SYNC: usize = 100;
+/// Messages one send may queue (after `*` is expanded to devices).
+const MAX_PER_SEND: usize = 10_000;
+/// Bound on remembered acknowledgment states; past it they are rebuilt.
+const MAX_ACK_STATES: usize = 1_000_000;
+
+/// What one device has been handed and what of it is deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct AckState {
+    /// The highest position a sync response carried to the device.
+    delivered_upto: StreamPos,
+    /// Everything at or before this is deleted.
+    deleted_upto: StreamPos,
+}
+
+impl AckState {
+    /// Whether a sync from token `since` acknowledges messages not yet deleted.
+    fn acknowledges_more(&self, since: StreamPos) -> bool {
+        since > self.deleted_upto && self.delivered_upto > self.deleted_upto
+    }
+}
+
+/// A to-device event as a client receives it.
+#[derive(Debug, Serialize)]
+pub struct ToDeviceEvent {
+    sender: OwnedUserId,
+    #[serde(rename = "type")]
+    kind: String,
+    content: Box<RawValue>,
+}
+
+/// What a sync gets: the events, and where the response must stop if
+/// more messages are queued than one response carries.
+#[derive(Debug, Default)]
+pub struct ToDeviceBatch {
+    pub events: Vec<ToDeviceEvent>,
+    pub stop_at: Option<StreamPos>,
+}
+
+pub struct ToDevice {
+    store: Arc<dyn Store>,
+    changes: Arc<Changes>,
+    notifier: Arc<Notifier>,
+    acks: Mutex<HashMap<DeviceKey, AckState>>,
+}
+
+impl ToDevice {
+    pub fn new(store: Arc<dyn Store>, changes: Arc<Changes>, notifier: Arc<Notifier>) -> Self {
+        Self {
+            store,
+            changes,
+            notifier,
+            acks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// PUT /sendToDevice/{type}/{txn}: `messages` maps users to devices (or
+    /// `*`, every device of the user) to contents. Idempotent per sending
+    /// device and transaction id. Users of other servers are not reachable
+    /// (no federation); their messages are dropped.
+    pub async fn send(&self, sender: &Session, kind: &str, txn_id: &str, messages: Map<String, Value>) -> Result<()> {
+        if kind.is_empty() || kind.len() > 255 {
+            return Err(Error::InvalidParam("invalid event type".into()));
+        }
+        let mut queue = vec![];
+        for (user, devices) in messages {
+            let recipient = OwnedUserId::try_from(user.as_str()).map_err(|_| Error::InvalidParam(format!("{user} is not a user id")))?;
+            let devices = devices
+                .as_object()
+                .ok_or_else(|| Error::BadJson("messages must map users to objects of devices".into()))?;
+            if recipient.server_name() != sender.user_id.server_name() {
+                continue;
+            }
+            for (device, content) in devices {
+                if !content.is_object() {
+                    return Err(Error::BadJson("a message's content must be an object".into()));
+                }
+                let content = content.to_string();
+                let targets = if device == "*" {
+                    self.store.devices(&recipient).await?.into_iter().map(|d| d.device_id).collect()
+                } else {
+                    vec![device.clone()]
+                };
+                queue.extend(targets.into_iter().map(|device_id| ToDeviceMessage {
+                    recipient: recipient.clone(),
+                    device_id,
+                    kind: kind.to_owned(),
+                    content: content.clone(),
+                }));
+                if queue.len() > MAX_PER_SEND {
+                    return Err(Error::TooLarge(format!("at most {MAX_PER_SEND} messages per request")));
+                }
+            }
+        }
+        let keys: Vec<DeviceKey> = queue.iter().map(|m| (m.recipient.clone(), m.device_id.clone())).collect();
+        let pending: Vec<_> = keys.iter().map(|k| self.changes.to_device.begin(k)).collect();
+        let queued = self.store.queue_to_device(sender, txn_id, queue).await?;
+        if let Some(pos) = queued {
+            for p in pending {
+                p.finish(pos);
+            }
+            let mut woken: Vec<&OwnedUserId> = keys.iter().map(|(u, _)| u).collect();
+            woken.dedup();
+            for user in woken {
+                self.notifier.user_changed(user);
+            }
+        }
+        Ok(())
+    }
+
+    /// For a device's sync from `since` (none: an initial sync) up to
+    /// `until`: first deletes what the token acknowledges, then returns the
+    /// messages queued after it, oldest first.
+    pub async fn for_sync(&self, session: &Session, since: Option<StreamPos>, until: StreamPos) -> Result<ToDeviceBatch> {
+        let key: DeviceKey = (session.user_id.clone(), session.device_id.clone());
+        if let Some(since) = since {
+            self.acknowledge(&key, since).await?;
+        }
+        let after = since.unwrap_or(0);
+        if since.is_some() && !self.changes.to_device.changed_since(&key, after) {
+            return Ok(ToDeviceBatch::default());
+        }
+        let queued = self.store.to_device(&key.0, &key.1, after, until, MAX_PER_SYNC).await?;
+        let Some(last) = queued.last().map(|m| m.pos) else {
+            return Ok(ToDeviceBatch::default());
+        };
+        {
+            let mut acks = self.acks.lock().expect("to-device acks lock");
+            if acks.len() >= MAX_ACK_STATES {
+                acks.clear();
+            }
+            let state = acks.entry(key).or_insert(AckState {
+                delivered_upto: 0,
+                deleted_upto: after,
+            });
+            state.delivered_upto = state.delivered_upto.max(last);
+        }
+        let stop_at = (queued.len() == MAX_PER_SYNC).then_some(last);
+        let events = queued.into_iter().filter_map(to_event).collect();
+        Ok(ToDeviceBatch { events, stop_at })
+    }
+
+    /// The device synced from `since`: it has every message up to there.
+    async fn acknowledge(&self, key: &DeviceKey, since: StreamPos) -> Result<()> {
+        let known = self.acks.lock().expect("to-device acks lock").get(key).copied();
+        let delete = match known {
+            Some(state) => state.acknowledges_more(since),
+            // Nothing handed out by this process: messages a previous run
+            // delivered may still be queued. A read is cheaper than a write.
+            None => !self.store.to_device(&key.0, &key.1, 0, since, 1).await?.is_empty(),
+        };
+        if delete {
+            self.store.delete_to_device(&key.0, &key.1, since).await?;
+        }
+        let mut acks = self.acks.lock().expect("to-device acks lock");
+        let state = acks.entry(key.clone()).or_default();
+        state.deleted_upto = state.deleted_upto.max(since);
+        Ok(())
+    }
+}
+
+fn to_event(m: QueuedToDevice) -> Option<ToDeviceEvent> {
+    match RawValue::from_string(m.content) {
+        Ok(content) => Some(ToDeviceEvent {
+            sender: m.sender,
+            kind: m.kind,
+            content,
+        }),
+        Err(e) => {
+            tracing::error!(error = %e, pos = m.pos, "stored to-device content is not JSON");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_acknowledges_only_what_was_delivered_and_not_yet_deleted() {
+        let state = AckState {
+            delivered_upto: 10,
+            deleted_upto: 4,
+        };
+        assert!(state.acknowledges_more(5));
+        assert!(state.acknowledges_more(12));
+        assert!(!state.acknowledges_more(4), "the same token again deletes nothing more");
+        assert!(!state.acknowledges_more(3), "an older token deletes nothing");
+        let all_deleted = AckState {
+            delivered_upto: 10,
+            deleted_upto: 10,
+        };
+        assert!(!all_deleted.acknowledges_more(20), "nothing delivered since the last deletion");
+    }
+}

@@ -1,0 +1,321 @@
+//! End-to-end encryption against the real binary: real clients (matrix-sdk
+//! with its e2e-encryption feature) chat in an encrypted room, a later device
+//! restores the history from key backup and is cross-signed; one-time keys
+//! under concurrent claims; to-device delivery across a kill -9; no
+//! plaintext in the database.
+
+mod common;
+
+use std::{collections::HashSet, time::Duration};
+
+use common::{Server, get_json, http, post_json, registered};
+use matrix_sdk::{
+    Client,
+    config::SyncSettings,
+    deserialized_responses::TimelineEvent,
+    encryption::{BackupDownloadStrategy, EncryptionSettings},
+    room::MessagesOptions,
+    ruma::{
+        OwnedRoomId,
+        api::client::room::create_room,
+        events::{
+            AnySyncMessageLikeEvent, AnySyncTimelineEvent, InitialStateEvent, SyncMessageLikeEvent,
+            room::{encryption::RoomEncryptionEventContent, message::RoomMessageEventContent},
+        },
+    },
+};
+use serde_json::{Value, json};
+
+fn settings() -> SyncSettings {
+    SyncSettings::default().timeout(Duration::from_secs(2))
+}
+
+/// The bodies of the decrypted text messages among `events`.
+fn decrypted_bodies(events: &[TimelineEvent]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e.encryption_info().is_some())
+        .filter_map(|e| match e.raw().deserialize().ok()? {
+            AnySyncTimelineEvent::MessageLike(AnySyncMessageLikeEvent::RoomMessage(SyncMessageLikeEvent::Original(m))) => {
+                Some(m.content.body().to_owned())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Syncs `client` until the room's timeline has delivered every body in
+/// `wanted`, decrypted.
+async fn sync_until_decrypted(client: &Client, room_id: &OwnedRoomId, wanted: &[&str]) {
+    let mut seen: Vec<String> = vec![];
+    for _ in 0..20 {
+        let response = client.sync_once(settings()).await.expect("sync");
+        if let Some(room) = response.rooms.joined.get(room_id) {
+            seen.extend(decrypted_bodies(&room.timeline.events));
+        }
+        if wanted.iter().all(|w| seen.iter().any(|s| s == w)) {
+            return;
+        }
+    }
+    panic!("{} never decrypted {wanted:?}; decrypted: {seen:?}", client.user_id().unwrap());
+}
+
+async fn device_client(url: &str) -> Client {
+    Client::builder()
+        .homeserver_url(url)
+        .with_encryption_settings(EncryptionSettings {
+            backup_download_strategy: BackupDownloadStrategy::AfterDecryptionFailure,
+            ..EncryptionSettings::default()
+        })
+        .build()
+        .await
+        .expect("build client")
+}
+
+/// Every stored byte of the server's database (main file and write-ahead log).
+fn database_bytes(server: &Server) -> Vec<u8> {
+    let mut bytes = vec![];
+    for entry in std::fs::read_dir(server.data_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap().to_string_lossy().contains(".db") {
+            bytes.extend(std::fs::read(path).unwrap());
+        }
+    }
+    bytes
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_chat_then_a_new_device_restores_history_from_backup_and_is_cross_signed() {
+    let server = Server::start();
+    let alice = registered(&server.url, "alice").await;
+    let bob = registered(&server.url, "bob").await;
+    let (alice_id, bob_id) = (alice.user_id().unwrap().to_owned(), bob.user_id().unwrap().to_owned());
+    // First syncs upload each device's identity and one-time keys.
+    alice.sync_once(settings()).await.unwrap();
+    bob.sync_once(settings()).await.unwrap();
+
+    // Alice sets up cross-signing (the first keys need no password), then
+    // recovery: a key backup and secret storage, all on the server.
+    alice.encryption().bootstrap_cross_signing(None).await.expect("cross-signing keys");
+    assert!(alice.encryption().cross_signing_status().await.unwrap().is_complete());
+    let recovery_key = alice.encryption().recovery().enable().await.expect("enable recovery");
+
+    let mut req = create_room::v3::Request::new();
+    req.invite = vec![bob_id.clone()];
+    req.is_direct = true;
+    req.initial_state = vec![InitialStateEvent::with_empty_state_key(RoomEncryptionEventContent::with_recommended_defaults()).to_raw_any()];
+    let room = alice.create_room(req).await.expect("create encrypted room");
+    let room_id = room.room_id().to_owned();
+    bob.sync_once(settings()).await.unwrap();
+    bob.join_room_by_id(&room_id).await.expect("bob joins");
+    alice.sync_once(settings()).await.unwrap();
+    assert!(room.latest_encryption_state().await.unwrap().is_encrypted());
+
+    let from_alice = ["tea at five? 7f3c9a", "bring the cake 7f3c9a"];
+    for body in from_alice {
+        room.send(RoomMessageEventContent::text_plain(body)).await.expect("alice sends");
+    }
+    sync_until_decrypted(&bob, &room_id, &from_alice).await;
+    let bob_room = bob.get_room(&room_id).unwrap();
+    let from_bob = "five is fine 7f3c9a";
+    bob_room.send(RoomMessageEventContent::text_plain(from_bob)).await.expect("bob sends");
+    sync_until_decrypted(&alice, &room_id, &[from_bob]).await;
+    alice.encryption().backups().wait_for_steady_state().await.expect("room keys backed up");
+
+    // Alice's second device logs in later: it had no keys when the messages
+    // were sent, so it reads them only through the backup.
+    let alice2 = device_client(&server.url).await;
+    alice2
+        .matrix_auth()
+        .login_username("alice", "alice-password")
+        .initial_device_display_name("laptop")
+        .send()
+        .await
+        .expect("second login");
+    alice2.sync_once(settings()).await.unwrap();
+    alice2.encryption().recovery().recover(&recovery_key).await.expect("recover from secret storage");
+    let own = alice2.encryption().get_own_device().await.unwrap().unwrap();
+    assert!(own.is_cross_signed_by_owner(), "recovery signs the new device with the self-signing key");
+    alice2.encryption().backups().download_room_keys_for_room(&room_id).await.expect("download room keys");
+    let room2 = alice2.get_room(&room_id).expect("room known to the new device");
+    let mut options = MessagesOptions::backward();
+    options.limit = 50u32.into();
+    let history = room2.messages(options).await.expect("history");
+    let bodies = decrypted_bodies(&history.chunk);
+    for body in from_alice.iter().chain([&from_bob]) {
+        assert!(bodies.iter().any(|b| b == body), "new device could not read {body:?}; read {bodies:?}");
+    }
+
+    // Bob sees the new device as Alice's: its signature reached him through /keys/query.
+    bob.sync_once(settings()).await.unwrap();
+    let device = bob
+        .encryption()
+        .get_device(&alice_id, alice2.device_id().unwrap())
+        .await
+        .unwrap()
+        .expect("bob knows alice's new device");
+    assert!(device.is_cross_signed_by_owner(), "the new device's cross-signature is published");
+
+    // The server stored ciphertext only. The same check finds a marker that
+    // was sent in the clear, so it would find a leaked message too.
+    let plain = alice
+        .create_room(create_room::v3::Request::new())
+        .await
+        .expect("unencrypted room");
+    plain.send(RoomMessageEventContent::text_plain("in the clear 5d1e08")).await.unwrap();
+    let stored = database_bytes(&server);
+    assert!(contains(&stored, "in the clear 5d1e08"), "the check reads what the server stored");
+    for body in from_alice.iter().chain([&from_bob]) {
+        assert!(!contains(&stored, body), "plaintext {body:?} is in the database");
+    }
+    assert!(!contains(&stored, "7f3c9a"), "no fragment of the encrypted messages is stored");
+}
+
+/// Logs in a fresh device of `user` over raw HTTP; returns its token and device id.
+async fn login(url: &str, user: &str) -> (String, String) {
+    let r = post_json(
+        format!("{url}/_matrix/client/v3/login"),
+        None,
+        json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": user }, "password": format!("{user}-password") }),
+    )
+    .await;
+    (r["access_token"].as_str().unwrap().to_owned(), r["device_id"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claims_never_hand_out_a_one_time_key_twice() {
+    let server = Server::start();
+    let url = server.url.clone();
+    registered(&url, "owner").await;
+    registered(&url, "claimer").await;
+    let (owner_token, owner_device) = login(&url, "owner").await;
+    let (claimer_token, _) = login(&url, "claimer").await;
+    let pool: serde_json::Map<String, Value> = (0..20)
+        .map(|i| (format!("signed_curve25519:K{i:02}"), json!({ "key": format!("pub{i}"), "signatures": {} })))
+        .collect();
+    let uploaded = post_json(
+        format!("{url}/_matrix/client/v3/keys/upload"),
+        Some(&owner_token),
+        json!({ "one_time_keys": pool, "fallback_keys": { "signed_curve25519:FB": { "key": "fallback", "fallback": true, "signatures": {} } } }),
+    )
+    .await;
+    assert_eq!(uploaded["one_time_key_counts"]["signed_curve25519"], 20);
+
+    let claims = (0..100).map(|_| {
+        let (url, token, device) = (url.clone(), claimer_token.clone(), owner_device.clone());
+        tokio::spawn(async move {
+            let r = post_json(
+                format!("{url}/_matrix/client/v3/keys/claim"),
+                Some(&token),
+                json!({ "one_time_keys": { "@owner:localhost": { device.clone(): "signed_curve25519" } } }),
+            )
+            .await;
+            let keys = r["one_time_keys"]["@owner:localhost"][device.as_str()].as_object().cloned().unwrap_or_default();
+            keys.keys().cloned().collect::<Vec<_>>()
+        })
+    });
+    let mut handed_out = vec![];
+    for c in claims.collect::<Vec<_>>() {
+        handed_out.extend(c.await.unwrap());
+    }
+    assert_eq!(handed_out.len(), 100, "every claim got a key (one-time or fallback)");
+    let one_time: Vec<&String> = handed_out.iter().filter(|k| *k != "signed_curve25519:FB").collect();
+    let distinct: HashSet<&&String> = one_time.iter().collect();
+    assert_eq!(one_time.len(), 20, "the whole pool was handed out: {one_time:?}");
+    assert_eq!(distinct.len(), 20, "no one-time key was handed out twice: {one_time:?}");
+
+    let sync = get_json(format!("{url}/_matrix/client/v3/sync"), &owner_token).await;
+    assert_eq!(sync["device_one_time_keys_count"]["signed_curve25519"], 0);
+    assert_eq!(
+        sync["device_unused_fallback_key_types"],
+        json!([]),
+        "the fallback key was used, so the client should upload a new one"
+    );
+}
+
+/// One raw `/sync` of a device; returns the to-device contents' `n` and the next token.
+async fn to_device_sync(url: &str, token: &str, since: Option<&str>) -> (Vec<u64>, String) {
+    let query = since.map(|s| format!("?since={s}&timeout=0")).unwrap_or_default();
+    let r = get_json(format!("{url}/_matrix/client/v3/sync{query}"), token).await;
+    let numbers = r["to_device"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            assert_eq!(e["type"], "m.test.ping");
+            assert_eq!(e["sender"], "@sender:localhost");
+            e["content"]["n"].as_u64().unwrap()
+        })
+        .collect();
+    (numbers, r["next_batch"].as_str().unwrap().to_owned())
+}
+
+async fn send_to_device(url: &str, token: &str, txn: &str, device: &str, n: u64) {
+    let r = http()
+        .put(format!("{url}/_matrix/client/v3/sendToDevice/m.test.ping/{txn}"))
+        .bearer_auth(token)
+        .json(&json!({ "messages": { "@receiver:localhost": { device: { "n": n } } } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn to_device_messages_arrive_in_order_once_acknowledged_and_survive_kill_9() {
+    let mut server = Server::start();
+    let url = server.url.clone();
+    registered(&url, "sender").await;
+    registered(&url, "receiver").await;
+    let (sender, _) = login(&url, "sender").await;
+    let (phone, phone_id) = login(&url, "receiver").await;
+    let (laptop, _) = login(&url, "receiver").await;
+
+    // 250 messages: more than one response carries (100), so three syncs.
+    for n in 1..=250 {
+        send_to_device(&url, &sender, &format!("t{n}"), &phone_id, n).await;
+    }
+    // A retried transaction queues nothing new.
+    send_to_device(&url, &sender, "t7", &phone_id, 9999).await;
+    let mut received = vec![];
+    let mut since: Option<String> = None;
+    for _ in 0..3 {
+        let (batch, next) = to_device_sync(&url, &phone, since.as_deref()).await;
+        assert!(batch.len() <= 100);
+        received.extend(batch);
+        since = Some(next);
+    }
+    assert_eq!(received, (1..=250).collect::<Vec<_>>(), "all, once each, in order");
+    let acknowledged = since.clone().unwrap();
+
+    // Sent to every device of the user.
+    send_to_device(&url, &sender, "all", "*", 1000).await;
+    let (batch, _) = to_device_sync(&url, &laptop, None).await;
+    assert_eq!(batch, [1000], "the laptop gets the wildcard message only");
+
+    // More messages; the phone receives them but its next sync never comes
+    // (the response was lost), then the server is killed.
+    for n in 251..=260 {
+        send_to_device(&url, &sender, &format!("t{n}"), &phone_id, n).await;
+    }
+    let (batch, unacknowledged_next) = to_device_sync(&url, &phone, Some(&acknowledged)).await;
+    assert_eq!(batch, [&[1000u64][..], &(251..=260).collect::<Vec<_>>()].concat());
+    server.kill9();
+    let restarted = Server::start_in(server.data_dir(), &[]);
+    let url = restarted.url.clone();
+
+    // Retrying from the acknowledged token delivers what was not acknowledged, again,
+    // and nothing from before the acknowledged position.
+    let (batch, next) = to_device_sync(&url, &phone, Some(&acknowledged)).await;
+    assert_eq!(batch, [&[1000u64][..], &(251..=260).collect::<Vec<_>>()].concat(), "nothing lost");
+    assert_eq!(next, unacknowledged_next);
+    send_to_device(&url, &sender, "after-restart", &phone_id, 261).await;
+    let (batch, _) = to_device_sync(&url, &phone, Some(&next)).await;
+    assert_eq!(batch, [261], "acknowledged messages are not delivered again");
+    let (batch, _) = to_device_sync(&url, &phone, Some(&acknowledged)).await;
+    assert!(batch.iter().all(|n| *n == 261), "messages acknowledged by a later token are deleted: {batch:?}");
+}
