@@ -76,7 +76,11 @@ fn sync_position(token: &str) -> ApiResult<u64> {
 }
 
 /// GET /_matrix/client/v3/keys/changes
-pub async fn key_changes_route(State(keys): State<Arc<Keys>>, Auth(s): Auth, QueryParams(q): QueryParams<ChangesQuery>) -> ApiResult<Json<Value>> {
+pub async fn key_changes_route(
+    State(keys): State<Arc<Keys>>,
+    Auth(s): Auth,
+    QueryParams(q): QueryParams<ChangesQuery>,
+) -> ApiResult<Json<Value>> {
     let delta = keys.changes(&s.user_id, sync_position(&q.from)?, sync_position(&q.to)?).await?;
     Ok(Json(json!({ "changed": delta.changed, "left": delta.left })))
 }

@@ -16,8 +16,8 @@ use sha2::{Digest, Sha256};
 use crate::{
     admission::NewcomerAdmission,
     error::{Error, Result},
-    now_ms,
     keys::DeviceLists,
+    now_ms,
     password::PasswordHasher,
     uia::{StageOutcome, UiaSessions},
 };

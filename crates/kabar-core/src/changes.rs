@@ -302,14 +302,22 @@ mod tests {
         assert_eq!(log.changed_between(9, 20), None, "before the baseline the store must answer");
         log.begin(&a).finish(Some(11));
         let pending = log.begin(&b);
-        assert_eq!(log.changed_between(10, 20).unwrap(), vec![b.clone(), a.clone()], "a write in flight counts");
+        assert_eq!(
+            log.changed_between(10, 20).unwrap(),
+            vec![b.clone(), a.clone()],
+            "a write in flight counts"
+        );
         pending.finish(Some(12));
         log.begin(&a).finish(Some(13));
         assert_eq!(log.changed_between(10, 20).unwrap(), vec![b.clone(), a.clone()]);
         assert_eq!(log.changed_between(12, 20).unwrap(), vec![a.clone()]);
         assert_eq!(log.changed_between(10, 12).unwrap(), vec![b.clone()], "until bounds the range");
         log.begin(&b).finish(None);
-        assert_eq!(log.changed_between(13, 20).unwrap(), Vec::<OwnedUserId>::new(), "a write that changed nothing");
+        assert_eq!(
+            log.changed_between(13, 20).unwrap(),
+            Vec::<OwnedUserId>::new(),
+            "a write that changed nothing"
+        );
     }
 
     #[test]

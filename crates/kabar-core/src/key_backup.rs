@@ -43,7 +43,11 @@ fn write_json(write: BackupWrite) -> Option<Value> {
 /// Reads one `KeyBackupData` object.
 fn backup_key(room_id: &RoomId, session_id: &str, data: &Value) -> Result<BackupKey> {
     let bad = |m: &str| Error::BadJson(format!("key {session_id} in {room_id}: {m}"));
-    let number = |field: &str| data.get(field).and_then(Value::as_u64).ok_or_else(|| bad(&format!("{field} must be a non-negative integer")));
+    let number = |field: &str| {
+        data.get(field)
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad(&format!("{field} must be a non-negative integer")))
+    };
     let rank = BackupKeyRank {
         first_message_index: number("first_message_index")?,
         forwarded_count: number("forwarded_count")?,
@@ -167,7 +171,10 @@ impl KeyBackups {
         let keys = self.store.backup_keys(user, number, scope).await?;
         let data = |k: &BackupKey| serde_json::from_str::<Value>(&k.json).unwrap_or_default();
         Ok(match (scope.room_id, scope.session_id) {
-            (Some(_), Some(_)) => keys.first().map(data).ok_or_else(|| Error::NotFound("no such key in the backup".into()))?,
+            (Some(_), Some(_)) => keys
+                .first()
+                .map(data)
+                .ok_or_else(|| Error::NotFound("no such key in the backup".into()))?,
             (Some(_), None) => {
                 let sessions: Map<String, Value> = keys.iter().map(|k| (k.session_id.clone(), data(k))).collect();
                 json!({ "sessions": sessions })

@@ -14,8 +14,7 @@ use std::{
 
 use kabar_domain::e2ee::{self, CrossSigningKind};
 use kabar_store::{
-    ClaimedKey, CrossSigningKey, KeyClaim, KeyCounts, KeySignature, MembershipRecord, OneTimeKey, Store, StoreError, StoreResult,
-    StreamPos,
+    ClaimedKey, CrossSigningKey, KeyClaim, KeyCounts, KeySignature, MembershipRecord, OneTimeKey, Store, StoreError, StoreResult, StreamPos,
 };
 use ruma::{OwnedUserId, UserId};
 use serde_json::{Map, Value, json};
@@ -411,7 +410,10 @@ impl Keys {
                 continue;
             };
             let Some(objects) = objects.as_object() else {
-                failures.insert(target, json!({ "*": signature_failure("M_BAD_JSON", "expected an object of keys") }));
+                failures.insert(
+                    target,
+                    json!({ "*": signature_failure("M_BAD_JSON", "expected an object of keys") }),
+                );
                 continue;
             };
             let target_keys = if target_user == requester {
@@ -467,7 +469,10 @@ impl Keys {
                 if let Some(device) = own_devices.iter().find(|d| d.device_id == key_id) {
                     let signer = own_key(CrossSigningKind::SelfSigning)
                         .ok_or_else(|| signature_failure("M_INVALID_SIGNATURE", "no self-signing key to sign devices with"))?;
-                    (device.json.as_str(), vec![(format!("ed25519:{}", signer.public_key), signer.public_key.clone())])
+                    (
+                        device.json.as_str(),
+                        vec![(format!("ed25519:{}", signer.public_key), signer.public_key.clone())],
+                    )
                 } else if let Some(master) = own_key(CrossSigningKind::Master).filter(|m| m.public_key == key_id) {
                     // A device signs its user's master key (that is how a new
                     // device vouches for the identity it verified).
@@ -476,7 +481,9 @@ impl Keys {
                         .filter_map(|d| {
                             let key = parse_stored(&d.json);
                             let id = format!("ed25519:{}", d.device_id);
-                            key.pointer(&format!("/keys/{id}")).and_then(Value::as_str).map(|k| (id.clone(), k.to_owned()))
+                            key.pointer(&format!("/keys/{id}"))
+                                .and_then(Value::as_str)
+                                .map(|k| (id.clone(), k.to_owned()))
                         })
                         .collect();
                     (master.json.as_str(), signers)
@@ -491,11 +498,17 @@ impl Keys {
                     .ok_or_else(|| signature_failure("M_NOT_FOUND", "not the user's master key"))?;
                 let signer = own_key(CrossSigningKind::UserSigning)
                     .ok_or_else(|| signature_failure("M_INVALID_SIGNATURE", "no user-signing key to sign users with"))?;
-                (master.json.as_str(), vec![(format!("ed25519:{}", signer.public_key), signer.public_key.clone())])
+                (
+                    master.json.as_str(),
+                    vec![(format!("ed25519:{}", signer.public_key), signer.public_key.clone())],
+                )
             }
         };
         if e2ee::signed_part(object) != e2ee::signed_part(&parse_stored(stored_json)) {
-            return Err(signature_failure("M_INVALID_SIGNATURE", "the signed object differs from the published key"));
+            return Err(signature_failure(
+                "M_INVALID_SIGNATURE",
+                "the signed object differs from the published key",
+            ));
         }
         let mut sigs = vec![];
         for (signer_key_id, public_key) in &allowed_signers {
@@ -518,7 +531,10 @@ impl Keys {
             });
         }
         if sigs.is_empty() {
-            return Err(signature_failure("M_INVALID_SIGNATURE", "no signature by a key allowed to sign this"));
+            return Err(signature_failure(
+                "M_INVALID_SIGNATURE",
+                "no signature by a key allowed to sign this",
+            ));
         }
         Ok(sigs)
     }

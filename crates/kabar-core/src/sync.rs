@@ -21,10 +21,10 @@ use crate::{
     ephemeral::Ephemeral,
     error::Result,
     keys::{DeviceListDelta, Keys},
-    to_device::{ToDevice, ToDeviceEvent},
     load::Gate,
     notifier::Notifier,
     rooms::{Room, Rooms, TimelineEvent},
+    to_device::{ToDevice, ToDeviceEvent},
 };
 
 const DEFAULT_TIMELINE_LIMIT: usize = 10;

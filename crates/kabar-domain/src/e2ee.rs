@@ -88,7 +88,11 @@ pub fn check_cross_signing_key(key: &Value, user_id: &str, kind: CrossSigningKin
         .and_then(Value::as_array)
         .is_some_and(|u| u.iter().any(|x| x.as_str() == Some(kind.usage())));
     if !usage_ok {
-        return Err(KeyError::Invalid(format!("{} key must list usage {:?}", kind.usage(), kind.usage())));
+        return Err(KeyError::Invalid(format!(
+            "{} key must list usage {:?}",
+            kind.usage(),
+            kind.usage()
+        )));
     }
     let keys = obj
         .get("keys")
@@ -132,13 +136,8 @@ pub fn verify_signature(object: &Value, signer: &str, key_id: &str, public_key: 
     let signed = ruma::signatures::to_canonical_json_string_for_signing(&canonical).map_err(|e| invalid(&e.to_string()))?;
     let public = KEY_BASE64.decode(public_key).map_err(|_| invalid("public key is not base64"))?;
     let signature = KEY_BASE64.decode(signature).map_err(|_| invalid("signature is not base64"))?;
-    ruma::signatures::verify_canonical_json_bytes(
-        &ruma::SigningKeyAlgorithm::Ed25519,
-        &public,
-        &signature,
-        signed.as_bytes(),
-    )
-    .map_err(|_| invalid("does not verify"))
+    ruma::signatures::verify_canonical_json_bytes(&ruma::SigningKeyAlgorithm::Ed25519, &public, &signature, signed.as_bytes())
+        .map_err(|_| invalid("does not verify"))
 }
 
 /// Escapes a JSON pointer segment (`~` and `/`).
@@ -229,7 +228,9 @@ mod tests {
             "user_id": "@a:x", "usage": ["self_signing"], "keys": { "ed25519:S": "S" }
         }))
         .unwrap();
-        let ruma::CanonicalJsonValue::Object(obj) = &mut object else { unreachable!() };
+        let ruma::CanonicalJsonValue::Object(obj) = &mut object else {
+            unreachable!()
+        };
         ruma::signatures::sign_json("@a:x", &pair, obj).unwrap();
         let signed: Value = object.into();
         verify_signature(&signed, "@a:x", "ed25519:K", &public).unwrap();
@@ -239,7 +240,10 @@ mod tests {
         let mut tampered = signed.clone();
         tampered["keys"]["ed25519:S"] = json!("T");
         assert!(verify_signature(&tampered, "@a:x", "ed25519:K", &public).is_err());
-        assert!(verify_signature(&signed, "@a:x", "ed25519:OTHER", &public).is_err(), "no such signature");
+        assert!(
+            verify_signature(&signed, "@a:x", "ed25519:OTHER", &public).is_err(),
+            "no such signature"
+        );
         let other = ruma::signatures::Ed25519KeyPair::from_der(&ruma::signatures::Ed25519KeyPair::generate(), "K".into()).unwrap();
         assert!(verify_signature(&signed, "@a:x", "ed25519:K", &KEY_BASE64.encode(other.public_key())).is_err());
     }

@@ -181,7 +181,9 @@ impl KeyStore for SqliteStore {
                     counts.one_time.insert(alg, n);
                 }
                 let mut st = c
-                    .prepare_cached("SELECT algorithm FROM fallback_keys WHERE user_id = ?1 AND device_id = ?2 AND used = 0 ORDER BY algorithm")
+                    .prepare_cached(
+                        "SELECT algorithm FROM fallback_keys WHERE user_id = ?1 AND device_id = ?2 AND used = 0 ORDER BY algorithm",
+                    )
                     .map_err(backend)?;
                 counts.unused_fallback = st
                     .query_map(params![u, d], |r| r.get(0))
@@ -285,7 +287,13 @@ impl KeyStore for SqliteStore {
                         c,
                         "INSERT INTO key_signatures (target_user, target_key, signer, signer_key_id, signature) VALUES (?1, ?2, ?3, ?4, ?5)
                          ON CONFLICT (target_user, target_key, signer, signer_key_id) DO UPDATE SET signature = excluded.signature",
-                        params![s.target_user.as_str(), s.target_key, s.signer.as_str(), s.signer_key_id, s.signature],
+                        params![
+                            s.target_user.as_str(),
+                            s.target_key,
+                            s.signer.as_str(),
+                            s.signer_key_id,
+                            s.signature
+                        ],
                     )
                     .map_err(backend)?;
                     if !targets.contains(&s.target_user.as_str()) {
@@ -381,7 +389,14 @@ impl ToDeviceStore for SqliteStore {
             .await
     }
 
-    async fn to_device(&self, user_id: &UserId, device_id: &str, after: StreamPos, until: StreamPos, limit: usize) -> StoreResult<Vec<QueuedToDevice>> {
+    async fn to_device(
+        &self,
+        user_id: &UserId,
+        device_id: &str,
+        after: StreamPos,
+        until: StreamPos,
+        limit: usize,
+    ) -> StoreResult<Vec<QueuedToDevice>> {
         let (u, d) = (user_id.to_string(), device_id.to_owned());
         self.engine
             .read(move |c| {
@@ -493,7 +508,9 @@ impl KeyBackupStore for SqliteStore {
                     return Ok(None);
                 };
                 let row: Option<(String, String, i64)> = c
-                    .prepare_cached("SELECT algorithm, auth_data, etag FROM backup_versions WHERE user_id = ?1 AND version = ?2 AND deleted = 0")
+                    .prepare_cached(
+                        "SELECT algorithm, auth_data, etag FROM backup_versions WHERE user_id = ?1 AND version = ?2 AND deleted = 0",
+                    )
                     .map_err(backend)?
                     .query_row(params![u, version as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                     .optional()

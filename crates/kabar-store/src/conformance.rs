@@ -437,7 +437,10 @@ async fn device_keys_and_claims(store: &dyn Store) {
     device(store, &bob, "B2").await;
     let before = store.current_position();
     let pos = store.put_device_keys(&bob, "B1", r#"{"k":1}"#).await.unwrap();
-    assert!(pos.is_some_and(|p| p > before), "publishing keys is a device-list change at a new position");
+    assert!(
+        pos.is_some_and(|p| p > before),
+        "publishing keys is a device-list change at a new position"
+    );
     assert_eq!(
         store.put_device_keys(&bob, "B1", r#"{"k":1}"#).await.unwrap(),
         None,
@@ -453,14 +456,23 @@ async fn device_keys_and_claims(store: &dyn Store) {
         .add_one_time_keys(&bob, "B1", vec![otk("signed_curve25519", "a"), otk("signed_curve25519", "b")])
         .await
         .unwrap();
-    store.add_one_time_keys(&bob, "B1", vec![otk("signed_curve25519", "a")]).await.unwrap();
+    store
+        .add_one_time_keys(&bob, "B1", vec![otk("signed_curve25519", "a")])
+        .await
+        .unwrap();
     let mut different = otk("signed_curve25519", "a");
     different.json = "{}".into();
     assert!(
-        matches!(store.add_one_time_keys(&bob, "B1", vec![different]).await, Err(StoreError::Conflict(_))),
+        matches!(
+            store.add_one_time_keys(&bob, "B1", vec![different]).await,
+            Err(StoreError::Conflict(_))
+        ),
         "a key id reused for another key is refused"
     );
-    store.put_fallback_keys(&bob, "B1", vec![otk("signed_curve25519", "fb")]).await.unwrap();
+    store
+        .put_fallback_keys(&bob, "B1", vec![otk("signed_curve25519", "fb")])
+        .await
+        .unwrap();
     let counts = store.key_counts(&bob, "B1").await.unwrap();
     assert_eq!(counts.one_time.get("signed_curve25519"), Some(&2));
     assert_eq!(counts.unused_fallback, vec!["signed_curve25519".to_string()]);
@@ -483,12 +495,18 @@ async fn device_keys_and_claims(store: &dyn Store) {
     );
     let counts = store.key_counts(&bob, "B1").await.unwrap();
     assert!(counts.one_time.is_empty() && counts.unused_fallback.is_empty(), "{counts:?}");
-    store.put_fallback_keys(&bob, "B1", vec![otk("signed_curve25519", "fb")]).await.unwrap();
+    store
+        .put_fallback_keys(&bob, "B1", vec![otk("signed_curve25519", "fb")])
+        .await
+        .unwrap();
     assert!(
         store.key_counts(&bob, "B1").await.unwrap().unused_fallback.is_empty(),
         "re-uploading the used fallback key keeps it used"
     );
-    store.put_fallback_keys(&bob, "B1", vec![otk("signed_curve25519", "fb2")]).await.unwrap();
+    store
+        .put_fallback_keys(&bob, "B1", vec![otk("signed_curve25519", "fb2")])
+        .await
+        .unwrap();
     assert_eq!(store.key_counts(&bob, "B1").await.unwrap().unused_fallback.len(), 1);
     assert!(
         store
@@ -502,12 +520,18 @@ async fn device_keys_and_claims(store: &dyn Store) {
         "a device without keys yields nothing"
     );
 
-    store.add_one_time_keys(&bob, "B1", vec![otk("signed_curve25519", "c")]).await.unwrap();
+    store
+        .add_one_time_keys(&bob, "B1", vec![otk("signed_curve25519", "c")])
+        .await
+        .unwrap();
     let removed = store.delete_devices(&bob, &["B1".into()]).await.unwrap();
     assert_eq!(removed.count, 1);
     assert!(removed.list_changed_at.is_some(), "removing a device with keys changes the list");
     assert!(store.device_keys(&bob).await.unwrap().is_empty());
-    assert!(store.key_counts(&bob, "B1").await.unwrap().one_time.is_empty(), "its one-time keys went too");
+    assert!(
+        store.key_counts(&bob, "B1").await.unwrap().one_time.is_empty(),
+        "its one-time keys went too"
+    );
     let removed = store.delete_devices(&bob, &["B2".into()]).await.unwrap();
     assert_eq!(removed.list_changed_at, None, "a device that published nothing changes no list");
 }
@@ -521,11 +545,17 @@ async fn cross_signing_and_signatures(store: &dyn Store) {
     };
     let before = store.current_position();
     let pos = store
-        .put_cross_signing_keys(&carol, vec![key(CrossSigningKind::Master, "M1"), key(CrossSigningKind::SelfSigning, "S1")])
+        .put_cross_signing_keys(
+            &carol,
+            vec![key(CrossSigningKind::Master, "M1"), key(CrossSigningKind::SelfSigning, "S1")],
+        )
         .await
         .unwrap();
     assert!(pos > before);
-    store.put_cross_signing_keys(&carol, vec![key(CrossSigningKind::Master, "M2")]).await.unwrap();
+    store
+        .put_cross_signing_keys(&carol, vec![key(CrossSigningKind::Master, "M2")])
+        .await
+        .unwrap();
     let keys = store.cross_signing_keys(&carol).await.unwrap();
     assert_eq!(keys.len(), 2);
     assert!(keys.contains(&key(CrossSigningKind::Master, "M2")), "a kind is replaced");
@@ -580,22 +610,45 @@ async fn to_device_queue(store: &dyn Store) {
     let contents: Vec<&str> = queued.iter().map(|m| m.content.as_str()).collect();
     assert_eq!(contents, [r#"{"n":1}"#, r#"{"n":3}"#], "in order, only to devices that exist");
     assert!(queued[0].pos < queued[1].pos && queued[0].sender == dan);
-    assert_eq!(store.to_device(&erin, "E1", start, store.current_position(), 1).await.unwrap().len(), 1);
+    assert_eq!(
+        store
+            .to_device(&erin, "E1", start, store.current_position(), 1)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     assert_eq!(store.delete_to_device(&erin, "E1", queued[0].pos).await.unwrap(), 1);
     let left = store.to_device(&erin, "E1", 0, store.current_position(), 100).await.unwrap();
     assert_eq!(left, queued[1..], "only acknowledged messages are deleted");
     store.delete_devices(&erin, &["E1".into()]).await.unwrap();
-    assert!(store.to_device(&erin, "E1", 0, store.current_position(), 100).await.unwrap().is_empty());
+    assert!(
+        store
+            .to_device(&erin, "E1", 0, store.current_position(), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 async fn key_backups(store: &dyn Store) {
     let fay = owned_user_id!("@fay_backup:localhost");
     let room = owned_room_id!("!backup:localhost");
     assert_eq!(store.backup_version(&fay, None).await.unwrap(), None);
-    let v1 = store.create_backup_version(&fay, "m.megolm_backup.v1.curve25519-aes-sha2", "{}").await.unwrap();
-    let v2 = store.create_backup_version(&fay, "m.megolm_backup.v1.curve25519-aes-sha2", r#"{"a":1}"#).await.unwrap();
+    let v1 = store
+        .create_backup_version(&fay, "m.megolm_backup.v1.curve25519-aes-sha2", "{}")
+        .await
+        .unwrap();
+    let v2 = store
+        .create_backup_version(&fay, "m.megolm_backup.v1.curve25519-aes-sha2", r#"{"a":1}"#)
+        .await
+        .unwrap();
     assert!(v2 > v1);
-    assert_eq!(store.backup_version(&fay, None).await.unwrap().unwrap().version, v2, "the newest is current");
+    assert_eq!(
+        store.backup_version(&fay, None).await.unwrap().unwrap().version,
+        v2,
+        "the newest is current"
+    );
     let key = |session: &str, verified: bool, index: u64, json: &str| BackupKey {
         room_id: room.clone(),
         session_id: session.into(),
@@ -620,19 +673,61 @@ async fn key_backups(store: &dyn Store) {
     };
     assert_eq!(count, 2);
     let worse = store.put_backup_keys(&fay, v2, vec![key("s1", false, 9, "worse")]).await.unwrap();
-    assert_eq!(worse, BackupWrite::Done { etag, count: 2 }, "a worse key changes nothing, etag included");
+    assert_eq!(
+        worse,
+        BackupWrite::Done { etag, count: 2 },
+        "a worse key changes nothing, etag included"
+    );
     let better = store.put_backup_keys(&fay, v2, vec![key("s1", true, 9, "better")]).await.unwrap();
     assert!(matches!(better, BackupWrite::Done { etag: e, count: 2 } if e != etag));
-    let one = store.backup_keys(&fay, v2, BackupScope { room_id: Some(&room), session_id: Some("s1") }).await.unwrap();
+    let one = store
+        .backup_keys(
+            &fay,
+            v2,
+            BackupScope {
+                room_id: Some(&room),
+                session_id: Some("s1"),
+            },
+        )
+        .await
+        .unwrap();
     assert_eq!(one[0].json, "better");
-    assert_eq!(store.backup_keys(&fay, v2, BackupScope { room_id: None, session_id: None }).await.unwrap().len(), 2);
+    assert_eq!(
+        store
+            .backup_keys(
+                &fay,
+                v2,
+                BackupScope {
+                    room_id: None,
+                    session_id: None
+                }
+            )
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
     assert!(store.update_backup_version(&fay, v2, r#"{"b":2}"#).await.unwrap());
     assert_eq!(store.backup_version(&fay, Some(v2)).await.unwrap().unwrap().auth_data, r#"{"b":2}"#);
-    let after_delete = store.delete_backup_keys(&fay, v2, BackupScope { room_id: Some(&room), session_id: Some("s2") }).await.unwrap();
+    let after_delete = store
+        .delete_backup_keys(
+            &fay,
+            v2,
+            BackupScope {
+                room_id: Some(&room),
+                session_id: Some("s2"),
+            },
+        )
+        .await
+        .unwrap();
     assert!(matches!(after_delete, BackupWrite::Done { count: 1, .. }));
     assert!(store.delete_backup_version(&fay, v2).await.unwrap());
     assert!(!store.delete_backup_version(&fay, v2).await.unwrap());
-    assert_eq!(store.backup_version(&fay, None).await.unwrap().unwrap().version, v1, "the previous version is current again");
+    assert_eq!(
+        store.backup_version(&fay, None).await.unwrap().unwrap().version,
+        v1,
+        "the previous version is current again"
+    );
     let v3 = store.create_backup_version(&fay, "alg", "{}").await.unwrap();
     assert!(v3 > v2, "version numbers are never reused");
 }

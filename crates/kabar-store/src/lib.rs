@@ -177,7 +177,14 @@ pub trait ToDeviceStore: Send + Sync {
     /// used, or `None` if the transaction was used before (nothing queued).
     async fn queue_to_device(&self, sender: &Session, txn_id: &str, messages: Vec<ToDeviceMessage>) -> StoreResult<Option<StreamPos>>;
     /// Queued messages of one device in `(after, until]`, oldest first, at most `limit`.
-    async fn to_device(&self, user_id: &UserId, device_id: &str, after: StreamPos, until: StreamPos, limit: usize) -> StoreResult<Vec<QueuedToDevice>>;
+    async fn to_device(
+        &self,
+        user_id: &UserId,
+        device_id: &str,
+        after: StreamPos,
+        until: StreamPos,
+        limit: usize,
+    ) -> StoreResult<Vec<QueuedToDevice>>;
     /// Deletes the device's messages at or before `upto`; returns how many.
     async fn delete_to_device(&self, user_id: &UserId, device_id: &str, upto: StreamPos) -> StoreResult<usize>;
 }

@@ -272,7 +272,12 @@ pub struct BackupScope<'a> {
 /// A backup write's result: the version's etag and key count afterwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackupWrite {
-    Done { etag: u64, count: u64 },
+    Done {
+        etag: u64,
+        count: u64,
+    },
     /// The version is not the user's current one (`None`: there is no backup).
-    WrongVersion { current: Option<u64> },
+    WrongVersion {
+        current: Option<u64>,
+    },
 }

@@ -122,9 +122,17 @@ async fn encrypted_chat_then_a_new_device_restores_history_from_backup_and_is_cr
     sync_until_decrypted(&bob, &room_id, &from_alice).await;
     let bob_room = bob.get_room(&room_id).unwrap();
     let from_bob = "five is fine 7f3c9a";
-    bob_room.send(RoomMessageEventContent::text_plain(from_bob)).await.expect("bob sends");
+    bob_room
+        .send(RoomMessageEventContent::text_plain(from_bob))
+        .await
+        .expect("bob sends");
     sync_until_decrypted(&alice, &room_id, &[from_bob]).await;
-    alice.encryption().backups().wait_for_steady_state().await.expect("room keys backed up");
+    alice
+        .encryption()
+        .backups()
+        .wait_for_steady_state()
+        .await
+        .expect("room keys backed up");
 
     // Alice's second device logs in later: it had no keys when the messages
     // were sent, so it reads them only through the backup.
@@ -137,17 +145,33 @@ async fn encrypted_chat_then_a_new_device_restores_history_from_backup_and_is_cr
         .await
         .expect("second login");
     alice2.sync_once(settings()).await.unwrap();
-    alice2.encryption().recovery().recover(&recovery_key).await.expect("recover from secret storage");
+    alice2
+        .encryption()
+        .recovery()
+        .recover(&recovery_key)
+        .await
+        .expect("recover from secret storage");
     let own = alice2.encryption().get_own_device().await.unwrap().unwrap();
-    assert!(own.is_cross_signed_by_owner(), "recovery signs the new device with the self-signing key");
-    alice2.encryption().backups().download_room_keys_for_room(&room_id).await.expect("download room keys");
+    assert!(
+        own.is_cross_signed_by_owner(),
+        "recovery signs the new device with the self-signing key"
+    );
+    alice2
+        .encryption()
+        .backups()
+        .download_room_keys_for_room(&room_id)
+        .await
+        .expect("download room keys");
     let room2 = alice2.get_room(&room_id).expect("room known to the new device");
     let mut options = MessagesOptions::backward();
     options.limit = 50u32.into();
     let history = room2.messages(options).await.expect("history");
     let bodies = decrypted_bodies(&history.chunk);
     for body in from_alice.iter().chain([&from_bob]) {
-        assert!(bodies.iter().any(|b| b == body), "new device could not read {body:?}; read {bodies:?}");
+        assert!(
+            bodies.iter().any(|b| b == body),
+            "new device could not read {body:?}; read {bodies:?}"
+        );
     }
 
     // Bob sees the new device as Alice's: its signature reached him through /keys/query.
@@ -162,11 +186,11 @@ async fn encrypted_chat_then_a_new_device_restores_history_from_backup_and_is_cr
 
     // The server stored ciphertext only. The same check finds a marker that
     // was sent in the clear, so it would find a leaked message too.
-    let plain = alice
-        .create_room(create_room::v3::Request::new())
+    let plain = alice.create_room(create_room::v3::Request::new()).await.expect("unencrypted room");
+    plain
+        .send(RoomMessageEventContent::text_plain("in the clear 5d1e08"))
         .await
-        .expect("unencrypted room");
-    plain.send(RoomMessageEventContent::text_plain("in the clear 5d1e08")).await.unwrap();
+        .unwrap();
     let stored = database_bytes(&server);
     assert!(contains(&stored, "in the clear 5d1e08"), "the check reads what the server stored");
     for body in from_alice.iter().chain([&from_bob]) {
@@ -183,7 +207,10 @@ async fn login(url: &str, user: &str) -> (String, String) {
         json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": user }, "password": format!("{user}-password") }),
     )
     .await;
-    (r["access_token"].as_str().unwrap().to_owned(), r["device_id"].as_str().unwrap().to_owned())
+    (
+        r["access_token"].as_str().unwrap().to_owned(),
+        r["device_id"].as_str().unwrap().to_owned(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,7 +222,12 @@ async fn concurrent_claims_never_hand_out_a_one_time_key_twice() {
     let (owner_token, owner_device) = login(&url, "owner").await;
     let (claimer_token, _) = login(&url, "claimer").await;
     let pool: serde_json::Map<String, Value> = (0..20)
-        .map(|i| (format!("signed_curve25519:K{i:02}"), json!({ "key": format!("pub{i}"), "signatures": {} })))
+        .map(|i| {
+            (
+                format!("signed_curve25519:K{i:02}"),
+                json!({ "key": format!("pub{i}"), "signatures": {} }),
+            )
+        })
         .collect();
     let uploaded = post_json(
         format!("{url}/_matrix/client/v3/keys/upload"),
@@ -214,7 +246,10 @@ async fn concurrent_claims_never_hand_out_a_one_time_key_twice() {
                 json!({ "one_time_keys": { "@owner:localhost": { device.clone(): "signed_curve25519" } } }),
             )
             .await;
-            let keys = r["one_time_keys"]["@owner:localhost"][device.as_str()].as_object().cloned().unwrap_or_default();
+            let keys = r["one_time_keys"]["@owner:localhost"][device.as_str()]
+                .as_object()
+                .cloned()
+                .unwrap_or_default();
             keys.keys().cloned().collect::<Vec<_>>()
         })
     });
@@ -317,5 +352,280 @@ async fn to_device_messages_arrive_in_order_once_acknowledged_and_survive_kill_9
     let (batch, _) = to_device_sync(&url, &phone, Some(&next)).await;
     assert_eq!(batch, [261], "acknowledged messages are not delivered again");
     let (batch, _) = to_device_sync(&url, &phone, Some(&acknowledged)).await;
-    assert!(batch.iter().all(|n| *n == 261), "messages acknowledged by a later token are deleted: {batch:?}");
+    assert!(
+        batch.iter().all(|n| *n == 261),
+        "messages acknowledged by a later token are deleted: {batch:?}"
+    );
+}
+
+/// A device-keys object for `user`'s `device` (the server checks its shape, not its keys).
+fn device_keys(user: &str, device: &str, curve: &str) -> Value {
+    json!({
+        "user_id": user, "device_id": device,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+        "keys": { format!("curve25519:{device}"): curve, format!("ed25519:{device}"): format!("ed-{device}") },
+        "signatures": {}
+    })
+}
+
+async fn sync_raw(url: &str, token: &str, since: &str, timeout_ms: u64) -> Value {
+    get_json(format!("{url}/_matrix/client/v3/sync?since={since}&timeout={timeout_ms}"), token).await
+}
+
+fn users_in(v: &Value) -> Vec<String> {
+    v.as_array().unwrap().iter().map(|u| u.as_str().unwrap().to_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_lists_tell_who_changed_and_who_left() {
+    let server = Server::start();
+    let url = server.url.clone();
+    for name in ["alice", "bob", "carol"] {
+        registered(&url, name).await;
+    }
+    let (alice, _) = login(&url, "alice").await;
+    let (bob, bob_device) = login(&url, "bob").await;
+    let (carol, carol_device) = login(&url, "carol").await;
+    let room = post_json(
+        format!("{url}/_matrix/client/v3/createRoom"),
+        Some(&alice),
+        json!({
+            "invite": ["@bob:localhost", "@carol:localhost"],
+            "initial_state": [{ "type": "m.room.encryption", "state_key": "", "content": { "algorithm": "m.megolm.v1.aes-sha2" } }]
+        }),
+    )
+    .await["room_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    post_json(format!("{url}/_matrix/client/v3/join/{room}"), Some(&bob), json!({})).await;
+    let start = get_json(format!("{url}/_matrix/client/v3/sync"), &alice).await["next_batch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Bob publishes keys: Alice, who shares the room, is told; a retry of the
+    // same keys is not news.
+    post_json(
+        format!("{url}/_matrix/client/v3/keys/upload"),
+        Some(&bob),
+        json!({ "device_keys": device_keys("@bob:localhost", &bob_device, "c1") }),
+    )
+    .await;
+    let sync = sync_raw(&url, &alice, &start, 0).await;
+    assert_eq!(users_in(&sync["device_lists"]["changed"]), ["@bob:localhost"]);
+    let after_bob = sync["next_batch"].as_str().unwrap().to_owned();
+    let changes = get_json(format!("{url}/_matrix/client/v3/keys/changes?from={start}&to={after_bob}"), &alice).await;
+    assert_eq!(users_in(&changes["changed"]), ["@bob:localhost"]);
+    let query = post_json(
+        format!("{url}/_matrix/client/v3/keys/query"),
+        Some(&alice),
+        json!({ "device_keys": { "@bob:localhost": [] } }),
+    )
+    .await;
+    let published = &query["device_keys"]["@bob:localhost"][bob_device.as_str()];
+    assert_eq!(published["keys"][format!("curve25519:{bob_device}")], "c1");
+    assert!(published["unsigned"]["device_display_name"].is_string() || published["unsigned"]["device_display_name"].is_null());
+
+    // Carol, not yet in the room, publishes keys: not Alice's business.
+    post_json(
+        format!("{url}/_matrix/client/v3/keys/upload"),
+        Some(&carol),
+        json!({ "device_keys": device_keys("@carol:localhost", &carol_device, "c1") }),
+    )
+    .await;
+    let sync = sync_raw(&url, &alice, &after_bob, 0).await;
+    assert!(!users_in(&sync["device_lists"]["changed"]).contains(&"@carol:localhost".to_owned()));
+    let before_carol_joins = sync["next_batch"].as_str().unwrap().to_owned();
+
+    // Carol joins the encrypted room: now Alice must fetch her devices.
+    post_json(format!("{url}/_matrix/client/v3/join/{room}"), Some(&carol), json!({})).await;
+    let sync = sync_raw(&url, &alice, &before_carol_joins, 0).await;
+    assert_eq!(users_in(&sync["device_lists"]["changed"]), ["@carol:localhost"]);
+    let after_join = sync["next_batch"].as_str().unwrap().to_owned();
+
+    // A waiting sync is woken by a key change.
+    let waiting = tokio::spawn({
+        let (url, alice, since) = (url.clone(), alice.clone(), after_join.clone());
+        async move {
+            let started = std::time::Instant::now();
+            let sync = sync_raw(&url, &alice, &since, 20_000).await;
+            (sync, started.elapsed())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    post_json(
+        format!("{url}/_matrix/client/v3/keys/upload"),
+        Some(&carol),
+        json!({ "device_keys": device_keys("@carol:localhost", &carol_device, "c2") }),
+    )
+    .await;
+    let (sync, waited) = waiting.await.unwrap();
+    assert!(waited < Duration::from_secs(10), "the key change woke the sync ({waited:?})");
+    assert_eq!(users_in(&sync["device_lists"]["changed"]), ["@carol:localhost"]);
+    let before_leave = sync["next_batch"].as_str().unwrap().to_owned();
+
+    // Bob leaves the only room he shared with Alice.
+    post_json(format!("{url}/_matrix/client/v3/rooms/{room}/leave"), Some(&bob), json!({})).await;
+    let sync = sync_raw(&url, &alice, &before_leave, 0).await;
+    assert_eq!(users_in(&sync["device_lists"]["left"]), ["@bob:localhost"]);
+    assert!(users_in(&sync["device_lists"]["changed"]).is_empty());
+
+    // Removing a device that published keys is a change too.
+    let deleted = http()
+        .post(format!("{url}/_matrix/client/v3/logout"))
+        .bearer_auth(&carol)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+    let after_leave = sync["next_batch"].as_str().unwrap().to_owned();
+    let sync = sync_raw(&url, &alice, &after_leave, 0).await;
+    assert_eq!(users_in(&sync["device_lists"]["changed"]), ["@carol:localhost"]);
+    let query = post_json(
+        format!("{url}/_matrix/client/v3/keys/query"),
+        Some(&alice),
+        json!({ "device_keys": { "@carol:localhost": [] } }),
+    )
+    .await;
+    assert_eq!(
+        query["device_keys"]["@carol:localhost"],
+        json!({}),
+        "the logged-out device's keys are gone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_cross_signing_keys_needs_the_password_and_signatures_are_checked() {
+    let server = Server::start();
+    let url = server.url.clone();
+    registered(&url, "dana").await;
+    let (dana, _) = login(&url, "dana").await;
+    let master = |key: &str| json!({ "user_id": "@dana:localhost", "usage": ["master"], "keys": { format!("ed25519:{key}"): key } });
+    let upload = |body: Value| {
+        let (url, dana) = (url.clone(), dana.clone());
+        async move {
+            let r = http()
+                .post(format!("{url}/_matrix/client/v3/keys/device_signing/upload"))
+                .bearer_auth(&dana)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    assert_eq!(
+        upload(json!({ "master_key": master("MASTERONE") })).await.0,
+        200,
+        "the first keys need no password"
+    );
+    assert_eq!(
+        upload(json!({ "master_key": master("MASTERONE") })).await.0,
+        200,
+        "nor does repeating them"
+    );
+    let (status, challenge) = upload(json!({ "master_key": master("MASTERTWO") })).await;
+    assert_eq!(status, 401, "replacing them does: {challenge}");
+    assert_eq!(challenge["flows"][0]["stages"][0], "m.login.password");
+    let auth = |challenge: &Value| json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "dana" }, "password": "dana-password", "session": challenge["session"] });
+    assert_eq!(
+        upload(json!({ "master_key": master("MASTERTWO"), "auth": auth(&challenge) }))
+            .await
+            .0,
+        200
+    );
+    let query = post_json(
+        format!("{url}/_matrix/client/v3/keys/query"),
+        Some(&dana),
+        json!({ "device_keys": { "@dana:localhost": [] } }),
+    )
+    .await;
+    assert_eq!(query["master_keys"]["@dana:localhost"]["keys"]["ed25519:MASTERTWO"], "MASTERTWO");
+
+    // A self-signing key the master key did not sign is refused.
+    let unsigned = json!({ "user_id": "@dana:localhost", "usage": ["self_signing"], "keys": { "ed25519:SELF": "SELF" } });
+    let (_, challenge) = upload(json!({ "self_signing_key": unsigned })).await;
+    let (status, error) = upload(json!({ "self_signing_key": unsigned, "auth": auth(&challenge) })).await;
+    assert_eq!((status, error["errcode"].as_str()), (400, Some("M_INVALID_PARAM")), "{error}");
+    // So is a signature upload for a key that does not exist.
+    let result = post_json(
+        format!("{url}/_matrix/client/v3/keys/signatures/upload"),
+        Some(&dana),
+        json!({ "@dana:localhost": { "NOSUCHDEVICE": { "signatures": {} } } }),
+    )
+    .await;
+    assert_eq!(result["failures"]["@dana:localhost"]["NOSUCHDEVICE"]["errcode"], "M_NOT_FOUND");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_backup_versions_keys_etags_and_counts() {
+    let server = Server::start();
+    let url = server.url.clone();
+    registered(&url, "erin").await;
+    let (erin, _) = login(&url, "erin").await;
+    let base = format!("{url}/_matrix/client/v3/room_keys");
+    let request = |method: reqwest::Method, path: String, body: Option<Value>| {
+        let erin = erin.clone();
+        async move {
+            let mut r = http().request(method, path).bearer_auth(&erin);
+            if let Some(b) = body {
+                r = r.json(&b);
+            }
+            let r = r.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    use reqwest::Method;
+    let (status, none) = request(Method::GET, format!("{base}/version"), None).await;
+    assert_eq!((status, none["errcode"].as_str()), (404, Some("M_NOT_FOUND")));
+    let algorithm = "m.megolm_backup.v1.curve25519-aes-sha2";
+    let version_body = json!({ "algorithm": algorithm, "auth_data": { "public_key": "pk" } });
+    let (_, created) = request(Method::POST, format!("{base}/version"), Some(version_body.clone())).await;
+    let v1 = created["version"].as_str().unwrap().to_owned();
+    let room = "!r:localhost";
+    let key = |index: u64| json!({ "first_message_index": index, "forwarded_count": 0, "is_verified": false, "session_data": { "ciphertext": format!("c{index}") } });
+    let (status, put) = request(Method::PUT, format!("{base}/keys/{room}/S1?version={v1}"), Some(key(5))).await;
+    assert_eq!(status, 200, "{put}");
+    assert_eq!(put["count"], 1);
+    let etag = put["etag"].clone();
+    let (_, worse) = request(Method::PUT, format!("{base}/keys/{room}/S1?version={v1}"), Some(key(9))).await;
+    assert_eq!(worse["etag"], etag, "a worse copy changes nothing");
+    let (_, better) = request(
+        Method::PUT,
+        format!("{base}/keys?version={v1}"),
+        Some(json!({ "rooms": { room: { "sessions": { "S1": key(1), "S2": key(0) } } } })),
+    )
+    .await;
+    assert_eq!(better["count"], 2);
+    assert_ne!(better["etag"], etag);
+    let (_, one) = request(Method::GET, format!("{base}/keys/{room}/S1?version={v1}"), None).await;
+    assert_eq!(one["first_message_index"], 1);
+    let (_, in_room) = request(Method::GET, format!("{base}/keys/{room}?version={v1}"), None).await;
+    assert_eq!(in_room["sessions"].as_object().unwrap().len(), 2);
+    let (status, _) = request(Method::GET, format!("{base}/keys/{room}/NOPE?version={v1}"), None).await;
+    assert_eq!(status, 404);
+    let (_, info) = request(Method::GET, format!("{base}/version/{v1}"), None).await;
+    assert_eq!((info["count"].as_u64(), info["etag"].clone()), (Some(2), better["etag"].clone()));
+
+    // A new version becomes current; writing to the old one is refused with the current one named.
+    let (_, created) = request(Method::POST, format!("{base}/version"), Some(version_body)).await;
+    let v2 = created["version"].as_str().unwrap().to_owned();
+    let (status, wrong) = request(Method::PUT, format!("{base}/keys/{room}/S3?version={v1}"), Some(key(0))).await;
+    assert_eq!(status, 403);
+    assert_eq!(wrong["errcode"], "M_WRONG_ROOM_KEYS_VERSION");
+    assert_eq!(wrong["current_version"].as_str(), Some(v2.as_str()));
+    let (status, _) = request(
+        Method::PUT,
+        format!("{base}/version/{v2}"),
+        Some(json!({ "algorithm": "other", "auth_data": {} })),
+    )
+    .await;
+    assert_eq!(status, 400, "the algorithm cannot change");
+    let (_, deleted) = request(Method::DELETE, format!("{base}/keys/{room}/S1?version={v1}"), None).await;
+    assert_eq!(deleted["count"], 1);
+    let (status, _) = request(Method::DELETE, format!("{base}/version/{v2}"), None).await;
+    assert_eq!(status, 200);
+    let (_, current) = request(Method::GET, format!("{base}/version"), None).await;
+    assert_eq!(current["version"].as_str(), Some(v1.as_str()), "the older version is current again");
 }
