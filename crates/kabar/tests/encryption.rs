@@ -629,3 +629,180 @@ async fn key_backup_versions_keys_etags_and_counts() {
     let (_, current) = request(Method::GET, format!("{base}/version"), None).await;
     assert_eq!(current["version"].as_str(), Some(v1.as_str()), "the older version is current again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_encryption_requests_get_matrix_errors_and_store_nothing() {
+    let server = Server::start();
+    let url = server.url.clone();
+    registered(&url, "fred").await;
+    let (fred, fred_device) = login(&url, "fred").await;
+    let v3 = format!("{url}/_matrix/client/v3");
+    use reqwest::Method as M;
+    let wrong_user_keys = device_keys("@someone:localhost", &fred_device, "c");
+    let other_master = json!({ "master_key": { "user_id": "@someone:localhost", "usage": ["master"], "keys": { "ed25519:K": "K" } } });
+    let cases: Vec<(M, String, Option<String>, u16, &str)> = vec![
+        (
+            M::POST,
+            format!("{v3}/keys/upload"),
+            Some(json!({ "device_keys": wrong_user_keys }).to_string()),
+            400,
+            "M_INVALID_PARAM",
+        ),
+        (
+            M::POST,
+            format!("{v3}/keys/upload"),
+            Some(r#"{"one_time_keys":{"nocolon":{}}}"#.into()),
+            400,
+            "M_INVALID_PARAM",
+        ),
+        (
+            M::POST,
+            format!("{v3}/keys/upload"),
+            Some(r#"{"one_time_keys":{"signed_curve25519:A":5}}"#.into()),
+            400,
+            "M_BAD_JSON",
+        ),
+        (
+            M::POST,
+            format!("{v3}/keys/upload"),
+            Some(r#"{"one_time_keys":[]}"#.into()),
+            400,
+            "M_BAD_JSON",
+        ),
+        (M::POST, format!("{v3}/keys/upload"), Some("{nope".into()), 400, "M_NOT_JSON"),
+        (M::POST, format!("{v3}/keys/query"), Some("{}".into()), 400, "M_BAD_JSON"),
+        (
+            M::POST,
+            format!("{v3}/keys/query"),
+            Some(r#"{"device_keys":{"not-a-user":[]}}"#.into()),
+            400,
+            "M_BAD_JSON",
+        ),
+        (
+            M::POST,
+            format!("{v3}/keys/claim"),
+            Some(r#"{"one_time_keys":{"@fred:localhost":{"D":5}}}"#.into()),
+            400,
+            "M_BAD_JSON",
+        ),
+        (M::GET, format!("{v3}/keys/changes?from=x&to=y"), None, 400, "M_INVALID_PARAM"),
+        (M::GET, format!("{v3}/keys/changes"), None, 400, "M_INVALID_PARAM"),
+        (
+            M::POST,
+            format!("{v3}/keys/device_signing/upload"),
+            Some(other_master.to_string()),
+            400,
+            "M_INVALID_PARAM",
+        ),
+        (
+            M::POST,
+            format!("{v3}/keys/signatures/upload"),
+            Some("[1]".into()),
+            400,
+            "M_NOT_JSON",
+        ),
+        (
+            M::PUT,
+            format!("{v3}/sendToDevice/m.x/t1"),
+            Some(r#"{"messages":{"@fred:localhost":{"D":"text"}}}"#.into()),
+            400,
+            "M_BAD_JSON",
+        ),
+        (
+            M::PUT,
+            format!("{v3}/sendToDevice/m.x/t2"),
+            Some(r#"{"messages":{"not-a-user":{}}}"#.into()),
+            400,
+            "M_INVALID_PARAM",
+        ),
+        (M::PUT, format!("{v3}/sendToDevice/m.x/t3"), Some("{}".into()), 400, "M_BAD_JSON"),
+        (
+            M::POST,
+            format!("{v3}/room_keys/version"),
+            Some(r#"{"algorithm":"a"}"#.into()),
+            400,
+            "M_BAD_JSON",
+        ),
+        (M::GET, format!("{v3}/room_keys/version/abc"), None, 404, "M_NOT_FOUND"),
+        (M::GET, format!("{v3}/room_keys/keys?version=1"), None, 404, "M_NOT_FOUND"),
+        (
+            M::PUT,
+            format!("{v3}/room_keys/keys?version=1"),
+            Some(r#"{"rooms":{}}"#.into()),
+            404,
+            "M_NOT_FOUND",
+        ),
+        (
+            M::PUT,
+            format!("{v3}/room_keys/keys"),
+            Some(r#"{"rooms":{}}"#.into()),
+            400,
+            "M_INVALID_PARAM",
+        ),
+        (
+            M::PUT,
+            format!("{v3}/room_keys/keys/not-a-room/S?version=1"),
+            Some("{}".into()),
+            400,
+            "M_INVALID_PARAM",
+        ),
+    ];
+    for (method, path, body, status, errcode) in cases {
+        let mut r = http().request(method.clone(), &path).bearer_auth(&fred);
+        if let Some(b) = body.clone() {
+            r = r.header("content-type", "application/json").body(b);
+        }
+        let r = r.send().await.unwrap();
+        let got = r.status().as_u16();
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        assert_eq!(
+            (got, v["errcode"].as_str()),
+            (status, Some(errcode)),
+            "{method} {path} {body:?}: {v}"
+        );
+    }
+    let (status, v) = {
+        let r = http()
+            .post(format!("{v3}/keys/query"))
+            .json(&json!({ "device_keys": {} }))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!((status, v["errcode"].as_str()), (401, Some("M_MISSING_TOKEN")));
+
+    // A backed-up key with a negative index is refused, and nothing of it stays.
+    let version = post_json(
+        format!("{v3}/room_keys/version"),
+        Some(&fred),
+        json!({ "algorithm": "m.megolm_backup.v1.curve25519-aes-sha2", "auth_data": {} }),
+    )
+    .await["version"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let bad_key = json!({ "first_message_index": -1, "forwarded_count": 0, "is_verified": false, "session_data": {} });
+    let r = http()
+        .put(format!("{v3}/room_keys/keys/!r:localhost/S?version={version}"))
+        .bearer_auth(&fred)
+        .json(&bad_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let info = get_json(format!("{v3}/room_keys/version/{version}"), &fred).await;
+    assert_eq!(info["count"], 0);
+
+    // The refusals stored nothing: no keys for fred, and the server still works.
+    let counts = post_json(format!("{v3}/keys/upload"), Some(&fred), json!({})).await;
+    assert_eq!(counts["one_time_key_counts"]["signed_curve25519"], 0);
+    let query = post_json(
+        format!("{v3}/keys/query"),
+        Some(&fred),
+        json!({ "device_keys": { "@fred:localhost": [] } }),
+    )
+    .await;
+    assert_eq!(query["device_keys"]["@fred:localhost"], json!({}));
+    assert_eq!(query["master_keys"], json!({}));
+}
