@@ -13,6 +13,21 @@ use crate::{
     parse,
 };
 
+/// Runs a cached query and collects every row through `row`.
+fn query_all<T>(
+    c: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> StoreResult<Vec<T>> {
+    c.prepare_cached(sql)
+        .map_err(backend)?
+        .query_map(params, row)
+        .map_err(backend)?
+        .collect::<Result<_, _>>()
+        .map_err(corrupt)
+}
+
 fn sql_pos(pos: StreamPos) -> i64 {
     pos.min(i64::MAX as u64) as i64
 }
@@ -31,12 +46,12 @@ fn record_list_change(c: &Connection, positions: &mut Positions, user: &str) -> 
 }
 
 pub(crate) fn device_ids_except(c: &Connection, user: &str, keep: Option<&str>) -> StoreResult<Vec<String>> {
-    c.prepare_cached("SELECT device_id FROM devices WHERE user_id = ?1 AND device_id IS NOT ?2")
-        .map_err(backend)?
-        .query_map(params![user, keep], |r| r.get(0))
-        .map_err(backend)?
-        .collect::<Result<_, _>>()
-        .map_err(corrupt)
+    query_all(
+        c,
+        "SELECT device_id FROM devices WHERE user_id = ?1 AND device_id IS NOT ?2",
+        params![user, keep],
+        |r| r.get(0),
+    )
 }
 
 /// Deletes devices with everything that belongs to them, inside the caller's transaction.
@@ -92,22 +107,20 @@ impl KeyStore for SqliteStore {
         let u = user_id.to_string();
         self.engine
             .read(move |c| {
-                c.prepare_cached(
+                query_all(
+                    c,
                     "SELECT k.device_id, k.json, d.display_name FROM device_keys k
                      JOIN devices d ON d.user_id = k.user_id AND d.device_id = k.device_id
                      WHERE k.user_id = ?1 ORDER BY k.device_id",
+                    [u],
+                    |r| {
+                        Ok(DeviceKeysRecord {
+                            device_id: r.get(0)?,
+                            json: r.get(1)?,
+                            display_name: r.get(2)?,
+                        })
+                    },
                 )
-                .map_err(backend)?
-                .query_map([u], |r| {
-                    Ok(DeviceKeysRecord {
-                        device_id: r.get(0)?,
-                        json: r.get(1)?,
-                        display_name: r.get(2)?,
-                    })
-                })
-                .map_err(backend)?
-                .collect::<Result<_, _>>()
-                .map_err(corrupt)
             })
             .await
     }
@@ -180,16 +193,12 @@ impl KeyStore for SqliteStore {
                     let (alg, n) = row.map_err(corrupt)?;
                     counts.one_time.insert(alg, n);
                 }
-                let mut st = c
-                    .prepare_cached(
-                        "SELECT algorithm FROM fallback_keys WHERE user_id = ?1 AND device_id = ?2 AND used = 0 ORDER BY algorithm",
-                    )
-                    .map_err(backend)?;
-                counts.unused_fallback = st
-                    .query_map(params![u, d], |r| r.get(0))
-                    .map_err(backend)?
-                    .collect::<Result<_, _>>()
-                    .map_err(corrupt)?;
+                counts.unused_fallback = query_all(
+                    c,
+                    "SELECT algorithm FROM fallback_keys WHERE user_id = ?1 AND device_id = ?2 AND used = 0 ORDER BY algorithm",
+                    params![u, d],
+                    |r| r.get(0),
+                )?;
                 Ok(counts)
             })
             .await
@@ -313,23 +322,21 @@ impl KeyStore for SqliteStore {
         let u = target_user.to_string();
         self.engine
             .read(move |c| {
-                c.prepare_cached(
+                query_all(
+                    c,
                     "SELECT target_user, target_key, signer, signer_key_id, signature FROM key_signatures
                      WHERE target_user = ?1 ORDER BY target_key, signer, signer_key_id",
+                    [u],
+                    |r| {
+                        Ok(KeySignature {
+                            target_user: parse(r.get(0)?)?,
+                            target_key: r.get(1)?,
+                            signer: parse(r.get(2)?)?,
+                            signer_key_id: r.get(3)?,
+                            signature: r.get(4)?,
+                        })
+                    },
                 )
-                .map_err(backend)?
-                .query_map([u], |r| {
-                    Ok(KeySignature {
-                        target_user: parse(r.get(0)?)?,
-                        target_key: r.get(1)?,
-                        signer: parse(r.get(2)?)?,
-                        signer_key_id: r.get(3)?,
-                        signature: r.get(4)?,
-                    })
-                })
-                .map_err(backend)?
-                .collect::<Result<_, _>>()
-                .map_err(corrupt)
             })
             .await
     }
@@ -337,14 +344,12 @@ impl KeyStore for SqliteStore {
     async fn device_list_changes(&self, after: StreamPos, until: StreamPos) -> StoreResult<Vec<(OwnedUserId, StreamPos)>> {
         self.engine
             .read(move |c| {
-                c.prepare_cached("SELECT user_id, pos FROM device_list_changes WHERE pos > ?1 AND pos <= ?2 ORDER BY pos")
-                    .map_err(backend)?
-                    .query_map(params![sql_pos(after), sql_pos(until)], |r| {
-                        Ok((parse(r.get(0)?)?, r.get::<_, i64>(1)? as u64))
-                    })
-                    .map_err(backend)?
-                    .collect::<Result<_, _>>()
-                    .map_err(corrupt)
+                query_all(
+                    c,
+                    "SELECT user_id, pos FROM device_list_changes WHERE pos > ?1 AND pos <= ?2 ORDER BY pos",
+                    params![sql_pos(after), sql_pos(until)],
+                    |r| Ok((parse(r.get(0)?)?, r.get::<_, i64>(1)? as u64)),
+                )
             })
             .await
     }
@@ -400,22 +405,20 @@ impl ToDeviceStore for SqliteStore {
         let (u, d) = (user_id.to_string(), device_id.to_owned());
         self.engine
             .read(move |c| {
-                c.prepare_cached(
+                query_all(
+                    c,
                     "SELECT pos, sender, kind, content FROM to_device
                      WHERE user_id = ?1 AND device_id = ?2 AND pos > ?3 AND pos <= ?4 ORDER BY pos LIMIT ?5",
+                    params![u, d, sql_pos(after), sql_pos(until), limit as i64],
+                    |r| {
+                        Ok(QueuedToDevice {
+                            pos: r.get::<_, i64>(0)? as u64,
+                            sender: parse(r.get(1)?)?,
+                            kind: r.get(2)?,
+                            content: r.get(3)?,
+                        })
+                    },
                 )
-                .map_err(backend)?
-                .query_map(params![u, d, sql_pos(after), sql_pos(until), limit as i64], |r| {
-                    Ok(QueuedToDevice {
-                        pos: r.get::<_, i64>(0)? as u64,
-                        sender: parse(r.get(1)?)?,
-                        kind: r.get(2)?,
-                        content: r.get(3)?,
-                    })
-                })
-                .map_err(backend)?
-                .collect::<Result<_, _>>()
-                .map_err(corrupt)
             })
             .await
     }
@@ -631,16 +634,14 @@ impl KeyBackupStore for SqliteStore {
         let session = scope.session_id.map(str::to_owned);
         self.engine
             .read(move |c| {
-                c.prepare_cached(
+                query_all(
+                    c,
                     "SELECT room_id, session_id, is_verified, first_message_index, forwarded_count, json FROM backup_keys
                      WHERE user_id = ?1 AND version = ?2 AND (?3 IS NULL OR room_id = ?3) AND (?4 IS NULL OR session_id = ?4)
                      ORDER BY room_id, session_id",
+                    params![u, version as i64, room, session],
+                    backup_key_from_row,
                 )
-                .map_err(backend)?
-                .query_map(params![u, version as i64, room, session], backup_key_from_row)
-                .map_err(backend)?
-                .collect::<Result<_, _>>()
-                .map_err(corrupt)
             })
             .await
     }
