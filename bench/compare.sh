@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 WORK=${KABAR_BENCH_DIR:-$ROOT/target/bench}
-SCENARIOS=${SCENARIOS:-"versions register messages bigroom idle surge"}
+SCENARIOS=${SCENARIOS:-"versions register messages todevice bigroom idle surge"}
 REPEAT=${REPEAT:-1}
 SYNAPSE_PORT=${SYNAPSE_PORT:-18448}
 KABAR_PORT=${KABAR_PORT:-18449}
@@ -21,6 +21,7 @@ KABAR_PORT=${KABAR_PORT:-18449}
 # Sizes: Synapse gets sizes it can finish in minutes; Kabar gets the issue's targets.
 REG_SYNAPSE=${REG_SYNAPSE:-50};        REG_KABAR=${REG_KABAR:-1000};       REG_CONC=${REG_CONC:-16}
 MSG_USERS=${MSG_USERS:-50};            MSG_ROOMS=${MSG_ROOMS:-10};         MSG_SECONDS=${MSG_SECONDS:-20}
+TD_PAIRS=${TD_PAIRS:-25};              TD_SECONDS=${TD_SECONDS:-20}
 BIG_SYNAPSE=${BIG_SYNAPSE:-500};       BIG_KABAR=${BIG_KABAR:-10000};      BIG_MESSAGES=${BIG_MESSAGES:-10}
 IDLE_SYNAPSE=${IDLE_SYNAPSE:-2000};    IDLE_KABAR=${IDLE_KABAR:-50000};    IDLE_USERS=${IDLE_USERS:-200}
 # surge: the same light chat on both (Synapse manages ~40 msgs/s in all), then
@@ -159,6 +160,9 @@ for s in $SCENARIOS; do
       # Kabar again at half its measured maximum rate, for the latency target.
       half=$(python3 -c "import json; r=json.load(open('$OUT/kabar-messages.$REP.json')); print(max(0.1, r.get('sends_per_sec', 0) / 2 / $MSG_USERS))")
       LABEL=messages-half run kabar messages --users "$MSG_USERS" --rooms "$MSG_ROOMS" --seconds "$MSG_SECONDS" --rate "$half" ;;
+    todevice)
+      run synapse todevice --pairs "$TD_PAIRS" --seconds "$TD_SECONDS"
+      run kabar todevice --pairs "$TD_PAIRS" --seconds "$TD_SECONDS" ;;
     bigroom)
       run synapse bigroom --members "$BIG_SYNAPSE" --messages "$BIG_MESSAGES"
       run kabar bigroom --members "$BIG_KABAR" --messages "$BIG_MESSAGES" ;;

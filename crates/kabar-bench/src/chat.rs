@@ -21,6 +21,57 @@ use crate::{
     stats::{ErrorCounts, Latencies, count_error},
 };
 
+/// A /sync follower per user, all feeding one delivery tracker; user i is member i.
+pub struct Followers {
+    pub deliveries: Arc<Deliveries>,
+    pub sync_errors: Arc<Mutex<ErrorCounts>>,
+    stop: watch::Sender<bool>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Followers {
+    /// Runs each user's first sync (to learn where its stream stands) and
+    /// starts following from there.
+    pub async fn start(users: &[User]) -> Result<Self, String> {
+        let deliveries = Arc::new(Deliveries::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let held = Arc::new(AtomicU64::new(0));
+        let sync_errors = Arc::new(Mutex::new(ErrorCounts::new()));
+        let mut handles = Vec::new();
+        for (i, u) in users.iter().enumerate() {
+            let since = initial_since(u).await.map_err(|e| format!("initial sync: {e}"))?;
+            handles.push(tokio::spawn(follow(
+                u.clone(),
+                i as u32,
+                since,
+                deliveries.clone(),
+                stop_rx.clone(),
+                held.clone(),
+                sync_errors.clone(),
+            )));
+        }
+        Ok(Self {
+            deliveries,
+            sync_errors,
+            stop,
+            handles,
+        })
+    }
+
+    /// Waits up to 30 s for every expected delivery, stops the followers, and
+    /// says what arrived and which syncs failed.
+    pub async fn finish(self, expected: &[(u32, u64)]) -> (DeliveryCheck, ErrorCounts) {
+        self.deliveries.wait_for(expected.len() as u64, Duration::from_secs(30)).await;
+        let _ = self.stop.send(true);
+        for f in self.handles {
+            let _ = f.await;
+        }
+        let check = self.deliveries.check(expected);
+        let errors = self.sync_errors.lock().expect("errors lock").clone();
+        (check, errors)
+    }
+}
+
 /// The people chatting, their rooms, and their followers.
 pub struct Chat {
     pub users: Vec<User>,
@@ -29,8 +80,7 @@ pub struct Chat {
     pub sync_errors: Arc<Mutex<ErrorCounts>>,
     /// Benchmark messages acknowledged so far, by all senders.
     pub sent: Arc<AtomicU64>,
-    stop: watch::Sender<bool>,
-    followers: Vec<JoinHandle<()>>,
+    followers: Followers,
 }
 
 /// What one sender did.
@@ -63,30 +113,13 @@ impl Chat {
         for r in join_all(joins).await {
             r.map_err(|e| format!("join: {e}"))?;
         }
-        let deliveries = Arc::new(Deliveries::default());
-        let (stop, stop_rx) = watch::channel(false);
-        let held = Arc::new(AtomicU64::new(0));
-        let sync_errors = Arc::new(Mutex::new(ErrorCounts::new()));
-        let mut followers = Vec::new();
-        for (i, u) in users.iter().enumerate() {
-            let since = initial_since(u).await.map_err(|e| format!("initial sync: {e}"))?;
-            followers.push(tokio::spawn(follow(
-                u.clone(),
-                i as u32,
-                since,
-                deliveries.clone(),
-                stop_rx.clone(),
-                held.clone(),
-                sync_errors.clone(),
-            )));
-        }
+        let followers = Followers::start(&users).await?;
         Ok(Self {
             users,
             rooms: room_ids,
-            deliveries,
-            sync_errors,
+            deliveries: followers.deliveries.clone(),
+            sync_errors: followers.sync_errors.clone(),
             sent: Arc::default(),
-            stop,
             followers,
         })
     }
@@ -147,17 +180,9 @@ impl Chat {
         expected
     }
 
-    /// Waits up to 30 s for every expected delivery, stops the followers, and
-    /// says what arrived and which syncs failed.
+    /// See [`Followers::finish`].
     pub async fn finish(self, expected: &[(u32, u64)]) -> (DeliveryCheck, ErrorCounts) {
-        self.deliveries.wait_for(expected.len() as u64, Duration::from_secs(30)).await;
-        let _ = self.stop.send(true);
-        for f in self.followers {
-            let _ = f.await;
-        }
-        let check = self.deliveries.check(expected);
-        let errors = self.sync_errors.lock().expect("errors lock").clone();
-        (check, errors)
+        self.followers.finish(expected).await
     }
 }
 

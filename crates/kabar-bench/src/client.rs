@@ -204,6 +204,7 @@ impl Target {
 pub struct User {
     pub target: Target,
     pub user_id: String,
+    pub device_id: String,
     pub token: String,
 }
 
@@ -230,6 +231,7 @@ impl User {
         Ok(Self {
             target,
             user_id: v["user_id"].as_str().ok_or_else(bad)?.to_owned(),
+            device_id: v["device_id"].as_str().ok_or_else(bad)?.to_owned(),
             token: v["access_token"].as_str().ok_or_else(bad)?.to_owned(),
         })
     }
@@ -269,6 +271,18 @@ impl User {
             .call(reqwest::Method::PUT, &path, Some(&json!({ "msgtype": "m.text", "body": body })))
             .await?;
         Ok(v["event_id"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// PUT /sendToDevice/{type}/{txn} with one message to `user`'s `device`.
+    pub async fn send_to_device(&self, kind: &str, txn: &str, user: &str, device: &str, content: Value) -> Result<(), ApiError> {
+        let path = format!("/_matrix/client/v3/sendToDevice/{}/{}", enc(kind), enc(txn));
+        self.call(
+            reqwest::Method::PUT,
+            &path,
+            Some(&json!({ "messages": { user: { device: content } } })),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// GET /sync; `filter` is inline JSON or the id of an uploaded filter.
@@ -322,6 +336,8 @@ pub struct SyncMessages {
     pub next_batch: String,
     #[serde(default)]
     pub rooms: SyncRooms,
+    #[serde(default)]
+    pub to_device: SyncTimeline,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -355,12 +371,14 @@ pub struct SyncContent {
 }
 
 impl SyncMessages {
-    /// The bodies of the timeline events in every joined room.
+    /// The bodies of the timeline events in every joined room and of the
+    /// to-device events.
     pub fn bodies(&self) -> impl Iterator<Item = &str> {
         self.rooms
             .join
             .values()
             .flat_map(|r| r.timeline.events.iter())
+            .chain(&self.to_device.events)
             .filter_map(|e| e.content.body.as_deref())
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use kabar_bench::{
     client::Target,
-    scenarios::{Report, bigroom, idle, messages, register, surge, versions},
+    scenarios::{Report, bigroom, idle, messages, register, surge, todevice, versions},
 };
 
 #[derive(Parser)]
@@ -46,6 +46,18 @@ enum Scenario {
         users: usize,
         #[arg(long, default_value_t = 10)]
         rooms: usize,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Messages per second per sender (default: as fast as each can).
+        #[arg(long)]
+        rate: Option<f64>,
+        #[arg(long, default_value_t = 16)]
+        setup_concurrency: usize,
+    },
+    /// P senders each send send-to-device messages to a partner's device for T seconds.
+    Todevice {
+        #[arg(long, default_value_t = 25)]
+        pairs: usize,
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
         /// Messages per second per sender (default: as fast as each can).
@@ -146,6 +158,25 @@ async fn main() -> anyhow::Result<()> {
         }
         Scenario::Versions { seconds, concurrency } => {
             print(&versions::run(&target, versions::Params { seconds, concurrency }).await, cli.json)
+        }
+        Scenario::Todevice {
+            pairs,
+            seconds,
+            rate,
+            setup_concurrency,
+        } => {
+            let r = todevice::run(
+                &target,
+                todevice::Params {
+                    pairs,
+                    seconds,
+                    rate_per_sender: rate,
+                    setup_concurrency,
+                },
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+            print(&r, cli.json)
         }
         Scenario::Messages {
             users,

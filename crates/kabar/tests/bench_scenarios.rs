@@ -55,6 +55,22 @@ async fn every_scenario_runs_and_loses_nothing() {
     assert_eq!((m.deliveries.lost, m.deliveries.duplicated), (0, 0), "{m:?}");
     assert!(m.send_errors.is_empty() && m.sync_errors.is_empty(), "{m:?}");
 
+    let td = scenarios::todevice::run(
+        &target,
+        scenarios::todevice::Params {
+            pairs: 3,
+            seconds: 1.0,
+            rate_per_sender: None,
+            setup_concurrency: 4,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(td.sent > 0, "{td:?}");
+    assert_eq!(td.deliveries.expected, td.sent, "each message has one receiving device");
+    assert_eq!((td.deliveries.lost, td.deliveries.duplicated), (0, 0), "{td:?}");
+    assert!(td.send_errors.is_empty() && td.sync_errors.is_empty(), "{td:?}");
+
     let paced = scenarios::messages::run(
         &target,
         scenarios::messages::Params {

@@ -5,6 +5,7 @@ pub mod idle;
 pub mod messages;
 pub mod register;
 pub mod surge;
+pub mod todevice;
 pub mod versions;
 
 /// What every scenario report offers.
