@@ -36,8 +36,8 @@ pub async fn upload_keys_route(State(keys): State<Arc<Keys>>, Auth(s): Auth, Jso
         one_time_keys: b.one_time_keys,
         fallback_keys: b.fallback_keys,
     };
-    let counts = keys.upload(&s.user_id, &s.device_id, upload).await?;
-    let mut one_time = counts.one_time;
+    let counts = keys.upload(&s, upload).await?;
+    let mut one_time = counts.one_time.clone();
     one_time.entry("signed_curve25519".into()).or_insert(0);
     Ok(Json(json!({ "one_time_key_counts": one_time })))
 }

@@ -235,8 +235,9 @@ pub struct Changes {
     pub to_device: ChangeTracker<DeviceKey>,
 }
 
-/// A user's device, as a map key.
-pub type DeviceKey = (OwnedUserId, String);
+/// A user's device, as a map key: a session's fields, so that a sync looks
+/// its own device up without building a key.
+pub type DeviceKey = kabar_store::Session;
 
 impl Changes {
     /// Trackers that know of no change up to `baseline`, the store's position at start.

@@ -132,7 +132,7 @@ pub struct Keys {
     device_lists: Arc<DeviceLists>,
     /// Each device's key counts with the tracker generation they were read at:
     /// every sync reports them, and they change only on uploads and claims.
-    counts: Mutex<HashMap<DeviceKey, (u64, KeyCounts)>>,
+    counts: Mutex<HashMap<DeviceKey, (u64, Arc<KeyCounts>)>>,
 }
 
 fn to_json(v: &Value) -> String {
@@ -213,7 +213,8 @@ impl Keys {
 
     /// POST /keys/upload: publishes the device's identity keys and adds
     /// one-time and fallback keys; returns the device's key counts.
-    pub async fn upload(&self, user: &UserId, device_id: &str, upload: KeysUpload) -> Result<KeyCounts> {
+    pub async fn upload(&self, device: &DeviceKey, upload: KeysUpload) -> Result<Arc<KeyCounts>> {
+        let (user, device_id) = (&*device.user_id, device.device_id.as_str());
         if let Some(keys) = &upload.device_keys {
             e2ee::check_device_keys(keys, user.as_str(), device_id).map_err(|e| Error::InvalidParam(e.to_string()))?;
             let json = to_json(keys);
@@ -224,8 +225,7 @@ impl Keys {
         let one_time = keys_of(&upload.one_time_keys)?;
         let fallback = keys_of(&upload.fallback_keys)?;
         if !one_time.is_empty() || !fallback.is_empty() {
-            let key = (user.to_owned(), device_id.to_owned());
-            let change = self.changes.one_time_keys.begin(&key);
+            let change = self.changes.one_time_keys.begin(device);
             if !one_time.is_empty() {
                 self.store
                     .add_one_time_keys(user, device_id, one_time)
@@ -237,26 +237,25 @@ impl Keys {
             }
             change.finish(self.store.current_position());
         }
-        self.key_counts(user, device_id).await
+        self.key_counts(device).await
     }
 
     /// The device's key counts, from memory unless an upload or claim touched them.
-    pub async fn key_counts(&self, user: &UserId, device_id: &str) -> Result<KeyCounts> {
-        let key = (user.to_owned(), device_id.to_owned());
-        let generation = self.changes.one_time_keys.generation(&key);
+    pub async fn key_counts(&self, device: &DeviceKey) -> Result<Arc<KeyCounts>> {
+        let generation = self.changes.one_time_keys.generation(device);
         if let Some(generation) = generation
-            && let Some((at, counts)) = self.counts.lock().expect("key counts lock").get(&key)
+            && let Some((at, counts)) = self.counts.lock().expect("key counts lock").get(device)
             && *at == generation
         {
             return Ok(counts.clone());
         }
-        let counts = self.store.key_counts(user, device_id).await?;
+        let counts = Arc::new(self.store.key_counts(&device.user_id, &device.device_id).await?);
         if let Some(generation) = generation {
             let mut cache = self.counts.lock().expect("key counts lock");
             if cache.len() >= MAX_CACHED_COUNTS {
                 cache.clear();
             }
-            cache.insert(key, (generation, counts.clone()));
+            cache.insert(device.clone(), (generation, counts.clone()));
         }
         Ok(counts)
     }
@@ -327,7 +326,13 @@ impl Keys {
         if claims.len() > MAX_CLAIMS {
             return Err(Error::TooLarge(format!("at most {MAX_CLAIMS} keys per claim")));
         }
-        let keys: Vec<DeviceKey> = claims.iter().map(|c| (c.user_id.clone(), c.device_id.clone())).collect();
+        let keys: Vec<DeviceKey> = claims
+            .iter()
+            .map(|c| DeviceKey {
+                user_id: c.user_id.clone(),
+                device_id: c.device_id.clone(),
+            })
+            .collect();
         let pending: Vec<_> = keys.iter().map(|k| self.changes.one_time_keys.begin(k)).collect();
         let claimed = self.store.claim_keys(claims).await?;
         for p in pending {

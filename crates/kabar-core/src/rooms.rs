@@ -106,6 +106,9 @@ pub struct RoomCache {
     recent: VecDeque<Arc<TimelineEvent>>,
     /// Every event of the room after this position is in `recent`.
     recent_after: StreamPos,
+    /// Where `m.room.encryption` was last set: every sync asks, so it is kept
+    /// apart from the state map.
+    encrypted_at: Option<StreamPos>,
 }
 
 impl RoomCache {
@@ -121,6 +124,7 @@ impl RoomCache {
             member_counts: HashMap::new(),
             recent: VecDeque::new(),
             recent_after: 0,
+            encrypted_at: None,
         }
     }
 
@@ -154,7 +158,7 @@ impl RoomCache {
 
     /// Where end-to-end encryption was turned on, if it was.
     pub fn encrypted_at(&self) -> Option<StreamPos> {
-        self.state("m.room.encryption", "").map(|e| e.pos)
+        self.encrypted_at
     }
 
     /// Users whose membership changed in `(after, until]`, with the latest
@@ -317,6 +321,9 @@ impl RoomCache {
             }
         }
         if let Some(key) = pdu.state_key_pair() {
+            if pdu.kind == ruma::events::TimelineEventType::RoomEncryption {
+                self.encrypted_at = Some(pos);
+            }
             self.state.insert(key, StateEntry { pdu: pdu.clone(), pos });
         }
         self.head = vec![pdu.event_id.clone()];
@@ -553,6 +560,7 @@ impl Rooms {
             None => (vec![], 0, 0),
         };
         let member_counts = RoomCache::count_members(&state);
+        let encrypted_at = state.get(&("m.room.encryption".to_owned(), String::new())).map(|e| e.pos);
         let cache = Arc::new(Room::new(RoomCache {
             record,
             rules,
@@ -563,6 +571,7 @@ impl Rooms {
             member_counts,
             recent: VecDeque::new(),
             recent_after: last_pos,
+            encrypted_at,
         }));
         Ok(self
             .rooms

@@ -8,7 +8,7 @@ use std::{
 };
 
 use kabar_domain::{SyncToken, client_event::to_client_event, membership::Membership};
-use kabar_store::{Direction, EventRange, MembershipRecord, Session, Store, StoredEvent, StreamPos};
+use kabar_store::{Direction, EventRange, KeyCounts, MembershipRecord, Session, Store, StoredEvent, StreamPos};
 use ruma::{
     OwnedRoomId, OwnedUserId, RoomId, UserId,
     api::client::filter::{FilterDefinition, RoomEventFilter},
@@ -56,8 +56,38 @@ pub struct SyncResponse {
     presence: Events<Value>,
     to_device: Events<ToDeviceEvent>,
     device_lists: DeviceListDelta,
-    device_one_time_keys_count: BTreeMap<String, u64>,
-    device_unused_fallback_key_types: Vec<String>,
+    device_one_time_keys_count: OneTimeKeyCounts,
+    device_unused_fallback_key_types: UnusedFallbackKeys,
+}
+
+/// A device's one-time key counts, written straight from the cached counts.
+/// `signed_curve25519` is always present: clients read a missing count as
+/// "unknown", while zero makes them upload keys.
+#[derive(Debug)]
+struct OneTimeKeyCounts(Arc<KeyCounts>);
+
+impl Serialize for OneTimeKeyCounts {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let counts = &self.0.one_time;
+        let mut map = serializer.serialize_map(None)?;
+        if !counts.contains_key("signed_curve25519") {
+            map.serialize_entry("signed_curve25519", &0)?;
+        }
+        for (algorithm, n) in counts {
+            map.serialize_entry(algorithm, n)?;
+        }
+        map.end()
+    }
+}
+
+#[derive(Debug)]
+struct UnusedFallbackKeys(Arc<KeyCounts>);
+
+impl Serialize for UnusedFallbackKeys {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        self.0.unused_fallback.serialize(serializer)
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -363,7 +393,7 @@ impl SyncEngine {
         if let Some(stop_at) = to_device.stop_at {
             upto.stream = stop_at;
         }
-        let key_counts = self.keys.key_counts(user, &session.device_id).await?;
+        let key_counts = self.keys.key_counts(session).await?;
         let device_lists = if initial {
             DeviceListDelta::default()
         } else {
@@ -476,9 +506,6 @@ impl SyncEngine {
             || !presence.is_empty()
             || !to_device.events.is_empty()
             || !device_lists.is_empty();
-        let mut one_time_key_counts = key_counts.one_time;
-        // Clients read a missing count as "unknown"; zero makes them upload.
-        one_time_key_counts.entry("signed_curve25519".into()).or_insert(0);
         let response = SyncResponse {
             next_batch: upto.to_string(),
             rooms: SyncRooms {
@@ -493,8 +520,8 @@ impl SyncEngine {
             presence: Events { events: presence },
             to_device: Events { events: to_device.events },
             device_lists,
-            device_one_time_keys_count: one_time_key_counts,
-            device_unused_fallback_key_types: key_counts.unused_fallback,
+            device_one_time_keys_count: OneTimeKeyCounts(key_counts.clone()),
+            device_unused_fallback_key_types: UnusedFallbackKeys(key_counts),
         };
         Ok((response, has_news))
     }

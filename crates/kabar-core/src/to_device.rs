@@ -117,14 +117,20 @@ impl ToDevice {
                 }
             }
         }
-        let keys: Vec<DeviceKey> = queue.iter().map(|m| (m.recipient.clone(), m.device_id.clone())).collect();
+        let keys: Vec<DeviceKey> = queue
+            .iter()
+            .map(|m| DeviceKey {
+                user_id: m.recipient.clone(),
+                device_id: m.device_id.clone(),
+            })
+            .collect();
         let pending: Vec<_> = keys.iter().map(|k| self.changes.to_device.begin(k)).collect();
         let queued = self.store.queue_to_device(sender, txn_id, queue).await?;
         if let Some(pos) = queued {
             for p in pending {
                 p.finish(pos);
             }
-            let mut woken: Vec<&OwnedUserId> = keys.iter().map(|(u, _)| u).collect();
+            let mut woken: Vec<&OwnedUserId> = keys.iter().map(|k| &k.user_id).collect();
             woken.dedup();
             for user in woken {
                 self.notifier.user_changed(user);
@@ -137,15 +143,17 @@ impl ToDevice {
     /// `until`: first deletes what the token acknowledges, then returns the
     /// messages queued after it, oldest first.
     pub async fn for_sync(&self, session: &Session, since: Option<StreamPos>, until: StreamPos) -> Result<ToDeviceBatch> {
-        let key: DeviceKey = (session.user_id.clone(), session.device_id.clone());
         if let Some(since) = since {
-            self.acknowledge(&key, since).await?;
+            self.acknowledge(session, since).await?;
         }
         let after = since.unwrap_or(0);
-        if since.is_some() && !self.changes.to_device.changed_since(&key, after) {
+        if since.is_some() && !self.changes.to_device.changed_since(session, after) {
             return Ok(ToDeviceBatch::default());
         }
-        let queued = self.store.to_device(&key.0, &key.1, after, until, MAX_PER_SYNC).await?;
+        let queued = self
+            .store
+            .to_device(&session.user_id, &session.device_id, after, until, MAX_PER_SYNC)
+            .await?;
         let Some(last) = queued.last().map(|m| m.pos) else {
             return Ok(ToDeviceBatch::default());
         };
@@ -154,7 +162,7 @@ impl ToDevice {
             if acks.len() >= MAX_ACK_STATES {
                 acks.clear();
             }
-            let state = acks.entry(key).or_insert(AckState {
+            let state = acks.entry(session.clone()).or_insert(AckState {
                 delivered_upto: 0,
                 deleted_upto: after,
             });
@@ -166,20 +174,34 @@ impl ToDevice {
     }
 
     /// The device synced from `since`: it has every message up to there.
-    async fn acknowledge(&self, key: &DeviceKey, since: StreamPos) -> Result<()> {
-        let known = self.acks.lock().expect("to-device acks lock").get(key).copied();
+    async fn acknowledge(&self, device: &DeviceKey, since: StreamPos) -> Result<()> {
+        let known = self.acks.lock().expect("to-device acks lock").get(device).copied();
         let delete = match known {
             Some(state) => state.acknowledges_more(since),
             // Nothing handed out by this process: messages a previous run
             // delivered may still be queued. A read is cheaper than a write.
-            None => !self.store.to_device(&key.0, &key.1, 0, since, 1).await?.is_empty(),
+            None => !self
+                .store
+                .to_device(&device.user_id, &device.device_id, 0, since, 1)
+                .await?
+                .is_empty(),
         };
         if delete {
-            self.store.delete_to_device(&key.0, &key.1, since).await?;
+            self.store.delete_to_device(&device.user_id, &device.device_id, since).await?;
         }
         let mut acks = self.acks.lock().expect("to-device acks lock");
-        let state = acks.entry(key.clone()).or_default();
-        state.deleted_upto = state.deleted_upto.max(since);
+        match acks.get_mut(device) {
+            Some(state) => state.deleted_upto = state.deleted_upto.max(since),
+            None => {
+                acks.insert(
+                    device.clone(),
+                    AckState {
+                        delivered_upto: 0,
+                        deleted_upto: since,
+                    },
+                );
+            }
+        }
         Ok(())
     }
 }

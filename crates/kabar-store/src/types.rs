@@ -45,8 +45,8 @@ pub struct DeviceRecord {
     pub last_seen_ms: Option<u64>,
 }
 
-/// Who an access token belongs to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Who an access token belongs to: one device of one user.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Session {
     pub user_id: OwnedUserId,
     pub device_id: String,
