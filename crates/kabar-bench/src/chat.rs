@@ -16,7 +16,7 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
     Deliveries, DeliveryCheck,
-    client::{Target, User},
+    client::{ApiError, Target, User},
     follow, initial_since, setup_users,
     stats::{ErrorCounts, Latencies, count_error},
 };
@@ -125,45 +125,20 @@ impl Chat {
     }
 
     /// Every user sends into its room until `deadline`, as fast as it can or
-    /// one message per `interval`. Paced senders start spread over the first
-    /// interval, as people do, rather than all in the same instant.
+    /// one message per `interval` (see [`send_paced`]).
     pub async fn send_until(&self, deadline: Instant, interval: Option<Duration>) -> Vec<SenderResult> {
-        let start = Instant::now();
-        let senders_n = self.users.len().max(1) as u32;
+        let pacing = Pacing {
+            start: Instant::now(),
+            deadline,
+            interval,
+            senders: self.users.len(),
+        };
         let senders = self.users.iter().enumerate().map(|(i, u)| {
             let room = &self.rooms[i % self.rooms.len()];
-            let (deliveries, sent) = (&self.deliveries, &self.sent);
-            async move {
-                let mut result = SenderResult {
-                    sender: i,
-                    acked: Vec::new(),
-                    errors: ErrorCounts::new(),
-                    latencies: Latencies::default(),
-                };
-                let mut next = start + interval.map_or(Duration::ZERO, |iv| iv * i as u32 / senders_n);
-                let mut seq: u64 = 0;
-                while Instant::now() < deadline {
-                    if let Some(iv) = interval {
-                        tokio::time::sleep_until(next.into()).await;
-                        next += iv;
-                        if Instant::now() >= deadline {
-                            break;
-                        }
-                    }
-                    let id = ((i as u64) << 32) | seq;
-                    seq += 1;
-                    let t = Instant::now();
-                    match u.send_text(room, &format!("kb{id}"), &deliveries.body(id)).await {
-                        Ok(_) => {
-                            result.latencies.push(t.elapsed().as_micros() as u64);
-                            result.acked.push(id);
-                            sent.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => count_error(&mut result.errors, e.kind()),
-                    }
-                }
-                result
-            }
+            let deliveries = &self.deliveries;
+            send_paced(i, &pacing, &self.sent, move |id| async move {
+                u.send_text(room, &format!("kb{id}"), &deliveries.body(id)).await.map(|_| ())
+            })
         });
         join_all(senders).await
     }
@@ -184,6 +159,56 @@ impl Chat {
     pub async fn finish(self, expected: &[(u32, u64)]) -> (DeliveryCheck, ErrorCounts) {
         self.followers.finish(expected).await
     }
+}
+
+/// When senders send: from `start` until `deadline`, as fast as each can or
+/// one message per `interval`.
+pub struct Pacing {
+    pub start: Instant,
+    pub deadline: Instant,
+    pub interval: Option<Duration>,
+    /// How many senders share the pacing: paced senders start spread over
+    /// the first interval, as people do, rather than all in the same instant.
+    pub senders: usize,
+}
+
+/// Sender `sender` sends benchmark messages `(sender << 32) | seq` through
+/// `send` as `pacing` says, counting each acknowledged one in `sent`.
+pub async fn send_paced<F, Fut>(sender: usize, pacing: &Pacing, sent: &AtomicU64, mut send: F) -> SenderResult
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<(), ApiError>>,
+{
+    let mut result = SenderResult {
+        sender,
+        acked: Vec::new(),
+        errors: ErrorCounts::new(),
+        latencies: Latencies::default(),
+    };
+    let spread = pacing.senders.max(1) as u32;
+    let mut next = pacing.start + pacing.interval.map_or(Duration::ZERO, |iv| iv * sender as u32 / spread);
+    let mut seq: u64 = 0;
+    while Instant::now() < pacing.deadline {
+        if let Some(iv) = pacing.interval {
+            tokio::time::sleep_until(next.into()).await;
+            next += iv;
+            if Instant::now() >= pacing.deadline {
+                break;
+            }
+        }
+        let id = ((sender as u64) << 32) | seq;
+        seq += 1;
+        let t = Instant::now();
+        match send(id).await {
+            Ok(()) => {
+                result.latencies.push(t.elapsed().as_micros() as u64);
+                result.acked.push(id);
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => count_error(&mut result.errors, e.kind()),
+        }
+    }
+    result
 }
 
 /// Sums the senders' errors and send latencies.

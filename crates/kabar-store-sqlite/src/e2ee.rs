@@ -447,20 +447,23 @@ fn current_backup(c: &Connection, user: &str) -> StoreResult<Option<u64>> {
         .map_err(backend)
 }
 
+fn backup_count(c: &Connection, user: &str, version: u64) -> StoreResult<u64> {
+    c.prepare_cached("SELECT COUNT(*) FROM backup_keys WHERE user_id = ?1 AND version = ?2")
+        .map_err(backend)?
+        .query_row(params![user, version as i64], |r| r.get::<_, i64>(0))
+        .map(|n| n as u64)
+        .map_err(backend)
+}
+
 fn backup_state(c: &Connection, user: &str, version: u64) -> StoreResult<BackupWrite> {
     let etag: i64 = c
         .prepare_cached("SELECT etag FROM backup_versions WHERE user_id = ?1 AND version = ?2")
         .map_err(backend)?
         .query_row(params![user, version as i64], |r| r.get(0))
         .map_err(backend)?;
-    let count: i64 = c
-        .prepare_cached("SELECT COUNT(*) FROM backup_keys WHERE user_id = ?1 AND version = ?2")
-        .map_err(backend)?
-        .query_row(params![user, version as i64], |r| r.get(0))
-        .map_err(backend)?;
     Ok(BackupWrite::Done {
         etag: etag as u64,
-        count: count as u64,
+        count: backup_count(c, user, version)?,
     })
 }
 
@@ -521,17 +524,12 @@ impl KeyBackupStore for SqliteStore {
                 let Some((algorithm, auth_data, etag)) = row else {
                     return Ok(None);
                 };
-                let count: i64 = c
-                    .prepare_cached("SELECT COUNT(*) FROM backup_keys WHERE user_id = ?1 AND version = ?2")
-                    .map_err(backend)?
-                    .query_row(params![u, version as i64], |r| r.get(0))
-                    .map_err(backend)?;
                 Ok(Some(BackupVersion {
                     version,
                     algorithm,
                     auth_data,
                     etag: etag as u64,
-                    count: count as u64,
+                    count: backup_count(c, &u, version)?,
                 }))
             })
             .await

@@ -17,10 +17,10 @@ use serde_json::json;
 use super::Report;
 use crate::{
     DeliveryCheck, Progress,
-    chat::{Followers, SenderResult, merge},
+    chat::{Followers, Pacing, merge, send_paced},
     client::Target,
     run_prefix, setup_users,
-    stats::{ErrorCounts, Latencies, LatencySummary, count_error},
+    stats::{ErrorCounts, LatencySummary},
 };
 
 #[derive(Debug, Clone)]
@@ -82,50 +82,23 @@ pub async fn run(target: &Target, p: Params) -> Result<ToDeviceReport, String> {
         let d = d.clone();
         move || format!("{} delivered", d.delivered.load(Ordering::Relaxed))
     });
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs_f64(p.seconds);
-    let interval = p.rate_per_sender.map(|r| Duration::from_secs_f64(1.0 / r.max(0.001)));
+    let pacing = Pacing {
+        start: Instant::now(),
+        deadline: Instant::now() + Duration::from_secs_f64(p.seconds),
+        interval: p.rate_per_sender.map(|r| Duration::from_secs_f64(1.0 / r.max(0.001))),
+        senders: pairs,
+    };
     let sends = senders.iter().zip(receivers).enumerate().map(|(i, (sender, receiver))| {
-        let (deliveries, sent) = (&d, &sent);
-        async move {
-            let mut result = SenderResult {
-                sender: i,
-                acked: Vec::new(),
-                errors: ErrorCounts::new(),
-                latencies: Latencies::default(),
-            };
-            // Paced senders start spread over the first interval.
-            let mut next = start + interval.map_or(Duration::ZERO, |iv| iv * i as u32 / pairs as u32);
-            let mut seq: u64 = 0;
-            while Instant::now() < deadline {
-                if let Some(iv) = interval {
-                    tokio::time::sleep_until(next.into()).await;
-                    next += iv;
-                    if Instant::now() >= deadline {
-                        break;
-                    }
-                }
-                let id = ((i as u64) << 32) | seq;
-                seq += 1;
-                let t = Instant::now();
-                let content = json!({ "body": deliveries.body(id) });
-                match sender
-                    .send_to_device("m.kabar.bench", &format!("kb{id}"), &receiver.user_id, &receiver.device_id, content)
-                    .await
-                {
-                    Ok(()) => {
-                        result.latencies.push(t.elapsed().as_micros() as u64);
-                        result.acked.push(id);
-                        sent.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => count_error(&mut result.errors, e.kind()),
-                }
-            }
-            result
-        }
+        let (deliveries, pacing, sent) = (&d, &pacing, &sent);
+        send_paced(i, pacing, sent, move |id| async move {
+            let content = json!({ "body": deliveries.body(id) });
+            sender
+                .send_to_device("m.kabar.bench", &format!("kb{id}"), &receiver.user_id, &receiver.device_id, content)
+                .await
+        })
     });
     let results = join_all(sends).await;
-    let seconds = start.elapsed().as_secs_f64();
+    let seconds = pacing.start.elapsed().as_secs_f64();
     // Sender i's messages go to receiver i only.
     let expected: Vec<(u32, u64)> = results
         .iter()
