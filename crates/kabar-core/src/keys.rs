@@ -149,7 +149,8 @@ fn parse_stored(json: &str) -> Value {
 
 /// Adds stored signatures to a key object's `signatures`.
 fn with_signatures(mut key: Value, signatures: &[&KeySignature]) -> Value {
-    if signatures.is_empty() {
+    // Stored keys were objects when they were checked; anything else is left as it is.
+    if signatures.is_empty() || !key.is_object() {
         return key;
     }
     if !key.get("signatures").is_some_and(Value::is_object) {
