@@ -638,3 +638,158 @@ impl Keys {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use base64::Engine as _;
+    use kabar_domain::EventSigner;
+    use kabar_store::{NewDevice, Session};
+    use ruma::{CanonicalJsonValue, RoomVersionId, owned_user_id, signatures::Ed25519KeyPair};
+
+    use super::*;
+    use crate::{
+        load::{Gate, GateLimits, LoadMetrics},
+        notifier::Notifier,
+    };
+
+    fn b64(bytes: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes)
+    }
+
+    /// An ed25519 key pair whose key id is `ed25519:<its public key>`, as cross-signing keys are named.
+    fn key_pair() -> (Ed25519KeyPair, String) {
+        let der = Ed25519KeyPair::generate();
+        let public = b64(&Ed25519KeyPair::from_der(&der, "x".into()).unwrap().public_key());
+        (Ed25519KeyPair::from_der(&der, public.clone()).unwrap(), public)
+    }
+
+    fn signed(object: Value, signer: &str, pair: &Ed25519KeyPair) -> Value {
+        let mut canonical = CanonicalJsonValue::try_from(object).unwrap();
+        let CanonicalJsonValue::Object(obj) = &mut canonical else {
+            unreachable!()
+        };
+        ruma::signatures::sign_json(signer, pair, obj).unwrap();
+        canonical.into()
+    }
+
+    fn cross_signing_key(user: &str, usage: &str, public: &str) -> Value {
+        json!({ "user_id": user, "usage": [usage], "keys": { format!("ed25519:{public}"): public } })
+    }
+
+    async fn keys_service(dir: &std::path::Path) -> (Keys, Arc<dyn Store>) {
+        let store: Arc<dyn Store> = Arc::new(kabar_store_sqlite::SqliteStore::open(&dir.join("db")).unwrap());
+        let changes = Changes::new(0);
+        let notifier = Arc::new(Notifier::new());
+        let signer = Arc::new(EventSigner::new(ruma::owned_server_name!("localhost"), &EventSigner::generate_key(), "k").unwrap());
+        let limits = GateLimits {
+            slots: 4,
+            max_queued: 16,
+            max_queue_delay: Duration::from_secs(5),
+        };
+        let joins = Arc::new(Gate::new(LoadMetrics::default().class("join"), limits, Duration::from_millis(1)));
+        let rooms = Arc::new(Rooms::new(
+            store.clone(),
+            signer,
+            notifier.clone(),
+            changes.clone(),
+            RoomVersionId::V12,
+            joins,
+        ));
+        let device_lists = Arc::new(DeviceLists::new(store.clone(), changes.clone(), notifier));
+        (Keys::new(store.clone(), rooms, changes, device_lists), store)
+    }
+
+    #[tokio::test]
+    async fn only_signatures_by_the_right_key_over_the_published_object_are_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (keys, store) = keys_service(dir.path()).await;
+        let user = owned_user_id!("@ann:localhost");
+        let me = user.as_str();
+        let session = Session {
+            user_id: user.clone(),
+            device_id: "PHONE".into(),
+        };
+        store
+            .upsert_device(NewDevice {
+                user_id: user.clone(),
+                device_id: "PHONE".into(),
+                display_name: None,
+                token_hash: "t".into(),
+                now_ms: 1,
+            })
+            .await
+            .unwrap();
+        let (_, device_public) = key_pair();
+        let device_keys = json!({
+            "user_id": me, "device_id": "PHONE", "algorithms": ["m.olm.v1.curve25519-aes-sha2"],
+            "keys": { "ed25519:PHONE": device_public, "curve25519:PHONE": "c" }
+        });
+        let upload = KeysUpload {
+            device_keys: Some(device_keys.clone()),
+            ..KeysUpload::default()
+        };
+        keys.upload(&session, upload).await.unwrap();
+
+        let (master, master_public) = key_pair();
+        let (self_signing, self_public) = key_pair();
+        let (stranger, _) = key_pair();
+        let self_key = cross_signing_key(me, "self_signing", &self_public);
+        let forged = CrossSigningUpload {
+            master_key: Some(cross_signing_key(me, "master", &master_public)),
+            self_signing_key: Some(signed(self_key.clone(), me, &stranger)),
+            user_signing_key: None,
+        };
+        assert!(
+            matches!(keys.upload_cross_signing(&user, forged).await, Err(Error::InvalidParam(_))),
+            "a self-signing key the master key did not sign is refused"
+        );
+        let genuine = CrossSigningUpload {
+            master_key: Some(cross_signing_key(me, "master", &master_public)),
+            self_signing_key: Some(signed(self_key, me, &master)),
+            user_signing_key: None,
+        };
+        keys.upload_cross_signing(&user, genuine).await.unwrap();
+
+        let failures = |v: Value| v["failures"][me]["PHONE"]["errcode"].as_str().map(str::to_owned);
+        let upload_one = |object: Value| {
+            let body: Map<String, Value> = json!({ me: { "PHONE": object } }).as_object().unwrap().clone();
+            keys.upload_signatures(&user, body)
+        };
+        let by_stranger_as_self_signing = {
+            let mut object = signed(device_keys.clone(), me, &stranger);
+            let sig = object["signatures"][me][format!("ed25519:{}", stranger.version())].take();
+            object["signatures"][me] = json!({ format!("ed25519:{self_public}"): sig });
+            object
+        };
+        assert_eq!(
+            failures(upload_one(by_stranger_as_self_signing).await.unwrap()).as_deref(),
+            Some("M_INVALID_SIGNATURE"),
+            "a signature that does not verify with the self-signing key"
+        );
+        assert_eq!(
+            failures(upload_one(signed(device_keys.clone(), me, &master)).await.unwrap()).as_deref(),
+            Some("M_INVALID_SIGNATURE"),
+            "the master key does not sign devices directly"
+        );
+        let mut tampered = signed(device_keys.clone(), me, &self_signing);
+        tampered["keys"]["curve25519:PHONE"] = json!("other");
+        assert_eq!(
+            failures(upload_one(tampered).await.unwrap()).as_deref(),
+            Some("M_INVALID_SIGNATURE"),
+            "a signed object that is not the published key"
+        );
+        assert!(store.signatures(&user).await.unwrap().is_empty(), "nothing refused was stored");
+
+        let result = upload_one(signed(device_keys, me, &self_signing)).await.unwrap();
+        assert_eq!(result["failures"], json!({}));
+        let query = keys.query(&user, BTreeMap::from([(user.clone(), vec![])])).await.unwrap();
+        let signature = &query["device_keys"][me]["PHONE"]["signatures"][me][format!("ed25519:{self_public}")];
+        assert!(signature.is_string(), "the verified signature is published: {query}");
+        assert_eq!(
+            query["self_signing_keys"][me]["keys"][format!("ed25519:{self_public}")],
+            self_public
+        );
+    }
+}
