@@ -455,6 +455,19 @@ fn backup_count(c: &Connection, user: &str, version: u64) -> StoreResult<u64> {
         .map_err(backend)
 }
 
+/// Moves the version's etag on if its keys `changed`, and reports etag and count.
+fn finish_backup_write(c: &Connection, user: &str, version: u64, changed: bool) -> StoreResult<BackupWrite> {
+    if changed {
+        exec(
+            c,
+            "UPDATE backup_versions SET etag = etag + 1 WHERE user_id = ?1 AND version = ?2",
+            params![user, version as i64],
+        )
+        .map_err(backend)?;
+    }
+    backup_state(c, user, version)
+}
+
 fn backup_state(c: &Connection, user: &str, version: u64) -> StoreResult<BackupWrite> {
     let etag: i64 = c
         .prepare_cached("SELECT etag FROM backup_versions WHERE user_id = ?1 AND version = ?2")
@@ -613,15 +626,7 @@ impl KeyBackupStore for SqliteStore {
                     .map_err(backend)?;
                     changed = true;
                 }
-                if changed {
-                    exec(
-                        c,
-                        "UPDATE backup_versions SET etag = etag + 1 WHERE user_id = ?1 AND version = ?2",
-                        params![u, version as i64],
-                    )
-                    .map_err(backend)?;
-                }
-                backup_state(c, &u, version)
+                finish_backup_write(c, &u, version, changed)
             })
             .await
     }
@@ -666,15 +671,7 @@ impl KeyBackupStore for SqliteStore {
                     params![u, version as i64, room, session],
                 )
                 .map_err(backend)?;
-                if n > 0 {
-                    exec(
-                        c,
-                        "UPDATE backup_versions SET etag = etag + 1 WHERE user_id = ?1 AND version = ?2",
-                        params![u, version as i64],
-                    )
-                    .map_err(backend)?;
-                }
-                backup_state(c, &u, version)
+                finish_backup_write(c, &u, version, n > 0)
             })
             .await
     }
