@@ -277,7 +277,15 @@ impl Keys {
                 continue;
             }
             let signatures = self.store.signatures(&user).await?;
-            let on = |target: &str| -> Vec<&KeySignature> { signatures.iter().filter(|s| s.target_key == target).collect() };
+            // Who verified whom is the verifier's business: signatures by
+            // other users (their user-signing keys on this user's master key)
+            // are shown to their signer only.
+            let on = |target: &str| -> Vec<&KeySignature> {
+                signatures
+                    .iter()
+                    .filter(|s| s.target_key == target && (s.signer == user || s.signer == requester))
+                    .collect()
+            };
             let mut by_device = Map::new();
             for record in self.store.device_keys(&user).await? {
                 if !devices.is_empty() && !devices.contains(&record.device_id) {
@@ -790,6 +798,73 @@ mod tests {
         assert_eq!(
             query["self_signing_keys"][me]["keys"][format!("ed25519:{self_public}")],
             self_public
+        );
+    }
+
+    #[tokio::test]
+    async fn a_user_signing_signature_is_verified_and_shown_to_its_signer_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (keys, _) = keys_service(dir.path()).await;
+        let (ann, bob, cat) = (
+            owned_user_id!("@ann:localhost"),
+            owned_user_id!("@bob:localhost"),
+            owned_user_id!("@cat:localhost"),
+        );
+        let (_, ann_master) = key_pair();
+        let ann_master_key = cross_signing_key(ann.as_str(), "master", &ann_master);
+        keys.upload_cross_signing(
+            &ann,
+            CrossSigningUpload {
+                master_key: Some(ann_master_key.clone()),
+                ..CrossSigningUpload::default()
+            },
+        )
+        .await
+        .unwrap();
+        let (bob_master, bob_master_public) = key_pair();
+        let (bob_usk, bob_usk_public) = key_pair();
+        let bob_usk_key = signed(
+            cross_signing_key(bob.as_str(), "user_signing", &bob_usk_public),
+            bob.as_str(),
+            &bob_master,
+        );
+        keys.upload_cross_signing(
+            &bob,
+            CrossSigningUpload {
+                master_key: Some(cross_signing_key(bob.as_str(), "master", &bob_master_public)),
+                user_signing_key: Some(bob_usk_key),
+                ..CrossSigningUpload::default()
+            },
+        )
+        .await
+        .unwrap();
+
+        // Bob verifies Ann: his user-signing key signs her master key.
+        let body = json!({ ann.as_str(): { ann_master.as_str(): signed(ann_master_key, bob.as_str(), &bob_usk) } });
+        let result = keys.upload_signatures(&bob, body.as_object().unwrap().clone()).await.unwrap();
+        assert_eq!(result["failures"], json!({}));
+        let master_seen_by = |viewer: OwnedUserId| {
+            let (keys, ann) = (&keys, ann.clone());
+            async move {
+                let q = keys.query(&viewer, BTreeMap::from([(ann.clone(), vec![])])).await.unwrap();
+                q["master_keys"][ann.as_str()].clone()
+            }
+        };
+        let bob_signature = format!("/signatures/{}/ed25519:{bob_usk_public}", bob.as_str());
+        assert!(
+            master_seen_by(bob.clone()).await.pointer(&bob_signature).is_some(),
+            "the signer sees it"
+        );
+        assert!(master_seen_by(cat).await.pointer(&bob_signature).is_none(), "others do not");
+        assert!(
+            master_seen_by(ann.clone()).await.pointer(&bob_signature).is_none(),
+            "nor does the signed user"
+        );
+        let bob_query = keys.query(&ann, BTreeMap::from([(bob.clone(), vec![])])).await.unwrap();
+        assert_eq!(
+            bob_query["user_signing_keys"],
+            json!({}),
+            "a user-signing key is shown to its owner only"
         );
     }
 }
