@@ -6,7 +6,7 @@ use axum::{Json, extract::State};
 use kabar_core::{
     accounts::Accounts,
     key_backup::KeyBackups,
-    keys::{CrossSigningUpload, Keys, KeysUpload},
+    keys::{CrossSigningUpload, Keys, KeysUpload, OneTimeKeyCounts},
     to_device::ToDevice,
 };
 use kabar_domain::SyncToken;
@@ -37,9 +37,7 @@ pub async fn upload_keys_route(State(keys): State<Arc<Keys>>, Auth(s): Auth, Jso
         fallback_keys: b.fallback_keys,
     };
     let counts = keys.upload(&s, upload).await?;
-    let mut one_time = counts.one_time.clone();
-    one_time.entry("signed_curve25519".into()).or_insert(0);
-    Ok(Json(json!({ "one_time_key_counts": one_time })))
+    Ok(Json(json!({ "one_time_key_counts": OneTimeKeyCounts(counts) })))
 }
 
 #[derive(Deserialize)]

@@ -12,6 +12,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
+    future::Future,
     hash::Hash,
     sync::{Arc, Mutex},
 };
@@ -113,6 +114,45 @@ impl<K: Eq + Hash + Clone> ChangeTracker<K> {
             Some(e) => e.in_flight > 0 || e.last > since,
             None => false,
         }
+    }
+}
+
+/// Values read from the store, each kept while its key's tracker generation
+/// stays the same (see [`ChangeTracker::generation`]), for data a sync reads
+/// on every pass and that changes rarely.
+pub struct GenerationCache<K, V> {
+    entries: Mutex<HashMap<K, (u64, V)>>,
+    /// Past this many entries the cache starts over.
+    max_entries: usize,
+}
+
+impl<K: Eq + Hash + Clone, V: Clone> GenerationCache<K, V> {
+    pub fn new(max_entries: usize) -> Self {
+        Self {
+            entries: Mutex::new(HashMap::new()),
+            max_entries,
+        }
+    }
+
+    /// The value for `key`: from memory if `tracker` saw no write for it
+    /// since it was read, else from `read` (kept unless a write is in flight).
+    pub async fn get_or_read<E>(&self, tracker: &ChangeTracker<K>, key: &K, read: impl Future<Output = Result<V, E>>) -> Result<V, E> {
+        let generation = tracker.generation(key);
+        if let Some(generation) = generation
+            && let Some((cached_at, value)) = self.entries.lock().expect("generation cache lock").get(key)
+            && *cached_at == generation
+        {
+            return Ok(value.clone());
+        }
+        let value = read.await?;
+        if let Some(generation) = generation {
+            let mut entries = self.entries.lock().expect("generation cache lock");
+            if entries.len() >= self.max_entries {
+                entries.clear();
+            }
+            entries.insert(key.clone(), (generation, value.clone()));
+        }
+        Ok(value)
     }
 }
 

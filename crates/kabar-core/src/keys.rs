@@ -7,9 +7,9 @@
 //! is published, and who is told that whose devices changed.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     future::Future,
-    sync::{Arc, Mutex},
+    sync::Arc,
 };
 
 use kabar_domain::e2ee::{self, CrossSigningKind};
@@ -20,7 +20,7 @@ use ruma::{OwnedUserId, UserId};
 use serde_json::{Map, Value, json};
 
 use crate::{
-    changes::{Changes, DeviceKey},
+    changes::{Changes, DeviceKey, GenerationCache},
     error::{Error, Result},
     notifier::Notifier,
     rooms::{Room, Rooms},
@@ -112,6 +112,28 @@ impl CrossSigningUpload {
     }
 }
 
+/// A device's one-time key counts as `/sync` and `/keys/upload` report them,
+/// written straight from the cached counts.
+/// `signed_curve25519` is always present: clients read a missing count as
+/// "unknown", while zero makes them upload keys.
+#[derive(Debug)]
+pub struct OneTimeKeyCounts(pub Arc<KeyCounts>);
+
+impl serde::Serialize for OneTimeKeyCounts {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let counts = &self.0.one_time;
+        let mut map = serializer.serialize_map(None)?;
+        if !counts.contains_key("signed_curve25519") {
+            map.serialize_entry("signed_curve25519", &0)?;
+        }
+        for (algorithm, n) in counts {
+            map.serialize_entry(algorithm, n)?;
+        }
+        map.end()
+    }
+}
+
 /// Whose devices changed for a user, and with whom they no longer share a room.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct DeviceListDelta {
@@ -132,7 +154,7 @@ pub struct Keys {
     device_lists: Arc<DeviceLists>,
     /// Each device's key counts with the tracker generation they were read at:
     /// every sync reports them, and they change only on uploads and claims.
-    counts: Mutex<HashMap<DeviceKey, (u64, Arc<KeyCounts>)>>,
+    counts: GenerationCache<DeviceKey, Arc<KeyCounts>>,
 }
 
 fn to_json(v: &Value) -> String {
@@ -204,7 +226,7 @@ impl Keys {
             rooms,
             changes,
             device_lists,
-            counts: Mutex::new(HashMap::new()),
+            counts: GenerationCache::new(MAX_CACHED_COUNTS),
         }
     }
 
@@ -243,22 +265,8 @@ impl Keys {
 
     /// The device's key counts, from memory unless an upload or claim touched them.
     pub async fn key_counts(&self, device: &DeviceKey) -> Result<Arc<KeyCounts>> {
-        let generation = self.changes.one_time_keys.generation(device);
-        if let Some(generation) = generation
-            && let Some((at, counts)) = self.counts.lock().expect("key counts lock").get(device)
-            && *at == generation
-        {
-            return Ok(counts.clone());
-        }
-        let counts = Arc::new(self.store.key_counts(&device.user_id, &device.device_id).await?);
-        if let Some(generation) = generation {
-            let mut cache = self.counts.lock().expect("key counts lock");
-            if cache.len() >= MAX_CACHED_COUNTS {
-                cache.clear();
-            }
-            cache.insert(device.clone(), (generation, counts.clone()));
-        }
-        Ok(counts)
+        let read = async { self.store.key_counts(&device.user_id, &device.device_id).await.map(Arc::new) };
+        Ok(self.counts.get_or_read(&self.changes.one_time_keys, device, read).await?)
     }
 
     /// POST /keys/query: the published keys of the users asked for (all

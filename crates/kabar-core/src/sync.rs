@@ -17,10 +17,10 @@ use serde::Serialize;
 use serde_json::{Map, Value, json, value::RawValue};
 
 use crate::{
-    changes::Changes,
+    changes::{Changes, GenerationCache},
     ephemeral::Ephemeral,
     error::Result,
-    keys::{DeviceListDelta, Keys},
+    keys::{DeviceListDelta, Keys, OneTimeKeyCounts},
     load::Gate,
     notifier::Notifier,
     rooms::{Room, Rooms, TimelineEvent},
@@ -58,27 +58,6 @@ pub struct SyncResponse {
     device_lists: DeviceListDelta,
     device_one_time_keys_count: OneTimeKeyCounts,
     device_unused_fallback_key_types: UnusedFallbackKeys,
-}
-
-/// A device's one-time key counts, written straight from the cached counts.
-/// `signed_curve25519` is always present: clients read a missing count as
-/// "unknown", while zero makes them upload keys.
-#[derive(Debug)]
-struct OneTimeKeyCounts(Arc<KeyCounts>);
-
-impl Serialize for OneTimeKeyCounts {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let counts = &self.0.one_time;
-        let mut map = serializer.serialize_map(None)?;
-        if !counts.contains_key("signed_curve25519") {
-            map.serialize_entry("signed_curve25519", &0)?;
-        }
-        for (algorithm, n) in counts {
-            map.serialize_entry(algorithm, n)?;
-        }
-        map.end()
-    }
 }
 
 #[derive(Debug)]
@@ -163,17 +142,13 @@ pub struct SyncEngine {
     keys: Arc<Keys>,
     to_device: Arc<ToDevice>,
     unread: Mutex<HashMap<(OwnedUserId, OwnedRoomId), UnreadEntry>>,
-    /// Each user's memberships with the tracker generation they were read at.
-    memberships: Mutex<HashMap<OwnedUserId, CachedMemberships>>,
+    /// Each user's memberships, kept until their membership tracker moves.
+    memberships: GenerationCache<OwnedUserId, Arc<Vec<MembershipRecord>>>,
     /// Initial and full-state syncs read every joined room's state: bounded,
     /// so a crowd signing in cannot take the store's readers from the
     /// incremental syncs of people already chatting.
     full_syncs: Arc<Gate>,
 }
-
-/// A user's memberships as read from the store, and the generation of the
-/// user's membership changes at the time of the read.
-type CachedMemberships = (u64, Arc<Vec<MembershipRecord>>);
 
 /// An unread count and the stream position it was counted up to.
 #[derive(Debug, Clone, Copy)]
@@ -313,30 +288,18 @@ impl SyncEngine {
             keys,
             to_device,
             unread: Mutex::new(HashMap::new()),
-            memberships: Mutex::new(HashMap::new()),
+            memberships: GenerationCache::new(MAX_CACHED_MEMBERSHIPS),
             full_syncs,
         }
     }
 
     /// The user's memberships, from memory unless they changed since last read.
     async fn memberships(&self, user: &UserId) -> Result<Arc<Vec<MembershipRecord>>> {
-        let key = user.to_owned();
-        let generation = self.changes.memberships.generation(&key);
-        if let Some(generation) = generation
-            && let Some((cached_at, records)) = self.memberships.lock().expect("memberships lock").get(&key)
-            && *cached_at == generation
-        {
-            return Ok(records.clone());
-        }
-        let records = Arc::new(self.store.memberships(user).await?);
-        if let Some(generation) = generation {
-            let mut cache = self.memberships.lock().expect("memberships lock");
-            if cache.len() >= MAX_CACHED_MEMBERSHIPS {
-                cache.clear();
-            }
-            cache.insert(key, (generation, records.clone()));
-        }
-        Ok(records)
+        let read = async { self.store.memberships(user).await.map(Arc::new) };
+        Ok(self
+            .memberships
+            .get_or_read(&self.changes.memberships, &user.to_owned(), read)
+            .await?)
     }
 
     /// Answers a `/sync`: at once if there is news (or this is an initial or
