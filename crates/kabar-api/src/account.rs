@@ -164,6 +164,48 @@ pub async fn register_available_route(
     Ok(Json(json!({ "available": true })))
 }
 
+#[derive(Deserialize)]
+pub struct TokenValidityQuery {
+    token: String,
+}
+
+/// GET /_matrix/client/v1/register/m.login.registration_token/validity
+pub async fn registration_token_validity_route(
+    State(accounts): State<Arc<Accounts>>,
+    QueryParams(q): QueryParams<TokenValidityQuery>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(json!({ "valid": accounts.registration_token_valid(&q.token).await? })))
+}
+
+/// GET /_matrix/client/v3/account/3pid
+///
+/// Kabar binds no third-party identifiers (email, phone): the list is empty.
+pub async fn threepids_route(Auth(_): Auth) -> Json<Value> {
+    Json(json!({ "threepids": [] }))
+}
+
+/// GET /_matrix/client/v3/thirdparty/protocols
+///
+/// No application-service bridges are registered, so no protocols.
+pub async fn thirdparty_protocols_route(Auth(_): Auth) -> Json<Value> {
+    Json(json!({}))
+}
+
+/// GET /_matrix/client/v3/voip/turnServer
+///
+/// Credentials for the configured TURN server, or `{}` when there is none
+/// (clients then call peer to peer or through their own fallback).
+pub async fn turn_server_route(State(info): State<Arc<ServerInfo>>, Auth(s): Auth) -> Json<Value> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    match info.turn.credentials(&s.user_id, now) {
+        Some(c) => Json(json!(c)),
+        None => Json(json!({})),
+    }
+}
+
 /// POST /_matrix/client/v3/logout
 pub async fn logout_route(State(accounts): State<Arc<Accounts>>, Auth(s): Auth) -> ApiResult<Json<Value>> {
     accounts.logout(&s).await?;
@@ -220,8 +262,19 @@ pub async fn deactivate_route(
     Ok(Json(json!({ "id_server_unbind_result": "no-support" })))
 }
 
+/// A device as `/devices` shows it: optional fields are left out, never null.
 fn device_json(d: &kabar_store::DeviceRecord) -> Value {
-    json!({ "device_id": d.device_id, "display_name": d.display_name, "last_seen_ts": d.last_seen_ms })
+    let mut out = json!({ "device_id": d.device_id });
+    if let Some(name) = &d.display_name {
+        out["display_name"] = json!(name);
+    }
+    if let Some(ip) = &d.last_seen_ip {
+        out["last_seen_ip"] = json!(ip);
+    }
+    if let Some(ts) = d.last_seen_ms {
+        out["last_seen_ts"] = json!(ts);
+    }
+    out
 }
 
 /// GET /_matrix/client/v3/devices
@@ -256,17 +309,7 @@ pub async fn rename_device_route(
     PathParams(device_id): PathParams<String>,
     JsonBody(b): JsonBody<RenameBody>,
 ) -> ApiResult<Json<Value>> {
-    if b.display_name.as_ref().is_some_and(|n| n.len() > 255) {
-        return Err(ApiError::invalid_param("display name is too long"));
-    }
-    if !accounts
-        .store()
-        .rename_device(&s.user_id, &device_id, b.display_name.as_deref())
-        .await
-        .map_err(kabar_core::Error::from)?
-    {
-        return Err(ApiError::not_found("device not found"));
-    }
+    accounts.rename_device(&s, &device_id, b.display_name.as_deref()).await?;
     Ok(Json(json!({})))
 }
 
@@ -370,13 +413,22 @@ fn ten() -> usize {
 /// POST /_matrix/client/v3/user_directory/search
 pub async fn user_search_route(
     State(ud): State<Arc<UserData>>,
-    Auth(_): Auth,
+    Auth(s): Auth,
     JsonBody(b): JsonBody<UserSearchBody>,
 ) -> ApiResult<Json<Value>> {
-    let (users, limited) = ud.search_users(&b.search_term, b.limit).await?;
+    let (users, limited) = ud.search_users(&s.user_id, &b.search_term, b.limit).await?;
     let results: Vec<Value> = users
         .iter()
-        .map(|u| json!({ "user_id": u.user_id, "display_name": u.displayname, "avatar_url": u.avatar_url }))
+        .map(|u| {
+            let mut found = json!({ "user_id": u.user_id });
+            if let Some(name) = &u.displayname {
+                found["display_name"] = json!(name);
+            }
+            if let Some(avatar) = &u.avatar_url {
+                found["avatar_url"] = json!(avatar);
+            }
+            found
+        })
         .collect();
     Ok(Json(json!({ "results": results, "limited": limited })))
 }

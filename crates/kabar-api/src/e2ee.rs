@@ -104,7 +104,7 @@ pub async fn upload_cross_signing_route(
         user_signing_key: b.user_signing_key,
     };
     if keys.cross_signing_needs_auth(&s.user_id, &upload).await? {
-        accounts.require_password(&s, b.auth.as_ref()).await?;
+        accounts.require_password(&s, b.auth.as_ref(), "replace cross-signing keys").await?;
     }
     keys.upload_cross_signing(&s.user_id, upload).await?;
     Ok(Json(json!({})))

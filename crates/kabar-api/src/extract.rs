@@ -92,7 +92,9 @@ pub struct Auth(pub Session);
 
 fn token_from(parts: &Parts) -> Option<String> {
     if let Some(h) = parts.headers.get(axum::http::header::AUTHORIZATION) {
-        return h.to_str().ok()?.strip_prefix("Bearer ").map(|t| t.trim().to_owned());
+        // HTTP authentication schemes are case-insensitive (RFC 9110 11.1).
+        let (scheme, token) = h.to_str().ok()?.trim_start().split_once(' ')?;
+        return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned());
     }
     parts.uri.query()?.split('&').find_map(|kv| {
         kv.strip_prefix("access_token=")
@@ -109,6 +111,9 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let token = token_from(parts).ok_or(Error::MissingToken)?;
         let accounts = Arc::<Accounts>::from_ref(state);
-        Ok(Auth(accounts.authenticate(&token).await?))
+        let session = accounts.authenticate(&token).await?;
+        let ClientAddr(client) = ClientAddr::from_request_parts(parts, state).await?;
+        accounts.seen(&session, client);
+        Ok(Auth(session))
     }
 }

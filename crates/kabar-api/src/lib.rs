@@ -46,6 +46,8 @@ pub struct ServerInfo {
     /// Random per process, reported by `/health`: tells a probe whether the
     /// server behind a URL is this one.
     pub instance: String,
+    /// The TURN server handed to callers (`/voip/turnServer`).
+    pub turn: kabar_core::voip::TurnConfig,
 }
 
 impl ServerInfo {
@@ -54,7 +56,13 @@ impl ServerInfo {
             server_name,
             public_base_url: RwLock::new(public_base_url),
             instance,
+            turn: kabar_core::voip::TurnConfig::default(),
         }
+    }
+
+    /// The same, handing out credentials for this TURN server.
+    pub fn with_turn(self, turn: kabar_core::voip::TurnConfig) -> Self {
+        Self { turn, ..self }
     }
 
     pub fn public_base_url(&self) -> String {
@@ -142,6 +150,13 @@ fn client_routes() -> Router<AppState> {
         .route("/login", get(login_types_route).post(login_route))
         .route("/register", post(register_route))
         .route("/register/available", get(register_available_route))
+        .route(
+            "/register/m.login.registration_token/validity",
+            get(registration_token_validity_route),
+        )
+        .route("/account/3pid", get(threepids_route))
+        .route("/thirdparty/protocols", get(thirdparty_protocols_route))
+        .route("/voip/turnServer", get(turn_server_route))
         .route("/logout", post(logout_route))
         .route("/logout/all", post(logout_all_route))
         .route("/account/whoami", get(whoami_route))
@@ -218,8 +233,14 @@ fn client_routes() -> Router<AppState> {
             "/pushrules/{scope}/{kind}/{id}",
             get(get_push_rule_route).put(put_push_rule_route).delete(delete_push_rule_route),
         )
-        .route("/pushrules/{scope}/{kind}/{id}/enabled", put(push_rule_enabled_route))
-        .route("/pushrules/{scope}/{kind}/{id}/actions", put(push_rule_actions_route))
+        .route(
+            "/pushrules/{scope}/{kind}/{id}/enabled",
+            get(get_push_rule_enabled_route).put(push_rule_enabled_route),
+        )
+        .route(
+            "/pushrules/{scope}/{kind}/{id}/actions",
+            get(get_push_rule_actions_route).put(push_rule_actions_route),
+        )
         .route("/pushers", get(pushers_route))
         .route("/keys/upload", post(upload_keys_route))
         .route("/keys/query", post(query_keys_route))

@@ -9,14 +9,15 @@ use axum::{
     http::{HeaderMap, HeaderValue, header},
     response::{IntoResponse, Response},
 };
-use kabar_core::media::{Media, ThumbnailMethod};
+use futures::StreamExt;
+use kabar_core::media::{Media, MediaPath, ThumbnailMethod};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::{
     ServerInfo,
     error::{ApiError, ApiResult},
-    extract::{Auth, PathParams, QueryParams},
+    extract::{Auth, ClientAddr, PathParams, QueryParams},
 };
 
 #[derive(Deserialize)]
@@ -40,7 +41,7 @@ pub async fn upload_route(
 }
 
 /// GET /_matrix/media/v3/config and /_matrix/client/v1/media/config
-pub async fn config_route(State(media): State<Arc<Media>>) -> Json<Value> {
+pub async fn config_route(State(media): State<Arc<Media>>, Auth(_): Auth) -> Json<Value> {
     Json(json!({ "m.upload.size": media.max_upload_bytes() }))
 }
 
@@ -55,9 +56,13 @@ fn safe_filename(name: &str) -> String {
     name.chars().filter(|c| !c.is_control() && *c != '"' && *c != '\\').collect()
 }
 
-async fn download(media: &Media, info: &ServerInfo, server: &str, id: &str, filename: Option<String>) -> ApiResult<Response> {
+/// One download, as its path asks: the file is streamed from disk with a
+/// small buffer (never read whole into memory), holding one of the client
+/// address's download slots until the last byte is sent.
+async fn download(media: &Media, info: &ServerInfo, at: MediaFile<'_>, path: MediaPath, client: std::net::IpAddr) -> ApiResult<Response> {
+    let MediaFile { server, id, filename } = at;
     check_server(info, server)?;
-    let d = media.download(id).await?;
+    let d = media.download(id, path, client).await?;
     let content_type = d.record.content_type.clone().unwrap_or_else(|| "application/octet-stream".into());
     let name = filename.or(d.record.filename.clone());
     // Only types that cannot run script are shown inline; everything else downloads.
@@ -78,8 +83,15 @@ async fn download(media: &Media, info: &ServerInfo, server: &str, id: &str, file
         (false, Some(n)) => format!("attachment; filename=\"{}\"", safe_filename(&n)),
         (false, None) => "attachment".into(),
     };
-    let mut resp = d.bytes.into_response();
+    let size = d.record.size;
+    let slot = d.slot;
+    let body = tokio_util::io::ReaderStream::new(d.file).map(move |chunk| {
+        let _held = &slot;
+        chunk
+    });
+    let mut resp = axum::body::Body::from_stream(body).into_response();
     let h = resp.headers_mut();
+    h.insert(header::CONTENT_LENGTH, size.into());
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_str(&content_type).unwrap_or(HeaderValue::from_static("application/octet-stream")),
@@ -98,42 +110,73 @@ async fn download(media: &Media, info: &ServerInfo, server: &str, id: &str, file
     Ok(resp)
 }
 
+/// Which file a download path names.
+struct MediaFile<'a> {
+    server: &'a str,
+    id: &'a str,
+    filename: Option<String>,
+}
+
 /// GET /_matrix/client/v1/media/download/{serverName}/{mediaId}
 pub async fn download_authed_route(
     State(media): State<Arc<Media>>,
     State(info): State<Arc<ServerInfo>>,
+    ClientAddr(client): ClientAddr,
     Auth(_): Auth,
     PathParams((server, id)): PathParams<(String, String)>,
 ) -> ApiResult<Response> {
-    download(&media, &info, &server, &id, None).await
+    let at = MediaFile {
+        server: &server,
+        id: &id,
+        filename: None,
+    };
+    download(&media, &info, at, MediaPath::Authenticated, client).await
 }
 
 /// GET /_matrix/client/v1/media/download/{serverName}/{mediaId}/{fileName}
 pub async fn download_authed_named_route(
     State(media): State<Arc<Media>>,
     State(info): State<Arc<ServerInfo>>,
+    ClientAddr(client): ClientAddr,
     Auth(_): Auth,
     PathParams((server, id, name)): PathParams<(String, String, String)>,
 ) -> ApiResult<Response> {
-    download(&media, &info, &server, &id, Some(name)).await
+    let at = MediaFile {
+        server: &server,
+        id: &id,
+        filename: Some(name),
+    };
+    download(&media, &info, at, MediaPath::Authenticated, client).await
 }
 
 /// GET /_matrix/media/v3/download/{serverName}/{mediaId}
 pub async fn download_legacy_route(
     State(media): State<Arc<Media>>,
     State(info): State<Arc<ServerInfo>>,
+    ClientAddr(client): ClientAddr,
     PathParams((server, id)): PathParams<(String, String)>,
 ) -> ApiResult<Response> {
-    download(&media, &info, &server, &id, None).await
+    let at = MediaFile {
+        server: &server,
+        id: &id,
+        filename: None,
+    };
+    download(&media, &info, at, MediaPath::Legacy, client).await
 }
 
 /// GET /_matrix/media/v3/download/{serverName}/{mediaId}/{fileName}
 pub async fn download_legacy_named_route(
     State(media): State<Arc<Media>>,
     State(info): State<Arc<ServerInfo>>,
+    ClientAddr(client): ClientAddr,
     PathParams((server, id, name)): PathParams<(String, String, String)>,
 ) -> ApiResult<Response> {
-    download(&media, &info, &server, &id, Some(name)).await
+    let at = MediaFile {
+        server: &server,
+        id: &id,
+        filename: Some(name),
+    };
+    download(&media, &info, at, MediaPath::Legacy, client).await
 }
 
 #[derive(Deserialize)]
@@ -143,14 +186,20 @@ pub struct ThumbnailQuery {
     method: Option<String>,
 }
 
-async fn thumbnail(media: &Media, info: &ServerInfo, server: &str, id: &str, q: ThumbnailQuery) -> ApiResult<Response> {
+async fn thumbnail(
+    media: &Media,
+    info: &ServerInfo,
+    (server, id): (&str, &str),
+    path: MediaPath,
+    q: ThumbnailQuery,
+) -> ApiResult<Response> {
     check_server(info, server)?;
     let method = match q.method.as_deref() {
         None | Some("scale") => ThumbnailMethod::Scale,
         Some("crop") => ThumbnailMethod::Crop,
         Some(_) => return Err(ApiError::invalid_param("method must be crop or scale")),
     };
-    let (content_type, bytes) = media.thumbnail(id, q.width, q.height, method).await?;
+    let (content_type, bytes) = media.thumbnail(id, path, (q.width, q.height), method).await?;
     let mut resp = bytes.into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -167,7 +216,7 @@ pub async fn thumbnail_authed_route(
     PathParams((server, id)): PathParams<(String, String)>,
     QueryParams(q): QueryParams<ThumbnailQuery>,
 ) -> ApiResult<Response> {
-    thumbnail(&media, &info, &server, &id, q).await
+    thumbnail(&media, &info, (&server, &id), MediaPath::Authenticated, q).await
 }
 
 /// GET /_matrix/media/v3/thumbnail/{serverName}/{mediaId}
@@ -177,5 +226,5 @@ pub async fn thumbnail_legacy_route(
     PathParams((server, id)): PathParams<(String, String)>,
     QueryParams(q): QueryParams<ThumbnailQuery>,
 ) -> ApiResult<Response> {
-    thumbnail(&media, &info, &server, &id, q).await
+    thumbnail(&media, &info, (&server, &id), MediaPath::Legacy, q).await
 }

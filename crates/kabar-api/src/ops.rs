@@ -162,6 +162,25 @@ impl Edge {
 
 const X_REQUEST_ID: &str = "x-request-id";
 
+/// The method as a metrics label: the methods HTTP defines, and one bucket
+/// for anything else. A client picks the method; were it the label, every
+/// made-up method would add series (and memory) forever.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method as M;
+    match *method {
+        M::GET => "GET",
+        M::POST => "POST",
+        M::PUT => "PUT",
+        M::DELETE => "DELETE",
+        M::OPTIONS => "OPTIONS",
+        M::HEAD => "HEAD",
+        M::PATCH => "PATCH",
+        M::CONNECT => "CONNECT",
+        M::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
 pub async fn edge(State(edge): State<Arc<Edge>>, request: Request, next: Next) -> Response {
     let id = edge.request_id(&request);
     let span = tracing::info_span!("request", request_id = id.to_str().unwrap_or_default());
@@ -169,7 +188,7 @@ pub async fn edge(State(edge): State<Arc<Edge>>, request: Request, next: Next) -
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().as_str().to_owned();
+    let method = method_label(request.method()).to_owned();
     let started = Instant::now();
     let declared = request
         .headers()

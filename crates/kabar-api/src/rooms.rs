@@ -5,11 +5,11 @@ use std::sync::Arc;
 use axum::{Json, extract::State};
 use kabar_core::{
     rooms::{CreateRoom, Dir, Rooms},
-    sync::{client_event, filter_allows},
+    sync::{SyncEngine, client_event, filter_allows, visible_client_event},
 };
 use kabar_domain::{NewEvent, PaginationToken, membership::Membership};
-use kabar_store::{Session, TxnRef};
-use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomVersionId, api::client::filter::RoomEventFilter};
+use kabar_store::{Session, StoredEvent, TxnRef};
+use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId, api::client::filter::RoomEventFilter};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -222,6 +222,18 @@ pub async fn kick_route(
     PathParams(room): PathParams<String>,
     JsonBody(b): JsonBody<TargetBody>,
 ) -> ApiResult<Json<Value>> {
+    // A kick removes someone who is in the room, invited or knocking; a
+    // "leave" for a banned user would be an unban, which has its own endpoint.
+    let rid = room_id(&room)?;
+    let target = user_id(&b.user_id)?;
+    if let Ok(r) = rooms.room(&rid).await
+        && !matches!(
+            r.read().membership(&target),
+            Some(Membership::Join | Membership::Invite | Membership::Knock)
+        )
+    {
+        return Err(ApiError::forbidden("the user is not in this room"));
+    }
     membership_action(&rooms, &s, &room, b, Membership::Leave).await
 }
 
@@ -261,6 +273,19 @@ pub async fn joined_rooms_route(State(ud): State<Arc<kabar_core::user_data::User
     Ok(Json(json!({ "joined_rooms": ud.joined_rooms(&s.user_id).await? })))
 }
 
+/// The transaction a request is sent under: idempotent per device and
+/// request path (`scope`: the endpoint and what its path names).
+fn transaction(s: &Session, txn_id: String, scope: String) -> ApiResult<TxnRef> {
+    if txn_id.is_empty() || txn_id.len() > 255 || txn_id.chars().any(char::is_control) {
+        return Err(ApiError::invalid_param("invalid transaction id"));
+    }
+    Ok(TxnRef {
+        device_id: s.device_id.clone(),
+        txn_id,
+        scope,
+    })
+}
+
 fn content_object(body: Value) -> ApiResult<Value> {
     if body.is_object() {
         Ok(body)
@@ -277,18 +302,15 @@ pub async fn send_route(
     JsonBody(body): JsonBody<Value>,
 ) -> ApiResult<Json<Value>> {
     let room_id = room_id(&room)?;
-    if kind.is_empty() || kind.len() > 255 || txn_id.is_empty() || txn_id.len() > 255 {
-        return Err(ApiError::invalid_param("invalid event type or transaction id"));
+    if kind.is_empty() || kind.len() > 255 {
+        return Err(ApiError::invalid_param("invalid event type"));
     }
     let content = content_object(body)?;
     let mut ev = NewEvent::message(kind.clone(), content);
     if kind == "m.room.redaction" {
         ev.redacts = ev.content.get("redacts").and_then(Value::as_str).map(event_id).transpose()?;
     }
-    let txn = TxnRef {
-        device_id: s.device_id.clone(),
-        txn_id,
-    };
+    let txn = transaction(&s, txn_id, format!("send/{kind}"))?;
     let id = rooms.send(&s.user_id, &room_id, ev, Some(txn)).await?;
     Ok(Json(json!({ "event_id": id })))
 }
@@ -338,10 +360,11 @@ async fn put_state(rooms: &Rooms, s: &Session, room: &str, kind: String, state_k
 }
 
 /// GET /_matrix/client/v3/rooms/{roomId}/state
+///
+/// A former member gets the state as it was when they left.
 pub async fn state_route(State(rooms): State<Arc<Rooms>>, Auth(s): Auth, PathParams(room): PathParams<String>) -> ApiResult<Json<Value>> {
-    let room = rooms.check_can_read(&s.user_id, &room_id(&room)?).await?;
-    let r = room.read();
-    let events: Vec<Value> = r.state_entries().map(|e| client_event(&e.to_stored(), &s)).collect();
+    let state = rooms.readable_state(&s.user_id, &room_id(&room)?).await?;
+    let events: Vec<Value> = state.events().iter().map(|e| client_event(e, &s, None)).collect();
     Ok(Json(Value::Array(events)))
 }
 
@@ -351,11 +374,15 @@ pub struct StateQuery {
 }
 
 async fn get_state(rooms: &Rooms, s: &Session, room: &str, kind: &str, key: &str, format: Option<String>) -> ApiResult<Json<Value>> {
-    let room = rooms.check_can_read(&s.user_id, &room_id(room)?).await?;
-    let r = room.read();
-    let e = r.state(kind, key).ok_or_else(|| ApiError::not_found("state event not found"))?;
-    if format.as_deref() == Some("event") {
-        return Ok(Json(client_event(&e.to_stored(), s)));
+    let event = match format.as_deref() {
+        None | Some("content") => false,
+        Some("event") => true,
+        Some(_) => return Err(ApiError::invalid_param("format must be content or event")),
+    };
+    let state = rooms.readable_state(&s.user_id, &room_id(room)?).await?;
+    let e = state.get(kind, key).ok_or_else(|| ApiError::not_found("state event not found"))?;
+    if event {
+        return Ok(Json(client_event(&e, s, None)));
     }
     Ok(Json(e.pdu.content_value()))
 }
@@ -389,10 +416,7 @@ pub async fn redact_route(
 ) -> ApiResult<Json<Value>> {
     let room_id = room_id(&room)?;
     let target = event_id(&event)?;
-    let txn = TxnRef {
-        device_id: s.device_id.clone(),
-        txn_id,
-    };
+    let txn = transaction(&s, txn_id, format!("redact/{target}"))?;
     let id = rooms.redact(&s.user_id, &room_id, &target, b.reason, Some(txn)).await?;
     Ok(Json(json!({ "event_id": id })))
 }
@@ -404,7 +428,7 @@ pub async fn event_route(
     PathParams((room, event)): PathParams<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let e = rooms.event(&s.user_id, &room_id(&room)?, &event_id(&event)?).await?;
-    Ok(Json(client_event(&e, &s)))
+    Ok(Json(visible_client_event(&e, &s)))
 }
 
 #[derive(Deserialize)]
@@ -432,6 +456,7 @@ fn token(s: &str) -> ApiResult<u64> {
 /// GET /_matrix/client/v3/rooms/{roomId}/messages
 pub async fn messages_route(
     State(rooms): State<Arc<Rooms>>,
+    State(sync): State<Arc<SyncEngine>>,
     Auth(s): Auth,
     PathParams(room): PathParams<String>,
     QueryParams(q): QueryParams<MessagesQuery>,
@@ -450,57 +475,111 @@ pub async fn messages_route(
         (None, Dir::Forward) => 0,
     };
     let to = q.to.as_deref().map(token).transpose()?;
-    let (events, end) = rooms.messages(&s.user_id, &room_id, from, to, dir, limit).await?;
-    let chunk: Vec<Value> = events
-        .iter()
-        .filter(|e| filter_allows(&filter, e.pdu.kind.to_string().as_str(), &e.pdu.sender))
-        .map(|e| client_event(e, &s))
-        .collect();
+    let ignored = sync.ignored_users(&s.user_id).await?;
+    // The limit counts only events the filter lets through.
+    let keep = |e: &StoredEvent| !ignored.contains(&e.pdu.sender) && filter_allows(&filter, &e.pdu.kind.to_string(), &e.pdu.sender);
+    let (events, end) = rooms.messages(&s.user_id, &room_id, from, to, dir, limit, keep).await?;
+    let chunk: Vec<Value> = events.iter().map(|e| visible_client_event(e, &s)).collect();
+    let state = lazy_members(&rooms, &s, &room_id, &filter, events.iter().map(|e| &e.event), None).await?;
     let start = if from == u64::MAX { rooms.store().current_position() } else { from };
-    let mut out = json!({ "chunk": chunk, "start": PaginationToken(start).to_string(), "state": [] });
+    let mut out = json!({ "chunk": chunk, "start": PaginationToken(start).to_string(), "state": state });
     if let Some(end) = end {
         out["end"] = json!(PaginationToken(end).to_string());
     }
     Ok(Json(out))
 }
 
+/// With lazy-loaded members: the member events of the senders of `events`
+/// (and of `also`), as they are in the state the user may see at the
+/// newest of them; otherwise none (the client has the members from sync).
+async fn lazy_members<'e>(
+    rooms: &Rooms,
+    s: &Session,
+    room_id: &RoomId,
+    filter: &RoomEventFilter,
+    events: impl Iterator<Item = &'e StoredEvent>,
+    also: Option<&UserId>,
+) -> ApiResult<Vec<Value>> {
+    if filter.lazy_load_options.is_disabled() {
+        return Ok(vec![]);
+    }
+    let mut senders = std::collections::BTreeSet::new();
+    let mut newest = 0;
+    for e in events {
+        senders.insert(e.pdu.sender.clone());
+        newest = newest.max(e.pos);
+    }
+    senders.extend(also.map(UserId::to_owned));
+    if senders.is_empty() {
+        return Ok(vec![]);
+    }
+    let state = rooms.state_for_user_at(&s.user_id, room_id, newest).await?;
+    Ok(state
+        .iter()
+        .filter(|e| {
+            e.pdu.kind == ruma::events::TimelineEventType::RoomMember
+                && e.pdu.state_key.as_deref().is_some_and(|k| senders.iter().any(|u| u.as_str() == k))
+        })
+        .map(|e| client_event(e, s, None))
+        .collect())
+}
+
 #[derive(Deserialize)]
 pub struct ContextQuery {
     limit: Option<usize>,
+    filter: Option<String>,
 }
 
 /// GET /_matrix/client/v3/rooms/{roomId}/context/{eventId}
+///
+/// `state` is the state at the last event returned, as far as the user may
+/// see it: for a former member, never what came after they left.
 pub async fn context_route(
     State(rooms): State<Arc<Rooms>>,
+    State(sync): State<Arc<SyncEngine>>,
     Auth(s): Auth,
     PathParams((room, event)): PathParams<(String, String)>,
     QueryParams(q): QueryParams<ContextQuery>,
 ) -> ApiResult<Json<Value>> {
     let room_id = room_id(&room)?;
+    let filter = parse_filter(q.filter.as_deref())?;
     let ev = rooms.event(&s.user_id, &room_id, &event_id(&event)?).await?;
     let limit = q.limit.unwrap_or(10).min(100);
     let before_n = limit / 2;
     let after_n = limit - before_n;
+    let ignored = sync.ignored_users(&s.user_id).await?;
+    let keep = |e: &StoredEvent| !ignored.contains(&e.pdu.sender) && filter_allows(&filter, &e.pdu.kind.to_string(), &e.pdu.sender);
+    let pos = ev.event.pos;
     let (before, _) = if before_n > 0 {
         rooms
-            .messages(&s.user_id, &room_id, ev.pos - 1, None, Dir::Backward, before_n)
+            .messages(&s.user_id, &room_id, pos - 1, None, Dir::Backward, before_n, keep)
             .await?
     } else {
         (vec![], None)
     };
     let (after, _) = if after_n > 0 {
-        rooms.messages(&s.user_id, &room_id, ev.pos, None, Dir::Forward, after_n).await?
+        rooms.messages(&s.user_id, &room_id, pos, None, Dir::Forward, after_n, keep).await?
     } else {
         (vec![], None)
     };
-    let start = before.last().map(|e| e.pos - 1).unwrap_or(ev.pos - 1);
-    let end = after.last().map(|e| e.pos).unwrap_or(ev.pos);
-    let room = rooms.room(&room_id).await?;
-    let state: Vec<Value> = room.read().state_entries().map(|e| client_event(&e.to_stored(), &s)).collect();
+    let start = before.last().map(|e| e.event.pos - 1).unwrap_or(pos - 1);
+    let end = after.last().map(|e| e.event.pos).unwrap_or(pos);
+    let state: Vec<Value> = if filter.lazy_load_options.is_disabled() {
+        let mut state = rooms.state_for_user_at(&s.user_id, &room_id, end).await?;
+        state.retain(|e| filter_allows(&filter, &e.pdu.kind.to_string(), &e.pdu.sender));
+        state.iter().map(|e| client_event(e, &s, None)).collect()
+    } else {
+        let shown = before.iter().chain(&after).map(|e| &e.event).chain([&ev.event]);
+        let mut state = rooms.state_for_user_at(&s.user_id, &room_id, end).await?;
+        state.retain(|e| e.pdu.kind != ruma::events::TimelineEventType::RoomMember);
+        let mut out: Vec<Value> = state.iter().map(|e| client_event(e, &s, None)).collect();
+        out.extend(lazy_members(&rooms, &s, &room_id, &filter, shown, Some(&s.user_id)).await?);
+        out
+    };
     Ok(Json(json!({
-        "event": client_event(&ev, &s),
-        "events_before": before.iter().map(|e| client_event(e, &s)).collect::<Vec<_>>(),
-        "events_after": after.iter().map(|e| client_event(e, &s)).collect::<Vec<_>>(),
+        "event": visible_client_event(&ev, &s),
+        "events_before": before.iter().map(|e| visible_client_event(e, &s)).collect::<Vec<_>>(),
+        "events_after": after.iter().map(|e| visible_client_event(e, &s)).collect::<Vec<_>>(),
         "start": PaginationToken(start).to_string(),
         "end": PaginationToken(end).to_string(),
         "state": state,
@@ -513,23 +592,33 @@ pub struct MembersQuery {
     not_membership: Option<String>,
 }
 
+fn membership_param(value: Option<&str>, name: &str) -> ApiResult<Option<Membership>> {
+    value
+        .map(|v| Membership::parse(v).ok_or_else(|| ApiError::invalid_param(format!("{name} must be join, invite, knock, leave or ban"))))
+        .transpose()
+}
+
 /// GET /_matrix/client/v3/rooms/{roomId}/members
+///
+/// A former member gets the members as they were when they left.
 pub async fn members_route(
     State(rooms): State<Arc<Rooms>>,
     Auth(s): Auth,
     PathParams(room): PathParams<String>,
     QueryParams(q): QueryParams<MembersQuery>,
 ) -> ApiResult<Json<Value>> {
-    let room = rooms.check_can_read(&s.user_id, &room_id(&room)?).await?;
-    let r = room.read();
-    let chunk: Vec<Value> = r
-        .state_entries()
+    let want = membership_param(q.membership.as_deref(), "membership")?;
+    let not = membership_param(q.not_membership.as_deref(), "not_membership")?;
+    let state = rooms.readable_state(&s.user_id, &room_id(&room)?).await?;
+    let chunk: Vec<Value> = state
+        .events()
+        .iter()
         .filter(|e| e.pdu.kind == ruma::events::TimelineEventType::RoomMember)
         .filter(|e| {
-            let m = Membership::from_content(e.pdu.content.get()).map(|m| m.as_str());
-            q.membership.as_deref().is_none_or(|want| m == Some(want)) && q.not_membership.as_deref().is_none_or(|not| m != Some(not))
+            let m = Membership::from_content(e.pdu.content.get());
+            want.is_none_or(|w| m == Some(w)) && not.is_none_or(|n| m != Some(n))
         })
-        .map(|e| client_event(&e.to_stored(), &s))
+        .map(|e| client_event(e, &s, None))
         .collect();
     Ok(Json(json!({ "chunk": chunk })))
 }
@@ -545,10 +634,14 @@ pub async fn joined_members_route(
     let mut joined = Map::new();
     for user in r.members(Membership::Join) {
         let c = r.state("m.room.member", user).map(|e| e.pdu.content_value()).unwrap_or_default();
-        joined.insert(
-            user.to_owned(),
-            json!({ "display_name": c.get("displayname"), "avatar_url": c.get("avatar_url") }),
-        );
+        // Optional fields are left out rather than null.
+        let mut member = json!({});
+        for (from, to) in [("displayname", "display_name"), ("avatar_url", "avatar_url")] {
+            if let Some(v) = c.get(from).and_then(Value::as_str) {
+                member[to] = json!(v);
+            }
+        }
+        joined.insert(user.to_owned(), member);
     }
     Ok(Json(json!({ "joined": joined })))
 }
@@ -574,24 +667,28 @@ async fn relations(
         .relations(&s.user_id, &room_id(room)?, &event_id(event)?, rel_type, 1000)
         .await?;
     if let Some(t) = event_type {
-        events.retain(|e| e.pdu.kind.to_string() == t);
+        events.retain(|e| e.event.pdu.kind.to_string() == t);
     }
     let from = q.from.as_deref().map(token).transpose()?;
     let to = q.to.as_deref().map(token).transpose()?;
-    let forward = q.dir.as_deref() == Some("f");
+    let forward = match q.dir.as_deref() {
+        None | Some("b") => false,
+        Some("f") => true,
+        Some(_) => return Err(ApiError::invalid_param("dir must be b or f")),
+    };
     // Same token meaning as /messages: t{n} sits just after the event at position n.
     if forward {
-        events.retain(|e| from.is_none_or(|f| e.pos > f) && to.is_none_or(|t| e.pos <= t));
+        events.retain(|e| from.is_none_or(|f| e.event.pos > f) && to.is_none_or(|t| e.event.pos <= t));
     } else {
-        events.retain(|e| from.is_none_or(|f| e.pos <= f) && to.is_none_or(|t| e.pos > t));
+        events.retain(|e| from.is_none_or(|f| e.event.pos <= f) && to.is_none_or(|t| e.event.pos > t));
         events.reverse();
     }
     let limit = q.limit.unwrap_or(50).clamp(1, 1000);
     let more = events.len() > limit;
     events.truncate(limit);
-    let mut out = json!({ "chunk": events.iter().map(|e| client_event(e, s)).collect::<Vec<_>>() });
+    let mut out = json!({ "chunk": events.iter().map(|e| visible_client_event(e, s)).collect::<Vec<_>>() });
     if let (true, Some(last)) = (more, events.last()) {
-        let next = if forward { last.pos } else { last.pos - 1 };
+        let next = if forward { last.event.pos } else { last.event.pos - 1 };
         out["next_batch"] = json!(PaginationToken(next).to_string());
     }
     Ok(Json(out))
@@ -631,9 +728,9 @@ pub async fn threads_route(
         .skip(skip)
         .take(limit)
         .map(|t| {
-            let mut root = client_event(&t.root, &s);
+            let mut root = visible_client_event(&t.root, &s);
             root["unsigned"]["m.relations"] = json!({ "m.thread": {
-                "latest_event": client_event(&t.latest, &s),
+                "latest_event": visible_client_event(&t.latest, &s),
                 "count": t.count,
                 "current_user_participated": t.participated,
             }});
@@ -708,8 +805,13 @@ pub async fn put_alias_route(
     let room_id = room_id(&b.room_id)?;
     rooms.check_can_read(&s.user_id, &room_id).await?;
     rooms.store().set_alias(&alias, &room_id, &s.user_id).await.map_err(|e| match e {
-        kabar_store::StoreError::Conflict(_) => kabar_core::Error::RoomInUse("alias already exists".into()),
-        other => other.into(),
+        // The spec's answer for a taken alias: 409.
+        kabar_store::StoreError::Conflict(_) => ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "M_UNKNOWN",
+            format!("room alias {alias} already exists"),
+        ),
+        other => kabar_core::Error::from(other).into(),
     })?;
     Ok(Json(json!({})))
 }
@@ -830,17 +932,30 @@ async fn public_rooms(rooms: &Rooms, b: PublicRoomsBody) -> ApiResult<Json<Value
                 continue;
             }
         }
-        chunk.push(json!({
+        let mut entry = json!({
             "room_id": id,
-            "name": name,
-            "topic": topic,
-            "canonical_alias": get("m.room.canonical_alias", "alias"),
-            "avatar_url": get("m.room.avatar", "url"),
             "num_joined_members": r.member_count(Membership::Join),
             "world_readable": r.history_visibility() == kabar_domain::membership::HistoryVisibility::WorldReadable,
             "guest_can_join": get("m.room.guest_access", "guest_access").as_deref() == Some("can_join"),
-            "join_rule": get("m.room.join_rules", "join_rule"),
-        }));
+        });
+        // Optional fields are left out rather than null: strict clients refuse null.
+        for (field, value) in [
+            ("name", name),
+            ("topic", topic),
+            ("canonical_alias", get("m.room.canonical_alias", "alias")),
+            ("avatar_url", get("m.room.avatar", "url")),
+            ("join_rule", get("m.room.join_rules", "join_rule")),
+            (
+                "room_type",
+                r.state("m.room.create", "")
+                    .and_then(|e| e.pdu.content_value().get("type").and_then(Value::as_str).map(str::to_owned)),
+            ),
+        ] {
+            if let Some(v) = value {
+                entry[field] = json!(v);
+            }
+        }
+        chunk.push(entry);
     }
     let total = chunk.len();
     let skip: usize = b

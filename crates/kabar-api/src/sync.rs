@@ -43,6 +43,12 @@ pub async fn sync_route(
     Auth(s): Auth,
     QueryParams(q): QueryParams<SyncQuery>,
 ) -> ApiResult<Json<SyncResponse>> {
+    if q.set_presence
+        .as_deref()
+        .is_some_and(|p| !matches!(p, "online" | "offline" | "unavailable"))
+    {
+        return Err(ApiError::invalid_param("set_presence must be online, offline or unavailable"));
+    }
     let since = q
         .since
         .as_deref()
@@ -181,12 +187,19 @@ pub async fn read_markers_route(
 }
 
 /// GET /_matrix/client/v3/presence/{userId}/status
+///
+/// Only the user and those who share a room with them may read it (a
+/// status message is not for strangers).
 pub async fn get_presence_route(
     State(eph): State<Arc<Ephemeral>>,
-    Auth(_): Auth,
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
     PathParams(user): PathParams<String>,
 ) -> ApiResult<Json<Value>> {
     let user = OwnedUserId::try_from(user).map_err(|_| ApiError::invalid_param("invalid user id"))?;
+    if user != s.user_id && !rooms.share_a_room(&s.user_id, &user).await? {
+        return Err(ApiError::forbidden("you may not see this user's presence"));
+    }
     let p = eph
         .presence(&user)
         .ok_or_else(|| ApiError::not_found("no presence for this user"))?;
@@ -329,6 +342,14 @@ pub async fn push_rules_global_route(State(ud): State<Arc<UserData>>, Auth(s): A
     ))
 }
 
+/// Push rules live in the `global` scope; no other exists.
+fn rule_scope(scope: &str) -> ApiResult<()> {
+    if scope != "global" {
+        return Err(ApiError::invalid_param("the only push rule scope is global"));
+    }
+    Ok(())
+}
+
 fn rule_kind(kind: &str) -> ApiResult<RuleKind> {
     Ok(match kind {
         "override" => RuleKind::Override,
@@ -344,8 +365,9 @@ fn rule_kind(kind: &str) -> ApiResult<RuleKind> {
 pub async fn get_push_rule_route(
     State(ud): State<Arc<UserData>>,
     Auth(s): Auth,
-    PathParams((_scope, kind, id)): PathParams<(String, String, String)>,
+    PathParams((scope, kind, id)): PathParams<(String, String, String)>,
 ) -> ApiResult<Json<Value>> {
+    rule_scope(&scope)?;
     let rules = ud.push_rules(&s.user_id).await?;
     let rule = rules
         .get(rule_kind(&kind)?, &id)
@@ -370,13 +392,30 @@ pub struct PushRulePosition {
 pub async fn put_push_rule_route(
     State(ud): State<Arc<UserData>>,
     Auth(s): Auth,
-    PathParams((_scope, kind, id)): PathParams<(String, String, String)>,
+    PathParams((scope, kind, id)): PathParams<(String, String, String)>,
     QueryParams(pos): QueryParams<PushRulePosition>,
     JsonBody(mut body): JsonBody<serde_json::Map<String, Value>>,
 ) -> ApiResult<Json<Value>> {
+    rule_scope(&scope)?;
     let kind = rule_kind(&kind)?;
+    // The spec's rules for ids: no leading dot (server defaults), no
+    // slashes; a room rule is named by its room, a sender rule by its user.
     if id.starts_with('.') {
-        return Err(ApiError::invalid_param("server-default rules cannot be replaced"));
+        return Err(ApiError::invalid_param(
+            "rule ids starting with a dot are reserved for server-default rules",
+        ));
+    }
+    if id.is_empty() || id.contains(['/', '\\']) || id.chars().any(char::is_control) {
+        return Err(ApiError::invalid_param("invalid push rule id"));
+    }
+    match kind {
+        RuleKind::Room if OwnedRoomId::try_from(id.as_str()).is_err() => {
+            return Err(ApiError::invalid_param("a room rule's id must be a room id"));
+        }
+        RuleKind::Sender if OwnedUserId::try_from(id.as_str()).is_err() => {
+            return Err(ApiError::invalid_param("a sender rule's id must be a user id"));
+        }
+        _ => {}
     }
     body.insert("rule_id".into(), json!(id));
     let body = Value::Object(body);
@@ -392,7 +431,10 @@ pub async fn put_push_rule_route(
     let mut rules = ud.push_rules(&s.user_id).await?;
     rules
         .insert(rule, pos.after.as_deref(), pos.before.as_deref())
-        .map_err(|e| ApiError::new(axum::http::StatusCode::BAD_REQUEST, "M_UNKNOWN", e.to_string()))?;
+        .map_err(|e| match e {
+            ruma::push::InsertPushRuleError::UnknownRuleId => ApiError::not_found(e.to_string()),
+            other => ApiError::invalid_param(other.to_string()),
+        })?;
     ud.set_push_rules(&s.user_id, &rules).await?;
     Ok(Json(json!({})))
 }
@@ -401,8 +443,9 @@ pub async fn put_push_rule_route(
 pub async fn delete_push_rule_route(
     State(ud): State<Arc<UserData>>,
     Auth(s): Auth,
-    PathParams((_scope, kind, id)): PathParams<(String, String, String)>,
+    PathParams((scope, kind, id)): PathParams<(String, String, String)>,
 ) -> ApiResult<Json<Value>> {
+    rule_scope(&scope)?;
     let mut rules = ud.push_rules(&s.user_id).await?;
     rules.remove(rule_kind(&kind)?, &id).map_err(|e| match e {
         ruma::push::RemovePushRuleError::NotFound => ApiError::not_found("push rule not found"),
@@ -417,13 +460,45 @@ pub struct EnabledBody {
     enabled: bool,
 }
 
+/// The rule a path names, for the `enabled` and `actions` endpoints.
+async fn named_rule(ud: &UserData, s: &kabar_store::Session, scope: &str, kind: &str, id: &str) -> ApiResult<(bool, Value)> {
+    rule_scope(scope)?;
+    let rules = ud.push_rules(&s.user_id).await?;
+    let rule = rules
+        .get(rule_kind(kind)?, id)
+        .ok_or_else(|| ApiError::not_found("push rule not found"))?;
+    let actions = serde_json::to_value(rule.actions()).map_err(|e| kabar_core::Error::Internal(e.to_string()))?;
+    Ok((rule.enabled(), actions))
+}
+
+/// GET /_matrix/client/v3/pushrules/global/{kind}/{ruleId}/enabled
+pub async fn get_push_rule_enabled_route(
+    State(ud): State<Arc<UserData>>,
+    Auth(s): Auth,
+    PathParams((scope, kind, id)): PathParams<(String, String, String)>,
+) -> ApiResult<Json<Value>> {
+    let (enabled, _) = named_rule(&ud, &s, &scope, &kind, &id).await?;
+    Ok(Json(json!({ "enabled": enabled })))
+}
+
+/// GET /_matrix/client/v3/pushrules/global/{kind}/{ruleId}/actions
+pub async fn get_push_rule_actions_route(
+    State(ud): State<Arc<UserData>>,
+    Auth(s): Auth,
+    PathParams((scope, kind, id)): PathParams<(String, String, String)>,
+) -> ApiResult<Json<Value>> {
+    let (_, actions) = named_rule(&ud, &s, &scope, &kind, &id).await?;
+    Ok(Json(json!({ "actions": actions })))
+}
+
 /// PUT /_matrix/client/v3/pushrules/global/{kind}/{ruleId}/enabled
 pub async fn push_rule_enabled_route(
     State(ud): State<Arc<UserData>>,
     Auth(s): Auth,
-    PathParams((_scope, kind, id)): PathParams<(String, String, String)>,
+    PathParams((scope, kind, id)): PathParams<(String, String, String)>,
     JsonBody(b): JsonBody<EnabledBody>,
 ) -> ApiResult<Json<Value>> {
+    rule_scope(&scope)?;
     let mut rules = ud.push_rules(&s.user_id).await?;
     rules
         .set_enabled(rule_kind(&kind)?, &id, b.enabled)
@@ -441,9 +516,10 @@ pub struct ActionsBody {
 pub async fn push_rule_actions_route(
     State(ud): State<Arc<UserData>>,
     Auth(s): Auth,
-    PathParams((_scope, kind, id)): PathParams<(String, String, String)>,
+    PathParams((scope, kind, id)): PathParams<(String, String, String)>,
     JsonBody(b): JsonBody<ActionsBody>,
 ) -> ApiResult<Json<Value>> {
+    rule_scope(&scope)?;
     let mut rules = ud.push_rules(&s.user_id).await?;
     rules
         .set_actions(rule_kind(&kind)?, &id, b.actions)

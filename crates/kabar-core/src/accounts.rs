@@ -65,10 +65,17 @@ pub struct Accounts {
     server_name: OwnedServerName,
     /// Changed by a configuration reload.
     policy: Mutex<RegistrationPolicy>,
+    /// Names nobody may register (a reload may change them).
+    reserved_localparts: Mutex<Arc<Vec<String>>>,
     uia: UiaSessions,
     /// token hash -> session; cleared whole whenever a token is revoked.
     token_cache: Mutex<HashMap<String, Session>>,
+    /// When and from where each device was last noted as seen.
+    last_seen: Mutex<HashMap<(OwnedUserId, String), (u64, IpAddr)>>,
 }
+
+/// How often a device's last-seen time is written while it is in use.
+const LAST_SEEN_EVERY_MS: u64 = 5 * 60 * 1000;
 
 fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
@@ -78,6 +85,21 @@ fn new_access_token() -> String {
     let mut bytes = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut bytes);
     format!("kbr_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// Refuses a device id or device name a client should never send: control
+/// characters (a NUL, a newline) or more than 255 bytes.
+fn check_device_fields(device_id: Option<&str>, display_name: Option<&str>) -> Result<()> {
+    for (what, value) in [("device id", device_id), ("device name", display_name)] {
+        if let Some(v) = value
+            && (v.len() > 255 || kabar_domain::localpart::has_control_chars(v))
+        {
+            return Err(Error::InvalidParam(format!(
+                "the {what} must be at most 255 bytes without control characters"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A random alphanumeric string, for registration tokens and the like.
@@ -109,8 +131,10 @@ impl Accounts {
             admission,
             server_name,
             policy: Mutex::new(policy),
+            reserved_localparts: Mutex::default(),
             uia: UiaSessions::new(),
             token_cache: Mutex::new(HashMap::new()),
+            last_seen: Mutex::new(HashMap::new()),
         }
     }
 
@@ -126,6 +150,20 @@ impl Accounts {
     /// Changes who may register (a configuration reload).
     pub fn set_policy(&self, policy: RegistrationPolicy) {
         *self.policy.lock().expect("registration policy") = policy;
+    }
+
+    /// Sets the user names nobody may register (the operator still can).
+    pub fn set_reserved_localparts(&self, names: Vec<String>) {
+        *self.reserved_localparts.lock().expect("reserved names") = Arc::new(names);
+    }
+
+    /// A user id a newcomer may register: valid and not reserved.
+    fn new_user_id(&self, localpart: &str) -> Result<OwnedUserId> {
+        let reserved = self.reserved_localparts.lock().expect("reserved names").clone();
+        if kabar_domain::localpart::is_reserved(localpart, &reserved) {
+            return Err(Error::InvalidUsername(format!("the user name {localpart} is reserved")));
+        }
+        self.user_id(localpart)
     }
 
     /// The sign-up and login limits, which a reload may change.
@@ -191,8 +229,16 @@ impl Accounts {
         id.map_err(|_| Error::Forbidden("invalid username or password".into()))
     }
 
+    /// Whether a registration token could be used now (it is not spent by asking).
+    pub async fn registration_token_valid(&self, token: &str) -> Result<bool> {
+        if token.is_empty() || token.len() > 64 {
+            return Ok(false);
+        }
+        Ok(self.store.registration_token_valid(token, now_ms()).await?)
+    }
+
     pub async fn username_available(&self, localpart: &str) -> Result<bool> {
-        let id = self.user_id(localpart)?;
+        let id = self.new_user_id(localpart)?;
         if self.store.user(&id).await?.is_some() {
             return Err(Error::UserInUse);
         }
@@ -204,9 +250,12 @@ impl Accounts {
     /// address's and the server's allowance, and it takes its hashing slot
     /// before a registration token is spent, so a refusal loses nothing.
     pub async fn register(&self, req: RegistrationRequest, client: IpAddr) -> Result<LoggedIn> {
+        check_device_fields(req.device_id.as_deref(), req.initial_device_display_name.as_deref())?;
         let flows: &[&[&'static str]] = match self.policy() {
             RegistrationPolicy::Closed => return Err(Error::RegistrationDisabled),
-            RegistrationPolicy::Open => &[&["m.login.dummy"], &["m.login.registration_token"]],
+            // Only the stage a newcomer can complete: a client shown a token
+            // flow as well asks every newcomer for a token they do not have.
+            RegistrationPolicy::Open => &[&["m.login.dummy"]],
             RegistrationPolicy::TokenRequired => &[&["m.login.registration_token"]],
         };
         let password = match req.password {
@@ -215,7 +264,7 @@ impl Accounts {
             _ => None,
         };
         let user_id = match &req.username {
-            Some(name) => self.user_id(&name.to_lowercase())?,
+            Some(name) => self.new_user_id(&name.to_lowercase())?,
             None => self.user_id(&new_device_id().to_lowercase())?,
         };
         // Admission comes before any store read, so a refusal costs next to
@@ -242,8 +291,9 @@ impl Accounts {
             return Err(Error::UserInUse);
         }
         let store = self.store.clone();
+        let request = format!("register {user_id}");
         self.uia
-            .step(flows, json!({}), req.auth.as_ref(), |kind, auth| async move {
+            .step(flows, json!({}), req.auth.as_ref(), &request, |kind, auth| async move {
                 match kind.as_str() {
                     "m.login.dummy" => Ok(StageOutcome::Completed("m.login.dummy")),
                     "m.login.registration_token" => {
@@ -275,7 +325,8 @@ impl Accounts {
                 access_token: None,
             });
         }
-        self.new_session(user_id, req.device_id, req.initial_device_display_name).await
+        self.new_session(user_id, req.device_id, req.initial_device_display_name, client)
+            .await
     }
 
     /// Stores a new account; a taken id (also a deactivated one) is `UserInUse`.
@@ -293,22 +344,30 @@ impl Accounts {
             })
     }
 
-    async fn new_session(&self, user_id: OwnedUserId, device_id: Option<String>, display_name: Option<String>) -> Result<LoggedIn> {
+    async fn new_session(
+        &self,
+        user_id: OwnedUserId,
+        device_id: Option<String>,
+        display_name: Option<String>,
+        client: IpAddr,
+    ) -> Result<LoggedIn> {
         let chosen = device_id.filter(|d| !d.is_empty() && d.len() <= 255);
         // A device id the client chose may already have a token, which this
         // one replaces; a fresh random id cannot have one cached.
         let replaces_token = chosen.is_some();
         let device_id = chosen.unwrap_or_else(new_device_id);
         let token = new_access_token();
-        self.store
-            .upsert_device(NewDevice {
-                user_id: user_id.clone(),
-                device_id: device_id.clone(),
-                display_name,
-                token_hash: hash_token(&token),
-                now_ms: now_ms(),
-            })
-            .await?;
+        // A new device changes the user's device list: their contacts'
+        // clients must learn of it, and so must their own other devices.
+        let write = self.store.upsert_device(NewDevice {
+            user_id: user_id.clone(),
+            device_id: device_id.clone(),
+            display_name,
+            token_hash: hash_token(&token),
+            now_ms: now_ms(),
+            ip: Some(client.to_string()),
+        });
+        self.device_lists.record(std::slice::from_ref(&user_id), write, |p| *p).await?;
         if replaces_token {
             self.token_cache.lock().expect("token cache").clear();
         }
@@ -338,6 +397,7 @@ impl Accounts {
         display_name: Option<String>,
         client: IpAddr,
     ) -> Result<LoggedIn> {
+        check_device_fields(device_id.as_deref(), display_name.as_deref())?;
         self.admission.login.check(client)?;
         // Refused before the store is read when hashing is saturated.
         self.hasher.check_room()?;
@@ -345,7 +405,7 @@ impl Accounts {
         if !self.check_password(&user_id, password).await? {
             return Err(Error::Forbidden("invalid username or password".into()));
         }
-        self.new_session(user_id, device_id, display_name).await
+        self.new_session(user_id, device_id, display_name, client).await
     }
 
     /// The session an access token belongs to.
@@ -399,10 +459,13 @@ impl Accounts {
     }
 
     /// Runs a password UIA for an action the signed-in user takes on their account.
-    pub async fn require_password(&self, session: &Session, auth: Option<&Value>) -> Result<()> {
+    /// `action` names what the password is asked for (with what
+    /// arguments): a session started for one action cannot authorize another.
+    pub async fn require_password(&self, session: &Session, auth: Option<&Value>, action: &str) -> Result<()> {
         let user_id = session.user_id.clone();
+        let request = format!("{user_id} {action}");
         self.uia
-            .step(&[&["m.login.password"]], json!({}), auth, |_, auth| async move {
+            .step(&[&["m.login.password"]], json!({}), auth, &request, |_, auth| async move {
                 let claimed = auth
                     .pointer("/identifier/user")
                     .or_else(|| auth.get("user"))
@@ -410,7 +473,7 @@ impl Accounts {
                     .map(|u| self.parse_login_user(u))
                     .transpose()?;
                 if claimed.is_some_and(|c| c != user_id) {
-                    return Ok(StageOutcome::Failed("you can only authenticate as yourself".into()));
+                    return Err(Error::Forbidden("you can only authenticate as yourself".into()));
                 }
                 let password = auth.get("password").and_then(Value::as_str).unwrap_or_default();
                 if self.check_password(&user_id, password).await? {
@@ -423,7 +486,7 @@ impl Accounts {
     }
 
     pub async fn change_password(&self, session: &Session, new_password: String, logout_devices: bool, auth: Option<&Value>) -> Result<()> {
-        self.require_password(session, auth).await?;
+        self.require_password(session, auth, "change password").await?;
         if new_password.is_empty() || new_password.len() > 1024 {
             return Err(Error::InvalidParam("password must be 1 to 1024 bytes".into()));
         }
@@ -437,14 +500,63 @@ impl Accounts {
     }
 
     pub async fn deactivate(&self, session: &Session, auth: Option<&Value>) -> Result<()> {
-        self.require_password(session, auth).await?;
+        self.require_password(session, auth, "deactivate").await?;
         self.deactivate_user(&session.user_id).await?;
         tracing::info!(user = %session.user_id, "deactivated");
         Ok(())
     }
 
+    /// Renames one of the user's devices; other users see the name, so it
+    /// is a device-list change.
+    pub async fn rename_device(&self, session: &Session, device_id: &str, name: Option<&str>) -> Result<()> {
+        check_device_fields(None, name)?;
+        let user = std::slice::from_ref(&session.user_id);
+        let renamed = self
+            .device_lists
+            .record(user, self.store.rename_device(&session.user_id, device_id, name), |p| *p)
+            .await?;
+        match renamed {
+            Some(_) => Ok(()),
+            None => Err(Error::NotFound("device not found".into())),
+        }
+    }
+
+    /// Notes that `session` was used from `client`, for `/devices`. Written
+    /// at most once per device every few minutes (or when the address
+    /// changes), in the background: a request never waits for it.
+    pub fn seen(&self, session: &Session, client: IpAddr) {
+        let now = now_ms();
+        let key = (session.user_id.clone(), session.device_id.clone());
+        {
+            let mut seen = self.last_seen.lock().expect("last seen");
+            if let Some((at, ip)) = seen.get(&key)
+                && *ip == client
+                && now.saturating_sub(*at) < LAST_SEEN_EVERY_MS
+            {
+                return;
+            }
+            if seen.len() >= MAX_CACHED_TOKENS {
+                seen.clear();
+            }
+            seen.insert(key, (now, client));
+        }
+        let store = self.store.clone();
+        let session = session.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store
+                .touch_device(&session.user_id, &session.device_id, &client.to_string(), now)
+                .await
+            {
+                tracing::warn!(error = %e, "could not note when a device was last seen");
+            }
+        });
+    }
+
     pub async fn delete_devices(&self, session: &Session, device_ids: &[String], auth: Option<&Value>) -> Result<()> {
-        self.require_password(session, auth).await?;
+        let mut sorted = device_ids.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        self.require_password(session, auth, &format!("delete devices {sorted:?}")).await?;
         self.remove_devices(&session.user_id, DeviceSelection::These(device_ids)).await
     }
 

@@ -67,6 +67,9 @@ fn backup_key(room_id: &RoomId, session_id: &str, data: &Value) -> Result<Backup
     })
 }
 
+/// Backup algorithms clients use: the spec's, and MSC3270's symmetric one.
+const BACKUP_ALGORITHMS: &[&str] = &["m.megolm_backup.v1.curve25519-aes-sha2", "org.matrix.msc3270.v1.aes-hmac-sha2"];
+
 impl KeyBackups {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self { store }
@@ -74,8 +77,14 @@ impl KeyBackups {
 
     /// POST /room_keys/version
     pub async fn create_version(&self, user: &UserId, algorithm: &str, auth_data: &Value) -> Result<String> {
-        if algorithm.is_empty() || !auth_data.is_object() {
-            return Err(Error::BadJson("algorithm and an auth_data object are required".into()));
+        if !auth_data.is_object() {
+            return Err(Error::BadJson("an auth_data object is required".into()));
+        }
+        if !BACKUP_ALGORITHMS.contains(&algorithm) {
+            return Err(Error::InvalidParam(format!(
+                "unsupported backup algorithm {algorithm:?}: use {}",
+                BACKUP_ALGORITHMS.join(" or ")
+            )));
         }
         let version = self.store.create_backup_version(user, algorithm, &auth_data.to_string()).await?;
         Ok(version.to_string())

@@ -735,6 +735,7 @@ mod tests {
                 display_name: None,
                 token_hash: "t".into(),
                 now_ms: 1,
+                ip: None,
             })
             .await
             .unwrap();

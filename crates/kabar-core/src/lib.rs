@@ -17,11 +17,13 @@ pub mod load;
 pub mod media;
 pub mod notifier;
 pub mod password;
+pub mod push;
 pub mod rooms;
 pub mod sync;
 pub mod to_device;
 pub mod uia;
 pub mod user_data;
+pub mod voip;
 
 pub use error::{Error, Result};
 

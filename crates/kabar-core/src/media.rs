@@ -2,9 +2,11 @@
 //! thumbnails made on a bounded pool.
 
 use std::{
+    collections::HashMap,
     io::Write,
+    net::IpAddr,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use kabar_store::{MediaRecord, Store};
@@ -28,11 +30,87 @@ pub struct Media {
     max_upload_bytes: u64,
     /// Thumbnailing decodes whole images: bounded, and refused once the queue is too long.
     thumbnails: Arc<Gate>,
+    /// What the unauthenticated (legacy) paths may serve.
+    legacy: LegacyMedia,
+    /// Downloads in flight per client address.
+    downloads: Arc<DownloadSlots>,
 }
 
+/// What the deprecated unauthenticated media paths serve (Matrix 1.11
+/// froze them: new media is for signed-in users only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LegacyMedia {
+    /// Media created before this moment (ms since the epoch), nothing newer.
+    FrozenAt(u64),
+    All,
+    Off,
+}
+
+/// A file to send: opened, with its size, and the download slot it holds
+/// until the response is sent.
 pub struct Download {
     pub record: MediaRecord,
-    pub bytes: Vec<u8>,
+    pub file: tokio::fs::File,
+    pub slot: DownloadSlot,
+}
+
+/// Downloads in flight per client address (IPv6 by /64), bounded: a file is
+/// streamed with a small buffer, but a client holding thousands of slow
+/// downloads would still hold thousands of files and buffers.
+pub struct DownloadSlots {
+    max_per_address: usize,
+    in_flight: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One download in flight; frees its address's slot when dropped.
+pub struct DownloadSlot {
+    slots: Arc<DownloadSlots>,
+    address: IpAddr,
+}
+
+impl Drop for DownloadSlot {
+    fn drop(&mut self) {
+        let mut in_flight = self.slots.in_flight.lock().expect("download slots");
+        if let Some(n) = in_flight.get_mut(&self.address) {
+            *n -= 1;
+            if *n == 0 {
+                in_flight.remove(&self.address);
+            }
+        }
+    }
+}
+
+impl DownloadSlots {
+    pub fn new(max_per_address: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max_per_address: max_per_address.max(1),
+            in_flight: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A slot for `client`, or `LimitExceeded` when it has all of its own.
+    pub fn acquire(self: &Arc<Self>, client: IpAddr) -> Result<DownloadSlot> {
+        let address = crate::admission::address_key(client);
+        let mut in_flight = self.in_flight.lock().expect("download slots");
+        let n = in_flight.entry(address).or_insert(0);
+        if *n >= self.max_per_address {
+            return Err(Error::LimitExceeded { retry_after_ms: 1000 });
+        }
+        *n += 1;
+        Ok(DownloadSlot {
+            slots: self.clone(),
+            address,
+        })
+    }
+}
+
+/// Which path a download came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaPath {
+    /// `/_matrix/client/v1/media`: a signed-in user.
+    Authenticated,
+    /// `/_matrix/media/v3`: anyone, subject to [`LegacyMedia`].
+    Legacy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,13 +120,22 @@ pub enum ThumbnailMethod {
 }
 
 impl Media {
-    pub fn new(store: Arc<dyn Store>, dir: PathBuf, max_upload_bytes: u64, thumbnails: Arc<Gate>) -> Result<Self> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        dir: PathBuf,
+        max_upload_bytes: u64,
+        thumbnails: Arc<Gate>,
+        legacy: LegacyMedia,
+        downloads: Arc<DownloadSlots>,
+    ) -> Result<Self> {
         std::fs::create_dir_all(&dir).map_err(|e| Error::Internal(format!("cannot create media directory: {e}")))?;
         Ok(Self {
             store,
             dir,
             max_upload_bytes,
             thumbnails,
+            legacy,
+            downloads,
         })
     }
 
@@ -93,29 +180,56 @@ impl Media {
         Ok(media_id)
     }
 
-    pub async fn download(&self, media_id: &str) -> Result<Download> {
+    /// The stored record of `media_id`, if `path` may serve it.
+    async fn record(&self, media_id: &str, path: MediaPath) -> Result<MediaRecord> {
         let not_found = || Error::NotFound("media not found".into());
         if media_id.is_empty() || media_id.len() > 255 {
             return Err(not_found());
         }
         let record = self.store.media(media_id).await?.ok_or_else(not_found)?;
-        let bytes = tokio::fs::read(self.path_for(&record.sha256)).await.map_err(|_| not_found())?;
-        Ok(Download { record, bytes })
+        let served = match (path, self.legacy) {
+            (MediaPath::Authenticated, _) | (MediaPath::Legacy, LegacyMedia::All) => true,
+            (MediaPath::Legacy, LegacyMedia::FrozenAt(freeze)) => record.created_ms < freeze,
+            (MediaPath::Legacy, LegacyMedia::Off) => false,
+        };
+        if !served {
+            return Err(Error::NotFound(
+                "media uploaded since the unauthenticated media freeze is served only on /_matrix/client/v1/media".into(),
+            ));
+        }
+        Ok(record)
+    }
+
+    /// Opens a file to stream to `client`, taking one of its download slots.
+    pub async fn download(&self, media_id: &str, path: MediaPath, client: IpAddr) -> Result<Download> {
+        let slot = self.downloads.acquire(client)?;
+        let record = self.record(media_id, path).await?;
+        let file = tokio::fs::File::open(self.path_for(&record.sha256))
+            .await
+            .map_err(|_| Error::NotFound("media not found".into()))?;
+        Ok(Download { record, file, slot })
     }
 
     /// A thumbnail no larger than `width` x `height`, as PNG (or JPEG for JPEG sources).
-    pub async fn thumbnail(&self, media_id: &str, width: u32, height: u32, method: ThumbnailMethod) -> Result<(String, Vec<u8>)> {
-        let source = self.download(media_id).await?;
-        let (width, height) = (width.clamp(1, 1600), height.clamp(1, 1600));
-        let key = format!("{}-{width}x{height}-{method:?}", source.record.sha256);
+    pub async fn thumbnail(&self, media_id: &str, path: MediaPath, size: (u32, u32), method: ThumbnailMethod) -> Result<(String, Vec<u8>)> {
+        let record = self.record(media_id, path).await?;
+        let (width, height) = (size.0.clamp(1, 1600), size.1.clamp(1, 1600));
+        let key = format!("{}-{width}x{height}-{method:?}", record.sha256);
         let cached = self.dir.join("thumbnails").join(&key);
-        let jpeg = source.record.content_type.as_deref() == Some("image/jpeg");
+        let jpeg = record.content_type.as_deref() == Some("image/jpeg");
         let content_type = if jpeg { "image/jpeg" } else { "image/png" }.to_owned();
         if let Ok(bytes) = tokio::fs::read(&cached).await {
             return Ok((content_type, bytes));
         }
         let _slot = self.thumbnails.enter().await?;
-        let bytes = tokio::task::spawn_blocking(move || make_thumbnail(&source.bytes, width, height, method, jpeg))
+        // Only images are thumbnailed, and only those small enough to decode.
+        if record.size > MAX_THUMBNAIL_SOURCE_BYTES {
+            return Err(Error::TooLarge("image is too large to thumbnail".into()));
+        }
+        let source = tokio::fs::read(self.path_for(&record.sha256))
+            .await
+            .map_err(|_| Error::NotFound("media not found".into()))?;
+        let bytes = tokio::task::spawn_blocking(move || make_thumbnail(&source, width, height, method, jpeg))
             .await
             .map_err(|e| Error::Internal(e.to_string()))??;
         let to_cache = bytes.clone();
@@ -123,6 +237,9 @@ impl Media {
         Ok((content_type, bytes))
     }
 }
+
+/// Largest file read into memory to make a thumbnail.
+const MAX_THUMBNAIL_SOURCE_BYTES: u64 = 20 * 1024 * 1024;
 
 /// Writes `bytes` at `path` unless it exists, via a temporary file and rename
 /// so a crash never leaves a half-written file under the final name.

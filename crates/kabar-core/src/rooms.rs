@@ -25,9 +25,9 @@ use kabar_domain::{
     NewEvent, Pdu, StateKey, auth_event_keys, authorize,
     client_event::{client_event_prefix, redact_pdu},
     event::{EventSigner, raw},
-    membership::{HistoryVisibility, Membership, may_see_event},
+    membership::{EventVisibility, HistoryVisibility, Membership, may_see_event},
 };
-use kabar_store::{AppendOutcome, Direction, EventRange, EventWrite, RoomRecord, Store, StoredEvent, StreamPos, TxnRef};
+use kabar_store::{AppendOutcome, Direction, EventRange, EventWrite, PrevState, RoomRecord, Store, StoredEvent, StreamPos, TxnRef};
 use rand::{Rng, distributions::Alphanumeric};
 use ruma::{
     EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId,
@@ -62,12 +62,24 @@ const RECENT_EVENTS: usize = 64;
 pub struct TimelineEvent {
     pub event: StoredEvent,
     pub client_prefix: String,
+    /// The client form flattened for push rules, made when first asked
+    /// for and shared by every member who evaluates the event.
+    flat: std::sync::OnceLock<ruma::push::FlattenedJson>,
 }
 
 impl TimelineEvent {
     pub fn new(event: StoredEvent) -> Self {
         let client_prefix = client_event_prefix(&event.pdu);
-        Self { event, client_prefix }
+        Self {
+            event,
+            client_prefix,
+            flat: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The event flattened for push conditions.
+    pub fn flattened(&self) -> &ruma::push::FlattenedJson {
+        self.flat.get_or_init(|| crate::push::flatten(&format!("{}}}", self.client_prefix)))
     }
 }
 
@@ -86,6 +98,16 @@ impl StateEntry {
             pdu: self.pdu.clone(),
             txn: None,
             redacted_by: None,
+            prev: None,
+        }
+    }
+
+    /// What a state event replacing this one shows as its previous state.
+    fn as_prev(&self) -> PrevState {
+        PrevState {
+            event_id: self.pdu.event_id.clone(),
+            sender: self.pdu.sender.clone(),
+            content: self.pdu.content.get().to_owned(),
         }
     }
 }
@@ -109,6 +131,12 @@ pub struct RoomCache {
     /// Where `m.room.encryption` was last set: every sync asks, so it is kept
     /// apart from the state map.
     encrypted_at: Option<StreamPos>,
+    /// Where the state last changed: the current state is the state at any
+    /// position from here on.
+    state_changed_at: StreamPos,
+    /// Every change of `m.room.history_visibility`, oldest first (a handful
+    /// per room), so deciding what a user may see needs no store read for it.
+    visibility_changes: Vec<(StreamPos, HistoryVisibility)>,
 }
 
 impl RoomCache {
@@ -125,6 +153,8 @@ impl RoomCache {
             recent: VecDeque::new(),
             recent_after: 0,
             encrypted_at: None,
+            state_changed_at: 0,
+            visibility_changes: vec![],
         }
     }
 
@@ -150,9 +180,8 @@ impl RoomCache {
     }
 
     pub fn members(&self, membership: Membership) -> impl Iterator<Item = &str> {
-        self.state
-            .iter()
-            .filter(move |((t, _), e)| t == "m.room.member" && Membership::from_content(e.pdu.content.get()) == Some(membership))
+        self.members_range()
+            .filter(move |(_, e)| Membership::from_content(e.pdu.content.get()) == Some(membership))
             .map(|((_, k), _)| k.as_str())
     }
 
@@ -209,7 +238,14 @@ impl RoomCache {
 
     /// Builds the next event on top of the room's head and checks it against the
     /// current state. `room_id` is what goes in the event (none for a v12 create).
-    fn build_authorized(&self, signer: &EventSigner, room_id: Option<&RoomId>, sender: &UserId, event: NewEvent) -> Result<Pdu> {
+    fn build_authorized(
+        &self,
+        signer: &EventSigner,
+        room_id: Option<&RoomId>,
+        sender: &UserId,
+        event: NewEvent,
+        ts: MilliSecondsSinceUnixEpoch,
+    ) -> Result<Pdu> {
         let auth_rules = &self.rules.authorization;
         let content = raw(&event.content);
         let keys = auth_event_keys(auth_rules, &event.kind, sender, event.state_key.as_deref(), &content)?;
@@ -231,7 +267,7 @@ impl RoomCache {
             self.head.clone(),
             auth_events.iter().map(|p| p.event_id.clone()).collect(),
             self.depth + 1,
-            now(),
+            ts,
         )?;
         let by_id: HashMap<&EventId, &Pdu> = auth_events.iter().copied().chain(create).map(|p| (&*p.event_id, p)).collect();
         authorize(
@@ -243,14 +279,24 @@ impl RoomCache {
         Ok(pdu)
     }
 
-    /// The newest `limit` events in `(after, until]`, oldest first, and whether
-    /// there were more; `None` when the in-memory window does not reach back to
-    /// `after` and the store must be asked.
-    pub fn recent_events(&self, after: StreamPos, until: StreamPos, limit: usize) -> Option<(Vec<Arc<TimelineEvent>>, bool)> {
+    /// The newest `limit` events in `(after, until]` that `keep` accepts,
+    /// oldest first, and whether more such events are in that range; `None`
+    /// when the in-memory window does not reach back to `after`.
+    pub fn recent_matching(
+        &self,
+        after: StreamPos,
+        until: StreamPos,
+        limit: usize,
+        keep: impl Fn(&StoredEvent) -> bool,
+    ) -> Option<(Vec<Arc<TimelineEvent>>, bool)> {
         if after < self.recent_after {
             return None;
         }
-        let in_range = self.recent.iter().rev().filter(|e| e.event.pos > after && e.event.pos <= until);
+        let in_range = self
+            .recent
+            .iter()
+            .rev()
+            .filter(|e| e.event.pos > after && e.event.pos <= until && keep(&e.event));
         let mut events: Vec<Arc<TimelineEvent>> = in_range.take(limit + 1).cloned().collect();
         let more = events.len() > limit;
         events.truncate(limit);
@@ -258,19 +304,77 @@ impl RoomCache {
         Some((events, more))
     }
 
-    /// Counts events in `(after, until]` of the given types not sent by `not_sender`,
-    /// up to `cap`; `None` when the window does not reach back to `after`.
-    pub fn count_recent(&self, after: StreamPos, until: StreamPos, not_sender: &UserId, kinds: &[&str], cap: usize) -> Option<usize> {
+    /// Every event in `(after, until]`, oldest first; `None` when the
+    /// window does not reach back to `after`.
+    pub fn recent_between(&self, after: StreamPos, until: StreamPos) -> Option<Vec<Arc<TimelineEvent>>> {
         if after < self.recent_after {
             return None;
         }
-        let kinds: Vec<TimelineEventType> = kinds.iter().map(|k| TimelineEventType::from(*k)).collect();
-        let matching = self
-            .recent
-            .iter()
-            .map(|e| &e.event)
-            .filter(|e| e.pos > after && e.pos <= until && e.pdu.sender != not_sender && kinds.contains(&e.pdu.kind));
-        Some(matching.take(cap).count())
+        Some(
+            self.recent
+                .iter()
+                .filter(|e| e.event.pos > after && e.event.pos <= until)
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// The state entries set in `(after, until]`: from the recent window
+    /// when it reaches back that far (the usual case), else by a walk over
+    /// the state; none at all when the state has not changed since `after`.
+    pub fn state_changed_between(&self, after: StreamPos, until: StreamPos) -> Vec<&StateEntry> {
+        if self.state_changed_at <= after {
+            return vec![];
+        }
+        let in_range = |e: &&StateEntry| e.pos > after && e.pos <= until;
+        if after >= self.recent_after {
+            let mut seen = std::collections::HashSet::new();
+            return self
+                .recent
+                .iter()
+                .filter_map(|e| e.event.pdu.state_key_pair())
+                .filter(|key| seen.insert(key.clone()))
+                .filter_map(|key| self.state.get(&key))
+                .filter(in_range)
+                .collect();
+        }
+        self.state.values().filter(in_range).collect()
+    }
+
+    /// Up to five members to name a room by when it has no name: joined and
+    /// invited members other than `user`, in the order they arrived (or, if
+    /// there are none, those who left). A big room is not sorted.
+    pub fn heroes(&self, user: &UserId) -> Vec<OwnedUserId> {
+        const HEROES: usize = 5;
+        let mut present: Vec<(StreamPos, &str)> = vec![];
+        let mut gone: Vec<(StreamPos, &str)> = vec![];
+        let big = self.member_count(Membership::Join) + self.member_count(Membership::Invite) > 1000;
+        for ((_, key), entry) in self.members_range() {
+            if key == user.as_str() {
+                continue;
+            }
+            match Membership::from_content(entry.pdu.content.get()) {
+                Some(Membership::Join | Membership::Invite) => present.push((entry.pos, key)),
+                Some(_) if present.is_empty() && gone.len() < HEROES => gone.push((entry.pos, key)),
+                _ => {}
+            }
+            if big && present.len() == HEROES {
+                break;
+            }
+        }
+        let mut chosen = if present.is_empty() { gone } else { present };
+        chosen.sort_unstable();
+        chosen
+            .into_iter()
+            .take(HEROES)
+            .filter_map(|(_, u)| OwnedUserId::try_from(u).ok())
+            .collect()
+    }
+
+    /// The room's `m.room.member` entries, in user id order.
+    fn members_range(&self) -> impl Iterator<Item = (&StateKey, &StateEntry)> {
+        let start = ("m.room.member".to_owned(), String::new());
+        self.state.range(start..).take_while(|((kind, _), _)| kind == "m.room.member")
     }
 
     fn remember(&mut self, event: StoredEvent) {
@@ -323,6 +427,11 @@ impl RoomCache {
         if let Some(key) = pdu.state_key_pair() {
             if pdu.kind == ruma::events::TimelineEventType::RoomEncryption {
                 self.encrypted_at = Some(pos);
+            }
+            self.state_changed_at = self.state_changed_at.max(pos);
+            if pdu.kind == ruma::events::TimelineEventType::RoomHistoryVisibility && pos > 0 {
+                self.visibility_changes
+                    .push((pos, HistoryVisibility::from_content(Some(pdu.content.get()))));
             }
             self.state.insert(key, StateEntry { pdu: pdu.clone(), pos });
         }
@@ -453,10 +562,109 @@ pub struct CreateRoom {
     pub power_level_content_override: Option<serde_json::Map<String, Value>>,
 }
 
+/// How far one `/messages` request reads through events it must not
+/// return (hidden by a filter or history visibility) before answering.
+const MESSAGES_SCAN_LIMIT: usize = 5_000;
+
+/// An event a user may see, with their membership at it.
+#[derive(Debug, Clone)]
+pub struct VisibleEvent {
+    pub event: StoredEvent,
+    pub membership: Membership,
+}
+
+/// The state of a room a user may read (see [`Rooms::readable_state`]).
+pub enum ReadableState {
+    /// The current state, in the room's cache.
+    Current(Arc<Room>),
+    /// The state at a point of the past, in stream order.
+    At(Vec<StoredEvent>),
+}
+
+impl ReadableState {
+    /// Every state event, in stream order for a past state.
+    pub fn events(&self) -> Vec<StoredEvent> {
+        match self {
+            ReadableState::Current(room) => room.read().state_entries().map(StateEntry::to_stored).collect(),
+            ReadableState::At(events) => events.clone(),
+        }
+    }
+
+    /// The state event of one (type, state key).
+    pub fn get(&self, kind: &str, state_key: &str) -> Option<StoredEvent> {
+        match self {
+            ReadableState::Current(room) => room.read().state(kind, state_key).map(StateEntry::to_stored),
+            ReadableState::At(events) => events
+                .iter()
+                .find(|e| e.pdu.kind.to_string() == kind && e.pdu.state_key.as_deref() == Some(state_key))
+                .cloned(),
+        }
+    }
+}
+
+/// What one user may see of one room's history: their membership changes
+/// and the room's history visibility changes, each oldest first.
+pub struct HistoryView {
+    user: OwnedUserId,
+    memberships: Vec<(StreamPos, Membership)>,
+    visibility: Vec<(StreamPos, HistoryVisibility)>,
+}
+
+impl HistoryView {
+    /// The user's membership right after the event at `pos`.
+    fn membership_at(&self, pos: StreamPos) -> Option<Membership> {
+        self.memberships.iter().take_while(|(p, _)| *p <= pos).last().map(|(_, m)| *m)
+    }
+
+    /// The history visibility in force right after the event at `pos`.
+    fn visibility_at(&self, pos: StreamPos) -> HistoryVisibility {
+        self.visibility
+            .iter()
+            .take_while(|(p, _)| *p <= pos)
+            .last()
+            .map_or(HistoryVisibility::Shared, |(_, v)| *v)
+    }
+
+    /// The user's membership at `event` (`leave` before they ever had one)
+    /// if they may see it, else `None`.
+    pub fn check(&self, event: &StoredEvent) -> Option<Membership> {
+        let pos = event.pos;
+        let membership = self.membership_at(pos);
+        let own_member = event.pdu.kind == TimelineEventType::RoomMember && event.pdu.state_key.as_deref() == Some(self.user.as_str());
+        let mut visibility = self.visibility_at(pos);
+        if event.pdu.kind == TimelineEventType::RoomHistoryVisibility && event.pdu.state_key.as_deref() == Some("") {
+            // A change is judged by the visibility before it and the one it sets, whichever shows more.
+            visibility = visibility.most_open(self.visibility_at(pos.saturating_sub(1)));
+        }
+        let joined_after = self.memberships.iter().any(|(p, m)| *p > pos && *m == Membership::Join);
+        let visible = own_member
+            || may_see_event(EventVisibility {
+                visibility,
+                membership_at_event: membership,
+                joined_after,
+            });
+        visible.then(|| membership.unwrap_or(Membership::Leave))
+    }
+}
+
+/// A new room's state events in order, one per (type, state key): putting
+/// an event for a key already there replaces it in its place.
+#[derive(Default)]
+struct InitialEvents(Vec<NewEvent>);
+
+impl InitialEvents {
+    fn put(&mut self, event: NewEvent) {
+        match self.0.iter_mut().find(|e| e.kind == event.kind && e.state_key == event.state_key) {
+            Some(existing) => *existing = event,
+            None => self.0.push(event),
+        }
+    }
+}
+
 /// A thread as `/threads` lists it.
 pub struct ThreadSummary {
-    pub root: StoredEvent,
-    pub latest: StoredEvent,
+    pub root: VisibleEvent,
+    pub latest: VisibleEvent,
     pub count: usize,
     pub participated: bool,
 }
@@ -475,10 +683,24 @@ pub struct Rooms {
     changes: Arc<Changes>,
     default_version: RoomVersionId,
     rooms: Mutex<HashMap<OwnedRoomId, Arc<Room>>>,
+    /// The timestamp of the newest create event made here.
+    last_create_ms: AtomicU64,
     /// Joins are bounded: a crowd joining one huge room queues here, and is
     /// refused once the wait would pass the deadline, instead of piling up
     /// behind the room's write turn.
     joins: Arc<Gate>,
+}
+
+/// Refuses an event type or state key with control characters: they are
+/// identifiers, shown to people and used in paths, never text.
+fn check_event_names(event: &NewEvent) -> Result<()> {
+    let bad = |s: &str| kabar_domain::localpart::has_control_chars(s);
+    if event.kind.is_empty() || bad(&event.kind) || event.state_key.as_deref().is_some_and(bad) {
+        return Err(Error::InvalidParam(
+            "event types and state keys must not contain control characters".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn now() -> MilliSecondsSinceUnixEpoch {
@@ -513,6 +735,7 @@ impl Rooms {
             changes,
             default_version,
             rooms: Mutex::new(HashMap::new()),
+            last_create_ms: AtomicU64::new(0),
             joins,
         }
     }
@@ -561,6 +784,14 @@ impl Rooms {
         };
         let member_counts = RoomCache::count_members(&state);
         let encrypted_at = state.get(&("m.room.encryption".to_owned(), String::new())).map(|e| e.pos);
+        let state_changed_at = state.values().map(|e| e.pos).max().unwrap_or(0);
+        let visibility_changes = self
+            .store
+            .state_history(room_id, "m.room.history_visibility", "")
+            .await?
+            .into_iter()
+            .map(|e| (e.pos, HistoryVisibility::from_content(Some(e.pdu.content.get()))))
+            .collect();
         let cache = Arc::new(Room::new(RoomCache {
             record,
             rules,
@@ -572,6 +803,8 @@ impl Rooms {
             recent: VecDeque::new(),
             recent_after: last_pos,
             encrypted_at,
+            state_changed_at,
+            visibility_changes,
         }));
         Ok(self
             .rooms
@@ -591,6 +824,7 @@ impl Rooms {
         txn: Option<TxnRef>,
     ) -> Result<(OwnedEventId, StreamPos)> {
         let room = turn.room;
+        check_event_names(&event)?;
         let in_progress = room.begin_append();
         let relation = relation_of(&event.content);
         let redacts = event.redacts.clone();
@@ -599,16 +833,14 @@ impl Rooms {
             (r.record.room_id.clone(), r.record.version.clone())
         };
         let original = match &redacts {
-            Some(target) => Some(
-                self.store
-                    .event(target)
-                    .await?
-                    .filter(|e| e.pdu.room_id == room_id)
-                    .ok_or_else(|| Error::NotFound("event to redact not found in this room".into()))?,
-            ),
+            Some(target) => match self.store.event(target).await? {
+                Some(e) if e.pdu.room_id == room_id => Some(e),
+                Some(_) => return Err(Error::InvalidParam("the event to redact is in another room".into())),
+                None => return Err(Error::NotFound("event to redact not found in this room".into())),
+            },
             None => None,
         };
-        let pdu = {
+        let (pdu, prev) = {
             let r = room.read();
             if let Some(original) = &original {
                 let pl = r.power_levels();
@@ -621,7 +853,12 @@ impl Rooms {
                     return Err(Error::Forbidden("you may not redact this event".into()));
                 }
             }
-            r.build_authorized(&self.signer, Some(&room_id), sender, event)?
+            let pdu = r.build_authorized(&self.signer, Some(&room_id), sender, event, now())?;
+            let prev = pdu
+                .state_key_pair()
+                .and_then(|(kind, key)| r.state(&kind, &key))
+                .map(StateEntry::as_prev);
+            (pdu, prev)
         };
         let redacted_target = original.and_then(|o| redact_pdu(&o.pdu, &version).map(|json| (o.pdu.event_id.clone(), json)));
 
@@ -637,6 +874,7 @@ impl Rooms {
                 txn: txn.clone(),
                 relation,
                 redacted_target,
+                prev: prev.clone(),
             })
             .await?;
         let pos = match outcome {
@@ -655,6 +893,7 @@ impl Rooms {
                 pdu,
                 txn,
                 redacted_by: None,
+                prev,
             });
         }
         drop(in_progress);
@@ -678,7 +917,7 @@ impl Rooms {
                 // A retry of a send that succeeded gets the first event, even if
                 // the sender could no longer send it (they left the room since).
                 if let Some(t) = &txn
-                    && let Some(id) = self.store.event_by_txn(sender, &t.device_id, &t.txn_id).await?
+                    && let Some(id) = self.store.event_by_txn(room_id, sender, t).await?
                 {
                     return Ok(id);
                 }
@@ -728,8 +967,14 @@ impl Rooms {
         let room = self.room(room_id).await?;
         let turn = room.write_turn().await;
         {
+            // Joining a room one is in already changes nothing (a retried
+            // /join). A member event with content of its own (a per-room
+            // nickname) is a new event, and anyone else's attempt goes to
+            // the authorization rules.
             let r = room.read();
             if membership == Membership::Join
+                && sender == target
+                && extra.is_none()
                 && r.membership(target) == Some(Membership::Join)
                 && let Some(e) = r.state("m.room.member", target.as_str())
             {
@@ -737,7 +982,6 @@ impl Rooms {
             }
         }
         let mut content = serde_json::Map::new();
-        content.insert("membership".into(), json!(membership.as_str()));
         if let (Membership::Join | Membership::Invite, Some(p)) = (membership, &profile) {
             if let Some(d) = &p.displayname {
                 content.insert("displayname".into(), json!(d));
@@ -749,11 +993,9 @@ impl Rooms {
         if let Some(r) = reason {
             content.insert("reason".into(), json!(r));
         }
-        if let Some(extra) = extra {
-            for (k, v) in extra {
-                content.entry(k).or_insert(v);
-            }
-        }
+        // What the client wrote wins over the profile (a per-room nickname).
+        content.extend(extra.unwrap_or_default());
+        content.insert("membership".into(), json!(membership.as_str()));
         let ev = NewEvent::state("m.room.member", target.as_str(), Value::Object(content));
         Ok(self.append(&turn, sender, ev, None).await?.0)
     }
@@ -795,156 +1037,45 @@ impl Rooms {
                 return Err(Error::NotFound(format!("unknown user {u}")));
             }
         }
+        let events = self.initial_events(creator, &req, &version, alias.as_deref()).await?;
 
-        let room_id = if rules.authorization.room_create_event_id_as_room_id {
-            None
-        } else {
-            let local: String = rand::thread_rng().sample_iter(&Alphanumeric).take(18).map(char::from).collect();
-            Some(OwnedRoomId::try_from(format!("!{local}:{}", self.server_name())).map_err(|e| Error::Internal(e.to_string()))?)
+        // Room version 12 names a room by its create event's hash: two equal
+        // requests in the same millisecond would name the same room, so each
+        // create event gets its own timestamp, and a room id that is taken
+        // anyway (another process) is retried with the next one.
+        let mut attempts = 0;
+        let mut room = loop {
+            attempts += 1;
+            let (mut room, pdus) = self.build_room(creator, &req, &version, &rules, &events)?;
+            let writes = pdus
+                .iter()
+                .map(|(p, prev)| EventWrite {
+                    pdu: p.clone(),
+                    txn: None,
+                    relation: None,
+                    redacted_target: None,
+                    prev: prev.clone(),
+                })
+                .collect();
+            let members: Vec<OwnedUserId> = std::iter::once(creator.to_owned()).chain(req.invite.iter().cloned()).collect();
+            let membership_changes: Vec<_> = members.iter().map(|u| self.changes.memberships.begin(u)).collect();
+            match self.store.create_room(room.record.clone(), writes).await {
+                Ok(positions) => {
+                    let last = positions.iter().copied().max().unwrap_or_default();
+                    for change in membership_changes {
+                        change.finish(last);
+                    }
+                    for ((pdu, _), pos) in pdus.iter().zip(&positions) {
+                        room.apply(pdu, *pos);
+                    }
+                    break room;
+                }
+                Err(kabar_store::StoreError::Conflict(m)) if attempts < 3 => {
+                    tracing::warn!(reason = %m, "room id taken; creating the room again with a new create event");
+                }
+                Err(e) => return Err(e.into()),
+            }
         };
-
-        let mut create = req.creation_content.clone().unwrap_or_default();
-        create.insert("room_version".into(), json!(version.as_str()));
-        if rules.authorization.use_room_create_sender {
-            create.remove("creator");
-        } else {
-            create.insert("creator".into(), json!(creator));
-        }
-
-        let preset = req.preset.clone().unwrap_or_else(|| {
-            if req.visibility_public {
-                "public_chat".into()
-            } else {
-                "private_chat".into()
-            }
-        });
-        let creators_privileged = rules.authorization.explicitly_privilege_room_creators;
-        let mut users = serde_json::Map::new();
-        if !creators_privileged {
-            users.insert(creator.to_string(), json!(100));
-        }
-        if preset == "trusted_private_chat" {
-            for u in &req.invite {
-                users.insert(u.to_string(), json!(100));
-            }
-        }
-        let mut power = json!({
-            "users": users,
-            "users_default": 0,
-            "events": {
-                "m.room.name": 50, "m.room.power_levels": 100, "m.room.history_visibility": 100,
-                "m.room.canonical_alias": 50, "m.room.avatar": 50, "m.room.tombstone": 100,
-                "m.room.server_acl": 100, "m.room.encryption": 100,
-            },
-            "events_default": 0, "state_default": 50, "ban": 50, "kick": 50, "redact": 50, "invite": 0,
-            "notifications": { "room": 50 },
-        });
-        if let Some(o) = &req.power_level_content_override {
-            for (k, v) in o {
-                power[k] = v.clone();
-            }
-        }
-        if creators_privileged && let Some(users) = power.get_mut("users").and_then(Value::as_object_mut) {
-            users.remove(creator.as_str());
-        }
-
-        let (join_rule, history, guest) = match preset.as_str() {
-            "public_chat" => ("public", "shared", "forbidden"),
-            "private_chat" | "trusted_private_chat" => ("invite", "shared", "can_join"),
-            other => return Err(Error::InvalidParam(format!("unknown preset {other}"))),
-        };
-
-        let mut events = vec![
-            NewEvent::state("m.room.create", "", Value::Object(create)),
-            NewEvent::state("m.room.member", creator.as_str(), self.join_content(creator).await?),
-            NewEvent::state("m.room.power_levels", "", power),
-        ];
-        if let Some(a) = &alias {
-            events.push(NewEvent::state("m.room.canonical_alias", "", json!({ "alias": a })));
-        }
-        events.push(NewEvent::state("m.room.join_rules", "", json!({ "join_rule": join_rule })));
-        events.push(NewEvent::state(
-            "m.room.history_visibility",
-            "",
-            json!({ "history_visibility": history }),
-        ));
-        events.push(NewEvent::state("m.room.guest_access", "", json!({ "guest_access": guest })));
-        for (kind, key, content) in &req.initial_state {
-            if kind == "m.room.create" || kind == "m.room.member" {
-                return Err(Error::InvalidParam(format!("{kind} cannot be set in initial_state")));
-            }
-            events.push(NewEvent::state(kind.clone(), key.clone(), content.clone()));
-        }
-        if let Some(n) = &req.name {
-            events.push(NewEvent::state("m.room.name", "", json!({ "name": n })));
-        }
-        if let Some(t) = &req.topic {
-            events.push(NewEvent::state("m.room.topic", "", json!({ "topic": t })));
-        }
-        for u in &req.invite {
-            let mut content = json!({ "membership": "invite" });
-            if req.is_direct {
-                content["is_direct"] = json!(true);
-            }
-            if let Some(p) = self.store.user(u).await?
-                && let Some(d) = p.displayname
-            {
-                content["displayname"] = json!(d);
-            }
-            events.push(NewEvent::state("m.room.member", u.as_str(), content));
-        }
-
-        // Build the whole chain in memory, checking each event against the state so far.
-        let mut room = RoomCache::empty(
-            RoomRecord {
-                room_id: room_id
-                    .clone()
-                    .unwrap_or_else(|| OwnedRoomId::try_from("!placeholder:localhost").expect("valid")),
-                version: version.clone(),
-                creator: creator.to_owned(),
-                is_public: req.visibility_public,
-            },
-            rules.clone(),
-        );
-        let mut pdus = Vec::with_capacity(events.len());
-        for ev in events {
-            let is_create = ev.kind == "m.room.create";
-            let target_room = if is_create {
-                room_id.clone()
-            } else {
-                Some(room.record.room_id.clone())
-            };
-            let pdu = room
-                .build_authorized(&self.signer, target_room.as_deref(), creator, ev)
-                .map_err(|e| match e {
-                    Error::Forbidden(m) => Error::InvalidParam(format!("room creation event rejected: {m}")),
-                    other => other,
-                })?;
-            if is_create {
-                room.record.room_id = pdu.room_id.clone();
-            }
-            room.apply(&pdu, 0);
-            pdus.push(pdu);
-        }
-        let writes = pdus
-            .iter()
-            .map(|p| EventWrite {
-                pdu: p.clone(),
-                txn: None,
-                relation: None,
-                redacted_target: None,
-            })
-            .collect();
-        let members: Vec<OwnedUserId> = std::iter::once(creator.to_owned()).chain(req.invite.iter().cloned()).collect();
-        let membership_changes: Vec<_> = members.iter().map(|u| self.changes.memberships.begin(u)).collect();
-        let positions = self.store.create_room(room.record.clone(), writes).await?;
-        let last = positions.iter().copied().max().unwrap_or_default();
-        for change in membership_changes {
-            change.finish(last);
-        }
-        for (pdu, pos) in pdus.iter().zip(&positions) {
-            room.apply(pdu, *pos);
-        }
         room.recent_after = room.last_pos;
         let room_id = room.record.room_id.clone();
         if let Some(a) = alias {
@@ -960,6 +1091,214 @@ impl Rooms {
         }
         tracing::info!(room = %room_id, %version, "room created");
         Ok(room_id)
+    }
+
+    /// The state events a new room starts with, in the spec's order: create,
+    /// the creator's join, power levels, canonical alias, the preset's
+    /// events, `initial_state`, name, topic, invites. A later event for the
+    /// same (type, state key) replaces an earlier one in its place, so each
+    /// piece of state is written once.
+    async fn initial_events(
+        &self,
+        creator: &UserId,
+        req: &CreateRoom,
+        version: &RoomVersionId,
+        alias: Option<&str>,
+    ) -> Result<Vec<NewEvent>> {
+        let rules = version.rules().ok_or_else(|| Error::UnsupportedRoomVersion(version.to_string()))?;
+        let mut create = req.creation_content.clone().unwrap_or_default();
+        create.insert("room_version".into(), json!(version.as_str()));
+        if rules.authorization.use_room_create_sender {
+            create.remove("creator");
+        } else {
+            create.insert("creator".into(), json!(creator));
+        }
+
+        let preset = req.preset.clone().unwrap_or_else(|| {
+            if req.visibility_public {
+                "public_chat".into()
+            } else {
+                "private_chat".into()
+            }
+        });
+        let (join_rule, history, guest) = match preset.as_str() {
+            "public_chat" => ("public", "shared", "forbidden"),
+            "private_chat" | "trusted_private_chat" => ("invite", "shared", "can_join"),
+            other => return Err(Error::InvalidParam(format!("unknown preset {other}"))),
+        };
+        for (kind, _, _) in &req.initial_state {
+            if kind == "m.room.create" || kind == "m.room.member" {
+                return Err(Error::InvalidParam(format!("{kind} cannot be set in initial_state")));
+            }
+        }
+        let initial_power = req
+            .initial_state
+            .iter()
+            .rev()
+            .find(|(kind, key, _)| kind == "m.room.power_levels" && key.is_empty())
+            .map(|(_, _, content)| content.clone());
+
+        let creators_privileged = rules.authorization.explicitly_privilege_room_creators;
+        let mut power = initial_power.unwrap_or_else(|| {
+            json!({
+                "users": {},
+                "users_default": 0,
+                "events": {
+                    "m.room.name": 50, "m.room.power_levels": 100, "m.room.history_visibility": 100,
+                    "m.room.canonical_alias": 50, "m.room.avatar": 50, "m.room.tombstone": 100,
+                    "m.room.server_acl": 100, "m.room.encryption": 100,
+                },
+                "events_default": 0, "state_default": 50, "ban": 50, "kick": 50, "redact": 50, "invite": 0,
+                "notifications": { "room": 50 },
+            })
+        });
+        if !power.get("users").is_some_and(Value::is_object) {
+            power["users"] = json!({});
+        }
+        if let Some(users) = power["users"].as_object_mut() {
+            // Room versions that privilege creators give them infinite power;
+            // older ones need the creator at 100 to go on building the room.
+            if !creators_privileged {
+                users.insert(creator.to_string(), json!(100));
+            }
+            // Invitees of a trusted private chat get the creator's power (the
+            // highest a power level can say).
+            if preset == "trusted_private_chat" {
+                for u in &req.invite {
+                    users.insert(u.to_string(), json!(100));
+                }
+            }
+        }
+        if let Some(o) = &req.power_level_content_override {
+            for (k, v) in o {
+                power[k] = v.clone();
+            }
+        }
+        if creators_privileged && let Some(users) = power.get_mut("users").and_then(Value::as_object_mut) {
+            users.remove(creator.as_str());
+        }
+
+        let mut events = InitialEvents::default();
+        events.put(NewEvent::state("m.room.create", "", Value::Object(create)));
+        events.put(NewEvent::state(
+            "m.room.member",
+            creator.as_str(),
+            self.join_content(creator).await?,
+        ));
+        events.put(NewEvent::state("m.room.power_levels", "", power));
+        if let Some(a) = alias {
+            events.put(NewEvent::state("m.room.canonical_alias", "", json!({ "alias": a })));
+        }
+        events.put(NewEvent::state("m.room.join_rules", "", json!({ "join_rule": join_rule })));
+        events.put(NewEvent::state(
+            "m.room.history_visibility",
+            "",
+            json!({ "history_visibility": history }),
+        ));
+        events.put(NewEvent::state("m.room.guest_access", "", json!({ "guest_access": guest })));
+        for (kind, key, content) in &req.initial_state {
+            if kind == "m.room.power_levels" && key.is_empty() {
+                continue; // merged into the power levels above
+            }
+            events.put(NewEvent::state(kind.clone(), key.clone(), content.clone()));
+        }
+        if let Some(n) = &req.name {
+            events.put(NewEvent::state("m.room.name", "", json!({ "name": n })));
+        }
+        if let Some(t) = &req.topic {
+            events.put(NewEvent::state("m.room.topic", "", json!({ "topic": t })));
+        }
+        for u in &req.invite {
+            let mut content = json!({ "membership": "invite" });
+            if req.is_direct {
+                content["is_direct"] = json!(true);
+            }
+            if let Some(p) = self.store.user(u).await? {
+                if let Some(d) = p.displayname {
+                    content["displayname"] = json!(d);
+                }
+                if let Some(a) = p.avatar_url {
+                    content["avatar_url"] = json!(a);
+                }
+            }
+            events.put(NewEvent::state("m.room.member", u.as_str(), content));
+        }
+        Ok(events.0)
+    }
+
+    /// Builds a new room's whole chain in memory, checking each event
+    /// against the state so far. Each call gives the create event a new
+    /// timestamp, so a room version 12 room id is never made twice.
+    #[allow(clippy::type_complexity)]
+    fn build_room(
+        &self,
+        creator: &UserId,
+        req: &CreateRoom,
+        version: &RoomVersionId,
+        rules: &RoomVersionRules,
+        events: &[NewEvent],
+    ) -> Result<(RoomCache, Vec<(Pdu, Option<PrevState>)>)> {
+        let room_id = if rules.authorization.room_create_event_id_as_room_id {
+            None
+        } else {
+            let local: String = rand::thread_rng().sample_iter(&Alphanumeric).take(18).map(char::from).collect();
+            Some(OwnedRoomId::try_from(format!("!{local}:{}", self.server_name())).map_err(|e| Error::Internal(e.to_string()))?)
+        };
+        let mut room = RoomCache::empty(
+            RoomRecord {
+                room_id: room_id
+                    .clone()
+                    .unwrap_or_else(|| OwnedRoomId::try_from("!placeholder:localhost").expect("valid")),
+                version: version.clone(),
+                creator: creator.to_owned(),
+                is_public: req.visibility_public,
+            },
+            rules.clone(),
+        );
+        let created_at = self.unique_create_timestamp();
+        let mut pdus = Vec::with_capacity(events.len());
+        for ev in events {
+            check_event_names(ev)?;
+            let is_create = ev.kind == "m.room.create";
+            let target_room = if is_create {
+                room_id.clone()
+            } else {
+                Some(room.record.room_id.clone())
+            };
+            let pdu = room
+                .build_authorized(&self.signer, target_room.as_deref(), creator, ev.clone(), created_at)
+                .map_err(|e| match e {
+                    Error::Forbidden(m) => Error::InvalidParam(format!("room creation event rejected: {m}")),
+                    other => other,
+                })?;
+            if is_create {
+                room.record.room_id = pdu.room_id.clone();
+            }
+            let prev = pdu
+                .state_key_pair()
+                .and_then(|(kind, key)| room.state(&kind, &key))
+                .map(StateEntry::as_prev);
+            room.apply(&pdu, 0);
+            pdus.push((pdu, prev));
+        }
+        Ok((room, pdus))
+    }
+
+    /// Now, or just after the last create event's timestamp if that is not
+    /// in the past yet: every create event this process makes has its own.
+    fn unique_create_timestamp(&self) -> MilliSecondsSinceUnixEpoch {
+        let now: u64 = now().get().into();
+        let mut last = self.last_create_ms.load(Ordering::Relaxed);
+        loop {
+            let next = now.max(last + 1);
+            match self
+                .last_create_ms
+                .compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return MilliSecondsSinceUnixEpoch(ruma::UInt::new_saturating(next)),
+                Err(seen) => last = seen,
+            }
+        }
     }
 
     async fn join_content(&self, user: &UserId) -> Result<Value> {
@@ -1007,32 +1346,113 @@ impl Rooms {
         Ok(room)
     }
 
-    /// Which of `events` the user may see, by history visibility and their membership at each.
-    pub async fn filter_visible(&self, user: &UserId, room_id: &RoomId, events: Vec<StoredEvent>) -> Result<Vec<StoredEvent>> {
-        let room = self.room(room_id).await?;
-        let (visibility, now) = {
+    /// The room state `user` may read: the current state for a member (or
+    /// anyone, in a world-readable room); for a former member, the state
+    /// right after they left (never what happened since).
+    pub async fn readable_state(&self, user: &UserId, room_id: &RoomId) -> Result<ReadableState> {
+        let not_in_room = || Error::Forbidden("you are not in this room".into());
+        let room = self.room(room_id).await.map_err(|e| match e {
+            Error::NotFound(_) => not_in_room(),
+            other => other,
+        })?;
+        let (current, left_at) = {
             let r = room.read();
-            (r.history_visibility(), r.membership(user))
+            let member = r.membership(user) == Some(Membership::Join);
+            let left_at = match (r.membership(user), r.state("m.room.member", user.as_str())) {
+                (Some(Membership::Leave | Membership::Ban), Some(e)) => Some(e.pos),
+                _ => None,
+            };
+            (member || r.history_visibility() == HistoryVisibility::WorldReadable, left_at)
         };
-        if visibility == HistoryVisibility::WorldReadable {
-            return Ok(events);
+        if current {
+            return Ok(ReadableState::Current(room));
         }
+        let left_at = left_at.ok_or_else(not_in_room)?;
         let history = self.store.membership_history(room_id, user).await?;
-        if history.is_empty() {
-            return Ok(vec![]);
+        if !history.iter().any(|m| m.membership == Membership::Join) {
+            // Invited and declined, or banned without ever joining: nothing to read.
+            return Err(not_in_room());
         }
+        Ok(ReadableState::At(self.state_at(&room, left_at).await?))
+    }
+
+    /// The state `user` may be shown at the event at `at` (`/context`): the
+    /// state right after it, or right after the user left if that came
+    /// first (a former member never sees what happened since).
+    pub async fn state_for_user_at(&self, user: &UserId, room_id: &RoomId, at: StreamPos) -> Result<Vec<StoredEvent>> {
+        let room = self.room(room_id).await?;
+        let at = {
+            let r = room.read();
+            let current = r.membership(user) == Some(Membership::Join) || r.history_visibility() == HistoryVisibility::WorldReadable;
+            match r.state("m.room.member", user.as_str()) {
+                Some(me) if !current => at.min(me.pos),
+                _ => at,
+            }
+        };
+        self.state_at(&room, at).await
+    }
+
+    /// Fails unless `user` may page through the room's history at all: they
+    /// have (or had) a membership, or the room is world-readable.
+    pub async fn check_history_access(&self, user: &UserId, room_id: &RoomId) -> Result<()> {
+        let room = self.room(room_id).await.map_err(|e| match e {
+            Error::NotFound(_) => Error::Forbidden("you are not in this room".into()),
+            other => other,
+        })?;
+        let r = room.read();
+        if r.membership(user).is_none() && r.history_visibility() != HistoryVisibility::WorldReadable {
+            return Err(Error::Forbidden("you are not in this room".into()));
+        }
+        Ok(())
+    }
+
+    /// The room's state right after the event at `at`: from memory when the
+    /// state has not changed since, else from the store.
+    pub async fn state_at(&self, room: &Room, at: StreamPos) -> Result<Vec<StoredEvent>> {
+        let room_id = {
+            let r = room.read();
+            if r.state_changed_at <= at {
+                return Ok(r.state_entries().map(StateEntry::to_stored).collect());
+            }
+            r.record.room_id.clone()
+        };
+        Ok(self.store.state_at(&room_id, at).await?)
+    }
+
+    /// What `user` may see of the room's history: their memberships over
+    /// time and the room's history visibility over time.
+    pub async fn history_view(&self, user: &UserId, room_id: &RoomId) -> Result<HistoryView> {
+        let room = self.room(room_id).await?;
+        let visibility = room.read().visibility_changes.clone();
+        let memberships = self
+            .store
+            .membership_history(room_id, user)
+            .await?
+            .into_iter()
+            .map(|m| (m.pos, m.membership))
+            .collect();
+        Ok(HistoryView {
+            user: user.to_owned(),
+            memberships,
+            visibility,
+        })
+    }
+
+    /// Which of `events` the user may see, by the history visibility and
+    /// their membership at each, with that membership (`unsigned.membership`).
+    pub async fn filter_visible(&self, user: &UserId, room_id: &RoomId, events: Vec<StoredEvent>) -> Result<Vec<VisibleEvent>> {
+        let view = self.history_view(user, room_id).await?;
         Ok(events
             .into_iter()
-            .filter(|e| {
-                let at = history.iter().take_while(|m| m.pos <= e.pos).last().map(|m| m.membership);
-                // A user's own membership event is always visible to them.
-                let own_member = e.pdu.state_key.as_deref() == Some(user.as_str());
-                own_member || may_see_event(visibility, at, now)
-            })
+            .filter_map(|event| view.check(&event).map(|membership| VisibleEvent { event, membership }))
             .collect())
     }
 
-    /// `/messages`: returns `(events, end position)`; `end` is `None` at the edge of the room.
+    /// `/messages`: up to `limit` events the user may see that `keep`
+    /// accepts, from `from` in `dir` (not past `to`), and the token to go
+    /// on from: `None` once no further events are available (the edge of
+    /// the room, or of what the user may see).
+    #[allow(clippy::too_many_arguments)]
     pub async fn messages(
         &self,
         user: &UserId,
@@ -1041,44 +1461,67 @@ impl Rooms {
         to: Option<StreamPos>,
         dir: Dir,
         limit: usize,
-    ) -> Result<(Vec<StoredEvent>, Option<StreamPos>)> {
-        let room = self.room(room_id).await?;
-        {
-            let r = room.read();
-            if r.membership(user).is_none() && r.history_visibility() != HistoryVisibility::WorldReadable {
-                return Err(Error::Forbidden("you are not in this room".into()));
+        keep: impl Fn(&StoredEvent) -> bool,
+    ) -> Result<(Vec<VisibleEvent>, Option<StreamPos>)> {
+        self.check_history_access(user, room_id).await?;
+        let view = self.history_view(user, room_id).await?;
+        let limit = limit.clamp(1, 1000);
+        // Filters and history visibility may hide events: read on until
+        // `limit` are found, the edge is reached, or enough was read for
+        // one request (then the client goes on from where this stopped).
+        let batch = (limit + 1).max(50);
+        let mut scanned = 0;
+        let mut cursor = from;
+        let mut out = Vec::with_capacity(limit);
+        loop {
+            let range = match dir {
+                Dir::Backward => EventRange {
+                    room_id,
+                    after: to.unwrap_or(0),
+                    until: cursor,
+                    direction: Direction::Backward,
+                    limit: batch,
+                },
+                Dir::Forward => EventRange {
+                    room_id,
+                    after: cursor,
+                    until: to.unwrap_or(u64::MAX),
+                    direction: Direction::Forward,
+                    limit: batch,
+                },
+            };
+            let page = self.store.room_events(range).await?;
+            let at_edge = page.len() < batch;
+            scanned += page.len();
+            for event in page {
+                // The token after an event: backwards it stands just before it.
+                let after_this = match dir {
+                    Dir::Backward => event.pos - 1,
+                    Dir::Forward => event.pos,
+                };
+                if out.len() == limit {
+                    // One more exists beyond the page: the client may go on.
+                    return Ok((out, Some(cursor)));
+                }
+                cursor = after_this;
+                if !keep(&event) {
+                    continue;
+                }
+                if let Some(membership) = view.check(&event) {
+                    out.push(VisibleEvent { event, membership });
+                }
+            }
+            if at_edge {
+                return Ok((out, None));
+            }
+            if scanned >= MESSAGES_SCAN_LIMIT {
+                return Ok((out, Some(cursor)));
             }
         }
-        let limit = limit.clamp(1, 1000);
-        let range = match dir {
-            Dir::Backward => EventRange {
-                room_id,
-                after: to.unwrap_or(0),
-                until: from,
-                direction: Direction::Backward,
-                limit,
-            },
-            Dir::Forward => EventRange {
-                room_id,
-                after: from,
-                until: to.unwrap_or(u64::MAX),
-                direction: Direction::Forward,
-                limit,
-            },
-        };
-        let page = self.store.room_events(range).await?;
-        // Fewer events than asked for means the edge of the room was reached.
-        let end = match (dir, page.last()) {
-            (_, None) => None,
-            _ if page.len() < limit => None,
-            (Dir::Backward, Some(last)) => Some(last.pos - 1),
-            (Dir::Forward, Some(last)) => Some(last.pos),
-        };
-        let visible = self.filter_visible(user, room_id, page).await?;
-        Ok((visible, end))
     }
 
-    pub async fn event(&self, user: &UserId, room_id: &RoomId, event_id: &EventId) -> Result<StoredEvent> {
+    pub async fn event(&self, user: &UserId, room_id: &RoomId, event_id: &EventId) -> Result<VisibleEvent> {
+        self.check_history_access(user, room_id).await?;
         let not_found = || Error::NotFound("event not found".into());
         let ev = self
             .store
@@ -1096,7 +1539,7 @@ impl Rooms {
         event_id: &EventId,
         rel_type: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<StoredEvent>> {
+    ) -> Result<Vec<VisibleEvent>> {
         self.event(user, room_id, event_id).await?;
         let rel = self.store.relations(room_id, event_id, rel_type, limit.clamp(1, 1000)).await?;
         self.filter_visible(user, room_id, rel).await
@@ -1115,7 +1558,7 @@ impl Rooms {
             let (Some(root), Some(latest)) = (roots.into_iter().next(), replies.last().cloned()) else {
                 continue;
             };
-            let participated = root.pdu.sender == user || replies.iter().any(|r| r.pdu.sender == user);
+            let participated = root.event.pdu.sender == user || replies.iter().any(|r| r.event.pdu.sender == user);
             if participated_only && !participated {
                 continue;
             }
@@ -1127,6 +1570,16 @@ impl Rooms {
             });
         }
         Ok(out)
+    }
+
+    /// Whether `a` and `b` are both joined to some room.
+    pub async fn share_a_room(&self, a: &UserId, b: &UserId) -> Result<bool> {
+        for m in self.store.memberships(a).await? {
+            if m.membership == Membership::Join && self.room(&m.room_id).await?.read().membership(b) == Some(Membership::Join) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Forgets a room the user has left: it no longer appears in their sync.
@@ -1227,9 +1680,16 @@ mod tests {
     fn the_recent_window_answers_only_for_positions_it_covers() {
         let room = empty_room();
         let mut r = room.cache.write().expect("lock");
-        assert!(r.recent_events(0, 10, 5).is_some_and(|(events, more)| events.is_empty() && !more));
+        let all = |_: &StoredEvent| true;
+        assert!(
+            r.recent_matching(0, 10, 5, all)
+                .is_some_and(|(events, more)| events.is_empty() && !more)
+        );
         r.recent_after = 5;
-        assert!(r.recent_events(4, 10, 5).is_none(), "events at or before 5 are not in memory");
-        assert!(r.recent_events(5, 10, 5).is_some());
+        assert!(
+            r.recent_matching(4, 10, 5, all).is_none(),
+            "events at or before 5 are not in memory"
+        );
+        assert!(r.recent_matching(5, 10, 5, all).is_some());
     }
 }

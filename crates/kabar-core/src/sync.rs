@@ -2,7 +2,7 @@
 //! for the next change.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -23,7 +23,8 @@ use crate::{
     keys::{DeviceListDelta, Keys, OneTimeKeyCounts},
     load::Gate,
     notifier::Notifier,
-    rooms::{Room, Rooms, TimelineEvent},
+    push::{self, PushRules},
+    rooms::{Room, Rooms, TimelineEvent, VisibleEvent},
     to_device::{ToDevice, ToDeviceEvent},
 };
 
@@ -33,8 +34,10 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a sync may wait for a room's burst of sends to finish before it
 /// answers (see `Room::settled`).
 const BURST_LINGER: Duration = Duration::from_millis(10);
-/// Event types whose unread count a client shows.
-const NOTIFYING_TYPES: &[&str] = &["m.room.message", "m.room.encrypted", "m.sticker", "m.poll.start"];
+/// How many events a sync reads through (hidden by the timeline filter or
+/// from ignored users) looking for a room's timeline before it settles for
+/// fewer events and a `limited` timeline.
+const TIMELINE_SCAN_LIMIT: usize = 2_000;
 /// State a client sees for a room it is invited to, before joining.
 const INVITE_STATE_TYPES: &[&str] = &[
     "m.room.create",
@@ -107,6 +110,10 @@ struct UnreadNotifications {
 
 #[derive(Debug, Serialize)]
 struct RoomSummary {
+    /// Members to name the room by; only for a room without a name or
+    /// canonical alias, and only when its members may have changed.
+    #[serde(rename = "m.heroes", skip_serializing_if = "Option::is_none")]
+    heroes: Option<Vec<OwnedUserId>>,
     #[serde(rename = "m.joined_member_count")]
     joined: usize,
     #[serde(rename = "m.invited_member_count")]
@@ -131,6 +138,7 @@ pub struct SyncSources {
     pub changes: Arc<Changes>,
     pub keys: Arc<Keys>,
     pub to_device: Arc<ToDevice>,
+    pub push_rules: Arc<PushRules>,
 }
 
 pub struct SyncEngine {
@@ -141,20 +149,24 @@ pub struct SyncEngine {
     changes: Arc<Changes>,
     keys: Arc<Keys>,
     to_device: Arc<ToDevice>,
+    push_rules: Arc<PushRules>,
     unread: Mutex<HashMap<(OwnedUserId, OwnedRoomId), UnreadEntry>>,
     /// Each user's memberships, kept until their membership tracker moves.
     memberships: GenerationCache<OwnedUserId, Arc<Vec<MembershipRecord>>>,
+    /// Each user's ignored users, kept until their account data changes.
+    ignored: GenerationCache<OwnedUserId, Arc<HashSet<OwnedUserId>>>,
     /// Initial and full-state syncs read every joined room's state: bounded,
     /// so a crowd signing in cannot take the store's readers from the
     /// incremental syncs of people already chatting.
     full_syncs: Arc<Gate>,
 }
 
-/// An unread count and the stream position it was counted up to.
+/// Unread counts and the stream position they were counted up to.
 #[derive(Debug, Clone, Copy)]
 struct UnreadEntry {
     counted_upto: StreamPos,
-    count: u64,
+    notifications: u64,
+    highlights: u64,
 }
 
 /// Unread counts stop at this; clients show "999+".
@@ -202,6 +214,15 @@ struct Unsigned<'a> {
     transaction_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     redacted_because: Option<RedactedBecause<'a>>,
+    /// The viewer's membership at the event, where it is known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    membership: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prev_content: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prev_sender: Option<&'a UserId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replaces_state: Option<&'a ruma::EventId>,
 }
 
 #[derive(Serialize)]
@@ -213,10 +234,11 @@ struct RedactedBecause<'a> {
 
 impl<'a> Unsigned<'a> {
     /// The transaction id is shown only to the device that sent the event.
-    fn for_viewer(e: &'a StoredEvent, viewer: &Session) -> Self {
+    fn for_viewer(e: &'a StoredEvent, viewer: &Session, membership: Option<Membership>) -> Self {
         let age = ruma::MilliSecondsSinceUnixEpoch::now()
             .get()
             .saturating_sub(e.pdu.origin_server_ts.get());
+        let prev = e.prev.as_ref();
         Self {
             age: age.into(),
             transaction_id: e
@@ -228,24 +250,34 @@ impl<'a> Unsigned<'a> {
                 event_id,
                 kind: "m.room.redaction",
             }),
+            membership: membership.map(Membership::as_str),
+            prev_content: prev.and_then(|p| serde_json::from_str(&p.content).ok()),
+            prev_sender: prev.map(|p| &*p.sender),
+            replaces_state: prev.map(|p| &*p.event_id),
         }
     }
 }
 
-/// The client form of a stored event, with `unsigned` for this viewer.
-pub fn client_event(e: &StoredEvent, viewer: &Session) -> Value {
+/// The client form of a stored event, with `unsigned` for this viewer
+/// (their membership at the event, when the caller knows it).
+pub fn client_event(e: &StoredEvent, viewer: &Session, membership: Option<Membership>) -> Value {
     let mut obj = to_client_event(&e.pdu);
     obj.insert(
         "unsigned".into(),
-        serde_json::to_value(Unsigned::for_viewer(e, viewer)).unwrap_or_default(),
+        serde_json::to_value(Unsigned::for_viewer(e, viewer, membership)).unwrap_or_default(),
     );
     Value::Object(obj)
 }
 
+/// [`client_event`] of an event the viewer may see.
+pub fn visible_client_event(v: &VisibleEvent, viewer: &Session) -> Value {
+    client_event(&v.event, viewer, Some(v.membership))
+}
+
 /// [`client_event`] from an event's pre-serialized client form: only the
 /// viewer's `unsigned` object is written per viewer.
-fn client_event_json(event: &TimelineEvent, viewer: &Session) -> Box<RawValue> {
-    let unsigned = serde_json::to_string(&Unsigned::for_viewer(&event.event, viewer)).unwrap_or_else(|_| "{}".into());
+fn client_event_json(event: &TimelineEvent, viewer: &Session, membership: Option<Membership>) -> Box<RawValue> {
+    let unsigned = serde_json::to_string(&Unsigned::for_viewer(&event.event, viewer, membership)).unwrap_or_else(|_| "{}".into());
     let mut out = String::with_capacity(event.client_prefix.len() + unsigned.len() + 16);
     out.push_str(&event.client_prefix);
     out.push_str(",\"unsigned\":");
@@ -278,6 +310,7 @@ impl SyncEngine {
             changes,
             keys,
             to_device,
+            push_rules,
         } = sources;
         Self {
             store,
@@ -287,8 +320,10 @@ impl SyncEngine {
             changes,
             keys,
             to_device,
+            push_rules,
             unread: Mutex::new(HashMap::new()),
             memberships: GenerationCache::new(MAX_CACHED_MEMBERSHIPS),
+            ignored: GenerationCache::new(MAX_CACHED_MEMBERSHIPS),
             full_syncs,
         }
     }
@@ -300,6 +335,21 @@ impl SyncEngine {
             .memberships
             .get_or_read(&self.changes.memberships, &user.to_owned(), read)
             .await?)
+    }
+
+    /// The users `user` ignores (`m.ignored_user_list`), from memory unless
+    /// their account data changed.
+    pub async fn ignored_users(&self, user: &UserId) -> Result<Arc<HashSet<OwnedUserId>>> {
+        let read = async {
+            let json = self.store.account_data(user, None, "m.ignored_user_list").await?;
+            let ignored = json
+                .and_then(|j| serde_json::from_str::<Value>(&j).ok())
+                .and_then(|v| v.get("ignored_users").and_then(Value::as_object).cloned())
+                .map(|users| users.keys().filter_map(|u| OwnedUserId::try_from(u.as_str()).ok()).collect())
+                .unwrap_or_default();
+            Ok::<_, kabar_store::StoreError>(Arc::new(ignored))
+        };
+        Ok(self.ignored.get_or_read(&self.changes.account_data, &user.to_owned(), read).await?)
     }
 
     /// Answers a `/sync`: at once if there is news (or this is an initial or
@@ -386,10 +436,14 @@ impl SyncEngine {
             }
         }
 
+        let ignored = self.ignored_users(user).await?;
         let mut join = BTreeMap::new();
         let mut invite = Map::new();
         let mut leave = Map::new();
         let mut shared_rooms = Vec::new();
+        // Whose presence a client must hear about even if it did not change:
+        // members it meets for the first time.
+        let mut met: HashSet<OwnedUserId> = HashSet::new();
         for m in memberships {
             if m.pos > upto.stream || !room_allowed(filter, &m.room_id) {
                 continue;
@@ -397,53 +451,56 @@ impl SyncEngine {
             match m.membership {
                 Membership::Join => {
                     shared_rooms.push(m.room_id.clone());
-                    let full = initial || req.full_state || m.pos > since.stream;
-                    if let Some(room) = self
-                        .joined_room(
-                            session,
-                            &m.room_id,
-                            since,
-                            upto,
-                            full,
-                            limit,
-                            filter,
-                            room_account_data.remove(&m.room_id),
-                        )
+                    let newly_joined = !initial && m.pos > since.stream;
+                    let view = RoomView {
+                        since,
+                        upto,
+                        joined_at: m.pos,
+                        initial: initial || newly_joined,
+                        full_state: initial || newly_joined || req.full_state,
+                        limit,
+                        filter,
+                        ignored: &ignored,
+                    };
+                    if let Some((room, joiners)) = self
+                        .joined_room(session, &m.room_id, view, room_account_data.remove(&m.room_id))
                         .await?
                     {
                         join.insert(m.room_id.clone(), room);
+                        met.extend(joiners);
                     }
                 }
                 Membership::Invite if initial || m.pos > since.stream => {
                     let room = self.rooms.room(&m.room_id).await?;
                     let r = room.read();
+                    let Some(me) = r.state("m.room.member", user.as_str()) else {
+                        continue;
+                    };
+                    // Invites from ignored users are not shown (the spec's rule).
+                    if ignored.contains(&me.pdu.sender) {
+                        continue;
+                    }
                     let mut events: Vec<Value> = INVITE_STATE_TYPES
                         .iter()
                         .filter_map(|t| r.state(t, ""))
                         .map(|e| stripped(&e.pdu))
                         .collect();
-                    if let Some(me) = r.state("m.room.member", user.as_str()) {
-                        events.push(stripped(&me.pdu));
+                    // Who invited: clients show "Alice invited you" rather than an empty room.
+                    if let Some(inviter) = r.state("m.room.member", me.pdu.sender.as_str()) {
+                        events.push(stripped(&inviter.pdu));
                     }
+                    events.push(stripped(&me.pdu));
                     invite.insert(m.room_id.to_string(), json!({ "invite_state": { "events": events } }));
                 }
                 Membership::Leave | Membership::Ban if m.pos > since.stream && (!initial || filter.room.include_leave) => {
-                    let events = self
-                        .store
-                        .room_events(EventRange {
-                            room_id: &m.room_id,
-                            after: since.stream,
-                            until: m.pos,
-                            direction: Direction::Backward,
-                            limit: limit + 1,
-                        })
+                    let keep = |e: &StoredEvent| {
+                        !ignored.contains(&e.pdu.sender) && filter_allows(&filter.room.timeline, &e.pdu.kind.to_string(), &e.pdu.sender)
+                    };
+                    let (events, limited) = self
+                        .timeline_from_store(user, &m.room_id, since.stream, m.pos, limit, &keep, true)
                         .await?;
-                    let limited = events.len() > limit;
-                    let mut events: Vec<_> = events.into_iter().take(limit).collect();
-                    events.reverse();
-                    let events = self.rooms.filter_visible(user, &m.room_id, events).await?;
-                    let prev_batch = events.first().map(|e| format!("t{}", e.pos - 1));
-                    let timeline: Vec<Value> = events.iter().map(|e| client_event(e, session)).collect();
+                    let prev_batch = events.first().map(|e| format!("t{}", e.event.pos - 1));
+                    let timeline: Vec<Value> = events.iter().map(|e| visible_client_event(e, session)).collect();
                     leave.insert(
                         m.room_id.to_string(),
                         json!({ "timeline": { "events": timeline, "limited": limited, "prev_batch": prev_batch }, "state": { "events": [] } }),
@@ -456,11 +513,11 @@ impl SyncEngine {
         let presence_since = if initial { 0 } else { since.ephemeral };
         let presence_filter = &filter.presence;
         let presence = if excludes_everything(presence_filter.types.as_deref(), &presence_filter.not_types)
-            || (!initial && !self.ephemeral.presence_changed_since(presence_since))
+            || (!initial && met.is_empty() && !self.ephemeral.presence_changed_since(presence_since))
         {
             vec![]
         } else {
-            self.presence(user, &shared_rooms, presence_since).await
+            self.presence(user, &shared_rooms, presence_since, &met).await
         };
         let has_news = !join.is_empty()
             || !invite.is_empty()
@@ -489,115 +546,147 @@ impl SyncEngine {
         Ok((response, has_news))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// One joined room's section, or `None` when nothing in it is news;
+    /// with it, the members the client meets for the first time (whose
+    /// presence it must be told).
     async fn joined_room(
         &self,
         session: &Session,
         room_id: &RoomId,
-        since: SyncToken,
-        upto: SyncToken,
-        full: bool,
-        limit: usize,
-        filter: &FilterDefinition,
+        view: RoomView<'_>,
         account_data: Option<Vec<Value>>,
-    ) -> Result<Option<JoinedRoom>> {
+    ) -> Result<Option<(JoinedRoom, Vec<OwnedUserId>)>> {
         let user = &*session.user_id;
+        let RoomView {
+            since,
+            upto,
+            joined_at,
+            initial,
+            full_state,
+            limit,
+            filter,
+            ignored,
+        } = view;
         let room = self.rooms.room(room_id).await?;
+        let keep = |e: &StoredEvent| {
+            !ignored.contains(&e.pdu.sender) && filter_allows(&filter.room.timeline, &e.pdu.kind.to_string(), &e.pdu.sender)
+        };
         let (last_pos, recent) = {
             // Settled: every event up to `upto` is in the cache, so the window
             // and `last_pos` cannot miss one that committed a moment ago.
             let r = room.settled(BURST_LINGER).await;
             // A sync that is only a little behind finds its timeline in memory.
-            let recent = (!full && r.last_pos > since.stream)
-                .then(|| r.recent_events(since.stream, upto.stream, limit))
+            let recent = (!initial && r.last_pos > since.stream)
+                .then(|| r.recent_matching(since.stream, upto.stream, limit, keep))
                 .flatten();
             (r.last_pos, recent)
         };
-        let timeline_changed = full || last_pos > since.stream;
+        let timeline_changed = initial || full_state || last_pos > since.stream;
 
-        let mut timeline = vec![];
+        // The timeline: the newest `limit` events the filter lets through
+        // (the limit counts only those). An incremental sync's events came
+        // while the user was joined; a room seen for the first time may show
+        // history from before, as its history visibility allows.
+        let mut events: Vec<(Arc<TimelineEvent>, Membership)> = vec![];
         let mut limited = false;
-        let mut prev_batch = None;
-        let mut timeline_ids = HashSet::new();
-        let mut timeline_senders: HashSet<String> = HashSet::new();
-        let mut first_pos = upto.stream + 1;
         if timeline_changed {
-            let events: Vec<Arc<TimelineEvent>> = match recent {
-                Some((events, more)) => {
+            match recent {
+                Some((found, more)) => {
                     limited = more;
-                    events
+                    events = found.into_iter().map(|e| (e, Membership::Join)).collect();
                 }
                 None => {
-                    let after = if full { 0 } else { since.stream };
-                    let mut events = self
-                        .store
-                        .room_events(EventRange {
-                            room_id,
-                            after,
-                            until: upto.stream,
-                            direction: Direction::Backward,
-                            limit: limit + 1,
-                        })
+                    let after = if initial { 0 } else { since.stream };
+                    let (found, more) = self
+                        .timeline_from_store(user, room_id, after, upto.stream, limit, &keep, initial)
                         .await?;
-                    limited = events.len() > limit;
-                    events.truncate(limit);
-                    events.reverse();
-                    if full {
-                        // A room seen for the first time may hold history from before
-                        // the user joined; its history visibility decides what shows.
-                        events = self.rooms.filter_visible(user, room_id, events).await?;
-                    }
-                    events.into_iter().map(|e| Arc::new(TimelineEvent::new(e))).collect()
-                }
-            };
-            if let Some(first) = events.first() {
-                first_pos = first.event.pos;
-                prev_batch = Some(format!("t{}", first.event.pos - 1));
-            } else {
-                prev_batch = Some(format!("t{}", upto.stream));
-            }
-            for te in &events {
-                let e = &te.event;
-                timeline_ids.insert(e.pdu.event_id.clone());
-                timeline_senders.insert(e.pdu.sender.to_string());
-                if filter_allows(&filter.room.timeline, e.pdu.kind.to_string().as_str(), &e.pdu.sender) {
-                    timeline.push(client_event_json(te, session));
+                    limited = more;
+                    events = found
+                        .into_iter()
+                        .map(|v| (Arc::new(TimelineEvent::new(v.event)), v.membership))
+                        .collect();
                 }
             }
         }
+        let prev_batch = timeline_changed.then(|| match events.first() {
+            Some((first, _)) => format!("t{}", first.event.pos - 1),
+            None => format!("t{}", upto.stream),
+        });
+        let timeline_ids: HashSet<&ruma::EventId> = events.iter().map(|(e, _)| &*e.event.pdu.event_id).collect();
+        let timeline_senders: BTreeSet<&str> = events.iter().map(|(e, _)| e.event.pdu.sender.as_str()).collect();
+        let timeline: Vec<Box<RawValue>> = events.iter().map(|(e, m)| client_event_json(e, session, Some(*m))).collect();
 
-        // State: everything for a full sync; otherwise what changed in a gap the
-        // timeline skipped. With lazy-loaded members, member events only for the
-        // timeline's senders and the user, so a huge room costs what its timeline does.
+        // State: everything for a full-state sync; otherwise every state
+        // change since the token that the timeline does not show (a gap, or
+        // events the timeline filter hides), so a client's state is never
+        // left behind. With lazy-loaded members, member events only for the
+        // timeline's senders (and, in a full sync, the user and the room's
+        // heroes), so a huge room costs what its timeline does.
         let state_filter = &filter.room.state;
         let lazy_members = !state_filter.lazy_load_options.is_disabled();
+        let (heroes, joiners) = {
+            let r = room.read();
+            let name_known = ["m.room.name", "m.room.canonical_alias"].iter().any(|t| {
+                r.state(t, "").is_some_and(|e| {
+                    e.pdu
+                        .content_value()
+                        .as_object()
+                        .is_some_and(|c| c.values().any(|v| v.as_str().is_some_and(|s| !s.is_empty())))
+                })
+            });
+            let members_changed = full_state || r.member_changes(since.stream, upto.stream).keys().next().is_some();
+            let heroes = (!name_known && members_changed).then(|| r.heroes(user));
+            // Members met for the first time: everyone, in a room just
+            // joined (a small one); else whoever joined since the token.
+            let joiners: Vec<OwnedUserId> = if initial && since.stream > 0 {
+                if r.member_count(Membership::Join) <= PRESENCE_ROOM_LIMIT {
+                    r.members(Membership::Join).filter_map(|u| OwnedUserId::try_from(u).ok()).collect()
+                } else {
+                    vec![]
+                }
+            } else if !initial && r.last_pos > since.stream {
+                r.member_changes(since.stream, upto.stream)
+                    .into_iter()
+                    .filter(|(u, m)| *m == Membership::Join && u != user)
+                    .map(|(u, _)| u)
+                    .collect()
+            } else {
+                vec![]
+            };
+            (heroes, joiners)
+        };
         let mut state = vec![];
-        if full || limited || (lazy_members && !timeline_senders.is_empty()) {
+        {
             let r = room.read();
             let mut add = |entry: &crate::rooms::StateEntry| {
                 if entry.pos <= upto.stream
-                    && !timeline_ids.contains(&entry.pdu.event_id)
+                    && !timeline_ids.contains(&*entry.pdu.event_id)
                     && filter_allows(state_filter, entry.pdu.kind.to_string().as_str(), &entry.pdu.sender)
                 {
-                    state.push(client_event_json(&TimelineEvent::new(entry.to_stored()), session));
+                    state.push(client_event_json(&TimelineEvent::new(entry.to_stored()), session, None));
                 }
             };
-            if full || limited {
+            let is_member = |e: &crate::rooms::StateEntry| e.pdu.kind == ruma::events::TimelineEventType::RoomMember;
+            if full_state {
                 for entry in r.state_entries() {
-                    if lazy_members && entry.pdu.kind == ruma::events::TimelineEventType::RoomMember {
-                        continue;
+                    if !(lazy_members && is_member(entry)) {
+                        add(entry);
                     }
-                    if full || (entry.pos > since.stream && entry.pos < first_pos) {
+                }
+            } else {
+                for entry in r.state_changed_between(since.stream, upto.stream) {
+                    if !(lazy_members && is_member(entry)) {
                         add(entry);
                     }
                 }
             }
-            if lazy_members {
+            if lazy_members && (full_state || !timeline_senders.is_empty()) {
                 // Looked up one by one: walking every member of a huge room on
                 // every wake-up would make a send cost members squared.
-                let mut wanted: std::collections::BTreeSet<&str> = timeline_senders.iter().map(String::as_str).collect();
-                if full {
+                let mut wanted: BTreeSet<&str> = timeline_senders.clone();
+                if full_state {
                     wanted.insert(user.as_str());
+                    wanted.extend(heroes.iter().flatten().map(|u| u.as_str()));
                 }
                 for key in wanted {
                     if let Some(entry) = r.state("m.room.member", key) {
@@ -608,20 +697,21 @@ impl SyncEngine {
         }
 
         let mut ephemeral = vec![];
-        let typing = self.ephemeral.typing_since(room_id, if full { 0 } else { since.ephemeral });
+        let typing = self.ephemeral.typing_since(room_id, if initial { 0 } else { since.ephemeral });
         if let Some(typing) = typing
-            && !(full && typing.is_empty())
+            && !(initial && typing.is_empty())
         {
+            let typing: Vec<OwnedUserId> = typing.into_iter().filter(|u| !ignored.contains(u)).collect();
             ephemeral.push(json!({ "type": "m.typing", "content": { "user_ids": typing } }));
         }
-        let receipts = if full || self.changes.receipts.changed_since(&room_id.to_owned(), since.stream) {
-            self.store.receipts_since(room_id, if full { 0 } else { since.stream }).await?
+        let receipts = if initial || self.changes.receipts.changed_since(&room_id.to_owned(), since.stream) {
+            self.store.receipts_since(room_id, if initial { 0 } else { since.stream }).await?
         } else {
             vec![]
         };
         let mut receipt_content: Map<String, Value> = Map::new();
         for rc in receipts.iter().filter(|r| r.pos <= upto.stream) {
-            if rc.receipt_type == "m.read.private" && rc.user_id != user {
+            if (rc.receipt_type == "m.read.private" && rc.user_id != user) || ignored.contains(&rc.user_id) {
                 continue;
             }
             let mut data = json!({ "ts": rc.ts_ms });
@@ -636,77 +726,138 @@ impl SyncEngine {
         }
         let account_data = account_data.unwrap_or_default();
 
-        if !full
+        if !initial
+            && !full_state
             && timeline.is_empty()
-            && !limited
             && state.is_empty()
             && ephemeral.is_empty()
             && account_data.is_empty()
-            && !timeline_changed
+            && heroes.is_none()
         {
-            return Ok(None);
-        }
-        if !full && timeline.is_empty() && state.is_empty() && ephemeral.is_empty() && account_data.is_empty() {
-            // Only events this filter hides changed; nothing to tell.
+            // Nothing changed, or only what this filter hides: nothing to tell.
             return Ok(None);
         }
 
-        // Unread count: messages from others after the user's own read receipt.
-        let my_receipt_moved = full
+        // Unread counts: what the user's push rules make of others' events
+        // after the user's own read receipt.
+        let my_receipt_moved = initial
             || receipts
                 .iter()
                 .any(|r| r.user_id == user && r.thread_id.is_none() && matches!(r.receipt_type.as_str(), "m.read" | "m.read.private"));
-        let unread = self.unread_count(user, room_id, &room, upto.stream, my_receipt_moved).await?;
+        let unread = self
+            .unread_counts(user, room_id, &room, (joined_at, upto.stream), my_receipt_moved, ignored)
+            .await?;
 
         let (joined, invited) = {
             let r = room.read();
             (r.member_count(Membership::Join), r.member_count(Membership::Invite))
         };
-        Ok(Some(JoinedRoom {
-            timeline: Timeline {
-                events: timeline,
-                limited,
-                prev_batch,
+        Ok(Some((
+            JoinedRoom {
+                timeline: Timeline {
+                    events: timeline,
+                    limited,
+                    prev_batch,
+                },
+                state: Events { events: state },
+                ephemeral: Events { events: ephemeral },
+                account_data: Events { events: account_data },
+                unread_notifications: UnreadNotifications {
+                    notification_count: unread.notifications,
+                    highlight_count: unread.highlights,
+                },
+                summary: RoomSummary { heroes, joined, invited },
             },
-            state: Events { events: state },
-            ephemeral: Events { events: ephemeral },
-            account_data: Events { events: account_data },
-            unread_notifications: UnreadNotifications {
-                notification_count: unread,
-                highlight_count: 0,
-            },
-            summary: RoomSummary { joined, invited },
-        }))
+            joiners,
+        )))
     }
 
-    /// Counts unread messages incrementally: the last count is kept per user and
-    /// room, and only events after it are counted, until the read receipt moves.
-    async fn unread_count(&self, user: &UserId, room_id: &RoomId, room: &Room, upto: StreamPos, receipt_moved: bool) -> Result<u64> {
-        let key = (user.to_owned(), room_id.to_owned());
-        let cached = self.unread.lock().expect("unread lock").get(&key).copied();
-        let entry = match cached {
-            Some(e) if !receipt_moved && e.counted_upto <= upto => {
-                let recent = || {
-                    room.read()
-                        .count_recent(e.counted_upto, upto, user, NOTIFYING_TYPES, UNREAD_CAP)
-                        .map(|n| n as u64)
+    /// The newest `limit` events in `(after, until]` that `keep` accepts and
+    /// the user may see, oldest first, and whether more of them were left
+    /// out (`limited`). Reads back in pages, through at most
+    /// [`TIMELINE_SCAN_LIMIT`] events. `check_visibility` is for rooms seen
+    /// for the first time, which may hold history from before the user came.
+    #[allow(clippy::too_many_arguments)]
+    async fn timeline_from_store(
+        &self,
+        user: &UserId,
+        room_id: &RoomId,
+        after: StreamPos,
+        until: StreamPos,
+        limit: usize,
+        keep: &(dyn Fn(&StoredEvent) -> bool + Sync),
+        check_visibility: bool,
+    ) -> Result<(Vec<VisibleEvent>, bool)> {
+        let view = if check_visibility {
+            Some(self.rooms.history_view(user, room_id).await?)
+        } else {
+            None
+        };
+        let batch = (limit + 1).max(50);
+        let mut found: Vec<VisibleEvent> = Vec::with_capacity(limit + 1);
+        let mut cursor = until;
+        let mut scanned = 0;
+        loop {
+            let page = self
+                .store
+                .room_events(EventRange {
+                    room_id,
+                    after,
+                    until: cursor,
+                    direction: Direction::Backward,
+                    limit: batch,
+                })
+                .await?;
+            let at_start = page.len() < batch;
+            scanned += page.len();
+            for event in page {
+                cursor = event.pos - 1;
+                if !keep(&event) {
+                    continue;
+                }
+                let membership = match &view {
+                    Some(v) => match v.check(&event) {
+                        Some(m) => m,
+                        None => continue,
+                    },
+                    None => Membership::Join,
                 };
-                let more = if upto == e.counted_upto {
-                    0
-                } else if let Some(n) = recent() {
-                    n
-                } else {
-                    self.store
-                        .count_events_between(room_id, e.counted_upto, upto, user, NOTIFYING_TYPES, UNREAD_CAP)
-                        .await?
-                };
-                UnreadEntry {
-                    counted_upto: upto,
-                    count: (e.count + more).min(UNREAD_CAP as u64),
+                found.push(VisibleEvent { event, membership });
+                if found.len() > limit {
+                    found.truncate(limit);
+                    found.reverse();
+                    return Ok((found, true));
                 }
             }
+            if at_start {
+                found.reverse();
+                return Ok((found, false));
+            }
+            if scanned >= TIMELINE_SCAN_LIMIT {
+                found.reverse();
+                return Ok((found, true));
+            }
+        }
+    }
+
+    /// Unread counts, kept per user and room and extended by judging only
+    /// the events since the last count, until the user's read receipt moves.
+    /// Events from before the user joined (`span.0`) are never unread.
+    async fn unread_counts(
+        &self,
+        user: &UserId,
+        room_id: &RoomId,
+        room: &Room,
+        (joined_at, upto): (StreamPos, StreamPos),
+        receipt_moved: bool,
+        ignored: &HashSet<OwnedUserId>,
+    ) -> Result<UnreadEntry> {
+        let key = (user.to_owned(), room_id.to_owned());
+        let cached = self.unread.lock().expect("unread lock").get(&key).copied();
+        let (start, base) = match cached {
+            Some(e) if !receipt_moved && e.counted_upto <= upto => (e.counted_upto, e),
             _ => {
-                let mut read_pos: StreamPos = 0;
+                let mut read_pos: StreamPos = joined_at;
                 for kind in ["m.read", "m.read.private"] {
                     if let Some(r) = self.store.receipt(room_id, user, kind).await?
                         && let Some(e) = self.store.event(&r.event_id).await?
@@ -714,22 +865,65 @@ impl SyncEngine {
                         read_pos = read_pos.max(e.pos);
                     }
                 }
-                let count = self
-                    .store
-                    .count_events_between(room_id, read_pos, upto, user, NOTIFYING_TYPES, UNREAD_CAP)
-                    .await?;
-                UnreadEntry { counted_upto: upto, count }
+                let zero = UnreadEntry {
+                    counted_upto: read_pos,
+                    notifications: 0,
+                    highlights: 0,
+                };
+                (read_pos, zero)
             }
         };
+        let mut entry = UnreadEntry {
+            counted_upto: upto,
+            ..base
+        };
+        if upto > start && entry.notifications < UNREAD_CAP as u64 {
+            let recent = room.read().recent_between(start, upto);
+            let events: Vec<Arc<TimelineEvent>> = match recent {
+                Some(events) => events,
+                None => self
+                    .store
+                    .room_events(EventRange {
+                        room_id,
+                        after: start,
+                        until: upto,
+                        direction: Direction::Backward,
+                        limit: UNREAD_CAP,
+                    })
+                    .await?
+                    .into_iter()
+                    .rev()
+                    .map(|e| Arc::new(TimelineEvent::new(e)))
+                    .collect(),
+            };
+            let others: Vec<&Arc<TimelineEvent>> = events
+                .iter()
+                .filter(|e| e.event.pdu.sender != user && !ignored.contains(&e.event.pdu.sender))
+                .collect();
+            if !others.is_empty() {
+                let rules = self.push_rules.ruleset(user).await?;
+                let ctx = push::room_context(&room.read(), user);
+                for e in others {
+                    let n = push::evaluate(&rules, e.flattened(), &e.event.pdu.sender, &ctx).await;
+                    entry.notifications += u64::from(n.notify);
+                    entry.highlights += u64::from(n.highlight);
+                }
+                entry.notifications = entry.notifications.min(UNREAD_CAP as u64);
+                entry.highlights = entry.highlights.min(UNREAD_CAP as u64);
+            }
+        }
         let mut map = self.unread.lock().expect("unread lock");
         if map.len() >= MAX_UNREAD_ENTRIES {
             map.clear();
         }
         map.insert(key, entry);
-        Ok(entry.count)
+        Ok(entry)
     }
 
-    async fn presence(&self, user: &UserId, shared_rooms: &[OwnedRoomId], since: u64) -> Vec<Value> {
+    /// Presence changed since `since` of the user and the members of their
+    /// rooms, and of `met` (members they meet for the first time) whatever
+    /// its age.
+    async fn presence(&self, user: &UserId, shared_rooms: &[OwnedRoomId], since: u64, met: &HashSet<OwnedUserId>) -> Vec<Value> {
         let mut users = HashSet::new();
         users.insert(user.to_owned());
         for room_id in shared_rooms {
@@ -737,14 +931,17 @@ impl SyncEngine {
                 let r = room.read();
                 // Presence of members in huge rooms is skipped: it would cost a
                 // walk of every member on every sync.
-                if r.state_len() < 1000 {
+                if r.member_count(Membership::Join) <= PRESENCE_ROOM_LIMIT {
                     users.extend(r.members(Membership::Join).filter_map(|u| ruma::OwnedUserId::try_from(u).ok()));
                 }
             }
         }
-        self.ephemeral
-            .presence_since(users.iter().map(|u| &**u), since)
-            .into_iter()
+        let changed = self.ephemeral.presence_since(users.iter().map(|u| &**u), since);
+        let mut seen: HashSet<OwnedUserId> = changed.iter().map(|(u, _)| u.clone()).collect();
+        let mut all = changed;
+        let first_met = met.iter().filter(|u| seen.insert((*u).clone()));
+        all.extend(self.ephemeral.presence_since(first_met.map(|u| &**u), 0));
+        all.into_iter()
             .map(|(u, p)| {
                 let mut content = json!({ "presence": p.presence, "last_active_ago": p.last_active.elapsed().as_millis() as u64, "currently_active": p.presence == "online" });
                 if let Some(s) = p.status_msg {
@@ -755,6 +952,25 @@ impl SyncEngine {
             .collect()
     }
 }
+
+/// What one joined room's section is built from.
+#[derive(Clone, Copy)]
+struct RoomView<'a> {
+    since: SyncToken,
+    upto: SyncToken,
+    /// Where the user's membership became `join`: nothing before it is unread.
+    joined_at: StreamPos,
+    /// The room is seen for the first time (an initial sync, or joined since the token).
+    initial: bool,
+    /// The whole current state goes in `state`.
+    full_state: bool,
+    limit: usize,
+    filter: &'a FilterDefinition,
+    ignored: &'a HashSet<OwnedUserId>,
+}
+
+/// Rooms with more joined members than this are skipped for presence.
+const PRESENCE_ROOM_LIMIT: usize = 1000;
 
 #[cfg(test)]
 mod tests {
@@ -784,8 +1000,10 @@ mod tests {
             txn: Some(TxnRef {
                 device_id: "PHONE".into(),
                 txn_id: "t\"1".into(),
+                scope: "send/m.room.message".into(),
             }),
             redacted_by: None,
+            prev: None,
         };
         let sender = Session {
             user_id: ruma::owned_user_id!("@a:x"),
@@ -797,15 +1015,23 @@ mod tests {
         };
         let event = TimelineEvent::new(stored.clone());
         for viewer in [&sender, &other_device] {
-            let mut once: Value = serde_json::from_str(client_event_json(&event, viewer).get()).unwrap();
-            let mut value = client_event(&stored, viewer);
+            let mut once: Value = serde_json::from_str(client_event_json(&event, viewer, Some(Membership::Join)).get()).unwrap();
+            let mut value = client_event(&stored, viewer, Some(Membership::Join));
             // Ages are read from the clock separately.
             once["unsigned"]["age"] = json!(0);
             value["unsigned"]["age"] = json!(0);
             assert_eq!(once, value);
         }
-        assert_eq!(client_event(&stored, &sender)["unsigned"]["transaction_id"], "t\"1");
-        assert!(client_event(&stored, &other_device)["unsigned"].get("transaction_id").is_none());
+        assert_eq!(client_event(&stored, &sender, None)["unsigned"]["transaction_id"], "t\"1");
+        assert!(
+            client_event(&stored, &other_device, None)["unsigned"]
+                .get("transaction_id")
+                .is_none()
+        );
+        assert_eq!(
+            client_event(&stored, &sender, Some(Membership::Join))["unsigned"]["membership"],
+            "join"
+        );
     }
 
     #[test]

@@ -24,8 +24,15 @@ use crate::{
 
 /// Messages one sync response carries at most; the rest come with the next.
 pub const MAX_PER_SYNC: usize = 100;
+/// Content bytes one sync response carries at most (at least one message,
+/// whatever its size): a response stays small enough for a phone.
+pub const MAX_BYTES_PER_SYNC: usize = 512 * 1024;
 /// Messages one send may queue (after `*` is expanded to devices).
 const MAX_PER_SEND: usize = 10_000;
+/// Largest content of one message. An Olm-encrypted room key is a few KiB.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Content bytes one send may queue (after `*` is expanded to devices).
+const MAX_BYTES_PER_SEND: usize = 8 * 1024 * 1024;
 /// Bound on remembered acknowledgment states; past it they are rebuilt.
 const MAX_ACK_STATES: usize = 1_000_000;
 
@@ -62,20 +69,61 @@ pub struct ToDeviceBatch {
     pub stop_at: Option<StreamPos>,
 }
 
+/// How many messages one user may queue: a sustained rate and a burst
+/// (sharing a room key with every device of a big encrypted room at once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SenderLimits {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+type SenderLimiter =
+    governor::RateLimiter<OwnedUserId, governor::state::keyed::DefaultKeyedStateStore<OwnedUserId>, governor::clock::DefaultClock>;
+
 pub struct ToDevice {
     store: Arc<dyn Store>,
     changes: Arc<Changes>,
     notifier: Arc<Notifier>,
     acks: Mutex<HashMap<DeviceKey, AckState>>,
+    /// Messages per sending user, so one account cannot fill every queue.
+    senders: SenderLimiter,
+    burst: u32,
 }
 
 impl ToDevice {
-    pub fn new(store: Arc<dyn Store>, changes: Arc<Changes>, notifier: Arc<Notifier>) -> Self {
+    pub fn new(store: Arc<dyn Store>, changes: Arc<Changes>, notifier: Arc<Notifier>, limits: SenderLimits) -> Self {
+        let nonzero = |n: u32| std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN);
+        let quota = governor::Quota::per_second(nonzero(limits.per_second)).allow_burst(nonzero(limits.burst));
         Self {
             store,
             changes,
             notifier,
             acks: Mutex::new(HashMap::new()),
+            senders: governor::RateLimiter::keyed(quota),
+            burst: limits.burst.max(1),
+        }
+    }
+
+    /// Takes `n` messages from the sender's allowance, or says when to retry.
+    fn admit_sender(&self, sender: &OwnedUserId, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        if self.senders.len() > 100_000 {
+            self.senders.retain_recent();
+        }
+        let cells = std::num::NonZeroU32::new(n.min(u32::MAX as usize) as u32).expect("n > 0");
+        match self.senders.check_key_n(sender, cells) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => {
+                use governor::clock::Clock;
+                let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+                Err(Error::LimitExceeded {
+                    retry_after_ms: wait.as_millis() as u64 + 1,
+                })
+            }
+            // More than a whole burst can never pass: say so rather than "retry".
+            Err(_) => Err(Error::TooLarge(format!("one request may send at most {} messages", self.burst))),
         }
     }
 
@@ -84,10 +132,11 @@ impl ToDevice {
     /// device and transaction id. Users of other servers are not reachable
     /// (no federation); their messages are dropped.
     pub async fn send(&self, sender: &Session, kind: &str, txn_id: &str, messages: Map<String, Value>) -> Result<()> {
-        if kind.is_empty() || kind.len() > 255 {
+        if kind.is_empty() || kind.len() > 255 || kabar_domain::localpart::has_control_chars(kind) {
             return Err(Error::InvalidParam("invalid event type".into()));
         }
         let mut queue = vec![];
+        let mut bytes = 0;
         for (user, devices) in messages {
             let recipient = OwnedUserId::try_from(user.as_str()).map_err(|_| Error::InvalidParam(format!("{user} is not a user id")))?;
             let devices = devices
@@ -101,11 +150,24 @@ impl ToDevice {
                     return Err(Error::BadJson("a message's content must be an object".into()));
                 }
                 let content = content.to_string();
+                if content.len() > MAX_MESSAGE_BYTES {
+                    return Err(Error::TooLarge(format!(
+                        "a message's content is limited to {MAX_MESSAGE_BYTES} bytes"
+                    )));
+                }
                 let targets = if device == "*" {
                     self.store.devices(&recipient).await?.into_iter().map(|d| d.device_id).collect()
                 } else {
                     vec![device.clone()]
                 };
+                // Checked before the copies are made, so a `*` to many
+                // devices cannot make one request cost unbounded memory.
+                bytes += content.len() * targets.len();
+                if bytes > MAX_BYTES_PER_SEND || queue.len() + targets.len() > MAX_PER_SEND {
+                    return Err(Error::TooLarge(format!(
+                        "at most {MAX_PER_SEND} messages and {MAX_BYTES_PER_SEND} bytes per request"
+                    )));
+                }
                 queue.extend(targets.into_iter().map(|device_id| ToDeviceMessage {
                     recipient: recipient.clone(),
                     device_id,
@@ -124,8 +186,9 @@ impl ToDevice {
                 device_id: m.device_id.clone(),
             })
             .collect();
+        self.admit_sender(&sender.user_id, queue.len())?;
         let pending: Vec<_> = keys.iter().map(|k| self.changes.to_device.begin(k)).collect();
-        let queued = self.store.queue_to_device(sender, txn_id, queue).await?;
+        let queued = self.store.queue_to_device(sender, kind, txn_id, queue).await?;
         if let Some(pos) = queued {
             for p in pending {
                 p.finish(pos);
@@ -150,10 +213,23 @@ impl ToDevice {
         if since.is_some() && !self.changes.to_device.changed_since(session, after) {
             return Ok(ToDeviceBatch::default());
         }
-        let queued = self
+        let mut queued = self
             .store
             .to_device(&session.user_id, &session.device_id, after, until, MAX_PER_SYNC)
             .await?;
+        // At most MAX_PER_SYNC messages and MAX_BYTES_PER_SYNC bytes (but at
+        // least one message); the rest come with the next sync.
+        let mut bytes = 0;
+        let fits = queued
+            .iter()
+            .take_while(|m| {
+                bytes += m.content.len();
+                bytes <= MAX_BYTES_PER_SYNC
+            })
+            .count()
+            .max(1);
+        let more = queued.len() == MAX_PER_SYNC || fits < queued.len();
+        queued.truncate(fits);
         let Some(last) = queued.last().map(|m| m.pos) else {
             return Ok(ToDeviceBatch::default());
         };
@@ -168,7 +244,7 @@ impl ToDevice {
             });
             state.delivered_upto = state.delivered_upto.max(last);
         }
-        let stop_at = (queued.len() == MAX_PER_SYNC).then_some(last);
+        let stop_at = more.then_some(last);
         let events = queued.into_iter().filter_map(to_event).collect();
         Ok(ToDeviceBatch { events, stop_at })
     }

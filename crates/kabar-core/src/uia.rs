@@ -22,6 +22,9 @@ const MAX_SESSIONS: usize = 100_000;
 struct UiaSession {
     completed: Vec<String>,
     created: Instant,
+    /// What the session was started for (who asked, to do what): proving
+    /// something for one request never authorizes another.
+    request: String,
 }
 
 #[derive(Default)]
@@ -43,7 +46,7 @@ impl Sessions {
         self.live.get(id).filter(|s| s.created.elapsed() < SESSION_TTL)
     }
 
-    fn insert(&mut self, id: String) {
+    fn insert(&mut self, id: String, request: &str) {
         let now = Instant::now();
         while let Some((made, old)) = self.created.front() {
             if now.duration_since(*made) < SESSION_TTL && self.created.len() < MAX_SESSIONS {
@@ -58,6 +61,7 @@ impl Sessions {
             UiaSession {
                 completed: vec![],
                 created: now,
+                request: request.to_owned(),
             },
         );
     }
@@ -76,9 +80,9 @@ impl UiaSessions {
         Self::default()
     }
 
-    fn new_session(&self) -> String {
+    fn new_session(&self, request: &str) -> String {
         let id: String = rand::thread_rng().sample_iter(&Alphanumeric).take(24).map(char::from).collect();
-        self.sessions.lock().expect("uia lock").insert(id.clone());
+        self.sessions.lock().expect("uia lock").insert(id.clone(), request);
         id
     }
 
@@ -96,24 +100,34 @@ impl UiaSessions {
         Error::UiaRequired(body)
     }
 
-    /// Drives one UIA request. `check` validates the `auth` dict for its stage.
-    /// Returns `Ok(())` once a whole flow is complete, else the challenge to send.
-    pub async fn step<F, Fut>(&self, flows: &[&[&'static str]], params: Value, auth: Option<&Value>, check: F) -> Result<()>
+    /// Drives one UIA request. `request` names what it is for (who asks, to
+    /// do what); a session started for one request cannot complete another.
+    /// `check` validates the `auth` dict for its stage. Returns `Ok(())` once
+    /// a whole flow is complete, else the challenge to send.
+    pub async fn step<F, Fut>(&self, flows: &[&[&'static str]], params: Value, auth: Option<&Value>, request: &str, check: F) -> Result<()>
     where
         F: FnOnce(String, Value) -> Fut,
         Fut: std::future::Future<Output = Result<StageOutcome>>,
     {
         let Some(auth) = auth else {
-            let session = self.new_session();
+            let session = self.new_session(request);
             return Err(Self::challenge(flows, &session, &[], params, None));
         };
         let session = match auth.get("session").and_then(Value::as_str) {
-            Some(s) if self.sessions.lock().expect("uia lock").get(s).is_some() => s.to_owned(),
-            Some(_) => {
-                return Err(Error::Forbidden("unknown or expired user-interactive auth session".into()));
+            Some(s) => {
+                let sessions = self.sessions.lock().expect("uia lock");
+                match sessions.get(s) {
+                    Some(known) if known.request == request => s.to_owned(),
+                    Some(_) => {
+                        return Err(Error::Forbidden(
+                            "this authentication session was started for another request".into(),
+                        ));
+                    }
+                    None => return Err(Error::Forbidden("unknown or expired user-interactive auth session".into())),
+                }
             }
             // Clients may complete a single-stage flow without a session.
-            None => self.new_session(),
+            None => self.new_session(request),
         };
         let kind = auth.get("type").and_then(Value::as_str).unwrap_or_default().to_owned();
         let completed = {
@@ -130,7 +144,7 @@ impl UiaSessions {
             StageOutcome::Completed(stage) => {
                 let mut map = self.sessions.lock().expect("uia lock");
                 if !map.live.contains_key(&session) {
-                    map.insert(session.clone());
+                    map.insert(session.clone(), request);
                 }
                 let s = map.live.get_mut(&session).expect("inserted above");
                 if !s.completed.iter().any(|c| c == stage) {
@@ -159,20 +173,20 @@ mod tests {
     async fn no_auth_gets_a_challenge_then_dummy_completes() {
         let uia = UiaSessions::new();
         let flows: &[&[&str]] = &[&["m.login.dummy"]];
-        let Err(Error::UiaRequired(body)) = uia.step(flows, json!({}), None, |_, _| async { unreachable!() }).await else {
+        let Err(Error::UiaRequired(body)) = uia.step(flows, json!({}), None, "r", |_, _| async { unreachable!() }).await else {
             panic!()
         };
         let session = body["session"].as_str().unwrap().to_owned();
         assert_eq!(body["flows"][0]["stages"][0], "m.login.dummy");
         let auth = json!({"type": "m.login.dummy", "session": session});
-        uia.step(flows, json!({}), Some(&auth), |_, _| async {
+        uia.step(flows, json!({}), Some(&auth), "r", |_, _| async {
             Ok(StageOutcome::Completed("m.login.dummy"))
         })
         .await
         .unwrap();
         // The session is spent.
         assert!(
-            uia.step(flows, json!({}), Some(&auth), |_, _| async {
+            uia.step(flows, json!({}), Some(&auth), "r", |_, _| async {
                 Ok(StageOutcome::Completed("m.login.dummy"))
             })
             .await
@@ -184,7 +198,7 @@ mod tests {
     fn the_oldest_sessions_make_room_for_new_ones() {
         let mut s = Sessions::default();
         for i in 0..MAX_SESSIONS + 10 {
-            s.insert(format!("s{i}"));
+            s.insert(format!("s{i}"), "r");
         }
         assert_eq!(s.live.len(), MAX_SESSIONS);
         assert!(s.get("s0").is_none() && s.get("s9").is_none());
@@ -193,12 +207,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_session_completes_only_the_request_it_was_started_for() {
+        let uia = UiaSessions::new();
+        let flows: &[&[&str]] = &[&["m.login.password"]];
+        let Err(Error::UiaRequired(body)) = uia
+            .step(flows, json!({}), None, "delete devices [A]", |_, _| async { unreachable!() })
+            .await
+        else {
+            panic!()
+        };
+        let auth = json!({"type": "m.login.password", "session": body["session"]});
+        let other = uia
+            .step(flows, json!({}), Some(&auth), "delete devices [B]", |_, _| async {
+                Ok(StageOutcome::Completed("m.login.password"))
+            })
+            .await;
+        assert!(matches!(other, Err(Error::Forbidden(_))), "another request is refused");
+        uia.step(flows, json!({}), Some(&auth), "delete devices [A]", |_, _| async {
+            Ok(StageOutcome::Completed("m.login.password"))
+        })
+        .await
+        .expect("its own request completes");
+    }
+
+    #[tokio::test]
     async fn failed_stage_repeats_the_challenge_with_an_error() {
         let uia = UiaSessions::new();
         let flows: &[&[&str]] = &[&["m.login.password"]];
         let auth = json!({"type": "m.login.password", "password": "x"});
         let Err(Error::UiaRequired(body)) = uia
-            .step(flows, json!({}), Some(&auth), |_, _| async {
+            .step(flows, json!({}), Some(&auth), "r", |_, _| async {
                 Ok(StageOutcome::Failed("wrong password".into()))
             })
             .await

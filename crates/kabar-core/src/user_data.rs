@@ -25,23 +25,41 @@ const MAX_ACCOUNT_DATA_BYTES: usize = 64 * 1024;
 /// Bound on parsed filters kept in memory; past it they are read again.
 const MAX_CACHED_FILTERS: usize = 100_000;
 
+/// Who the user directory finds for a searcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirectoryScope {
+    /// Users who share a room with the searcher or are in a room anyone may join.
+    KnownUsers,
+    /// Every active user of the server.
+    AllUsers,
+}
+
 pub struct UserData {
     store: Arc<dyn Store>,
     notifier: Arc<Notifier>,
     changes: Arc<Changes>,
     rooms: Arc<Rooms>,
+    /// Who the user directory shows a searcher.
+    directory: DirectoryScope,
     /// Uploaded filters, parsed. A filter never changes once uploaded, and a
     /// client names the same one on every sync.
     filters: Mutex<HashMap<(OwnedUserId, String), Arc<FilterDefinition>>>,
 }
 
 impl UserData {
-    pub fn new(store: Arc<dyn Store>, notifier: Arc<Notifier>, changes: Arc<Changes>, rooms: Arc<Rooms>) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        notifier: Arc<Notifier>,
+        changes: Arc<Changes>,
+        rooms: Arc<Rooms>,
+        directory: DirectoryScope,
+    ) -> Self {
         Self {
             store,
             notifier,
             changes,
             rooms,
+            directory,
             filters: Mutex::new(HashMap::new()),
         }
     }
@@ -193,10 +211,15 @@ impl UserData {
         self.write_account_data(user, None, "m.push_rules", &content).await
     }
 
-    /// Local, active users whose id or display name contains `term`.
-    pub async fn search_users(&self, term: &str, limit: usize) -> Result<(Vec<UserRecord>, bool)> {
+    /// Local, active users whose id or display name contains `term`, among
+    /// those the directory shows `searcher`.
+    pub async fn search_users(&self, searcher: &UserId, term: &str, limit: usize) -> Result<(Vec<UserRecord>, bool)> {
         let limit = limit.clamp(1, 100);
-        let mut found = self.store.search_users(term, limit + 1).await?;
+        let scope = match self.directory {
+            DirectoryScope::KnownUsers => Some(searcher),
+            DirectoryScope::AllUsers => None,
+        };
+        let mut found = self.store.search_users(term, limit + 1, scope).await?;
         let limited = found.len() > limit;
         found.truncate(limit);
         Ok((found, limited))

@@ -73,20 +73,46 @@ impl HistoryVisibility {
     }
 }
 
-/// Whether a user may see an event, given the room's history visibility at the
-/// event and the user's membership at the event and now.
-///
-/// This is the spec's rule for the common cases: members see what was sent
-/// while they were joined; `shared` lets past and present members see events
-/// from before they joined; `invited` extends that to the time since invite.
-pub fn may_see_event(visibility: HistoryVisibility, membership_at_event: Option<Membership>, membership_now: Option<Membership>) -> bool {
-    match visibility {
-        HistoryVisibility::WorldReadable => true,
-        HistoryVisibility::Shared => membership_at_event == Some(Membership::Join) || membership_now == Some(Membership::Join),
-        HistoryVisibility::Invited => {
-            matches!(membership_at_event, Some(Membership::Join | Membership::Invite))
+impl HistoryVisibility {
+    /// How much of the past this visibility shows, for choosing the more
+    /// permissive of two.
+    fn openness(self) -> u8 {
+        match self {
+            Self::Joined => 0,
+            Self::Invited => 1,
+            Self::Shared => 2,
+            Self::WorldReadable => 3,
         }
-        HistoryVisibility::Joined => membership_at_event == Some(Membership::Join),
+    }
+
+    /// The more permissive of the two (a visibility change event is judged
+    /// by the one before and the one it sets, whichever shows more).
+    pub fn most_open(self, other: Self) -> Self {
+        if other.openness() > self.openness() { other } else { self }
+    }
+}
+
+/// What decides whether a user may see one event: the room's history
+/// visibility at the event, the user's membership at the event (after it),
+/// and whether the user joined at any point after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventVisibility {
+    pub visibility: HistoryVisibility,
+    pub membership_at_event: Option<Membership>,
+    pub joined_after: bool,
+}
+
+/// The spec's rule (client-server API, "History visibility"): world-readable
+/// events are visible; members see what was sent while they were joined;
+/// `shared` shows everything before a join to whoever joined after it;
+/// `invited` also shows what was sent while the user was invited.
+pub fn may_see_event(v: EventVisibility) -> bool {
+    match v.visibility {
+        HistoryVisibility::WorldReadable => true,
+        _ if v.membership_at_event == Some(Membership::Join) => true,
+        HistoryVisibility::Shared => v.joined_after,
+        HistoryVisibility::Invited => v.membership_at_event == Some(Membership::Invite),
+        HistoryVisibility::Joined => false,
     }
 }
 
@@ -94,20 +120,40 @@ pub fn may_see_event(visibility: HistoryVisibility, membership_at_event: Option<
 mod tests {
     use super::*;
 
+    fn check(visibility: HistoryVisibility, membership_at_event: Option<Membership>, joined_after: bool) -> bool {
+        may_see_event(EventVisibility {
+            visibility,
+            membership_at_event,
+            joined_after,
+        })
+    }
+
     #[test]
-    fn shared_history_is_visible_to_current_members_only() {
+    fn shared_history_is_visible_to_whoever_joined_after_it() {
         let v = HistoryVisibility::Shared;
-        assert!(may_see_event(v, None, Some(Membership::Join)));
-        assert!(may_see_event(v, Some(Membership::Join), Some(Membership::Leave)));
-        assert!(!may_see_event(v, None, Some(Membership::Leave)));
-        assert!(!may_see_event(v, None, None));
+        assert!(check(v, None, true), "sent before the join");
+        assert!(check(v, Some(Membership::Join), false), "sent while joined, read after leaving");
+        assert!(check(v, Some(Membership::Leave), true), "sent while away, then rejoined");
+        assert!(!check(v, None, false), "never joined since");
+        assert!(!check(v, Some(Membership::Invite), false));
     }
 
     #[test]
     fn joined_history_needs_membership_at_the_event() {
         let v = HistoryVisibility::Joined;
-        assert!(!may_see_event(v, None, Some(Membership::Join)));
-        assert!(may_see_event(v, Some(Membership::Join), Some(Membership::Leave)));
+        assert!(!check(v, None, true));
+        assert!(check(v, Some(Membership::Join), false));
+        assert!(!check(HistoryVisibility::Invited, None, true));
+        assert!(check(HistoryVisibility::Invited, Some(Membership::Invite), false));
+        assert!(check(HistoryVisibility::WorldReadable, None, false));
+        assert_eq!(
+            HistoryVisibility::Joined.most_open(HistoryVisibility::Shared),
+            HistoryVisibility::Shared
+        );
+        assert_eq!(
+            HistoryVisibility::WorldReadable.most_open(HistoryVisibility::Invited),
+            HistoryVisibility::WorldReadable
+        );
     }
 
     #[test]

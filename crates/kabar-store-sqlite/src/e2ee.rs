@@ -33,7 +33,7 @@ fn sql_pos(pos: StreamPos) -> i64 {
 }
 
 /// Records that `user`'s device list changed, at a new position.
-fn record_list_change(c: &Connection, positions: &mut Positions, user: &str) -> StoreResult<StreamPos> {
+pub(crate) fn record_list_change(c: &Connection, positions: &mut Positions, user: &str) -> StoreResult<StreamPos> {
     let pos = positions.allocate();
     exec(
         c,
@@ -70,7 +70,9 @@ pub(crate) fn remove_devices(c: &Connection, positions: &mut Positions, user: &s
             exec(c, sql, params![user, d]).map_err(backend)?;
         }
     }
-    if had_keys {
+    // Any removed device changes the list other users' clients encrypt to
+    // (and the user's own other devices show), keys or not.
+    if had_keys || removed.count > 0 {
         removed.list_changed_at = Some(record_list_change(c, positions, user)?);
     }
     Ok(removed)
@@ -357,14 +359,25 @@ impl KeyStore for SqliteStore {
 
 #[async_trait]
 impl ToDeviceStore for SqliteStore {
-    async fn queue_to_device(&self, sender: &Session, txn_id: &str, messages: Vec<ToDeviceMessage>) -> StoreResult<Option<StreamPos>> {
-        let (su, sd, txn) = (sender.user_id.to_string(), sender.device_id.clone(), txn_id.to_owned());
+    async fn queue_to_device(
+        &self,
+        sender: &Session,
+        kind: &str,
+        txn_id: &str,
+        messages: Vec<ToDeviceMessage>,
+    ) -> StoreResult<Option<StreamPos>> {
+        let (su, sd, kind, txn) = (
+            sender.user_id.to_string(),
+            sender.device_id.clone(),
+            kind.to_owned(),
+            txn_id.to_owned(),
+        );
         self.engine
             .write(move |c, positions| {
                 let fresh = exec(
                     c,
-                    "INSERT INTO to_device_txns (user_id, device_id, txn_id) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
-                    params![su, sd, txn],
+                    "INSERT INTO to_device_txns (user_id, device_id, kind, txn_id) VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+                    params![su, sd, kind, txn],
                 )
                 .map_err(backend)?;
                 if fresh == 0 {

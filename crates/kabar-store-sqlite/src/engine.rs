@@ -27,8 +27,8 @@ use tokio::sync::oneshot;
 
 /// Each entry brings the schema from its index's version to the next; the
 /// database's `user_version` says where it stands.
-const MIGRATIONS: &[&str] = &[include_str!("schema.sql"), include_str!("e2ee.sql")];
-const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+const MIGRATIONS: &[&str] = &[include_str!("schema.sql"), include_str!("e2ee.sql"), include_str!("v3.sql")];
+pub(crate) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 const MAX_BATCH: usize = 512;
 /// Reader threads: SQLite reads are short and CPU-bound, so a few more than
 /// the cores keep them busy while one waits on the disk.

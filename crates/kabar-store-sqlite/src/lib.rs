@@ -70,7 +70,9 @@ where
     T::try_from(s).map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.to_string().into()))
 }
 
-const EVENT_COLUMNS: &str = "pos, event_id, room_id, json, txn_device, txn_id, redacted_by";
+/// The columns [`event_from_row`] reads, in its order; prefixed with `e.`
+/// so a query may join other tables.
+const EVENT_COLUMNS: &str = "e.pos, e.event_id, e.room_id, e.json, e.txn_device, e.txn_id, e.redacted_by, e.txn_scope, e.replaces_state, e.prev_sender, e.prev_content";
 
 fn event_from_row(row: &Row<'_>) -> rusqlite::Result<StoredEvent> {
     let pos: i64 = row.get(0)?;
@@ -80,13 +82,30 @@ fn event_from_row(row: &Row<'_>) -> rusqlite::Result<StoredEvent> {
     let txn_device: Option<String> = row.get(4)?;
     let txn_id: Option<String> = row.get(5)?;
     let redacted_by: Option<String> = row.get(6)?;
+    let txn_scope: Option<String> = row.get(7)?;
+    let replaces: Option<String> = row.get(8)?;
+    let prev_sender: Option<String> = row.get(9)?;
+    let prev_content: Option<String> = row.get(10)?;
     let pdu = Pdu::from_stored(event_id, room_id, &json)
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, e.to_string().into()))?;
+    let prev = match (replaces, prev_sender, prev_content) {
+        (Some(event_id), Some(sender), Some(content)) => Some(PrevState {
+            event_id: parse(event_id)?,
+            sender: parse(sender)?,
+            content,
+        }),
+        _ => None,
+    };
     Ok(StoredEvent {
         pos: pos as u64,
         pdu,
-        txn: txn_device.zip(txn_id).map(|(device_id, txn_id)| TxnRef { device_id, txn_id }),
+        txn: txn_device.zip(txn_id).map(|(device_id, txn_id)| TxnRef {
+            device_id,
+            txn_id,
+            scope: txn_scope.unwrap_or_default(),
+        }),
         redacted_by: redacted_by.map(parse).transpose()?,
+        prev,
     })
 }
 
@@ -123,13 +142,21 @@ fn membership_from_row(row: &Row<'_>) -> rusqlite::Result<MembershipRecord> {
     })
 }
 
+const EVENT_BY_TXN: &str =
+    "SELECT event_id FROM events WHERE sender = ?1 AND txn_device = ?2 AND room_id = ?3 AND txn_scope = ?4 AND txn_id = ?5";
+
 /// Inserts one event and applies its effects. Runs on the writer thread.
 fn insert_event(conn: &Connection, positions: &mut Positions, w: &EventWrite) -> StoreResult<AppendOutcome> {
     let pdu = &w.pdu;
     if let Some(txn) = &w.txn {
         let existing: Option<String> = conn
-            .prepare_cached("SELECT event_id FROM events WHERE sender = ?1 AND txn_device = ?2 AND txn_id = ?3")
-            .and_then(|mut stmt| stmt.query_row(params![pdu.sender.as_str(), txn.device_id, txn.txn_id], |r| r.get(0)))
+            .prepare_cached(EVENT_BY_TXN)
+            .and_then(|mut stmt| {
+                stmt.query_row(
+                    params![pdu.sender.as_str(), txn.device_id, pdu.room_id.as_str(), txn.scope, txn.txn_id],
+                    |r| r.get(0),
+                )
+            })
             .optional()
             .map_err(backend)?;
         if let Some(id) = existing {
@@ -143,8 +170,9 @@ fn insert_event(conn: &Connection, positions: &mut Positions, w: &EventWrite) ->
     };
     exec(
         conn,
-        "INSERT INTO events (pos, event_id, room_id, sender, kind, state_key, json, txn_device, txn_id, relates_to, rel_type)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        "INSERT INTO events (pos, event_id, room_id, sender, kind, state_key, json, txn_device, txn_id, txn_scope, relates_to, rel_type,
+                             replaces_state, prev_sender, prev_content)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         params![
             pos as i64,
             pdu.event_id.as_str(),
@@ -155,8 +183,12 @@ fn insert_event(conn: &Connection, positions: &mut Positions, w: &EventWrite) ->
             &*pdu.json,
             w.txn.as_ref().map(|t| &t.device_id),
             w.txn.as_ref().map(|t| &t.txn_id),
+            w.txn.as_ref().map(|t| &t.scope),
             rel_to,
             rel_type,
+            w.prev.as_ref().map(|p| p.event_id.as_str()),
+            w.prev.as_ref().map(|p| p.sender.as_str()),
+            w.prev.as_ref().map(|p| &p.content),
         ],
     )
     .map_err(conflict_or_backend(format!("event {} exists", pdu.event_id)))?;
@@ -170,10 +202,32 @@ fn insert_event(conn: &Connection, positions: &mut Positions, w: &EventWrite) ->
         .map_err(backend)?;
         if pdu.kind == ruma::events::TimelineEventType::RoomMember {
             let membership = Membership::from_content(pdu.content.get()).unwrap_or(Membership::Leave);
-            exec(conn,
+            // The position moves only when the membership does: a profile
+            // change is not a new join (a sync would resend the whole room).
+            exec(
+                conn,
                 "INSERT INTO memberships (user_id, room_id, membership, pos, event_id) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (user_id, room_id) DO UPDATE SET membership = excluded.membership, pos = excluded.pos, event_id = excluded.event_id",
-                params![state_key, pdu.room_id.as_str(), membership.as_str(), pos as i64, pdu.event_id.as_str()],
+                 ON CONFLICT (user_id, room_id) DO UPDATE SET
+                    pos = CASE WHEN memberships.membership = excluded.membership THEN memberships.pos ELSE excluded.pos END,
+                    membership = excluded.membership, event_id = excluded.event_id",
+                params![
+                    state_key,
+                    pdu.room_id.as_str(),
+                    membership.as_str(),
+                    pos as i64,
+                    pdu.event_id.as_str()
+                ],
+            )
+            .map_err(backend)?;
+        }
+        if pdu.kind == ruma::events::TimelineEventType::RoomJoinRules {
+            let rule = serde_json::from_str::<serde_json::Value>(pdu.content.get())
+                .ok()
+                .and_then(|c| c.get("join_rule").and_then(|r| r.as_str()).map(str::to_owned));
+            exec(
+                conn,
+                "UPDATE rooms SET join_rule = ?2 WHERE room_id = ?1",
+                params![pdu.room_id.as_str(), rule],
             )
             .map_err(backend)?;
         }
@@ -183,6 +237,13 @@ fn insert_event(conn: &Connection, positions: &mut Positions, w: &EventWrite) ->
             conn,
             "UPDATE events SET json = ?2, redacted_by = ?3 WHERE event_id = ?1 AND room_id = ?4",
             params![target.as_str(), redacted_json, pdu.event_id.as_str(), pdu.room_id.as_str()],
+        )
+        .map_err(backend)?;
+        // The state events that replaced the target show its content as it is now.
+        exec(
+            conn,
+            "UPDATE events SET prev_content = json_extract(?2, '$.content') WHERE replaces_state = ?1 AND room_id = ?3",
+            params![target.as_str(), redacted_json, pdu.room_id.as_str()],
         )
         .map_err(backend)?;
     }
@@ -258,21 +319,30 @@ impl AccountStore for SqliteStore {
             .await
     }
 
-    async fn search_users(&self, term: &str, limit: usize) -> StoreResult<Vec<UserRecord>> {
+    async fn search_users(&self, term: &str, limit: usize, searcher: Option<&UserId>) -> StoreResult<Vec<UserRecord>> {
         let pattern = format!(
             "%{}%",
             term.to_lowercase().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
         );
+        let searcher = searcher.map(|s| s.to_string());
         self.engine
             .read(move |c| {
+                // With a searcher: only users sharing a room with them or in a
+                // room anyone may join (Synapse's default), and themselves.
                 let mut st = c
                     .prepare_cached(
-                        "SELECT user_id, password_hash, deactivated, displayname, avatar_url FROM users
+                        "SELECT user_id, password_hash, deactivated, displayname, avatar_url FROM users u
                          WHERE deactivated = 0 AND (lower(user_id) LIKE ?1 ESCAPE '\\' OR lower(displayname) LIKE ?1 ESCAPE '\\')
+                         AND (?3 IS NULL OR u.user_id = ?3
+                              OR EXISTS (SELECT 1 FROM memberships mine JOIN memberships theirs ON theirs.room_id = mine.room_id
+                                         WHERE mine.user_id = ?3 AND mine.membership = 'join'
+                                           AND theirs.user_id = u.user_id AND theirs.membership = 'join')
+                              OR EXISTS (SELECT 1 FROM memberships m JOIN rooms r ON r.room_id = m.room_id
+                                         WHERE m.user_id = u.user_id AND m.membership = 'join' AND (r.join_rule = 'public' OR r.is_public = 1)))
                          ORDER BY user_id LIMIT ?2",
                     )
                     .map_err(backend)?;
-                st.query_map(params![pattern, limit as i64], user_from_row)
+                st.query_map(params![pattern, limit as i64, searcher], user_from_row)
                     .map_err(backend)?
                     .collect::<Result<_, _>>()
                     .map_err(corrupt)
@@ -280,18 +350,28 @@ impl AccountStore for SqliteStore {
             .await
     }
 
-    async fn upsert_device(&self, d: NewDevice) -> StoreResult<()> {
+    async fn upsert_device(&self, d: NewDevice) -> StoreResult<Option<StreamPos>> {
         self.engine
-            .write(move |c, _| {
+            .write(move |c, positions| {
+                let existed = c
+                    .prepare_cached("SELECT 1 FROM devices WHERE user_id = ?1 AND device_id = ?2")
+                    .map_err(backend)?
+                    .exists(params![d.user_id.as_str(), d.device_id])
+                    .map_err(backend)?;
                 exec(
                     c,
-                    "INSERT INTO devices (user_id, device_id, display_name, token_hash, last_seen_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+                    "INSERT INTO devices (user_id, device_id, display_name, token_hash, last_seen_ms, last_seen_ip) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                      ON CONFLICT (user_id, device_id) DO UPDATE SET token_hash = excluded.token_hash,
-                        display_name = COALESCE(excluded.display_name, devices.display_name), last_seen_ms = excluded.last_seen_ms",
-                    params![d.user_id.as_str(), d.device_id, d.display_name, d.token_hash, d.now_ms as i64],
+                        display_name = COALESCE(excluded.display_name, devices.display_name), last_seen_ms = excluded.last_seen_ms,
+                        last_seen_ip = COALESCE(excluded.last_seen_ip, devices.last_seen_ip)",
+                    params![d.user_id.as_str(), d.device_id, d.display_name, d.token_hash, d.now_ms as i64, d.ip],
                 )
-                .map(|_| ())
-                .map_err(conflict_or_backend("token exists"))
+                .map_err(conflict_or_backend("token exists"))?;
+                if existed {
+                    Ok(None)
+                } else {
+                    e2ee::record_list_change(c, positions, d.user_id.as_str()).map(Some)
+                }
             })
             .await
     }
@@ -319,13 +399,16 @@ impl AccountStore for SqliteStore {
         self.engine
             .read(move |c| {
                 let mut st = c
-                    .prepare_cached("SELECT device_id, display_name, last_seen_ms FROM devices WHERE user_id = ?1 ORDER BY device_id")
+                    .prepare_cached(
+                        "SELECT device_id, display_name, last_seen_ms, last_seen_ip FROM devices WHERE user_id = ?1 ORDER BY device_id",
+                    )
                     .map_err(backend)?;
                 st.query_map([id], |r| {
                     Ok(DeviceRecord {
                         device_id: r.get(0)?,
                         display_name: r.get(1)?,
                         last_seen_ms: r.get::<_, Option<i64>>(2)?.map(|v| v as u64),
+                        last_seen_ip: r.get(3)?,
                     })
                 })
                 .map_err(backend)?
@@ -335,16 +418,34 @@ impl AccountStore for SqliteStore {
             .await
     }
 
-    async fn rename_device(&self, user_id: &UserId, device_id: &str, name: Option<&str>) -> StoreResult<bool> {
+    async fn rename_device(&self, user_id: &UserId, device_id: &str, name: Option<&str>) -> StoreResult<Option<StreamPos>> {
         let (id, dev, name) = (user_id.to_string(), device_id.to_owned(), name.map(str::to_owned));
         self.engine
-            .write(move |c, _| {
-                exec(
+            .write(move |c, positions| {
+                let renamed = exec(
                     c,
                     "UPDATE devices SET display_name = ?3 WHERE user_id = ?1 AND device_id = ?2",
                     params![id, dev, name],
                 )
-                .map(|n| n > 0)
+                .map_err(backend)?;
+                if renamed == 0 {
+                    return Ok(None);
+                }
+                e2ee::record_list_change(c, positions, &id).map(Some)
+            })
+            .await
+    }
+
+    async fn touch_device(&self, user_id: &UserId, device_id: &str, ip: &str, now_ms: u64) -> StoreResult<()> {
+        let (id, dev, ip) = (user_id.to_string(), device_id.to_owned(), ip.to_owned());
+        self.engine
+            .write(move |c, _| {
+                exec(
+                    c,
+                    "UPDATE devices SET last_seen_ms = ?3, last_seen_ip = ?4 WHERE user_id = ?1 AND device_id = ?2",
+                    params![id, dev, now_ms as i64, ip],
+                )
+                .map(|_| ())
                 .map_err(backend)
             })
             .await
@@ -451,7 +552,7 @@ impl RoomStore for SqliteStore {
         let id = event_id.to_string();
         self.engine
             .read(move |c| {
-                c.prepare_cached(&format!("SELECT {EVENT_COLUMNS} FROM events WHERE event_id = ?1"))
+                c.prepare_cached(&format!("SELECT {EVENT_COLUMNS} FROM events e WHERE event_id = ?1"))
                     .map_err(backend)?
                     .query_row([id], event_from_row)
                     .optional()
@@ -460,13 +561,13 @@ impl RoomStore for SqliteStore {
             .await
     }
 
-    async fn event_by_txn(&self, user_id: &UserId, device_id: &str, txn_id: &str) -> StoreResult<Option<OwnedEventId>> {
-        let (u, d, t) = (user_id.to_string(), device_id.to_owned(), txn_id.to_owned());
+    async fn event_by_txn(&self, room_id: &RoomId, sender: &UserId, txn: &TxnRef) -> StoreResult<Option<OwnedEventId>> {
+        let (r, u, txn) = (room_id.to_string(), sender.to_string(), txn.clone());
         self.engine
             .read(move |c| {
-                c.prepare_cached("SELECT event_id FROM events WHERE sender = ?1 AND txn_device = ?2 AND txn_id = ?3")
+                c.prepare_cached(EVENT_BY_TXN)
                     .map_err(backend)?
-                    .query_row([u, d, t], |r| parse(r.get(0)?))
+                    .query_row(params![u, txn.device_id, r, txn.scope, txn.txn_id], |r| parse(r.get(0)?))
                     .optional()
                     .map_err(corrupt)
             })
@@ -486,7 +587,7 @@ impl RoomStore for SqliteStore {
             .read(move |c| {
                 let mut st = c
                     .prepare_cached(&format!(
-                        "SELECT {EVENT_COLUMNS} FROM events WHERE room_id = ?1 AND pos > ?2 AND pos <= ?3 ORDER BY pos {order} LIMIT ?4"
+                        "SELECT {EVENT_COLUMNS} FROM events e WHERE room_id = ?1 AND pos > ?2 AND pos <= ?3 ORDER BY pos {order} LIMIT ?4"
                     ))
                     .map_err(backend)?;
                 st.query_map(params![room, after, until, limit], event_from_row)
@@ -503,7 +604,7 @@ impl RoomStore for SqliteStore {
             .read(move |c| {
                 let mut st = c
                     .prepare_cached(&format!(
-                        "SELECT {EVENT_COLUMNS} FROM events WHERE relates_to = ?1 AND room_id = ?2 AND (?3 IS NULL OR rel_type = ?3) ORDER BY pos ASC LIMIT ?4"
+                        "SELECT {EVENT_COLUMNS} FROM events e WHERE relates_to = ?1 AND room_id = ?2 AND (?3 IS NULL OR rel_type = ?3) ORDER BY pos ASC LIMIT ?4"
                     ))
                     .map_err(backend)?;
                 st.query_map(params![id, room, rel, limit.min(10_000) as i64], event_from_row).map_err(backend)?.collect::<Result<_, _>>().map_err(corrupt)
@@ -536,12 +637,52 @@ impl RoomStore for SqliteStore {
         self.engine
             .read(move |c| {
                 let mut st = c
-                    .prepare_cached(
-                        "SELECT e.pos, e.event_id, e.room_id, e.json, e.txn_device, e.txn_id, e.redacted_by
-                         FROM current_state s JOIN events e ON e.pos = s.pos WHERE s.room_id = ?1 ORDER BY e.pos",
-                    )
+                    .prepare_cached(&format!(
+                        "SELECT {EVENT_COLUMNS} FROM current_state s JOIN events e ON e.pos = s.pos WHERE s.room_id = ?1 ORDER BY e.pos"
+                    ))
                     .map_err(backend)?;
                 st.query_map([room], event_from_row)
+                    .map_err(backend)?
+                    .collect::<Result<_, _>>()
+                    .map_err(corrupt)
+            })
+            .await
+    }
+
+    async fn state_at(&self, room_id: &RoomId, at: StreamPos) -> StoreResult<Vec<StoredEvent>> {
+        let room = room_id.to_string();
+        let at = at.min(i64::MAX as u64) as i64;
+        self.engine
+            .read(move |c| {
+                // Every stored event passed the auth rules on top of the
+                // state before it (one chain per room), so the newest state
+                // event of each key up to `at` is the state there.
+                let mut st = c
+                    .prepare_cached(&format!(
+                        "SELECT {EVENT_COLUMNS} FROM events e JOIN (
+                            SELECT MAX(pos) AS pos FROM events
+                            WHERE room_id = ?1 AND state_key IS NOT NULL AND pos <= ?2 GROUP BY kind, state_key
+                         ) latest ON latest.pos = e.pos ORDER BY e.pos"
+                    ))
+                    .map_err(backend)?;
+                st.query_map(params![room, at], event_from_row)
+                    .map_err(backend)?
+                    .collect::<Result<_, _>>()
+                    .map_err(corrupt)
+            })
+            .await
+    }
+
+    async fn state_history(&self, room_id: &RoomId, kind: &str, state_key: &str) -> StoreResult<Vec<StoredEvent>> {
+        let (room, kind, key) = (room_id.to_string(), kind.to_owned(), state_key.to_owned());
+        self.engine
+            .read(move |c| {
+                let mut st = c
+                    .prepare_cached(&format!(
+                        "SELECT {EVENT_COLUMNS} FROM events e WHERE room_id = ?1 AND kind = ?2 AND state_key = ?3 ORDER BY pos"
+                    ))
+                    .map_err(backend)?;
+                st.query_map(params![room, kind, key], event_from_row)
                     .map_err(backend)?
                     .collect::<Result<_, _>>()
                     .map_err(corrupt)
@@ -851,6 +992,20 @@ impl MediaStore for SqliteStore {
             .await
     }
 
+    async fn media_freeze_ms(&self) -> StoreResult<u64> {
+        self.engine
+            .read(|c| {
+                c.query_row(
+                    "SELECT COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'media_freeze_ms'), 0)",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map(|v| v.max(0) as u64)
+                .map_err(backend)
+            })
+            .await
+    }
+
     async fn media(&self, media_id: &str) -> StoreResult<Option<MediaRecord>> {
         let id = media_id.to_owned();
         self.engine
@@ -994,17 +1149,38 @@ mod tests {
                 .unwrap();
             c.execute("INSERT INTO users (user_id, created_ms) VALUES ('@old:localhost', 1)", [])
                 .unwrap();
+            c.execute(
+                "INSERT INTO events (pos, event_id, room_id, sender, kind, json, txn_device, txn_id)
+                 VALUES (1, '$old', '!r:localhost', '@old:localhost', 'm.room.message', '{}', 'D', 't1')",
+                [],
+            )
+            .unwrap();
         }
         let store = SqliteStore::open(&path).unwrap();
         let old = ruma::owned_user_id!("@old:localhost");
         assert!(store.user(&old).await.unwrap().is_some(), "data from before the migration stays");
         assert!(store.put_device_keys(&old, "D", "{}").await.unwrap().is_some(), "new tables exist");
+        let retried = TxnRef {
+            device_id: "D".into(),
+            txn_id: "t1".into(),
+            scope: "send/m.room.message".into(),
+        };
+        assert_eq!(
+            store
+                .event_by_txn(ruma::room_id!("!r:localhost"), &old, &retried)
+                .await
+                .unwrap()
+                .map(|id| id.to_string()),
+            Some("$old".to_owned()),
+            "a transaction from before the migration is still recognised on its path"
+        );
+        assert!(store.media_freeze_ms().await.unwrap() > 0);
         store.close();
         let version: i64 = rusqlite::Connection::open(&path)
             .unwrap()
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 2);
+        assert_eq!(version, engine::SCHEMA_VERSION);
     }
 
     #[tokio::test]

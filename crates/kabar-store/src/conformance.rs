@@ -18,6 +18,8 @@ pub async fn run_all(store: Arc<dyn Store>) {
     accounts_and_tokens(&*store).await;
     events_positions_and_idempotency(&*store).await;
     state_membership_and_redaction(&*store).await;
+    state_at_points_and_history(&*store).await;
+    user_directory_visibility(&*store).await;
     user_data(&*store).await;
     server_data(&*store).await;
     device_keys_and_claims(&*store).await;
@@ -48,6 +50,15 @@ fn write(pdu: Pdu) -> EventWrite {
         txn: None,
         relation: None,
         redacted_target: None,
+        prev: None,
+    }
+}
+
+fn txn(device: &str, txn_id: &str) -> TxnRef {
+    TxnRef {
+        device_id: device.into(),
+        txn_id: txn_id.into(),
+        scope: "send/m.room.message".into(),
     }
 }
 
@@ -95,41 +106,62 @@ async fn accounts_and_tokens(store: &dyn Store) {
         (Some("h2"), Some("Alice A"))
     );
     assert_eq!(
-        store.search_users("alice a", 10).await.unwrap().len(),
+        store.search_users("alice a", 10, None).await.unwrap().len(),
         1,
         "search by display name, any case"
     );
     assert!(store.user(user_id!("@nobody:localhost")).await.unwrap().is_none());
 
+    let mut last_change = 0;
     for (dev, tok) in [("D1", "t1"), ("D2", "t2")] {
-        store
+        let changed = store
             .upsert_device(NewDevice {
                 user_id: alice.clone(),
                 device_id: dev.into(),
                 display_name: None,
                 token_hash: tok.into(),
                 now_ms: 5,
+                ip: Some("192.0.2.1".into()),
             })
             .await
-            .unwrap();
+            .unwrap()
+            .expect("a new device changes the device list");
+        assert!(changed > last_change);
+        last_change = changed;
     }
+    let changes = store.device_list_changes(0, store.current_position()).await.unwrap();
+    assert_eq!(changes, vec![(alice.clone(), last_change)], "one entry per user, its latest change");
     assert_eq!(store.session_by_token_hash("t1").await.unwrap().unwrap().device_id, "D1");
     // Logging a device in again replaces its token.
-    store
+    let relogin = store
         .upsert_device(NewDevice {
             user_id: alice.clone(),
             device_id: "D1".into(),
             display_name: Some("phone".into()),
             token_hash: "t1b".into(),
             now_ms: 6,
+            ip: None,
         })
         .await
         .unwrap();
+    assert_eq!(relogin, None, "a new token for a known device is no device-list change");
     assert!(store.session_by_token_hash("t1").await.unwrap().is_none(), "old token revoked");
-    assert_eq!(store.devices(&alice).await.unwrap().len(), 2);
-    assert!(store.rename_device(&alice, "D2", Some("laptop")).await.unwrap());
-    assert!(!store.rename_device(&alice, "NOPE", Some("x")).await.unwrap());
-    assert_eq!(store.delete_devices(&alice, &["D2".into()]).await.unwrap().count, 1);
+    let devices = store.devices(&alice).await.unwrap();
+    assert_eq!(devices.len(), 2);
+    assert_eq!(
+        (devices[0].last_seen_ms, devices[0].last_seen_ip.as_deref()),
+        (Some(6), Some("192.0.2.1")),
+        "an address stays known until another is seen"
+    );
+    store.touch_device(&alice, "D1", "198.51.100.7", 9).await.unwrap();
+    let d1 = store.devices(&alice).await.unwrap().remove(0);
+    assert_eq!((d1.last_seen_ms, d1.last_seen_ip.as_deref()), (Some(9), Some("198.51.100.7")));
+    let renamed = store.rename_device(&alice, "D2", Some("laptop")).await.unwrap();
+    assert!(renamed.is_some_and(|p| p > last_change), "a rename changes the device list");
+    assert_eq!(store.rename_device(&alice, "NOPE", Some("x")).await.unwrap(), None);
+    let removed = store.delete_devices(&alice, &["D2".into()]).await.unwrap();
+    assert_eq!(removed.count, 1);
+    assert!(removed.list_changed_at > renamed, "removing any device changes the list");
     assert!(
         store.session_by_token_hash("t2").await.unwrap().is_none(),
         "deleting a device revokes its token"
@@ -166,10 +198,7 @@ async fn events_positions_and_idempotency(store: &dyn Store) {
         );
         let id = p.event_id.clone();
         let mut w = write(p);
-        w.txn = Some(TxnRef {
-            device_id: "D".into(),
-            txn_id: format!("txn{n}"),
-        });
+        w.txn = Some(txn("D", &format!("txn{n}")));
         match store.append_event(w).await.unwrap() {
             AppendOutcome::Appended(pos) => {
                 assert!(pos > last, "strictly increasing");
@@ -184,21 +213,23 @@ async fn events_positions_and_idempotency(store: &dyn Store) {
     // The same transaction id again maps to the first event and writes nothing.
     let again = pdu(&room, &signer, 99, NewEvent::message("m.room.message", json!({"body": "dup"})));
     let mut w = write(again);
-    w.txn = Some(TxnRef {
-        device_id: "D".into(),
-        txn_id: "txn3".into(),
-    });
+    w.txn = Some(txn("D", "txn3"));
     match store.append_event(w).await.unwrap() {
         AppendOutcome::Duplicate(id) => assert_eq!(id, ids[3]),
         AppendOutcome::Appended(_) => panic!("duplicate txn was appended"),
     }
-    assert_eq!(store.event_by_txn(&room.creator, "D", "txn5").await.unwrap(), Some(ids[5].clone()));
     assert_eq!(
-        store.event_by_txn(&room.creator, "OTHER", "txn5").await.unwrap(),
+        store.event_by_txn(&room.room_id, &room.creator, &txn("D", "txn5")).await.unwrap(),
+        Some(ids[5].clone())
+    );
+    assert_eq!(
+        store
+            .event_by_txn(&room.room_id, &room.creator, &txn("OTHER", "txn5"))
+            .await
+            .unwrap(),
         None,
         "txn ids are per device"
     );
-
     // Pagination in both directions covers every event once.
     let mut seen = vec![];
     let mut until = store.current_position();
@@ -234,12 +265,52 @@ async fn events_positions_and_idempotency(store: &dyn Store) {
         .unwrap();
     assert_eq!(fwd.iter().map(|e| e.pdu.event_id.clone()).collect::<Vec<_>>(), ids);
     let got = store.event(&ids[0]).await.unwrap().expect("event by id");
+    assert_eq!(got.txn, Some(txn("D", "txn0")));
+
+    // The same id under another path (another endpoint or event type) is a new request.
+    let other_scope = pdu(&room, &signer, 98, NewEvent::message("m.reaction", json!({})));
+    let other_id = other_scope.event_id.clone();
+    let mut w = write(other_scope);
+    w.txn = Some(TxnRef {
+        scope: "send/m.reaction".into(),
+        ..txn("D", "txn3")
+    });
+    assert!(
+        matches!(store.append_event(w).await.unwrap(), AppendOutcome::Appended(_)),
+        "a transaction id is scoped to its request path"
+    );
     assert_eq!(
-        got.txn,
-        Some(TxnRef {
-            device_id: "D".into(),
-            txn_id: "txn0".into()
-        })
+        store
+            .event_by_txn(
+                &room.room_id,
+                &room.creator,
+                &TxnRef {
+                    scope: "send/m.reaction".into(),
+                    ..txn("D", "txn3")
+                }
+            )
+            .await
+            .unwrap(),
+        Some(other_id.clone())
+    );
+    let (other_room, _) = test_room("!pos2:localhost");
+    let elsewhere = Pdu::build(
+        &signer,
+        &other_room.version,
+        Some(&other_room.room_id),
+        &other_room.creator,
+        NewEvent::message("m.room.message", json!({"body": "x"})),
+        vec![],
+        vec![],
+        1,
+        MilliSecondsSinceUnixEpoch::now(),
+    )
+    .unwrap();
+    let mut w = write(elsewhere);
+    w.txn = Some(txn("D", "txn3"));
+    assert!(
+        matches!(store.append_event(w).await.unwrap(), AppendOutcome::Appended(_)),
+        "and to its room"
     );
 }
 
@@ -281,6 +352,20 @@ async fn state_membership_and_redaction(store: &dyn Store) {
     let bobs = store.memberships(&bob).await.unwrap();
     assert_eq!(bobs.len(), 1);
     assert_eq!((bobs[0].membership, bobs[0].pos), (Membership::Invite, invite_pos));
+    let alice_joined_at = store.memberships(&alice).await.unwrap()[0].pos;
+    let renamed = pdu(
+        &room,
+        &signer,
+        5,
+        NewEvent::state("m.room.member", alice.as_str(), json!({"membership": "join", "displayname": "Al"})),
+    );
+    store.append_event(write(renamed.clone())).await.unwrap();
+    let alices = store.memberships(&alice).await.unwrap();
+    assert_eq!(
+        (alices[0].pos, &alices[0].event_id),
+        (alice_joined_at, &renamed.event_id),
+        "a new member event with the same membership keeps where the membership began"
+    );
 
     let msg = pdu(&room, &signer, 6, NewEvent::message("m.room.message", json!({"body": "oops"})));
     store.append_event(write(msg.clone())).await.unwrap();
@@ -318,6 +403,7 @@ async fn state_membership_and_redaction(store: &dyn Store) {
     store.append_event(w).await.unwrap();
     let got = store.event(&msg.event_id).await.unwrap().unwrap();
     assert_eq!(got.pdu.content.get(), "{}", "redaction replaces stored content");
+    assert_eq!(got.prev, None, "a message replaces no state");
     assert_eq!(got.redacted_by, Some(redaction.event_id.clone()));
     assert!(!got.pdu.json.contains("oops"));
 
@@ -335,6 +421,202 @@ async fn state_membership_and_redaction(store: &dyn Store) {
     assert!(store.alias("#state:localhost").await.unwrap().is_none());
     store.set_room_public(&room.room_id, true).await.unwrap();
     assert!(store.public_rooms().await.unwrap().contains(&room.room_id));
+}
+
+/// State at a point of the timeline, previous state of each state event,
+/// and the history of one piece of state.
+async fn state_at_points_and_history(store: &dyn Store) {
+    let (room, signer) = test_room("!history:localhost");
+    let alice = room.creator.clone();
+    let bob = owned_user_id!("@bob_history:localhost");
+    let create = pdu(
+        &room,
+        &signer,
+        1,
+        NewEvent::state("m.room.create", "", json!({"room_version": "11"})),
+    );
+    let join = pdu(
+        &room,
+        &signer,
+        2,
+        NewEvent::state("m.room.member", alice.as_str(), json!({"membership": "join"})),
+    );
+    let positions = store
+        .create_room(room.clone(), vec![write(create), write(join.clone())])
+        .await
+        .unwrap();
+    let append = async |event: Pdu, prev: Option<&Pdu>| {
+        let mut w = write(event);
+        w.prev = prev.map(|p| PrevState {
+            event_id: p.event_id.clone(),
+            sender: p.sender.clone(),
+            content: p.content.get().to_owned(),
+        });
+        match store.append_event(w).await.unwrap() {
+            AppendOutcome::Appended(pos) => pos,
+            AppendOutcome::Duplicate(_) => panic!("no transaction"),
+        }
+    };
+    let bob_joins = pdu(
+        &room,
+        &signer,
+        3,
+        NewEvent::state("m.room.member", bob.as_str(), json!({"membership": "join"})),
+    );
+    let joined_at = append(bob_joins.clone(), None).await;
+    let topic = pdu(&room, &signer, 4, NewEvent::state("m.room.topic", "", json!({"topic": "before"})));
+    append(topic.clone(), None).await;
+    let bob_leaves = pdu(
+        &room,
+        &signer,
+        5,
+        NewEvent::state("m.room.member", bob.as_str(), json!({"membership": "leave"})),
+    );
+    let left_at = append(bob_leaves.clone(), Some(&bob_joins)).await;
+    let topic2 = pdu(&room, &signer, 6, NewEvent::state("m.room.topic", "", json!({"topic": "after"})));
+    append(topic2.clone(), Some(&topic)).await;
+
+    let at_leave: Vec<OwnedEventId> = store
+        .state_at(&room.room_id, left_at)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.pdu.event_id)
+        .collect();
+    assert_eq!(
+        at_leave,
+        vec![
+            positions_event(&positions, 0, &room, store).await,
+            join.event_id.clone(),
+            topic.event_id.clone(),
+            bob_leaves.event_id.clone()
+        ],
+        "the state right after the leave, in stream order"
+    );
+    let before_join = store.state_at(&room.room_id, joined_at - 1).await.unwrap();
+    assert_eq!(before_join.len(), 2, "create and alice's join");
+    let now = store.state_at(&room.room_id, store.current_position()).await.unwrap();
+    assert!(now.iter().any(|e| e.pdu.event_id == topic2.event_id));
+    assert_eq!(
+        now.len(),
+        store.current_state(&room.room_id).await.unwrap().len(),
+        "state at the newest position is the current state"
+    );
+
+    let leave = store.event(&bob_leaves.event_id).await.unwrap().unwrap();
+    let prev = leave.prev.expect("the leave replaced the join");
+    assert_eq!(
+        (prev.event_id, prev.sender, prev.content.as_str()),
+        (bob_joins.event_id.clone(), alice.clone(), r#"{"membership":"join"}"#)
+    );
+    let history: Vec<OwnedEventId> = store
+        .state_history(&room.room_id, "m.room.member", bob.as_str())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.pdu.event_id)
+        .collect();
+    assert_eq!(history, vec![bob_joins.event_id.clone(), bob_leaves.event_id.clone()]);
+
+    // Redacting the replaced event redacts what its successor shows of it.
+    let mut redaction_event = NewEvent::message("m.room.redaction", json!({"redacts": topic.event_id}));
+    redaction_event.redacts = Some(topic.event_id.clone());
+    let mut w = write(pdu(&room, &signer, 7, redaction_event));
+    w.redacted_target = Some((
+        topic.event_id.clone(),
+        kabar_domain::client_event::redact_pdu(&topic, &room.version).unwrap(),
+    ));
+    store.append_event(w).await.unwrap();
+    let after = store.event(&topic2.event_id).await.unwrap().unwrap();
+    assert_eq!(after.prev.map(|p| p.content), Some("{}".to_owned()));
+}
+
+/// The id of the event stored at `positions[i]` of a room.
+async fn positions_event(positions: &[StreamPos], i: usize, room: &RoomRecord, store: &dyn Store) -> OwnedEventId {
+    store
+        .room_events(EventRange {
+            room_id: &room.room_id,
+            after: positions[i] - 1,
+            until: positions[i],
+            direction: Direction::Forward,
+            limit: 1,
+        })
+        .await
+        .unwrap()
+        .remove(0)
+        .pdu
+        .event_id
+}
+
+/// The user directory shows a searcher only the users they may know of.
+async fn user_directory_visibility(store: &dyn Store) {
+    let (room, signer) = test_room("!directory:localhost");
+    let (searcher, shares, stranger, public) = (
+        owned_user_id!("@dir_searcher:localhost"),
+        owned_user_id!("@dir_shares:localhost"),
+        owned_user_id!("@dir_stranger:localhost"),
+        owned_user_id!("@dir_public:localhost"),
+    );
+    for u in [&searcher, &shares, &stranger, &public] {
+        store
+            .create_user(NewUser {
+                user_id: u.clone(),
+                password_hash: None,
+                created_ms: 1,
+            })
+            .await
+            .unwrap();
+    }
+    let room = RoomRecord {
+        creator: searcher.clone(),
+        ..room
+    };
+    let member = |u: &ruma::UserId, n: u64, room: &RoomRecord| {
+        write(
+            Pdu::build(
+                &signer,
+                &room.version,
+                Some(&room.room_id),
+                u,
+                NewEvent::state("m.room.member", u.as_str(), json!({"membership": "join"})),
+                vec![],
+                vec![],
+                n,
+                MilliSecondsSinceUnixEpoch::now(),
+            )
+            .unwrap(),
+        )
+    };
+    store
+        .create_room(room.clone(), vec![member(&searcher, 1, &room), member(&shares, 2, &room)])
+        .await
+        .unwrap();
+    let (open, _) = test_room("!directory_open:localhost");
+    let open = RoomRecord {
+        creator: public.clone(),
+        ..open
+    };
+    let rule = write(pdu(
+        &open,
+        &signer,
+        2,
+        NewEvent::state("m.room.join_rules", "", json!({"join_rule": "public"})),
+    ));
+    store
+        .create_room(open.clone(), vec![member(&public, 1, &open), rule])
+        .await
+        .unwrap();
+    let found = |users: Vec<UserRecord>| users.into_iter().map(|u| u.user_id.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        found(store.search_users("dir_", 10, Some(&searcher)).await.unwrap()),
+        ["@dir_public:localhost", "@dir_searcher:localhost", "@dir_shares:localhost"],
+        "the searcher, who shares a room with them, and who is in a public room"
+    );
+    assert_eq!(
+        store.search_users("dir_", 10, None).await.unwrap().len(),
+        4,
+        "without a searcher: everyone"
+    );
 }
 
 async fn user_data(store: &dyn Store) {
@@ -394,6 +676,9 @@ async fn user_data(store: &dyn Store) {
     };
     store.put_media(m.clone()).await.unwrap();
     assert_eq!(store.media("abc").await.unwrap(), Some(m));
+    let freeze = store.media_freeze_ms().await.unwrap();
+    assert!(freeze > 0, "a store knows when unauthenticated media was frozen");
+    assert_eq!(store.media_freeze_ms().await.unwrap(), freeze, "and it does not move");
 }
 
 async fn server_data(store: &dyn Store) {
@@ -418,6 +703,7 @@ async fn device(store: &dyn Store, user: &ruma::UserId, device_id: &str) {
             display_name: Some(format!("{device_id} name")),
             token_hash: format!("tok-{user}-{device_id}"),
             now_ms: 1,
+            ip: None,
         })
         .await
         .unwrap();
@@ -533,7 +819,12 @@ async fn device_keys_and_claims(store: &dyn Store) {
         "its one-time keys went too"
     );
     let removed = store.delete_devices(&bob, &["B2".into()]).await.unwrap();
-    assert_eq!(removed.list_changed_at, None, "a device that published nothing changes no list");
+    assert!(
+        removed.list_changed_at.is_some(),
+        "a device that published nothing is still gone from the list"
+    );
+    let removed = store.delete_devices(&bob, &["NEVER".into()]).await.unwrap();
+    assert_eq!(removed, DevicesRemoved::default(), "deleting nothing changes nothing");
 }
 
 async fn cross_signing_and_signatures(store: &dyn Store) {
@@ -597,15 +888,17 @@ async fn to_device_queue(store: &dyn Store) {
     };
     let start = store.current_position();
     let first = store
-        .queue_to_device(&sender, "txn1", vec![msg("E1", 1), msg("GONE", 2), msg("E1", 3)])
+        .queue_to_device(&sender, "m.test", "txn1", vec![msg("E1", 1), msg("GONE", 2), msg("E1", 3)])
         .await
         .unwrap();
     assert!(first.is_some());
     assert_eq!(
-        store.queue_to_device(&sender, "txn1", vec![msg("E1", 9)]).await.unwrap(),
+        store.queue_to_device(&sender, "m.test", "txn1", vec![msg("E1", 9)]).await.unwrap(),
         None,
         "a repeated transaction queues nothing"
     );
+    let other_type = store.queue_to_device(&sender, "m.other", "txn1", vec![]).await.unwrap();
+    assert!(other_type.is_some(), "the same id for another event type is another transaction");
     let queued = store.to_device(&erin, "E1", start, store.current_position(), 100).await.unwrap();
     let contents: Vec<&str> = queued.iter().map(|m| m.content.as_str()).collect();
     assert_eq!(contents, [r#"{"n":1}"#, r#"{"n":3}"#], "in order, only to devices that exist");

@@ -45,16 +45,24 @@ pub trait AccountStore: Send + Sync {
     /// Marks the user deactivated and removes every device and token.
     async fn deactivate_user(&self, user_id: &UserId) -> StoreResult<DevicesRemoved>;
     async fn set_profile(&self, user_id: &UserId, field: ProfileField, value: Option<&str>) -> StoreResult<()>;
-    /// Users whose id or display name contains `term` (case-insensitive).
-    async fn search_users(&self, term: &str, limit: usize) -> StoreResult<Vec<UserRecord>>;
+    /// Active users whose id or display name contains `term`
+    /// (case-insensitive). With a `searcher`, only users who share a room
+    /// with them, are in a room anyone may join, or are the searcher.
+    async fn search_users(&self, term: &str, limit: usize, searcher: Option<&UserId>) -> StoreResult<Vec<UserRecord>>;
 
     /// Creates or replaces a device and its access token (stored as a hash).
-    async fn upsert_device(&self, device: NewDevice) -> StoreResult<()>;
+    /// A new device is a change of the user's device list: its position is
+    /// returned (`None` when the device existed and only got a new token).
+    async fn upsert_device(&self, device: NewDevice) -> StoreResult<Option<StreamPos>>;
     async fn session_by_token_hash(&self, token_hash: &str) -> StoreResult<Option<Session>>;
     async fn devices(&self, user_id: &UserId) -> StoreResult<Vec<DeviceRecord>>;
-    async fn rename_device(&self, user_id: &UserId, device_id: &str, name: Option<&str>) -> StoreResult<bool>;
+    /// Renames a device, a change of the user's device list (other users see
+    /// the name): its position, or `None` if there is no such device.
+    async fn rename_device(&self, user_id: &UserId, device_id: &str, name: Option<&str>) -> StoreResult<Option<StreamPos>>;
+    /// Notes when and from where a device was last used.
+    async fn touch_device(&self, user_id: &UserId, device_id: &str, ip: &str, now_ms: u64) -> StoreResult<()>;
     /// Deletes devices with their tokens, keys and queued to-device
-    /// messages, and records a device-list change if any had published keys.
+    /// messages, and records a device-list change if any was removed.
     async fn delete_devices(&self, user_id: &UserId, device_ids: &[String]) -> StoreResult<DevicesRemoved>;
     /// [`delete_devices`](Self::delete_devices) for every device of the user except `keep`.
     async fn delete_all_devices(&self, user_id: &UserId, keep: Option<&str>) -> StoreResult<DevicesRemoved>;
@@ -74,7 +82,8 @@ pub trait RoomStore: Send + Sync {
     /// existing event instead if the transaction id was used before.
     async fn append_event(&self, event: EventWrite) -> StoreResult<AppendOutcome>;
     async fn event(&self, event_id: &ruma::EventId) -> StoreResult<Option<StoredEvent>>;
-    async fn event_by_txn(&self, user_id: &UserId, device_id: &str, txn_id: &str) -> StoreResult<Option<OwnedEventId>>;
+    /// The event `sender` sent in the room under this transaction.
+    async fn event_by_txn(&self, room_id: &RoomId, sender: &UserId, txn: &TxnRef) -> StoreResult<Option<OwnedEventId>>;
     /// Events of a room in stream order between two positions (exclusive
     /// `after`, inclusive `until`), from the `direction` end, at most `limit`.
     async fn room_events(&self, range: EventRange<'_>) -> StoreResult<Vec<StoredEvent>>;
@@ -90,6 +99,11 @@ pub trait RoomStore: Send + Sync {
     /// the position of their latest reply.
     async fn thread_roots(&self, room_id: &RoomId, limit: usize) -> StoreResult<Vec<(OwnedEventId, StreamPos)>>;
     async fn current_state(&self, room_id: &RoomId) -> StoreResult<Vec<StoredEvent>>;
+    /// The room's state right after the event at stream position `at`: for
+    /// each (type, state key), the newest state event at or before `at`.
+    async fn state_at(&self, room_id: &RoomId, at: StreamPos) -> StoreResult<Vec<StoredEvent>>;
+    /// Every state event of one (type, state key) in the room, oldest first.
+    async fn state_history(&self, room_id: &RoomId, kind: &str, state_key: &str) -> StoreResult<Vec<StoredEvent>>;
     /// Every membership event of `user_id` in the room, oldest first.
     async fn membership_history(&self, room_id: &RoomId, user_id: &UserId) -> StoreResult<Vec<MembershipRecord>>;
     /// How many events of the given types others sent in the room at positions
@@ -103,7 +117,9 @@ pub trait RoomStore: Send + Sync {
         kinds: &[&str],
         cap: usize,
     ) -> StoreResult<u64>;
-    /// Current memberships of a user, in every room they have one in.
+    /// Current memberships of a user, in every room they have one in. A
+    /// membership's position is where it last changed value: a new member
+    /// event with the same membership (a profile change) does not move it.
     async fn memberships(&self, user_id: &UserId) -> StoreResult<Vec<MembershipRecord>>;
     /// Drops a left room from the user's lists (`/forget`).
     async fn forget_room(&self, user_id: &UserId, room_id: &RoomId) -> StoreResult<()>;
@@ -175,7 +191,14 @@ pub trait ToDeviceStore: Send + Sync {
     /// Queues messages to existing devices (to a device that does not exist,
     /// nothing) under the sender's transaction id. Returns the last position
     /// used, or `None` if the transaction was used before (nothing queued).
-    async fn queue_to_device(&self, sender: &Session, txn_id: &str, messages: Vec<ToDeviceMessage>) -> StoreResult<Option<StreamPos>>;
+    /// The transaction is scoped to the sending device and the event type.
+    async fn queue_to_device(
+        &self,
+        sender: &Session,
+        kind: &str,
+        txn_id: &str,
+        messages: Vec<ToDeviceMessage>,
+    ) -> StoreResult<Option<StreamPos>>;
     /// Queued messages of one device in `(after, until]`, oldest first, at most `limit`.
     async fn to_device(
         &self,
@@ -213,6 +236,9 @@ pub trait KeyBackupStore: Send + Sync {
 pub trait MediaStore: Send + Sync {
     async fn put_media(&self, media: MediaRecord) -> StoreResult<()>;
     async fn media(&self, media_id: &str) -> StoreResult<Option<MediaRecord>>;
+    /// When unauthenticated media was frozen for this server (Matrix 1.11):
+    /// media created before it may still be served on the legacy paths.
+    async fn media_freeze_ms(&self) -> StoreResult<u64>;
 }
 
 /// Server-wide secrets and registration tokens.

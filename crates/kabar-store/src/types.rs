@@ -36,6 +36,8 @@ pub struct NewDevice {
     pub display_name: Option<String>,
     pub token_hash: String,
     pub now_ms: u64,
+    /// The client address it signed in from.
+    pub ip: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +45,7 @@ pub struct DeviceRecord {
     pub device_id: String,
     pub display_name: Option<String>,
     pub last_seen_ms: Option<u64>,
+    pub last_seen_ip: Option<String>,
 }
 
 /// Who an access token belongs to: one device of one user.
@@ -60,11 +63,24 @@ pub struct RoomRecord {
     pub is_public: bool,
 }
 
-/// The client transaction an event was sent under.
+/// The client transaction an event was sent under. A transaction id is
+/// unique per device, room and `scope` (the endpoint and what its path
+/// names: `send/<event type>`, `redact/<event id>`), as the request path is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TxnRef {
     pub device_id: String,
     pub txn_id: String,
+    pub scope: String,
+}
+
+/// The state event a state event replaced, as clients see it in
+/// `unsigned.prev_content`, `prev_sender` and `replaces_state`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrevState {
+    pub event_id: OwnedEventId,
+    pub sender: OwnedUserId,
+    /// Its content as stored (redacted if the event was redacted since).
+    pub content: String,
 }
 
 /// An event to append, with what the store must index about it.
@@ -76,6 +92,8 @@ pub struct EventWrite {
     pub relation: Option<(OwnedEventId, String)>,
     /// For a redaction: the target's new, redacted PDU JSON.
     pub redacted_target: Option<(OwnedEventId, String)>,
+    /// For a state event: the state it replaces.
+    pub prev: Option<PrevState>,
 }
 
 #[derive(Debug, Clone)]
@@ -92,6 +110,8 @@ pub struct StoredEvent {
     pub txn: Option<TxnRef>,
     /// The redaction event that redacted this one, if any.
     pub redacted_by: Option<OwnedEventId>,
+    /// For a state event: the state it replaced.
+    pub prev: Option<PrevState>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

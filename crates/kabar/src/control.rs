@@ -138,6 +138,9 @@ impl LiveSettings {
             self.log.set_filter(&to.log)?;
         }
         self.accounts.set_policy(registration_policy(to));
+        if from.registration.reserved_localparts != to.registration.reserved_localparts {
+            self.accounts.set_reserved_localparts(to.registration.reserved_localparts.clone());
+        }
         let admission = self.accounts.admission();
         admission.register.set_limits(rate_limits(&to.admission.register));
         admission.login.set_limits(rate_limits(&to.admission.login));
@@ -353,8 +356,14 @@ fn changed_keys(a: &BTreeMap<String, toml::Value>, b: &BTreeMap<String, toml::Va
     keys
 }
 
-fn show(v: Option<&toml::Value>) -> String {
-    v.map_or_else(|| "(unset)".to_owned(), |v| v.to_string())
+/// A setting's value for reports and logs; secrets only say whether they are set.
+fn show(key: &str, v: Option<&toml::Value>) -> String {
+    let secret = schema::setting_at(key).is_some_and(|s| s.kind == schema::Kind::Secret);
+    match v {
+        None => "(unset)".to_owned(),
+        Some(_) if secret => "(set)".to_owned(),
+        Some(v) => v.to_string(),
+    }
 }
 
 impl ConfigControl {
@@ -409,8 +418,8 @@ impl ConfigControl {
             match apply {
                 Apply::Live => report.changed.push(key),
                 Apply::Restart => report.needs_restart.push(PendingRestart {
-                    running: show(running_keys.get(&key)),
-                    file: show(file_keys.get(&key)),
+                    running: show(&key, running_keys.get(&key)),
+                    file: show(&key, file_keys.get(&key)),
                     key,
                 }),
             }
@@ -566,6 +575,9 @@ mod tests {
                 schema::Kind::HttpUrl => toml::Value::String("https://chat.example.org".into()),
                 schema::Kind::ServerName => toml::Value::String("example.org".into()),
                 schema::Kind::LogFilter => toml::Value::String("debug".into()),
+                schema::Kind::Secret => toml::Value::String("hunter2".into()),
+                schema::Kind::TurnUris => toml::Value::Array(vec![toml::Value::String("turn:turn.example.org".into())]),
+                schema::Kind::Localparts => toml::Value::Array(vec![toml::Value::String("staff".into())]),
             };
             let mut doc = toml::Table::new();
             let parts: Vec<&str> = setting.key.split('.').collect();

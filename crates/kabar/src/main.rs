@@ -29,18 +29,19 @@ use kabar_core::{
     key_backup::KeyBackups,
     keys::{DeviceLists, Keys},
     load::LoadMetrics,
-    media::Media,
+    media::{DownloadSlots, LegacyMedia, Media},
     notifier::Notifier,
     password::{HashCost, HashPriority, HashingPool, PasswordHasher},
+    push::PushRules,
     rooms::Rooms,
     sync::{SyncEngine, SyncSources},
-    to_device::ToDevice,
-    user_data::UserData,
+    to_device::{SenderLimits, ToDevice},
+    user_data::{DirectoryScope, UserData},
 };
 use kabar_domain::EventSigner;
 use kabar_store::{ServerStore, Store};
 use kabar_store_sqlite::SqliteStore;
-use listeners::Listeners;
+use listeners::{ConnectionLimits, Listeners};
 
 #[derive(Parser)]
 #[command(name = "kabar", version, about = "A Matrix homeserver built to stay up")]
@@ -326,6 +327,7 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
         policy,
         device_lists.clone(),
     ));
+    accounts.set_reserved_localparts(config.registration.reserved_localparts.clone());
     let default_version = ruma::RoomVersionId::try_from(config.rooms.default_version.as_str())?;
     let rooms = Arc::new(Rooms::new(
         store.clone(),
@@ -336,7 +338,15 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
         gates.join.clone(),
     ));
     let keys = Arc::new(Keys::new(store.clone(), rooms.clone(), changes.clone(), device_lists));
-    let to_device = Arc::new(ToDevice::new(store.clone(), changes.clone(), notifier.clone()));
+    let to_device = Arc::new(ToDevice::new(
+        store.clone(),
+        changes.clone(),
+        notifier.clone(),
+        SenderLimits {
+            per_second: config.limits.to_device_messages_per_second,
+            burst: config.limits.to_device_burst,
+        },
+    ));
     let sync = Arc::new(SyncEngine::new(
         SyncSources {
             store: store.clone(),
@@ -346,24 +356,39 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
             changes: changes.clone(),
             keys: keys.clone(),
             to_device: to_device.clone(),
+            push_rules: Arc::new(PushRules::new(store.clone(), changes.clone())),
         },
         gates.initial_sync.clone(),
     ));
-    let user_data = Arc::new(UserData::new(store.clone(), notifier.clone(), changes, rooms.clone()));
+    let directory = if config.user_directory.search_all_users {
+        DirectoryScope::AllUsers
+    } else {
+        DirectoryScope::KnownUsers
+    };
+    let user_data = Arc::new(UserData::new(store.clone(), notifier.clone(), changes, rooms.clone(), directory));
+    let legacy_media = match config.media.legacy_unauthenticated.as_str() {
+        "all" => LegacyMedia::All,
+        "off" => LegacyMedia::Off,
+        _ => LegacyMedia::FrozenAt(store.media_freeze_ms().await?),
+    };
     let media = Arc::new(Media::new(
         store.clone(),
         config.data_dir.join("media"),
         config.limits.max_upload_bytes as u64,
         gates.thumbnail.clone(),
+        legacy_media,
+        DownloadSlots::new(config.media.max_downloads_per_address),
     )?);
     // The public URL may name the first listener's bound port; it is set
     // once the listeners are bound, before they are announced to anyone
     // who could ask.
-    let info = Arc::new(kabar_api::ServerInfo::new(
-        server_name.to_string(),
-        String::new(),
-        random_instance_id(),
-    ));
+    let info = Arc::new(
+        kabar_api::ServerInfo::new(server_name.to_string(), String::new(), random_instance_id()).with_turn(kabar_core::voip::TurnConfig {
+            uris: config.voip.turn_uris.clone(),
+            shared_secret: config.voip.turn_shared_secret.clone(),
+            lifetime: Duration::from_millis(config.voip.turn_user_lifetime_ms),
+        }),
+    );
     let readiness = Arc::new(Readiness::new(store.clone(), notifier.clone()));
     let api_metrics = Arc::new(kabar_api::ApiMetrics::default());
     let state = kabar_api::AppState::new(kabar_api::Services {
@@ -411,7 +436,14 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
         metrics_bound = Some(addr);
     }
 
-    let listeners = Arc::new(Listeners::start(app, &config.listen)?);
+    let listeners = Arc::new(Listeners::start(
+        app,
+        &config.listen,
+        ConnectionLimits {
+            header_read_timeout: Duration::from_millis(config.limits.header_read_timeout_ms),
+            max_per_address: config.limits.max_connections_per_address,
+        },
+    )?);
     info.set_public_base_url(public_base_url(&config, &listeners));
     let probe = HealthProbe::new(readiness.clone(), info.clone(), listeners.clone(), metrics_bound)?;
     let live = LiveSettings {

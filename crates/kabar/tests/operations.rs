@@ -596,7 +596,8 @@ async fn login(url: &str, name: &str, password: &str) -> reqwest::StatusCode {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_socket_works_while_http_is_saturated() {
-    let server = Server::start();
+    // Registration needs a token here, so the admin's token is what lets a newcomer in.
+    let server = Server::start_with_config("[registration]\nmode = \"token\"\n");
     let url = server.url.clone();
     // Saturate the listener: 256 clients in closed loops of sign-up
     // challenges and wrong-password logins, on the same two cores.
@@ -661,7 +662,9 @@ async fn the_admin_socket_works_while_http_is_saturated() {
 async fn the_admin_socket_works_when_http_is_bound_to_the_wrong_address_and_fixes_it_live() {
     // The operator meant port `intended`; the file says another (a typo).
     let intended = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let fs = FileServer::start("");
+    // Registration needs a token here, so the admin's token is what lets a newcomer in.
+    const TOKEN_MODE: &str = "registration.mode = \"token\"\n";
+    let fs = FileServer::start(TOKEN_MODE);
     let refused = http().get(format!("http://{intended}/_matrix/client/versions")).send().await;
     assert!(refused.is_err(), "nothing answers where clients are sent");
     let (_, token) = break_glass(fs.server.data_dir(), "operator");
@@ -676,7 +679,7 @@ async fn the_admin_socket_works_when_http_is_bound_to_the_wrong_address_and_fixe
     // A fix that cannot work (the port is taken) is rolled back: the old
     // listener keeps serving.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    fs.write(&format!("listen = \"{}\"\n", taken.local_addr().unwrap()));
+    fs.write(&format!("{TOKEN_MODE}listen = \"{}\"\n", taken.local_addr().unwrap()));
     let (report, ok) = fs.reload();
     assert!(!ok);
     assert_eq!(report["outcome"], "rolled_back", "{report}");
@@ -693,7 +696,7 @@ async fn the_admin_socket_works_when_http_is_bound_to_the_wrong_address_and_fixe
 
     // The real fix, live: the intended address starts answering, the wrong
     // one stops, no restart.
-    fs.write(&format!("listen = \"{intended}\"\n"));
+    fs.write(&format!("{TOKEN_MODE}listen = \"{intended}\"\n"));
     let (report, ok) = fs.reload();
     assert!(ok, "{report}");
     assert_eq!(report["changed"], json!(["listen"]));

@@ -3,51 +3,8 @@
 
 mod common;
 
-use common::{Server, enc, http};
+use common::{Api, Server, enc, http};
 use serde_json::{Value, json};
-
-struct Api {
-    url: String,
-    token: String,
-    user_id: String,
-}
-
-impl Api {
-    async fn register(server: &Server, name: &str) -> Self {
-        let v: Value = http()
-            .post(format!("{}/_matrix/client/v3/register", server.url))
-            .json(&json!({"username": name, "password": "pw", "auth": {"type": "m.login.dummy"}}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        Self {
-            url: server.url.clone(),
-            token: v["access_token"].as_str().unwrap().into(),
-            user_id: v["user_id"].as_str().unwrap().into(),
-        }
-    }
-
-    async fn req(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut r = http()
-            .request(method, format!("{}/_matrix/client/v3{path}", self.url))
-            .bearer_auth(&self.token);
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let resp = r.send().await.unwrap();
-        let s = resp.status().as_u16();
-        (s, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn ok(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let (s, v) = self.req(method.clone(), path, body).await;
-        assert_eq!(s, 200, "{method} {path}: {v}");
-        v
-    }
-}
 
 use reqwest::Method as M;
 
@@ -383,12 +340,23 @@ async fn push_rules_and_thumbnails() {
     assert_eq!(thumb.headers()["content-type"], "image/png");
     let bytes = thumb.bytes().await.unwrap();
     assert_eq!(&bytes[..8], &PNG[..8], "a PNG comes back");
+    let download = http()
+        .get(format!("{}/_matrix/client/v1/media/download/{path}", server.url))
+        .bearer_auth(&alice.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(download.bytes().await.unwrap().as_ref(), PNG);
     let legacy = http()
         .get(format!("{}/_matrix/media/v3/download/{path}", server.url))
         .send()
         .await
         .unwrap();
-    assert_eq!(legacy.bytes().await.unwrap().as_ref(), PNG);
+    assert_eq!(
+        legacy.status().as_u16(),
+        404,
+        "media uploaded since the freeze is not served unauthenticated"
+    );
     let unauthed = http()
         .get(format!("{}/_matrix/client/v1/media/download/{path}", server.url))
         .send()
@@ -408,11 +376,12 @@ async fn push_rules_and_thumbnails() {
         .unwrap();
     let path = text["content_uri"].as_str().unwrap().strip_prefix("mxc://").unwrap().to_owned();
     let thumb = http()
-        .get(format!("{}/_matrix/media/v3/thumbnail/{path}?width=8&height=8", server.url))
+        .get(format!("{}/_matrix/client/v1/media/thumbnail/{path}?width=8&height=8", server.url))
+        .bearer_auth(&alice.token)
         .send()
         .await
         .unwrap();
-    assert_eq!(thumb.status().as_u16(), 404);
+    assert_eq!(thumb.status().as_u16(), 404, "not an image: no thumbnail");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

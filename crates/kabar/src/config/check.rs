@@ -217,6 +217,13 @@ fn string<'v>(value: &'v Spanned<DeValue<'_>>) -> Result<&'v str, String> {
         .ok_or_else(|| format!("expected a string, found {}", a(value.get_ref().type_str())))
 }
 
+fn strings<'v>(value: &'v Spanned<DeValue<'_>>) -> Result<Vec<&'v str>, String> {
+    match value.get_ref() {
+        DeValue::Array(items) => items.iter().map(string).collect(),
+        other => Err(format!("expected a list of strings, found {}", a(other.type_str()))),
+    }
+}
+
 fn socket_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse()
         .map_err(|_| format!("{s:?} is not an address of the form ip:port (for example \"127.0.0.1:8008\" or \"[::]:8008\")"))
@@ -287,6 +294,29 @@ fn check_value(setting: &Setting, value: &Spanned<DeValue<'_>>) -> Result<(), St
             tracing_subscriber::EnvFilter::builder()
                 .parse(s)
                 .map_err(|e| format!("{s:?} is not a log filter: {e}"))?;
+        }
+        Kind::Secret => {
+            if string(value)?.is_empty() {
+                return Err("an empty secret".into());
+            }
+        }
+        Kind::TurnUris => {
+            for item in strings(value)? {
+                if !(item.starts_with("turn:") || item.starts_with("turns:")) || item.len() < 7 {
+                    return Err(format!("{item:?} is not a turn: or turns: URI"));
+                }
+            }
+        }
+        Kind::Localparts => {
+            for item in strings(value)? {
+                if item.is_empty()
+                    || item
+                        .bytes()
+                        .any(|b| !matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/' | b'+'))
+                {
+                    return Err(format!("{item:?} is not a user name (lower-case a-z, 0-9 and . _ = - / +)"));
+                }
+            }
         }
     }
     Ok(())
@@ -472,6 +502,17 @@ pub fn check_whole(config: &Config, lines: &HashMap<String, usize>) -> Vec<Probl
             at("server_name"),
             "\"localhost\" on a public listener: user ids will read @name:localhost, and server_name cannot change once users exist",
         ));
+    }
+    let voip = &config.voip;
+    if !voip.turn_uris.is_empty() && voip.turn_shared_secret.is_none() {
+        out.push(
+            Problem::error(
+                "voip.turn_shared_secret",
+                at("voip.turn_uris"),
+                "TURN servers are listed but no shared secret: clients would get credentials the TURN server refuses",
+            )
+            .hint("set voip.turn_shared_secret to the TURN server's static-auth-secret"),
+        );
     }
     if let Some(problem) = data_dir_problem(&config.data_dir) {
         out.push(Problem::error("data_dir", at("data_dir"), problem));

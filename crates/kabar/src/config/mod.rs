@@ -36,6 +36,9 @@ pub struct Config {
     pub password_hashing: PasswordHashingConfig,
     pub admission: AdmissionConfig,
     pub work: WorkConfig,
+    pub media: MediaConfig,
+    pub user_directory: UserDirectoryConfig,
+    pub voip: VoipConfig,
 }
 
 /// `listen = "addr"` or `listen = ["addr", ...]`.
@@ -119,6 +122,29 @@ pub const THUMBNAIL_DEFAULTS: WorkClassLimits = WorkClassLimits {
 pub struct RegistrationConfig {
     pub mode: String,
     pub allow_open_on_public_address: bool,
+    pub reserved_localparts: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MediaConfig {
+    pub legacy_unauthenticated: String,
+    pub max_downloads_per_address: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct UserDirectoryConfig {
+    pub search_all_users: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VoipConfig {
+    pub turn_uris: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub turn_shared_secret: Option<String>,
+    pub turn_user_lifetime_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -133,6 +159,10 @@ pub struct LimitsConfig {
     pub max_request_body_bytes: usize,
     pub max_json_body_bytes: usize,
     pub max_upload_bytes: usize,
+    pub header_read_timeout_ms: u64,
+    pub max_connections_per_address: usize,
+    pub to_device_messages_per_second: u32,
+    pub to_device_burst: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -163,6 +193,43 @@ impl Default for Config {
             password_hashing: PasswordHashingConfig::default(),
             admission: AdmissionConfig::default(),
             work: WorkConfig::default(),
+            media: MediaConfig::default(),
+            user_directory: UserDirectoryConfig::default(),
+            voip: VoipConfig::default(),
+        }
+    }
+}
+
+/// User names reserved by default: the names people trust as a server's staff.
+pub const RESERVED_LOCALPARTS: &[&str] = &[
+    "admin",
+    "administrator",
+    "root",
+    "postmaster",
+    "abuse",
+    "support",
+    "security",
+    "hostmaster",
+    "webmaster",
+    "noreply",
+    "kabar",
+];
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            legacy_unauthenticated: "frozen".into(),
+            max_downloads_per_address: 16,
+        }
+    }
+}
+
+impl Default for VoipConfig {
+    fn default() -> Self {
+        Self {
+            turn_uris: vec![],
+            turn_shared_secret: None,
+            turn_user_lifetime_ms: 86_400_000,
         }
     }
 }
@@ -172,6 +239,7 @@ impl Default for RegistrationConfig {
         Self {
             mode: "auto".into(),
             allow_open_on_public_address: false,
+            reserved_localparts: RESERVED_LOCALPARTS.iter().map(|s| s.to_string()).collect(),
         }
     }
 }
@@ -190,6 +258,10 @@ impl Default for LimitsConfig {
             max_request_body_bytes: 64 * 1024 * 1024,
             max_json_body_bytes: 1024 * 1024,
             max_upload_bytes: 50 * 1024 * 1024,
+            header_read_timeout_ms: 10_000,
+            max_connections_per_address: 1024,
+            to_device_messages_per_second: 1000,
+            to_device_burst: 20_000,
         }
     }
 }

@@ -25,6 +25,12 @@ pub enum Kind {
     ServerName,
     /// A tracing filter directive (`info`, `kabar_core=debug,warn`, ...).
     LogFilter,
+    /// A secret string: never shown in reports or logs.
+    Secret,
+    /// A list of `turn:` / `turns:` URIs.
+    TurnUris,
+    /// A list of user-name localparts.
+    Localparts,
 }
 
 impl Kind {
@@ -41,6 +47,9 @@ impl Kind {
             Kind::HttpUrl => "URL (`http` or `https`)".into(),
             Kind::ServerName => "server name".into(),
             Kind::LogFilter => "log filter".into(),
+            Kind::Secret => "string (secret)".into(),
+            Kind::TurnUris => "list of `turn:`/`turns:` URIs".into(),
+            Kind::Localparts => "list of user names".into(),
         }
     }
 }
@@ -156,6 +165,13 @@ pub const SETTINGS: &[Setting] = &[
         "`mode = \"open\"` on a non-loopback listener is refused unless this is `true`: an open server on the internet is a spam relay within hours.",
     ),
     setting(
+        "registration.reserved_localparts",
+        Kind::Localparts,
+        "`[\"admin\", \"administrator\", \"root\", \"postmaster\", \"abuse\", \"support\", \"security\", \"hostmaster\", \"webmaster\", \"noreply\", \"kabar\"]`",
+        Live,
+        "User names nobody may register (an operator can still create them with `kabar admin create-user`), so that nobody can pose as the server's staff. Names starting with `_` (reserved for bridges) are refused too.",
+    ),
+    setting(
         "rooms.default_version",
         Kind::OneOf(&["10", "11", "12"]),
         "`\"12\"`",
@@ -182,6 +198,34 @@ pub const SETTINGS: &[Setting] = &[
         "`52428800`",
         Restart,
         "Largest media upload. At most `max_request_body_bytes`.",
+    ),
+    setting(
+        "limits.header_read_timeout_ms",
+        int(1_000, 600_000),
+        "`10000`",
+        Restart,
+        "How long a client may take to send a request's headers; slower connections are closed (a slowloris defence).",
+    ),
+    setting(
+        "limits.max_connections_per_address",
+        int(0, 1_000_000),
+        "`1024`",
+        Restart,
+        "Open connections one client address may hold (an IPv6 client counts by its /64); more are closed at once. 0 turns the limit off. Behind a reverse proxy every client shares the proxy's address: raise it there.",
+    ),
+    setting(
+        "limits.to_device_messages_per_second",
+        int(1, 1_000_000),
+        "`1000`",
+        Restart,
+        "Send-to-device messages one user may queue per second, sustained (a message to `*` counts once per device).",
+    ),
+    setting(
+        "limits.to_device_burst",
+        int(1, 1_000_000),
+        "`20000`",
+        Restart,
+        "Send-to-device messages one user may queue in a burst (sharing a room key with every device of a big encrypted room).",
     ),
     setting(
         "password_hashing.memory_kib",
@@ -218,6 +262,48 @@ pub const SETTINGS: &[Setting] = &[
         "`\"idle\"`",
         Restart,
         "CPU priority of the hashing threads: `idle` (Linux's idle class: hashing uses only CPU nothing else wants, so people already signed in are served first), `low` (nice 19), `normal`.",
+    ),
+    setting(
+        "media.legacy_unauthenticated",
+        Kind::OneOf(&["frozen", "all", "off"]),
+        "`\"frozen\"`",
+        Restart,
+        "The unauthenticated `/_matrix/media/v3` downloads and thumbnails (deprecated by Matrix 1.11's freeze): `frozen` serves only media uploaded before this server first ran a version with authenticated media, `all` serves everything, `off` nothing (clients use `/_matrix/client/v1/media`).",
+    ),
+    setting(
+        "media.max_downloads_per_address",
+        int(1, 100_000),
+        "`16`",
+        Restart,
+        "Media downloads one client address may have in flight; more are refused with `M_LIMIT_EXCEEDED`. Downloads stream from disk, so each costs a small buffer, not the file.",
+    ),
+    setting(
+        "user_directory.search_all_users",
+        Kind::Bool,
+        "`false`",
+        Restart,
+        "`false`: the user directory finds only users who share a room with the searcher or are in a public room; `true`: every user on the server.",
+    ),
+    setting(
+        "voip.turn_uris",
+        Kind::TurnUris,
+        "`[]`",
+        Restart,
+        "TURN servers handed to clients for calls (`GET /voip/turnServer`), e.g. `[\"turn:turn.example.org:3478?transport=udp\"]`. Empty: clients are told of none.",
+    ),
+    setting(
+        "voip.turn_shared_secret",
+        Kind::Secret,
+        "unset",
+        Restart,
+        "The secret shared with the TURN server (coturn's `static-auth-secret`), from which time-limited credentials are made. Needed with `turn_uris`.",
+    ),
+    setting(
+        "voip.turn_user_lifetime_ms",
+        int(60_000, 604_800_000),
+        "`86400000`",
+        Restart,
+        "How long handed-out TURN credentials stay valid.",
     ),
     setting(
         "admission.register.per_address_per_minute",

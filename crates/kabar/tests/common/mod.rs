@@ -265,3 +265,56 @@ pub fn http() -> reqwest::Client {
         .build()
         .expect("http client")
 }
+
+/// A user of the Client-Server API over raw HTTP, for what an SDK would
+/// never send or hides from its caller (exact status codes, raw JSON).
+pub struct Api {
+    pub url: String,
+    pub token: String,
+    pub user_id: String,
+    pub device_id: String,
+}
+
+impl Api {
+    /// Registers `name` (password `pw`) through the dummy stage.
+    pub async fn register(server: &Server, name: &str) -> Self {
+        let v: serde_json::Value = http()
+            .post(format!("{}/_matrix/client/v3/register", server.url))
+            .json(&serde_json::json!({"username": name, "password": "pw", "auth": {"type": "m.login.dummy"}}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        Self {
+            url: server.url.clone(),
+            token: v["access_token"].as_str().unwrap_or_else(|| panic!("registered: {v}")).into(),
+            user_id: v["user_id"].as_str().unwrap().into(),
+            device_id: v["device_id"].as_str().unwrap().into(),
+        }
+    }
+
+    /// A request to `/_matrix/client/v3{path}`: (status, JSON body or null).
+    pub async fn req(&self, method: reqwest::Method, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+        self.req_at(method, &format!("/_matrix/client/v3{path}"), body).await
+    }
+
+    /// A request to any path on the server, with this user's token.
+    pub async fn req_at(&self, method: reqwest::Method, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+        let mut r = http().request(method, format!("{}{path}", self.url)).bearer_auth(&self.token);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.unwrap();
+        let s = resp.status().as_u16();
+        (s, resp.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// [`Api::req`] that must answer 200; its body.
+    pub async fn ok(&self, method: reqwest::Method, path: &str, body: Option<serde_json::Value>) -> serde_json::Value {
+        let (s, v) = self.req(method.clone(), path, body).await;
+        assert_eq!(s, 200, "{method} {path}: {v}");
+        v
+    }
+}

@@ -1,0 +1,186 @@
+//! Push rules applied to room events, for the unread counts a sync reports
+//! (`notification_count`, `highlight_count`).
+//!
+//! Each user's rule set (the server defaults, or what the user changed in
+//! `m.push_rules` account data) is kept in memory until their account data
+//! changes. An event is flattened once for all the members who evaluate it
+//! ([`crate::rooms::TimelineEvent::flattened`]); what each member pays is
+//! the walk over their rules.
+
+use std::sync::Arc;
+
+use kabar_store::Store;
+use ruma::{
+    OwnedUserId, UInt, UserId,
+    push::{FlattenedJson, PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset},
+};
+use serde_json::Value;
+
+use crate::{
+    changes::{Changes, GenerationCache},
+    error::{Error, Result},
+    rooms::RoomCache,
+};
+
+/// Bound on rule sets kept in memory; past it they are read again.
+const MAX_CACHED_RULESETS: usize = 100_000;
+
+/// What a user's push rules make of one event.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Notification {
+    /// It counts in `notification_count`.
+    pub notify: bool,
+    /// It counts in `highlight_count` too (a mention, a keyword, `@room`).
+    pub highlight: bool,
+}
+
+/// The rule set of each user, read from their account data once per change.
+pub struct PushRules {
+    store: Arc<dyn Store>,
+    changes: Arc<Changes>,
+    cache: GenerationCache<OwnedUserId, Arc<Ruleset>>,
+}
+
+impl PushRules {
+    pub fn new(store: Arc<dyn Store>, changes: Arc<Changes>) -> Self {
+        Self {
+            store,
+            changes,
+            cache: GenerationCache::new(MAX_CACHED_RULESETS),
+        }
+    }
+
+    /// `user`'s rules: the server defaults unless they changed some.
+    pub async fn ruleset(&self, user: &UserId) -> Result<Arc<Ruleset>> {
+        let read = async {
+            let rules = match self.store.account_data(user, None, "m.push_rules").await? {
+                Some(json) => {
+                    let v: Value = serde_json::from_str(&json).map_err(|e| Error::Internal(e.to_string()))?;
+                    serde_json::from_value(v["global"].clone()).map_err(|e| Error::Internal(e.to_string()))?
+                }
+                None => Ruleset::server_default(user),
+            };
+            Ok::<_, Error>(Arc::new(rules))
+        };
+        self.cache.get_or_read(&self.changes.account_data, &user.to_owned(), read).await
+    }
+}
+
+/// The room as `user`'s push conditions see it: member count, their display
+/// name there, who may notify the whole room.
+pub fn room_context(room: &RoomCache, user: &UserId) -> PushConditionRoomCtx {
+    let display_name = room
+        .state("m.room.member", user.as_str())
+        .and_then(|e| e.pdu.content_value().get("displayname").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_else(|| user.localpart().to_owned());
+    let members = UInt::try_from(room.member_count(kabar_domain::membership::Membership::Join) as u64).unwrap_or(UInt::MAX);
+    let mut ctx = PushConditionRoomCtx::new(room.record.room_id.clone(), members, user.to_owned(), display_name);
+    ctx.power_levels = Some(PushConditionPowerLevelsCtx::from(room.power_levels()));
+    ctx
+}
+
+/// What `rules` make of `event` (sent by `sender`) for the user `ctx` is for.
+/// A user's own events never notify them.
+pub async fn evaluate(rules: &Ruleset, event: &FlattenedJson, sender: &UserId, ctx: &PushConditionRoomCtx) -> Notification {
+    if sender == ctx.user_id {
+        return Notification::default();
+    }
+    for rule in rules {
+        if rule.applies(event, ctx).await {
+            let actions = rule.actions();
+            let notify = actions.iter().any(|a| a.should_notify());
+            return Notification {
+                notify,
+                highlight: notify && actions.iter().any(|a| a.is_highlight()),
+            };
+        }
+    }
+    Notification::default()
+}
+
+/// An event's client form flattened for push conditions.
+pub fn flatten(client_json: &str) -> FlattenedJson {
+    let raw = ruma::serde::Raw::<Value>::from_json_string(client_json.to_owned())
+        .unwrap_or_else(|_| ruma::serde::Raw::from_json_string("{}".to_owned()).expect("valid JSON"));
+    FlattenedJson::from_raw(&raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ruma::{owned_room_id, owned_user_id, push::Ruleset};
+
+    fn ctx() -> PushConditionRoomCtx {
+        let mut ctx = PushConditionRoomCtx::new(
+            owned_room_id!("!r:x"),
+            UInt::from(3u32),
+            owned_user_id!("@bob:x"),
+            "Bobby".to_owned(),
+        );
+        ctx.power_levels = None;
+        ctx
+    }
+
+    fn message(body: &str, extra: Value) -> FlattenedJson {
+        let mut content = serde_json::json!({ "msgtype": "m.text", "body": body });
+        if let Value::Object(extra) = extra {
+            content.as_object_mut().unwrap().extend(extra);
+        }
+        flatten(&serde_json::json!({ "type": "m.room.message", "sender": "@alice:x", "room_id": "!r:x", "content": content }).to_string())
+    }
+
+    #[tokio::test]
+    async fn default_rules_notify_messages_and_highlight_mentions() {
+        let rules = Ruleset::server_default(ruma::user_id!("@bob:x"));
+        let alice = ruma::user_id!("@alice:x");
+        let plain = evaluate(&rules, &message("hello", Value::Null), alice, &ctx()).await;
+        assert_eq!(
+            plain,
+            Notification {
+                notify: true,
+                highlight: false
+            }
+        );
+        // Matrix 1.15 dropped the legacy rules that highlighted a display
+        // name in the body (MSC4210): mentions are intentional now.
+        let named = evaluate(&rules, &message("hey Bobby, look", Value::Null), alice, &ctx()).await;
+        assert_eq!(
+            named,
+            Notification {
+                notify: true,
+                highlight: false
+            }
+        );
+        let mention = evaluate(
+            &rules,
+            &message("look", serde_json::json!({ "m.mentions": { "user_ids": ["@bob:x"] } })),
+            alice,
+            &ctx(),
+        )
+        .await;
+        assert!(mention.highlight, "an intentional mention");
+        let own = evaluate(&rules, &message("Bobby", Value::Null), ruma::user_id!("@bob:x"), &ctx()).await;
+        assert_eq!(own, Notification::default(), "own events never count");
+        let reaction = flatten(r#"{"type":"m.reaction","sender":"@alice:x","content":{}}"#);
+        assert!(!evaluate(&rules, &reaction, alice, &ctx()).await.notify);
+    }
+
+    #[tokio::test]
+    async fn a_user_rule_can_highlight_a_keyword() {
+        let mut rules = Ruleset::server_default(ruma::user_id!("@bob:x"));
+        let rule: ruma::push::NewPatternedPushRule = serde_json::from_value(serde_json::json!({
+            "rule_id": "deploys", "pattern": "deploy",
+            "actions": ["notify", { "set_tweak": "highlight" }]
+        }))
+        .unwrap();
+        rules.insert(ruma::push::NewPushRule::Content(rule), None, None).unwrap();
+        let hit = evaluate(
+            &rules,
+            &message("the deploy is done", Value::Null),
+            ruma::user_id!("@alice:x"),
+            &ctx(),
+        )
+        .await;
+        assert!(hit.highlight);
+    }
+}
