@@ -300,8 +300,9 @@ impl Keys {
                     continue;
                 }
                 let mut key = with_signatures(parse_stored(&record.json), &on(&record.device_id));
-                if key.is_object() {
-                    key["unsigned"] = json!({ "device_display_name": record.display_name });
+                // The device's name, when it has one (never null: strict clients refuse it).
+                if let (Some(name), true) = (&record.display_name, key.is_object()) {
+                    key["unsigned"] = json!({ "device_display_name": name });
                 }
                 by_device.insert(record.device_id, key);
             }

@@ -83,7 +83,7 @@ impl UserData {
         if !content.is_object() {
             return Err(Error::BadJson("account data content must be an object".into()));
         }
-        if kind.is_empty() || kind.len() > 255 {
+        if kind.is_empty() || kind.len() > 255 || kabar_domain::localpart::has_control_chars(kind) {
             return Err(Error::InvalidParam("invalid account data type".into()));
         }
         self.write_account_data(user, room, kind, &content).await
@@ -189,6 +189,9 @@ impl UserData {
     pub async fn set_profile(&self, user: &UserId, field: ProfileField, value: Option<String>) -> Result<()> {
         if value.as_ref().is_some_and(|v| v.len() > 1024) {
             return Err(Error::TooLarge("profile field is too long".into()));
+        }
+        if value.as_deref().is_some_and(kabar_domain::localpart::has_control_chars) {
+            return Err(Error::InvalidParam("profile fields must not contain control characters".into()));
         }
         self.store.set_profile(user, field, value.as_deref()).await?;
         self.rooms.propagate_profile(user).await?;

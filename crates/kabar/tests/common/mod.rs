@@ -318,3 +318,64 @@ impl Api {
         v
     }
 }
+
+impl Api {
+    /// The raw-HTTP view of a signed-in matrix-sdk client.
+    pub fn of(client: &Client, server: &Server) -> Self {
+        Self {
+            url: server.url.clone(),
+            token: client.access_token().expect("signed in"),
+            user_id: client.user_id().expect("signed in").to_string(),
+            device_id: client.device_id().expect("signed in").to_string(),
+        }
+    }
+
+    /// Creates a room and returns its id.
+    pub async fn create_room(&self, body: serde_json::Value) -> String {
+        self.ok(reqwest::Method::POST, "/createRoom", Some(body)).await["room_id"]
+            .as_str()
+            .expect("room id")
+            .to_owned()
+    }
+
+    /// A sync (`since` empty: initial) with an optional filter, answering at once.
+    pub async fn sync(&self, since: &str, filter: Option<serde_json::Value>) -> serde_json::Value {
+        let mut path = String::from("/sync?timeout=0");
+        if !since.is_empty() {
+            path.push_str(&format!("&since={since}"));
+        }
+        if let Some(f) = filter {
+            path.push_str(&format!("&filter={}", enc(&f.to_string())));
+        }
+        self.ok(reqwest::Method::GET, &path, None).await
+    }
+
+    /// Sends a text message and returns its event id.
+    pub async fn say(&self, room: &str, txn: &str, body: &str) -> String {
+        self.ok(
+            reqwest::Method::PUT,
+            &format!("/rooms/{}/send/m.room.message/{txn}", enc(room)),
+            Some(serde_json::json!({"msgtype": "m.text", "body": body})),
+        )
+        .await["event_id"]
+            .as_str()
+            .expect("event id")
+            .to_owned()
+    }
+}
+
+/// Where the first `null` in `v` is, as a JSON pointer: optional fields
+/// must be left out, never null (strict clients refuse null).
+pub fn first_null(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::Null => Some(String::new()),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| first_null(item).map(|p| format!("/{i}{p}"))),
+        serde_json::Value::Object(map) => map
+            .iter()
+            .find_map(|(k, item)| first_null(item).map(|p| format!("/{k}{p}"))),
+        _ => None,
+    }
+}
