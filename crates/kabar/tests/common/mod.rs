@@ -373,9 +373,7 @@ pub fn first_null(v: &serde_json::Value) -> Option<String> {
             .iter()
             .enumerate()
             .find_map(|(i, item)| first_null(item).map(|p| format!("/{i}{p}"))),
-        serde_json::Value::Object(map) => map
-            .iter()
-            .find_map(|(k, item)| first_null(item).map(|p| format!("/{k}{p}"))),
+        serde_json::Value::Object(map) => map.iter().find_map(|(k, item)| first_null(item).map(|p| format!("/{k}{p}"))),
         _ => None,
     }
 }
