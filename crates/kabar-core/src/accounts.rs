@@ -92,7 +92,7 @@ fn new_access_token() -> String {
 fn check_device_fields(device_id: Option<&str>, display_name: Option<&str>) -> Result<()> {
     for (what, value) in [("device id", device_id), ("device name", display_name)] {
         if let Some(v) = value
-            && (v.len() > 255 || kabar_domain::localpart::has_control_chars(v))
+            && (v.len() > 255 || kabar_domain::names::has_control_chars(v))
         {
             return Err(Error::InvalidParam(format!(
                 "the {what} must be at most 255 bytes without control characters"
@@ -160,7 +160,7 @@ impl Accounts {
     /// A user id a newcomer may register: valid and not reserved.
     fn new_user_id(&self, localpart: &str) -> Result<OwnedUserId> {
         let reserved = self.reserved_localparts.lock().expect("reserved names").clone();
-        if kabar_domain::localpart::is_reserved(localpart, &reserved) {
+        if kabar_domain::names::is_reserved(localpart, &reserved) {
             return Err(Error::InvalidUsername(format!("the user name {localpart} is reserved")));
         }
         self.user_id(localpart)
@@ -210,7 +210,7 @@ impl Accounts {
     }
 
     fn user_id(&self, localpart: &str) -> Result<OwnedUserId> {
-        if !kabar_domain::localpart::is_valid_new_localpart(localpart, self.server_name.as_str()) {
+        if !kabar_domain::names::is_valid_new_localpart(localpart, self.server_name.as_str()) {
             return Err(Error::InvalidUsername(
                 "user names may contain only a-z, 0-9, and . _ = - / +".into(),
             ));

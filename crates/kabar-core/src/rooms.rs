@@ -694,7 +694,7 @@ pub struct Rooms {
 /// Refuses an event type or state key with control characters: they are
 /// identifiers, shown to people and used in paths, never text.
 fn check_event_names(event: &NewEvent) -> Result<()> {
-    let bad = |s: &str| kabar_domain::localpart::has_control_chars(s);
+    let bad = |s: &str| kabar_domain::names::has_control_chars(s);
     if event.kind.is_empty() || bad(&event.kind) || event.state_key.as_deref().is_some_and(bad) {
         return Err(Error::InvalidParam(
             "event types and state keys must not contain control characters".into(),

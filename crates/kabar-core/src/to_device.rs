@@ -132,7 +132,7 @@ impl ToDevice {
     /// device and transaction id. Users of other servers are not reachable
     /// (no federation); their messages are dropped.
     pub async fn send(&self, sender: &Session, kind: &str, txn_id: &str, messages: Map<String, Value>) -> Result<()> {
-        if kind.is_empty() || kind.len() > 255 || kabar_domain::localpart::has_control_chars(kind) {
+        if kind.is_empty() || kind.len() > 255 || kabar_domain::names::has_control_chars(kind) {
             return Err(Error::InvalidParam("invalid event type".into()));
         }
         let mut queue = vec![];

@@ -83,7 +83,7 @@ impl UserData {
         if !content.is_object() {
             return Err(Error::BadJson("account data content must be an object".into()));
         }
-        if kind.is_empty() || kind.len() > 255 || kabar_domain::localpart::has_control_chars(kind) {
+        if kind.is_empty() || kind.len() > 255 || kabar_domain::names::has_control_chars(kind) {
             return Err(Error::InvalidParam("invalid account data type".into()));
         }
         self.write_account_data(user, room, kind, &content).await
@@ -190,7 +190,7 @@ impl UserData {
         if value.as_ref().is_some_and(|v| v.len() > 1024) {
             return Err(Error::TooLarge("profile field is too long".into()));
         }
-        if value.as_deref().is_some_and(kabar_domain::localpart::has_control_chars) {
+        if value.as_deref().is_some_and(kabar_domain::names::has_control_chars) {
             return Err(Error::InvalidParam("profile fields must not contain control characters".into()));
         }
         self.store.set_profile(user, field, value.as_deref()).await?;

@@ -9,8 +9,8 @@ pub mod auth;
 pub mod client_event;
 pub mod e2ee;
 pub mod event;
-pub mod localpart;
 pub mod membership;
+pub mod names;
 pub mod tokens;
 
 pub use auth::{AuthError, auth_event_keys, authorize};

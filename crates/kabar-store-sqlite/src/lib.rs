@@ -714,32 +714,6 @@ impl RoomStore for SqliteStore {
             .await
     }
 
-    async fn count_events_between(
-        &self,
-        room_id: &RoomId,
-        after: StreamPos,
-        until: StreamPos,
-        not_sender: &UserId,
-        kinds: &[&str],
-        cap: usize,
-    ) -> StoreResult<u64> {
-        let (room, user) = (room_id.to_string(), not_sender.to_string());
-        let kinds = serde_json::to_string(kinds).map_err(backend)?;
-        let (after, until) = (after.min(i64::MAX as u64) as i64, until.min(i64::MAX as u64) as i64);
-        self.engine
-            .read(move |c| {
-                c.prepare_cached(
-                    "SELECT COUNT(*) FROM (SELECT 1 FROM events WHERE room_id = ?1 AND pos > ?2 AND pos <= ?3 AND sender != ?4
-                     AND kind IN (SELECT value FROM json_each(?5)) LIMIT ?6)",
-                )
-                .map_err(backend)?
-                .query_row(params![room, after, until, user, kinds, cap as i64], |r| r.get::<_, i64>(0))
-                .map(|n| n as u64)
-                .map_err(backend)
-            })
-            .await
-    }
-
     async fn memberships(&self, user_id: &UserId) -> StoreResult<Vec<MembershipRecord>> {
         let user = user_id.to_string();
         self.engine

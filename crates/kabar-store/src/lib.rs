@@ -106,17 +106,6 @@ pub trait RoomStore: Send + Sync {
     async fn state_history(&self, room_id: &RoomId, kind: &str, state_key: &str) -> StoreResult<Vec<StoredEvent>>;
     /// Every membership event of `user_id` in the room, oldest first.
     async fn membership_history(&self, room_id: &RoomId, user_id: &UserId) -> StoreResult<Vec<MembershipRecord>>;
-    /// How many events of the given types others sent in the room at positions
-    /// in `(after, until]`, counting at most `cap`.
-    async fn count_events_between(
-        &self,
-        room_id: &RoomId,
-        after: StreamPos,
-        until: StreamPos,
-        not_sender: &UserId,
-        kinds: &[&str],
-        cap: usize,
-    ) -> StoreResult<u64>;
     /// Current memberships of a user, in every room they have one in. A
     /// membership's position is where it last changed value: a new member
     /// event with the same membership (a profile change) does not move it.

@@ -546,6 +546,14 @@ fn log_report(report: &ReloadReport) {
 mod tests {
     use super::*;
 
+    #[test]
+    fn reports_never_show_a_secret() {
+        let secret = toml::Value::String("hunter2".into());
+        assert_eq!(show("voip.turn_shared_secret", Some(&secret)), "(set)");
+        assert_eq!(show("voip.turn_shared_secret", None), "(unset)");
+        assert_eq!(show("log", Some(&secret)), "\"hunter2\"", "other settings are shown as they are");
+    }
+
     /// The reference's live/restart marks and what a reload copies agree:
     /// for every setting, a file that changes only it changes the running
     /// configuration exactly when the setting is marked live.

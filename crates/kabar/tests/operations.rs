@@ -207,6 +207,27 @@ fn bad_configurations(scratch: &Path) -> Vec<Bad> {
             Some(3),
         ),
         bad(
+            "TURN servers without the secret to sign for them",
+            "[voip]\nturn_uris = [\"turn:turn.example.org\"]",
+            "voip.turn_shared_secret",
+            "no shared secret",
+            Some(2),
+        ),
+        bad(
+            "a URI that is not TURN",
+            "[voip]\nturn_uris = [\"https://turn.example.org\"]\nturn_shared_secret = \"s\"",
+            "voip.turn_uris",
+            "is not a turn: or turns: URI",
+            Some(2),
+        ),
+        bad(
+            "a reserved name no one could register anyway",
+            "[registration]\nreserved_localparts = [\"Admin\"]",
+            "registration.reserved_localparts",
+            "is not a user name",
+            Some(2),
+        ),
+        bad(
             "a data directory that is a file",
             format!("data_dir = {:?}", a_file.display().to_string()),
             "data_dir",

@@ -309,11 +309,8 @@ fn check_value(setting: &Setting, value: &Spanned<DeValue<'_>>) -> Result<(), St
         }
         Kind::Localparts => {
             for item in strings(value)? {
-                if item.is_empty()
-                    || item
-                        .bytes()
-                        .any(|b| !matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/' | b'+'))
-                {
+                // The server name's length does not matter here, only the characters.
+                if !kabar_domain::names::is_valid_new_localpart(item, "") {
                     return Err(format!("{item:?} is not a user name (lower-case a-z, 0-9 and . _ = - / +)"));
                 }
             }

@@ -1,4 +1,5 @@
-//! Rules for user names chosen at registration.
+//! Rules for the names and identifiers clients choose: user names at
+//! registration, and the text allowed in ids, types and display names.
 
 /// Whether `localpart` may be registered: the characters the spec allows for
 /// new user ids (`a-z`, `0-9`, `.`, `_`, `=`, `-`, `/`, `+`), not empty, and a
