@@ -8,10 +8,11 @@
 //! optional: by default the real capacity, measured, sets the pace.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, Ipv6Addr},
     num::NonZeroU32,
     sync::{
-        RwLock,
+        Arc, Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -94,6 +95,66 @@ pub fn address_key(ip: IpAddr) -> IpAddr {
                 IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
             }
         },
+    }
+}
+
+/// Things held at once per client address (IPv6 by /64): connections,
+/// downloads. A client may hold at most `max` (0: no limit); what it holds
+/// is given back when its [`AddressSlot`] drops.
+pub struct AddressSlots {
+    max: usize,
+    in_use: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One thing held by one address; see [`AddressSlots`].
+pub struct AddressSlot {
+    slots: Arc<AddressSlots>,
+    address: IpAddr,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut in_use = self.slots.in_use.lock().expect("address slots");
+        if let Some(n) = in_use.get_mut(&self.address) {
+            *n -= 1;
+            if *n == 0 {
+                in_use.remove(&self.address);
+            }
+        }
+    }
+}
+
+impl AddressSlots {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            in_use: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A slot for `client`, or `None` when it holds all of its own.
+    pub fn acquire(self: &Arc<Self>, client: IpAddr) -> Option<AddressSlot> {
+        let address = address_key(client);
+        let mut in_use = self.in_use.lock().expect("address slots");
+        let n = in_use.entry(address).or_insert(0);
+        if self.max > 0 && *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            slots: self.clone(),
+            address,
+        })
+    }
+
+    /// How many slots `client`'s address holds now.
+    pub fn in_use(&self, client: IpAddr) -> usize {
+        self.in_use
+            .lock()
+            .expect("address slots")
+            .get(&address_key(client))
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -184,6 +245,26 @@ impl NewcomerAdmission {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_address_holds_at_most_its_slots_and_gets_them_back() {
+        let slots = AddressSlots::new(2);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "2001:db8::1".parse().unwrap();
+        let b_neighbour: IpAddr = "2001:db8::2".parse().unwrap();
+        let first = slots.acquire(a).unwrap();
+        let _second = slots.acquire(a).unwrap();
+        assert!(slots.acquire(a).is_none(), "a third is refused");
+        let _v6 = slots.acquire(b).unwrap();
+        let _same_64 = slots.acquire(b_neighbour).unwrap();
+        assert!(slots.acquire(b).is_none(), "a /64 is one address");
+        drop(first);
+        assert_eq!(slots.in_use(a), 1);
+        assert!(slots.acquire(a).is_some(), "a slot given back can be taken again");
+        let unlimited = AddressSlots::new(0);
+        let held: Vec<_> = (0..100).map(|_| unlimited.acquire(a).unwrap()).collect();
+        assert_eq!(unlimited.in_use(a), held.len());
+    }
     use crate::{Error, load::LoadMetrics};
 
     fn limits(per_minute: u32, burst: u32, global: u32, global_burst: u32) -> RateLimits {

@@ -2,11 +2,10 @@
 //! thumbnails made on a bounded pool.
 
 use std::{
-    collections::HashMap,
     io::Write,
     net::IpAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Arc,
 };
 
 use kabar_store::{MediaRecord, Store};
@@ -15,6 +14,7 @@ use ruma::UserId;
 use sha2::{Digest, Sha256};
 
 use crate::{
+    admission::{AddressSlot, AddressSlots},
     error::{Error, Result},
     load::Gate,
     now_ms,
@@ -32,8 +32,10 @@ pub struct Media {
     thumbnails: Arc<Gate>,
     /// What the unauthenticated (legacy) paths may serve.
     legacy: LegacyMedia,
-    /// Downloads in flight per client address.
-    downloads: Arc<DownloadSlots>,
+    /// Downloads in flight per client address: a file is streamed with a
+    /// small buffer, but a client holding thousands of slow downloads would
+    /// still hold thousands of files and buffers.
+    downloads: Arc<AddressSlots>,
 }
 
 /// What the deprecated unauthenticated media paths serve (Matrix 1.11
@@ -46,62 +48,12 @@ pub enum LegacyMedia {
     Off,
 }
 
-/// A file to send: opened, with its size, and the download slot it holds
-/// until the response is sent.
+/// A file to send: opened, with the download slot it holds until the
+/// response is sent.
 pub struct Download {
     pub record: MediaRecord,
     pub file: tokio::fs::File,
-    pub slot: DownloadSlot,
-}
-
-/// Downloads in flight per client address (IPv6 by /64), bounded: a file is
-/// streamed with a small buffer, but a client holding thousands of slow
-/// downloads would still hold thousands of files and buffers.
-pub struct DownloadSlots {
-    max_per_address: usize,
-    in_flight: Mutex<HashMap<IpAddr, usize>>,
-}
-
-/// One download in flight; frees its address's slot when dropped.
-pub struct DownloadSlot {
-    slots: Arc<DownloadSlots>,
-    address: IpAddr,
-}
-
-impl Drop for DownloadSlot {
-    fn drop(&mut self) {
-        let mut in_flight = self.slots.in_flight.lock().expect("download slots");
-        if let Some(n) = in_flight.get_mut(&self.address) {
-            *n -= 1;
-            if *n == 0 {
-                in_flight.remove(&self.address);
-            }
-        }
-    }
-}
-
-impl DownloadSlots {
-    pub fn new(max_per_address: usize) -> Arc<Self> {
-        Arc::new(Self {
-            max_per_address: max_per_address.max(1),
-            in_flight: Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// A slot for `client`, or `LimitExceeded` when it has all of its own.
-    pub fn acquire(self: &Arc<Self>, client: IpAddr) -> Result<DownloadSlot> {
-        let address = crate::admission::address_key(client);
-        let mut in_flight = self.in_flight.lock().expect("download slots");
-        let n = in_flight.entry(address).or_insert(0);
-        if *n >= self.max_per_address {
-            return Err(Error::LimitExceeded { retry_after_ms: 1000 });
-        }
-        *n += 1;
-        Ok(DownloadSlot {
-            slots: self.clone(),
-            address,
-        })
-    }
+    pub slot: AddressSlot,
 }
 
 /// Which path a download came in on.
@@ -126,7 +78,7 @@ impl Media {
         max_upload_bytes: u64,
         thumbnails: Arc<Gate>,
         legacy: LegacyMedia,
-        downloads: Arc<DownloadSlots>,
+        downloads: Arc<AddressSlots>,
     ) -> Result<Self> {
         std::fs::create_dir_all(&dir).map_err(|e| Error::Internal(format!("cannot create media directory: {e}")))?;
         Ok(Self {
@@ -202,7 +154,10 @@ impl Media {
 
     /// Opens a file to stream to `client`, taking one of its download slots.
     pub async fn download(&self, media_id: &str, path: MediaPath, client: IpAddr) -> Result<Download> {
-        let slot = self.downloads.acquire(client)?;
+        let slot = self
+            .downloads
+            .acquire(client)
+            .ok_or(Error::LimitExceeded { retry_after_ms: 1000 })?;
         let record = self.record(media_id, path).await?;
         let file = tokio::fs::File::open(self.path_for(&record.sha256))
             .await

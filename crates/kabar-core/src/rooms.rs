@@ -996,6 +996,13 @@ impl Rooms {
         // What the client wrote wins over the profile (a per-room nickname).
         content.extend(extra.unwrap_or_default());
         content.insert("membership".into(), json!(membership.as_str()));
+        if sender == target
+            && let Some(current) = room.read().state("m.room.member", target.as_str())
+            && current.pdu.content_value() == Value::Object(content.clone())
+        {
+            // The same member event again changes nothing: no new event.
+            return Ok(current.pdu.event_id.clone());
+        }
         let ev = NewEvent::state("m.room.member", target.as_str(), Value::Object(content));
         Ok(self.append(&turn, sender, ev, None).await?.0)
     }

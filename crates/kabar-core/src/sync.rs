@@ -624,7 +624,9 @@ impl SyncEngine {
         // heroes), so a huge room costs what its timeline does.
         let state_filter = &filter.room.state;
         let lazy_members = !state_filter.lazy_load_options.is_disabled();
-        let (heroes, joiners) = {
+        // Who the room is named by, and who the client meets for the first
+        // time: looked at only when something happened in the room.
+        let (heroes, joiners) = if timeline_changed {
             let r = room.read();
             let name_known = ["m.room.name", "m.room.canonical_alias"].iter().any(|t| {
                 r.state(t, "").is_some_and(|e| {
@@ -634,26 +636,29 @@ impl SyncEngine {
                         .is_some_and(|c| c.values().any(|v| v.as_str().is_some_and(|s| !s.is_empty())))
                 })
             });
-            let members_changed = full_state || r.member_changes(since.stream, upto.stream).keys().next().is_some();
-            let heroes = (!name_known && members_changed).then(|| r.heroes(user));
-            // Members met for the first time: everyone, in a room just
-            // joined (a small one); else whoever joined since the token.
+            let member_changes = if full_state {
+                HashMap::new()
+            } else {
+                r.member_changes(since.stream, upto.stream)
+            };
+            let heroes = (!name_known && (full_state || !member_changes.is_empty())).then(|| r.heroes(user));
+            // Everyone, in a room just joined (a small one); else whoever joined since the token.
             let joiners: Vec<OwnedUserId> = if initial && since.stream > 0 {
                 if r.member_count(Membership::Join) <= PRESENCE_ROOM_LIMIT {
                     r.members(Membership::Join).filter_map(|u| OwnedUserId::try_from(u).ok()).collect()
                 } else {
                     vec![]
                 }
-            } else if !initial && r.last_pos > since.stream {
-                r.member_changes(since.stream, upto.stream)
+            } else {
+                member_changes
                     .into_iter()
                     .filter(|(u, m)| *m == Membership::Join && u != user)
                     .map(|(u, _)| u)
                     .collect()
-            } else {
-                vec![]
             };
             (heroes, joiners)
+        } else {
+            (None, vec![])
         };
         let mut state = vec![];
         {

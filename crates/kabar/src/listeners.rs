@@ -12,8 +12,7 @@
 //! `max_connections_per_address` connections (more are closed at accept).
 
 use std::{
-    collections::HashMap,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -25,6 +24,7 @@ use hyper_util::{
     server::{conn::auto, graceful::GracefulShutdown},
     service::TowerToHyperService,
 };
+use kabar_core::admission::AddressSlots;
 use tokio::{sync::watch, task::JoinHandle};
 use tower::ServiceExt as _;
 
@@ -35,46 +35,6 @@ pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
     /// Open connections per client address (IPv6 by /64); 0 is no limit.
     pub max_per_address: usize,
-}
-
-/// Open connections per client address, shared by every listener.
-struct OpenConnections {
-    limits: ConnectionLimits,
-    by_address: Mutex<HashMap<IpAddr, usize>>,
-}
-
-/// One admitted connection; frees its address's place when dropped.
-struct ConnectionPlace {
-    open: Arc<OpenConnections>,
-    address: IpAddr,
-}
-
-impl Drop for ConnectionPlace {
-    fn drop(&mut self) {
-        let mut by_address = self.open.by_address.lock().expect("open connections");
-        if let Some(n) = by_address.get_mut(&self.address) {
-            *n -= 1;
-            if *n == 0 {
-                by_address.remove(&self.address);
-            }
-        }
-    }
-}
-
-impl OpenConnections {
-    fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<ConnectionPlace> {
-        let address = kabar_core::admission::address_key(peer);
-        let mut by_address = self.by_address.lock().expect("open connections");
-        let n = by_address.entry(address).or_insert(0);
-        if self.limits.max_per_address > 0 && *n >= self.limits.max_per_address {
-            return None;
-        }
-        *n += 1;
-        Some(ConnectionPlace {
-            open: self.clone(),
-            address,
-        })
-    }
 }
 
 /// How many connections may wait to be accepted. tokio's default (1024) is
@@ -105,7 +65,9 @@ struct Listener {
 pub struct Listeners {
     app: Router,
     active: Mutex<Vec<Listener>>,
-    open: Arc<OpenConnections>,
+    limits: ConnectionLimits,
+    /// Open connections per client address, shared by every listener.
+    open: Arc<AddressSlots>,
 }
 
 impl Listeners {
@@ -114,10 +76,8 @@ impl Listeners {
         let listeners = Self {
             app,
             active: Mutex::new(vec![]),
-            open: Arc::new(OpenConnections {
-                limits,
-                by_address: Mutex::new(HashMap::new()),
-            }),
+            limits,
+            open: AddressSlots::new(limits.max_per_address),
         };
         listeners.add_missing(addresses)?;
         Ok(listeners)
@@ -163,7 +123,7 @@ impl Listeners {
             };
             let bound = listener.local_addr()?;
             let (stop, stopped) = watch::channel(false);
-            let task = tokio::spawn(serve(listener, self.app.clone(), self.open.clone(), stopped));
+            let task = tokio::spawn(serve(listener, self.app.clone(), self.open.clone(), self.limits, stopped));
             // Tests and scripts read this line to learn the port.
             println!("kabar listening on http://{bound}");
             tracing::info!(address = %bound, "listening");
@@ -182,15 +142,8 @@ impl Listeners {
 
     /// Connections open from `peer`'s address now.
     #[cfg(test)]
-    fn open_from(&self, peer: IpAddr) -> usize {
-        let address = kabar_core::admission::address_key(peer);
-        self.open
-            .by_address
-            .lock()
-            .expect("open connections")
-            .get(&address)
-            .copied()
-            .unwrap_or(0)
+    fn open_from(&self, peer: std::net::IpAddr) -> usize {
+        self.open.in_use(peer)
     }
 
     /// Stops accepting on every listener not in `keep`; requests in flight
@@ -240,7 +193,8 @@ impl Listeners {
 async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
-    open: Arc<OpenConnections>,
+    open: Arc<AddressSlots>,
+    limits: ConnectionLimits,
     mut stopped: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let graceful = GracefulShutdown::new();
@@ -248,7 +202,7 @@ async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(open.limits.header_read_timeout);
+        .header_read_timeout(limits.header_read_timeout);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -260,7 +214,7 @@ async fn serve(
             },
             () = stop_requested(&mut stopped) => break,
         };
-        let Some(place) = open.admit(peer.ip()) else {
+        let Some(place) = open.acquire(peer.ip()) else {
             // Over this address's share: closed at once, before any byte is read.
             tracing::debug!(%peer, "connection refused: too many open from this address");
             continue;

@@ -22,14 +22,14 @@ use config::{Config, ConfigSource, Overrides};
 use control::{ConfigControl, HealthProbe, LiveSettings, WorkGates, public_base_url, rate_limits, registration_policy};
 use kabar_core::{
     accounts::Accounts,
-    admission::{Admission, NewcomerAdmission},
+    admission::{AddressSlots, Admission, NewcomerAdmission},
     changes::Changes,
     ephemeral::Ephemeral,
     health::Readiness,
     key_backup::KeyBackups,
     keys::{DeviceLists, Keys},
     load::LoadMetrics,
-    media::{DownloadSlots, LegacyMedia, Media},
+    media::{LegacyMedia, Media},
     notifier::Notifier,
     password::{HashCost, HashPriority, HashingPool, PasswordHasher},
     push::PushRules,
@@ -377,7 +377,7 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
         config.limits.max_upload_bytes as u64,
         gates.thumbnail.clone(),
         legacy_media,
-        DownloadSlots::new(config.media.max_downloads_per_address),
+        AddressSlots::new(config.media.max_downloads_per_address),
     )?);
     // The public URL may name the first listener's bound port; it is set
     // once the listeners are bound, before they are announced to anyone

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Api, Server, enc, first_null, http, registered};
+use common::{Api, Server, enc, first_null, http, post_public, registered};
 use matrix_sdk::{config::SyncSettings, ruma::OwnedRoomId};
 use reqwest::Method as M;
 use serde_json::{Value, json};
@@ -30,21 +30,23 @@ async fn history(api: &Api, room: &str) -> Vec<Value> {
     page["chunk"].as_array().unwrap().clone()
 }
 
+/// Alice (raw HTTP, named "Alice A") and Bob (a matrix-sdk client, and
+/// his raw-HTTP view).
+async fn alice_and_bob_on_matrix_sdk(server: &Server) -> (Api, matrix_sdk::Client, Api) {
+    let alice = Api::register(server, "alice").await;
+    alice.set_displayname("Alice A").await;
+    let bob_sdk = registered(&server.url, "bob").await;
+    let bob = Api::of(&bob_sdk, server);
+    (alice, bob_sdk, bob)
+}
+
 /// Item 1: open registration offers only the dummy stage (Element asked every
 /// newcomer for a token when a token flow was listed too); token mode only
 /// the token stage. And the endpoints Element calls at start-up (item 3).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_offers_only_what_a_newcomer_can_complete_and_start_up_endpoints_answer() {
     let open = Server::start();
-    let challenge = |url: String| async move {
-        let r = http()
-            .post(format!("{url}/_matrix/client/v3/register"))
-            .json(&json!({"username": "newbie", "password": "pw"}))
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.json::<Value>().await.unwrap())
-    };
+    let challenge = |url: String| async move { post_public(&url, "/register", json!({"username": "newbie", "password": "pw"})).await };
     let (status, body) = challenge(open.url.clone()).await;
     assert_eq!(status, 401);
     assert_eq!(body["flows"], json!([{"stages": ["m.login.dummy"]}]));
@@ -104,16 +106,7 @@ async fn turn_credentials_come_from_the_configured_shared_secret() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invite_names_its_inviter_and_events_carry_what_clients_word_history_with() {
     let server = Server::start();
-    let alice = Api::register(&server, "alice").await;
-    alice
-        .ok(
-            M::PUT,
-            "/profile/@alice:localhost/displayname",
-            Some(json!({"displayname": "Alice A"})),
-        )
-        .await;
-    let bob_sdk = registered(&server.url, "bob").await;
-    let bob = Api::of(&bob_sdk, &server);
+    let (alice, bob_sdk, bob) = alice_and_bob_on_matrix_sdk(&server).await;
     let room = alice.create_room(json!({"invite": [bob.user_id]})).await;
     let before_invite = alice.say(&room, "early", "said before bob was invited").await;
 
@@ -226,21 +219,12 @@ async fn create_room_writes_each_piece_of_state_once_and_twin_requests_each_get_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nameless_room_is_named_by_its_heroes() {
     let server = Server::start();
-    let alice = Api::register(&server, "alice").await;
-    alice
-        .ok(
-            M::PUT,
-            "/profile/@alice:localhost/displayname",
-            Some(json!({"displayname": "Alice A"})),
-        )
-        .await;
-    let bob_sdk = registered(&server.url, "bob").await;
-    let bob = Api::of(&bob_sdk, &server);
+    let (alice, bob_sdk, bob) = alice_and_bob_on_matrix_sdk(&server).await;
     let carol = Api::register(&server, "carol").await;
     let dm = alice
         .create_room(json!({"invite": [bob.user_id, carol.user_id], "is_direct": true}))
         .await;
-    bob.ok(M::POST, &format!("/join/{}", enc(&dm)), Some(json!({}))).await;
+    bob.join(&dm).await;
 
     let sync = bob.sync("", None).await;
     let summary = &sync["rooms"]["join"][&dm]["summary"];
@@ -259,7 +243,7 @@ async fn a_nameless_room_is_named_by_its_heroes() {
     assert!(name.contains("Alice A"), "the client names the room after alice: {name}");
 
     let named = alice.create_room(json!({"name": "Lobby", "invite": [bob.user_id]})).await;
-    bob.ok(M::POST, &format!("/join/{}", enc(&named)), Some(json!({}))).await;
+    bob.join(&named).await;
     let sync = bob.sync("", None).await;
     let summary = &sync["rooms"]["join"][&named]["summary"];
     assert!(summary.get("m.heroes").is_none(), "a named room needs no heroes: {summary}");
@@ -274,7 +258,7 @@ async fn optional_fields_are_left_out_never_null() {
     let alice = Api::register(&server, "alice").await;
     let bob = Api::register(&server, "bob").await;
     let room = alice.create_room(json!({"visibility": "public", "preset": "public_chat"})).await;
-    bob.ok(M::POST, &format!("/join/{}", enc(&room)), Some(json!({}))).await;
+    bob.join(&room).await;
     let keys = json!({"device_keys": {
         "user_id": bob.user_id, "device_id": bob.device_id,
         "algorithms": ["m.olm.v1.curve25519-aes-sha2"],
@@ -377,7 +361,7 @@ async fn sync_filters_count_after_filtering_and_never_lose_state() {
     let alice = Api::register(&server, "alice").await;
     let bob = Api::register(&server, "bob").await;
     let room = alice.create_room(json!({"preset": "public_chat"})).await;
-    bob.ok(M::POST, &format!("/join/{}", enc(&room)), Some(json!({}))).await;
+    bob.join(&room).await;
     let since = bob.sync("", None).await["next_batch"].as_str().unwrap().to_owned();
     let noise = |n: usize| {
         let alice = &alice;
@@ -437,8 +421,8 @@ async fn sync_filters_count_after_filtering_and_never_lose_state() {
     // with a limited timeline, and no one else's.
     let carol = Api::register(&server, "carol").await;
     let dave = Api::register(&server, "dave").await;
-    carol.ok(M::POST, &format!("/join/{}", enc(&room)), Some(json!({}))).await;
-    dave.ok(M::POST, &format!("/join/{}", enc(&room)), Some(json!({}))).await;
+    carol.join(&room).await;
+    dave.join(&room).await;
     let mid = bob.sync(&since, None).await["next_batch"].as_str().unwrap().to_owned();
     for i in 0..30 {
         carol.say(&room, &format!("c{i}"), "from carol").await;
@@ -502,7 +486,7 @@ async fn own_member_event_changes_and_nobody_else_may() {
     let alice = Api::register(&server, "alice").await;
     let bob = Api::register(&server, "bob").await;
     let room = alice.create_room(json!({"preset": "public_chat"})).await;
-    bob.ok(M::POST, &format!("/join/{}", enc(&room)), Some(json!({}))).await;
+    bob.join(&room).await;
     let member = room_path(&room, "/state/m.room.member/@alice:localhost");
     let before = alice.ok(M::GET, &format!("{member}?format=event"), None).await;
     let changed = alice
@@ -527,16 +511,10 @@ async fn a_profile_change_does_not_resend_the_room() {
     let alice = Api::register(&server, "alice").await;
     let bob = Api::register(&server, "bob").await;
     let room = alice.create_room(json!({"preset": "public_chat", "name": "Lobby"})).await;
-    bob.ok(M::POST, &format!("/join/{}", enc(&room)), Some(json!({}))).await;
+    bob.join(&room).await;
     let alice_since = alice.sync("", None).await["next_batch"].as_str().unwrap().to_owned();
     let bob_since = bob.sync("", None).await["next_batch"].as_str().unwrap().to_owned();
-    alice
-        .ok(
-            M::PUT,
-            "/profile/@alice:localhost/displayname",
-            Some(json!({"displayname": "Alice Renamed"})),
-        )
-        .await;
+    alice.set_displayname("Alice Renamed").await;
     for (who, since) in [(&alice, alice_since), (&bob, bob_since)] {
         let sync = who.sync(&since, None).await;
         let joined = &sync["rooms"]["join"][&room];
@@ -566,7 +544,7 @@ async fn a_kick_of_a_banned_or_absent_user_is_refused() {
     let bob = Api::register(&server, "bob").await;
     let carol = Api::register(&server, "carol").await;
     let room = alice.create_room(json!({"preset": "public_chat"})).await;
-    bob.ok(M::POST, &format!("/join/{}", enc(&room)), Some(json!({}))).await;
+    bob.join(&room).await;
     alice
         .ok(M::POST, &room_path(&room, "/ban"), Some(json!({"user_id": bob.user_id})))
         .await;
@@ -592,7 +570,7 @@ async fn former_members_read_up_to_where_they_left_and_no_further() {
     let room = alice
         .create_room(json!({"preset": "public_chat", "topic": "before", "name": "Club"}))
         .await;
-    bob.ok(M::POST, &format!("/join/{}", enc(&room)), Some(json!({}))).await;
+    bob.join(&room).await;
     let while_there = alice.say(&room, "m1", "while bob is here").await;
     bob.ok(M::POST, &room_path(&room, "/leave"), Some(json!({}))).await;
     alice
@@ -682,7 +660,7 @@ async fn device_lists_change_on_login_rename_and_delete_for_others_and_oneself()
     let alice = Api::register(&server, "alice").await;
     let bob = Api::register(&server, "bob").await;
     let room = alice.create_room(json!({"preset": "public_chat"})).await;
-    bob.ok(M::POST, &format!("/join/{}", enc(&room)), Some(json!({}))).await;
+    bob.join(&room).await;
     let mut alice_since = alice.sync("", None).await["next_batch"].as_str().unwrap().to_owned();
     let mut bob_since = bob.sync("", None).await["next_batch"].as_str().unwrap().to_owned();
     let mut expect_change = async |what: &str| {
@@ -694,15 +672,12 @@ async fn device_lists_change_on_login_rename_and_delete_for_others_and_oneself()
         bob_since = b["next_batch"].as_str().unwrap().to_owned();
     };
 
-    let login: Value = http()
-        .post(format!("{}/_matrix/client/v3/login", server.url))
-        .json(&json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "bob"}, "password": "pw", "device_id": "LAPTOP"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, login) = post_public(
+        &server.url,
+        "/login",
+        json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "bob"}, "password": "pw", "device_id": "LAPTOP"}),
+    )
+    .await;
     assert_eq!(login["device_id"], "LAPTOP");
     expect_change("a new login").await;
     bob.ok(M::PUT, "/devices/LAPTOP", Some(json!({"display_name": "Bob's laptop"})))
@@ -768,7 +743,7 @@ async fn ignored_invites_shared_history_and_presence_go_where_they_should() {
     let bob_since = bob.sync("", None).await["next_batch"].as_str().unwrap().to_owned();
     let (s, v) = alice.req(M::GET, "/presence/@bob:localhost/status", None).await;
     assert_eq!((s, errcode(&v)), (403, "M_FORBIDDEN"), "a stranger's status is not for alice");
-    alice.ok(M::POST, &format!("/join/{}", enc(&room)), Some(json!({}))).await;
+    alice.join(&room).await;
     let seen: Vec<String> = history(&alice, &room)
         .await
         .iter()
@@ -870,7 +845,7 @@ async fn push_rules_are_readable_checked_and_count_toward_highlights() {
     .await;
 
     let room = alice.create_room(json!({"invite": [bob.user_id]})).await;
-    bob.ok(M::POST, &format!("/join/{}", enc(&room)), Some(json!({}))).await;
+    bob.join(&room).await;
     alice.say(&room, "m1", "lunch?").await;
     alice.say(&room, "m2", "the deploy is done").await;
     alice
@@ -925,13 +900,8 @@ async fn uia_sessions_are_bound_to_their_request() {
     let server = Server::start();
     let alice = Api::register(&server, "alice").await;
     for device in ["A", "B"] {
-        let r = http()
-            .post(format!("{}/_matrix/client/v3/login", server.url))
-            .json(&json!({"type": "m.login.password", "user": "alice", "password": "pw", "device_id": device}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        let login = json!({"type": "m.login.password", "user": "alice", "password": "pw", "device_id": device});
+        assert_eq!(post_public(&server.url, "/login", login).await.0, 200);
     }
     let (s, challenge) = alice.req(M::DELETE, "/devices/A", Some(json!({}))).await;
     assert_eq!(s, 401);
@@ -969,15 +939,12 @@ async fn uia_sessions_are_bound_to_their_request() {
         )
         .await;
 
-    let r: Value = http()
-        .post(format!("{}/_matrix/client/v3/register", server.url))
-        .json(&json!({"username": "quiet", "password": "pw", "inhibit_login": true, "auth": {"type": "m.login.dummy"}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, r) = post_public(
+        &server.url,
+        "/register",
+        json!({"username": "quiet", "password": "pw", "inhibit_login": true, "auth": {"type": "m.login.dummy"}}),
+    )
+    .await;
     assert_eq!(r["user_id"], "@quiet:localhost");
     assert!(r.get("access_token").is_none() && r.get("device_id").is_none(), "{r}");
 }

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Api, Server, enc, http};
+use common::{Api, Server, enc, http, post_public};
 use reqwest::Method as M;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -97,18 +97,7 @@ async fn media_downloads_stream_are_bounded_per_address_and_follow_the_freeze() 
     let server = Server::start_with_config("[media]\nmax_downloads_per_address = 24\n");
     let alice = Api::register(&server, "alice").await;
     let file: Vec<u8> = (0..20 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
-    let up: Value = http()
-        .post(format!("{}/_matrix/media/v3/upload", server.url))
-        .bearer_auth(&alice.token)
-        .header("content-type", "application/octet-stream")
-        .body(file.clone())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let media = up["content_uri"].as_str().unwrap().strip_prefix("mxc://").unwrap().to_owned();
+    let media = alice.upload(file.clone(), "application/octet-stream").await;
     let url = format!("{}/_matrix/client/v1/media/download/{media}", server.url);
 
     // Slow readers: each takes the first bytes and then stops reading.
@@ -159,17 +148,7 @@ async fn media_downloads_stream_are_bounded_per_address_and_follow_the_freeze() 
     // ...unless the operator says so.
     let open = Server::start_with_config("[media]\nlegacy_unauthenticated = \"all\"\n");
     let bob = Api::register(&open, "bob").await;
-    let up: Value = http()
-        .post(format!("{}/_matrix/media/v3/upload", open.url))
-        .bearer_auth(&bob.token)
-        .body("hello")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let media = up["content_uri"].as_str().unwrap().strip_prefix("mxc://").unwrap().to_owned();
+    let media = bob.upload("hello", "text/plain").await;
     let r = http()
         .get(format!("{}/_matrix/media/v3/download/{media}", open.url))
         .send()
@@ -310,24 +289,13 @@ async fn control_characters_and_reserved_names_are_refused() {
     let server = Server::start();
     let alice = Api::register(&server, "alice").await;
     let room = alice.create_room(json!({})).await;
-    let url = server.url.clone();
-    let login = |body: Value| {
-        let url = url.clone();
-        async move {
-            let r = http()
-                .post(format!("{url}/_matrix/client/v3/login"))
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            (r.status().as_u16(), r.json::<Value>().await.unwrap())
-        }
-    };
-    let (s, v) = login(json!({"type": "m.login.password", "user": "alice", "password": "pw", "device_id": "BAD\u{0}ID"})).await;
-    assert_eq!((s, errcode(&v)), (400, "M_INVALID_PARAM"), "{v}");
-    let (s, v) =
-        login(json!({"type": "m.login.password", "user": "alice", "password": "pw", "initial_device_display_name": "two\nlines"})).await;
-    assert_eq!((s, errcode(&v)), (400, "M_INVALID_PARAM"), "{v}");
+    for login in [
+        json!({"type": "m.login.password", "user": "alice", "password": "pw", "device_id": "BAD\u{0}ID"}),
+        json!({"type": "m.login.password", "user": "alice", "password": "pw", "initial_device_display_name": "two\nlines"}),
+    ] {
+        let (s, v) = post_public(&server.url, "/login", login).await;
+        assert_eq!((s, errcode(&v)), (400, "M_INVALID_PARAM"), "{v}");
+    }
     let devices = alice.ok(M::GET, "/devices", None).await;
     assert_eq!(devices["devices"].as_array().unwrap().len(), 1, "no device was made");
 
@@ -357,15 +325,9 @@ async fn control_characters_and_reserved_names_are_refused() {
     assert!(profile.get("displayname").is_none(), "nothing was stored: {profile}");
 
     for name in ["admin", "postmaster", "abuse", "support", "root", "_bridge_bot"] {
-        let r = http()
-            .post(format!("{}/_matrix/client/v3/register", server.url))
-            .json(&json!({"username": name, "password": "pw", "auth": {"type": "m.login.dummy"}}))
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        let v: Value = r.json().await.unwrap();
-        assert_eq!((status, errcode(&v)), (400, "M_INVALID_USERNAME"), "{name}: {v}");
+        let signup = json!({"username": name, "password": "pw", "auth": {"type": "m.login.dummy"}});
+        let (s, v) = post_public(&server.url, "/register", signup).await;
+        assert_eq!((s, errcode(&v)), (400, "M_INVALID_USERNAME"), "{name}: {v}");
     }
     let (s, v) = alice.req(M::GET, "/register/available?username=admin", None).await;
     assert_eq!((s, errcode(&v)), (400, "M_INVALID_USERNAME"), "{v}");
@@ -389,7 +351,7 @@ async fn the_user_directory_shows_only_users_one_may_know_of() {
         let public = Api::register(&server, "publicperson").await;
         Api::register(&server, "stranger").await;
         let shared = searcher.create_room(json!({"invite": [friend.user_id]})).await;
-        friend.ok(M::POST, &format!("/join/{}", enc(&shared)), Some(json!({}))).await;
+        friend.join(&shared).await;
         public.create_room(json!({"preset": "public_chat"})).await;
         let found = |term: &'static str| {
             let searcher = &searcher;

@@ -278,15 +278,8 @@ pub struct Api {
 impl Api {
     /// Registers `name` (password `pw`) through the dummy stage.
     pub async fn register(server: &Server, name: &str) -> Self {
-        let v: serde_json::Value = http()
-            .post(format!("{}/_matrix/client/v3/register", server.url))
-            .json(&serde_json::json!({"username": name, "password": "pw", "auth": {"type": "m.login.dummy"}}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let signup = serde_json::json!({"username": name, "password": "pw", "auth": {"type": "m.login.dummy"}});
+        let (_, v) = post_public(&server.url, "/register", signup).await;
         Self {
             url: server.url.clone(),
             token: v["access_token"].as_str().unwrap_or_else(|| panic!("registered: {v}")).into(),
@@ -376,4 +369,53 @@ pub fn first_null(v: &serde_json::Value) -> Option<String> {
         serde_json::Value::Object(map) => map.iter().find_map(|(k, item)| first_null(item).map(|p| format!("/{k}{p}"))),
         _ => None,
     }
+}
+
+impl Api {
+    /// Joins a room by id or alias.
+    pub async fn join(&self, room: &str) {
+        self.ok(reqwest::Method::POST, &format!("/join/{}", enc(room)), Some(serde_json::json!({})))
+            .await;
+    }
+
+    /// Sets the global display name.
+    pub async fn set_displayname(&self, name: &str) {
+        self.ok(
+            reqwest::Method::PUT,
+            &format!("/profile/{}/displayname", enc(&self.user_id)),
+            Some(serde_json::json!({ "displayname": name })),
+        )
+        .await;
+    }
+
+    /// Uploads media and returns its `server/id` (the `mxc://` URI's path).
+    pub async fn upload(&self, bytes: impl Into<reqwest::Body>, content_type: &str) -> String {
+        let up: serde_json::Value = http()
+            .post(format!("{}/_matrix/media/v3/upload", self.url))
+            .bearer_auth(&self.token)
+            .header("content-type", content_type)
+            .body(bytes)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        up["content_uri"]
+            .as_str()
+            .and_then(|u| u.strip_prefix("mxc://"))
+            .unwrap_or_else(|| panic!("uploaded: {up}"))
+            .to_owned()
+    }
+}
+
+/// POSTs `body` to `/_matrix/client/v3{path}` without a token: (status, JSON).
+pub async fn post_public(url: &str, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let r = http()
+        .post(format!("{url}/_matrix/client/v3{path}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(serde_json::Value::Null))
 }
