@@ -69,13 +69,18 @@ impl PushRules {
 /// The room as `user`'s push conditions see it: member count, their display
 /// name there, who may notify the whole room.
 pub fn room_context(room: &RoomCache, user: &UserId) -> PushConditionRoomCtx {
+    #[derive(serde::Deserialize)]
+    struct Member {
+        displayname: Option<String>,
+    }
     let display_name = room
         .state("m.room.member", user.as_str())
-        .and_then(|e| e.pdu.content_value().get("displayname").and_then(Value::as_str).map(str::to_owned))
+        .and_then(|e| serde_json::from_str::<Member>(e.pdu.content.get()).ok())
+        .and_then(|m| m.displayname)
         .unwrap_or_else(|| user.localpart().to_owned());
     let members = UInt::try_from(room.member_count(kabar_domain::membership::Membership::Join) as u64).unwrap_or(UInt::MAX);
     let mut ctx = PushConditionRoomCtx::new(room.record.room_id.clone(), members, user.to_owned(), display_name);
-    ctx.power_levels = Some(PushConditionPowerLevelsCtx::from(room.power_levels()));
+    ctx.power_levels = Some(PushConditionPowerLevelsCtx::clone(&room.push_power_levels()));
     ctx
 }
 
@@ -96,6 +101,15 @@ pub async fn evaluate(rules: &Ruleset, event: &FlattenedJson, sender: &UserId, c
         }
     }
     Notification::default()
+}
+
+/// Whether `event` is judged by `user`'s push rules for their unread counts
+/// at all: never their own events, and never membership changes, which the
+/// spec's rules silence (`.m.rule.member_event`) but for an invite to the
+/// user, and an invitee is not in the room yet. Judging every join of a big
+/// room for every member would cost members squared.
+pub fn may_count(event: &kabar_store::StoredEvent, user: &UserId) -> bool {
+    event.pdu.sender != user && event.pdu.kind != ruma::events::TimelineEventType::RoomMember
 }
 
 /// An event's client form flattened for push conditions.

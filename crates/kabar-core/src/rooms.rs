@@ -137,6 +137,9 @@ pub struct RoomCache {
     /// Every change of `m.room.history_visibility`, oldest first (a handful
     /// per room), so deciding what a user may see needs no store read for it.
     visibility_changes: Vec<(StreamPos, HistoryVisibility)>,
+    /// The power levels as push rules read them, parsed when first asked
+    /// for after each change: every member's unread count needs them.
+    push_power_levels: std::sync::OnceLock<Arc<ruma::push::PushConditionPowerLevelsCtx>>,
 }
 
 impl RoomCache {
@@ -155,6 +158,7 @@ impl RoomCache {
             encrypted_at: None,
             state_changed_at: 0,
             visibility_changes: vec![],
+            push_power_levels: std::sync::OnceLock::new(),
         }
     }
 
@@ -429,6 +433,9 @@ impl RoomCache {
                 self.encrypted_at = Some(pos);
             }
             self.state_changed_at = self.state_changed_at.max(pos);
+            if pdu.kind == ruma::events::TimelineEventType::RoomPowerLevels {
+                self.push_power_levels = std::sync::OnceLock::new();
+            }
             if pdu.kind == ruma::events::TimelineEventType::RoomHistoryVisibility && pos > 0 {
                 self.visibility_changes
                     .push((pos, HistoryVisibility::from_content(Some(pdu.content.get()))));
@@ -438,6 +445,11 @@ impl RoomCache {
         self.head = vec![pdu.event_id.clone()];
         self.depth = pdu.depth;
         self.last_pos = self.last_pos.max(pos);
+    }
+
+    /// The power levels as push conditions read them (`@room` needs enough power).
+    pub fn push_power_levels(&self) -> Arc<ruma::push::PushConditionPowerLevelsCtx> {
+        self.push_power_levels.get_or_init(|| Arc::new(self.power_levels().into())).clone()
     }
 
     pub fn power_levels(&self) -> RoomPowerLevels {
@@ -805,6 +817,7 @@ impl Rooms {
             encrypted_at,
             state_changed_at,
             visibility_changes,
+            push_power_levels: std::sync::OnceLock::new(),
         }));
         Ok(self
             .rooms

@@ -883,9 +883,10 @@ impl SyncEngine {
             ..base
         };
         if upto > start && entry.notifications < UNREAD_CAP as u64 {
+            let counts = |e: &StoredEvent| push::may_count(e, user) && !ignored.contains(&e.pdu.sender);
             let recent = room.read().recent_between(start, upto);
-            let events: Vec<Arc<TimelineEvent>> = match recent {
-                Some(events) => events,
+            let others: Vec<Arc<TimelineEvent>> = match recent {
+                Some(events) => events.into_iter().filter(|e| counts(&e.event)).collect(),
                 None => self
                     .store
                     .room_events(EventRange {
@@ -898,17 +899,14 @@ impl SyncEngine {
                     .await?
                     .into_iter()
                     .rev()
+                    .filter(|e| counts(e))
                     .map(|e| Arc::new(TimelineEvent::new(e)))
                     .collect(),
             };
-            let others: Vec<&Arc<TimelineEvent>> = events
-                .iter()
-                .filter(|e| e.event.pdu.sender != user && !ignored.contains(&e.event.pdu.sender))
-                .collect();
             if !others.is_empty() {
                 let rules = self.push_rules.ruleset(user).await?;
                 let ctx = push::room_context(&room.read(), user);
-                for e in others {
+                for e in &others {
                     let n = push::evaluate(&rules, e.flattened(), &e.event.pdu.sender, &ctx).await;
                     entry.notifications += u64::from(n.notify);
                     entry.highlights += u64::from(n.highlight);

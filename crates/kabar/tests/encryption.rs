@@ -204,7 +204,7 @@ async fn login(url: &str, user: &str) -> (String, String) {
     let r = post_json(
         format!("{url}/_matrix/client/v3/login"),
         None,
-        json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": user }, "password": format!("{user}-password") }),
+        json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": user }, "password": format!("{user}-password"), "initial_device_display_name": format!("{user}'s laptop") }),
     )
     .await;
     (
@@ -426,10 +426,8 @@ async fn device_lists_tell_who_changed_and_who_left() {
     .await;
     let published = &query["device_keys"]["@bob:localhost"][bob_device.as_str()];
     assert_eq!(published["keys"][format!("curve25519:{bob_device}")], "c1");
-    assert!(
-        published["unsigned"]
-            .as_object()
-            .is_some_and(|u| u.contains_key("device_display_name")),
+    assert_eq!(
+        published["unsigned"]["device_display_name"], "bob's laptop",
         "the device's display name is added in unsigned: {published}"
     );
 

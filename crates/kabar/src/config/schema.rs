@@ -127,7 +127,7 @@ pub const SETTINGS: &[Setting] = &[
         Kind::LogFilter,
         "`\"info\"`",
         Live,
-        "Log filter (`error` … `trace`, or a tracing directive such as `info,kabar_core=debug`). `RUST_LOG` overrides it at start. The state-resolution library `ruma_state_res` is kept at `warn` unless the filter names it.",
+        "Log filter (`error` … `trace`, or a tracing directive such as `info,kabar_core=debug`). `RUST_LOG` overrides it at start. The ruma libraries `ruma_state_res` and `ruma_common`, which log or open spans on hot paths at `info`, are kept at `warn` unless the filter names them.",
     ),
     setting(
         "log_format",
