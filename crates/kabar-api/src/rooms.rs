@@ -4,8 +4,9 @@ use std::sync::Arc;
 
 use axum::{Json, extract::State};
 use kabar_core::{
+    filter::{TimelineFilter, filter_allows},
     rooms::{CreateRoom, Dir, Rooms},
-    sync::{SyncEngine, client_event, filter_allows, visible_client_event},
+    sync::{SyncEngine, client_event, visible_client_event},
 };
 use kabar_domain::{NewEvent, PaginationToken, membership::Membership};
 use kabar_store::{Session, StoredEvent, TxnRef};
@@ -477,7 +478,10 @@ pub async fn messages_route(
     let to = q.to.as_deref().map(token).transpose()?;
     let ignored = sync.ignored_users(&s.user_id).await?;
     // The limit counts only events the filter lets through.
-    let keep = |e: &StoredEvent| !ignored.contains(&e.pdu.sender) && filter_allows(&filter, &e.pdu.kind.to_string(), &e.pdu.sender);
+    let keep = TimelineFilter {
+        filter: &filter,
+        ignored: &ignored,
+    };
     let (events, end) = rooms.messages(&s.user_id, &room_id, from, to, dir, limit, keep).await?;
     let chunk: Vec<Value> = events.iter().map(|e| visible_client_event(e, &s)).collect();
     let state = lazy_members(&rooms, &s, &room_id, &filter, events.iter().map(|e| &e.event), None).await?;
@@ -548,7 +552,10 @@ pub async fn context_route(
     let before_n = limit / 2;
     let after_n = limit - before_n;
     let ignored = sync.ignored_users(&s.user_id).await?;
-    let keep = |e: &StoredEvent| !ignored.contains(&e.pdu.sender) && filter_allows(&filter, &e.pdu.kind.to_string(), &e.pdu.sender);
+    let keep = TimelineFilter {
+        filter: &filter,
+        ignored: &ignored,
+    };
     let pos = ev.event.pos;
     let (before, _) = if before_n > 0 {
         rooms

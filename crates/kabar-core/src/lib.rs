@@ -10,6 +10,7 @@ pub mod admission;
 pub mod changes;
 pub mod ephemeral;
 pub mod error;
+pub mod filter;
 pub mod health;
 pub mod key_backup;
 pub mod keys;

@@ -43,6 +43,7 @@ use tokio::sync::{Mutex as AsyncMutex, MutexGuard as AsyncMutexGuard, watch};
 use crate::{
     changes::Changes,
     error::{Error, Result},
+    filter::TimelineFilter,
     load::Gate,
     notifier::Notifier,
 };
@@ -788,6 +789,7 @@ impl Rooms {
                 until: u64::MAX,
                 direction: Direction::Backward,
                 limit: 1,
+                kinds: None,
             })
             .await?;
         let (head, depth, last_pos) = match last.first() {
@@ -1468,8 +1470,8 @@ impl Rooms {
             .collect())
     }
 
-    /// `/messages`: up to `limit` events the user may see that `keep`
-    /// accepts, from `from` in `dir` (not past `to`), and the token to go
+    /// `/messages`: up to `limit` events the user may see that `filter`
+    /// keeps, from `from` in `dir` (not past `to`), and the token to go
     /// on from: `None` once no further events are available (the edge of
     /// the room, or of what the user may see).
     #[allow(clippy::too_many_arguments)]
@@ -1481,7 +1483,7 @@ impl Rooms {
         to: Option<StreamPos>,
         dir: Dir,
         limit: usize,
-        keep: impl Fn(&StoredEvent) -> bool,
+        filter: TimelineFilter<'_>,
     ) -> Result<(Vec<VisibleEvent>, Option<StreamPos>)> {
         self.check_history_access(user, room_id).await?;
         let view = self.history_view(user, room_id).await?;
@@ -1501,6 +1503,7 @@ impl Rooms {
                     until: cursor,
                     direction: Direction::Backward,
                     limit: batch,
+                    kinds: filter.exact_types(),
                 },
                 Dir::Forward => EventRange {
                     room_id,
@@ -1508,6 +1511,7 @@ impl Rooms {
                     until: to.unwrap_or(u64::MAX),
                     direction: Direction::Forward,
                     limit: batch,
+                    kinds: filter.exact_types(),
                 },
             };
             let page = self.store.room_events(range).await?;
@@ -1524,7 +1528,7 @@ impl Rooms {
                     return Ok((out, Some(cursor)));
                 }
                 cursor = after_this;
-                if !keep(&event) {
+                if !filter.keeps(&event) {
                     continue;
                 }
                 if let Some(membership) = view.check(&event) {

@@ -9,10 +9,7 @@ use std::{
 
 use kabar_domain::{SyncToken, client_event::to_client_event, membership::Membership};
 use kabar_store::{Direction, EventRange, KeyCounts, MembershipRecord, Session, Store, StoredEvent, StreamPos};
-use ruma::{
-    OwnedRoomId, OwnedUserId, RoomId, UserId,
-    api::client::filter::{FilterDefinition, RoomEventFilter},
-};
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId, api::client::filter::FilterDefinition};
 use serde::Serialize;
 use serde_json::{Map, Value, json, value::RawValue};
 
@@ -20,6 +17,7 @@ use crate::{
     changes::{Changes, GenerationCache},
     ephemeral::Ephemeral,
     error::Result,
+    filter::{TimelineFilter, excludes_everything, filter_allows},
     keys::{DeviceListDelta, Keys, OneTimeKeyCounts},
     load::Gate,
     notifier::Notifier,
@@ -175,32 +173,6 @@ const UNREAD_CAP: usize = 1000;
 const MAX_UNREAD_ENTRIES: usize = 1_000_000;
 /// Bound on users whose memberships are remembered; past it they are read again.
 const MAX_CACHED_MEMBERSHIPS: usize = 1_000_000;
-
-/// Whether a type matches a filter pattern, where a trailing `*` matches any suffix.
-fn type_matches(pattern: &str, kind: &str) -> bool {
-    match pattern.strip_suffix('*') {
-        Some(prefix) => kind.starts_with(prefix),
-        None => pattern == kind,
-    }
-}
-
-/// Whether an event passes a room event filter.
-pub fn filter_allows(filter: &RoomEventFilter, kind: &str, sender: &UserId) -> bool {
-    if filter.not_types.iter().any(|p| type_matches(p, kind)) || filter.not_senders.iter().any(|s| s == sender) {
-        return false;
-    }
-    if let Some(types) = &filter.types
-        && !types.iter().any(|p| type_matches(p, kind))
-    {
-        return false;
-    }
-    filter.senders.as_ref().is_none_or(|s| s.iter().any(|x| x == sender))
-}
-
-/// Whether a filter with these lists lets no event type through.
-fn excludes_everything(types: Option<&[String]>, not_types: &[String]) -> bool {
-    types.is_some_and(<[String]>::is_empty) || not_types.iter().any(|t| t == "*")
-}
 
 fn room_allowed(filter: &FilterDefinition, room_id: &RoomId) -> bool {
     !filter.room.not_rooms.iter().any(|r| r == room_id) && filter.room.rooms.as_ref().is_none_or(|rs| rs.iter().any(|r| r == room_id))
@@ -493,11 +465,12 @@ impl SyncEngine {
                     invite.insert(m.room_id.to_string(), json!({ "invite_state": { "events": events } }));
                 }
                 Membership::Leave | Membership::Ban if m.pos > since.stream && (!initial || filter.room.include_leave) => {
-                    let keep = |e: &StoredEvent| {
-                        !ignored.contains(&e.pdu.sender) && filter_allows(&filter.room.timeline, &e.pdu.kind.to_string(), &e.pdu.sender)
+                    let timeline_filter = TimelineFilter {
+                        filter: &filter.room.timeline,
+                        ignored: &ignored,
                     };
                     let (events, limited) = self
-                        .timeline_from_store(user, &m.room_id, since.stream, m.pos, limit, &keep, true)
+                        .timeline_from_store(user, &m.room_id, (since.stream, m.pos), limit, timeline_filter, true)
                         .await?;
                     let prev_batch = events.first().map(|e| format!("t{}", e.event.pos - 1));
                     let timeline: Vec<Value> = events.iter().map(|e| visible_client_event(e, session)).collect();
@@ -568,9 +541,11 @@ impl SyncEngine {
             ignored,
         } = view;
         let room = self.rooms.room(room_id).await?;
-        let keep = |e: &StoredEvent| {
-            !ignored.contains(&e.pdu.sender) && filter_allows(&filter.room.timeline, &e.pdu.kind.to_string(), &e.pdu.sender)
+        let timeline_filter = TimelineFilter {
+            filter: &filter.room.timeline,
+            ignored,
         };
+        let keep = |e: &StoredEvent| timeline_filter.keeps(e);
         let (last_pos, recent) = {
             // Settled: every event up to `upto` is in the cache, so the window
             // and `last_pos` cannot miss one that committed a moment ago.
@@ -598,7 +573,7 @@ impl SyncEngine {
                 None => {
                     let after = if initial { 0 } else { since.stream };
                     let (found, more) = self
-                        .timeline_from_store(user, room_id, after, upto.stream, limit, &keep, initial)
+                        .timeline_from_store(user, room_id, (after, upto.stream), limit, timeline_filter, initial)
                         .await?;
                     limited = more;
                     events = found
@@ -777,20 +752,18 @@ impl SyncEngine {
         )))
     }
 
-    /// The newest `limit` events in `(after, until]` that `keep` accepts and
+    /// The newest `limit` events in `(after, until]` that `filter` keeps and
     /// the user may see, oldest first, and whether more of them were left
     /// out (`limited`). Reads back in pages, through at most
     /// [`TIMELINE_SCAN_LIMIT`] events. `check_visibility` is for rooms seen
     /// for the first time, which may hold history from before the user came.
-    #[allow(clippy::too_many_arguments)]
     async fn timeline_from_store(
         &self,
         user: &UserId,
         room_id: &RoomId,
-        after: StreamPos,
-        until: StreamPos,
+        (after, until): (StreamPos, StreamPos),
         limit: usize,
-        keep: &(dyn Fn(&StoredEvent) -> bool + Sync),
+        filter: TimelineFilter<'_>,
         check_visibility: bool,
     ) -> Result<(Vec<VisibleEvent>, bool)> {
         let view = if check_visibility {
@@ -811,13 +784,14 @@ impl SyncEngine {
                     until: cursor,
                     direction: Direction::Backward,
                     limit: batch,
+                    kinds: filter.exact_types(),
                 })
                 .await?;
             let at_start = page.len() < batch;
             scanned += page.len();
             for event in page {
                 cursor = event.pos - 1;
-                if !keep(&event) {
+                if !filter.keeps(&event) {
                     continue;
                 }
                 let membership = match &view {
@@ -895,6 +869,7 @@ impl SyncEngine {
                         until: upto,
                         direction: Direction::Backward,
                         limit: UNREAD_CAP,
+                        kinds: None,
                     })
                     .await?
                     .into_iter()
@@ -1035,18 +1010,5 @@ mod tests {
             client_event(&stored, &sender, Some(Membership::Join))["unsigned"]["membership"],
             "join"
         );
-    }
-
-    #[test]
-    fn filters_match_types_with_wildcards_and_senders() {
-        let mut f = RoomEventFilter::default();
-        assert!(filter_allows(&f, "m.room.message", user_id!("@a:x")));
-        f.types = Some(vec!["m.room.*".into()]);
-        assert!(filter_allows(&f, "m.room.message", user_id!("@a:x")));
-        assert!(!filter_allows(&f, "m.reaction", user_id!("@a:x")));
-        f.not_types = vec!["m.room.member".into()];
-        assert!(!filter_allows(&f, "m.room.member", user_id!("@a:x")));
-        f.not_senders = vec![ruma::owned_user_id!("@spam:x")];
-        assert!(!filter_allows(&f, "m.room.message", user_id!("@spam:x")));
     }
 }

@@ -198,6 +198,7 @@ async fn events_positions_and_idempotency(store: &dyn Store) {
         1,
         NewEvent::state("m.room.create", "", json!({"room_version": "11"})),
     );
+    let create_id = create.event_id.clone();
     let start = store.current_position();
     let positions = store.create_room(room.clone(), vec![write(create)]).await.unwrap();
     assert!(positions[0] > start, "positions increase");
@@ -257,6 +258,7 @@ async fn events_positions_and_idempotency(store: &dyn Store) {
                 until,
                 direction: Direction::Backward,
                 limit: 7,
+                kinds: None,
             })
             .await
             .unwrap();
@@ -276,10 +278,44 @@ async fn events_positions_and_idempotency(store: &dyn Store) {
             until: u64::MAX,
             direction: Direction::Forward,
             limit: 100,
+            kinds: None,
         })
         .await
         .unwrap();
     assert_eq!(fwd.iter().map(|e| e.pdu.event_id.clone()).collect::<Vec<_>>(), ids);
+    // A type list passes over the other events: they do not count to the limit.
+    let types = |kinds: &[&str], direction, limit| {
+        let kinds: Vec<String> = kinds.iter().map(|k| k.to_string()).collect();
+        let room_id = room.room_id.clone();
+        async move {
+            store
+                .room_events(EventRange {
+                    room_id: &room_id,
+                    after: 0,
+                    until: u64::MAX,
+                    direction,
+                    limit,
+                    kinds: Some(&kinds),
+                })
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.pdu.event_id)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        types(&["m.room.create"], Direction::Backward, 1).await,
+        [create_id],
+        "the create event, behind 30 messages"
+    );
+    assert_eq!(types(&["m.room.create", "m.room.message"], Direction::Forward, 100).await.len(), 31);
+    assert_eq!(
+        types(&["m.room.message"], Direction::Backward, 2).await,
+        [ids[29].clone(), ids[28].clone()]
+    );
+    assert!(types(&["m.reaction"], Direction::Forward, 100).await.is_empty());
+    assert!(types(&[], Direction::Forward, 100).await.is_empty(), "an empty list admits nothing");
     let got = store.event(&ids[0]).await.unwrap().expect("event by id");
     assert_eq!(got.txn, Some(txn("D", "txn0")));
 

@@ -130,6 +130,9 @@ pub struct EventRange<'a> {
     /// Which end to start reading from.
     pub direction: Direction,
     pub limit: usize,
+    /// Only events of these exact types (`None`: every type). The others
+    /// are passed over without being read, and do not count to `limit`.
+    pub kinds: Option<&'a [String]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
