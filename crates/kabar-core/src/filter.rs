@@ -74,44 +74,23 @@ mod tests {
 
     #[test]
     fn only_exact_type_lists_go_to_the_store() {
-        let ignored = HashSet::new();
-        let mut f = RoomEventFilter::default();
-        assert_eq!(
+        let exact = |types: Option<&[&str]>| {
+            let mut filter = RoomEventFilter::default();
+            filter.types = types.map(|t| t.iter().map(|s| s.to_string()).collect());
+            let ignored = HashSet::new();
             TimelineFilter {
-                filter: &f,
-                ignored: &ignored
+                filter: &filter,
+                ignored: &ignored,
             }
-            .exact_types(),
-            None,
-            "no list: every type"
-        );
-        f.types = Some(vec!["m.room.message".into(), "m.room.encrypted".into()]);
+            .exact_types()
+            .map(<[String]>::to_vec)
+        };
+        assert_eq!(exact(None), None, "no list: every type");
         assert_eq!(
-            TimelineFilter {
-                filter: &f,
-                ignored: &ignored
-            }
-            .exact_types(),
-            Some(&["m.room.message".to_owned(), "m.room.encrypted".to_owned()][..])
+            exact(Some(&["m.room.message", "m.room.encrypted"])),
+            Some(vec!["m.room.message".to_owned(), "m.room.encrypted".to_owned()])
         );
-        f.types = Some(vec!["m.room.message".into(), "m.call.*".into()]);
-        assert_eq!(
-            TimelineFilter {
-                filter: &f,
-                ignored: &ignored
-            }
-            .exact_types(),
-            None,
-            "a wildcard is matched here"
-        );
-        f.types = Some(vec![]);
-        assert_eq!(
-            TimelineFilter {
-                filter: &f,
-                ignored: &ignored
-            }
-            .exact_types(),
-            Some(&[][..])
-        );
+        assert_eq!(exact(Some(&["m.room.message", "m.call.*"])), None, "a wildcard is matched here");
+        assert_eq!(exact(Some(&[])), Some(vec![]), "an empty list admits nothing");
     }
 }
