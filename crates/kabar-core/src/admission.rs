@@ -99,10 +99,12 @@ pub fn address_key(ip: IpAddr) -> IpAddr {
 }
 
 /// Things held at once per client address (IPv6 by /64): connections,
-/// downloads. A client may hold at most `max` (0: no limit); what it holds
-/// is given back when its [`AddressSlot`] drops.
+/// downloads. A client may hold at most `max` (0: no limit), except the
+/// `unlimited` addresses (a reverse proxy speaks for every client it
+/// serves); what it holds is given back when its [`AddressSlot`] drops.
 pub struct AddressSlots {
     max: usize,
+    unlimited: Vec<IpAddr>,
     in_use: Mutex<HashMap<IpAddr, usize>>,
 }
 
@@ -125,9 +127,10 @@ impl Drop for AddressSlot {
 }
 
 impl AddressSlots {
-    pub fn new(max: usize) -> Arc<Self> {
+    pub fn new(max: usize, unlimited: &[IpAddr]) -> Arc<Self> {
         Arc::new(Self {
             max,
+            unlimited: unlimited.iter().map(|a| address_key(*a)).collect(),
             in_use: Mutex::new(HashMap::new()),
         })
     }
@@ -137,7 +140,7 @@ impl AddressSlots {
         let address = address_key(client);
         let mut in_use = self.in_use.lock().expect("address slots");
         let n = in_use.entry(address).or_insert(0);
-        if self.max > 0 && *n >= self.max {
+        if self.max > 0 && *n >= self.max && !self.unlimited.contains(&address) {
             return None;
         }
         *n += 1;
@@ -248,7 +251,8 @@ mod tests {
 
     #[test]
     fn an_address_holds_at_most_its_slots_and_gets_them_back() {
-        let slots = AddressSlots::new(2);
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let slots = AddressSlots::new(2, &[proxy]);
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "2001:db8::1".parse().unwrap();
         let b_neighbour: IpAddr = "2001:db8::2".parse().unwrap();
@@ -261,7 +265,9 @@ mod tests {
         drop(first);
         assert_eq!(slots.in_use(a), 1);
         assert!(slots.acquire(a).is_some(), "a slot given back can be taken again");
-        let unlimited = AddressSlots::new(0);
+        let proxied: Vec<_> = (0..100).map(|_| slots.acquire(proxy).unwrap()).collect();
+        assert_eq!(slots.in_use(proxy), proxied.len(), "an unlimited address is counted, never refused");
+        let unlimited = AddressSlots::new(0, &[]);
         let held: Vec<_> = (0..100).map(|_| unlimited.acquire(a).unwrap()).collect();
         assert_eq!(unlimited.in_use(a), held.len());
     }

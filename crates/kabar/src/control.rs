@@ -586,6 +586,7 @@ mod tests {
                 schema::Kind::Secret => toml::Value::String("hunter2".into()),
                 schema::Kind::TurnUris => toml::Value::Array(vec![toml::Value::String("turn:turn.example.org".into())]),
                 schema::Kind::Localparts => toml::Value::Array(vec![toml::Value::String("staff".into())]),
+                schema::Kind::IpAddrs => toml::Value::Array(vec![toml::Value::String("10.0.0.1".into())]),
             };
             let mut doc = toml::Table::new();
             let parts: Vec<&str> = setting.key.split('.').collect();

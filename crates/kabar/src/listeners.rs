@@ -12,7 +12,7 @@
 //! `max_connections_per_address` connections (more are closed at accept).
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -29,12 +29,14 @@ use tokio::{sync::watch, task::JoinHandle};
 use tower::ServiceExt as _;
 
 /// How connections are admitted and read.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnectionLimits {
     /// A request's headers must arrive within this.
     pub header_read_timeout: Duration,
     /// Open connections per client address (IPv6 by /64); 0 is no limit.
     pub max_per_address: usize,
+    /// Addresses `max_per_address` does not limit (a reverse proxy's).
+    pub unlimited: Vec<IpAddr>,
 }
 
 /// How many connections may wait to be accepted. tokio's default (1024) is
@@ -76,8 +78,8 @@ impl Listeners {
         let listeners = Self {
             app,
             active: Mutex::new(vec![]),
+            open: AddressSlots::new(limits.max_per_address, &limits.unlimited),
             limits,
-            open: AddressSlots::new(limits.max_per_address),
         };
         listeners.add_missing(addresses)?;
         Ok(listeners)
@@ -123,7 +125,7 @@ impl Listeners {
             };
             let bound = listener.local_addr()?;
             let (stop, stopped) = watch::channel(false);
-            let task = tokio::spawn(serve(listener, self.app.clone(), self.open.clone(), self.limits, stopped));
+            let task = tokio::spawn(serve(listener, self.app.clone(), self.open.clone(), self.limits.clone(), stopped));
             // Tests and scripts read this line to learn the port.
             println!("kabar listening on http://{bound}");
             tracing::info!(address = %bound, "listening");
@@ -269,6 +271,7 @@ mod tests {
         ConnectionLimits {
             header_read_timeout: Duration::from_millis(300),
             max_per_address,
+            unlimited: vec![],
         }
     }
 

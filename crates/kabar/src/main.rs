@@ -377,7 +377,7 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
         config.limits.max_upload_bytes as u64,
         gates.thumbnail.clone(),
         legacy_media,
-        AddressSlots::new(config.media.max_downloads_per_address),
+        AddressSlots::new(config.media.max_downloads_per_address, &config.limits.unlimited_addresses),
     )?);
     // The public URL may name the first listener's bound port; it is set
     // once the listeners are bound, before they are announced to anyone
@@ -442,6 +442,7 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
         ConnectionLimits {
             header_read_timeout: Duration::from_millis(config.limits.header_read_timeout_ms),
             max_per_address: config.limits.max_connections_per_address,
+            unlimited: config.limits.unlimited_addresses.clone(),
         },
     )?);
     info.set_public_base_url(public_base_url(&config, &listeners));

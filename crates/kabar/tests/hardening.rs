@@ -94,7 +94,8 @@ async fn made_up_methods_share_one_metrics_bucket() {
 /// unauthenticated paths follow the media freeze.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn media_downloads_stream_are_bounded_per_address_and_follow_the_freeze() {
-    let server = Server::start_with_config("[media]\nmax_downloads_per_address = 24\n");
+    // Loopback is a reverse proxy's address and unlimited by default: not here.
+    let server = Server::start_with_config("[media]\nmax_downloads_per_address = 24\n[limits]\nunlimited_addresses = []\n");
     let alice = Api::register(&server, "alice").await;
     let file: Vec<u8> = (0..20 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
     let media = alice.upload(file.clone(), "application/octet-stream").await;
@@ -159,10 +160,13 @@ async fn media_downloads_stream_are_bounded_per_address_and_follow_the_freeze() 
 }
 
 /// Item 21: a client trickling its headers is cut off, and one address
-/// cannot hold more than its share of connections.
+/// cannot hold more than its share of connections, unless it is a reverse
+/// proxy's (`unlimited_addresses`, here 127.0.0.2 and not 127.0.0.1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_headers_are_cut_off_and_connections_per_address_are_bounded() {
-    let server = Server::start_with_config("[limits]\nheader_read_timeout_ms = 1000\nmax_connections_per_address = 8\n");
+    let server = Server::start_with_config(
+        "[limits]\nheader_read_timeout_ms = 1000\nmax_connections_per_address = 8\nunlimited_addresses = [\"127.0.0.2\"]\n",
+    );
     let addr = address(&server);
     let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
     slow.write_all(b"GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\n")
@@ -197,6 +201,25 @@ async fn slow_headers_are_cut_off_and_connections_per_address_are_bounded() {
         .await
         .unwrap();
     assert_eq!(other.status(), 200, "other addresses are served");
+    let mut proxied = vec![];
+    for _ in 0..12 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        proxied.push(socket.connect(addr).await.unwrap());
+    }
+    let last = proxied.last_mut().unwrap();
+    last.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), last.read_to_string(&mut answer))
+        .await
+        .expect("the proxy's twelfth connection is answered")
+        .unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "an unlimited address is served past the limit: {answer}"
+    );
     drop(held);
     let deadline = Instant::now() + Duration::from_secs(10);
     while http().get(format!("{}/health", server.url)).send().await.is_err() {

@@ -228,6 +228,13 @@ fn bad_configurations(scratch: &Path) -> Vec<Bad> {
             Some(2),
         ),
         bad(
+            "a proxy named by host name, not address",
+            "[limits]\nunlimited_addresses = [\"proxy.internal\"]",
+            "limits.unlimited_addresses",
+            "is not an IP address",
+            Some(2),
+        ),
+        bad(
             "a data directory that is a file",
             format!("data_dir = {:?}", a_file.display().to_string()),
             "data_dir",

@@ -307,6 +307,13 @@ fn check_value(setting: &Setting, value: &Spanned<DeValue<'_>>) -> Result<(), St
                 }
             }
         }
+        Kind::IpAddrs => {
+            for item in strings(value)? {
+                if item.parse::<std::net::IpAddr>().is_err() {
+                    return Err(format!("{item:?} is not an IP address"));
+                }
+            }
+        }
         Kind::Localparts => {
             for item in strings(value)? {
                 // The server name's length does not matter here, only the characters.

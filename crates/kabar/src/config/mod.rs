@@ -6,7 +6,7 @@ pub mod check;
 pub mod schema;
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -161,6 +161,7 @@ pub struct LimitsConfig {
     pub max_upload_bytes: usize,
     pub header_read_timeout_ms: u64,
     pub max_connections_per_address: usize,
+    pub unlimited_addresses: Vec<IpAddr>,
     pub to_device_messages_per_second: u32,
     pub to_device_burst: u32,
 }
@@ -260,6 +261,8 @@ impl Default for LimitsConfig {
             max_upload_bytes: 50 * 1024 * 1024,
             header_read_timeout_ms: 10_000,
             max_connections_per_address: 1024,
+            // A reverse proxy on the same machine speaks for every client.
+            unlimited_addresses: vec![IpAddr::from([127, 0, 0, 1]), IpAddr::from(std::net::Ipv6Addr::LOCALHOST)],
             to_device_messages_per_second: 1000,
             to_device_burst: 20_000,
         }

@@ -31,6 +31,8 @@ pub enum Kind {
     TurnUris,
     /// A list of user-name localparts.
     Localparts,
+    /// A list of IP addresses.
+    IpAddrs,
 }
 
 impl Kind {
@@ -50,6 +52,7 @@ impl Kind {
             Kind::Secret => "string (secret)".into(),
             Kind::TurnUris => "list of `turn:`/`turns:` URIs".into(),
             Kind::Localparts => "list of user names".into(),
+            Kind::IpAddrs => "list of IP addresses".into(),
         }
     }
 }
@@ -211,7 +214,14 @@ pub const SETTINGS: &[Setting] = &[
         int(0, 1_000_000),
         "`1024`",
         Restart,
-        "Open connections one client address may hold (an IPv6 client counts by its /64); more are closed at once. 0 turns the limit off. Behind a reverse proxy every client shares the proxy's address: raise it there.",
+        "Open connections one client address may hold (an IPv6 client counts by its /64); more are closed at once. 0 turns the limit off. Addresses in `unlimited_addresses` are not limited.",
+    ),
+    setting(
+        "limits.unlimited_addresses",
+        Kind::IpAddrs,
+        "`[\"127.0.0.1\", \"::1\"]`",
+        Restart,
+        "Client addresses that `max_connections_per_address` and `media.max_downloads_per_address` do not limit: a reverse proxy speaks for every client it serves (an IPv6 entry covers its /64). Add the proxy's address when it runs on another machine.",
     ),
     setting(
         "limits.to_device_messages_per_second",
