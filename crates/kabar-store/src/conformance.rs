@@ -19,6 +19,8 @@ pub async fn run_all(store: Arc<dyn Store>) {
     events_positions_and_idempotency(&*store).await;
     state_membership_and_redaction(&*store).await;
     state_at_points_and_history(&*store).await;
+    membership_history_forget_and_threads(&*store).await;
+    deleting_every_device_but_one(&*store).await;
     user_directory_visibility(&*store).await;
     user_data(&*store).await;
     server_data(&*store).await;
@@ -554,6 +556,137 @@ async fn state_at_points_and_history(store: &dyn Store) {
     store.append_event(w).await.unwrap();
     let after = store.event(&topic2.event_id).await.unwrap().unwrap();
     assert_eq!(after.prev.map(|p| p.content), Some("{}".to_owned()));
+}
+
+/// A user's membership events in a room in order, forgetting a room left
+/// behind, and the thread list ordered by latest reply.
+async fn membership_history_forget_and_threads(store: &dyn Store) {
+    let (room, signer) = test_room("!threads:localhost");
+    let carol = owned_user_id!("@carol:localhost");
+    create_joined_room(store, &room, &signer).await;
+    let mut carol_positions = vec![];
+    for (n, membership) in [(3, "invite"), (4, "join"), (5, "leave")] {
+        let e = pdu(
+            &room,
+            &signer,
+            n,
+            NewEvent::state("m.room.member", carol.as_str(), json!({ "membership": membership })),
+        );
+        let AppendOutcome::Appended(pos) = store.append_event(write(e)).await.unwrap() else {
+            panic!("fresh member event")
+        };
+        carol_positions.push(pos);
+    }
+    let history = store.membership_history(&room.room_id, &carol).await.unwrap();
+    assert_eq!(
+        history.iter().map(|m| (m.membership, m.pos)).collect::<Vec<_>>(),
+        vec![
+            (Membership::Invite, carol_positions[0]),
+            (Membership::Join, carol_positions[1]),
+            (Membership::Leave, carol_positions[2]),
+        ],
+        "every membership event of the user, oldest first"
+    );
+    assert!(
+        store
+            .membership_history(&room.room_id, &owned_user_id!("@nobody:localhost"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Forgetting: only a room one has left, and only for oneself.
+    store.forget_room(&room.creator, &room.room_id).await.unwrap();
+    assert!(
+        store
+            .memberships(&room.creator)
+            .await
+            .unwrap()
+            .iter()
+            .any(|m| m.room_id == room.room_id),
+        "a joined room cannot be forgotten"
+    );
+    store.forget_room(&carol, &room.room_id).await.unwrap();
+    assert!(
+        !store.memberships(&carol).await.unwrap().iter().any(|m| m.room_id == room.room_id),
+        "a left room is forgotten"
+    );
+    assert_eq!(
+        store.membership_history(&room.room_id, &carol).await.unwrap().len(),
+        3,
+        "history stays"
+    );
+
+    // Threads: most recently active first, each with its latest reply.
+    let root = |n, body: &str| pdu(&room, &signer, n, NewEvent::message("m.room.message", json!({ "body": body })));
+    let (first, second) = (root(10, "first root"), root(11, "second root"));
+    for r in [&first, &second] {
+        store.append_event(write(r.clone())).await.unwrap();
+    }
+    let reply = |n, to: &Pdu| {
+        let e = pdu(
+            &room,
+            &signer,
+            n,
+            NewEvent::message(
+                "m.room.message",
+                json!({ "body": "reply", "m.relates_to": { "rel_type": "m.thread", "event_id": to.event_id } }),
+            ),
+        );
+        let mut w = write(e);
+        w.relation = Some((to.event_id.clone(), "m.thread".into()));
+        w
+    };
+    let appended = |w: EventWrite| async move {
+        match store.append_event(w).await.unwrap() {
+            AppendOutcome::Appended(pos) => pos,
+            AppendOutcome::Duplicate(_) => panic!("fresh reply"),
+        }
+    };
+    let _ = appended(reply(12, &first)).await;
+    let second_latest = appended(reply(13, &second)).await;
+    let first_latest = appended(reply(14, &first)).await;
+    assert_eq!(
+        store.thread_roots(&room.room_id, 10).await.unwrap(),
+        vec![(first.event_id.clone(), first_latest), (second.event_id.clone(), second_latest)]
+    );
+    assert_eq!(store.thread_roots(&room.room_id, 1).await.unwrap().len(), 1, "the limit holds");
+}
+
+/// "Log out everywhere else": every device but the one kept goes, with its
+/// token, and the device list changes.
+async fn deleting_every_device_but_one(store: &dyn Store) {
+    let dave = owned_user_id!("@dave:localhost");
+    store
+        .create_user(NewUser {
+            user_id: dave.clone(),
+            password_hash: None,
+            created_ms: 1,
+        })
+        .await
+        .unwrap();
+    for d in ["D1", "D2", "D3"] {
+        device(store, &dave, d).await;
+    }
+    let before = store.current_position();
+    let removed = store.delete_all_devices(&dave, Some("D2")).await.unwrap();
+    assert_eq!(removed.count, 2);
+    assert!(removed.list_changed_at.is_some_and(|p| p > before), "the device list changed");
+    let left: Vec<String> = store.devices(&dave).await.unwrap().into_iter().map(|d| d.device_id).collect();
+    assert_eq!(left, ["D2"]);
+    assert!(store.session_by_token_hash(&format!("tok-{dave}-D1")).await.unwrap().is_none());
+    assert!(
+        store.session_by_token_hash(&format!("tok-{dave}-D2")).await.unwrap().is_some(),
+        "the kept one stays signed in"
+    );
+    let removed = store.delete_all_devices(&dave, None).await.unwrap();
+    assert_eq!(removed.count, 1);
+    assert!(store.devices(&dave).await.unwrap().is_empty());
+    assert_eq!(
+        store.delete_all_devices(&dave, None).await.unwrap(),
+        DevicesRemoved::default(),
+        "nothing left: nothing changes"
+    );
 }
 
 /// The user directory shows a searcher only the users they may know of.
