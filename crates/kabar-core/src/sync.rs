@@ -545,14 +545,13 @@ impl SyncEngine {
             filter: &filter.room.timeline,
             ignored,
         };
-        let keep = |e: &StoredEvent| timeline_filter.keeps(e);
         let (last_pos, recent) = {
             // Settled: every event up to `upto` is in the cache, so the window
             // and `last_pos` cannot miss one that committed a moment ago.
             let r = room.settled(BURST_LINGER).await;
             // A sync that is only a little behind finds its timeline in memory.
             let recent = (!initial && r.last_pos > since.stream)
-                .then(|| r.recent_matching(since.stream, upto.stream, limit, keep))
+                .then(|| r.recent_matching(since.stream, upto.stream, limit, |e| timeline_filter.keeps(e)))
                 .flatten();
             (r.last_pos, recent)
         };

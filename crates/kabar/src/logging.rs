@@ -7,7 +7,8 @@ use tracing_subscriber::{EnvFilter, Registry, layer::SubscriberExt, reload, util
 /// warnings unless the filter names them: the state-resolution library logs
 /// two lines for every event it authorizes (a tenth of the server's time
 /// under load), and `ruma_common` opens a span for every value of every
-/// event it flattens for push rules (a third of a sync's time).
+/// event it flattens for push rules (most of the throughput the push-rule
+/// unread counts first cost `messages`; see bench/RESULTS.md).
 const QUIETED: &[&str] = &["ruma_state_res", "ruma_common"];
 
 /// The configured log filter, with the [`QUIETED`] libraries at `warn`
