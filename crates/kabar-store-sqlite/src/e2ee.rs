@@ -35,6 +35,13 @@ fn sql_pos(pos: StreamPos) -> i64 {
 /// Records that `user`'s device list changed, at a new position.
 pub(crate) fn record_list_change(c: &Connection, positions: &mut Positions, user: &str) -> StoreResult<StreamPos> {
     let pos = positions.allocate();
+    record_list_change_at(c, positions, user, pos)?;
+    Ok(pos)
+}
+
+/// Records that `user`'s device list changed at `pos`, a position the
+/// caller allocated for this write.
+pub(crate) fn record_list_change_at(c: &Connection, positions: &mut Positions, user: &str, pos: StreamPos) -> StoreResult<()> {
     exec(
         c,
         "INSERT INTO device_list_changes (user_id, pos) VALUES (?1, ?2)
@@ -42,7 +49,11 @@ pub(crate) fn record_list_change(c: &Connection, positions: &mut Positions, user
         params![user, pos as i64],
     )
     .map_err(backend)?;
-    Ok(pos)
+    positions.change(c, pos, Change::DeviceList { user_id: parse_user(user)? })
+}
+
+fn parse_user(user: &str) -> StoreResult<OwnedUserId> {
+    OwnedUserId::try_from(user).map_err(|e| StoreError::Backend(format!("not a user id {user}: {e}")))
 }
 
 pub(crate) fn device_ids_except(c: &Connection, user: &str, keep: Option<&str>) -> StoreResult<Vec<String>> {
@@ -73,7 +84,9 @@ pub(crate) fn remove_devices(c: &Connection, positions: &mut Positions, user: &s
     // Any removed device changes the list other users' clients encrypt to
     // (and the user's own other devices show), keys or not.
     if had_keys || removed.count > 0 {
-        removed.list_changed_at = Some(record_list_change(c, positions, user)?);
+        let pos = record_list_change(c, positions, user)?;
+        positions.change(c, pos, Change::Sessions { user_id: parse_user(user)? })?;
+        removed.list_changed_at = Some(pos);
     }
     Ok(removed)
 }
@@ -127,10 +140,10 @@ impl KeyStore for SqliteStore {
             .await
     }
 
-    async fn add_one_time_keys(&self, user_id: &UserId, device_id: &str, keys: Vec<OneTimeKey>) -> StoreResult<()> {
-        let (u, d) = (user_id.to_string(), device_id.to_owned());
+    async fn add_one_time_keys(&self, user_id: &UserId, device_id: &str, keys: Vec<OneTimeKey>) -> StoreResult<StreamPos> {
+        let (user, u, d) = (user_id.to_owned(), user_id.to_string(), device_id.to_owned());
         self.engine
-            .write(move |c, _| {
+            .write(move |c, positions| {
                 for k in keys {
                     let stored: Option<String> = c
                         .prepare_cached("SELECT json FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 AND key_id = ?3")
@@ -151,15 +164,17 @@ impl KeyStore for SqliteStore {
                         }
                     }
                 }
-                Ok(())
+                let pos = positions.allocate();
+                positions.change(c, pos, Change::OneTimeKeys { user_id: user, device_id: d })?;
+                Ok(pos)
             })
             .await
     }
 
-    async fn put_fallback_keys(&self, user_id: &UserId, device_id: &str, keys: Vec<OneTimeKey>) -> StoreResult<()> {
-        let (u, d) = (user_id.to_string(), device_id.to_owned());
+    async fn put_fallback_keys(&self, user_id: &UserId, device_id: &str, keys: Vec<OneTimeKey>) -> StoreResult<StreamPos> {
+        let (user, u, d) = (user_id.to_owned(), user_id.to_string(), device_id.to_owned());
         self.engine
-            .write(move |c, _| {
+            .write(move |c, positions| {
                 for k in keys {
                     // Re-uploading the key already stored keeps its used mark.
                     exec(
@@ -173,7 +188,9 @@ impl KeyStore for SqliteStore {
                     )
                     .map_err(backend)?;
                 }
-                Ok(())
+                let pos = positions.allocate();
+                positions.change(c, pos, Change::OneTimeKeys { user_id: user, device_id: d })?;
+                Ok(pos)
             })
             .await
     }
@@ -210,8 +227,8 @@ impl KeyStore for SqliteStore {
         // Claims run on the one writer connection, inside its transaction:
         // the select and the delete of a key cannot interleave with another claim.
         self.engine
-            .write(move |c, _| {
-                let mut claimed = Vec::with_capacity(claims.len());
+            .write(move |c, positions| {
+                let mut claimed: Vec<ClaimedKey> = Vec::with_capacity(claims.len());
                 for claim in claims {
                     let (u, d) = (claim.user_id.as_str(), claim.device_id.as_str());
                     let one_time: Option<(String, String)> = c
@@ -243,6 +260,22 @@ impl KeyStore for SqliteStore {
                             key_id,
                             json,
                         });
+                    }
+                }
+                let mut devices: Vec<(&OwnedUserId, &String)> = claimed.iter().map(|k| (&k.user_id, &k.device_id)).collect();
+                devices.sort_unstable();
+                devices.dedup();
+                if !devices.is_empty() {
+                    let pos = positions.allocate();
+                    for (user_id, device_id) in devices {
+                        positions.change(
+                            c,
+                            pos,
+                            Change::OneTimeKeys {
+                                user_id: user_id.clone(),
+                                device_id: device_id.clone(),
+                            },
+                        )?;
                     }
                 }
                 Ok(claimed)
@@ -384,6 +417,7 @@ impl ToDeviceStore for SqliteStore {
                     return Ok(None);
                 }
                 let mut last = 0;
+                let mut devices: Vec<(OwnedUserId, String)> = vec![];
                 for m in messages {
                     let exists = c
                         .prepare_cached("SELECT 1 FROM devices WHERE user_id = ?1 AND device_id = ?2")
@@ -401,6 +435,15 @@ impl ToDeviceStore for SqliteStore {
                     )
                     .map_err(backend)?;
                     last = pos;
+                    let device = (m.recipient, m.device_id);
+                    if !devices.contains(&device) {
+                        devices.push(device);
+                    }
+                }
+                // One change per device, at the batch's last position: the
+                // device's sync reads its queue up to there.
+                for (user_id, device_id) in devices {
+                    positions.change(c, last, Change::ToDevice { user_id, device_id })?;
                 }
                 Ok(Some(last))
             })

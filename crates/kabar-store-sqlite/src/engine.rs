@@ -21,22 +21,29 @@ use std::{
     thread,
 };
 
-use kabar_store::{StoreError, StoreObserver, StoreOp, StoreResult, StreamPos};
+use kabar_store::{Change, CommitFeed, CommittedBatch, StoreError, StoreObserver, StoreOp, StoreResult, StreamPos, StreamUpdate};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
 /// Each entry brings the schema from its index's version to the next; the
 /// database's `user_version` says where it stands.
-const MIGRATIONS: &[&str] = &[include_str!("schema.sql"), include_str!("e2ee.sql"), include_str!("v3.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("schema.sql"),
+    include_str!("e2ee.sql"),
+    include_str!("v3.sql"),
+    include_str!("v4.sql"),
+];
 pub(crate) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 const MAX_BATCH: usize = 512;
 /// Reader threads: SQLite reads are short and CPU-bound, so a few more than
 /// the cores keep them busy while one waits on the disk.
 const READER_THREADS: usize = 4;
 
-/// Hands out stream positions inside the writer thread.
+/// Hands out stream positions inside the writer thread, and collects the
+/// changes made at them for the stream.
 pub(crate) struct Positions {
     next: StreamPos,
+    updates: Vec<StreamUpdate>,
 }
 
 impl Positions {
@@ -45,17 +52,51 @@ impl Positions {
         self.next += 1;
         p
     }
+
+    /// Notes an appended event (the events table is its record in the stream).
+    pub(crate) fn event(&mut self, event: kabar_store::StoredEvent) {
+        self.updates.push(StreamUpdate {
+            pos: event.pos,
+            change: Change::Event(std::sync::Arc::new(event)),
+        });
+    }
+
+    /// Records a change that is not an event at `pos`, in the stream table.
+    pub(crate) fn change(&mut self, conn: &Connection, pos: StreamPos, change: Change) -> StoreResult<()> {
+        let (user, room, device): (Option<&str>, Option<&str>, Option<&str>) = match &change {
+            Change::Event(_) => return Err(StoreError::Backend("events are recorded by their row".into())),
+            Change::AccountData { user_id } | Change::DeviceList { user_id } | Change::Memberships { user_id } | Change::Sessions { user_id } => {
+                (Some(user_id.as_str()), None, None)
+            }
+            Change::Receipt { room_id } => (None, Some(room_id.as_str()), None),
+            Change::OneTimeKeys { user_id, device_id } | Change::ToDevice { user_id, device_id } => {
+                (Some(user_id.as_str()), None, Some(device_id.as_str()))
+            }
+        };
+        exec(
+            conn,
+            "INSERT INTO stream_changes (pos, kind, user_id, room_id, device_id) VALUES (?1, ?2, ?3, ?4, ?5)",
+            rusqlite::params![pos as i64, change.kind(), user, room, device],
+        )
+        .map_err(backend)?;
+        self.updates.push(StreamUpdate { pos, change });
+        Ok(())
+    }
 }
 
 type Reply = Box<dyn FnOnce(StoreResult<()>) + Send>;
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 type WriteJob = Box<dyn FnOnce(&Connection, &mut Positions) -> (bool, Reply) + Send>;
 
+/// Where committed batches go, once somebody subscribed.
+type FeedSlot = Arc<Mutex<Option<tokio::sync::mpsc::UnboundedSender<CommittedBatch>>>>;
+
 pub(crate) struct Engine {
     writer: Mutex<Option<mpsc::Sender<WriteJob>>>,
     readers: Mutex<Option<mpsc::Sender<ReadJob>>>,
     committed: Arc<AtomicU64>,
     observer: Option<Arc<dyn StoreObserver>>,
+    feed: FeedSlot,
 }
 
 pub(crate) fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -115,9 +156,11 @@ impl Engine {
         let committed = Arc::new(AtomicU64::new(last as u64));
         let (tx, rx) = mpsc::channel::<WriteJob>();
         let committed_w = committed.clone();
+        let feed: FeedSlot = Arc::new(Mutex::new(None));
+        let feed_w = feed.clone();
         thread::Builder::new()
             .name("kabar-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, committed_w, last as u64))
+            .spawn(move || writer_loop(conn, rx, committed_w, feed_w, last as u64))
             .map_err(backend)?;
         let (read_tx, read_rx) = mpsc::channel::<ReadJob>();
         let read_rx = Arc::new(Mutex::new(read_rx));
@@ -146,11 +189,20 @@ impl Engine {
             readers: Mutex::new(Some(read_tx)),
             committed,
             observer,
+            feed,
         })
     }
 
     pub(crate) fn committed(&self) -> StreamPos {
         self.committed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn subscribe(&self) -> CommitFeed {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        if let Ok(mut slot) = self.feed.lock() {
+            *slot = Some(tx);
+        }
+        rx
     }
 
     /// Runs `f` on the writer thread inside the next group commit.
@@ -214,8 +266,11 @@ impl Engine {
     }
 }
 
-fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteJob>, committed: Arc<AtomicU64>, last: StreamPos) {
-    let mut positions = Positions { next: last + 1 };
+fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteJob>, committed: Arc<AtomicU64>, feed: FeedSlot, last: StreamPos) {
+    let mut positions = Positions {
+        next: last + 1,
+        updates: vec![],
+    };
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -232,11 +287,13 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteJob>, committed: Arc<At
                 reply(Err(backend(&e)));
             }
             positions.next = batch_start;
+            positions.updates.clear();
             continue;
         }
         let mut replies = Vec::with_capacity(batch.len());
         for job in batch {
             let before = positions.next;
+            let updates_before = positions.updates.len();
             let savepoint = exec(&conn, "SAVEPOINT job", []);
             let (ok, reply) = job(&conn, &mut positions);
             if savepoint.is_ok() {
@@ -247,6 +304,7 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteJob>, committed: Arc<At
             }
             if !ok {
                 positions.next = before;
+                positions.updates.truncate(updates_before);
             }
             replies.push(reply);
         }
@@ -261,6 +319,23 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteJob>, committed: Arc<At
         match commit {
             Ok(()) => {
                 committed.store(last_assigned, Ordering::Release);
+                let mut updates = std::mem::take(&mut positions.updates);
+                updates.sort_by_key(|u| u.pos);
+                // Sent before the writers are answered, so that a writer that
+                // waits for its position to be applied finds it on its way.
+                if last_assigned > batch_start - 1
+                    && let Ok(mut slot) = feed.lock()
+                    && let Some(tx) = slot.as_ref()
+                    && tx
+                        .send(CommittedBatch {
+                            after: batch_start - 1,
+                            head: last_assigned,
+                            updates,
+                        })
+                        .is_err()
+                {
+                    *slot = None;
+                }
                 for reply in replies {
                     reply(Ok(()));
                 }
@@ -269,6 +344,7 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteJob>, committed: Arc<At
                 tracing::error!(error = %e, "group commit failed");
                 let _ = exec(&conn, "ROLLBACK", []);
                 positions.next = batch_start;
+                positions.updates.clear();
                 for reply in replies {
                     reply(Err(backend(&e)));
                 }

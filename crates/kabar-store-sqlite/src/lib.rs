@@ -163,6 +163,12 @@ fn insert_event(conn: &Connection, positions: &mut Positions, w: &EventWrite) ->
             return Ok(AppendOutcome::Duplicate(OwnedEventId::try_from(id).map_err(corrupt)?));
         }
     }
+    if let Some(expected) = w.expected_head {
+        let head = room_head(conn, pdu.room_id.as_str())?;
+        if head != expected {
+            return Ok(AppendOutcome::HeadMoved { head });
+        }
+    }
     let pos = positions.allocate();
     let (rel_to, rel_type) = match &w.relation {
         Some((id, t)) => (Some(id.as_str()), Some(t.as_str())),
@@ -247,7 +253,22 @@ fn insert_event(conn: &Connection, positions: &mut Positions, w: &EventWrite) ->
         )
         .map_err(backend)?;
     }
+    positions.event(StoredEvent {
+        pos,
+        pdu: pdu.clone(),
+        txn: w.txn.clone(),
+        redacted_by: None,
+        prev: w.prev.clone(),
+    });
     Ok(AppendOutcome::Appended(pos))
+}
+
+/// The position of the room's newest event (0 for none).
+fn room_head(conn: &Connection, room_id: &str) -> StoreResult<StreamPos> {
+    conn.prepare_cached("SELECT COALESCE(MAX(pos), 0) FROM events WHERE room_id = ?1")
+        .and_then(|mut st| st.query_row([room_id], |r| r.get::<_, i64>(0)))
+        .map(|p| p as StreamPos)
+        .map_err(backend)
 }
 
 #[async_trait]
@@ -350,7 +371,7 @@ impl AccountStore for SqliteStore {
             .await
     }
 
-    async fn upsert_device(&self, d: NewDevice) -> StoreResult<Option<StreamPos>> {
+    async fn upsert_device(&self, d: NewDevice) -> StoreResult<StreamPos> {
         self.engine
             .write(move |c, positions| {
                 let existed = c
@@ -367,11 +388,12 @@ impl AccountStore for SqliteStore {
                     params![d.user_id.as_str(), d.device_id, d.display_name, d.token_hash, d.now_ms as i64, d.ip],
                 )
                 .map_err(conflict_or_backend("token exists"))?;
-                if existed {
-                    Ok(None)
-                } else {
-                    e2ee::record_list_change(c, positions, d.user_id.as_str()).map(Some)
+                let pos = positions.allocate();
+                if !existed {
+                    e2ee::record_list_change_at(c, positions, d.user_id.as_str(), pos)?;
                 }
+                positions.change(c, pos, Change::Sessions { user_id: d.user_id })?;
+                Ok(pos)
             })
             .await
     }
@@ -489,7 +511,9 @@ impl RoomStore for SqliteStore {
                 for w in &events {
                     match insert_event(c, positions, w)? {
                         AppendOutcome::Appended(p) => out.push(p),
-                        AppendOutcome::Duplicate(_) => return Err(StoreError::Conflict("duplicate transaction in room creation".into())),
+                        AppendOutcome::Duplicate(_) | AppendOutcome::HeadMoved { .. } => {
+                            return Err(StoreError::Conflict("room creation must start the room's chain".into()));
+                        }
                     }
                 }
                 Ok(out)
@@ -733,17 +757,19 @@ impl RoomStore for SqliteStore {
             .await
     }
 
-    async fn forget_room(&self, user_id: &UserId, room_id: &RoomId) -> StoreResult<()> {
-        let (user, room) = (user_id.to_string(), room_id.to_string());
+    async fn forget_room(&self, user_id: &UserId, room_id: &RoomId) -> StoreResult<StreamPos> {
+        let (user, room) = (user_id.to_owned(), room_id.to_string());
         self.engine
-            .write(move |c, _| {
+            .write(move |c, positions| {
                 exec(
                     c,
                     "DELETE FROM memberships WHERE user_id = ?1 AND room_id = ?2 AND membership IN ('leave', 'ban')",
-                    [user, room],
+                    [user.as_str(), &room],
                 )
-                .map(|_| ())
-                .map_err(backend)
+                .map_err(backend)?;
+                let pos = positions.allocate();
+                positions.change(c, pos, Change::Memberships { user_id: user })?;
+                Ok(pos)
             })
             .await
     }
@@ -794,16 +820,120 @@ impl RoomStore for SqliteStore {
             .await
     }
 
+}
+
+#[async_trait]
+impl StreamStore for SqliteStore {
     fn current_position(&self) -> StreamPos {
         self.engine.committed()
     }
+
+    async fn committed_position(&self) -> StoreResult<StreamPos> {
+        // One process writes an embedded database: what it committed is the head.
+        Ok(self.engine.committed())
+    }
+
+    async fn updates_after(&self, after: StreamPos, limit: usize) -> StoreResult<CommittedBatch> {
+        let head = self.engine.committed();
+        let limit = limit.clamp(1, 10_000);
+        if after >= head {
+            return Ok(CommittedBatch {
+                after,
+                head: after,
+                updates: vec![],
+            });
+        }
+        self.engine
+            .read(move |c| {
+                let (from, to) = (after.min(i64::MAX as u64) as i64, head as i64);
+                let mut st = c
+                    .prepare_cached(&format!("SELECT {EVENT_COLUMNS} FROM events e WHERE pos > ?1 AND pos <= ?2 ORDER BY pos LIMIT ?3"))
+                    .map_err(backend)?;
+                let events: Vec<StoredEvent> = st
+                    .query_map(params![from, to, limit as i64], event_from_row)
+                    .map_err(backend)?
+                    .collect::<Result<_, _>>()
+                    .map_err(corrupt)?;
+                let mut st = c
+                    .prepare_cached(
+                        "SELECT pos, kind, user_id, room_id, device_id FROM stream_changes WHERE pos > ?1 AND pos <= ?2 ORDER BY pos, rowid LIMIT ?3",
+                    )
+                    .map_err(backend)?;
+                let changes: Vec<StreamUpdate> = st
+                    .query_map(params![from, to, limit as i64], change_from_row)
+                    .map_err(backend)?
+                    .collect::<Result<_, _>>()
+                    .map_err(corrupt)?;
+                // A list cut by the limit is complete only up to its last
+                // position (several changes may share the last one: drop it).
+                let mut complete = head;
+                if events.len() == limit {
+                    complete = complete.min(events.last().map_or(head, |e| e.pos));
+                }
+                if changes.len() == limit {
+                    complete = complete.min(changes.last().map_or(head, |u| u.pos.saturating_sub(1)).max(after));
+                }
+                let mut updates: Vec<StreamUpdate> = events
+                    .into_iter()
+                    .map(|e| StreamUpdate {
+                        pos: e.pos,
+                        change: Change::Event(Arc::new(e)),
+                    })
+                    .chain(changes)
+                    .filter(|u| u.pos <= complete)
+                    .collect();
+                updates.sort_by_key(|u| u.pos);
+                Ok(CommittedBatch {
+                    after,
+                    head: complete,
+                    updates,
+                })
+            })
+            .await
+    }
+
+    fn subscribe(&self) -> CommitFeed {
+        self.engine.subscribe()
+    }
+}
+
+fn change_from_row(r: &Row<'_>) -> rusqlite::Result<StreamUpdate> {
+    let pos = r.get::<_, i64>(0)? as StreamPos;
+    let kind: String = r.get(1)?;
+    let user = || -> rusqlite::Result<OwnedUserId> { parse(r.get::<_, Option<String>>(2)?.unwrap_or_default()) };
+    let device = || -> rusqlite::Result<String> { Ok(r.get::<_, Option<String>>(4)?.unwrap_or_default()) };
+    let change = match kind.as_str() {
+        "account_data" => Change::AccountData { user_id: user()? },
+        "receipt" => Change::Receipt {
+            room_id: parse(r.get::<_, Option<String>>(3)?.unwrap_or_default())?,
+        },
+        "device_list" => Change::DeviceList { user_id: user()? },
+        "one_time_keys" => Change::OneTimeKeys {
+            user_id: user()?,
+            device_id: device()?,
+        },
+        "to_device" => Change::ToDevice {
+            user_id: user()?,
+            device_id: device()?,
+        },
+        "memberships" => Change::Memberships { user_id: user()? },
+        "sessions" => Change::Sessions { user_id: user()? },
+        other => {
+            return Err(rusqlite::Error::FromSqlConversionFailure(
+                1,
+                rusqlite::types::Type::Text,
+                format!("unknown stream change kind {other}").into(),
+            ));
+        }
+    };
+    Ok(StreamUpdate { pos, change })
 }
 
 #[async_trait]
 impl UserDataStore for SqliteStore {
     async fn put_account_data(&self, user_id: &UserId, room_id: Option<&RoomId>, kind: &str, content: &str) -> StoreResult<StreamPos> {
         let (u, r, k, v) = (
-            user_id.to_string(),
+            user_id.to_owned(),
             room_id.map(|r| r.to_string()).unwrap_or_default(),
             kind.to_owned(),
             content.to_owned(),
@@ -815,9 +945,10 @@ impl UserDataStore for SqliteStore {
                     c,
                     "INSERT INTO account_data (user_id, room_id, kind, content, pos) VALUES (?1, ?2, ?3, ?4, ?5)
                      ON CONFLICT (user_id, room_id, kind) DO UPDATE SET content = excluded.content, pos = excluded.pos",
-                    params![u, r, k, v, pos as i64],
+                    params![u.as_str(), r, k, v, pos as i64],
                 )
                 .map_err(backend)?;
+                positions.change(c, pos, Change::AccountData { user_id: u })?;
                 Ok(pos)
             })
             .await
@@ -881,6 +1012,7 @@ impl UserDataStore for SqliteStore {
                     ],
                 )
                 .map_err(backend)?;
+                positions.change(c, pos, Change::Receipt { room_id: rc.room_id })?;
                 Ok(pos)
             })
             .await

@@ -15,6 +15,8 @@ use crate::*;
 
 /// Runs every check against `store`, which must be empty.
 pub async fn run_all(store: Arc<dyn Store>) {
+    let start = store.current_position();
+    let mut feed = store.subscribe();
     accounts_and_tokens(&*store).await;
     events_positions_and_idempotency(&*store).await;
     state_membership_and_redaction(&*store).await;
@@ -29,6 +31,258 @@ pub async fn run_all(store: Arc<dyn Store>) {
     to_device_queue(&*store).await;
     key_backups(&*store).await;
     store.ping().await.expect("a healthy store answers a ping");
+    every_write_records_its_change(&*store).await;
+    concurrent_appends_to_one_room(store.clone()).await;
+    the_feed_and_the_replay_agree(&*store, &mut feed, start).await;
+}
+
+/// A change as the tests compare it: its kind and what it names.
+fn describe(u: &StreamUpdate) -> (StreamPos, String) {
+    let what = match &u.change {
+        Change::Event(e) => format!("event {}", e.pdu.event_id),
+        Change::AccountData { user_id } => format!("account_data {user_id}"),
+        Change::Receipt { room_id } => format!("receipt {room_id}"),
+        Change::DeviceList { user_id } => format!("device_list {user_id}"),
+        Change::OneTimeKeys { user_id, device_id } => format!("one_time_keys {user_id} {device_id}"),
+        Change::ToDevice { user_id, device_id } => format!("to_device {user_id} {device_id}"),
+        Change::Memberships { user_id } => format!("memberships {user_id}"),
+        Change::Sessions { user_id } => format!("sessions {user_id}"),
+    };
+    (u.pos, what)
+}
+
+/// Every update after `after`, replayed in pages of `page` positions.
+async fn replay(store: &dyn Store, after: StreamPos, page: usize) -> Vec<(StreamPos, String)> {
+    let head = store.current_position();
+    let mut at = after;
+    let mut out = vec![];
+    while at < head {
+        let batch = store.updates_after(at, page).await.unwrap();
+        assert_eq!(batch.after, at);
+        assert!(batch.head > at, "a replay makes progress");
+        assert!(
+            batch.updates.iter().all(|u| u.pos > at && u.pos <= batch.head),
+            "a replay stays in its range"
+        );
+        assert!(batch.updates.windows(2).all(|w| w[0].pos <= w[1].pos), "in position order");
+        out.extend(batch.updates.iter().map(describe));
+        at = batch.head;
+    }
+    out
+}
+
+async fn every_write_records_its_change(store: &dyn Store) {
+    let user = owned_user_id!("@stream:localhost");
+    let other = owned_user_id!("@stream_other:localhost");
+    store
+        .create_user(NewUser {
+            user_id: user.clone(),
+            password_hash: None,
+            created_ms: 1,
+        })
+        .await
+        .unwrap();
+    let has = async |after: StreamPos, pos: StreamPos, what: String| {
+        let updates = replay(store, after, 1000).await;
+        assert!(
+            updates.contains(&(pos, what.clone())),
+            "{what} at {pos} is in the stream: {updates:?}"
+        );
+    };
+    let before = store.current_position();
+    let pos = device(store, &user, "S1").await;
+    has(before, pos, format!("sessions {user}")).await;
+    has(before, pos, format!("device_list {user}")).await;
+    device(store, &other, "O1").await;
+
+    let before = store.current_position();
+    let pos = store.put_account_data(&user, None, "m.test", "{}").await.unwrap();
+    has(before, pos, format!("account_data {user}")).await;
+
+    let (room, signer) = test_room("!stream:localhost");
+    let create = pdu(&room, &signer, 1, NewEvent::state("m.room.create", "", json!({"room_version": "11"})));
+    let create_id = create.event_id.clone();
+    let before = store.current_position();
+    let created = store.create_room(room.clone(), vec![write(create)]).await.unwrap();
+    has(before, created[0], format!("event {create_id}")).await;
+    let message = pdu(&room, &signer, 2, NewEvent::message("m.room.message", json!({"body": "hi"})));
+    let message_id = message.event_id.clone();
+    let before = store.current_position();
+    let pos = appended(store.append_event(write(message)).await.unwrap());
+    has(before, pos, format!("event {message_id}")).await;
+
+    let before = store.current_position();
+    let pos = store
+        .put_receipt(ReceiptRecord {
+            room_id: room.room_id.clone(),
+            user_id: user.clone(),
+            receipt_type: "m.read".into(),
+            event_id: message_id.clone(),
+            thread_id: None,
+            ts_ms: 1,
+            pos: 0,
+        })
+        .await
+        .unwrap();
+    has(before, pos, format!("receipt {}", room.room_id)).await;
+
+    let key = |id: &str| OneTimeKey {
+        algorithm: "signed_curve25519".into(),
+        key_id: format!("signed_curve25519:{id}"),
+        json: "{}".into(),
+    };
+    let before = store.current_position();
+    let pos = store.add_one_time_keys(&user, "S1", vec![key("a")]).await.unwrap();
+    has(before, pos, format!("one_time_keys {user} S1")).await;
+    let before = store.current_position();
+    let pos = store.put_fallback_keys(&user, "S1", vec![key("f")]).await.unwrap();
+    has(before, pos, format!("one_time_keys {user} S1")).await;
+    let before = store.current_position();
+    let claimed = store
+        .claim_keys(vec![KeyClaim {
+            user_id: user.clone(),
+            device_id: "S1".into(),
+            algorithm: "signed_curve25519".into(),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    has(before, store.current_position(), format!("one_time_keys {user} S1")).await;
+
+    let before = store.current_position();
+    let sender = Session {
+        user_id: other.clone(),
+        device_id: "O1".into(),
+    };
+    let message = ToDeviceMessage {
+        recipient: user.clone(),
+        device_id: "S1".into(),
+        kind: "m.test".into(),
+        content: "{}".into(),
+    };
+    let pos = store.queue_to_device(&sender, "m.test", "stream1", vec![message]).await.unwrap().unwrap();
+    has(before, pos, format!("to_device {user} S1")).await;
+
+    let before = store.current_position();
+    let pos = store.forget_room(&user, &room.room_id).await.unwrap();
+    has(before, pos, format!("memberships {user}")).await;
+
+    let before = store.current_position();
+    let pos = store.rename_device(&user, "S1", Some("renamed")).await.unwrap().unwrap();
+    has(before, pos, format!("device_list {user}")).await;
+
+    let before = store.current_position();
+    let removed = store.delete_devices(&user, &["S1".into()]).await.unwrap();
+    let pos = removed.list_changed_at.expect("a removed device is a change");
+    has(before, pos, format!("sessions {user}")).await;
+    has(before, pos, format!("device_list {user}")).await;
+}
+
+/// Writers appending to one room at once, each building on the head it read:
+/// with `expected_head`, exactly one wins each head and the others rebuild, so
+/// the room stays one chain.
+async fn concurrent_appends_to_one_room(store: Arc<dyn Store>) {
+    const WRITERS: usize = 4;
+    const EACH: usize = 10;
+    let (room, signer) = test_room("!race:localhost");
+    let create = pdu(&room, &signer, 1, NewEvent::state("m.room.create", "", json!({"room_version": "11"})));
+    let created = store.create_room(room.clone(), vec![write(create)]).await.unwrap();
+    let stale = pdu(&room, &signer, 2, NewEvent::message("m.room.message", json!({"body": "stale"})));
+    let mut w = write(stale);
+    w.expected_head = Some(created[0] - 1);
+    match store.append_event(w).await.unwrap() {
+        AppendOutcome::HeadMoved { head } => assert_eq!(head, created[0], "told the room's head"),
+        other => panic!("an append on a stale head must not land: {other:?}"),
+    }
+    let signer = Arc::new(signer);
+    let mut tasks = vec![];
+    for writer in 0..WRITERS {
+        let (store, room, signer) = (store.clone(), room.clone(), signer.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut retries = 0;
+            for n in 0..EACH {
+                loop {
+                    let newest = store
+                        .room_events(EventRange {
+                            room_id: &room.room_id,
+                            after: 0,
+                            until: u64::MAX,
+                            direction: Direction::Backward,
+                            limit: 1,
+                            kinds: None,
+                        })
+                        .await
+                        .unwrap()
+                        .remove(0);
+                    let event = Pdu::build(
+                        &signer,
+                        &room.version,
+                        Some(&room.room_id),
+                        &room.creator,
+                        NewEvent::message("m.room.message", json!({"writer": writer, "n": n})),
+                        vec![newest.pdu.event_id.clone()],
+                        vec![],
+                        newest.pdu.depth + 1,
+                        MilliSecondsSinceUnixEpoch::now(),
+                    )
+                    .unwrap();
+                    let mut w = write(event);
+                    w.expected_head = Some(newest.pos);
+                    match store.append_event(w).await.unwrap() {
+                        AppendOutcome::Appended(_) => break,
+                        AppendOutcome::HeadMoved { head } => {
+                            assert!(head > newest.pos, "the head only moves forward");
+                            retries += 1;
+                        }
+                        AppendOutcome::Duplicate(_) => panic!("no transaction ids here"),
+                    }
+                }
+            }
+            retries
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer task");
+    }
+    let events = store
+        .room_events(EventRange {
+            room_id: &room.room_id,
+            after: 0,
+            until: u64::MAX,
+            direction: Direction::Forward,
+            limit: 1000,
+            kinds: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 1 + WRITERS * EACH, "every writer's every event landed once");
+    for pair in events.windows(2) {
+        assert_eq!(
+            pair[1].pdu.prev_events,
+            vec![pair[0].pdu.event_id.clone()],
+            "each event was built on the one before it: the room is one chain"
+        );
+    }
+}
+
+/// What the store handed its subscriber as it committed is exactly what it
+/// replays from the database, in any page size.
+async fn the_feed_and_the_replay_agree(store: &dyn Store, feed: &mut CommitFeed, start: StreamPos) {
+    let mut fed = vec![];
+    let mut at = start;
+    while let Ok(batch) = feed.try_recv() {
+        assert_eq!(batch.after, at, "batches follow each other without a gap");
+        assert!(batch.head > batch.after);
+        fed.extend(batch.updates.iter().map(describe));
+        at = batch.head;
+    }
+    assert_eq!(at, store.current_position(), "every commit was fed");
+    let replayed = replay(store, start, 10_000).await;
+    assert_eq!(fed.len(), replayed.len());
+    assert_eq!(fed, replayed, "the feed and the replay agree");
+    assert_eq!(replay(store, start, 7).await, replayed, "pages of any size cover the same updates");
+    let empty = store.updates_after(store.current_position(), 10).await.unwrap();
+    assert!(empty.updates.is_empty() && empty.head == store.current_position());
 }
 
 fn pdu(room: &RoomRecord, signer: &EventSigner, n: u64, event: NewEvent) -> Pdu {
@@ -53,6 +307,15 @@ fn write(pdu: Pdu) -> EventWrite {
         relation: None,
         redacted_target: None,
         prev: None,
+        expected_head: None,
+    }
+}
+
+/// The position of an append that must have been appended.
+fn appended(outcome: AppendOutcome) -> StreamPos {
+    match outcome {
+        AppendOutcome::Appended(pos) => pos,
+        other => panic!("expected an append, got {other:?}"),
     }
 }
 
@@ -142,8 +405,7 @@ async fn accounts_and_tokens(store: &dyn Store) {
                 ip: Some("192.0.2.1".into()),
             })
             .await
-            .unwrap()
-            .expect("a new device changes the device list");
+            .unwrap();
         assert!(changed > last_change);
         last_change = changed;
     }
@@ -162,7 +424,9 @@ async fn accounts_and_tokens(store: &dyn Store) {
         })
         .await
         .unwrap();
-    assert_eq!(relogin, None, "a new token for a known device is no device-list change");
+    let list_changes = store.device_list_changes(last_change, store.current_position()).await.unwrap();
+    assert!(relogin > last_change, "a new token is a change of the user's sessions");
+    assert!(list_changes.is_empty(), "a new token for a known device is no device-list change");
     assert!(store.session_by_token_hash("t1").await.unwrap().is_none(), "old token revoked");
     let devices = store.devices(&alice).await.unwrap();
     assert_eq!(devices.len(), 2);
@@ -218,13 +482,9 @@ async fn events_positions_and_idempotency(store: &dyn Store) {
         let id = p.event_id.clone();
         let mut w = write(p);
         w.txn = Some(txn("D", &format!("txn{n}")));
-        match store.append_event(w).await.unwrap() {
-            AppendOutcome::Appended(pos) => {
-                assert!(pos > last, "strictly increasing");
-                last = pos;
-            }
-            AppendOutcome::Duplicate(_) => panic!("fresh txn reported duplicate"),
-        }
+        let pos = appended(store.append_event(w).await.unwrap());
+        assert!(pos > last, "strictly increasing");
+        last = pos;
         ids.push(id);
     }
     assert_eq!(store.current_position(), last, "current position is the last commit");
@@ -235,7 +495,7 @@ async fn events_positions_and_idempotency(store: &dyn Store) {
     w.txn = Some(txn("D", "txn3"));
     match store.append_event(w).await.unwrap() {
         AppendOutcome::Duplicate(id) => assert_eq!(id, ids[3]),
-        AppendOutcome::Appended(_) => panic!("duplicate txn was appended"),
+        other => panic!("duplicate txn was appended: {other:?}"),
     }
     assert_eq!(
         store.event_by_txn(&room.room_id, &room.creator, &txn("D", "txn5")).await.unwrap(),
@@ -479,10 +739,7 @@ async fn state_at_points_and_history(store: &dyn Store) {
             sender: p.sender.clone(),
             content: p.content.get().to_owned(),
         });
-        match store.append_event(w).await.unwrap() {
-            AppendOutcome::Appended(pos) => pos,
-            AppendOutcome::Duplicate(_) => panic!("no transaction"),
-        }
+        appended(store.append_event(w).await.unwrap())
     };
     let bob_joins = pdu(
         &room,
@@ -637,12 +894,7 @@ async fn membership_history_forget_and_threads(store: &dyn Store) {
         w.relation = Some((to.event_id.clone(), "m.thread".into()));
         w
     };
-    let appended = |w: EventWrite| async move {
-        match store.append_event(w).await.unwrap() {
-            AppendOutcome::Appended(pos) => pos,
-            AppendOutcome::Duplicate(_) => panic!("fresh reply"),
-        }
-    };
+    let appended = |w: EventWrite| async move { appended(store.append_event(w).await.unwrap()) };
     let _ = appended(reply(12, &first)).await;
     let second_latest = appended(reply(13, &second)).await;
     let first_latest = appended(reply(14, &first)).await;
@@ -836,7 +1088,7 @@ async fn server_data(store: &dyn Store) {
     assert!(!store.use_registration_token("missing", 0).await.unwrap());
 }
 
-async fn device(store: &dyn Store, user: &ruma::UserId, device_id: &str) {
+async fn device(store: &dyn Store, user: &ruma::UserId, device_id: &str) -> StreamPos {
     store
         .upsert_device(NewDevice {
             user_id: user.to_owned(),
@@ -847,7 +1099,7 @@ async fn device(store: &dyn Store, user: &ruma::UserId, device_id: &str) {
             ip: None,
         })
         .await
-        .unwrap();
+        .unwrap()
 }
 
 fn otk(alg: &str, id: &str) -> OneTimeKey {

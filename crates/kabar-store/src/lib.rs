@@ -9,15 +9,25 @@
 //! - A write that returned `Ok` is durable (it survives the process being killed).
 //! - Stream positions are assigned at commit, strictly increasing, never reused,
 //!   and a reader that sees position `n` sees every position below it.
+//! - Every write that changes what a sync, a cache or a token check would
+//!   answer records its [`Change`] at its position: the engine hands it to its
+//!   [`StreamStore::subscribe`]r on commit and replays it through
+//!   [`StreamStore::updates_after`]. Writes that return a position return
+//!   the position of that change.
+//! - An event appended with an `expected_head` lands only on that head: two
+//!   writers building on one head cannot both append (the second is told
+//!   `HeadMoved` and rebuilds).
 //! - `(user, device, txn_id)` maps to at most one event: a repeated send returns
 //!   the first event instead of storing a second.
 
 pub mod conformance;
+mod stream;
 mod types;
 
 use async_trait::async_trait;
 use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
 
+pub use stream::*;
 pub use types::*;
 
 #[derive(Debug, thiserror::Error)]
@@ -50,10 +60,10 @@ pub trait AccountStore: Send + Sync {
     /// with them, are in a room anyone may join, or are the searcher.
     async fn search_users(&self, term: &str, limit: usize, searcher: Option<&UserId>) -> StoreResult<Vec<UserRecord>>;
 
-    /// Creates or replaces a device and its access token (stored as a hash).
-    /// A new device is a change of the user's device list: its position is
-    /// returned (`None` when the device existed and only got a new token).
-    async fn upsert_device(&self, device: NewDevice) -> StoreResult<Option<StreamPos>>;
+    /// Creates or replaces a device and its access token (stored as a hash):
+    /// a change of the user's sessions (the replaced token stops working),
+    /// and for a new device of their device list too. Returns its position.
+    async fn upsert_device(&self, device: NewDevice) -> StoreResult<StreamPos>;
     async fn session_by_token_hash(&self, token_hash: &str) -> StoreResult<Option<Session>>;
     async fn devices(&self, user_id: &UserId) -> StoreResult<Vec<DeviceRecord>>;
     /// Renames a device, a change of the user's device list (other users see
@@ -110,16 +120,14 @@ pub trait RoomStore: Send + Sync {
     /// membership's position is where it last changed value: a new member
     /// event with the same membership (a profile change) does not move it.
     async fn memberships(&self, user_id: &UserId) -> StoreResult<Vec<MembershipRecord>>;
-    /// Drops a left room from the user's lists (`/forget`).
-    async fn forget_room(&self, user_id: &UserId, room_id: &RoomId) -> StoreResult<()>;
+    /// Drops a left room from the user's lists (`/forget`); a change of the
+    /// user's memberships at the returned position.
+    async fn forget_room(&self, user_id: &UserId, room_id: &RoomId) -> StoreResult<StreamPos>;
 
     async fn set_alias(&self, alias: &str, room_id: &RoomId, creator: &UserId) -> StoreResult<()>;
     async fn alias(&self, alias: &str) -> StoreResult<Option<(OwnedRoomId, OwnedUserId)>>;
     async fn delete_alias(&self, alias: &str) -> StoreResult<bool>;
     async fn room_aliases(&self, room_id: &RoomId) -> StoreResult<Vec<String>>;
-
-    /// The highest committed stream position.
-    fn current_position(&self) -> StreamPos;
 }
 
 /// Per-user data: account data, receipts, filters.
@@ -152,13 +160,16 @@ pub trait KeyStore: Send + Sync {
     async fn device_keys(&self, user_id: &UserId) -> StoreResult<Vec<DeviceKeysRecord>>;
     /// Adds one-time keys. A key id stored before with the same JSON is
     /// skipped; with other JSON it is a `Conflict` and nothing is stored.
-    async fn add_one_time_keys(&self, user_id: &UserId, device_id: &str, keys: Vec<OneTimeKey>) -> StoreResult<()>;
-    /// Sets the device's fallback key for each algorithm given, as unused.
-    async fn put_fallback_keys(&self, user_id: &UserId, device_id: &str, keys: Vec<OneTimeKey>) -> StoreResult<()>;
+    /// Returns the position of the change of the device's key counts.
+    async fn add_one_time_keys(&self, user_id: &UserId, device_id: &str, keys: Vec<OneTimeKey>) -> StoreResult<StreamPos>;
+    /// Sets the device's fallback key for each algorithm given, as unused;
+    /// returns the change's position.
+    async fn put_fallback_keys(&self, user_id: &UserId, device_id: &str, keys: Vec<OneTimeKey>) -> StoreResult<StreamPos>;
     async fn key_counts(&self, user_id: &UserId, device_id: &str) -> StoreResult<KeyCounts>;
     /// For each claim, removes and returns one one-time key of the algorithm,
     /// or else the device's fallback key (marked used, kept). Atomic: two
-    /// claims, concurrent or not, never get the same one-time key.
+    /// claims, concurrent or not, never get the same one-time key. Each
+    /// device that gave a key has its key counts changed.
     async fn claim_keys(&self, claims: Vec<KeyClaim>) -> StoreResult<Vec<ClaimedKey>>;
     /// Replaces the user's cross-signing keys of the kinds given; returns the
     /// device-list change's position.
@@ -268,5 +279,12 @@ pub trait StoreObserver: Send + Sync {
 }
 
 /// Everything a Kabar server stores.
-pub trait Store: AccountStore + RoomStore + UserDataStore + KeyStore + ToDeviceStore + KeyBackupStore + MediaStore + ServerStore {}
-impl<T: AccountStore + RoomStore + UserDataStore + KeyStore + ToDeviceStore + KeyBackupStore + MediaStore + ServerStore> Store for T {}
+pub trait Store:
+    StreamStore + AccountStore + RoomStore + UserDataStore + KeyStore + ToDeviceStore + KeyBackupStore + MediaStore + ServerStore
+{
+}
+impl<
+    T: StreamStore + AccountStore + RoomStore + UserDataStore + KeyStore + ToDeviceStore + KeyBackupStore + MediaStore + ServerStore,
+> Store for T
+{
+}

@@ -94,6 +94,10 @@ pub struct EventWrite {
     pub redacted_target: Option<(OwnedEventId, String)>,
     /// For a state event: the state it replaces.
     pub prev: Option<PrevState>,
+    /// The position of the room's newest event this one was built on (its
+    /// `prev_events`). When set, the event is appended only if that is still
+    /// the room's newest event; `None` appends without the check.
+    pub expected_head: Option<StreamPos>,
 }
 
 #[derive(Debug, Clone)]
@@ -101,6 +105,9 @@ pub enum AppendOutcome {
     Appended(StreamPos),
     /// The transaction id was already used; nothing was written.
     Duplicate(OwnedEventId),
+    /// The room has a newer event than `expected_head` (another writer
+    /// appended first); nothing was written. Rebuild on `head` and retry.
+    HeadMoved { head: StreamPos },
 }
 
 #[derive(Debug, Clone)]
@@ -179,8 +186,9 @@ pub struct MediaRecord {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DevicesRemoved {
     pub count: usize,
-    /// The position of the user's device-list change, if a removed device had
-    /// published keys (other users' clients must learn it is gone).
+    /// The position of the change, if any device was removed: a change of
+    /// the user's device list (other users' clients must learn it is gone)
+    /// and of their sessions (its token stops working).
     pub list_changed_at: Option<StreamPos>,
 }
 

@@ -1,0 +1,100 @@
+//! The stream of committed changes: what every write changed, at its
+//! position, in commit order.
+//!
+//! Everything the server keeps in memory about stored data (room caches,
+//! change trackers, the token cache) and every wake-up of a waiting sync is
+//! derived from this stream and nothing else. A store hands the batches it
+//! commits to its subscriber as they commit ([`StreamStore::subscribe`]) and
+//! replays them from the database after any position
+//! ([`StreamStore::updates_after`]), so updates written by another process on
+//! the same database arrive the same way, only later.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use ruma::{OwnedRoomId, OwnedUserId};
+
+use crate::{StoreResult, StoredEvent, StreamPos};
+
+/// What one committed write changed, as the rest of the server must learn it.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// An event was appended to a room (membership changes are events too).
+    Event(Arc<StoredEvent>),
+    /// The user's global or per-room account data.
+    AccountData { user_id: OwnedUserId },
+    /// A receipt in the room.
+    Receipt { room_id: OwnedRoomId },
+    /// What `/keys/query` shows of the user: devices, their keys, cross-signing
+    /// keys, signatures.
+    DeviceList { user_id: OwnedUserId },
+    /// A device's one-time or fallback keys (an upload or a claim).
+    OneTimeKeys { user_id: OwnedUserId, device_id: String },
+    /// Messages were queued for a device.
+    ToDevice { user_id: OwnedUserId, device_id: String },
+    /// The user's list of rooms changed without an event (a forgotten room).
+    Memberships { user_id: OwnedUserId },
+    /// The user's access tokens changed: a device signed in, was replaced,
+    /// removed, or the user was deactivated. Cached tokens must be checked again.
+    Sessions { user_id: OwnedUserId },
+}
+
+impl Change {
+    /// A short name for logs and tests.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Change::Event(_) => "event",
+            Change::AccountData { .. } => "account_data",
+            Change::Receipt { .. } => "receipt",
+            Change::DeviceList { .. } => "device_list",
+            Change::OneTimeKeys { .. } => "one_time_keys",
+            Change::ToDevice { .. } => "to_device",
+            Change::Memberships { .. } => "memberships",
+            Change::Sessions { .. } => "sessions",
+        }
+    }
+}
+
+/// One change at its stream position. One write may make several changes at
+/// one position (a signature upload changes several users' device lists).
+#[derive(Debug, Clone)]
+pub struct StreamUpdate {
+    pub pos: StreamPos,
+    pub change: Change,
+}
+
+/// The updates at positions in `(after, head]`, in position order. Every
+/// position in that range that holds an update is in `updates`; positions
+/// without one were never used.
+#[derive(Debug, Clone, Default)]
+pub struct CommittedBatch {
+    pub after: StreamPos,
+    pub head: StreamPos,
+    pub updates: Vec<StreamUpdate>,
+}
+
+/// Batches this store handle committed, in commit order.
+pub type CommitFeed = tokio::sync::mpsc::UnboundedReceiver<CommittedBatch>;
+
+/// The stream as the store keeps it.
+///
+/// **Position invariant:** a position is visible to readers (returned by
+/// [`committed_position`](Self::committed_position), replayed by
+/// [`updates_after`](Self::updates_after)) only once every position below it
+/// is committed or will never be used. A reader can therefore take "I have
+/// everything up to `n`" literally, however many writers there are.
+#[async_trait]
+pub trait StreamStore: Send + Sync {
+    /// The highest position this handle knows to be committed (its own
+    /// commits, and the database's head as last read).
+    fn current_position(&self) -> StreamPos;
+    /// The database's committed head now, other writers' commits included.
+    async fn committed_position(&self) -> StoreResult<StreamPos>;
+    /// The updates after `after`, oldest first, covering at most about
+    /// `limit` positions: `head` says how far the answer is complete.
+    async fn updates_after(&self, after: StreamPos, limit: usize) -> StoreResult<CommittedBatch>;
+    /// From now on, every batch this handle commits is also sent here, in
+    /// commit order, before its writers are answered. One subscriber: a
+    /// second call replaces the first.
+    fn subscribe(&self) -> CommitFeed;
+}
