@@ -101,6 +101,14 @@ impl From<Error> for ApiError {
                     extra: Some(body.clone()),
                 };
             }
+            Error::Unavailable(_) => {
+                return Self {
+                    status: S::SERVICE_UNAVAILABLE,
+                    errcode: "M_UNKNOWN",
+                    message,
+                    extra: Some(json!({ "retry_after_ms": kabar_core::error::UNAVAILABLE_RETRY_MS })),
+                };
+            }
             Error::Internal(_) => (S::INTERNAL_SERVER_ERROR, "M_UNKNOWN"),
         };
         let message = if matches!(e, Error::Internal(_)) {

@@ -15,14 +15,16 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     admission::NewcomerAdmission,
+    applier::Applied,
     error::{Error, Result},
-    keys::DeviceLists,
     now_ms,
     password::PasswordHasher,
+    sessions::SessionCache,
     uia::{StageOutcome, UiaSessions},
 };
 
-const MAX_CACHED_TOKENS: usize = 200_000;
+/// Bound on devices whose last sighting is remembered.
+const MAX_LAST_SEEN: usize = 200_000;
 
 /// Who may register.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +61,9 @@ enum DeviceSelection<'a> {
 
 pub struct Accounts {
     store: Arc<dyn Store>,
-    device_lists: Arc<DeviceLists>,
+    /// Where the applier stands: a write that revokes a token answers only
+    /// once the token cache has dropped it.
+    applied: Applied,
     hasher: Arc<PasswordHasher>,
     admission: NewcomerAdmission,
     server_name: OwnedServerName,
@@ -68,8 +72,9 @@ pub struct Accounts {
     /// Names nobody may register (a reload may change them).
     reserved_localparts: Mutex<Arc<Vec<String>>>,
     uia: UiaSessions,
-    /// token hash -> session; cleared whole whenever a token is revoked.
-    token_cache: Mutex<HashMap<String, Session>>,
+    /// token hash -> session; the applier drops a user's entries when the
+    /// stream says their sessions changed.
+    sessions: Arc<SessionCache>,
     /// When and from where each device was last noted as seen.
     last_seen: Mutex<HashMap<(OwnedUserId, String), (u64, IpAddr)>>,
 }
@@ -122,18 +127,19 @@ impl Accounts {
         admission: NewcomerAdmission,
         server_name: OwnedServerName,
         policy: RegistrationPolicy,
-        device_lists: Arc<DeviceLists>,
+        sessions: Arc<SessionCache>,
+        applied: Applied,
     ) -> Self {
         Self {
             store,
-            device_lists,
+            applied,
             hasher,
             admission,
             server_name,
             policy: Mutex::new(policy),
             reserved_localparts: Mutex::default(),
             uia: UiaSessions::new(),
-            token_cache: Mutex::new(HashMap::new()),
+            sessions,
             last_seen: Mutex::new(HashMap::new()),
         }
     }
@@ -352,25 +358,24 @@ impl Accounts {
         client: IpAddr,
     ) -> Result<LoggedIn> {
         let chosen = device_id.filter(|d| !d.is_empty() && d.len() <= 255);
-        // A device id the client chose may already have a token, which this
-        // one replaces; a fresh random id cannot have one cached.
-        let replaces_token = chosen.is_some();
         let device_id = chosen.unwrap_or_else(new_device_id);
         let token = new_access_token();
-        // A new device changes the user's device list: their contacts'
-        // clients must learn of it, and so must their own other devices.
-        let write = self.store.upsert_device(NewDevice {
-            user_id: user_id.clone(),
-            device_id: device_id.clone(),
-            display_name,
-            token_hash: hash_token(&token),
-            now_ms: now_ms(),
-            ip: Some(client.to_string()),
-        });
-        self.device_lists.record(std::slice::from_ref(&user_id), write, |p| *p).await?;
-        if replaces_token {
-            self.token_cache.lock().expect("token cache").clear();
-        }
+        // A new device changes the user's device list (their contacts'
+        // clients must learn of it, and so must their own other devices); a
+        // device id the client chose may have had a token, which this one
+        // replaces. The applier does both once the write is applied.
+        let pos = self
+            .store
+            .upsert_device(NewDevice {
+                user_id: user_id.clone(),
+                device_id: device_id.clone(),
+                display_name,
+                token_hash: hash_token(&token),
+                now_ms: now_ms(),
+                ip: Some(client.to_string()),
+            })
+            .await?;
+        self.applied.reached(pos).await;
         Ok(LoggedIn {
             user_id,
             device_id,
@@ -411,41 +416,32 @@ impl Accounts {
     /// The session an access token belongs to.
     pub async fn authenticate(&self, token: &str) -> Result<Session> {
         let h = hash_token(token);
-        if let Some(s) = self.token_cache.lock().expect("token cache").get(&h) {
-            return Ok(s.clone());
+        if let Some(s) = self.sessions.get(&h) {
+            return Ok(s);
         }
+        let epoch = self.sessions.epoch();
         let session = self.store.session_by_token_hash(&h).await?.ok_or(Error::UnknownToken)?;
-        let mut cache = self.token_cache.lock().expect("token cache");
-        if cache.len() >= MAX_CACHED_TOKENS {
-            cache.clear();
-        }
-        cache.insert(h, session.clone());
+        self.sessions.insert(epoch, h, session.clone());
         Ok(session)
-    }
-
-    fn forget_tokens(&self) {
-        self.token_cache.lock().expect("token cache").clear();
     }
 
     /// Removes devices (their keys and queued messages go with them) and
     /// tells whoever shares a room with the user that the device list changed.
     async fn remove_devices(&self, user_id: &UserId, devices: DeviceSelection<'_>) -> Result<()> {
-        let user = [user_id.to_owned()];
         let removed = match devices {
-            DeviceSelection::These(ids) => self.store.delete_devices(user_id, ids),
-            DeviceSelection::AllBut(keep) => self.store.delete_all_devices(user_id, keep),
+            DeviceSelection::These(ids) => self.store.delete_devices(user_id, ids).await?,
+            DeviceSelection::AllBut(keep) => self.store.delete_all_devices(user_id, keep).await?,
         };
-        self.device_lists.record(&user, removed, |r| r.list_changed_at).await?;
-        self.forget_tokens();
+        if let Some(pos) = removed.list_changed_at {
+            self.applied.reached(pos).await;
+        }
         Ok(())
     }
 
     async fn deactivate_user(&self, user_id: &UserId) -> Result<()> {
-        let user = [user_id.to_owned()];
-        self.device_lists
-            .record(&user, self.store.deactivate_user(user_id), |r| r.list_changed_at)
-            .await?;
-        self.forget_tokens();
+        if let Some(pos) = self.store.deactivate_user(user_id).await?.list_changed_at {
+            self.applied.reached(pos).await;
+        }
         Ok(())
     }
 
@@ -510,13 +506,11 @@ impl Accounts {
     /// is a device-list change.
     pub async fn rename_device(&self, session: &Session, device_id: &str, name: Option<&str>) -> Result<()> {
         check_device_fields(None, name)?;
-        let user = std::slice::from_ref(&session.user_id);
-        let renamed = self
-            .device_lists
-            .record(user, self.store.rename_device(&session.user_id, device_id, name), |p| *p)
-            .await?;
-        match renamed {
-            Some(_) => Ok(()),
+        match self.store.rename_device(&session.user_id, device_id, name).await? {
+            Some(pos) => {
+                self.applied.reached(pos).await;
+                Ok(())
+            }
             None => Err(Error::NotFound("device not found".into())),
         }
     }
@@ -535,7 +529,7 @@ impl Accounts {
             {
                 return;
             }
-            if seen.len() >= MAX_CACHED_TOKENS {
+            if seen.len() >= MAX_LAST_SEEN {
                 seen.clear();
             }
             seen.insert(key, (now, client));
@@ -591,6 +585,14 @@ mod tests {
             parallelism: 1,
         };
         let hasher = Arc::new(PasswordHasher::new(cost, pool, LoadMetrics::default().class("password_hashing")).unwrap());
+        let sessions = Arc::new(SessionCache::new());
+        let targets = crate::applier::ApplierTargets {
+            rooms: crate::room_cache::RoomCaches::new(store.clone()),
+            changes: crate::changes::Changes::new(store.current_position()),
+            sessions: sessions.clone(),
+            notifier: Arc::new(crate::notifier::Notifier::new()),
+        };
+        let applier = crate::applier::Applier::spawn(store.clone(), targets, std::time::Duration::from_secs(1));
         (
             Accounts::new(
                 store.clone(),
@@ -598,11 +600,8 @@ mod tests {
                 admission,
                 ruma::owned_server_name!("localhost"),
                 policy,
-                Arc::new(DeviceLists::new(
-                    store,
-                    crate::changes::Changes::new(0),
-                    Arc::new(crate::notifier::Notifier::new()),
-                )),
+                sessions,
+                applier.applied(),
             ),
             dir,
         )

@@ -39,9 +39,16 @@ pub enum Error {
     /// A key backup write named a version that is not the current one.
     #[error("the key backup version is not the current one")]
     WrongRoomKeysVersion { current: Option<String> },
+    /// Storage (or another part the request needs) is down or behind for
+    /// now; the client should retry after a moment.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0}")]
     Internal(String),
 }
+
+/// What a client is told to wait before retrying an `Unavailable` request.
+pub const UNAVAILABLE_RETRY_MS: u64 = 1000;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -50,6 +57,7 @@ impl From<StoreError> for Error {
         tracing::error!(error = %e, "storage error");
         match e {
             StoreError::Conflict(m) => Error::BadState(m),
+            StoreError::Unavailable(m) => Error::Unavailable(format!("storage is unavailable: {m}")),
             other => Error::Internal(other.to_string()),
         }
     }

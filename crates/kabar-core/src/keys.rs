@@ -8,13 +8,12 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    future::Future,
     sync::Arc,
 };
 
 use kabar_domain::e2ee::{self, CrossSigningKind};
 use kabar_store::{
-    ClaimedKey, CrossSigningKey, KeyClaim, KeyCounts, KeySignature, MembershipRecord, OneTimeKey, Store, StoreError, StoreResult, StreamPos,
+    ClaimedKey, CrossSigningKey, KeyClaim, KeyCounts, KeySignature, MembershipRecord, OneTimeKey, Store, StoreError, StreamPos,
 };
 use ruma::{OwnedUserId, UserId};
 use serde_json::{Map, Value, json};
@@ -22,7 +21,6 @@ use serde_json::{Map, Value, json};
 use crate::{
     changes::{Changes, DeviceKey, GenerationCache},
     error::{Error, Result},
-    notifier::Notifier,
     rooms::{Room, Rooms},
 };
 
@@ -34,55 +32,6 @@ const MAX_QUERIED_USERS: usize = 1000;
 const MAX_CLAIMS: usize = 10_000;
 /// Bound on cached key counts; past it they are read again.
 const MAX_CACHED_COUNTS: usize = 1_000_000;
-
-/// Publishes device-list changes: marks them in the change log around the
-/// write (so a sync in between counts the user as changed) and wakes the
-/// syncs of everyone who shares a room with the user.
-pub struct DeviceLists {
-    store: Arc<dyn Store>,
-    changes: Arc<Changes>,
-    notifier: Arc<Notifier>,
-}
-
-impl DeviceLists {
-    pub fn new(store: Arc<dyn Store>, changes: Arc<Changes>, notifier: Arc<Notifier>) -> Self {
-        Self { store, changes, notifier }
-    }
-
-    /// Runs `write`, which may change the device lists of `users`;
-    /// `changed_at` reads the change's position from its result.
-    pub async fn record<T>(
-        &self,
-        users: &[OwnedUserId],
-        write: impl Future<Output = StoreResult<T>>,
-        changed_at: impl Fn(&T) -> Option<StreamPos>,
-    ) -> Result<T> {
-        let pending: Vec<_> = users.iter().map(|u| self.changes.device_lists.begin(u)).collect();
-        let out = write.await?;
-        let pos = changed_at(&out);
-        for p in pending {
-            p.finish(pos);
-        }
-        if pos.is_some() {
-            for user in users {
-                self.wake(user).await;
-            }
-        }
-        Ok(out)
-    }
-
-    async fn wake(&self, user: &UserId) {
-        self.notifier.user_changed(user);
-        match self.store.memberships(user).await {
-            Ok(memberships) => memberships
-                .iter()
-                .filter(|m| m.membership == Membership::Join)
-                .for_each(|m| self.notifier.room_changed(&m.room_id)),
-            // The change is stored and logged; syncs see it at their next wake-up.
-            Err(e) => tracing::warn!(error = %e, "could not wake the rooms of a device-list change"),
-        }
-    }
-}
 
 /// What `/keys/upload` carries.
 #[derive(Debug, Default)]
@@ -151,7 +100,6 @@ pub struct Keys {
     store: Arc<dyn Store>,
     rooms: Arc<Rooms>,
     changes: Arc<Changes>,
-    device_lists: Arc<DeviceLists>,
     /// Each device's key counts with the tracker generation they were read at:
     /// every sync reports them, and they change only on uploads and claims.
     counts: GenerationCache<DeviceKey, Arc<KeyCounts>>,
@@ -220,12 +168,11 @@ fn client_conflict(e: StoreError) -> Error {
 }
 
 impl Keys {
-    pub fn new(store: Arc<dyn Store>, rooms: Arc<Rooms>, changes: Arc<Changes>, device_lists: Arc<DeviceLists>) -> Self {
+    pub fn new(store: Arc<dyn Store>, rooms: Arc<Rooms>, changes: Arc<Changes>) -> Self {
         Self {
             store,
             rooms,
             changes,
-            device_lists,
             counts: GenerationCache::new(MAX_CACHED_COUNTS),
         }
     }
@@ -241,24 +188,25 @@ impl Keys {
         if let Some(keys) = &upload.device_keys {
             e2ee::check_device_keys(keys, user.as_str(), device_id).map_err(|e| Error::InvalidParam(e.to_string()))?;
             let json = to_json(keys);
-            self.device_lists
-                .record(&[user.to_owned()], self.store.put_device_keys(user, device_id, &json), |pos| *pos)
-                .await?;
+            if let Some(pos) = self.store.put_device_keys(user, device_id, &json).await? {
+                self.rooms.applied().reached(pos).await;
+            }
         }
         let one_time = keys_of(&upload.one_time_keys)?;
         let fallback = keys_of(&upload.fallback_keys)?;
-        if !one_time.is_empty() || !fallback.is_empty() {
-            let change = self.changes.one_time_keys.begin(device);
-            if !one_time.is_empty() {
-                self.store
-                    .add_one_time_keys(user, device_id, one_time)
-                    .await
-                    .map_err(client_conflict)?;
-            }
-            if !fallback.is_empty() {
-                self.store.put_fallback_keys(user, device_id, fallback).await?;
-            }
-            change.finish(self.store.current_position());
+        // The counts answered below (and by the device's next sync) are
+        // read once the upload is applied.
+        if !one_time.is_empty() {
+            let pos = self
+                .store
+                .add_one_time_keys(user, device_id, one_time)
+                .await
+                .map_err(client_conflict)?;
+            self.rooms.applied().reached(pos).await;
+        }
+        if !fallback.is_empty() {
+            let pos = self.store.put_fallback_keys(user, device_id, fallback).await?;
+            self.rooms.applied().reached(pos).await;
         }
         self.key_counts(device).await
     }
@@ -344,18 +292,7 @@ impl Keys {
         if claims.len() > MAX_CLAIMS {
             return Err(Error::TooLarge(format!("at most {MAX_CLAIMS} keys per claim")));
         }
-        let keys: Vec<DeviceKey> = claims
-            .iter()
-            .map(|c| DeviceKey {
-                user_id: c.user_id.clone(),
-                device_id: c.device_id.clone(),
-            })
-            .collect();
-        let pending: Vec<_> = keys.iter().map(|k| self.changes.one_time_keys.begin(k)).collect();
         let claimed = self.store.claim_keys(claims).await?;
-        for p in pending {
-            p.finish(self.store.current_position());
-        }
         let mut out = Map::new();
         for ClaimedKey {
             user_id,
@@ -413,9 +350,8 @@ impl Keys {
             e2ee::verify_signature(key, user.as_str(), &format!("ed25519:{master}"), &master)
                 .map_err(|e| Error::InvalidParam(format!("{} key is not signed by the master key: {e}", kind.usage())))?;
         }
-        self.device_lists
-            .record(&[user.to_owned()], self.store.put_cross_signing_keys(user, keys), |pos| Some(*pos))
-            .await?;
+        let pos = self.store.put_cross_signing_keys(user, keys).await?;
+        self.rooms.applied().reached(pos).await;
         Ok(())
     }
 
@@ -463,12 +399,8 @@ impl Keys {
             }
         }
         if !accepted.is_empty() {
-            let mut targets: Vec<OwnedUserId> = accepted.iter().map(|s| s.target_user.clone()).collect();
-            targets.sort();
-            targets.dedup();
-            self.device_lists
-                .record(&targets, self.store.put_signatures(accepted), |pos| Some(*pos))
-                .await?;
+            let pos = self.store.put_signatures(accepted).await?;
+            self.rooms.applied().reached(pos).await;
         }
         Ok(json!({ "failures": failures }))
     }
@@ -566,7 +498,7 @@ impl Keys {
     /// GET /keys/changes: [`device_list_delta`](Self::device_list_delta)
     /// between two sync tokens, by the user's current memberships.
     pub async fn changes(&self, user: &UserId, from: StreamPos, to: StreamPos) -> Result<DeviceListDelta> {
-        let to = to.min(self.store.current_position());
+        let to = to.min(self.rooms.applied().position());
         let memberships = self.store.memberships(user).await?;
         self.device_list_delta(user, &memberships, from, to).await
     }
@@ -699,7 +631,14 @@ mod tests {
     async fn keys_service(dir: &std::path::Path) -> (Keys, Arc<dyn Store>) {
         let store: Arc<dyn Store> = Arc::new(kabar_store_sqlite::SqliteStore::open(&dir.join("db")).unwrap());
         let changes = Changes::new(0);
-        let notifier = Arc::new(Notifier::new());
+        let caches = crate::room_cache::RoomCaches::new(store.clone());
+        let targets = crate::applier::ApplierTargets {
+            rooms: caches.clone(),
+            changes: changes.clone(),
+            sessions: Arc::new(crate::sessions::SessionCache::new()),
+            notifier: Arc::new(Notifier::new()),
+        };
+        let applier = crate::applier::Applier::spawn(store.clone(), targets, Duration::from_secs(1));
         let signer = Arc::new(EventSigner::new(ruma::owned_server_name!("localhost"), &EventSigner::generate_key(), "k").unwrap());
         let limits = GateLimits {
             slots: 4,
@@ -710,13 +649,12 @@ mod tests {
         let rooms = Arc::new(Rooms::new(
             store.clone(),
             signer,
-            notifier.clone(),
-            changes.clone(),
+            caches,
+            applier.applied(),
             RoomVersionId::V12,
             joins,
         ));
-        let device_lists = Arc::new(DeviceLists::new(store.clone(), changes.clone(), notifier));
-        (Keys::new(store.clone(), rooms, changes, device_lists), store)
+        (Keys::new(store.clone(), rooms, changes), store)
     }
 
     #[tokio::test]

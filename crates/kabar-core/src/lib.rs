@@ -7,6 +7,7 @@
 
 pub mod accounts;
 pub mod admission;
+pub mod applier;
 pub mod changes;
 pub mod ephemeral;
 pub mod error;
@@ -19,7 +20,9 @@ pub mod media;
 pub mod notifier;
 pub mod password;
 pub mod push;
+pub mod room_cache;
 pub mod rooms;
+pub mod sessions;
 pub mod sync;
 pub mod to_device;
 pub mod uia;

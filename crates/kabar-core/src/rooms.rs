@@ -1,563 +1,55 @@
 //! Rooms: creation, membership, sending events, reading history.
 //!
-//! Each room's current state is kept in memory (loaded from the store on first
-//! use). A send takes the room's write turn, builds the event on top of the
-//! room's head, checks the authorization rules against the cached state,
-//! appends it to the store, and only then updates the cache and wakes waiters.
-//! The write turn makes each room's history a simple chain; different rooms
-//! proceed in parallel and share the store's group commits.
-//!
-//! Readers (a sync, a membership check) never wait for a writer's store
-//! write: they take a short read lock on the committed state. A reader that
-//! must see every committed event (a sync building a timeline up to a stream
-//! position) first waits for the appends already started to be applied.
+//! Each room's current state is kept in memory (`room_cache.rs`). A send
+//! takes the room's write turn, builds the event on top of the room's head,
+//! checks the authorization rules against the cached state, and appends it
+//! to the store on the condition that the head has not moved (another
+//! process may append to the same room). The applier then applies it to the
+//! cache and wakes waiters; the send answers once that is done. The write
+//! turn keeps this process's sends to a room from racing each other; the
+//! head check keeps other processes' off the same head (the loser rebuilds
+//! on the new head). Different rooms proceed in parallel and share the
+//! store's group commits.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
     sync::{
-        Arc, Mutex, RwLock, RwLockReadGuard,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
 
 use kabar_domain::{
-    NewEvent, Pdu, StateKey, auth_event_keys, authorize,
-    client_event::{client_event_prefix, redact_pdu},
-    event::{EventSigner, raw},
+    NewEvent, Pdu,
+    client_event::redact_pdu,
+    event::EventSigner,
     membership::{EventVisibility, HistoryVisibility, Membership, may_see_event},
 };
 use kabar_store::{AppendOutcome, Direction, EventRange, EventWrite, PrevState, RoomRecord, Store, StoredEvent, StreamPos, TxnRef};
 use rand::{Rng, distributions::Alphanumeric};
 use ruma::{
-    EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId,
-    events::{
-        TimelineEventType,
-        room::power_levels::{RoomPowerLevels, RoomPowerLevelsEventContent, RoomPowerLevelsSource},
-    },
+    EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId, events::TimelineEventType,
     room_version_rules::RoomVersionRules,
 };
 use serde_json::{Value, json};
-use tokio::sync::{Mutex as AsyncMutex, MutexGuard as AsyncMutexGuard, watch};
 
+pub use crate::room_cache::{Room, RoomCache, StateEntry, TimelineEvent, WriteTurn};
 use crate::{
-    changes::Changes,
+    applier::Applied,
     error::{Error, Result},
     filter::TimelineFilter,
     load::Gate,
-    notifier::Notifier,
+    room_cache::RoomCaches,
 };
+
+/// How many times a send rebuilds its event on a head another process
+/// moved before it gives up; each retry first applies the other's events.
+const MAX_HEAD_RETRIES: usize = 8;
+/// How long a send waits for another process's events to be applied.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
 /// Room versions this server creates and serves.
 pub const SUPPORTED_ROOM_VERSIONS: [RoomVersionId; 3] = [RoomVersionId::V10, RoomVersionId::V11, RoomVersionId::V12];
-
-/// How many of a room's newest events stay in memory. A sync that is at most
-/// this far behind reads its timeline (and counts unread messages) without the
-/// store; one that is further behind goes to the store.
-const RECENT_EVENTS: usize = 64;
-
-/// An event with its client form serialized once (see
-/// [`client_event_prefix`]), so that a sync waking thousands of members
-/// serializes each new event once, not once per member.
-#[derive(Debug)]
-pub struct TimelineEvent {
-    pub event: StoredEvent,
-    pub client_prefix: String,
-    /// The client form flattened for push rules, made when first asked
-    /// for and shared by every member who evaluates the event.
-    flat: std::sync::OnceLock<ruma::push::FlattenedJson>,
-}
-
-impl TimelineEvent {
-    pub fn new(event: StoredEvent) -> Self {
-        let client_prefix = client_event_prefix(&event.pdu);
-        Self {
-            event,
-            client_prefix,
-            flat: std::sync::OnceLock::new(),
-        }
-    }
-
-    /// The event flattened for push conditions.
-    pub fn flattened(&self) -> &ruma::push::FlattenedJson {
-        self.flat.get_or_init(|| crate::push::flatten(&format!("{}}}", self.client_prefix)))
-    }
-}
-
-/// One piece of current state with the stream position it was set at.
-#[derive(Debug, Clone)]
-pub struct StateEntry {
-    pub pdu: Pdu,
-    pub pos: StreamPos,
-}
-
-impl StateEntry {
-    /// The entry as a stored event, for the client-event serializer.
-    pub fn to_stored(&self) -> StoredEvent {
-        StoredEvent {
-            pos: self.pos,
-            pdu: self.pdu.clone(),
-            txn: None,
-            redacted_by: None,
-            prev: None,
-        }
-    }
-
-    /// What a state event replacing this one shows as its previous state.
-    fn as_prev(&self) -> PrevState {
-        PrevState {
-            event_id: self.pdu.event_id.clone(),
-            sender: self.pdu.sender.clone(),
-            content: self.pdu.content.get().to_owned(),
-        }
-    }
-}
-
-/// A room's cached current state and head.
-pub struct RoomCache {
-    pub record: RoomRecord,
-    rules: RoomVersionRules,
-    state: BTreeMap<StateKey, StateEntry>,
-    head: Vec<OwnedEventId>,
-    depth: u64,
-    /// Stream position of the room's newest event.
-    pub last_pos: StreamPos,
-    /// How many users hold each membership, kept up to date by `apply` so that
-    /// big rooms are not walked on every sync.
-    member_counts: HashMap<Membership, usize>,
-    /// The room's newest events, oldest first.
-    recent: VecDeque<Arc<TimelineEvent>>,
-    /// Every event of the room after this position is in `recent`.
-    recent_after: StreamPos,
-    /// Where `m.room.encryption` was last set: every sync asks, so it is kept
-    /// apart from the state map.
-    encrypted_at: Option<StreamPos>,
-    /// Where the state last changed: the current state is the state at any
-    /// position from here on.
-    state_changed_at: StreamPos,
-    /// Every change of `m.room.history_visibility`, oldest first (a handful
-    /// per room), so deciding what a user may see needs no store read for it.
-    visibility_changes: Vec<(StreamPos, HistoryVisibility)>,
-    /// The power levels as push rules read them, parsed when first asked
-    /// for after each change: every member's unread count needs them.
-    push_power_levels: std::sync::OnceLock<Arc<ruma::push::PushConditionPowerLevelsCtx>>,
-}
-
-impl RoomCache {
-    /// A room with no events yet: the start of `create_room`'s chain.
-    fn empty(record: RoomRecord, rules: RoomVersionRules) -> Self {
-        Self {
-            record,
-            rules,
-            state: BTreeMap::new(),
-            head: vec![],
-            depth: 0,
-            last_pos: 0,
-            member_counts: HashMap::new(),
-            recent: VecDeque::new(),
-            recent_after: 0,
-            encrypted_at: None,
-            state_changed_at: 0,
-            visibility_changes: vec![],
-            push_power_levels: std::sync::OnceLock::new(),
-        }
-    }
-
-    pub fn state(&self, kind: &str, key: &str) -> Option<&StateEntry> {
-        self.state.get(&(kind.to_owned(), key.to_owned()))
-    }
-
-    pub fn state_entries(&self) -> impl Iterator<Item = &StateEntry> {
-        self.state.values()
-    }
-
-    pub fn state_len(&self) -> usize {
-        self.state.len()
-    }
-
-    pub fn membership(&self, user_id: &UserId) -> Option<Membership> {
-        self.state("m.room.member", user_id.as_str())
-            .and_then(|e| Membership::from_content(e.pdu.content.get()))
-    }
-
-    pub fn history_visibility(&self) -> HistoryVisibility {
-        HistoryVisibility::from_content(self.state("m.room.history_visibility", "").map(|e| e.pdu.content.get()))
-    }
-
-    pub fn members(&self, membership: Membership) -> impl Iterator<Item = &str> {
-        self.members_range()
-            .filter(move |(_, e)| Membership::from_content(e.pdu.content.get()) == Some(membership))
-            .map(|((_, k), _)| k.as_str())
-    }
-
-    /// Where end-to-end encryption was turned on, if it was.
-    pub fn encrypted_at(&self) -> Option<StreamPos> {
-        self.encrypted_at
-    }
-
-    /// Users whose membership changed in `(after, until]`, with the latest
-    /// membership in that range. From the recent window when it reaches back
-    /// far enough (the usual case: a sync a few events behind), else from the
-    /// current state's member entries.
-    pub fn member_changes(&self, after: StreamPos, until: StreamPos) -> HashMap<OwnedUserId, Membership> {
-        let mut changes = HashMap::new();
-        let mut note = |pdu: &Pdu| {
-            if let (Some(key), Some(m)) = (&pdu.state_key, Membership::from_content(pdu.content.get()))
-                && let Ok(user) = OwnedUserId::try_from(key.as_str())
-            {
-                changes.insert(user, m);
-            }
-        };
-        if after >= self.recent_after {
-            self.recent
-                .iter()
-                .map(|e| &e.event)
-                .filter(|e| e.pos > after && e.pos <= until && e.pdu.kind == TimelineEventType::RoomMember)
-                .for_each(|e| note(&e.pdu));
-        } else {
-            self.state
-                .iter()
-                .filter(|((t, _), e)| t == "m.room.member" && e.pos > after && e.pos <= until)
-                .for_each(|(_, e)| note(&e.pdu));
-        }
-        changes
-    }
-
-    fn creators(&self) -> Vec<OwnedUserId> {
-        let Some(create) = self.state("m.room.create", "") else {
-            return vec![];
-        };
-        let mut creators = vec![create.pdu.sender.clone()];
-        if self.rules.authorization.additional_room_creators
-            && let Some(extra) = create.pdu.content_value().get("additional_creators").and_then(Value::as_array)
-        {
-            creators.extend(
-                extra
-                    .iter()
-                    .filter_map(|v| v.as_str())
-                    .filter_map(|s| OwnedUserId::try_from(s).ok()),
-            );
-        }
-        creators
-    }
-
-    /// Builds the next event on top of the room's head and checks it against the
-    /// current state. `room_id` is what goes in the event (none for a v12 create).
-    fn build_authorized(
-        &self,
-        signer: &EventSigner,
-        room_id: Option<&RoomId>,
-        sender: &UserId,
-        event: NewEvent,
-        ts: MilliSecondsSinceUnixEpoch,
-    ) -> Result<Pdu> {
-        let auth_rules = &self.rules.authorization;
-        let content = raw(&event.content);
-        let keys = auth_event_keys(auth_rules, &event.kind, sender, event.state_key.as_deref(), &content)?;
-        let mut auth_events: Vec<&Pdu> = keys.iter().filter_map(|k| self.state.get(k)).map(|e| &e.pdu).collect();
-        // v12 names the create event only through the room id; older versions list it.
-        let create = self.state("m.room.create", "").map(|e| &e.pdu);
-        if let Some(create) = create
-            && !auth_rules.room_create_event_id_as_room_id
-            && !auth_events.iter().any(|p| p.event_id == create.event_id)
-        {
-            auth_events.push(create);
-        }
-        let pdu = Pdu::build(
-            signer,
-            &self.record.version,
-            room_id,
-            sender,
-            event,
-            self.head.clone(),
-            auth_events.iter().map(|p| p.event_id.clone()).collect(),
-            self.depth + 1,
-            ts,
-        )?;
-        let by_id: HashMap<&EventId, &Pdu> = auth_events.iter().copied().chain(create).map(|p| (&*p.event_id, p)).collect();
-        authorize(
-            auth_rules,
-            &pdu,
-            |t, k| self.state.get(&(t.to_owned(), k.to_owned())).map(|e| &e.pdu),
-            |id| by_id.get(id).copied(),
-        )?;
-        Ok(pdu)
-    }
-
-    /// The newest `limit` events in `(after, until]` that `keep` accepts,
-    /// oldest first, and whether more such events are in that range; `None`
-    /// when the in-memory window does not reach back to `after`.
-    pub fn recent_matching(
-        &self,
-        after: StreamPos,
-        until: StreamPos,
-        limit: usize,
-        keep: impl Fn(&StoredEvent) -> bool,
-    ) -> Option<(Vec<Arc<TimelineEvent>>, bool)> {
-        if after < self.recent_after {
-            return None;
-        }
-        let in_range = self
-            .recent
-            .iter()
-            .rev()
-            .filter(|e| e.event.pos > after && e.event.pos <= until && keep(&e.event));
-        let mut events: Vec<Arc<TimelineEvent>> = in_range.take(limit + 1).cloned().collect();
-        let more = events.len() > limit;
-        events.truncate(limit);
-        events.reverse();
-        Some((events, more))
-    }
-
-    /// Every event in `(after, until]`, oldest first; `None` when the
-    /// window does not reach back to `after`.
-    pub fn recent_between(&self, after: StreamPos, until: StreamPos) -> Option<Vec<Arc<TimelineEvent>>> {
-        if after < self.recent_after {
-            return None;
-        }
-        Some(
-            self.recent
-                .iter()
-                .filter(|e| e.event.pos > after && e.event.pos <= until)
-                .cloned()
-                .collect(),
-        )
-    }
-
-    /// The state entries set in `(after, until]`: from the recent window
-    /// when it reaches back that far (the usual case), else by a walk over
-    /// the state; none at all when the state has not changed since `after`.
-    pub fn state_changed_between(&self, after: StreamPos, until: StreamPos) -> Vec<&StateEntry> {
-        if self.state_changed_at <= after {
-            return vec![];
-        }
-        let in_range = |e: &&StateEntry| e.pos > after && e.pos <= until;
-        if after >= self.recent_after {
-            let mut seen = std::collections::HashSet::new();
-            return self
-                .recent
-                .iter()
-                .filter_map(|e| e.event.pdu.state_key_pair())
-                .filter(|key| seen.insert(key.clone()))
-                .filter_map(|key| self.state.get(&key))
-                .filter(in_range)
-                .collect();
-        }
-        self.state.values().filter(in_range).collect()
-    }
-
-    /// Up to five members to name a room by when it has no name: joined and
-    /// invited members other than `user`, in the order they arrived (or, if
-    /// there are none, those who left). A big room is not sorted.
-    pub fn heroes(&self, user: &UserId) -> Vec<OwnedUserId> {
-        const HEROES: usize = 5;
-        let mut present: Vec<(StreamPos, &str)> = vec![];
-        let mut gone: Vec<(StreamPos, &str)> = vec![];
-        let big = self.member_count(Membership::Join) + self.member_count(Membership::Invite) > 1000;
-        for ((_, key), entry) in self.members_range() {
-            if key == user.as_str() {
-                continue;
-            }
-            match Membership::from_content(entry.pdu.content.get()) {
-                Some(Membership::Join | Membership::Invite) => present.push((entry.pos, key)),
-                Some(_) if present.is_empty() && gone.len() < HEROES => gone.push((entry.pos, key)),
-                _ => {}
-            }
-            if big && present.len() == HEROES {
-                break;
-            }
-        }
-        let mut chosen = if present.is_empty() { gone } else { present };
-        chosen.sort_unstable();
-        chosen
-            .into_iter()
-            .take(HEROES)
-            .filter_map(|(_, u)| OwnedUserId::try_from(u).ok())
-            .collect()
-    }
-
-    /// The room's `m.room.member` entries, in user id order.
-    fn members_range(&self) -> impl Iterator<Item = (&StateKey, &StateEntry)> {
-        let start = ("m.room.member".to_owned(), String::new());
-        self.state.range(start..).take_while(|((kind, _), _)| kind == "m.room.member")
-    }
-
-    fn remember(&mut self, event: StoredEvent) {
-        if event.pdu.kind == ruma::events::TimelineEventType::RoomRedaction {
-            // The redacted event may be in the window; rather than rewrite it,
-            // start the window afresh after the redaction.
-            self.recent.clear();
-            self.recent_after = event.pos;
-            return;
-        }
-        self.recent.push_back(Arc::new(TimelineEvent::new(event)));
-        while self.recent.len() > RECENT_EVENTS {
-            if let Some(old) = self.recent.pop_front() {
-                self.recent_after = old.event.pos;
-            }
-        }
-    }
-
-    pub fn member_count(&self, membership: Membership) -> usize {
-        self.member_counts.get(&membership).copied().unwrap_or(0)
-    }
-
-    fn count_members(state: &BTreeMap<StateKey, StateEntry>) -> HashMap<Membership, usize> {
-        let mut counts = HashMap::new();
-        for ((t, _), e) in state {
-            if t == "m.room.member"
-                && let Some(m) = Membership::from_content(e.pdu.content.get())
-            {
-                *counts.entry(m).or_insert(0) += 1;
-            }
-        }
-        counts
-    }
-
-    /// Makes a stored event the room's new head (and state, for a state event).
-    fn apply(&mut self, pdu: &Pdu, pos: StreamPos) {
-        if pdu.kind == ruma::events::TimelineEventType::RoomMember {
-            let key = pdu.state_key.as_deref().unwrap_or_default();
-            if let Some(old) = self
-                .state("m.room.member", key)
-                .and_then(|e| Membership::from_content(e.pdu.content.get()))
-                && let Some(n) = self.member_counts.get_mut(&old)
-            {
-                *n = n.saturating_sub(1);
-            }
-            if let Some(new) = Membership::from_content(pdu.content.get()) {
-                *self.member_counts.entry(new).or_insert(0) += 1;
-            }
-        }
-        if let Some(key) = pdu.state_key_pair() {
-            if pdu.kind == ruma::events::TimelineEventType::RoomEncryption {
-                self.encrypted_at = Some(pos);
-            }
-            self.state_changed_at = self.state_changed_at.max(pos);
-            if pdu.kind == ruma::events::TimelineEventType::RoomPowerLevels {
-                self.push_power_levels = std::sync::OnceLock::new();
-            }
-            if pdu.kind == ruma::events::TimelineEventType::RoomHistoryVisibility && pos > 0 {
-                self.visibility_changes
-                    .push((pos, HistoryVisibility::from_content(Some(pdu.content.get()))));
-            }
-            self.state.insert(key, StateEntry { pdu: pdu.clone(), pos });
-        }
-        self.head = vec![pdu.event_id.clone()];
-        self.depth = pdu.depth;
-        self.last_pos = self.last_pos.max(pos);
-    }
-
-    /// The power levels as push conditions read them (`@room` needs enough power).
-    pub fn push_power_levels(&self) -> Arc<ruma::push::PushConditionPowerLevelsCtx> {
-        self.push_power_levels.get_or_init(|| Arc::new(self.power_levels().into())).clone()
-    }
-
-    pub fn power_levels(&self) -> RoomPowerLevels {
-        let source = self
-            .state("m.room.power_levels", "")
-            .and_then(|e| serde_json::from_str::<RoomPowerLevelsEventContent>(e.pdu.content.get()).ok())
-            .map(RoomPowerLevelsSource::Original)
-            .unwrap_or(RoomPowerLevelsSource::None);
-        RoomPowerLevels::new(source, &self.rules.authorization, self.creators())
-    }
-}
-
-/// A room: its cached state behind a read-write lock, and the turn that
-/// serializes its writers.
-pub struct Room {
-    cache: RwLock<RoomCache>,
-    /// Held by the one writer appending to the room, across the store write.
-    writer: AsyncMutex<()>,
-    /// Appends started, and the number of them applied to `cache` (or failed).
-    started: AtomicU64,
-    applied: watch::Sender<u64>,
-}
-
-/// The right to append to a room; see [`Room::write_turn`].
-pub struct WriteTurn<'a> {
-    room: &'a Room,
-    _guard: AsyncMutexGuard<'a, ()>,
-}
-
-/// Marks an append as applied when dropped, whether it succeeded or not, so
-/// that readers waiting for it never wait forever.
-struct AppendInProgress<'a> {
-    room: &'a Room,
-    seq: u64,
-}
-
-impl Drop for AppendInProgress<'_> {
-    fn drop(&mut self) {
-        let seq = self.seq;
-        self.room.applied.send_if_modified(|applied| {
-            let moved = *applied < seq;
-            *applied = (*applied).max(seq);
-            moved
-        });
-    }
-}
-
-impl Room {
-    fn new(cache: RoomCache) -> Self {
-        Self {
-            cache: RwLock::new(cache),
-            writer: AsyncMutex::new(()),
-            started: AtomicU64::new(0),
-            applied: watch::channel(0).0,
-        }
-    }
-
-    /// The committed state as applied so far. Never hold it across an await.
-    pub fn read(&self) -> RwLockReadGuard<'_, RoomCache> {
-        self.cache.read().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// The state once every append started before this call is applied: it
-    /// then holds every event of the room up to the store's current position.
-    ///
-    /// While appends keep arriving, it lingers (up to `linger`) until the room
-    /// is quiet, so that a burst of sends reaches a waiting member in one
-    /// response rather than one response per send: under load that halves the
-    /// responses per message, and an idle room answers at once.
-    pub async fn settled(&self, linger: Duration) -> RwLockReadGuard<'_, RoomCache> {
-        let needed = self.started.load(Ordering::SeqCst);
-        if *self.applied.borrow() < needed {
-            let mut applied = self.applied.subscribe();
-            // The sender lives as long as the room, so these waits cannot fail.
-            let _ = applied.wait_for(|a| *a >= needed).await;
-            let deadline = tokio::time::Instant::now() + linger;
-            loop {
-                let started = self.started.load(Ordering::SeqCst);
-                if *applied.borrow() >= started {
-                    break;
-                }
-                if tokio::time::timeout_at(deadline, applied.wait_for(|a| *a >= started))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        }
-        self.read()
-    }
-
-    /// Waits for the room's write turn: appends are made one at a time.
-    pub async fn write_turn(&self) -> WriteTurn<'_> {
-        WriteTurn {
-            room: self,
-            _guard: self.writer.lock().await,
-        }
-    }
-
-    fn begin_append(&self) -> AppendInProgress<'_> {
-        AppendInProgress {
-            room: self,
-            seq: self.started.fetch_add(1, Ordering::SeqCst) + 1,
-        }
-    }
-}
 
 /// What `/createRoom` asks for, already parsed.
 #[derive(Debug, Default, Clone)]
@@ -692,10 +184,10 @@ pub enum Dir {
 pub struct Rooms {
     store: Arc<dyn Store>,
     signer: Arc<EventSigner>,
-    notifier: Arc<Notifier>,
-    changes: Arc<Changes>,
+    /// The rooms in memory; the applier advances them.
+    caches: Arc<RoomCaches>,
+    applied: Applied,
     default_version: RoomVersionId,
-    rooms: Mutex<HashMap<OwnedRoomId, Arc<Room>>>,
     /// The timestamp of the newest create event made here.
     last_create_ms: AtomicU64,
     /// Joins are bounded: a crowd joining one huge room queues here, and is
@@ -736,18 +228,17 @@ impl Rooms {
     pub fn new(
         store: Arc<dyn Store>,
         signer: Arc<EventSigner>,
-        notifier: Arc<Notifier>,
-        changes: Arc<Changes>,
+        caches: Arc<RoomCaches>,
+        applied: Applied,
         default_version: RoomVersionId,
         joins: Arc<Gate>,
     ) -> Self {
         Self {
             store,
             signer,
-            notifier,
-            changes,
+            caches,
+            applied,
             default_version,
-            rooms: Mutex::new(HashMap::new()),
             last_create_ms: AtomicU64::new(0),
             joins,
         }
@@ -763,74 +254,12 @@ impl Rooms {
 
     /// The room's cache, loading it from the store on first use.
     pub async fn room(&self, room_id: &RoomId) -> Result<Arc<Room>> {
-        if let Some(r) = self.rooms.lock().expect("rooms lock").get(room_id) {
-            return Ok(r.clone());
-        }
-        let record = self
-            .store
-            .room(room_id)
-            .await?
-            .ok_or_else(|| Error::NotFound("unknown room".into()))?;
-        let rules = record
-            .version
-            .rules()
-            .ok_or_else(|| Error::Internal(format!("stored room has unknown version {}", record.version)))?;
-        let mut state = BTreeMap::new();
-        for e in self.store.current_state(room_id).await? {
-            if let Some(k) = e.pdu.state_key_pair() {
-                state.insert(k, StateEntry { pdu: e.pdu, pos: e.pos });
-            }
-        }
-        let last = self
-            .store
-            .room_events(EventRange {
-                room_id,
-                after: 0,
-                until: u64::MAX,
-                direction: Direction::Backward,
-                limit: 1,
-                kinds: None,
-            })
-            .await?;
-        let (head, depth, last_pos) = match last.first() {
-            Some(e) => (vec![e.pdu.event_id.clone()], e.pdu.depth, e.pos),
-            None => (vec![], 0, 0),
-        };
-        let member_counts = RoomCache::count_members(&state);
-        let encrypted_at = state.get(&("m.room.encryption".to_owned(), String::new())).map(|e| e.pos);
-        let state_changed_at = state.values().map(|e| e.pos).max().unwrap_or(0);
-        let visibility_changes = self
-            .store
-            .state_history(room_id, "m.room.history_visibility", "")
-            .await?
-            .into_iter()
-            .map(|e| (e.pos, HistoryVisibility::from_content(Some(e.pdu.content.get()))))
-            .collect();
-        let cache = Arc::new(Room::new(RoomCache {
-            record,
-            rules,
-            state,
-            head,
-            depth,
-            last_pos,
-            member_counts,
-            recent: VecDeque::new(),
-            recent_after: last_pos,
-            encrypted_at,
-            state_changed_at,
-            visibility_changes,
-            push_power_levels: std::sync::OnceLock::new(),
-        }));
-        Ok(self
-            .rooms
-            .lock()
-            .expect("rooms lock")
-            .entry(room_id.to_owned())
-            .or_insert(cache)
-            .clone())
+        self.caches.get(room_id).await
     }
 
-    /// Builds, authorizes, stores and announces one event, in the caller's write turn.
+    /// Builds, authorizes and stores one event in the caller's write turn,
+    /// and returns once the applier has applied it (so the next event is
+    /// built on it, and the sender's next sync sees it).
     async fn append(
         &self,
         turn: &WriteTurn<'_>,
@@ -840,7 +269,6 @@ impl Rooms {
     ) -> Result<(OwnedEventId, StreamPos)> {
         let room = turn.room;
         check_event_names(&event)?;
-        let in_progress = room.begin_append();
         let relation = relation_of(&event.content);
         let redacts = event.redacts.clone();
         let (room_id, version) = {
@@ -855,68 +283,59 @@ impl Rooms {
             },
             None => None,
         };
-        let (pdu, prev) = {
-            let r = room.read();
-            if let Some(original) = &original {
-                let pl = r.power_levels();
-                let allowed = if original.pdu.sender == sender {
-                    pl.user_can_redact_own_event(sender)
-                } else {
-                    pl.user_can_redact_event_of_other(sender)
-                };
-                if !allowed {
-                    return Err(Error::Forbidden("you may not redact this event".into()));
+        let redacted_target = original
+            .as_ref()
+            .and_then(|o| redact_pdu(&o.pdu, &version).map(|json| (o.pdu.event_id.clone(), json)));
+        for _ in 0..MAX_HEAD_RETRIES {
+            let (pdu, prev, head) = {
+                let r = room.read();
+                if let Some(original) = &original {
+                    let pl = r.power_levels();
+                    let allowed = if original.pdu.sender == sender {
+                        pl.user_can_redact_own_event(sender)
+                    } else {
+                        pl.user_can_redact_event_of_other(sender)
+                    };
+                    if !allowed {
+                        return Err(Error::Forbidden("you may not redact this event".into()));
+                    }
+                }
+                let pdu = r.build_authorized(&self.signer, Some(&room_id), sender, event.clone(), now())?;
+                let prev = pdu
+                    .state_key_pair()
+                    .and_then(|(kind, key)| r.state(&kind, &key))
+                    .map(StateEntry::as_prev);
+                (pdu, prev, r.last_pos)
+            };
+            let event_id = pdu.event_id.clone();
+            let outcome = self
+                .store
+                .append_event(EventWrite {
+                    pdu,
+                    txn: txn.clone(),
+                    relation: relation.clone(),
+                    redacted_target: redacted_target.clone(),
+                    prev,
+                    expected_head: Some(head),
+                })
+                .await?;
+            match outcome {
+                AppendOutcome::Appended(pos) => {
+                    self.applied.reached(pos).await;
+                    return Ok((event_id, pos));
+                }
+                AppendOutcome::Duplicate(id) => return Ok((id, 0)),
+                AppendOutcome::HeadMoved { head } => {
+                    // Another process appended first: apply its events, then
+                    // build again on the new head and check again.
+                    tracing::debug!(room = %room_id, head, "room head moved; rebuilding the event");
+                    if !self.applied.catch_up_to(head, CATCH_UP_WAIT).await {
+                        return Err(Error::Unavailable("the room's newest events could not be read in time".into()));
+                    }
                 }
             }
-            let pdu = r.build_authorized(&self.signer, Some(&room_id), sender, event, now())?;
-            let prev = pdu
-                .state_key_pair()
-                .and_then(|(kind, key)| r.state(&kind, &key))
-                .map(StateEntry::as_prev);
-            (pdu, prev)
-        };
-        let redacted_target = original.and_then(|o| redact_pdu(&o.pdu, &version).map(|json| (o.pdu.event_id.clone(), json)));
-
-        let member_target = match pdu.kind {
-            TimelineEventType::RoomMember => pdu.state_key.as_deref().and_then(|k| OwnedUserId::try_from(k).ok()),
-            _ => None,
-        };
-        let membership_change = member_target.as_ref().map(|t| self.changes.memberships.begin(t));
-        let outcome = self
-            .store
-            .append_event(EventWrite {
-                pdu: pdu.clone(),
-                txn: txn.clone(),
-                relation,
-                redacted_target,
-                prev: prev.clone(),
-            })
-            .await?;
-        let pos = match outcome {
-            AppendOutcome::Appended(pos) => pos,
-            AppendOutcome::Duplicate(id) => return Ok((id, 0)),
-        };
-        if let Some(change) = membership_change {
-            change.finish(pos);
         }
-        let event_id = pdu.event_id.clone();
-        {
-            let mut r = room.cache.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-            r.apply(&pdu, pos);
-            r.remember(StoredEvent {
-                pos,
-                pdu,
-                txn,
-                redacted_by: None,
-                prev,
-            });
-        }
-        drop(in_progress);
-        self.notifier.room_changed(&room_id);
-        if let Some(target) = &member_target {
-            self.notifier.user_changed(target);
-        }
-        Ok((event_id, pos))
+        Err(Error::Unavailable("the room is too busy; try again".into()))
     }
 
     /// Sends an event as `sender`; with a transaction id, a repeat returns the first event.
@@ -1066,9 +485,9 @@ impl Rooms {
         // create event gets its own timestamp, and a room id that is taken
         // anyway (another process) is retried with the next one.
         let mut attempts = 0;
-        let mut room = loop {
+        let room_id = loop {
             attempts += 1;
-            let (mut room, pdus) = self.build_room(creator, &req, &version, &rules, &events)?;
+            let (room, pdus) = self.build_room(creator, &req, &version, &rules, &events)?;
             let writes = pdus
                 .iter()
                 .map(|(p, prev)| EventWrite {
@@ -1077,20 +496,15 @@ impl Rooms {
                     relation: None,
                     redacted_target: None,
                     prev: prev.clone(),
+                    expected_head: None,
                 })
                 .collect();
-            let members: Vec<OwnedUserId> = std::iter::once(creator.to_owned()).chain(req.invite.iter().cloned()).collect();
-            let membership_changes: Vec<_> = members.iter().map(|u| self.changes.memberships.begin(u)).collect();
             match self.store.create_room(room.record.clone(), writes).await {
                 Ok(positions) => {
-                    let last = positions.iter().copied().max().unwrap_or_default();
-                    for change in membership_changes {
-                        change.finish(last);
-                    }
-                    for ((pdu, _), pos) in pdus.iter().zip(&positions) {
-                        room.apply(pdu, *pos);
-                    }
-                    break room;
+                    // The applier wakes the creator and the invitees; the
+                    // room's cache is read from the store when first used.
+                    self.applied.reached(positions.iter().copied().max().unwrap_or_default()).await;
+                    break room.record.room_id;
                 }
                 Err(kabar_store::StoreError::Conflict(m)) if attempts < 3 => {
                     tracing::warn!(reason = %m, "room id taken; creating the room again with a new create event");
@@ -1098,18 +512,8 @@ impl Rooms {
                 Err(e) => return Err(e.into()),
             }
         };
-        room.recent_after = room.last_pos;
-        let room_id = room.record.room_id.clone();
         if let Some(a) = alias {
             self.store.set_alias(&a, &room_id, creator).await?;
-        }
-        self.rooms
-            .lock()
-            .expect("rooms lock")
-            .insert(room_id.clone(), Arc::new(Room::new(room)));
-        self.notifier.user_changed(creator);
-        for u in &req.invite {
-            self.notifier.user_changed(u);
         }
         tracing::info!(room = %room_id, %version, "room created");
         Ok(room_id)
@@ -1608,112 +1012,17 @@ impl Rooms {
 
     /// Forgets a room the user has left: it no longer appears in their sync.
     pub async fn forget(&self, user: &UserId, room_id: &RoomId) -> Result<()> {
-        let change = self.changes.memberships.begin(&user.to_owned());
-        self.store.forget_room(user, room_id).await?;
-        change.finish(self.store.current_position());
+        let pos = self.store.forget_room(user, room_id).await?;
+        self.applied.reached(pos).await;
         Ok(())
+    }
+
+    /// Where the applier stands: every update up to here is in the caches.
+    pub fn applied(&self) -> &Applied {
+        &self.applied
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn empty_room() -> Room {
-        Room::new(RoomCache::empty(
-            RoomRecord {
-                room_id: ruma::owned_room_id!("!r:x"),
-                version: RoomVersionId::V12,
-                creator: ruma::owned_user_id!("@a:x"),
-                is_public: false,
-            },
-            RoomVersionId::V12.rules().expect("known version"),
-        ))
-    }
-
-    #[tokio::test]
-    async fn a_settled_read_waits_for_appends_already_started_and_a_plain_read_does_not() {
-        let room = Arc::new(empty_room());
-        let in_progress = room.begin_append();
-        assert_eq!(room.read().last_pos, 0, "a plain read does not wait");
-        let reader = {
-            let room = room.clone();
-            tokio::spawn(async move { room.settled(Duration::ZERO).await.last_pos })
-        };
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!reader.is_finished(), "the settled read waits for the append");
-        room.cache.write().expect("lock").last_pos = 7;
-        drop(in_progress);
-        let seen = tokio::time::timeout(Duration::from_secs(5), reader)
-            .await
-            .expect("woken")
-            .expect("joined");
-        assert_eq!(seen, 7, "and then sees what the append applied");
-    }
-
-    #[tokio::test]
-    async fn a_settled_read_lingers_through_a_burst_but_not_past_its_limit() {
-        let room = Arc::new(empty_room());
-        let first = room.begin_append();
-        let reader = {
-            let room = room.clone();
-            tokio::spawn(async move { room.settled(Duration::from_secs(5)).await.last_pos })
-        };
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let second = room.begin_append();
-        drop(first);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!reader.is_finished(), "the burst goes on, so the reader lingers");
-        drop(second);
-        tokio::time::timeout(Duration::from_secs(1), reader)
-            .await
-            .expect("answered when the room is quiet")
-            .expect("joined");
-
-        // A room that never goes quiet is answered at the limit.
-        let endless = room.begin_append();
-        let started = std::time::Instant::now();
-        let reader = {
-            let room = room.clone();
-            tokio::spawn(async move { room.settled(Duration::from_millis(100)).await.last_pos })
-        };
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let next = room.begin_append();
-        drop(endless);
-        tokio::time::timeout(Duration::from_secs(2), reader)
-            .await
-            .expect("answered at the limit")
-            .expect("joined");
-        assert!(started.elapsed() >= Duration::from_millis(100));
-        drop(next);
-    }
-
-    #[tokio::test]
-    async fn a_failed_append_still_releases_settled_readers() {
-        let room = empty_room();
-        drop(room.begin_append());
-        let read = tokio::time::timeout(Duration::from_secs(1), room.settled(Duration::from_secs(10))).await;
-        assert!(read.is_ok());
-    }
-
-    #[test]
-    fn the_recent_window_answers_only_for_positions_it_covers() {
-        let room = empty_room();
-        let mut r = room.cache.write().expect("lock");
-        let all = |_: &StoredEvent| true;
-        assert!(
-            r.recent_matching(0, 10, 5, all)
-                .is_some_and(|(events, more)| events.is_empty() && !more)
-        );
-        r.recent_after = 5;
-        assert!(
-            r.recent_matching(4, 10, 5, all).is_none(),
-            "events at or before 5 are not in memory"
-        );
-        assert!(r.recent_matching(5, 10, 5, all).is_some());
     }
 }

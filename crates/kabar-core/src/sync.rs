@@ -29,9 +29,10 @@ use crate::{
 const DEFAULT_TIMELINE_LIMIT: usize = 10;
 const MAX_TIMELINE_LIMIT: usize = 1000;
 const MAX_TIMEOUT: Duration = Duration::from_secs(300);
-/// How long a sync may wait for a room's burst of sends to finish before it
-/// answers (see `Room::settled`).
-const BURST_LINGER: Duration = Duration::from_millis(10);
+/// How long a sync waits for this process to apply a token another process
+/// handed out (one from a node further along the stream) before it treats the
+/// token as unknown.
+const TOKEN_CATCH_UP: Duration = Duration::from_secs(2);
 /// How many events a sync reads through (hidden by the timeline filter or
 /// from ignored users) looking for a room's timeline before it settles for
 /// fewer events and a `limited` timeline.
@@ -250,8 +251,8 @@ pub fn visible_client_event(v: &VisibleEvent, viewer: &Session) -> Value {
 /// viewer's `unsigned` object is written per viewer.
 fn client_event_json(event: &TimelineEvent, viewer: &Session, membership: Option<Membership>) -> Box<RawValue> {
     let unsigned = serde_json::to_string(&Unsigned::for_viewer(&event.event, viewer, membership)).unwrap_or_else(|_| "{}".into());
-    let mut out = String::with_capacity(event.client_prefix.len() + unsigned.len() + 16);
-    out.push_str(&event.client_prefix);
+    let mut out = String::with_capacity(event.client_prefix().len() + unsigned.len() + 16);
+    out.push_str(event.client_prefix());
     out.push_str(",\"unsigned\":");
     out.push_str(&unsigned);
     out.push('}');
@@ -328,10 +329,18 @@ impl SyncEngine {
     /// full-state sync), else when the next relevant change arrives or the
     /// timeout ends.
     pub async fn sync(&self, session: &Session, mut req: SyncRequest) -> Result<SyncResponse> {
-        if req.since.is_some_and(|t| t.stream > self.store.current_position()) {
-            // A token from the future (another server, a restored backup) cannot
-            // say what the client has seen; start it over with an initial sync.
-            req.since = None;
+        if let Some(since) = req.since.map(|t| t.stream)
+            && since > self.rooms.applied().position()
+        {
+            // A token from further along the stream than applied here: another
+            // process on the same database handed it out, and this one catches
+            // up to it. A token past everything committed (another server, a
+            // restored backup) cannot say what the client has seen; the client
+            // starts over with an initial sync.
+            let committed = self.store.committed_position().await?;
+            if since > committed || !self.rooms.applied().catch_up_to(since, TOKEN_CATCH_UP).await {
+                req.since = None;
+            }
         }
         let _full_sync_pass = if req.since.is_none() || req.full_state {
             Some(self.full_syncs.enter().await?)
@@ -366,8 +375,10 @@ impl SyncEngine {
 
     async fn build(&self, session: &Session, req: &SyncRequest, memberships: &[MembershipRecord]) -> Result<(SyncResponse, bool)> {
         let user = &*session.user_id;
+        // Only up to what is applied: every cache and tracker below covers it,
+        // and an event that commits late can never be skipped.
         let mut upto = SyncToken {
-            stream: self.store.current_position(),
+            stream: self.rooms.applied().position(),
             ephemeral: self.ephemeral.serial(),
         };
         let initial = req.since.is_none();
@@ -548,7 +559,7 @@ impl SyncEngine {
         let (last_pos, recent) = {
             // Settled: every event up to `upto` is in the cache, so the window
             // and `last_pos` cannot miss one that committed a moment ago.
-            let r = room.settled(BURST_LINGER).await;
+            let r = room.read();
             // A sync that is only a little behind finds its timeline in memory.
             let recent = (!initial && r.last_pos > since.stream)
                 .then(|| r.recent_matching(since.stream, upto.stream, limit, |e| timeline_filter.keeps(e)))

@@ -17,9 +17,9 @@ use serde::Serialize;
 use serde_json::{Map, Value, value::RawValue};
 
 use crate::{
+    applier::Applied,
     changes::{Changes, DeviceKey},
     error::{Error, Result},
-    notifier::Notifier,
 };
 
 /// Messages one sync response carries at most; the rest come with the next.
@@ -82,8 +82,9 @@ type SenderLimiter =
 
 pub struct ToDevice {
     store: Arc<dyn Store>,
+    /// Read by syncs: a device whose queue did not change is not read.
     changes: Arc<Changes>,
-    notifier: Arc<Notifier>,
+    applied: Applied,
     acks: Mutex<HashMap<DeviceKey, AckState>>,
     /// Messages per sending user, so one account cannot fill every queue.
     senders: SenderLimiter,
@@ -91,13 +92,13 @@ pub struct ToDevice {
 }
 
 impl ToDevice {
-    pub fn new(store: Arc<dyn Store>, changes: Arc<Changes>, notifier: Arc<Notifier>, limits: SenderLimits) -> Self {
+    pub fn new(store: Arc<dyn Store>, changes: Arc<Changes>, applied: Applied, limits: SenderLimits) -> Self {
         let nonzero = |n: u32| std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN);
         let quota = governor::Quota::per_second(nonzero(limits.per_second)).allow_burst(nonzero(limits.burst));
         Self {
             store,
             changes,
-            notifier,
+            applied,
             acks: Mutex::new(HashMap::new()),
             senders: governor::RateLimiter::keyed(quota),
             burst: limits.burst.max(1),
@@ -179,25 +180,9 @@ impl ToDevice {
                 }
             }
         }
-        let keys: Vec<DeviceKey> = queue
-            .iter()
-            .map(|m| DeviceKey {
-                user_id: m.recipient.clone(),
-                device_id: m.device_id.clone(),
-            })
-            .collect();
         self.admit_sender(&sender.user_id, queue.len())?;
-        let pending: Vec<_> = keys.iter().map(|k| self.changes.to_device.begin(k)).collect();
-        let queued = self.store.queue_to_device(sender, kind, txn_id, queue).await?;
-        if let Some(pos) = queued {
-            for p in pending {
-                p.finish(pos);
-            }
-            let mut woken: Vec<&OwnedUserId> = keys.iter().map(|k| &k.user_id).collect();
-            woken.dedup();
-            for user in woken {
-                self.notifier.user_changed(user);
-            }
+        if let Some(pos) = self.store.queue_to_device(sender, kind, txn_id, queue).await? {
+            self.applied.reached(pos).await;
         }
         Ok(())
     }

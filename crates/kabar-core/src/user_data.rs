@@ -12,9 +12,7 @@ use ruma::{EventId, OwnedRoomId, OwnedUserId, RoomId, UserId, api::client::filte
 use serde_json::Value;
 
 use crate::{
-    changes::Changes,
     error::{Error, Result},
-    notifier::Notifier,
     now_ms,
     rooms::Rooms,
 };
@@ -36,8 +34,6 @@ pub enum DirectoryScope {
 
 pub struct UserData {
     store: Arc<dyn Store>,
-    notifier: Arc<Notifier>,
-    changes: Arc<Changes>,
     rooms: Arc<Rooms>,
     /// Who the user directory shows a searcher.
     directory: DirectoryScope,
@@ -47,17 +43,9 @@ pub struct UserData {
 }
 
 impl UserData {
-    pub fn new(
-        store: Arc<dyn Store>,
-        notifier: Arc<Notifier>,
-        changes: Arc<Changes>,
-        rooms: Arc<Rooms>,
-        directory: DirectoryScope,
-    ) -> Self {
+    pub fn new(store: Arc<dyn Store>, rooms: Arc<Rooms>, directory: DirectoryScope) -> Self {
         Self {
             store,
-            notifier,
-            changes,
             rooms,
             directory,
             filters: Mutex::new(HashMap::new()),
@@ -69,10 +57,8 @@ impl UserData {
         if json.len() > MAX_ACCOUNT_DATA_BYTES {
             return Err(Error::TooLarge("account data is larger than 64 KiB".into()));
         }
-        let change = self.changes.account_data.begin(&user.to_owned());
         let pos = self.store.put_account_data(user, room, kind, &json).await?;
-        change.finish(pos);
-        self.notifier.user_changed(user);
+        self.rooms.applied().reached(pos).await;
         Ok(())
     }
 
@@ -129,7 +115,6 @@ impl UserData {
             let content = serde_json::json!({ "event_id": event_id });
             return self.write_account_data(user, Some(room_id), "m.fully_read", &content).await;
         }
-        let change = self.changes.receipts.begin(&room_id.to_owned());
         let pos = self
             .store
             .put_receipt(ReceiptRecord {
@@ -142,8 +127,7 @@ impl UserData {
                 pos: 0,
             })
             .await?;
-        change.finish(pos);
-        self.notifier.room_changed(room_id);
+        self.rooms.applied().reached(pos).await;
         Ok(())
     }
 
@@ -194,8 +178,8 @@ impl UserData {
             return Err(Error::InvalidParam("profile fields must not contain control characters".into()));
         }
         self.store.set_profile(user, field, value.as_deref()).await?;
+        // The member events this sends wake whoever shares a room.
         self.rooms.propagate_profile(user).await?;
-        self.notifier.user_changed(user);
         Ok(())
     }
 

@@ -49,7 +49,13 @@ pub(crate) fn record_list_change_at(c: &Connection, positions: &mut Positions, u
         params![user, pos as i64],
     )
     .map_err(backend)?;
-    positions.change(c, pos, Change::DeviceList { user_id: parse_user(user)? })
+    positions.change(
+        c,
+        pos,
+        Change::DeviceList {
+            user_id: parse_user(user)?,
+        },
+    )
 }
 
 fn parse_user(user: &str) -> StoreResult<OwnedUserId> {
@@ -85,7 +91,13 @@ pub(crate) fn remove_devices(c: &Connection, positions: &mut Positions, user: &s
     // (and the user's own other devices show), keys or not.
     if had_keys || removed.count > 0 {
         let pos = record_list_change(c, positions, user)?;
-        positions.change(c, pos, Change::Sessions { user_id: parse_user(user)? })?;
+        positions.change(
+            c,
+            pos,
+            Change::Sessions {
+                user_id: parse_user(user)?,
+            },
+        )?;
         removed.list_changed_at = Some(pos);
     }
     Ok(removed)
@@ -165,7 +177,14 @@ impl KeyStore for SqliteStore {
                     }
                 }
                 let pos = positions.allocate();
-                positions.change(c, pos, Change::OneTimeKeys { user_id: user, device_id: d })?;
+                positions.change(
+                    c,
+                    pos,
+                    Change::OneTimeKeys {
+                        user_id: user,
+                        device_id: d,
+                    },
+                )?;
                 Ok(pos)
             })
             .await
@@ -189,7 +208,14 @@ impl KeyStore for SqliteStore {
                     .map_err(backend)?;
                 }
                 let pos = positions.allocate();
-                positions.change(c, pos, Change::OneTimeKeys { user_id: user, device_id: d })?;
+                positions.change(
+                    c,
+                    pos,
+                    Change::OneTimeKeys {
+                        user_id: user,
+                        device_id: d,
+                    },
+                )?;
                 Ok(pos)
             })
             .await

@@ -819,7 +819,6 @@ impl RoomStore for SqliteStore {
             })
             .await
     }
-
 }
 
 #[async_trait]

@@ -100,7 +100,12 @@ async fn every_write_records_its_change(store: &dyn Store) {
     has(before, pos, format!("account_data {user}")).await;
 
     let (room, signer) = test_room("!stream:localhost");
-    let create = pdu(&room, &signer, 1, NewEvent::state("m.room.create", "", json!({"room_version": "11"})));
+    let create = pdu(
+        &room,
+        &signer,
+        1,
+        NewEvent::state("m.room.create", "", json!({"room_version": "11"})),
+    );
     let create_id = create.event_id.clone();
     let before = store.current_position();
     let created = store.create_room(room.clone(), vec![write(create)]).await.unwrap();
@@ -160,7 +165,11 @@ async fn every_write_records_its_change(store: &dyn Store) {
         kind: "m.test".into(),
         content: "{}".into(),
     };
-    let pos = store.queue_to_device(&sender, "m.test", "stream1", vec![message]).await.unwrap().unwrap();
+    let pos = store
+        .queue_to_device(&sender, "m.test", "stream1", vec![message])
+        .await
+        .unwrap()
+        .unwrap();
     has(before, pos, format!("to_device {user} S1")).await;
 
     let before = store.current_position();
@@ -185,7 +194,12 @@ async fn concurrent_appends_to_one_room(store: Arc<dyn Store>) {
     const WRITERS: usize = 4;
     const EACH: usize = 10;
     let (room, signer) = test_room("!race:localhost");
-    let create = pdu(&room, &signer, 1, NewEvent::state("m.room.create", "", json!({"room_version": "11"})));
+    let create = pdu(
+        &room,
+        &signer,
+        1,
+        NewEvent::state("m.room.create", "", json!({"room_version": "11"})),
+    );
     let created = store.create_room(room.clone(), vec![write(create)]).await.unwrap();
     let stale = pdu(&room, &signer, 2, NewEvent::message("m.room.message", json!({"body": "stale"})));
     let mut w = write(stale);

@@ -38,9 +38,13 @@ pub enum StoreError {
     /// Stored data could not be read back; never caused by client input.
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
-    /// The engine failed (I/O, connection, shutdown).
+    /// The engine failed (I/O, shutdown).
     #[error("storage backend: {0}")]
     Backend(String),
+    /// The database cannot be reached now (a networked engine lost its
+    /// connection); nothing was written, and it may work again later.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -283,8 +287,7 @@ pub trait Store:
     StreamStore + AccountStore + RoomStore + UserDataStore + KeyStore + ToDeviceStore + KeyBackupStore + MediaStore + ServerStore
 {
 }
-impl<
-    T: StreamStore + AccountStore + RoomStore + UserDataStore + KeyStore + ToDeviceStore + KeyBackupStore + MediaStore + ServerStore,
-> Store for T
+impl<T: StreamStore + AccountStore + RoomStore + UserDataStore + KeyStore + ToDeviceStore + KeyBackupStore + MediaStore + ServerStore> Store
+    for T
 {
 }

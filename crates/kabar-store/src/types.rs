@@ -107,7 +107,9 @@ pub enum AppendOutcome {
     Duplicate(OwnedEventId),
     /// The room has a newer event than `expected_head` (another writer
     /// appended first); nothing was written. Rebuild on `head` and retry.
-    HeadMoved { head: StreamPos },
+    HeadMoved {
+        head: StreamPos,
+    },
 }
 
 #[derive(Debug, Clone)]

@@ -23,17 +23,20 @@ use control::{ConfigControl, HealthProbe, LiveSettings, WorkGates, public_base_u
 use kabar_core::{
     accounts::Accounts,
     admission::{AddressSlots, Admission, NewcomerAdmission},
+    applier::{Applier, ApplierTargets},
     changes::Changes,
     ephemeral::Ephemeral,
     health::Readiness,
     key_backup::KeyBackups,
-    keys::{DeviceLists, Keys},
+    keys::Keys,
     load::LoadMetrics,
     media::{LegacyMedia, Media},
     notifier::Notifier,
     password::{HashCost, HashPriority, HashingPool, PasswordHasher},
     push::PushRules,
+    room_cache::RoomCaches,
     rooms::Rooms,
+    sessions::SessionCache,
     sync::{SyncEngine, SyncSources},
     to_device::{SenderLimits, ToDevice},
     user_data::{DirectoryScope, UserData},
@@ -42,6 +45,12 @@ use kabar_domain::EventSigner;
 use kabar_store::{ServerStore, Store};
 use kabar_store_sqlite::SqliteStore;
 use listeners::{ConnectionLimits, Listeners};
+
+/// How often the applier reads the stream for writes another process
+/// committed to the same database: the bound on how stale this process's
+/// caches (a revoked token above all) can be. Reading the head costs one
+/// small query, nothing on the embedded store.
+const APPLIER_CATCH_UP: Duration = Duration::from_millis(250);
 
 #[derive(Parser)]
 #[command(name = "kabar", version, about = "A Matrix homeserver built to stay up")]
@@ -317,31 +326,46 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
     let gates = WorkGates::new(&load, &config.work, cores);
     let notifier = Arc::new(Notifier::new());
     let ephemeral = Arc::new(Ephemeral::new(notifier.clone()));
+    // The applier is the only path from a committed write (this process's
+    // or another's on the same database) to the caches, trackers and
+    // wake-ups below.
     let changes = Changes::new(store.current_position());
-    let device_lists = Arc::new(DeviceLists::new(store.clone(), changes.clone(), notifier.clone()));
+    let sessions = Arc::new(SessionCache::new());
+    let room_caches = RoomCaches::new(store.clone());
+    let applier = Applier::spawn(
+        store.clone(),
+        ApplierTargets {
+            rooms: room_caches.clone(),
+            changes: changes.clone(),
+            sessions: sessions.clone(),
+            notifier: notifier.clone(),
+        },
+        APPLIER_CATCH_UP,
+    );
     let accounts = Arc::new(Accounts::new(
         store.clone(),
         hasher,
         admission,
         server_name.clone(),
         policy,
-        device_lists.clone(),
+        sessions,
+        applier.applied(),
     ));
     accounts.set_reserved_localparts(config.registration.reserved_localparts.clone());
     let default_version = ruma::RoomVersionId::try_from(config.rooms.default_version.as_str())?;
     let rooms = Arc::new(Rooms::new(
         store.clone(),
         signer,
-        notifier.clone(),
-        changes.clone(),
+        room_caches,
+        applier.applied(),
         default_version,
         gates.join.clone(),
     ));
-    let keys = Arc::new(Keys::new(store.clone(), rooms.clone(), changes.clone(), device_lists));
+    let keys = Arc::new(Keys::new(store.clone(), rooms.clone(), changes.clone()));
     let to_device = Arc::new(ToDevice::new(
         store.clone(),
         changes.clone(),
-        notifier.clone(),
+        applier.applied(),
         SenderLimits {
             per_second: config.limits.to_device_messages_per_second,
             burst: config.limits.to_device_burst,
@@ -365,7 +389,7 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
     } else {
         DirectoryScope::KnownUsers
     };
-    let user_data = Arc::new(UserData::new(store.clone(), notifier.clone(), changes, rooms.clone(), directory));
+    let user_data = Arc::new(UserData::new(store.clone(), rooms.clone(), directory));
     let legacy_media = match config.media.legacy_unauthenticated.as_str() {
         "all" => LegacyMedia::All,
         "off" => LegacyMedia::Off,

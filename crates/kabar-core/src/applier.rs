@@ -1,0 +1,275 @@
+//! The applier: the one path from a committed write to everything kept in
+//! memory about it.
+//!
+//! The store hands every batch it commits to the applier (its feed), and the
+//! applier also reads the stream back from the store by position (its
+//! catch-up), for writes another process committed to the same database and
+//! for any gap in the feed. Either way the updates are applied in position
+//! order, and only here: room caches, change trackers (and so the caches
+//! keyed by their generations), the token cache, and then the wake-ups of
+//! waiting syncs. No service does any of that by hand.
+//!
+//! **Applied-position invariant:** once [`Applied::position`] reads `n`,
+//! every update at or below `n` has been applied, and none is applied twice.
+//! Syncs answer up to the applied position, so they can never skip an event
+//! that commits late; a writer that waits for its own position
+//! ([`Applied::reached`]) before answering its client makes its write
+//! visible to that client's next request.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use kabar_store::{Change, CommitFeed, CommittedBatch, Store, StreamPos, StreamUpdate};
+use ruma::{OwnedRoomId, OwnedUserId, events::TimelineEventType};
+use tokio::sync::{Notify, watch};
+
+use crate::{
+    changes::{Changes, DeviceKey},
+    notifier::Notifier,
+    room_cache::RoomCaches,
+    sessions::SessionCache,
+};
+
+/// How many positions one catch-up read asks the store for.
+const CATCH_UP_PAGE: usize = 1000;
+
+/// Everything the applier advances.
+pub struct ApplierTargets {
+    pub rooms: Arc<RoomCaches>,
+    pub changes: Arc<Changes>,
+    pub sessions: Arc<SessionCache>,
+    pub notifier: Arc<Notifier>,
+}
+
+pub struct Applier {
+    store: Arc<dyn Store>,
+    targets: ApplierTargets,
+    applied: watch::Sender<StreamPos>,
+    /// Asks for a catch-up from the store now rather than at the next tick.
+    poke: Arc<Notify>,
+}
+
+/// A handle on the applied position, for services that must wait for their
+/// writes (or another process's) to be applied.
+#[derive(Clone)]
+pub struct Applied {
+    position: watch::Receiver<StreamPos>,
+    poke: Arc<Notify>,
+}
+
+impl Applied {
+    /// Every update up to here is applied.
+    pub fn position(&self) -> StreamPos {
+        *self.position.borrow()
+    }
+
+    /// Waits until every update up to `pos` is applied (at once if it is).
+    pub async fn reached(&self, pos: StreamPos) {
+        if self.position() >= pos {
+            return;
+        }
+        let mut rx = self.position.clone();
+        // An error means the applier stopped (shutdown): nothing more comes.
+        let _ = rx.wait_for(|applied| *applied >= pos).await;
+    }
+
+    /// Like [`reached`](Self::reached) for a position another process
+    /// committed: asks the applier to read the store now instead of at its
+    /// next tick. Gives up after `limit`, returning whether it got there.
+    pub async fn catch_up_to(&self, pos: StreamPos, limit: Duration) -> bool {
+        self.poke.notify_one();
+        tokio::time::timeout(limit, self.reached(pos)).await.is_ok()
+    }
+}
+
+/// What one batch asks to be woken, gathered while applying and sent only
+/// once the applied position covers the batch: a sync woken earlier could
+/// read the old position, find nothing, and sleep through the news.
+#[derive(Default)]
+struct Wakes {
+    rooms: HashSet<OwnedRoomId>,
+    users: HashSet<OwnedUserId>,
+    /// Users whose device list changed: everyone sharing a room with them wakes.
+    device_lists: Vec<OwnedUserId>,
+}
+
+impl Applier {
+    /// An applier that has applied everything up to `start` (the store's
+    /// position when the process started: the caches begin empty).
+    pub fn new(store: Arc<dyn Store>, targets: ApplierTargets, start: StreamPos) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            targets,
+            applied: watch::channel(start).0,
+            poke: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Subscribes to the store's feed and runs an applier on the current
+    /// runtime, starting from the store's position now.
+    pub fn spawn(store: Arc<dyn Store>, targets: ApplierTargets, catch_up: Duration) -> Arc<Self> {
+        // Subscribed first: a batch committed in between is at or below the
+        // start, and the caches begin empty and the trackers at the start.
+        let feed = store.subscribe();
+        let start = store.current_position();
+        let applier = Self::new(store, targets, start);
+        tokio::spawn(applier.clone().run(feed, catch_up));
+        applier
+    }
+
+    pub fn applied(&self) -> Applied {
+        Applied {
+            position: self.applied.subscribe(),
+            poke: self.poke.clone(),
+        }
+    }
+
+    fn position(&self) -> StreamPos {
+        *self.applied.borrow()
+    }
+
+    /// Runs until the feed closes: applies what this process commits as it
+    /// commits, and every `catch_up` reads what others committed.
+    pub async fn run(self: Arc<Self>, mut feed: CommitFeed, catch_up: Duration) {
+        let mut tick = tokio::time::interval(catch_up);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                batch = feed.recv() => match batch {
+                    Some(batch) => self.take(batch).await,
+                    None => return,
+                },
+                _ = tick.tick() => self.catch_up().await,
+                _ = self.poke.notified() => self.catch_up().await,
+            }
+        }
+    }
+
+    /// A batch from the feed: applied at once if it follows what is applied;
+    /// after a gap (another process committed in between) the store is read
+    /// first, which brings this batch along too.
+    async fn take(&self, batch: CommittedBatch) {
+        if batch.after > self.position() {
+            self.catch_up().await;
+        }
+        self.apply_batch(&batch);
+    }
+
+    /// Reads and applies everything committed after the applied position.
+    async fn catch_up(&self) {
+        loop {
+            let head = match self.store.committed_position().await {
+                Ok(head) => head,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read the stream's head; will retry");
+                    return;
+                }
+            };
+            let applied = self.position();
+            if head <= applied {
+                return;
+            }
+            match self.store.updates_after(applied, CATCH_UP_PAGE).await {
+                Ok(batch) if batch.head > applied => self.apply_batch(&batch),
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, after = applied, "could not read the stream; will retry");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Applies the updates of `batch` not applied yet. A batch that starts
+    /// past the applied position is left alone: applying it would skip the
+    /// updates in between.
+    fn apply_batch(&self, batch: &CommittedBatch) {
+        let applied = self.position();
+        if batch.after > applied || batch.head <= applied {
+            return;
+        }
+        let mut wakes = Wakes::default();
+        for update in batch.updates.iter().filter(|u| u.pos > applied) {
+            self.apply(update, &mut wakes);
+        }
+        self.applied.send_replace(batch.head);
+        self.wake(wakes);
+    }
+
+    fn apply(&self, update: &StreamUpdate, wakes: &mut Wakes) {
+        let t = &self.targets;
+        let pos = update.pos;
+        match &update.change {
+            Change::Event(event) => {
+                t.rooms.apply(event);
+                wakes.rooms.insert(event.pdu.room_id.clone());
+                if event.pdu.kind == TimelineEventType::RoomMember
+                    && let Some(target) = event.pdu.state_key.as_deref().and_then(|k| OwnedUserId::try_from(k).ok())
+                {
+                    t.changes.memberships.record(&target, pos);
+                    wakes.users.insert(target);
+                }
+            }
+            Change::AccountData { user_id } => {
+                t.changes.account_data.record(user_id, pos);
+                wakes.users.insert(user_id.clone());
+            }
+            Change::Receipt { room_id } => {
+                t.changes.receipts.record(room_id, pos);
+                wakes.rooms.insert(room_id.clone());
+            }
+            Change::DeviceList { user_id } => {
+                t.changes.device_lists.record(user_id, pos);
+                wakes.users.insert(user_id.clone());
+                wakes.device_lists.push(user_id.clone());
+            }
+            Change::OneTimeKeys { user_id, device_id } => {
+                let device = DeviceKey {
+                    user_id: user_id.clone(),
+                    device_id: device_id.clone(),
+                };
+                t.changes.one_time_keys.record(&device, pos);
+            }
+            Change::ToDevice { user_id, device_id } => {
+                let device = DeviceKey {
+                    user_id: user_id.clone(),
+                    device_id: device_id.clone(),
+                };
+                t.changes.to_device.record(&device, pos);
+                wakes.users.insert(user_id.clone());
+            }
+            Change::Memberships { user_id } => {
+                t.changes.memberships.record(user_id, pos);
+                wakes.users.insert(user_id.clone());
+            }
+            Change::Sessions { user_id } => t.sessions.forget_user(user_id),
+        }
+    }
+
+    fn wake(&self, wakes: Wakes) {
+        let notifier = &self.targets.notifier;
+        for room in &wakes.rooms {
+            notifier.room_changed(room);
+        }
+        for user in &wakes.users {
+            notifier.user_changed(user);
+        }
+        if wakes.device_lists.is_empty() {
+            return;
+        }
+        // Who shares a room with them is a store read: made off the
+        // applier's path, since a late wake-up only delays a sync that the
+        // next change or its timeout answers anyway.
+        let (store, notifier) = (self.store.clone(), notifier.clone());
+        tokio::spawn(async move {
+            for user in wakes.device_lists {
+                match store.memberships(&user).await {
+                    Ok(memberships) => memberships
+                        .iter()
+                        .filter(|m| m.membership == kabar_store::Membership::Join)
+                        .for_each(|m| notifier.room_changed(&m.room_id)),
+                    Err(e) => tracing::warn!(error = %e, %user, "could not wake the rooms of a device-list change"),
+                }
+            }
+        });
+    }
+}

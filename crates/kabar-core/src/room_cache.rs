@@ -1,0 +1,691 @@
+//! The rooms this process keeps in memory: each room's current state, member
+//! counts and newest events, loaded from the store on first use and advanced
+//! only by the applier (see `applier.rs`), for this process's writes and
+//! every other writer's alike.
+//!
+//! Readers (a sync, a membership check) never wait for a writer: they take a
+//! short read lock on the state as applied so far.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    sync::{Arc, Mutex, RwLock, RwLockReadGuard},
+};
+
+use kabar_domain::{
+    NewEvent, Pdu, StateKey, auth_event_keys, authorize,
+    client_event::client_event_prefix,
+    event::{EventSigner, raw},
+    membership::{HistoryVisibility, Membership},
+};
+use kabar_store::{Direction, EventRange, PrevState, RoomRecord, Store, StoredEvent, StreamPos};
+use ruma::{
+    EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId,
+    events::{
+        TimelineEventType,
+        room::power_levels::{RoomPowerLevels, RoomPowerLevelsEventContent, RoomPowerLevelsSource},
+    },
+    room_version_rules::RoomVersionRules,
+};
+use serde_json::Value;
+use tokio::sync::{Mutex as AsyncMutex, MutexGuard as AsyncMutexGuard};
+
+use crate::error::{Error, Result};
+
+/// How many of a room's newest events stay in memory. A sync that is at most
+/// this far behind reads its timeline (and counts unread messages) without the
+/// store; one that is further behind goes to the store.
+const RECENT_EVENTS: usize = 64;
+
+/// An event with its client form serialized once (see
+/// [`client_event_prefix`]), so that a sync waking thousands of members
+/// serializes each new event once, not once per member.
+#[derive(Debug)]
+pub struct TimelineEvent {
+    pub event: StoredEvent,
+    /// Made when first asked for: the applier stores every event, and only
+    /// events some sync serves need their client form.
+    prefix: std::sync::OnceLock<String>,
+    /// The client form flattened for push rules, made when first asked
+    /// for and shared by every member who evaluates the event.
+    flat: std::sync::OnceLock<ruma::push::FlattenedJson>,
+}
+
+impl TimelineEvent {
+    pub fn new(event: StoredEvent) -> Self {
+        Self {
+            event,
+            prefix: std::sync::OnceLock::new(),
+            flat: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The client form without its closing brace (see [`client_event_prefix`]).
+    pub fn client_prefix(&self) -> &str {
+        self.prefix.get_or_init(|| client_event_prefix(&self.event.pdu))
+    }
+
+    /// The event flattened for push conditions.
+    pub fn flattened(&self) -> &ruma::push::FlattenedJson {
+        self.flat
+            .get_or_init(|| crate::push::flatten(&format!("{}}}", self.client_prefix())))
+    }
+}
+
+/// One piece of current state with the stream position it was set at.
+#[derive(Debug, Clone)]
+pub struct StateEntry {
+    pub pdu: Pdu,
+    pub pos: StreamPos,
+}
+
+impl StateEntry {
+    /// The entry as a stored event, for the client-event serializer.
+    pub fn to_stored(&self) -> StoredEvent {
+        StoredEvent {
+            pos: self.pos,
+            pdu: self.pdu.clone(),
+            txn: None,
+            redacted_by: None,
+            prev: None,
+        }
+    }
+
+    /// What a state event replacing this one shows as its previous state.
+    pub(crate) fn as_prev(&self) -> PrevState {
+        PrevState {
+            event_id: self.pdu.event_id.clone(),
+            sender: self.pdu.sender.clone(),
+            content: self.pdu.content.get().to_owned(),
+        }
+    }
+}
+
+/// A room's cached current state and head.
+pub struct RoomCache {
+    pub record: RoomRecord,
+    rules: RoomVersionRules,
+    state: BTreeMap<StateKey, StateEntry>,
+    head: Vec<OwnedEventId>,
+    depth: u64,
+    /// Stream position of the room's newest event.
+    pub last_pos: StreamPos,
+    /// How many users hold each membership, kept up to date by `apply` so that
+    /// big rooms are not walked on every sync.
+    member_counts: HashMap<Membership, usize>,
+    /// The room's newest events, oldest first.
+    recent: VecDeque<Arc<TimelineEvent>>,
+    /// Every event of the room after this position is in `recent`.
+    recent_after: StreamPos,
+    /// Where `m.room.encryption` was last set: every sync asks, so it is kept
+    /// apart from the state map.
+    encrypted_at: Option<StreamPos>,
+    /// Where the state last changed: the current state is the state at any
+    /// position from here on.
+    pub(crate) state_changed_at: StreamPos,
+    /// Every change of `m.room.history_visibility`, oldest first (a handful
+    /// per room), so deciding what a user may see needs no store read for it.
+    pub(crate) visibility_changes: Vec<(StreamPos, HistoryVisibility)>,
+    /// The power levels as push rules read them, parsed when first asked
+    /// for after each change: every member's unread count needs them.
+    push_power_levels: std::sync::OnceLock<Arc<ruma::push::PushConditionPowerLevelsCtx>>,
+}
+
+impl RoomCache {
+    /// A room with no events yet: the start of `create_room`'s chain.
+    pub(crate) fn empty(record: RoomRecord, rules: RoomVersionRules) -> Self {
+        Self {
+            record,
+            rules,
+            state: BTreeMap::new(),
+            head: vec![],
+            depth: 0,
+            last_pos: 0,
+            member_counts: HashMap::new(),
+            recent: VecDeque::new(),
+            recent_after: 0,
+            encrypted_at: None,
+            state_changed_at: 0,
+            visibility_changes: vec![],
+            push_power_levels: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub fn state(&self, kind: &str, key: &str) -> Option<&StateEntry> {
+        self.state.get(&(kind.to_owned(), key.to_owned()))
+    }
+
+    pub fn state_entries(&self) -> impl Iterator<Item = &StateEntry> {
+        self.state.values()
+    }
+
+    pub fn state_len(&self) -> usize {
+        self.state.len()
+    }
+
+    pub fn membership(&self, user_id: &UserId) -> Option<Membership> {
+        self.state("m.room.member", user_id.as_str())
+            .and_then(|e| Membership::from_content(e.pdu.content.get()))
+    }
+
+    pub fn history_visibility(&self) -> HistoryVisibility {
+        HistoryVisibility::from_content(self.state("m.room.history_visibility", "").map(|e| e.pdu.content.get()))
+    }
+
+    pub fn members(&self, membership: Membership) -> impl Iterator<Item = &str> {
+        self.members_range()
+            .filter(move |(_, e)| Membership::from_content(e.pdu.content.get()) == Some(membership))
+            .map(|((_, k), _)| k.as_str())
+    }
+
+    /// Where end-to-end encryption was turned on, if it was.
+    pub fn encrypted_at(&self) -> Option<StreamPos> {
+        self.encrypted_at
+    }
+
+    /// Users whose membership changed in `(after, until]`, with the latest
+    /// membership in that range. From the recent window when it reaches back
+    /// far enough (the usual case: a sync a few events behind), else from the
+    /// current state's member entries.
+    pub fn member_changes(&self, after: StreamPos, until: StreamPos) -> HashMap<OwnedUserId, Membership> {
+        let mut changes = HashMap::new();
+        let mut note = |pdu: &Pdu| {
+            if let (Some(key), Some(m)) = (&pdu.state_key, Membership::from_content(pdu.content.get()))
+                && let Ok(user) = OwnedUserId::try_from(key.as_str())
+            {
+                changes.insert(user, m);
+            }
+        };
+        if after >= self.recent_after {
+            self.recent
+                .iter()
+                .map(|e| &e.event)
+                .filter(|e| e.pos > after && e.pos <= until && e.pdu.kind == TimelineEventType::RoomMember)
+                .for_each(|e| note(&e.pdu));
+        } else {
+            self.state
+                .iter()
+                .filter(|((t, _), e)| t == "m.room.member" && e.pos > after && e.pos <= until)
+                .for_each(|(_, e)| note(&e.pdu));
+        }
+        changes
+    }
+
+    fn creators(&self) -> Vec<OwnedUserId> {
+        let Some(create) = self.state("m.room.create", "") else {
+            return vec![];
+        };
+        let mut creators = vec![create.pdu.sender.clone()];
+        if self.rules.authorization.additional_room_creators
+            && let Some(extra) = create.pdu.content_value().get("additional_creators").and_then(Value::as_array)
+        {
+            creators.extend(
+                extra
+                    .iter()
+                    .filter_map(|v| v.as_str())
+                    .filter_map(|s| OwnedUserId::try_from(s).ok()),
+            );
+        }
+        creators
+    }
+
+    /// Builds the next event on top of the room's head and checks it against the
+    /// current state. `room_id` is what goes in the event (none for a v12 create).
+    pub(crate) fn build_authorized(
+        &self,
+        signer: &EventSigner,
+        room_id: Option<&RoomId>,
+        sender: &UserId,
+        event: NewEvent,
+        ts: MilliSecondsSinceUnixEpoch,
+    ) -> Result<Pdu> {
+        let auth_rules = &self.rules.authorization;
+        let content = raw(&event.content);
+        let keys = auth_event_keys(auth_rules, &event.kind, sender, event.state_key.as_deref(), &content)?;
+        let mut auth_events: Vec<&Pdu> = keys.iter().filter_map(|k| self.state.get(k)).map(|e| &e.pdu).collect();
+        // v12 names the create event only through the room id; older versions list it.
+        let create = self.state("m.room.create", "").map(|e| &e.pdu);
+        if let Some(create) = create
+            && !auth_rules.room_create_event_id_as_room_id
+            && !auth_events.iter().any(|p| p.event_id == create.event_id)
+        {
+            auth_events.push(create);
+        }
+        let pdu = Pdu::build(
+            signer,
+            &self.record.version,
+            room_id,
+            sender,
+            event,
+            self.head.clone(),
+            auth_events.iter().map(|p| p.event_id.clone()).collect(),
+            self.depth + 1,
+            ts,
+        )?;
+        let by_id: HashMap<&EventId, &Pdu> = auth_events.iter().copied().chain(create).map(|p| (&*p.event_id, p)).collect();
+        authorize(
+            auth_rules,
+            &pdu,
+            |t, k| self.state.get(&(t.to_owned(), k.to_owned())).map(|e| &e.pdu),
+            |id| by_id.get(id).copied(),
+        )?;
+        Ok(pdu)
+    }
+
+    /// The newest `limit` events in `(after, until]` that `keep` accepts,
+    /// oldest first, and whether more such events are in that range; `None`
+    /// when the in-memory window does not reach back to `after`.
+    pub fn recent_matching(
+        &self,
+        after: StreamPos,
+        until: StreamPos,
+        limit: usize,
+        keep: impl Fn(&StoredEvent) -> bool,
+    ) -> Option<(Vec<Arc<TimelineEvent>>, bool)> {
+        if after < self.recent_after {
+            return None;
+        }
+        let in_range = self
+            .recent
+            .iter()
+            .rev()
+            .filter(|e| e.event.pos > after && e.event.pos <= until && keep(&e.event));
+        let mut events: Vec<Arc<TimelineEvent>> = in_range.take(limit + 1).cloned().collect();
+        let more = events.len() > limit;
+        events.truncate(limit);
+        events.reverse();
+        Some((events, more))
+    }
+
+    /// Every event in `(after, until]`, oldest first; `None` when the
+    /// window does not reach back to `after`.
+    pub fn recent_between(&self, after: StreamPos, until: StreamPos) -> Option<Vec<Arc<TimelineEvent>>> {
+        if after < self.recent_after {
+            return None;
+        }
+        Some(
+            self.recent
+                .iter()
+                .filter(|e| e.event.pos > after && e.event.pos <= until)
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// The state entries set in `(after, until]`: from the recent window
+    /// when it reaches back that far (the usual case), else by a walk over
+    /// the state; none at all when the state has not changed since `after`.
+    pub fn state_changed_between(&self, after: StreamPos, until: StreamPos) -> Vec<&StateEntry> {
+        if self.state_changed_at <= after {
+            return vec![];
+        }
+        let in_range = |e: &&StateEntry| e.pos > after && e.pos <= until;
+        if after >= self.recent_after {
+            let mut seen = std::collections::HashSet::new();
+            return self
+                .recent
+                .iter()
+                .filter_map(|e| e.event.pdu.state_key_pair())
+                .filter(|key| seen.insert(key.clone()))
+                .filter_map(|key| self.state.get(&key))
+                .filter(in_range)
+                .collect();
+        }
+        self.state.values().filter(in_range).collect()
+    }
+
+    /// Up to five members to name a room by when it has no name: joined and
+    /// invited members other than `user`, in the order they arrived (or, if
+    /// there are none, those who left). A big room is not sorted.
+    pub fn heroes(&self, user: &UserId) -> Vec<OwnedUserId> {
+        const HEROES: usize = 5;
+        let mut present: Vec<(StreamPos, &str)> = vec![];
+        let mut gone: Vec<(StreamPos, &str)> = vec![];
+        let big = self.member_count(Membership::Join) + self.member_count(Membership::Invite) > 1000;
+        for ((_, key), entry) in self.members_range() {
+            if key == user.as_str() {
+                continue;
+            }
+            match Membership::from_content(entry.pdu.content.get()) {
+                Some(Membership::Join | Membership::Invite) => present.push((entry.pos, key)),
+                Some(_) if present.is_empty() && gone.len() < HEROES => gone.push((entry.pos, key)),
+                _ => {}
+            }
+            if big && present.len() == HEROES {
+                break;
+            }
+        }
+        let mut chosen = if present.is_empty() { gone } else { present };
+        chosen.sort_unstable();
+        chosen
+            .into_iter()
+            .take(HEROES)
+            .filter_map(|(_, u)| OwnedUserId::try_from(u).ok())
+            .collect()
+    }
+
+    /// The room's `m.room.member` entries, in user id order.
+    fn members_range(&self) -> impl Iterator<Item = (&StateKey, &StateEntry)> {
+        let start = ("m.room.member".to_owned(), String::new());
+        self.state.range(start..).take_while(|((kind, _), _)| kind == "m.room.member")
+    }
+
+    fn remember(&mut self, event: StoredEvent) {
+        if event.pdu.kind == ruma::events::TimelineEventType::RoomRedaction {
+            // The redacted event may be in the window; rather than rewrite it,
+            // start the window afresh after the redaction.
+            self.recent.clear();
+            self.recent_after = event.pos;
+            return;
+        }
+        self.recent.push_back(Arc::new(TimelineEvent::new(event)));
+        while self.recent.len() > RECENT_EVENTS {
+            if let Some(old) = self.recent.pop_front() {
+                self.recent_after = old.event.pos;
+            }
+        }
+    }
+
+    pub fn member_count(&self, membership: Membership) -> usize {
+        self.member_counts.get(&membership).copied().unwrap_or(0)
+    }
+
+    fn count_members(state: &BTreeMap<StateKey, StateEntry>) -> HashMap<Membership, usize> {
+        let mut counts = HashMap::new();
+        for ((t, _), e) in state {
+            if t == "m.room.member"
+                && let Some(m) = Membership::from_content(e.pdu.content.get())
+            {
+                *counts.entry(m).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
+    /// Makes a stored event the room's new head (and state, for a state
+    /// event). Shared caches are advanced only by the applier (through
+    /// [`Room::apply_committed`]); room creation uses it on a private cache
+    /// to build the room's first events.
+    pub(crate) fn apply(&mut self, pdu: &Pdu, pos: StreamPos) {
+        if pdu.kind == ruma::events::TimelineEventType::RoomMember {
+            let key = pdu.state_key.as_deref().unwrap_or_default();
+            if let Some(old) = self
+                .state("m.room.member", key)
+                .and_then(|e| Membership::from_content(e.pdu.content.get()))
+                && let Some(n) = self.member_counts.get_mut(&old)
+            {
+                *n = n.saturating_sub(1);
+            }
+            if let Some(new) = Membership::from_content(pdu.content.get()) {
+                *self.member_counts.entry(new).or_insert(0) += 1;
+            }
+        }
+        if let Some(key) = pdu.state_key_pair() {
+            if pdu.kind == ruma::events::TimelineEventType::RoomEncryption {
+                self.encrypted_at = Some(pos);
+            }
+            self.state_changed_at = self.state_changed_at.max(pos);
+            if pdu.kind == ruma::events::TimelineEventType::RoomPowerLevels {
+                self.push_power_levels = std::sync::OnceLock::new();
+            }
+            if pdu.kind == ruma::events::TimelineEventType::RoomHistoryVisibility && pos > 0 {
+                self.visibility_changes
+                    .push((pos, HistoryVisibility::from_content(Some(pdu.content.get()))));
+            }
+            self.state.insert(key, StateEntry { pdu: pdu.clone(), pos });
+        }
+        self.head = vec![pdu.event_id.clone()];
+        self.depth = pdu.depth;
+        self.last_pos = self.last_pos.max(pos);
+    }
+
+    /// The power levels as push conditions read them (`@room` needs enough power).
+    pub fn push_power_levels(&self) -> Arc<ruma::push::PushConditionPowerLevelsCtx> {
+        self.push_power_levels.get_or_init(|| Arc::new(self.power_levels().into())).clone()
+    }
+
+    pub fn power_levels(&self) -> RoomPowerLevels {
+        let source = self
+            .state("m.room.power_levels", "")
+            .and_then(|e| serde_json::from_str::<RoomPowerLevelsEventContent>(e.pdu.content.get()).ok())
+            .map(RoomPowerLevelsSource::Original)
+            .unwrap_or(RoomPowerLevelsSource::None);
+        RoomPowerLevels::new(source, &self.rules.authorization, self.creators())
+    }
+}
+
+/// A room: its cached state behind a read-write lock, and the turn that
+/// serializes this process's writers.
+pub struct Room {
+    cache: RwLock<RoomCache>,
+    /// Held by the one writer of this process appending to the room, across
+    /// the store write and until the applier has applied it. Writers in
+    /// other processes are kept off the same head by the store's
+    /// `expected_head` check instead.
+    writer: AsyncMutex<()>,
+}
+
+/// The right to append to a room; see [`Room::write_turn`].
+pub struct WriteTurn<'a> {
+    pub(crate) room: &'a Room,
+    _guard: AsyncMutexGuard<'a, ()>,
+}
+
+impl Room {
+    fn new(cache: RoomCache) -> Self {
+        Self {
+            cache: RwLock::new(cache),
+            writer: AsyncMutex::new(()),
+        }
+    }
+
+    /// The committed state as applied so far. Never hold it across an await.
+    pub fn read(&self) -> RwLockReadGuard<'_, RoomCache> {
+        self.cache.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Waits for the room's write turn: this process's appends are made one at a time.
+    pub async fn write_turn(&self) -> WriteTurn<'_> {
+        WriteTurn {
+            room: self,
+            _guard: self.writer.lock().await,
+        }
+    }
+
+    /// Applies a committed event; one the cache holds already is skipped.
+    /// Only the applier calls it, in stream order.
+    fn apply_committed(&self, event: &StoredEvent) {
+        let mut r = self.cache.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if event.pos <= r.last_pos {
+            return;
+        }
+        r.apply(&event.pdu, event.pos);
+        r.remember(event.clone());
+    }
+}
+
+/// A room's place in [`RoomCaches`]: loaded, or being loaded while events
+/// keep committing.
+enum Slot {
+    /// Events the applier saw while the room was being read from the store.
+    Loading(Vec<Arc<StoredEvent>>),
+    Loaded(Arc<Room>),
+}
+
+struct RoomSlot {
+    state: Mutex<Slot>,
+    /// One loader at a time.
+    load: AsyncMutex<()>,
+}
+
+/// The rooms this process keeps in memory. Rooms are loaded from the store on
+/// first use and from then on advanced only by the applier, whoever wrote
+/// the event.
+pub struct RoomCaches {
+    store: Arc<dyn Store>,
+    rooms: Mutex<HashMap<OwnedRoomId, Arc<RoomSlot>>>,
+}
+
+impl RoomCaches {
+    pub fn new(store: Arc<dyn Store>) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            rooms: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The room's cache, loading it from the store on first use.
+    pub async fn get(&self, room_id: &RoomId) -> Result<Arc<Room>> {
+        let slot = {
+            let mut rooms = self.rooms.lock().expect("rooms lock");
+            match rooms.get(room_id) {
+                Some(slot) => slot.clone(),
+                None => {
+                    let slot = Arc::new(RoomSlot {
+                        state: Mutex::new(Slot::Loading(vec![])),
+                        load: AsyncMutex::new(()),
+                    });
+                    rooms.insert(room_id.to_owned(), slot.clone());
+                    slot
+                }
+            }
+        };
+        if let Slot::Loaded(room) = &*slot.state.lock().expect("room slot lock") {
+            return Ok(room.clone());
+        }
+        let _loading = slot.load.lock().await;
+        if let Slot::Loaded(room) = &*slot.state.lock().expect("room slot lock") {
+            return Ok(room.clone());
+        }
+        let cache = match self.load(room_id).await {
+            Ok(cache) => cache,
+            Err(e) => {
+                // Nothing waits on a room that could not be read; the next
+                // use starts over.
+                self.rooms.lock().expect("rooms lock").remove(room_id);
+                return Err(e);
+            }
+        };
+        let room = Arc::new(Room::new(cache));
+        let mut state = slot.state.lock().expect("room slot lock");
+        if let Slot::Loading(seen) = &*state {
+            // Events that committed while the store was read: those newer
+            // than what the read saw are applied now.
+            for event in seen {
+                room.apply_committed(event);
+            }
+        }
+        *state = Slot::Loaded(room.clone());
+        Ok(room)
+    }
+
+    /// Reads a room's cache from the store: its newest event, and the state
+    /// and history-visibility changes up to exactly that event, so that the
+    /// events committed after it can be applied on top.
+    async fn load(&self, room_id: &RoomId) -> Result<RoomCache> {
+        let record = self
+            .store
+            .room(room_id)
+            .await?
+            .ok_or_else(|| Error::NotFound("unknown room".into()))?;
+        let rules = record
+            .version
+            .rules()
+            .ok_or_else(|| Error::Internal(format!("stored room has unknown version {}", record.version)))?;
+        let last = self
+            .store
+            .room_events(EventRange {
+                room_id,
+                after: 0,
+                until: u64::MAX,
+                direction: Direction::Backward,
+                limit: 1,
+                kinds: None,
+            })
+            .await?;
+        let (head, depth, last_pos) = match last.first() {
+            Some(e) => (vec![e.pdu.event_id.clone()], e.pdu.depth, e.pos),
+            None => (vec![], 0, 0),
+        };
+        let mut state = BTreeMap::new();
+        for e in self.store.state_at(room_id, last_pos).await? {
+            if let Some(k) = e.pdu.state_key_pair() {
+                state.insert(k, StateEntry { pdu: e.pdu, pos: e.pos });
+            }
+        }
+        let member_counts = RoomCache::count_members(&state);
+        let encrypted_at = state.get(&("m.room.encryption".to_owned(), String::new())).map(|e| e.pos);
+        let state_changed_at = state.values().map(|e| e.pos).max().unwrap_or(0);
+        let visibility_changes = self
+            .store
+            .state_history(room_id, "m.room.history_visibility", "")
+            .await?
+            .into_iter()
+            .filter(|e| e.pos <= last_pos)
+            .map(|e| (e.pos, HistoryVisibility::from_content(Some(e.pdu.content.get()))))
+            .collect();
+        Ok(RoomCache {
+            record,
+            rules,
+            state,
+            head,
+            depth,
+            last_pos,
+            member_counts,
+            recent: VecDeque::new(),
+            recent_after: last_pos,
+            encrypted_at,
+            state_changed_at,
+            visibility_changes,
+            push_power_levels: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Applies a committed event to its room if this process holds it (a
+    /// room nobody here used is read from the store when first used).
+    /// Only the applier calls it, in stream order.
+    pub(crate) fn apply(&self, event: &Arc<StoredEvent>) {
+        let Some(slot) = self.rooms.lock().expect("rooms lock").get(&event.pdu.room_id).cloned() else {
+            return;
+        };
+        match &mut *slot.state.lock().expect("room slot lock") {
+            Slot::Loaded(room) => room.apply_committed(event),
+            Slot::Loading(seen) => seen.push(event.clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ruma::RoomVersionId;
+
+    use super::*;
+
+    fn empty_room() -> Room {
+        Room::new(RoomCache::empty(
+            RoomRecord {
+                room_id: ruma::owned_room_id!("!r:x"),
+                version: RoomVersionId::V12,
+                creator: ruma::owned_user_id!("@a:x"),
+                is_public: false,
+            },
+            RoomVersionId::V12.rules().expect("known version"),
+        ))
+    }
+
+    #[test]
+    fn the_recent_window_answers_only_for_positions_it_covers() {
+        let room = empty_room();
+        let mut r = room.cache.write().expect("lock");
+        let all = |_: &StoredEvent| true;
+        assert!(
+            r.recent_matching(0, 10, 5, all)
+                .is_some_and(|(events, more)| events.is_empty() && !more)
+        );
+        r.recent_after = 5;
+        assert!(
+            r.recent_matching(4, 10, 5, all).is_none(),
+            "events at or before 5 are not in memory"
+        );
+        assert!(r.recent_matching(5, 10, 5, all).is_some());
+    }
+}
