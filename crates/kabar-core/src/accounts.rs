@@ -131,6 +131,7 @@ impl Accounts {
         applied: Applied,
     ) -> Self {
         Self {
+            uia: UiaSessions::new(store.clone()),
             store,
             applied,
             hasher,
@@ -138,7 +139,6 @@ impl Accounts {
             server_name,
             policy: Mutex::new(policy),
             reserved_localparts: Mutex::default(),
-            uia: UiaSessions::new(),
             sessions,
             last_seen: Mutex::new(HashMap::new()),
         }

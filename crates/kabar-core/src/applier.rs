@@ -273,3 +273,211 @@ impl Applier {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use kabar_domain::{EventSigner, NewEvent};
+    use kabar_store::{Direction, EventRange, NewDevice, NewUser, Session};
+    use ruma::{RoomVersionId, owned_user_id};
+    use serde_json::json;
+
+    use super::*;
+    use crate::{
+        load::{Gate, GateLimits, LoadMetrics},
+        rooms::{CreateRoom, Rooms},
+    };
+
+    /// One process's view of a shared store: its caches, trackers and
+    /// services, advanced only by its own applier.
+    struct Node {
+        rooms: Arc<Rooms>,
+        changes: Arc<Changes>,
+        sessions: Arc<SessionCache>,
+        notifier: Arc<Notifier>,
+        applier: Arc<Applier>,
+    }
+
+    /// With `feed`, the node hears its own commits at once; without, it
+    /// learns every write as another process would: from the store, by
+    /// catch-up every `catch_up` (or when poked).
+    fn node(store: &Arc<dyn Store>, feed: Option<CommitFeed>, catch_up: Duration) -> Node {
+        let start = store.current_position();
+        let caches = RoomCaches::new(store.clone());
+        let changes = Changes::new(start);
+        let sessions = Arc::new(SessionCache::new());
+        let notifier = Arc::new(Notifier::new());
+        let targets = ApplierTargets {
+            rooms: caches.clone(),
+            changes: changes.clone(),
+            sessions: sessions.clone(),
+            notifier: notifier.clone(),
+        };
+        let applier = Applier::new(store.clone(), targets, start);
+        let feed = feed.unwrap_or_else(|| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            // Kept open: this node's feed never brings anything.
+            std::mem::forget(tx);
+            rx
+        });
+        tokio::spawn(applier.clone().run(feed, catch_up));
+        let signer = Arc::new(EventSigner::new(ruma::owned_server_name!("localhost"), &EventSigner::generate_key(), "k").unwrap());
+        let limits = GateLimits {
+            slots: 4,
+            max_queued: 16,
+            max_queue_delay: Duration::from_secs(5),
+        };
+        let joins = Arc::new(Gate::new(LoadMetrics::default().class("join"), limits, Duration::from_millis(1)));
+        let rooms = Arc::new(Rooms::new(
+            store.clone(),
+            signer,
+            caches,
+            applier.applied(),
+            RoomVersionId::V11,
+            joins,
+        ));
+        Node {
+            rooms,
+            changes,
+            sessions,
+            notifier,
+            applier,
+        }
+    }
+
+    #[tokio::test]
+    async fn another_writers_commits_reach_caches_trackers_tokens_and_waiters_through_the_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(kabar_store_sqlite::SqliteStore::open(&dir.path().join("db")).unwrap());
+        let alice = owned_user_id!("@alice:localhost");
+        store
+            .create_user(NewUser {
+                user_id: alice.clone(),
+                password_hash: None,
+                created_ms: 1,
+            })
+            .await
+            .unwrap();
+        let a = node(&store, Some(store.subscribe()), Duration::from_secs(3600));
+        let b = node(&store, None, Duration::from_millis(100));
+        let start = b.applier.applied().position();
+
+        let room_id = a.rooms.create_room(&alice, CreateRoom::default()).await.unwrap();
+        let b_room = b.rooms.room(&room_id).await.unwrap();
+        let waiting = b.notifier.interest(&alice, [&*room_id]);
+        a.rooms
+            .send(
+                &alice,
+                &room_id,
+                NewEvent::message("m.room.message", json!({"body": "from a"})),
+                None,
+            )
+            .await
+            .unwrap();
+        let a_pos = a.applier.applied().position();
+        assert!(
+            waiting.wait(Duration::from_secs(10)).await,
+            "a sync waiting on b is woken by a's send"
+        );
+        assert!(b.applier.applied().position() >= a_pos);
+        assert_eq!(b_room.read().last_pos, a_pos, "b's room cache has a's event");
+        assert!(
+            b.changes.memberships.changed_since(&alice, start),
+            "b's trackers saw the creator's join"
+        );
+
+        // b's cache is behind a's next send (b catches up only every 100 ms):
+        // b's send is refused on the stale head and rebuilt on the new one.
+        for n in 0..5 {
+            a.rooms
+                .send(&alice, &room_id, NewEvent::message("m.room.message", json!({"body": n})), None)
+                .await
+                .unwrap();
+            b.rooms
+                .send(&alice, &room_id, NewEvent::message("m.room.message", json!({"body": n})), None)
+                .await
+                .unwrap();
+        }
+        let events = store
+            .room_events(EventRange {
+                room_id: &room_id,
+                after: 0,
+                until: u64::MAX,
+                direction: Direction::Forward,
+                limit: 1000,
+                kinds: None,
+            })
+            .await
+            .unwrap();
+        for pair in events.windows(2) {
+            assert_eq!(pair[1].pdu.prev_events, vec![pair[0].pdu.event_id.clone()], "one chain");
+        }
+
+        // A token b cached is refused once a removes the device.
+        store
+            .upsert_device(NewDevice {
+                user_id: alice.clone(),
+                device_id: "D".into(),
+                display_name: None,
+                token_hash: "h".into(),
+                now_ms: 1,
+                ip: None,
+            })
+            .await
+            .unwrap();
+        assert!(
+            b.applier
+                .applied()
+                .catch_up_to(store.current_position(), Duration::from_secs(5))
+                .await
+        );
+        let session = Session {
+            user_id: alice.clone(),
+            device_id: "D".into(),
+        };
+        b.sessions.insert(b.sessions.epoch(), "h".into(), session);
+        assert!(b.sessions.get("h").is_some());
+        let removed = store.delete_devices(&alice, &["D".into()]).await.unwrap();
+        let pos = removed.list_changed_at.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while b.sessions.get("h").is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "b drops the token within its catch-up interval"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(b.applier.applied().position() >= pos);
+    }
+
+    #[tokio::test]
+    async fn a_batch_after_a_gap_is_not_applied_over_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(kabar_store_sqlite::SqliteStore::open(&dir.path().join("db")).unwrap());
+        let n = node(&store, None, Duration::from_secs(3600));
+        let before = n.applier.position();
+        n.applier.apply_batch(&CommittedBatch {
+            after: before + 2,
+            head: before + 5,
+            updates: vec![StreamUpdate {
+                pos: before + 3,
+                change: Change::AccountData {
+                    user_id: owned_user_id!("@a:localhost"),
+                },
+            }],
+        });
+        assert_eq!(n.applier.position(), before, "positions in between were never applied");
+        assert!(!n.changes.account_data.changed_since(&owned_user_id!("@a:localhost"), before));
+        n.applier.apply_batch(&CommittedBatch {
+            after: before,
+            head: before + 1,
+            updates: vec![StreamUpdate {
+                pos: before + 1,
+                change: Change::AccountData {
+                    user_id: owned_user_id!("@a:localhost"),
+                },
+            }],
+        });
+        assert_eq!(n.applier.position(), before + 1);
+        assert!(n.changes.account_data.changed_since(&owned_user_id!("@a:localhost"), before));
+    }
+}

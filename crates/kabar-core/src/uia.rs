@@ -2,69 +2,30 @@
 //!
 //! A client that must prove something (a password, a registration token)
 //! gets a session id and the list of flows; it completes stages one request
-//! at a time. Sessions live in memory, expire, and their number is bounded.
+//! at a time. Sessions live in the store, so the next step may reach any
+//! process on the same database; they expire after a quarter of an hour.
 
 use std::{
-    collections::{HashMap, VecDeque},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
+use kabar_store::Store;
 use rand::{Rng, distributions::Alphanumeric};
 use serde_json::{Value, json};
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    now_ms,
+};
 
 const SESSION_TTL: Duration = Duration::from_secs(15 * 60);
-const MAX_SESSIONS: usize = 100_000;
+/// How often expired sessions are swept from the store.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
-#[derive(Debug, Clone)]
-struct UiaSession {
-    completed: Vec<String>,
-    created: Instant,
-    /// What the session was started for (who asked, to do what): proving
-    /// something for one request never authorizes another.
-    request: String,
-}
-
-#[derive(Default)]
 pub struct UiaSessions {
-    sessions: Mutex<Sessions>,
-}
-
-/// The live sessions and the order they were made in, so the oldest can be
-/// dropped in constant time: a flood of first steps must not make each new
-/// session scan all the others.
-#[derive(Default)]
-struct Sessions {
-    live: HashMap<String, UiaSession>,
-    created: VecDeque<(Instant, String)>,
-}
-
-impl Sessions {
-    fn get(&self, id: &str) -> Option<&UiaSession> {
-        self.live.get(id).filter(|s| s.created.elapsed() < SESSION_TTL)
-    }
-
-    fn insert(&mut self, id: String, request: &str) {
-        let now = Instant::now();
-        while let Some((made, old)) = self.created.front() {
-            if now.duration_since(*made) < SESSION_TTL && self.created.len() < MAX_SESSIONS {
-                break;
-            }
-            self.live.remove(old);
-            self.created.pop_front();
-        }
-        self.created.push_back((now, id.clone()));
-        self.live.insert(
-            id,
-            UiaSession {
-                completed: vec![],
-                created: now,
-                request: request.to_owned(),
-            },
-        );
-    }
+    store: Arc<dyn Store>,
+    last_sweep: Mutex<Option<Instant>>,
 }
 
 /// What a stage handler decided about the `auth` dict it was given.
@@ -76,14 +37,32 @@ pub enum StageOutcome {
 }
 
 impl UiaSessions {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self {
+            store,
+            last_sweep: Mutex::new(None),
+        }
     }
 
-    fn new_session(&self, request: &str) -> String {
+    async fn new_session(&self, request: &str) -> Result<String> {
+        let sweep = {
+            let mut last = self.last_sweep.lock().expect("uia sweep lock");
+            let due = last.is_none_or(|t| t.elapsed() >= SWEEP_EVERY);
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        if sweep {
+            let before = now_ms().saturating_sub(SESSION_TTL.as_millis() as u64);
+            let swept = self.store.expire_uia_sessions(before).await?;
+            if swept > 0 {
+                tracing::debug!(swept, "expired user-interactive auth sessions");
+            }
+        }
         let id: String = rand::thread_rng().sample_iter(&Alphanumeric).take(24).map(char::from).collect();
-        self.sessions.lock().expect("uia lock").insert(id.clone(), request);
-        id
+        self.store.create_uia_session(&id, request, now_ms()).await?;
+        Ok(id)
     }
 
     fn challenge(flows: &[&[&'static str]], session: &str, completed: &[String], params: Value, error: Option<String>) -> Error {
@@ -110,57 +89,71 @@ impl UiaSessions {
         Fut: std::future::Future<Output = Result<StageOutcome>>,
     {
         let Some(auth) = auth else {
-            let session = self.new_session(request);
+            let session = self.new_session(request).await?;
             return Err(Self::challenge(flows, &session, &[], params, None));
         };
-        let session = match auth.get("session").and_then(Value::as_str) {
+        let gone = || Error::Forbidden("unknown or expired user-interactive auth session".into());
+        // Clients may complete a single-stage flow without a session.
+        let (session, completed) = match auth.get("session").and_then(Value::as_str) {
             Some(s) => {
-                let sessions = self.sessions.lock().expect("uia lock");
-                match sessions.get(s) {
-                    Some(known) if known.request == request => s.to_owned(),
-                    Some(_) => {
-                        return Err(Error::Forbidden(
-                            "this authentication session was started for another request".into(),
-                        ));
-                    }
-                    None => return Err(Error::Forbidden("unknown or expired user-interactive auth session".into())),
+                let known = self
+                    .store
+                    .uia_session(s)
+                    .await?
+                    .filter(|k| now_ms().saturating_sub(k.created_ms) < SESSION_TTL.as_millis() as u64)
+                    .ok_or_else(gone)?;
+                if known.request != request {
+                    return Err(Error::Forbidden(
+                        "this authentication session was started for another request".into(),
+                    ));
                 }
+                (Some(s.to_owned()), known.completed)
             }
-            // Clients may complete a single-stage flow without a session.
-            None => self.new_session(request),
+            None => (None, vec![]),
         };
         let kind = auth.get("type").and_then(Value::as_str).unwrap_or_default().to_owned();
-        let completed = {
-            let map = self.sessions.lock().expect("uia lock");
-            map.get(&session).map(|s| s.completed.clone()).unwrap_or_default()
-        };
         if kind.is_empty() {
+            let session = match session {
+                Some(s) => s,
+                None => self.new_session(request).await?,
+            };
             return Err(Self::challenge(flows, &session, &completed, params, None));
         }
         if !flows.iter().any(|f| f.contains(&kind.as_str())) {
             return Err(Error::BadJson(format!("unsupported auth type {kind}")));
         }
-        let completed = match check(kind, auth.clone()).await? {
-            StageOutcome::Completed(stage) => {
-                let mut map = self.sessions.lock().expect("uia lock");
-                if !map.live.contains_key(&session) {
-                    map.insert(session.clone(), request);
-                }
-                let s = map.live.get_mut(&session).expect("inserted above");
-                if !s.completed.iter().any(|c| c == stage) {
-                    s.completed.push(stage.to_owned());
-                }
-                s.completed.clone()
-            }
+        let stage = match check(kind, auth.clone()).await? {
+            StageOutcome::Completed(stage) => stage,
             StageOutcome::Failed(msg) => {
+                let session = match session {
+                    Some(s) => s,
+                    None => self.new_session(request).await?,
+                };
                 return Err(Self::challenge(flows, &session, &completed, params, Some(msg)));
             }
         };
-        if flows.iter().any(|f| f.iter().all(|stage| completed.iter().any(|c| c == stage))) {
-            self.sessions.lock().expect("uia lock").live.remove(&session);
-            Ok(())
-        } else {
-            Err(Self::challenge(flows, &session, &completed, params, None))
+        let mut done = completed.to_vec();
+        if !done.iter().any(|c| c == stage) {
+            done.push(stage.to_owned());
+        }
+        let flow_complete = flows.iter().any(|f| f.iter().all(|stage| done.iter().any(|c| c == stage)));
+        match (flow_complete, session) {
+            (true, None) => Ok(()),
+            // Ending the session is the claim: of two requests completing
+            // it at once (on any process), one goes through.
+            (true, Some(s)) => match self.store.delete_uia_session(&s).await? {
+                true => Ok(()),
+                false => Err(gone()),
+            },
+            (false, Some(s)) => {
+                let completed = self.store.complete_uia_stage(&s, stage).await?.ok_or_else(gone)?;
+                Err(Self::challenge(flows, &s, &completed, params, None))
+            }
+            (false, None) => {
+                let s = self.new_session(request).await?;
+                let completed = self.store.complete_uia_stage(&s, stage).await?.ok_or_else(gone)?;
+                Err(Self::challenge(flows, &s, &completed, params, None))
+            }
         }
     }
 }
@@ -169,9 +162,15 @@ impl UiaSessions {
 mod tests {
     use super::*;
 
+    fn sessions() -> (UiaSessions, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(kabar_store_sqlite::SqliteStore::open(&dir.path().join("db")).unwrap());
+        (UiaSessions::new(store), dir)
+    }
+
     #[tokio::test]
     async fn no_auth_gets_a_challenge_then_dummy_completes() {
-        let uia = UiaSessions::new();
+        let (uia, _dir) = sessions();
         let flows: &[&[&str]] = &[&["m.login.dummy"]];
         let Err(Error::UiaRequired(body)) = uia.step(flows, json!({}), None, "r", |_, _| async { unreachable!() }).await else {
             panic!()
@@ -194,21 +193,37 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_oldest_sessions_make_room_for_new_ones() {
-        let mut s = Sessions::default();
-        for i in 0..MAX_SESSIONS + 10 {
-            s.insert(format!("s{i}"), "r");
-        }
-        assert_eq!(s.live.len(), MAX_SESSIONS);
-        assert!(s.get("s0").is_none() && s.get("s9").is_none());
-        assert!(s.get("s10").is_some());
-        assert!(s.get(&format!("s{}", MAX_SESSIONS + 9)).is_some());
+    #[tokio::test]
+    async fn a_session_started_through_one_handle_continues_through_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(kabar_store_sqlite::SqliteStore::open(&dir.path().join("db")).unwrap());
+        let (first, second) = (UiaSessions::new(store.clone()), UiaSessions::new(store));
+        let flows: &[&[&str]] = &[&["m.login.registration_token", "m.login.dummy"]];
+        let Err(Error::UiaRequired(body)) = first.step(flows, json!({}), None, "r", |_, _| async { unreachable!() }).await else {
+            panic!()
+        };
+        let token = json!({"type": "m.login.registration_token", "session": body["session"]});
+        let Err(Error::UiaRequired(body)) = second
+            .step(flows, json!({}), Some(&token), "r", |_, _| async {
+                Ok(StageOutcome::Completed("m.login.registration_token"))
+            })
+            .await
+        else {
+            panic!("one stage of two is not a whole flow")
+        };
+        assert_eq!(body["completed"], json!(["m.login.registration_token"]));
+        let dummy = json!({"type": "m.login.dummy", "session": body["session"]});
+        first
+            .step(flows, json!({}), Some(&dummy), "r", |_, _| async {
+                Ok(StageOutcome::Completed("m.login.dummy"))
+            })
+            .await
+            .expect("the stage completed through the other handle counts");
     }
 
     #[tokio::test]
     async fn a_session_completes_only_the_request_it_was_started_for() {
-        let uia = UiaSessions::new();
+        let (uia, _dir) = sessions();
         let flows: &[&[&str]] = &[&["m.login.password"]];
         let Err(Error::UiaRequired(body)) = uia
             .step(flows, json!({}), None, "delete devices [A]", |_, _| async { unreachable!() })
@@ -232,7 +247,7 @@ mod tests {
 
     #[tokio::test]
     async fn failed_stage_repeats_the_challenge_with_an_error() {
-        let uia = UiaSessions::new();
+        let (uia, _dir) = sessions();
         let flows: &[&[&str]] = &[&["m.login.password"]];
         let auth = json!({"type": "m.login.password", "password": "x"});
         let Err(Error::UiaRequired(body)) = uia

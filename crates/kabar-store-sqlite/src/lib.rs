@@ -492,6 +492,92 @@ impl AccountStore for SqliteStore {
 }
 
 #[async_trait]
+impl AuthSessionStore for SqliteStore {
+    async fn create_uia_session(&self, session_id: &str, request: &str, now_ms: u64) -> StoreResult<()> {
+        let (id, request) = (session_id.to_owned(), request.to_owned());
+        self.engine
+            .write(move |c, _| {
+                exec(
+                    c,
+                    "INSERT INTO uia_sessions (session_id, request, completed, created_ms) VALUES (?1, ?2, '[]', ?3)",
+                    params![id, request, now_ms as i64],
+                )
+                .map(|_| ())
+                .map_err(conflict_or_backend("session id taken"))
+            })
+            .await
+    }
+
+    async fn uia_session(&self, session_id: &str) -> StoreResult<Option<UiaSessionRecord>> {
+        let id = session_id.to_owned();
+        self.engine
+            .read(move |c| {
+                let row: Option<(String, String, i64)> = c
+                    .prepare_cached("SELECT request, completed, created_ms FROM uia_sessions WHERE session_id = ?1")
+                    .map_err(backend)?
+                    .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .optional()
+                    .map_err(corrupt)?;
+                row.map(|(request, completed, created_ms)| {
+                    Ok(UiaSessionRecord {
+                        request,
+                        completed: serde_json::from_str(&completed).map_err(corrupt)?,
+                        created_ms: created_ms as u64,
+                    })
+                })
+                .transpose()
+            })
+            .await
+    }
+
+    async fn complete_uia_stage(&self, session_id: &str, stage: &str) -> StoreResult<Option<Vec<String>>> {
+        let (id, stage) = (session_id.to_owned(), stage.to_owned());
+        self.engine
+            .write(move |c, _| {
+                let stored: Option<String> = c
+                    .prepare_cached("SELECT completed FROM uia_sessions WHERE session_id = ?1")
+                    .map_err(backend)?
+                    .query_row([&id], |r| r.get(0))
+                    .optional()
+                    .map_err(backend)?;
+                let Some(stored) = stored else { return Ok(None) };
+                let mut completed: Vec<String> = serde_json::from_str(&stored).map_err(corrupt)?;
+                if !completed.contains(&stage) {
+                    completed.push(stage);
+                    let json = serde_json::to_string(&completed).map_err(corrupt)?;
+                    exec(c, "UPDATE uia_sessions SET completed = ?2 WHERE session_id = ?1", params![id, json]).map_err(backend)?;
+                }
+                Ok(Some(completed))
+            })
+            .await
+    }
+
+    async fn delete_uia_session(&self, session_id: &str) -> StoreResult<bool> {
+        let id = session_id.to_owned();
+        self.engine
+            .write(move |c, _| {
+                exec(c, "DELETE FROM uia_sessions WHERE session_id = ?1", [id])
+                    .map(|n| n > 0)
+                    .map_err(backend)
+            })
+            .await
+    }
+
+    async fn expire_uia_sessions(&self, before_ms: u64) -> StoreResult<usize> {
+        self.engine
+            .write(move |c, _| {
+                exec(
+                    c,
+                    "DELETE FROM uia_sessions WHERE created_ms < ?1",
+                    [before_ms.min(i64::MAX as u64) as i64],
+                )
+                .map_err(backend)
+            })
+            .await
+    }
+}
+
+#[async_trait]
 impl RoomStore for SqliteStore {
     async fn create_room(&self, room: RoomRecord, events: Vec<EventWrite>) -> StoreResult<Vec<StreamPos>> {
         self.engine

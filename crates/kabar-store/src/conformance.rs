@@ -31,9 +31,42 @@ pub async fn run_all(store: Arc<dyn Store>) {
     to_device_queue(&*store).await;
     key_backups(&*store).await;
     store.ping().await.expect("a healthy store answers a ping");
+    uia_sessions(&*store).await;
     every_write_records_its_change(&*store).await;
     concurrent_appends_to_one_room(store.clone()).await;
     the_feed_and_the_replay_agree(&*store, &mut feed, start).await;
+}
+
+async fn uia_sessions(store: &dyn Store) {
+    store.create_uia_session("s1", "register @a:localhost", 1_000).await.unwrap();
+    store.create_uia_session("s2", "delete devices", 5_000).await.unwrap();
+    assert!(
+        matches!(store.create_uia_session("s1", "other", 1).await, Err(StoreError::Conflict(_))),
+        "a session id is unique"
+    );
+    let s1 = store.uia_session("s1").await.unwrap().unwrap();
+    assert_eq!((s1.request.as_str(), s1.created_ms), ("register @a:localhost", 1_000));
+    assert!(s1.completed.is_empty());
+    assert_eq!(
+        store.complete_uia_stage("s1", "m.login.registration_token").await.unwrap(),
+        Some(vec!["m.login.registration_token".to_owned()])
+    );
+    assert_eq!(
+        store.complete_uia_stage("s1", "m.login.dummy").await.unwrap(),
+        Some(vec!["m.login.registration_token".to_owned(), "m.login.dummy".to_owned()])
+    );
+    assert_eq!(
+        store.complete_uia_stage("s1", "m.login.dummy").await.unwrap().unwrap().len(),
+        2,
+        "a stage completes once"
+    );
+    assert_eq!(store.complete_uia_stage("nope", "m.login.dummy").await.unwrap(), None);
+    assert!(store.delete_uia_session("s1").await.unwrap(), "the first to end a session ends it");
+    assert!(!store.delete_uia_session("s1").await.unwrap(), "and nobody after");
+    assert!(store.uia_session("s1").await.unwrap().is_none());
+    assert_eq!(store.expire_uia_sessions(5_000).await.unwrap(), 0, "started at 5000: not before it");
+    assert_eq!(store.expire_uia_sessions(5_001).await.unwrap(), 1);
+    assert!(store.uia_session("s2").await.unwrap().is_none());
 }
 
 /// A change as the tests compare it: its kind and what it names.

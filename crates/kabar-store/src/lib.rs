@@ -82,6 +82,23 @@ pub trait AccountStore: Send + Sync {
     async fn delete_all_devices(&self, user_id: &UserId, keep: Option<&str>) -> StoreResult<DevicesRemoved>;
 }
 
+/// User-interactive authentication sessions. Kept in the store so that a
+/// client may take the next step through any process on the database.
+#[async_trait]
+pub trait AuthSessionStore: Send + Sync {
+    /// Starts a session for `request` (who asks, to do what).
+    async fn create_uia_session(&self, session_id: &str, request: &str, now_ms: u64) -> StoreResult<()>;
+    async fn uia_session(&self, session_id: &str) -> StoreResult<Option<UiaSessionRecord>>;
+    /// Marks `stage` complete (once); returns every completed stage, or
+    /// `None` if there is no such session.
+    async fn complete_uia_stage(&self, session_id: &str, stage: &str) -> StoreResult<Option<Vec<String>>>;
+    /// Ends a session; true only for the one caller that ended it, so a
+    /// completed session authorizes one request, on whichever process.
+    async fn delete_uia_session(&self, session_id: &str) -> StoreResult<bool>;
+    /// Deletes sessions started before `before_ms`; returns how many.
+    async fn expire_uia_sessions(&self, before_ms: u64) -> StoreResult<usize>;
+}
+
 /// Rooms, their events and state.
 #[async_trait]
 pub trait RoomStore: Send + Sync {
@@ -284,10 +301,29 @@ pub trait StoreObserver: Send + Sync {
 
 /// Everything a Kabar server stores.
 pub trait Store:
-    StreamStore + AccountStore + RoomStore + UserDataStore + KeyStore + ToDeviceStore + KeyBackupStore + MediaStore + ServerStore
+    StreamStore
+    + AccountStore
+    + AuthSessionStore
+    + RoomStore
+    + UserDataStore
+    + KeyStore
+    + ToDeviceStore
+    + KeyBackupStore
+    + MediaStore
+    + ServerStore
 {
 }
-impl<T: StreamStore + AccountStore + RoomStore + UserDataStore + KeyStore + ToDeviceStore + KeyBackupStore + MediaStore + ServerStore> Store
-    for T
+impl<
+    T: StreamStore
+        + AccountStore
+        + AuthSessionStore
+        + RoomStore
+        + UserDataStore
+        + KeyStore
+        + ToDeviceStore
+        + KeyBackupStore
+        + MediaStore
+        + ServerStore,
+> Store for T
 {
 }

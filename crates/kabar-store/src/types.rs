@@ -55,6 +55,17 @@ pub struct Session {
     pub device_id: String,
 }
 
+/// A user-interactive authentication session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UiaSessionRecord {
+    /// What it was started for: proving something for one request never
+    /// authorizes another.
+    pub request: String,
+    /// Stages completed so far, in order.
+    pub completed: Vec<String>,
+    pub created_ms: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomRecord {
     pub room_id: OwnedRoomId,
