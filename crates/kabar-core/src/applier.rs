@@ -1,13 +1,19 @@
 //! The applier: the one path from a committed write to everything kept in
 //! memory about it.
 //!
-//! The store hands every batch it commits to the applier (its feed), and the
+//! The store hands every batch it commits to the applier before it answers
+//! the batch's writers (the applier is its [`CommitListener`]), and the
 //! applier also reads the stream back from the store by position (its
-//! catch-up), for writes another process committed to the same database and
-//! for any gap in the feed. Either way the updates are applied in position
-//! order, and only here: room caches, change trackers (and so the caches
-//! keyed by their generations), the token cache, and then the wake-ups of
-//! waiting syncs. No service does any of that by hand.
+//! catch-up task), for writes another process committed to the same
+//! database and for any gap between batches. Either way the updates are
+//! applied in position order, and only here: room caches, change trackers
+//! (and so the caches keyed by their generations), the token cache, and then
+//! the wake-ups of waiting syncs. No service does any of that by hand.
+//!
+//! Applying a batch takes microseconds and no I/O, so it runs right on the
+//! store's writing thread: a writer's own change is applied by the time it
+//! is answered, with no task switch in between (a room's next append, which
+//! builds on the cache, waits for nothing).
 //!
 //! **Applied-position invariant:** once [`Applied::position`] reads `n`,
 //! every update at or below `n` has been applied, and none is applied twice.
@@ -16,9 +22,13 @@
 //! ([`Applied::reached`]) before answering its client makes its write
 //! visible to that client's next request.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use kabar_store::{Change, CommitFeed, CommittedBatch, Store, StreamPos, StreamUpdate};
+use kabar_store::{Change, CommitListener, CommittedBatch, Store, StreamPos, StreamUpdate};
 use ruma::{OwnedRoomId, OwnedUserId, events::TimelineEventType};
 use tokio::sync::{Notify, watch};
 
@@ -44,8 +54,13 @@ pub struct Applier {
     store: Arc<dyn Store>,
     targets: ApplierTargets,
     applied: watch::Sender<StreamPos>,
+    /// Held while a batch is applied: the store's writing thread and the
+    /// catch-up task both apply, one batch at a time.
+    applying: Mutex<()>,
     /// Asks for a catch-up from the store now rather than at the next tick.
     poke: Arc<Notify>,
+    /// For work a wake-up needs that reads the store (off the writing thread).
+    runtime: tokio::runtime::Handle,
 }
 
 /// A handle on the applied position, for services that must wait for their
@@ -95,24 +110,28 @@ struct Wakes {
 impl Applier {
     /// An applier that has applied everything up to `start` (the store's
     /// position when the process started: the caches begin empty).
+    /// Must be called on a tokio runtime, which wake-ups use.
     pub fn new(store: Arc<dyn Store>, targets: ApplierTargets, start: StreamPos) -> Arc<Self> {
         Arc::new(Self {
             store,
             targets,
             applied: watch::channel(start).0,
+            applying: Mutex::new(()),
             poke: Arc::new(Notify::new()),
+            runtime: tokio::runtime::Handle::current(),
         })
     }
 
-    /// Subscribes to the store's feed and runs an applier on the current
-    /// runtime, starting from the store's position now.
+    /// Listens to the store's commits and runs the catch-up task on the
+    /// current runtime, starting from the store's position now.
     pub fn spawn(store: Arc<dyn Store>, targets: ApplierTargets, catch_up: Duration) -> Arc<Self> {
-        // Subscribed first: a batch committed in between is at or below the
-        // start, and the caches begin empty and the trackers at the start.
-        let feed = store.subscribe();
         let start = store.current_position();
-        let applier = Self::new(store, targets, start);
-        tokio::spawn(applier.clone().run(feed, catch_up));
+        let applier = Self::new(store.clone(), targets, start);
+        // A batch committed between reading the start and listening is
+        // caught up from the store; one at or below the start needs nothing
+        // (the caches begin empty and the trackers at the start).
+        store.set_commit_listener(applier.clone());
+        tokio::spawn(applier.clone().run(catch_up));
         applier
     }
 
@@ -127,31 +146,17 @@ impl Applier {
         *self.applied.borrow()
     }
 
-    /// Runs until the feed closes: applies what this process commits as it
-    /// commits, and every `catch_up` reads what others committed.
-    pub async fn run(self: Arc<Self>, mut feed: CommitFeed, catch_up: Duration) {
+    /// Reads what other processes committed every `catch_up`, and at once
+    /// when poked (a gap between batches, a writer that saw a newer head).
+    pub async fn run(self: Arc<Self>, catch_up: Duration) {
         let mut tick = tokio::time::interval(catch_up);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                batch = feed.recv() => match batch {
-                    Some(batch) => self.take(batch).await,
-                    None => return,
-                },
                 _ = tick.tick() => self.catch_up().await,
                 _ = self.poke.notified() => self.catch_up().await,
             }
         }
-    }
-
-    /// A batch from the feed: applied at once if it follows what is applied;
-    /// after a gap (another process committed in between) the store is read
-    /// first, which brings this batch along too.
-    async fn take(&self, batch: CommittedBatch) {
-        if batch.after > self.position() {
-            self.catch_up().await;
-        }
-        self.apply_batch(&batch);
     }
 
     /// Reads and applies everything committed after the applied position.
@@ -183,8 +188,15 @@ impl Applier {
     /// past the applied position is left alone: applying it would skip the
     /// updates in between.
     fn apply_batch(&self, batch: &CommittedBatch) {
+        let _applying = self.applying.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let applied = self.position();
-        if batch.after > applied || batch.head <= applied {
+        if batch.head <= applied {
+            return;
+        }
+        if batch.after > applied {
+            // Another process committed in between: the catch-up task reads
+            // it from the store, this batch with it.
+            self.poke.notify_one();
             return;
         }
         let mut wakes = Wakes::default();
@@ -260,7 +272,7 @@ impl Applier {
         // applier's path, since a late wake-up only delays a sync that the
         // next change or its timeout answers anyway.
         let (store, notifier) = (self.store.clone(), notifier.clone());
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             for user in wakes.device_lists {
                 match store.memberships(&user).await {
                     Ok(memberships) => memberships
@@ -271,6 +283,12 @@ impl Applier {
                 }
             }
         });
+    }
+}
+
+impl CommitListener for Applier {
+    fn committed(&self, batch: &CommittedBatch) {
+        self.apply_batch(batch);
     }
 }
 
@@ -297,10 +315,10 @@ mod tests {
         applier: Arc<Applier>,
     }
 
-    /// With `feed`, the node hears its own commits at once; without, it
+    /// Listening, the node hears its own commits at once; not listening, it
     /// learns every write as another process would: from the store, by
     /// catch-up every `catch_up` (or when poked).
-    fn node(store: &Arc<dyn Store>, feed: Option<CommitFeed>, catch_up: Duration) -> Node {
+    fn node(store: &Arc<dyn Store>, listening: bool, catch_up: Duration) -> Node {
         let start = store.current_position();
         let caches = RoomCaches::new(store.clone());
         let changes = Changes::new(start);
@@ -313,13 +331,10 @@ mod tests {
             notifier: notifier.clone(),
         };
         let applier = Applier::new(store.clone(), targets, start);
-        let feed = feed.unwrap_or_else(|| {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            // Kept open: this node's feed never brings anything.
-            std::mem::forget(tx);
-            rx
-        });
-        tokio::spawn(applier.clone().run(feed, catch_up));
+        if listening {
+            store.set_commit_listener(applier.clone());
+        }
+        tokio::spawn(applier.clone().run(catch_up));
         let signer = Arc::new(EventSigner::new(ruma::owned_server_name!("localhost"), &EventSigner::generate_key(), "k").unwrap());
         let limits = GateLimits {
             slots: 4,
@@ -357,8 +372,8 @@ mod tests {
             })
             .await
             .unwrap();
-        let a = node(&store, Some(store.subscribe()), Duration::from_secs(3600));
-        let b = node(&store, None, Duration::from_millis(100));
+        let a = node(&store, true, Duration::from_secs(3600));
+        let b = node(&store, false, Duration::from_millis(100));
         let start = b.applier.applied().position();
 
         let room_id = a.rooms.create_room(&alice, CreateRoom::default()).await.unwrap();
@@ -453,7 +468,7 @@ mod tests {
     async fn a_batch_after_a_gap_is_not_applied_over_it() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(kabar_store_sqlite::SqliteStore::open(&dir.path().join("db")).unwrap());
-        let n = node(&store, None, Duration::from_secs(3600));
+        let n = node(&store, false, Duration::from_secs(3600));
         let before = n.applier.position();
         n.applier.apply_batch(&CommittedBatch {
             after: before + 2,

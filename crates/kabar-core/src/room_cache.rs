@@ -27,7 +27,7 @@ use ruma::{
     room_version_rules::RoomVersionRules,
 };
 use serde_json::Value;
-use tokio::sync::{Mutex as AsyncMutex, MutexGuard as AsyncMutexGuard};
+use tokio::sync::{Mutex as AsyncMutex, MutexGuard as AsyncMutexGuard, watch};
 
 use crate::error::{Error, Result};
 
@@ -41,7 +41,9 @@ const RECENT_EVENTS: usize = 64;
 /// serializes each new event once, not once per member.
 #[derive(Debug)]
 pub struct TimelineEvent {
-    pub event: StoredEvent,
+    /// Shared with the stream update it came from: the applier stores it
+    /// without copying.
+    pub event: Arc<StoredEvent>,
     /// Made when first asked for: the applier stores every event, and only
     /// events some sync serves need their client form.
     prefix: std::sync::OnceLock<String>,
@@ -52,6 +54,10 @@ pub struct TimelineEvent {
 
 impl TimelineEvent {
     pub fn new(event: StoredEvent) -> Self {
+        Self::shared(Arc::new(event))
+    }
+
+    pub fn shared(event: Arc<StoredEvent>) -> Self {
         Self {
             event,
             prefix: std::sync::OnceLock::new(),
@@ -369,7 +375,7 @@ impl RoomCache {
         self.state.range(start..).take_while(|((kind, _), _)| kind == "m.room.member")
     }
 
-    fn remember(&mut self, event: StoredEvent) {
+    fn remember(&mut self, event: Arc<StoredEvent>) {
         if event.pdu.kind == ruma::events::TimelineEventType::RoomRedaction {
             // The redacted event may be in the window; rather than rewrite it,
             // start the window afresh after the redaction.
@@ -377,7 +383,7 @@ impl RoomCache {
             self.recent_after = event.pos;
             return;
         }
-        self.recent.push_back(Arc::new(TimelineEvent::new(event)));
+        self.recent.push_back(Arc::new(TimelineEvent::shared(event)));
         while self.recent.len() > RECENT_EVENTS {
             if let Some(old) = self.recent.pop_front() {
                 self.recent_after = old.event.pos;
@@ -462,6 +468,21 @@ pub struct Room {
     /// other processes are kept off the same head by the store's
     /// `expected_head` check instead.
     writer: AsyncMutex<()>,
+    /// This process's appends to the room that started and are not yet
+    /// applied (or failed): a woken sync lingers while there are some, so a
+    /// burst of sends reaches it in one response.
+    in_flight: watch::Sender<u32>,
+}
+
+/// An append in progress; see [`Room::begin_append`].
+pub(crate) struct AppendInFlight<'a> {
+    room: &'a Room,
+}
+
+impl Drop for AppendInFlight<'_> {
+    fn drop(&mut self) {
+        self.room.in_flight.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 /// The right to append to a room; see [`Room::write_turn`].
@@ -475,7 +496,26 @@ impl Room {
         Self {
             cache: RwLock::new(cache),
             writer: AsyncMutex::new(()),
+            in_flight: watch::channel(0).0,
         }
+    }
+
+    /// Marks an append as started until the returned guard is dropped (once
+    /// it is applied, or failed).
+    pub(crate) fn begin_append(&self) -> AppendInFlight<'_> {
+        self.in_flight.send_modify(|n| *n += 1);
+        AppendInFlight { room: self }
+    }
+
+    /// Waits until no append of this process to the room is in flight, or
+    /// `deadline` passes. Under a burst of sends that halves the responses
+    /// per message a member gets; an idle room answers at once.
+    pub async fn quiet(&self, deadline: tokio::time::Instant) {
+        if *self.in_flight.borrow() == 0 {
+            return;
+        }
+        let mut rx = self.in_flight.subscribe();
+        let _ = tokio::time::timeout_at(deadline, rx.wait_for(|n| *n == 0)).await;
     }
 
     /// The committed state as applied so far. Never hold it across an await.
@@ -493,7 +533,7 @@ impl Room {
 
     /// Applies a committed event; one the cache holds already is skipped.
     /// Only the applier calls it, in stream order.
-    fn apply_committed(&self, event: &StoredEvent) {
+    fn apply_committed(&self, event: &Arc<StoredEvent>) {
         let mut r = self.cache.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         if event.pos <= r.last_pos {
             return;

@@ -269,6 +269,7 @@ impl Rooms {
     ) -> Result<(OwnedEventId, StreamPos)> {
         let room = turn.room;
         check_event_names(&event)?;
+        let _in_flight = room.begin_append();
         let relation = relation_of(&event.content);
         let redacts = event.redacts.clone();
         let (room_id, version) = {

@@ -33,6 +33,9 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(300);
 /// handed out (one from a node further along the stream) before it treats the
 /// token as unknown.
 const TOKEN_CATCH_UP: Duration = Duration::from_secs(2);
+/// How long a woken sync waits for its rooms' sends in flight to be
+/// applied before it answers (see `Room::quiet`).
+const BURST_LINGER: Duration = Duration::from_millis(10);
 /// How many events a sync reads through (hidden by the timeline filter or
 /// from ignored users) looking for a room's timeline before it settles for
 /// fewer events and a `limited` timeline.
@@ -369,6 +372,14 @@ impl SyncEngine {
             }
             if !interest.wait(deadline - now).await {
                 return Ok(response);
+            }
+            // Woken: while a burst of sends to its rooms goes on, wait a
+            // moment for the rest of it, so that it arrives in one response.
+            let linger = tokio::time::Instant::now() + BURST_LINGER;
+            for room_id in &watched {
+                if let Ok(room) = self.rooms.room(room_id).await {
+                    room.quiet(linger).await;
+                }
             }
         }
     }

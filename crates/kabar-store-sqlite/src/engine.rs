@@ -21,7 +21,7 @@ use std::{
     thread,
 };
 
-use kabar_store::{Change, CommitFeed, CommittedBatch, StoreError, StoreObserver, StoreOp, StoreResult, StreamPos, StreamUpdate};
+use kabar_store::{Change, CommitListener, CommittedBatch, StoreError, StoreObserver, StoreOp, StoreResult, StreamPos, StreamUpdate};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
@@ -89,8 +89,8 @@ type Reply = Box<dyn FnOnce(StoreResult<()>) + Send>;
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 type WriteJob = Box<dyn FnOnce(&Connection, &mut Positions) -> (bool, Reply) + Send>;
 
-/// Where committed batches go, once somebody subscribed.
-type FeedSlot = Arc<Mutex<Option<tokio::sync::mpsc::UnboundedSender<CommittedBatch>>>>;
+/// Who is told of committed batches, once somebody listens.
+type FeedSlot = Arc<Mutex<Option<Arc<dyn CommitListener>>>>;
 
 pub(crate) struct Engine {
     writer: Mutex<Option<mpsc::Sender<WriteJob>>>,
@@ -198,12 +198,10 @@ impl Engine {
         self.committed.load(Ordering::Acquire)
     }
 
-    pub(crate) fn subscribe(&self) -> CommitFeed {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    pub(crate) fn set_listener(&self, listener: Arc<dyn CommitListener>) {
         if let Ok(mut slot) = self.feed.lock() {
-            *slot = Some(tx);
+            *slot = Some(listener);
         }
-        rx
     }
 
     /// Runs `f` on the writer thread inside the next group commit.
@@ -322,20 +320,23 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteJob>, committed: Arc<At
                 committed.store(last_assigned, Ordering::Release);
                 let mut updates = std::mem::take(&mut positions.updates);
                 updates.sort_by_key(|u| u.pos);
-                // Sent before the writers are answered, so that a writer that
-                // waits for its position to be applied finds it on its way.
+                // Told before the writers are answered, so that a writer
+                // finds its change applied when it gets its answer.
+                let listener = feed.lock().ok().and_then(|slot| slot.clone());
                 if last_assigned > batch_start - 1
-                    && let Ok(mut slot) = feed.lock()
-                    && let Some(tx) = slot.as_ref()
-                    && tx
-                        .send(CommittedBatch {
-                            after: batch_start - 1,
-                            head: last_assigned,
-                            updates,
-                        })
-                        .is_err()
+                    && let Some(listener) = listener
                 {
-                    *slot = None;
+                    let batch = CommittedBatch {
+                        after: batch_start - 1,
+                        head: last_assigned,
+                        updates,
+                    };
+                    // A listener that panics must not take the writer down:
+                    // the batch is committed, and the listener can read it
+                    // back from the store.
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| listener.committed(&batch))).is_err() {
+                        tracing::error!(head = last_assigned, "the commit listener panicked");
+                    }
                 }
                 for reply in replies {
                     reply(Ok(()));

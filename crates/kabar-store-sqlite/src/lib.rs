@@ -146,7 +146,7 @@ const EVENT_BY_TXN: &str =
     "SELECT event_id FROM events WHERE sender = ?1 AND txn_device = ?2 AND room_id = ?3 AND txn_scope = ?4 AND txn_id = ?5";
 
 /// Inserts one event and applies its effects. Runs on the writer thread.
-fn insert_event(conn: &Connection, positions: &mut Positions, w: &EventWrite) -> StoreResult<AppendOutcome> {
+fn insert_event(conn: &Connection, positions: &mut Positions, w: EventWrite) -> StoreResult<AppendOutcome> {
     let pdu = &w.pdu;
     if let Some(txn) = &w.txn {
         let existing: Option<String> = conn
@@ -255,10 +255,10 @@ fn insert_event(conn: &Connection, positions: &mut Positions, w: &EventWrite) ->
     }
     positions.event(StoredEvent {
         pos,
-        pdu: pdu.clone(),
-        txn: w.txn.clone(),
+        pdu: w.pdu,
+        txn: w.txn,
         redacted_by: None,
-        prev: w.prev.clone(),
+        prev: w.prev,
     });
     Ok(AppendOutcome::Appended(pos))
 }
@@ -594,7 +594,7 @@ impl RoomStore for SqliteStore {
                 )
                 .map_err(conflict_or_backend("room exists"))?;
                 let mut out = Vec::with_capacity(events.len());
-                for w in &events {
+                for w in events {
                     match insert_event(c, positions, w)? {
                         AppendOutcome::Appended(p) => out.push(p),
                         AppendOutcome::Duplicate(_) | AppendOutcome::HeadMoved { .. } => {
@@ -655,7 +655,7 @@ impl RoomStore for SqliteStore {
     }
 
     async fn append_event(&self, event: EventWrite) -> StoreResult<AppendOutcome> {
-        self.engine.write(move |c, positions| insert_event(c, positions, &event)).await
+        self.engine.write(move |c, positions| insert_event(c, positions, event)).await
     }
 
     async fn event(&self, event_id: &EventId) -> StoreResult<Option<StoredEvent>> {
@@ -977,8 +977,8 @@ impl StreamStore for SqliteStore {
             .await
     }
 
-    fn subscribe(&self) -> CommitFeed {
-        self.engine.subscribe()
+    fn set_commit_listener(&self, listener: Arc<dyn CommitListener>) {
+        self.engine.set_listener(listener);
     }
 }
 

@@ -16,7 +16,8 @@ use crate::*;
 /// Runs every check against `store`, which must be empty.
 pub async fn run_all(store: Arc<dyn Store>) {
     let start = store.current_position();
-    let mut feed = store.subscribe();
+    let feed = Arc::new(RecordingListener::default());
+    store.set_commit_listener(feed.clone());
     accounts_and_tokens(&*store).await;
     events_positions_and_idempotency(&*store).await;
     state_membership_and_redaction(&*store).await;
@@ -34,7 +35,19 @@ pub async fn run_all(store: Arc<dyn Store>) {
     uia_sessions(&*store).await;
     every_write_records_its_change(&*store).await;
     concurrent_appends_to_one_room(store.clone()).await;
-    the_feed_and_the_replay_agree(&*store, &mut feed, start).await;
+    the_feed_and_the_replay_agree(&*store, &feed, start).await;
+}
+
+/// Keeps every batch it is told of.
+#[derive(Default)]
+struct RecordingListener {
+    batches: std::sync::Mutex<Vec<CommittedBatch>>,
+}
+
+impl CommitListener for RecordingListener {
+    fn committed(&self, batch: &CommittedBatch) {
+        self.batches.lock().unwrap().push(batch.clone());
+    }
 }
 
 async fn uia_sessions(store: &dyn Store) {
@@ -312,12 +325,12 @@ async fn concurrent_appends_to_one_room(store: Arc<dyn Store>) {
     }
 }
 
-/// What the store handed its subscriber as it committed is exactly what it
+/// What the store handed its listener as it committed is exactly what it
 /// replays from the database, in any page size.
-async fn the_feed_and_the_replay_agree(store: &dyn Store, feed: &mut CommitFeed, start: StreamPos) {
+async fn the_feed_and_the_replay_agree(store: &dyn Store, feed: &RecordingListener, start: StreamPos) {
     let mut fed = vec![];
     let mut at = start;
-    while let Ok(batch) = feed.try_recv() {
+    for batch in feed.batches.lock().unwrap().iter() {
         assert_eq!(batch.after, at, "batches follow each other without a gap");
         assert!(batch.head > batch.after);
         fed.extend(batch.updates.iter().map(describe));

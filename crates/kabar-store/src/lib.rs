@@ -11,7 +11,7 @@
 //!   and a reader that sees position `n` sees every position below it.
 //! - Every write that changes what a sync, a cache or a token check would
 //!   answer records its [`Change`] at its position: the engine hands it to its
-//!   [`StreamStore::subscribe`]r on commit and replays it through
+//!   [`CommitListener`] on commit and replays it through
 //!   [`StreamStore::updates_after`]. Writes that return a position return
 //!   the position of that change.
 //! - An event appended with an `expected_head` lands only on that head: two

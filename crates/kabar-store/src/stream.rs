@@ -4,10 +4,14 @@
 //! Everything the server keeps in memory about stored data (room caches,
 //! change trackers, the token cache) and every wake-up of a waiting sync is
 //! derived from this stream and nothing else. A store hands the batches it
-//! commits to its subscriber as they commit ([`StreamStore::subscribe`]) and
+//! commits to its listener as they commit ([`StreamStore::set_commit_listener`]) and
 //! replays them from the database after any position
 //! ([`StreamStore::updates_after`]), so updates written by another process on
 //! the same database arrive the same way, only later.
+//!
+//! A store hands its own commits to its listener synchronously, before it
+//! answers the writers: a writer that gets its answer finds its change
+//! already applied, with no task switch on the way.
 
 use std::sync::Arc;
 
@@ -73,8 +77,13 @@ pub struct CommittedBatch {
     pub updates: Vec<StreamUpdate>,
 }
 
-/// Batches this store handle committed, in commit order.
-pub type CommitFeed = tokio::sync::mpsc::UnboundedReceiver<CommittedBatch>;
+/// Told of every batch a store handle commits, in commit order.
+pub trait CommitListener: Send + Sync {
+    /// Called once per committed batch, after the commit and before any
+    /// writer in it is answered, on the engine's writing thread: it must not
+    /// block, and a writer answered afterwards finds its change applied.
+    fn committed(&self, batch: &CommittedBatch);
+}
 
 /// The stream as the store keeps it.
 ///
@@ -93,8 +102,7 @@ pub trait StreamStore: Send + Sync {
     /// The updates after `after`, oldest first, covering at most about
     /// `limit` positions: `head` says how far the answer is complete.
     async fn updates_after(&self, after: StreamPos, limit: usize) -> StoreResult<CommittedBatch>;
-    /// From now on, every batch this handle commits is also sent here, in
-    /// commit order, before its writers are answered. One subscriber: a
-    /// second call replaces the first.
-    fn subscribe(&self) -> CommitFeed;
+    /// From now on, every batch this handle commits is handed to `listener`
+    /// (see [`CommitListener`]). One listener: a second call replaces the first.
+    fn set_commit_listener(&self, listener: std::sync::Arc<dyn CommitListener>);
 }
