@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Paired runs of one kabar-bench scenario against two Kabar builds, in the
+# same minutes: A, B, A, B, ... each on a fresh server and data directory,
+# with the per-address limits off (the load comes from one address). Prints
+# one JSON line per run, labelled A or B, for medians and ratios.
+#
+#   bench/pair.sh REPEAT KABAR_A KABAR_B -- messages --users 50 --rooms 10 --seconds 20
+#
+# KABAR_A and KABAR_B are `kabar` binaries (for example an older commit's
+# release build in another target directory, and this one's). Extra server
+# configuration can be appended through PAIR_CONFIG (TOML text), e.g. a
+# [storage] section.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repeat=$1; a=$2; b=$3; shift 3
+[ "${1:-}" = "--" ] && shift
+BENCH=${BENCH:-target/release/kabar-bench}
+[ -x "$BENCH" ] || cargo build --release -p kabar-bench >&2
+
+run_one() {
+  local label=$1 kabar=$2; shift 2
+  local dir; dir=$(mktemp -d)
+  local port; port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  cat > "$dir/kabar.toml" <<TOML
+[limits]
+max_connections_per_address = 0
+to_device_messages_per_second = 1000000
+to_device_burst = 1000000
+[admission.register]
+per_address_per_minute = 0
+[admission.login]
+per_address_per_minute = 0
+${PAIR_CONFIG:-}
+TOML
+  "$kabar" serve --config "$dir/kabar.toml" --listen "127.0.0.1:$port" --data-dir "$dir/data" >"$dir/stdout.log" 2>"$dir/stderr.log" &
+  local pid=$!
+  for _ in $(seq 1 120); do
+    curl -sf "http://127.0.0.1:$port/_matrix/client/versions" >/dev/null && break
+    sleep 0.5
+  done
+  local out
+  out=$("$BENCH" --url "http://127.0.0.1:$port" --json "$@" 2>"$dir/bench.log" || echo '{"failed": true}')
+  echo "{\"label\": \"$label\", \"result\": $out}"
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  rm -rf "$dir"
+}
+
+for _ in $(seq 1 "$repeat"); do
+  run_one A "$a" "$@"
+  run_one B "$b" "$@"
+done
