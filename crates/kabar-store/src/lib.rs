@@ -30,7 +30,7 @@ use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
 pub use stream::*;
 pub use types::*;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// A uniqueness rule was hit (user exists, alias taken, ...).
     #[error("conflict: {0}")]

@@ -1,0 +1,412 @@
+//! Connections: a pool for reads, one writing connection with group commit.
+//!
+//! Every write of this process goes through one task that owns a
+//! connection. It takes whatever writes queued up while the previous batch
+//! was committing, runs each in its own savepoint (one failing write does
+//! not undo the others) and commits them together: one WAL flush for the
+//! batch, as the embedded engine does.
+//!
+//! **Positions with several writers.** A batch first locks the single row
+//! of `stream_head` (`SELECT ... FOR UPDATE`), hands out the positions after
+//! it, and moves it in the same transaction. Batches of different processes
+//! therefore take positions one after the other, and a position becomes
+//! visible (in `stream_head`, or as a row) only when every position below it
+//! is committed: a reader that reads the head first and then the rows up to
+//! it never sees a gap that a write still in flight would fill later. The
+//! price is that the processes' batches commit one at a time; each batch
+//! carries every write its process queued meanwhile.
+
+use std::{
+    str::FromStr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures::future::BoxFuture;
+use kabar_store::{
+    Change, CommitListener, CommittedBatch, StoreError, StoreObserver, StoreOp, StoreResult, StoredEvent, StreamPos, StreamUpdate,
+};
+use sqlx::{
+    Connection, PgConnection, Row,
+    postgres::{PgConnectOptions, PgPool, PgPoolOptions},
+};
+use tokio::sync::{mpsc, oneshot};
+
+/// Each entry brings the schema from its index's version to the next.
+const MIGRATIONS: &[&str] = &[include_str!("schema.sql")];
+const MAX_BATCH: usize = 512;
+/// An arbitrary number naming Kabar's migration lock among advisory locks.
+const MIGRATION_LOCK: i64 = 0x006b_6162_6172;
+
+/// Maps a database error to the store's error: a uniqueness violation is a
+/// `Conflict(what)`, a lost or unreachable server is `Unavailable`.
+pub(crate) fn db_error(what: &str) -> impl Fn(sqlx::Error) -> StoreError + '_ {
+    move |e| classify(e, Some(what))
+}
+
+pub(crate) fn backend(e: sqlx::Error) -> StoreError {
+    classify(e, None)
+}
+
+fn classify(e: sqlx::Error, conflict: Option<&str>) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => match conflict {
+            Some(what) => StoreError::Conflict(what.to_owned()),
+            None => StoreError::Backend(e.to_string()),
+        },
+        // Connection-level failures: the server is down, restarting or
+        // unreachable; the same request may work in a moment.
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => StoreError::Unavailable(e.to_string()),
+        sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) => {
+            // Connection exceptions and operator intervention (shutdown).
+            StoreError::Unavailable(e.to_string())
+        }
+        _ => StoreError::Backend(e.to_string()),
+    }
+}
+
+pub(crate) fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+/// Hands out positions inside one batch, and collects the changes made at them.
+pub(crate) struct Positions {
+    next: StreamPos,
+    updates: Vec<StreamUpdate>,
+}
+
+impl Positions {
+    pub(crate) fn allocate(&mut self) -> StreamPos {
+        let p = self.next;
+        self.next += 1;
+        p
+    }
+
+    /// Notes an appended event (the events table is its record in the stream).
+    pub(crate) fn event(&mut self, event: StoredEvent) {
+        self.updates.push(StreamUpdate {
+            pos: event.pos,
+            change: Change::Event(Arc::new(event)),
+        });
+    }
+
+    /// Records a change that is not an event at `pos`, in the stream table.
+    pub(crate) async fn change(&mut self, conn: &mut PgConnection, pos: StreamPos, change: Change) -> StoreResult<()> {
+        let (user, room, device): (Option<&str>, Option<&str>, Option<&str>) = match &change {
+            Change::Event(_) => return Err(StoreError::Backend("events are recorded by their row".into())),
+            Change::AccountData { user_id }
+            | Change::DeviceList { user_id }
+            | Change::Memberships { user_id }
+            | Change::Sessions { user_id } => (Some(user_id.as_str()), None, None),
+            Change::Receipt { room_id } => (None, Some(room_id.as_str()), None),
+            Change::OneTimeKeys { user_id, device_id } | Change::ToDevice { user_id, device_id } => {
+                (Some(user_id.as_str()), None, Some(device_id.as_str()))
+            }
+        };
+        sqlx::query("INSERT INTO stream_changes (pos, kind, user_id, room_id, device_id) VALUES ($1, $2, $3, $4, $5)")
+            .bind(pos as i64)
+            .bind(change.kind())
+            .bind(user)
+            .bind(room)
+            .bind(device)
+            .execute(&mut *conn)
+            .await
+            .map_err(backend)?;
+        self.updates.push(StreamUpdate { pos, change });
+        Ok(())
+    }
+}
+
+type RunFn = Box<dyn for<'c> FnOnce(&'c mut PgConnection, &'c mut Positions) -> BoxFuture<'c, bool> + Send>;
+type FinishFn = Box<dyn FnOnce(StoreResult<()>) + Send>;
+
+/// One write: `run` does it inside the batch (true if it succeeded);
+/// `finish` answers the caller with the commit's outcome.
+struct WriteJob {
+    run: RunFn,
+    finish: FinishFn,
+}
+
+fn run_fn<F>(f: F) -> RunFn
+where
+    F: for<'c> FnOnce(&'c mut PgConnection, &'c mut Positions) -> BoxFuture<'c, bool> + Send + 'static,
+{
+    Box::new(f)
+}
+
+type ListenerSlot = Arc<Mutex<Option<Arc<dyn CommitListener>>>>;
+
+pub(crate) struct Engine {
+    pub(crate) pool: PgPool,
+    writer: mpsc::UnboundedSender<WriteJob>,
+    committed: Arc<AtomicU64>,
+    listener: ListenerSlot,
+    observer: Option<Arc<dyn StoreObserver>>,
+}
+
+impl Engine {
+    pub(crate) async fn connect(url: &str, pool_size: u32, observer: Option<Arc<dyn StoreObserver>>) -> StoreResult<Self> {
+        let options = PgConnectOptions::from_str(url).map_err(|e| StoreError::Backend(format!("not a PostgreSQL URL: {e}")))?;
+        let mut conn = PgConnection::connect_with(&options)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("cannot connect to PostgreSQL: {e}")))?;
+        migrate(&mut conn).await?;
+        let head: i64 = sqlx::query("SELECT pos FROM stream_head")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(backend)?
+            .try_get(0)
+            .map_err(corrupt)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(pool_size.max(1))
+            .acquire_timeout(Duration::from_secs(2))
+            .connect_with(options.clone())
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("cannot connect to PostgreSQL: {e}")))?;
+        let committed = Arc::new(AtomicU64::new(head as u64));
+        let listener: ListenerSlot = Arc::new(Mutex::new(None));
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(writer_loop(options, Some(conn), rx, committed.clone(), listener.clone()));
+        Ok(Self {
+            pool,
+            writer: tx,
+            committed,
+            listener,
+            observer,
+        })
+    }
+
+    pub(crate) fn committed(&self) -> StreamPos {
+        self.committed.load(Ordering::Acquire)
+    }
+
+    /// Notes a head read from the database (another process's commits).
+    pub(crate) fn saw_head(&self, head: StreamPos) {
+        self.committed.fetch_max(head, Ordering::AcqRel);
+    }
+
+    pub(crate) fn set_listener(&self, listener: Arc<dyn CommitListener>) {
+        if let Ok(mut slot) = self.listener.lock() {
+            *slot = Some(listener);
+        }
+    }
+
+    pub(crate) fn observe(&self, op: StoreOp, started: Instant) {
+        if let Some(o) = &self.observer {
+            o.observe(op, started.elapsed());
+        }
+    }
+
+    /// Runs `f` on the writing connection inside the next group commit, and
+    /// answers once that commit is durable.
+    pub(crate) async fn write<R, F>(&self, f: F) -> StoreResult<R>
+    where
+        R: Send + 'static,
+        F: for<'c> FnOnce(&'c mut PgConnection, &'c mut Positions) -> BoxFuture<'c, StoreResult<R>> + Send + 'static,
+    {
+        let started = Instant::now();
+        let slot: Arc<Mutex<Option<StoreResult<R>>>> = Arc::new(Mutex::new(None));
+        let (tx, rx) = oneshot::channel();
+        let ran = slot.clone();
+        let run = run_fn(move |c, p| {
+            Box::pin(async move {
+                let result = f(c, p).await;
+                let ok = result.is_ok();
+                if let Ok(mut s) = ran.lock() {
+                    *s = Some(result);
+                }
+                ok
+            })
+        });
+        let finish: FinishFn = Box::new(move |commit| {
+            let result = slot.lock().ok().and_then(|mut s| s.take());
+            let out = match (commit, result) {
+                (Err(e), _) => Err(e),
+                (Ok(()), Some(r)) => r,
+                (Ok(()), None) => Err(StoreError::Backend("the write never ran".into())),
+            };
+            let _ = tx.send(out);
+        });
+        self.writer
+            .send(WriteJob { run, finish })
+            .map_err(|_| StoreError::Backend("the writer stopped".into()))?;
+        let result = rx.await.map_err(|_| StoreError::Backend("the writer stopped".into()))?;
+        self.observe(StoreOp::Write, started);
+        result
+    }
+}
+
+async fn migrate(conn: &mut PgConnection) -> StoreResult<()> {
+    let mut tx = conn.begin().await.map_err(backend)?;
+    // Two processes starting on an empty database migrate one after the other.
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(MIGRATION_LOCK)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+    sqlx::query("CREATE TABLE IF NOT EXISTS kabar_schema (version INTEGER NOT NULL)")
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+    let version: Option<i32> = sqlx::query("SELECT MAX(version) FROM kabar_schema")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(backend)?
+        .try_get(0)
+        .map_err(corrupt)?;
+    let version = version.unwrap_or(0) as usize;
+    if version > MIGRATIONS.len() {
+        return Err(StoreError::Backend(format!(
+            "database schema version {version} is newer than this Kabar (expected at most {})",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, migration) in MIGRATIONS.iter().enumerate().skip(version) {
+        sqlx::raw_sql(migration).execute(&mut *tx).await.map_err(backend)?;
+        sqlx::query("INSERT INTO kabar_schema (version) VALUES ($1)")
+            .bind((i + 1) as i32)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        tracing::info!(version = i + 1, "PostgreSQL schema migrated");
+    }
+    tx.commit().await.map_err(backend)
+}
+
+async fn writer_loop(
+    options: PgConnectOptions,
+    mut conn: Option<PgConnection>,
+    mut rx: mpsc::UnboundedReceiver<WriteJob>,
+    committed: Arc<AtomicU64>,
+    listener: ListenerSlot,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if conn.is_none() {
+            match PgConnection::connect_with(&options).await {
+                Ok(c) => {
+                    tracing::info!("the writing connection to PostgreSQL is back");
+                    conn = Some(c);
+                }
+                Err(e) => {
+                    let message = format!("cannot connect to PostgreSQL: {e}");
+                    for job in batch {
+                        (job.finish)(Err(StoreError::Unavailable(message.clone())));
+                    }
+                    continue;
+                }
+            }
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        let mut finishes = Vec::with_capacity(batch.len());
+        let outcome = run_batch(c, batch, &mut finishes).await;
+        match outcome {
+            Ok(batch) => {
+                committed.fetch_max(batch.head, Ordering::AcqRel);
+                let listener = listener.lock().ok().and_then(|l| l.clone());
+                if let Some(listener) = listener
+                    && batch.head > batch.after
+                    && std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| listener.committed(&batch))).is_err()
+                {
+                    tracing::error!(head = batch.head, "the commit listener panicked");
+                }
+                for finish in finishes {
+                    finish(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "group commit failed");
+                if let Some(c) = conn.as_mut()
+                    && sqlx::query("ROLLBACK").execute(&mut *c).await.is_err()
+                {
+                    // The connection is gone: open a new one for the next batch.
+                    conn = None;
+                }
+                if matches!(e, StoreError::Unavailable(_)) {
+                    conn = None;
+                }
+                for finish in finishes {
+                    finish(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Runs one batch in one transaction; `finishes` gets every job's answer
+/// function, to be called with the commit's outcome.
+async fn run_batch(c: &mut PgConnection, batch: Vec<WriteJob>, finishes: &mut Vec<FinishFn>) -> StoreResult<CommittedBatch> {
+    let mut jobs = batch.into_iter();
+    let begun = async {
+        sqlx::query("BEGIN").execute(&mut *c).await.map_err(backend)?;
+        let head: i64 = sqlx::query("SELECT pos FROM stream_head FOR UPDATE")
+            .fetch_one(&mut *c)
+            .await
+            .map_err(backend)?
+            .try_get(0)
+            .map_err(corrupt)?;
+        Ok::<_, StoreError>(head as StreamPos)
+    }
+    .await;
+    let head = match begun {
+        Ok(head) => head,
+        Err(e) => {
+            finishes.extend(jobs.map(|j| j.finish));
+            return Err(e);
+        }
+    };
+    let mut positions = Positions {
+        next: head + 1,
+        updates: vec![],
+    };
+    for job in jobs.by_ref() {
+        finishes.push(job.finish);
+        let (before, updates_before) = (positions.next, positions.updates.len());
+        if let Err(e) = sqlx::query("SAVEPOINT job").execute(&mut *c).await {
+            finishes.extend(jobs.map(|j| j.finish));
+            return Err(backend(e));
+        }
+        let ok = (job.run)(c, &mut positions).await;
+        if !ok {
+            positions.next = before;
+            positions.updates.truncate(updates_before);
+            if let Err(e) = sqlx::query("ROLLBACK TO SAVEPOINT job").execute(&mut *c).await {
+                finishes.extend(jobs.map(|j| j.finish));
+                return Err(backend(e));
+            }
+        }
+        if let Err(e) = sqlx::query("RELEASE SAVEPOINT job").execute(&mut *c).await {
+            finishes.extend(jobs.map(|j| j.finish));
+            return Err(backend(e));
+        }
+    }
+    let last = positions.next - 1;
+    if last > head {
+        sqlx::query("UPDATE stream_head SET pos = $1")
+            .bind(last as i64)
+            .execute(&mut *c)
+            .await
+            .map_err(backend)?;
+    }
+    sqlx::query("COMMIT").execute(&mut *c).await.map_err(backend)?;
+    let mut updates = positions.updates;
+    updates.sort_by_key(|u| u.pos);
+    Ok(CommittedBatch {
+        after: head,
+        head: last.max(head),
+        updates,
+    })
+}

@@ -1,0 +1,483 @@
+//! Rooms, events, state and memberships.
+
+use async_trait::async_trait;
+use kabar_store::*;
+use ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId};
+use sqlx::PgConnection;
+
+use crate::{
+    EVENT_COLUMNS, PostgresStore,
+    engine::{Positions, backend, corrupt, db_error},
+    event_from_row, events_from_rows, get, parse, pos,
+};
+
+const EVENT_BY_TXN: &str =
+    "SELECT event_id FROM events WHERE sender = $1 AND txn_device = $2 AND room_id = $3 AND txn_scope = $4 AND txn_id = $5";
+
+/// The position of the room's newest event (0 for none).
+async fn room_head(c: &mut PgConnection, room_id: &str) -> StoreResult<StreamPos> {
+    let row = sqlx::query("SELECT COALESCE(MAX(pos), 0) FROM events WHERE room_id = $1")
+        .bind(room_id)
+        .fetch_one(&mut *c)
+        .await
+        .map_err(backend)?;
+    Ok(get::<i64>(&row, 0)? as StreamPos)
+}
+
+/// Inserts one event and applies its effects, inside the batch.
+async fn insert_event(c: &mut PgConnection, positions: &mut Positions, w: EventWrite) -> StoreResult<AppendOutcome> {
+    let pdu = &w.pdu;
+    if let Some(txn) = &w.txn {
+        let existing = sqlx::query(EVENT_BY_TXN)
+            .bind(pdu.sender.as_str())
+            .bind(&txn.device_id)
+            .bind(pdu.room_id.as_str())
+            .bind(&txn.scope)
+            .bind(&txn.txn_id)
+            .fetch_optional(&mut *c)
+            .await
+            .map_err(backend)?;
+        if let Some(row) = existing {
+            return Ok(AppendOutcome::Duplicate(parse(get(&row, 0)?)?));
+        }
+    }
+    if let Some(expected) = w.expected_head {
+        // Under the stream-head lock every process's batches run one at a
+        // time, so the head read here is the head the insert lands on.
+        let head = room_head(c, pdu.room_id.as_str()).await?;
+        if head != expected {
+            return Ok(AppendOutcome::HeadMoved { head });
+        }
+    }
+    let p = positions.allocate();
+    let (rel_to, rel_type) = match &w.relation {
+        Some((id, t)) => (Some(id.as_str()), Some(t.as_str())),
+        None => (None, None),
+    };
+    sqlx::query(
+        "INSERT INTO events (pos, event_id, room_id, sender, kind, state_key, json, txn_device, txn_id, txn_scope, relates_to, rel_type,
+                             replaces_state, prev_sender, prev_content)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+    )
+    .bind(p as i64)
+    .bind(pdu.event_id.as_str())
+    .bind(pdu.room_id.as_str())
+    .bind(pdu.sender.as_str())
+    .bind(pdu.kind.to_string())
+    .bind(&pdu.state_key)
+    .bind(&*pdu.json)
+    .bind(w.txn.as_ref().map(|t| t.device_id.as_str()))
+    .bind(w.txn.as_ref().map(|t| t.txn_id.as_str()))
+    .bind(w.txn.as_ref().map(|t| t.scope.as_str()))
+    .bind(rel_to)
+    .bind(rel_type)
+    .bind(w.prev.as_ref().map(|p| p.event_id.as_str()))
+    .bind(w.prev.as_ref().map(|p| p.sender.as_str()))
+    .bind(w.prev.as_ref().map(|p| p.content.as_str()))
+    .execute(&mut *c)
+    .await
+    .map_err(db_error(&format!("event {} exists", pdu.event_id)))?;
+    if let Some(state_key) = &pdu.state_key {
+        sqlx::query(
+            "INSERT INTO current_state (room_id, kind, state_key, pos) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (room_id, kind, state_key) DO UPDATE SET pos = excluded.pos",
+        )
+        .bind(pdu.room_id.as_str())
+        .bind(pdu.kind.to_string())
+        .bind(state_key)
+        .bind(p as i64)
+        .execute(&mut *c)
+        .await
+        .map_err(backend)?;
+        if pdu.kind == ruma::events::TimelineEventType::RoomMember {
+            let membership = Membership::from_content(pdu.content.get()).unwrap_or(Membership::Leave);
+            // The position moves only when the membership does: a profile
+            // change is not a new join.
+            sqlx::query(
+                "INSERT INTO memberships (user_id, room_id, membership, pos, event_id) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (user_id, room_id) DO UPDATE SET
+                    pos = CASE WHEN memberships.membership = excluded.membership THEN memberships.pos ELSE excluded.pos END,
+                    membership = excluded.membership, event_id = excluded.event_id",
+            )
+            .bind(state_key)
+            .bind(pdu.room_id.as_str())
+            .bind(membership.as_str())
+            .bind(p as i64)
+            .bind(pdu.event_id.as_str())
+            .execute(&mut *c)
+            .await
+            .map_err(backend)?;
+        }
+        if pdu.kind == ruma::events::TimelineEventType::RoomJoinRules {
+            let rule = serde_json::from_str::<serde_json::Value>(pdu.content.get())
+                .ok()
+                .and_then(|c| c.get("join_rule").and_then(|r| r.as_str()).map(str::to_owned));
+            sqlx::query("UPDATE rooms SET join_rule = $2 WHERE room_id = $1")
+                .bind(pdu.room_id.as_str())
+                .bind(rule)
+                .execute(&mut *c)
+                .await
+                .map_err(backend)?;
+        }
+    }
+    if let Some((target, redacted_json)) = &w.redacted_target {
+        sqlx::query("UPDATE events SET json = $2, redacted_by = $3 WHERE event_id = $1 AND room_id = $4")
+            .bind(target.as_str())
+            .bind(redacted_json)
+            .bind(pdu.event_id.as_str())
+            .bind(pdu.room_id.as_str())
+            .execute(&mut *c)
+            .await
+            .map_err(backend)?;
+        // The state events that replaced the target show its content as it
+        // is now (`json`, not `jsonb`: the text is kept as written).
+        sqlx::query("UPDATE events SET prev_content = ($2::json -> 'content')::text WHERE replaces_state = $1 AND room_id = $3")
+            .bind(target.as_str())
+            .bind(redacted_json)
+            .bind(pdu.room_id.as_str())
+            .execute(&mut *c)
+            .await
+            .map_err(backend)?;
+    }
+    positions.event(StoredEvent {
+        pos: p,
+        pdu: w.pdu,
+        txn: w.txn,
+        redacted_by: None,
+        prev: w.prev,
+    });
+    Ok(AppendOutcome::Appended(p))
+}
+
+fn membership_from_row(row: &sqlx::postgres::PgRow) -> StoreResult<MembershipRecord> {
+    let m: String = get(row, 1)?;
+    Ok(MembershipRecord {
+        room_id: parse(get(row, 0)?)?,
+        membership: Membership::parse(&m).unwrap_or(Membership::Leave),
+        pos: get::<i64>(row, 2)? as u64,
+        event_id: parse(get(row, 3)?)?,
+    })
+}
+
+#[async_trait]
+impl RoomStore for PostgresStore {
+    async fn create_room(&self, room: RoomRecord, events: Vec<EventWrite>) -> StoreResult<Vec<StreamPos>> {
+        self.engine
+            .write(move |c, positions| {
+                Box::pin(async move {
+                    sqlx::query("INSERT INTO rooms (room_id, version, creator, is_public) VALUES ($1, $2, $3, $4)")
+                        .bind(room.room_id.as_str())
+                        .bind(room.version.as_str())
+                        .bind(room.creator.as_str())
+                        .bind(room.is_public)
+                        .execute(&mut *c)
+                        .await
+                        .map_err(db_error("room exists"))?;
+                    let mut out = Vec::with_capacity(events.len());
+                    for w in events {
+                        match insert_event(c, positions, w).await? {
+                            AppendOutcome::Appended(p) => out.push(p),
+                            AppendOutcome::Duplicate(_) | AppendOutcome::HeadMoved { .. } => {
+                                return Err(StoreError::Conflict("room creation must start the room's chain".into()));
+                            }
+                        }
+                    }
+                    Ok(out)
+                })
+            })
+            .await
+    }
+
+    async fn room(&self, room_id: &RoomId) -> StoreResult<Option<RoomRecord>> {
+        let row = self
+            .read(
+                sqlx::query("SELECT room_id, version, creator, is_public FROM rooms WHERE room_id = $1")
+                    .bind(room_id.as_str())
+                    .fetch_optional(&self.engine.pool),
+            )
+            .await?;
+        row.map(|r| {
+            Ok(RoomRecord {
+                room_id: parse(get(&r, 0)?)?,
+                version: RoomVersionId::try_from(get::<String>(&r, 1)?).map_err(corrupt)?,
+                creator: parse(get(&r, 2)?)?,
+                is_public: get(&r, 3)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn set_room_public(&self, room_id: &RoomId, public: bool) -> StoreResult<()> {
+        let id = room_id.to_string();
+        self.engine
+            .write(move |c, _| {
+                Box::pin(async move {
+                    sqlx::query("UPDATE rooms SET is_public = $2 WHERE room_id = $1")
+                        .bind(id)
+                        .bind(public)
+                        .execute(&mut *c)
+                        .await
+                        .map_err(backend)?;
+                    Ok(())
+                })
+            })
+            .await
+    }
+
+    async fn public_rooms(&self) -> StoreResult<Vec<OwnedRoomId>> {
+        let rows = self
+            .read(sqlx::query("SELECT room_id FROM rooms WHERE is_public ORDER BY room_id").fetch_all(&self.engine.pool))
+            .await?;
+        rows.iter().map(|r| parse(get(r, 0)?)).collect()
+    }
+
+    async fn append_event(&self, event: EventWrite) -> StoreResult<AppendOutcome> {
+        self.engine
+            .write(move |c, positions| Box::pin(async move { insert_event(c, positions, event).await }))
+            .await
+    }
+
+    async fn event(&self, event_id: &EventId) -> StoreResult<Option<StoredEvent>> {
+        let row = self
+            .read(
+                sqlx::query(&format!("SELECT {EVENT_COLUMNS} FROM events e WHERE event_id = $1"))
+                    .bind(event_id.as_str())
+                    .fetch_optional(&self.engine.pool),
+            )
+            .await?;
+        row.as_ref().map(event_from_row).transpose()
+    }
+
+    async fn event_by_txn(&self, room_id: &RoomId, sender: &UserId, txn: &TxnRef) -> StoreResult<Option<OwnedEventId>> {
+        let row = self
+            .read(
+                sqlx::query(EVENT_BY_TXN)
+                    .bind(sender.as_str())
+                    .bind(&txn.device_id)
+                    .bind(room_id.as_str())
+                    .bind(&txn.scope)
+                    .bind(&txn.txn_id)
+                    .fetch_optional(&self.engine.pool),
+            )
+            .await?;
+        row.map(|r| parse(get(&r, 0)?)).transpose()
+    }
+
+    async fn room_events(&self, range: EventRange<'_>) -> StoreResult<Vec<StoredEvent>> {
+        let order = match range.direction {
+            Direction::Forward => "ASC",
+            Direction::Backward => "DESC",
+        };
+        let kinds: Option<Vec<String>> = range.kinds.map(<[String]>::to_vec);
+        let rows = self
+            .read(
+                sqlx::query(&format!(
+                    "SELECT {EVENT_COLUMNS} FROM events e WHERE room_id = $1 AND pos > $2 AND pos <= $3
+                     AND ($5::TEXT[] IS NULL OR kind = ANY($5)) ORDER BY pos {order} LIMIT $4"
+                ))
+                .bind(range.room_id.as_str())
+                .bind(pos(range.after))
+                .bind(pos(range.until))
+                .bind(range.limit.min(10_000) as i64)
+                .bind(kinds)
+                .fetch_all(&self.engine.pool),
+            )
+            .await?;
+        events_from_rows(rows)
+    }
+
+    async fn relations(&self, room_id: &RoomId, event_id: &EventId, rel_type: Option<&str>, limit: usize) -> StoreResult<Vec<StoredEvent>> {
+        let rows = self
+            .read(
+                sqlx::query(&format!(
+                    "SELECT {EVENT_COLUMNS} FROM events e WHERE relates_to = $1 AND room_id = $2 AND ($3::TEXT IS NULL OR rel_type = $3)
+                     ORDER BY pos ASC LIMIT $4"
+                ))
+                .bind(event_id.as_str())
+                .bind(room_id.as_str())
+                .bind(rel_type)
+                .bind(limit.min(10_000) as i64)
+                .fetch_all(&self.engine.pool),
+            )
+            .await?;
+        events_from_rows(rows)
+    }
+
+    async fn thread_roots(&self, room_id: &RoomId, limit: usize) -> StoreResult<Vec<(OwnedEventId, StreamPos)>> {
+        let rows = self
+            .read(
+                sqlx::query(
+                    "SELECT relates_to, MAX(pos) AS latest FROM events WHERE room_id = $1 AND rel_type = 'm.thread'
+                     GROUP BY relates_to ORDER BY latest DESC LIMIT $2",
+                )
+                .bind(room_id.as_str())
+                .bind(limit.min(10_000) as i64)
+                .fetch_all(&self.engine.pool),
+            )
+            .await?;
+        rows.iter().map(|r| Ok((parse(get(r, 0)?)?, get::<i64>(r, 1)? as u64))).collect()
+    }
+
+    async fn current_state(&self, room_id: &RoomId) -> StoreResult<Vec<StoredEvent>> {
+        let rows = self
+            .read(
+                sqlx::query(&format!(
+                    "SELECT {EVENT_COLUMNS} FROM current_state s JOIN events e ON e.pos = s.pos WHERE s.room_id = $1 ORDER BY e.pos"
+                ))
+                .bind(room_id.as_str())
+                .fetch_all(&self.engine.pool),
+            )
+            .await?;
+        events_from_rows(rows)
+    }
+
+    async fn state_at(&self, room_id: &RoomId, at: StreamPos) -> StoreResult<Vec<StoredEvent>> {
+        // Every stored event passed the auth rules on top of the state
+        // before it (one chain per room), so the newest state event of each
+        // key up to `at` is the state there.
+        let rows = self
+            .read(
+                sqlx::query(&format!(
+                    "SELECT {EVENT_COLUMNS} FROM events e JOIN (
+                        SELECT MAX(pos) AS pos FROM events
+                        WHERE room_id = $1 AND state_key IS NOT NULL AND pos <= $2 GROUP BY kind, state_key
+                     ) latest ON latest.pos = e.pos ORDER BY e.pos"
+                ))
+                .bind(room_id.as_str())
+                .bind(pos(at))
+                .fetch_all(&self.engine.pool),
+            )
+            .await?;
+        events_from_rows(rows)
+    }
+
+    async fn state_history(&self, room_id: &RoomId, kind: &str, state_key: &str) -> StoreResult<Vec<StoredEvent>> {
+        let rows = self
+            .read(
+                sqlx::query(&format!(
+                    "SELECT {EVENT_COLUMNS} FROM events e WHERE room_id = $1 AND kind = $2 AND state_key = $3 ORDER BY pos"
+                ))
+                .bind(room_id.as_str())
+                .bind(kind)
+                .bind(state_key)
+                .fetch_all(&self.engine.pool),
+            )
+            .await?;
+        events_from_rows(rows)
+    }
+
+    async fn membership_history(&self, room_id: &RoomId, user_id: &UserId) -> StoreResult<Vec<MembershipRecord>> {
+        let rows = self
+            .read(
+                sqlx::query(
+                    "SELECT pos, event_id, json FROM events WHERE room_id = $1 AND kind = 'm.room.member' AND state_key = $2 ORDER BY pos",
+                )
+                .bind(room_id.as_str())
+                .bind(user_id.as_str())
+                .fetch_all(&self.engine.pool),
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let json: String = get(r, 2)?;
+                let v: serde_json::Value = serde_json::from_str(&json).map_err(corrupt)?;
+                Ok(MembershipRecord {
+                    room_id: room_id.to_owned(),
+                    membership: v["content"]["membership"]
+                        .as_str()
+                        .and_then(Membership::parse)
+                        .unwrap_or(Membership::Leave),
+                    pos: get::<i64>(r, 0)? as u64,
+                    event_id: parse(get(r, 1)?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn memberships(&self, user_id: &UserId) -> StoreResult<Vec<MembershipRecord>> {
+        let rows = self
+            .read(
+                sqlx::query("SELECT room_id, membership, pos, event_id FROM memberships WHERE user_id = $1 ORDER BY pos")
+                    .bind(user_id.as_str())
+                    .fetch_all(&self.engine.pool),
+            )
+            .await?;
+        rows.iter().map(membership_from_row).collect()
+    }
+
+    async fn forget_room(&self, user_id: &UserId, room_id: &RoomId) -> StoreResult<StreamPos> {
+        let (user, room): (OwnedUserId, String) = (user_id.to_owned(), room_id.to_string());
+        self.engine
+            .write(move |c, positions| {
+                Box::pin(async move {
+                    sqlx::query("DELETE FROM memberships WHERE user_id = $1 AND room_id = $2 AND membership IN ('leave', 'ban')")
+                        .bind(user.as_str())
+                        .bind(room)
+                        .execute(&mut *c)
+                        .await
+                        .map_err(backend)?;
+                    let p = positions.allocate();
+                    positions.change(c, p, Change::Memberships { user_id: user }).await?;
+                    Ok(p)
+                })
+            })
+            .await
+    }
+
+    async fn set_alias(&self, alias: &str, room_id: &RoomId, creator: &UserId) -> StoreResult<()> {
+        let (a, r, u) = (alias.to_owned(), room_id.to_string(), creator.to_string());
+        self.engine
+            .write(move |c, _| {
+                Box::pin(async move {
+                    sqlx::query("INSERT INTO aliases (alias, room_id, creator) VALUES ($1, $2, $3)")
+                        .bind(a)
+                        .bind(r)
+                        .bind(u)
+                        .execute(&mut *c)
+                        .await
+                        .map_err(db_error("alias exists"))?;
+                    Ok(())
+                })
+            })
+            .await
+    }
+
+    async fn alias(&self, alias: &str) -> StoreResult<Option<(OwnedRoomId, OwnedUserId)>> {
+        let row = self
+            .read(
+                sqlx::query("SELECT room_id, creator FROM aliases WHERE alias = $1")
+                    .bind(alias)
+                    .fetch_optional(&self.engine.pool),
+            )
+            .await?;
+        row.map(|r| Ok((parse(get(&r, 0)?)?, parse(get(&r, 1)?)?))).transpose()
+    }
+
+    async fn delete_alias(&self, alias: &str) -> StoreResult<bool> {
+        let a = alias.to_owned();
+        self.engine
+            .write(move |c, _| {
+                Box::pin(async move {
+                    let n = sqlx::query("DELETE FROM aliases WHERE alias = $1")
+                        .bind(a)
+                        .execute(&mut *c)
+                        .await
+                        .map_err(backend)?
+                        .rows_affected();
+                    Ok(n > 0)
+                })
+            })
+            .await
+    }
+
+    async fn room_aliases(&self, room_id: &RoomId) -> StoreResult<Vec<String>> {
+        let rows = self
+            .read(
+                sqlx::query("SELECT alias FROM aliases WHERE room_id = $1 ORDER BY alias")
+                    .bind(room_id.as_str())
+                    .fetch_all(&self.engine.pool),
+            )
+            .await?;
+        rows.iter().map(|r| get(r, 0)).collect()
+    }
+}
