@@ -918,4 +918,52 @@ mod tests {
         let store = PostgresStore::connect(&url, 8).await.unwrap();
         kabar_store::conformance::run_all(Arc::new(store)).await;
     }
+
+    #[tokio::test]
+    async fn two_handles_share_one_stream() {
+        let cluster = TestCluster::start().expect("start a PostgreSQL cluster");
+        let url = cluster.create_database("shared").unwrap();
+        let a = PostgresStore::connect(&url, 4).await.unwrap();
+        let b = PostgresStore::connect(&url, 4).await.unwrap();
+        kabar_store::conformance::run_shared(Arc::new(a), Arc::new(b)).await;
+    }
+
+    #[tokio::test]
+    async fn positions_and_data_survive_a_restart_of_either_side() {
+        let cluster = TestCluster::start().expect("start a PostgreSQL cluster");
+        let url = cluster.create_database("restart").unwrap();
+        let user = ruma::owned_user_id!("@a:localhost");
+        let first = {
+            let store = PostgresStore::connect(&url, 2).await.unwrap();
+            store.put_account_data(&user, None, "x", "{}").await.unwrap()
+        };
+        // Kabar restarted: the head and the data are where they were.
+        let store = PostgresStore::connect(&url, 2).await.unwrap();
+        assert_eq!(store.current_position(), first);
+        let second = store.put_account_data(&user, None, "y", "{}").await.unwrap();
+        assert!(second > first, "positions are never reused after a restart");
+
+        // PostgreSQL stopped: writes and reads say so, nothing is half-written.
+        cluster.stop().unwrap();
+        let down = store.put_account_data(&user, None, "z", "{}").await;
+        assert!(matches!(down, Err(StoreError::Unavailable(_))), "{down:?}");
+        let read = store.account_data(&user, None, "x").await;
+        assert!(matches!(read, Err(StoreError::Unavailable(_))), "{read:?}");
+        // And when it is back, the same handle works again.
+        cluster.restart().unwrap();
+        let mut back = None;
+        for _ in 0..50 {
+            match store.put_account_data(&user, None, "z", "{}").await {
+                Ok(p) => {
+                    back = Some(p);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            }
+        }
+        let third = back.expect("writes work again once PostgreSQL is back");
+        assert!(third > second);
+        assert_eq!(store.committed_position().await.unwrap(), third);
+        assert_eq!(store.account_data(&user, None, "y").await.unwrap().as_deref(), Some("{}"));
+    }
 }

@@ -38,6 +38,118 @@ pub async fn run_all(store: Arc<dyn Store>) {
     the_feed_and_the_replay_agree(&*store, &feed, start).await;
 }
 
+/// For engines that several processes share (two handles on one database,
+/// each with its own writer): positions of both interleave without gaps,
+/// each handle replays what the other wrote, and appends to one room
+/// through both stay one chain. `a` and `b` must be fresh handles on one
+/// empty database.
+pub async fn run_shared(a: Arc<dyn Store>, b: Arc<dyn Store>) {
+    let start = a.committed_position().await.unwrap();
+    let user = owned_user_id!("@shared:localhost");
+    let mut writes = vec![];
+    for n in 0..20 {
+        let (a, b, user) = (a.clone(), b.clone(), user.clone());
+        writes.push(tokio::spawn(async move {
+            let store = if n % 2 == 0 { a } else { b };
+            store.put_account_data(&user, None, &format!("k{n}"), "{}").await.unwrap()
+        }));
+    }
+    let mut positions = vec![];
+    for w in writes {
+        positions.push(w.await.unwrap());
+    }
+    positions.sort_unstable();
+    positions.dedup();
+    assert_eq!(positions.len(), 20, "both handles' writes got distinct positions");
+    let head = b.committed_position().await.unwrap();
+    assert!(
+        head >= *positions.last().unwrap(),
+        "each handle sees the other's commits in the head"
+    );
+    assert_eq!(a.committed_position().await.unwrap(), head);
+    let from_a = replay(&*a, start, 7).await;
+    let from_b = replay(&*b, start, 1000).await;
+    assert_eq!(from_a, from_b, "both handles replay the same stream");
+    let replayed: Vec<StreamPos> = from_a.iter().map(|(p, _)| *p).collect();
+    assert_eq!(replayed, positions, "every write is replayed, in position order, by either handle");
+
+    // Appends to one room through both handles, each writer building on the
+    // head it read: one chain.
+    let (room, signer) = test_room("!shared:localhost");
+    let create = pdu(
+        &room,
+        &signer,
+        1,
+        NewEvent::state("m.room.create", "", json!({"room_version": "11"})),
+    );
+    a.create_room(room.clone(), vec![write(create)]).await.unwrap();
+    let signer = Arc::new(signer);
+    let mut tasks = vec![];
+    for writer in 0..4usize {
+        let store = if writer % 2 == 0 { a.clone() } else { b.clone() };
+        let (room, signer) = (room.clone(), signer.clone());
+        tasks.push(tokio::spawn(async move {
+            for n in 0..10 {
+                loop {
+                    let newest = store
+                        .room_events(EventRange {
+                            room_id: &room.room_id,
+                            after: 0,
+                            until: u64::MAX,
+                            direction: Direction::Backward,
+                            limit: 1,
+                            kinds: None,
+                        })
+                        .await
+                        .unwrap()
+                        .remove(0);
+                    let event = Pdu::build(
+                        &signer,
+                        &room.version,
+                        Some(&room.room_id),
+                        &room.creator,
+                        NewEvent::message("m.room.message", json!({"writer": writer, "n": n})),
+                        vec![newest.pdu.event_id.clone()],
+                        vec![],
+                        newest.pdu.depth + 1,
+                        MilliSecondsSinceUnixEpoch::now(),
+                    )
+                    .unwrap();
+                    let mut w = write(event);
+                    w.expected_head = Some(newest.pos);
+                    match store.append_event(w).await.unwrap() {
+                        AppendOutcome::Appended(_) => break,
+                        AppendOutcome::HeadMoved { .. } => continue,
+                        AppendOutcome::Duplicate(_) => panic!("no transaction ids here"),
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let events = b
+        .room_events(EventRange {
+            room_id: &room.room_id,
+            after: 0,
+            until: u64::MAX,
+            direction: Direction::Forward,
+            limit: 1000,
+            kinds: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 41);
+    for pair in events.windows(2) {
+        assert_eq!(
+            pair[1].pdu.prev_events,
+            vec![pair[0].pdu.event_id.clone()],
+            "one chain across handles"
+        );
+    }
+}
+
 /// Keeps every batch it is told of.
 #[derive(Default)]
 struct RecordingListener {
