@@ -8,8 +8,16 @@
 #
 # KABAR_A and KABAR_B are `kabar` binaries (for example an older commit's
 # release build in another target directory, and this one's). Extra server
-# configuration can be appended through PAIR_CONFIG (TOML text), e.g. a
-# [storage] section.
+# configuration can be appended through PAIR_CONFIG (TOML text, both sides),
+# PAIR_CONFIG_A and PAIR_CONFIG_B (one side each). With PAIR_PGPORT set (a
+# PostgreSQL server on 127.0.0.1 with a `kabar` user allowed to create
+# databases), `@DB@` in the configuration becomes a new, empty database for
+# each run:
+#
+#   PAIR_PGPORT=55432 PAIR_CONFIG_B='[storage]
+#   engine = "postgres"
+#   postgres.url = "postgres://kabar@127.0.0.1:55432/@DB@"' \
+#     bench/pair.sh 3 target/release/kabar target/release/kabar -- messages
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repeat=$1; a=$2; b=$3; shift 3
@@ -18,7 +26,7 @@ BENCH=${BENCH:-target/release/kabar-bench}
 [ -x "$BENCH" ] || cargo build --release -p kabar-bench >&2
 
 run_one() {
-  local label=$1 kabar=$2; shift 2
+  local label=$1 kabar=$2 side_config=$3; shift 3
   local dir; dir=$(mktemp -d)
   local port; port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   cat > "$dir/kabar.toml" <<TOML
@@ -31,7 +39,13 @@ per_address_per_minute = 0
 [admission.login]
 per_address_per_minute = 0
 ${PAIR_CONFIG:-}
+${side_config}
 TOML
+  if [ -n "${PAIR_PGPORT:-}" ] && grep -q '@DB@' "$dir/kabar.toml"; then
+    local db="kabar_pair_$(date +%s%N)"
+    createdb -h 127.0.0.1 -p "$PAIR_PGPORT" -U kabar "$db"
+    sed -i "s/@DB@/$db/g" "$dir/kabar.toml"
+  fi
   "$kabar" serve --config "$dir/kabar.toml" --listen "127.0.0.1:$port" --data-dir "$dir/data" >"$dir/stdout.log" 2>"$dir/stderr.log" &
   local pid=$!
   for _ in $(seq 1 120); do
@@ -46,6 +60,6 @@ TOML
 }
 
 for _ in $(seq 1 "$repeat"); do
-  run_one A "$a" "$@"
-  run_one B "$b" "$@"
+  run_one A "$a" "${PAIR_CONFIG_A:-}" "$@"
+  run_one B "$b" "${PAIR_CONFIG_B:-}" "$@"
 done

@@ -61,6 +61,9 @@ pub struct Applier {
     poke: Arc<Notify>,
     /// For work a wake-up needs that reads the store (off the writing thread).
     runtime: tokio::runtime::Handle,
+    /// Whether the last catch-up could not read the store: an outage is
+    /// logged when it starts and when it ends, not at every tick.
+    store_unreachable: std::sync::atomic::AtomicBool,
 }
 
 /// A handle on the applied position, for services that must wait for their
@@ -119,6 +122,7 @@ impl Applier {
             applying: Mutex::new(()),
             poke: Arc::new(Notify::new()),
             runtime: tokio::runtime::Handle::current(),
+            store_unreachable: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -161,24 +165,31 @@ impl Applier {
 
     /// Reads and applies everything committed after the applied position.
     async fn catch_up(&self) {
-        loop {
-            let head = match self.store.committed_position().await {
-                Ok(head) => head,
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not read the stream's head; will retry");
-                    return;
+        use std::sync::atomic::Ordering::Relaxed;
+        let outcome = async {
+            loop {
+                let head = self.store.committed_position().await?;
+                let applied = self.position();
+                if head <= applied {
+                    return Ok::<(), kabar_store::StoreError>(());
                 }
-            };
-            let applied = self.position();
-            if head <= applied {
-                return;
+                let batch = self.store.updates_after(applied, CATCH_UP_PAGE).await?;
+                if batch.head <= applied {
+                    return Ok(());
+                }
+                self.apply_batch(&batch);
             }
-            match self.store.updates_after(applied, CATCH_UP_PAGE).await {
-                Ok(batch) if batch.head > applied => self.apply_batch(&batch),
-                Ok(_) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, after = applied, "could not read the stream; will retry");
-                    return;
+        }
+        .await;
+        match outcome {
+            Ok(()) => {
+                if self.store_unreachable.swap(false, Relaxed) {
+                    tracing::info!(applied = self.position(), "the stream can be read again");
+                }
+            }
+            Err(e) => {
+                if !self.store_unreachable.swap(true, Relaxed) {
+                    tracing::warn!(error = %e, applied = self.position(), "cannot read the stream; retrying until it can be read");
                 }
             }
         }

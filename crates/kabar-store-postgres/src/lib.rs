@@ -9,6 +9,7 @@
 
 mod e2ee;
 mod engine;
+mod import;
 mod rooms;
 pub mod test_cluster;
 

@@ -184,12 +184,76 @@ impl TestCluster {
         Ok(self.url(name))
     }
 
+    /// Everything database `name` holds, as `pg_dump` writes it.
+    pub fn dump(&self, name: &str) -> io::Result<Vec<u8>> {
+        let output = Command::new(self.bin.join("pg_dump"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "kabar", "--data-only", name])
+            .output()?;
+        if !output.status.success() {
+            return Err(io::Error::other(String::from_utf8_lossy(&output.stderr).into_owned()));
+        }
+        Ok(output.stdout)
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("server.log")
     }
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+}
+
+static SHARED: std::sync::OnceLock<Result<TestCluster, String>> = std::sync::OnceLock::new();
+
+impl TestCluster {
+    /// One cluster for the whole test process, started on first use. A
+    /// watchdog stops it and removes its files when the process has exited
+    /// (a static is never dropped).
+    pub fn shared() -> Result<&'static TestCluster, String> {
+        SHARED
+            .get_or_init(|| {
+                let cluster = Self::start().map_err(|e| e.to_string())?;
+                cluster.watch_process(std::process::id()).map_err(|e| e.to_string())?;
+                Ok(cluster)
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    fn watch_process(&self, pid: u32) -> io::Result<()> {
+        let script = format!(
+            "while [ -d /proc/{pid} ]; do sleep 0.5; done; {pg_ctl} -D {data} -m immediate -w stop >/dev/null 2>&1; rm -rf {dir}",
+            pg_ctl = self.bin.join("pg_ctl").display(),
+            data = self.data_dir().display(),
+            dir = self.dir.path().display(),
+        );
+        let mut cmd = match &self.run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.arg("-u").arg(user).arg("--").arg("sh").arg("-c").arg(&script);
+                c
+            }
+            None => {
+                let mut c = Command::new("sh");
+                c.arg("-c").arg(&script);
+                c
+            }
+        };
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        Ok(())
+    }
+
+    /// Creates database `name` unless it exists, and returns its URL.
+    pub fn ensure_database(&self, name: &str) -> io::Result<String> {
+        match self.create_database(name) {
+            Ok(url) => Ok(url),
+            Err(e) if e.to_string().contains("already exists") => Ok(self.url(name)),
+            Err(e) => Err(e),
+        }
     }
 }
 

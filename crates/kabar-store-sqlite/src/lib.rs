@@ -7,6 +7,9 @@
 
 mod e2ee;
 mod engine;
+mod export;
+
+pub use export::SqliteExport;
 
 use std::{path::Path, sync::Arc};
 

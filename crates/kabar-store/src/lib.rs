@@ -21,6 +21,7 @@
 //!   the first event instead of storing a second.
 
 pub mod conformance;
+pub mod copy;
 mod stream;
 mod types;
 

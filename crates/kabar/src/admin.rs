@@ -64,6 +64,33 @@ pub struct AdminContext {
     pub listeners: Arc<Listeners>,
     pub metrics_listening: Option<SocketAddr>,
     pub started: Instant,
+    pub storage: StorageStatus,
+}
+
+/// What `status` tells of the storage engine.
+pub struct StorageStatus {
+    pub engine: &'static str,
+    pub store: Arc<dyn kabar_store::Store>,
+    pub applied: kabar_core::applier::Applied,
+}
+
+impl StorageStatus {
+    async fn report(&self) -> Value {
+        let ping = tokio::time::timeout(std::time::Duration::from_secs(2), self.store.ping()).await;
+        let health = match ping {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer within 2 s".to_owned()),
+        };
+        let head = self.store.committed_position().await.ok();
+        json!({
+            "engine": self.engine,
+            "healthy": health.is_ok(),
+            "problem": health.err(),
+            "committed_position": head,
+            "applied_position": self.applied.position(),
+        })
+    }
 }
 
 impl AdminContext {
@@ -116,6 +143,7 @@ impl AdminContext {
             "server_errors": server_errors,
             "refused_by_class": self.load.shed_totals(),
             "configuration": self.control.summary().await,
+            "storage": self.storage.report().await,
         })
     }
 }

@@ -358,7 +358,7 @@ fn changed_keys(a: &BTreeMap<String, toml::Value>, b: &BTreeMap<String, toml::Va
 
 /// A setting's value for reports and logs; secrets only say whether they are set.
 fn show(key: &str, v: Option<&toml::Value>) -> String {
-    let secret = schema::setting_at(key).is_some_and(|s| s.kind == schema::Kind::Secret);
+    let secret = schema::setting_at(key).is_some_and(|s| s.kind.is_secret());
     match v {
         None => "(unset)".to_owned(),
         Some(_) if secret => "(set)".to_owned(),
@@ -587,6 +587,7 @@ mod tests {
                 schema::Kind::TurnUris => toml::Value::Array(vec![toml::Value::String("turn:turn.example.org".into())]),
                 schema::Kind::Localparts => toml::Value::Array(vec![toml::Value::String("staff".into())]),
                 schema::Kind::IpAddrs => toml::Value::Array(vec![toml::Value::String("10.0.0.1".into())]),
+                schema::Kind::PostgresUrl => toml::Value::String("postgres://kabar@db.example.org/kabar".into()),
             };
             let mut doc = toml::Table::new();
             let parts: Vec<&str> = setting.key.split('.').collect();

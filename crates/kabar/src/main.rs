@@ -7,6 +7,7 @@ mod control;
 mod listeners;
 mod logging;
 mod metrics;
+mod migrate;
 
 /// mimalloc returns freed memory to the system far better than glibc's malloc
 /// under this workload (19 MiB argon2 buffers on worker threads, many
@@ -42,7 +43,8 @@ use kabar_core::{
     user_data::{DirectoryScope, UserData},
 };
 use kabar_domain::EventSigner;
-use kabar_store::{ServerStore, Store};
+use kabar_store::Store;
+use kabar_store_postgres::PostgresStore;
 use kabar_store_sqlite::SqliteStore;
 use listeners::{ConnectionLimits, Listeners};
 
@@ -84,6 +86,16 @@ enum Command {
     },
     /// Print the reference of every setting (the table in docs/config.md).
     ConfigReference,
+    /// Copy an embedded installation (stopped) into an empty PostgreSQL
+    /// database, with a progress bar and a row count check at the end.
+    Migrate {
+        /// `sqlite:PATH`: the data directory, or its `kabar.db`.
+        #[arg(long)]
+        from: String,
+        /// `postgres:URL` (or the `postgres://` URL itself).
+        #[arg(long)]
+        to: String,
+    },
     /// Talk to a running server over its admin socket (works when HTTP does not).
     Admin {
         #[command(flatten)]
@@ -147,9 +159,55 @@ enum AdminCommand {
     },
 }
 
-fn open_store(config: &Config, observer: Option<Arc<dyn kabar_store::StoreObserver>>) -> anyhow::Result<SqliteStore> {
+/// The configured storage engine, opened.
+struct OpenedStore {
+    store: Arc<dyn Store>,
+    engine: &'static str,
+    /// The embedded engine is closed explicitly at shutdown (queued writes commit).
+    sqlite: Option<SqliteStore>,
+}
+
+/// A PostgreSQL URL without its password, for messages.
+fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "(the configured URL)".into(),
+    }
+}
+
+async fn open_store(config: &Config, observer: Option<Arc<dyn kabar_store::StoreObserver>>) -> anyhow::Result<OpenedStore> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
-    Ok(SqliteStore::open_observed(&config.data_dir.join("kabar.db"), observer)?)
+    match config.storage.engine.as_str() {
+        "postgres" => {
+            let url = config
+                .storage
+                .postgres
+                .url
+                .as_deref()
+                .context("storage.engine is \"postgres\" but storage.postgres.url is not set")?;
+            let pg = PostgresStore::connect_observed(url, config.storage.postgres.pool_size, observer)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot use PostgreSQL at {}: {e}", redacted(url)))?;
+            Ok(OpenedStore {
+                store: Arc::new(pg),
+                engine: "postgres",
+                sqlite: None,
+            })
+        }
+        _ => {
+            let sqlite = SqliteStore::open_observed(&config.data_dir.join("kabar.db"), observer)?;
+            Ok(OpenedStore {
+                store: Arc::new(sqlite.clone()),
+                engine: "sqlite",
+                sqlite: Some(sqlite),
+            })
+        }
+    }
 }
 
 fn load(source: &ConfigSource) -> anyhow::Result<Config> {
@@ -200,6 +258,10 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Migrate { from, to } => {
+            let (from, to) = (migrate::parse_from(&from)?, migrate::parse_to(&to)?);
+            runtime.block_on(migrate::run(from, to))
+        }
         Command::ConfigReference => {
             print!("{}", config::schema::reference_table());
             Ok(())
@@ -211,7 +273,7 @@ fn main() -> anyhow::Result<()> {
                 overrides: Overrides { listen: None, data_dir },
             })?;
             runtime.block_on(async {
-                let store = open_store(&config, None)?;
+                let store = open_store(&config, None).await?.store;
                 let token = kabar_core::accounts::random_token(24);
                 store.create_registration_token(&token, uses, None).await?;
                 println!("{token}");
@@ -289,8 +351,9 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
     // The admin socket comes first: it also stops a second server on this data directory.
     let (admin_listener, admin_path) = admin::bind(&config.data_dir)?;
     let storage_metrics = metrics::StorageMetrics::new();
-    let sqlite = open_store(&config, Some(storage_metrics.clone()))?;
-    let store: Arc<dyn Store> = Arc::new(sqlite.clone());
+    let opened = open_store(&config, Some(storage_metrics.clone())).await?;
+    let store: Arc<dyn Store> = opened.store.clone();
+    tracing::info!(engine = opened.engine, "storage opened");
     let server_name = ruma::OwnedServerName::try_from(config.server_name.as_str())?;
     let key = store.signing_key(EventSigner::generate_key()).await?;
     let signer = Arc::new(EventSigner::new(server_name.clone(), &key, "kabar1")?);
@@ -492,6 +555,11 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
             listeners: listeners.clone(),
             metrics_listening: metrics_bound,
             started,
+            storage: admin::StorageStatus {
+                engine: opened.engine,
+                store: store.clone(),
+                applied: applier.applied(),
+            },
         },
     )?;
     println!("kabar admin socket at {}", admin_path.display());
@@ -522,7 +590,9 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
         tracing::warn!("requests still in flight after {deadline:?}; exiting (writes are durable once acknowledged)");
     }
     // Writes already queued still commit; nothing new is taken.
-    sqlite.close();
+    if let Some(sqlite) = &opened.sqlite {
+        sqlite.close();
+    }
     let _ = std::fs::remove_file(&admin_path);
     tracing::info!("shut down");
     Ok(())

@@ -74,14 +74,7 @@ async fn device_client(url: &str) -> Client {
 
 /// Every stored byte of the server's database (main file and write-ahead log).
 fn database_bytes(server: &Server) -> Vec<u8> {
-    let mut bytes = vec![];
-    for entry in std::fs::read_dir(server.data_dir()).unwrap() {
-        let path = entry.unwrap().path();
-        if path.file_name().unwrap().to_string_lossy().contains(".db") {
-            bytes.extend(std::fs::read(path).unwrap());
-        }
-    }
-    bytes
+    common::stored_bytes(server)
 }
 
 fn contains(haystack: &[u8], needle: &str) -> bool {

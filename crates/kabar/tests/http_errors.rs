@@ -384,6 +384,9 @@ async fn registration_needs_a_token_off_loopback_or_when_configured() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kabar"))
         .args(["create-registration-token", "--uses", "1", "--data-dir"])
         .arg(server.data_dir())
+        // The server's own configuration: it names the storage engine.
+        .arg("--config")
+        .arg(server.config_file())
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -479,13 +482,7 @@ async fn access_tokens_and_passwords_are_stored_only_as_hashes() {
     )
     .await;
     assert_eq!(s, 200);
-    let mut stored = Vec::new();
-    for entry in std::fs::read_dir(server.data_dir()).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_file() {
-            stored.extend(std::fs::read(path).unwrap());
-        }
-    }
+    let stored = common::stored_bytes(&server);
     assert!(!stored.is_empty());
     let contains = |needle: &[u8]| stored.windows(needle.len()).any(|w| w == needle);
     assert!(contains(b"@alice:localhost"), "the scan reads the database files");

@@ -307,6 +307,14 @@ fn check_value(setting: &Setting, value: &Spanned<DeValue<'_>>) -> Result<(), St
                 }
             }
         }
+        Kind::PostgresUrl => {
+            let s = string(value)?;
+            // Not echoed: the URL may hold a password.
+            let url = url::Url::parse(s).map_err(|e| format!("not a URL: {e}"))?;
+            if !matches!(url.scheme(), "postgres" | "postgresql") || url.host().is_none() {
+                return Err("must be a postgres:// URL with a host (postgres://user:password@host:port/database)".into());
+            }
+        }
         Kind::IpAddrs => {
             for item in strings(value)? {
                 if item.parse::<std::net::IpAddr>().is_err() {
@@ -390,6 +398,16 @@ fn overlaps(a: &SocketAddr, b: &SocketAddr) -> bool {
 pub fn check_whole(config: &Config, lines: &HashMap<String, usize>) -> Vec<Problem> {
     let at = |key: &str| lines.get(key).copied();
     let mut out = vec![];
+    if config.storage.engine == "postgres" && config.storage.postgres.url.is_none() {
+        out.push(
+            Problem::error(
+                "storage.postgres.url",
+                at("storage.engine"),
+                "storage.engine is \"postgres\" but no database is named",
+            )
+            .hint("set storage.postgres.url, for example \"postgres://kabar@127.0.0.1:5432/kabar\""),
+        );
+    }
     if config.listen.is_empty() {
         out.push(
             Problem::error("listen", at("listen"), "no listener left: clients could not reach the server")

@@ -39,6 +39,39 @@ pub struct Config {
     pub media: MediaConfig,
     pub user_directory: UserDirectoryConfig,
     pub voip: VoipConfig,
+    pub storage: StorageConfig,
+}
+
+/// Where the data lives: the embedded SQLite file in the data directory, or
+/// a PostgreSQL database.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub engine: String,
+    pub postgres: PostgresConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    pub pool_size: u32,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            engine: "sqlite".into(),
+            postgres: PostgresConfig::default(),
+        }
+    }
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self { url: None, pool_size: 16 }
+    }
 }
 
 /// `listen = "addr"` or `listen = ["addr", ...]`.
@@ -197,6 +230,7 @@ impl Default for Config {
             media: MediaConfig::default(),
             user_directory: UserDirectoryConfig::default(),
             voip: VoipConfig::default(),
+            storage: StorageConfig::default(),
         }
     }
 }

@@ -33,6 +33,8 @@ pub enum Kind {
     Localparts,
     /// A list of IP addresses.
     IpAddrs,
+    /// A `postgres://` URL; it may hold a password, so it is never shown.
+    PostgresUrl,
 }
 
 impl Kind {
@@ -53,7 +55,13 @@ impl Kind {
             Kind::TurnUris => "list of `turn:`/`turns:` URIs".into(),
             Kind::Localparts => "list of user names".into(),
             Kind::IpAddrs => "list of IP addresses".into(),
+            Kind::PostgresUrl => "`postgres://` URL (secret)".into(),
         }
+    }
+
+    /// Whether values of this kind are never shown in reports and logs.
+    pub fn is_secret(&self) -> bool {
+        matches!(self, Kind::Secret | Kind::PostgresUrl)
     }
 }
 
@@ -124,6 +132,27 @@ pub const SETTINGS: &[Setting] = &[
         "`\"./kabar-data\"`",
         Restart,
         "Holds `kabar.db` (SQLite), `media/` and the admin socket `admin.sock`. Must be writable.",
+    ),
+    setting(
+        "storage.engine",
+        Kind::OneOf(&["sqlite", "postgres"]),
+        "`\"sqlite\"`",
+        Restart,
+        "Where the data lives: `sqlite`, the embedded database `kabar.db` in the data directory; or `postgres`, the database at `storage.postgres.url` (which several Kabar processes may share). `kabar migrate` copies an embedded installation into PostgreSQL.",
+    ),
+    setting(
+        "storage.postgres.url",
+        Kind::PostgresUrl,
+        "unset",
+        Restart,
+        "The PostgreSQL database, e.g. `postgres://kabar:PASSWORD@db.example.org:5432/kabar`. Needed with `storage.engine = \"postgres\"`. The schema is created or migrated at start. Kabar starts only if the database answers; while it is down later, `/ready` says so and requests that need it get `503` with `Retry-After`, and service resumes by itself when it is back.",
+    ),
+    setting(
+        "storage.postgres.pool_size",
+        int(1, 1000),
+        "`16`",
+        Restart,
+        "Connections for reads (writes use one more, with group commit).",
     ),
     setting(
         "log",

@@ -20,6 +20,59 @@ use matrix_sdk::{
 /// off (the admission tests set their own).
 pub const HARNESS_CONFIG: &str = "[admission.register]\nper_address_per_minute = 0\n\n[admission.login]\nper_address_per_minute = 0\n";
 
+/// The engine the tests run on: the embedded store, or PostgreSQL when
+/// `KABAR_TEST_STORAGE=postgres` (the README's test command runs the suite
+/// both ways).
+pub fn on_postgres() -> bool {
+    std::env::var("KABAR_TEST_STORAGE").as_deref() == Ok("postgres")
+}
+
+/// The `[storage]` section a test server gets: none for the embedded store;
+/// on PostgreSQL, a database of the process's shared test cluster named
+/// after the data directory (so a restart on the same directory finds its
+/// data again).
+pub fn storage_toml(data_dir: &Path) -> String {
+    if !on_postgres() {
+        return String::new();
+    }
+    let cluster = kabar_store_postgres::test_cluster::TestCluster::shared().expect("start the test PostgreSQL cluster");
+    let url = cluster.ensure_database(&database_name(data_dir)).expect("create a test database");
+    format!("\n[storage]\nengine = \"postgres\"\n\n[storage.postgres]\nurl = \"{url}\"\npool_size = 4\n")
+}
+
+/// The name of the test database of a data directory (see [`storage_toml`]).
+fn database_name(data_dir: &Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    data_dir.hash(&mut h);
+    format!("kabar_{:016x}", h.finish())
+}
+
+/// Everything the server stored, as bytes: the SQLite files in its data
+/// directory, or a dump of its PostgreSQL database.
+pub fn stored_bytes(server: &Server) -> Vec<u8> {
+    if on_postgres() {
+        let cluster = kabar_store_postgres::test_cluster::TestCluster::shared().expect("test cluster");
+        return cluster.dump(&database_name(server.data_dir())).expect("pg_dump");
+    }
+    let mut bytes = vec![];
+    for entry in std::fs::read_dir(server.data_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap().to_string_lossy().contains(".db") {
+            bytes.extend(std::fs::read(path).unwrap());
+        }
+    }
+    bytes
+}
+
+/// Adds the test storage section to a configuration file that has none.
+fn add_storage(config: &Path, data_dir: &Path) {
+    let text = std::fs::read_to_string(config).unwrap_or_default();
+    if !text.contains("[storage") {
+        std::fs::write(config, format!("{text}\n{}", storage_toml(data_dir))).expect("write config");
+    }
+}
+
 pub struct Server {
     child: Child,
     pub url: String,
@@ -51,6 +104,7 @@ impl Server {
         };
         std::fs::write(&config, toml).expect("write config");
         let dir = tmp.path().join("data");
+        add_storage(&config, &dir);
         let mut s = Self::start_in(&dir, &["--config".into(), config.to_string_lossy().into_owned()]);
         s._tmp = Some(tmp);
         s
@@ -61,11 +115,18 @@ impl Server {
     pub fn start_in(dir: &Path, extra: &[String]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_kabar"));
         cmd.arg("serve");
-        if !extra.iter().any(|a| a == "--config") {
-            std::fs::create_dir_all(dir).expect("data directory");
-            let config = dir.join("harness.toml");
-            std::fs::write(&config, HARNESS_CONFIG).expect("write config");
-            cmd.arg("--config").arg(config);
+        match extra.iter().position(|a| a == "--config") {
+            None => {
+                std::fs::create_dir_all(dir).expect("data directory");
+                let config = dir.join("harness.toml");
+                std::fs::write(&config, format!("{HARNESS_CONFIG}{}", storage_toml(dir))).expect("write config");
+                cmd.arg("--config").arg(config);
+            }
+            Some(i) => {
+                if let Some(config) = extra.get(i + 1) {
+                    add_storage(Path::new(config), dir);
+                }
+            }
         }
         if !extra.iter().any(|a| a == "--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
@@ -83,6 +144,7 @@ impl Server {
     /// the one the file names. With `logs`, its log goes to that file, at
     /// the level the file's `log` sets.
     pub fn start_from_file(config: &Path, data_dir: &Path, logs: Option<&Path>) -> Self {
+        add_storage(config, data_dir);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_kabar"));
         cmd.arg("serve").arg("--config").arg(config);
         match logs {
@@ -124,6 +186,16 @@ impl Server {
 
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// The configuration file the harness wrote for this server (it names
+    /// the storage engine, for commands run beside the server).
+    pub fn config_file(&self) -> PathBuf {
+        let harness = self.data_dir.join("harness.toml");
+        if harness.exists() {
+            return harness;
+        }
+        self.data_dir.parent().map(|p| p.join("kabar.toml")).unwrap_or(harness)
     }
 
     /// Runs `kabar admin --data-dir <this server's> args...`.
@@ -268,6 +340,7 @@ pub fn http() -> reqwest::Client {
 
 /// A user of the Client-Server API over raw HTTP, for what an SDK would
 /// never send or hides from its caller (exact status codes, raw JSON).
+#[derive(Clone)]
 pub struct Api {
     pub url: String,
     pub token: String,
