@@ -9,6 +9,12 @@
 #
 # Sizes can be set through the environment (see the defaults below). Results
 # (JSON lines and the table) go to $WORK/results-<date>/.
+#
+#   PG_PORT=5432 bench/compare.sh    # both on PostgreSQL at 127.0.0.1:PG_PORT
+#
+# With PG_PORT, each run gets a new database on that server (user `kabar`,
+# allowed to create databases, trusted on loopback; the server's encoding
+# UTF8 with the C locale, as Synapse requires), Synapse with psycopg2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -49,6 +55,17 @@ if [ ! -x "$SYN/venv/bin/python" ] || ! "$SYN/venv/bin/python" -c 'import synaps
   "$SYN/venv/bin/pip" install -q --upgrade pip >&2
   "$SYN/venv/bin/pip" install -q matrix-synapse >&2
 fi
+if [ -n "${PG_PORT:-}" ] && ! "$SYN/venv/bin/python" -c 'import psycopg2' 2>/dev/null; then
+  log "installing Synapse's PostgreSQL driver"
+  "$SYN/venv/bin/pip" install -q "matrix-synapse[postgres]" >&2
+fi
+
+# A new, empty PostgreSQL database for one run (PG_PORT only); prints its name.
+new_database() {
+  local db="$1_$(date +%s%N)"
+  createdb -h 127.0.0.1 -p "$PG_PORT" -U kabar "$db"
+  echo "$db"
+}
 SYNAPSE_VERSION=$("$SYN/venv/bin/python" -c 'import synapse; print(synapse.__version__)')
 
 start_synapse() {
@@ -62,12 +79,17 @@ root: {level: WARNING, handlers: [file]}
 disable_existing_loggers: false
 YAML
   local unlimited='{per_second: 1000000, burst_count: 1000000}'
+  if [ -n "${PG_PORT:-}" ]; then
+    SYNAPSE_DATABASE="{name: psycopg2, args: {user: kabar, host: 127.0.0.1, port: $PG_PORT, database: $(new_database synapse), cp_min: 5, cp_max: 10}}"
+  else
+    SYNAPSE_DATABASE="{name: sqlite3, args: {database: $dir/homeserver.db}}"
+  fi
   cat > "$dir/homeserver.yaml" <<YAML
 server_name: localhost
 pid_file: $dir/homeserver.pid
 listeners:
   - {port: $SYNAPSE_PORT, bind_addresses: ['127.0.0.1'], type: http, tls: false, x_forwarded: false, resources: [{names: [client], compress: false}]}
-database: {name: sqlite3, args: {database: $dir/homeserver.db}}
+database: $SYNAPSE_DATABASE
 log_config: $dir/log.yaml
 media_store_path: $dir/media
 signing_key_path: $dir/signing.key
@@ -112,6 +134,10 @@ per_address_per_minute = 0
 [admission.login]
 per_address_per_minute = 0
 TOML
+  if [ -n "${PG_PORT:-}" ]; then
+    printf '[storage]\nengine = "postgres"\n\n[storage.postgres]\nurl = "postgres://kabar@127.0.0.1:%s/%s"\n' \
+      "$PG_PORT" "$(new_database kabar)" >> "$dir/kabar.toml"
+  fi
   "$KABAR" serve --config "$dir/kabar.toml" --listen "127.0.0.1:$KABAR_PORT" --data-dir "$dir/data" >"$dir/stdout.log" 2>"$dir/stderr.log" &
   SERVER_PID=$!
   wait_up "http://127.0.0.1:$KABAR_PORT"

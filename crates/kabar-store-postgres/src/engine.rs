@@ -89,6 +89,13 @@ impl Positions {
         p
     }
 
+    /// Gives back the position just allocated, which the write did not use.
+    pub(crate) fn release_last(&mut self, p: StreamPos) {
+        if self.next == p + 1 {
+            self.next = p;
+        }
+    }
+
     /// Notes an appended event (the events table is its record in the stream).
     pub(crate) fn event(&mut self, event: StoredEvent) {
         self.updates.push(StreamUpdate {
@@ -132,6 +139,11 @@ type FinishFn = Box<dyn FnOnce(StoreResult<()>) + Send>;
 struct WriteJob {
     run: RunFn,
     finish: FinishFn,
+    /// Run inside its own savepoint, so that its failure undoes only it.
+    /// A job that is one statement which fails only when the database does
+    /// (a message append) goes without: two round trips fewer, and if it
+    /// ever fails, the whole batch fails and nothing of it is kept.
+    savepoint: bool,
 }
 
 fn run_fn<F>(f: F) -> RunFn
@@ -187,6 +199,16 @@ impl Engine {
         self.committed.load(Ordering::Acquire)
     }
 
+    /// [`write`](Self::write) for a job of one statement whose only failure
+    /// is the database's (see `WriteJob::savepoint`).
+    pub(crate) async fn write_one_statement<R, F>(&self, f: F) -> StoreResult<R>
+    where
+        R: Send + 'static,
+        F: for<'c> FnOnce(&'c mut PgConnection, &'c mut Positions) -> BoxFuture<'c, StoreResult<R>> + Send + 'static,
+    {
+        self.submit(f, false).await
+    }
+
     /// Notes a head read from the database (another process's commits).
     pub(crate) fn saw_head(&self, head: StreamPos) {
         self.committed.fetch_max(head, Ordering::AcqRel);
@@ -207,6 +229,14 @@ impl Engine {
     /// Runs `f` on the writing connection inside the next group commit, and
     /// answers once that commit is durable.
     pub(crate) async fn write<R, F>(&self, f: F) -> StoreResult<R>
+    where
+        R: Send + 'static,
+        F: for<'c> FnOnce(&'c mut PgConnection, &'c mut Positions) -> BoxFuture<'c, StoreResult<R>> + Send + 'static,
+    {
+        self.submit(f, true).await
+    }
+
+    async fn submit<R, F>(&self, f: F, savepoint: bool) -> StoreResult<R>
     where
         R: Send + 'static,
         F: for<'c> FnOnce(&'c mut PgConnection, &'c mut Positions) -> BoxFuture<'c, StoreResult<R>> + Send + 'static,
@@ -235,7 +265,7 @@ impl Engine {
             let _ = tx.send(out);
         });
         self.writer
-            .send(WriteJob { run, finish })
+            .send(WriteJob { run, finish, savepoint })
             .map_err(|_| StoreError::Backend("the writer stopped".into()))?;
         let result = rx.await.map_err(|_| StoreError::Backend("the writer stopped".into()))?;
         self.observe(StoreOp::Write, started);
@@ -374,6 +404,14 @@ async fn run_batch(c: &mut PgConnection, batch: Vec<WriteJob>, finishes: &mut Ve
     };
     for job in jobs.by_ref() {
         finishes.push(job.finish);
+        if !job.savepoint {
+            if !(job.run)(c, &mut positions).await {
+                // Its statement failed, which aborted the transaction.
+                finishes.extend(jobs.map(|j| j.finish));
+                return Err(StoreError::Backend("a write failed; its batch was not committed".into()));
+            }
+            continue;
+        }
         let (before, updates_before) = (positions.next, positions.updates.len());
         if let Err(e) = sqlx::query("SAVEPOINT job").execute(&mut *c).await {
             finishes.extend(jobs.map(|j| j.finish));

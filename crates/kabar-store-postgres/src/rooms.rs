@@ -24,6 +24,71 @@ async fn room_head(c: &mut PgConnection, room_id: &str) -> StoreResult<StreamPos
     Ok(get::<i64>(&row, 0)? as StreamPos)
 }
 
+/// Whether an append is one statement: an event that is neither state nor
+/// a redaction touches no table but `events` (most of what is sent).
+fn is_plain(w: &EventWrite) -> bool {
+    w.pdu.state_key.is_none() && w.redacted_target.is_none()
+}
+
+/// Appends a plain event (see [`is_plain`]) in one statement: the
+/// transaction-id lookup, the room-head check and the insert together, so a
+/// message costs one round trip to the database.
+async fn insert_plain_event(c: &mut PgConnection, positions: &mut Positions, w: EventWrite) -> StoreResult<AppendOutcome> {
+    let pdu = &w.pdu;
+    let p = positions.allocate();
+    let (rel_to, rel_type) = match &w.relation {
+        Some((id, t)) => (Some(id.as_str()), Some(t.as_str())),
+        None => (None, None),
+    };
+    let row = sqlx::query(
+        "WITH dup AS (
+            SELECT event_id FROM events
+            WHERE $8::TEXT IS NOT NULL AND sender = $4 AND txn_device = $8 AND room_id = $3 AND txn_scope = $10 AND txn_id = $9
+         ), head AS (
+            SELECT COALESCE(MAX(pos), 0) AS h FROM events WHERE room_id = $3
+         ), ins AS (
+            INSERT INTO events (pos, event_id, room_id, sender, kind, state_key, json, txn_device, txn_id, txn_scope, relates_to, rel_type)
+            SELECT $1, $2, $3, $4, $5, NULL, $6, $8, $9, $10, $11, $12
+            WHERE NOT EXISTS (SELECT 1 FROM dup) AND ($7::BIGINT IS NULL OR (SELECT h FROM head) = $7)
+            RETURNING pos
+         )
+         SELECT (SELECT event_id FROM dup LIMIT 1), (SELECT h FROM head), (SELECT pos FROM ins)",
+    )
+    .bind(p as i64)
+    .bind(pdu.event_id.as_str())
+    .bind(pdu.room_id.as_str())
+    .bind(pdu.sender.as_str())
+    .bind(pdu.kind.to_string())
+    .bind(&*pdu.json)
+    .bind(w.expected_head.map(|h| h as i64))
+    .bind(w.txn.as_ref().map(|t| t.device_id.as_str()))
+    .bind(w.txn.as_ref().map(|t| t.txn_id.as_str()))
+    .bind(w.txn.as_ref().map(|t| t.scope.as_str()))
+    .bind(rel_to)
+    .bind(rel_type)
+    .fetch_one(&mut *c)
+    .await
+    .map_err(db_error(&format!("event {} exists", pdu.event_id)))?;
+    if let Some(existing) = get::<Option<String>>(&row, 0)? {
+        positions.release_last(p);
+        return Ok(AppendOutcome::Duplicate(parse(existing)?));
+    }
+    if get::<Option<i64>>(&row, 2)?.is_none() {
+        positions.release_last(p);
+        return Ok(AppendOutcome::HeadMoved {
+            head: get::<i64>(&row, 1)? as StreamPos,
+        });
+    }
+    positions.event(StoredEvent {
+        pos: p,
+        pdu: w.pdu,
+        txn: w.txn,
+        redacted_by: None,
+        prev: w.prev,
+    });
+    Ok(AppendOutcome::Appended(p))
+}
+
 /// Inserts one event and applies its effects, inside the batch.
 async fn insert_event(c: &mut PgConnection, positions: &mut Positions, w: EventWrite) -> StoreResult<AppendOutcome> {
     let pdu = &w.pdu;
@@ -232,6 +297,12 @@ impl RoomStore for PostgresStore {
     }
 
     async fn append_event(&self, event: EventWrite) -> StoreResult<AppendOutcome> {
+        if is_plain(&event) {
+            return self
+                .engine
+                .write_one_statement(move |c, positions| Box::pin(async move { insert_plain_event(c, positions, event).await }))
+                .await;
+        }
         self.engine
             .write(move |c, positions| Box::pin(async move { insert_event(c, positions, event).await }))
             .await
