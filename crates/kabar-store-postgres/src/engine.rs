@@ -106,17 +106,9 @@ impl Positions {
 
     /// Records a change that is not an event at `pos`, in the stream table.
     pub(crate) async fn change(&mut self, conn: &mut PgConnection, pos: StreamPos, change: Change) -> StoreResult<()> {
-        let (user, room, device): (Option<&str>, Option<&str>, Option<&str>) = match &change {
-            Change::Event(_) => return Err(StoreError::Backend("events are recorded by their row".into())),
-            Change::AccountData { user_id }
-            | Change::DeviceList { user_id }
-            | Change::Memberships { user_id }
-            | Change::Sessions { user_id } => (Some(user_id.as_str()), None, None),
-            Change::Receipt { room_id } => (None, Some(room_id.as_str()), None),
-            Change::OneTimeKeys { user_id, device_id } | Change::ToDevice { user_id, device_id } => {
-                (Some(user_id.as_str()), None, Some(device_id.as_str()))
-            }
-        };
+        let (user, room, device) = change
+            .record()
+            .ok_or_else(|| StoreError::Backend("events are recorded by their row".into()))?;
         sqlx::query("INSERT INTO stream_changes (pos, kind, user_id, room_id, device_id) VALUES ($1, $2, $3, $4, $5)")
             .bind(pos as i64)
             .bind(change.kind())
@@ -381,11 +373,14 @@ async fn writer_loop(
 async fn run_batch(c: &mut PgConnection, batch: Vec<WriteJob>, finishes: &mut Vec<FinishFn>) -> StoreResult<CommittedBatch> {
     let mut jobs = batch.into_iter();
     let begun = async {
-        sqlx::query("BEGIN").execute(&mut *c).await.map_err(backend)?;
-        let head: i64 = sqlx::query("SELECT pos FROM stream_head FOR UPDATE")
-            .fetch_one(&mut *c)
+        // One round trip for both: the simple-query protocol takes several
+        // statements at once.
+        let rows = sqlx::Executor::fetch_all(&mut *c, "BEGIN; SELECT pos FROM stream_head FOR UPDATE")
             .await
-            .map_err(backend)?
+            .map_err(backend)?;
+        let head: i64 = rows
+            .first()
+            .ok_or_else(|| StoreError::Corrupt("stream_head has no row".into()))?
             .try_get(0)
             .map_err(corrupt)?;
         Ok::<_, StoreError>(head as StreamPos)
@@ -432,14 +427,14 @@ async fn run_batch(c: &mut PgConnection, batch: Vec<WriteJob>, finishes: &mut Ve
         }
     }
     let last = positions.next - 1;
-    if last > head {
-        sqlx::query("UPDATE stream_head SET pos = $1")
-            .bind(last as i64)
-            .execute(&mut *c)
-            .await
-            .map_err(backend)?;
-    }
-    sqlx::query("COMMIT").execute(&mut *c).await.map_err(backend)?;
+    // The head moves in the committing transaction, in the same round trip
+    // as the commit (the text holds only our own integer).
+    let commit = if last > head {
+        format!("UPDATE stream_head SET pos = {last}; COMMIT")
+    } else {
+        "COMMIT".to_owned()
+    };
+    sqlx::Executor::execute(&mut *c, commit.as_str()).await.map_err(backend)?;
     let mut updates = positions.updates;
     updates.sort_by_key(|u| u.pos);
     Ok(CommittedBatch {
