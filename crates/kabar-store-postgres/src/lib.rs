@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use engine::{Engine, backend, corrupt, db_error};
 use kabar_domain::Pdu;
 use kabar_store::*;
-use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, UserId};
+use ruma::{OwnedEventId, OwnedRoomId, UserId};
 use sqlx::{Row, postgres::PgRow};
 
 /// The PostgreSQL implementation of [`Store`].
@@ -120,29 +120,11 @@ fn user_from_row(row: &PgRow) -> StoreResult<UserRecord> {
 }
 
 fn change_from_row(row: &PgRow) -> StoreResult<StreamUpdate> {
-    let pos = get::<i64>(row, 0)? as StreamPos;
     let kind: String = get(row, 1)?;
-    let user = || -> StoreResult<OwnedUserId> { parse(get::<Option<String>>(row, 2)?.unwrap_or_default()) };
-    let device = || -> StoreResult<String> { Ok(get::<Option<String>>(row, 4)?.unwrap_or_default()) };
-    let change = match kind.as_str() {
-        "account_data" => Change::AccountData { user_id: user()? },
-        "receipt" => Change::Receipt {
-            room_id: parse(get::<Option<String>>(row, 3)?.unwrap_or_default())?,
-        },
-        "device_list" => Change::DeviceList { user_id: user()? },
-        "one_time_keys" => Change::OneTimeKeys {
-            user_id: user()?,
-            device_id: device()?,
-        },
-        "to_device" => Change::ToDevice {
-            user_id: user()?,
-            device_id: device()?,
-        },
-        "memberships" => Change::Memberships { user_id: user()? },
-        "sessions" => Change::Sessions { user_id: user()? },
-        other => return Err(corrupt(format!("unknown stream change kind {other}"))),
-    };
-    Ok(StreamUpdate { pos, change })
+    Ok(StreamUpdate {
+        pos: get::<i64>(row, 0)? as StreamPos,
+        change: Change::from_record(&kind, get(row, 2)?, get(row, 3)?, get(row, 4)?).map_err(corrupt)?,
+    })
 }
 
 #[async_trait]
@@ -196,28 +178,7 @@ impl StreamStore for PostgresStore {
             )
             .await?;
         let changes: Vec<StreamUpdate> = changes.iter().map(change_from_row).collect::<StoreResult<_>>()?;
-        let mut complete = head;
-        if events.len() == limit {
-            complete = complete.min(events.last().map_or(head, |e| e.pos));
-        }
-        if changes.len() == limit {
-            complete = complete.min(changes.last().map_or(head, |u| u.pos.saturating_sub(1)).max(after));
-        }
-        let mut updates: Vec<StreamUpdate> = events
-            .into_iter()
-            .map(|e| StreamUpdate {
-                pos: e.pos,
-                change: Change::Event(Arc::new(e)),
-            })
-            .chain(changes)
-            .filter(|u| u.pos <= complete)
-            .collect();
-        updates.sort_by_key(|u| u.pos);
-        Ok(CommittedBatch {
-            after,
-            head: complete,
-            updates,
-        })
+        Ok(replay_batch(after, head, limit, events, changes))
     }
 
     fn set_commit_listener(&self, listener: Arc<dyn CommitListener>) {

@@ -63,17 +63,9 @@ impl Positions {
 
     /// Records a change that is not an event at `pos`, in the stream table.
     pub(crate) fn change(&mut self, conn: &Connection, pos: StreamPos, change: Change) -> StoreResult<()> {
-        let (user, room, device): (Option<&str>, Option<&str>, Option<&str>) = match &change {
-            Change::Event(_) => return Err(StoreError::Backend("events are recorded by their row".into())),
-            Change::AccountData { user_id }
-            | Change::DeviceList { user_id }
-            | Change::Memberships { user_id }
-            | Change::Sessions { user_id } => (Some(user_id.as_str()), None, None),
-            Change::Receipt { room_id } => (None, Some(room_id.as_str()), None),
-            Change::OneTimeKeys { user_id, device_id } | Change::ToDevice { user_id, device_id } => {
-                (Some(user_id.as_str()), None, Some(device_id.as_str()))
-            }
-        };
+        let (user, room, device) = change
+            .record()
+            .ok_or_else(|| StoreError::Backend("events are recorded by their row".into()))?;
         exec(
             conn,
             "INSERT INTO stream_changes (pos, kind, user_id, room_id, device_id) VALUES (?1, ?2, ?3, ?4, ?5)",

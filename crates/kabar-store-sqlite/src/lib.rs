@@ -952,30 +952,7 @@ impl StreamStore for SqliteStore {
                     .map_err(backend)?
                     .collect::<Result<_, _>>()
                     .map_err(corrupt)?;
-                // A list cut by the limit is complete only up to its last
-                // position (several changes may share the last one: drop it).
-                let mut complete = head;
-                if events.len() == limit {
-                    complete = complete.min(events.last().map_or(head, |e| e.pos));
-                }
-                if changes.len() == limit {
-                    complete = complete.min(changes.last().map_or(head, |u| u.pos.saturating_sub(1)).max(after));
-                }
-                let mut updates: Vec<StreamUpdate> = events
-                    .into_iter()
-                    .map(|e| StreamUpdate {
-                        pos: e.pos,
-                        change: Change::Event(Arc::new(e)),
-                    })
-                    .chain(changes)
-                    .filter(|u| u.pos <= complete)
-                    .collect();
-                updates.sort_by_key(|u| u.pos);
-                Ok(CommittedBatch {
-                    after,
-                    head: complete,
-                    updates,
-                })
+                Ok(replay_batch(after, head, limit, events, changes))
             })
             .await
     }
@@ -986,35 +963,13 @@ impl StreamStore for SqliteStore {
 }
 
 fn change_from_row(r: &Row<'_>) -> rusqlite::Result<StreamUpdate> {
-    let pos = r.get::<_, i64>(0)? as StreamPos;
     let kind: String = r.get(1)?;
-    let user = || -> rusqlite::Result<OwnedUserId> { parse(r.get::<_, Option<String>>(2)?.unwrap_or_default()) };
-    let device = || -> rusqlite::Result<String> { Ok(r.get::<_, Option<String>>(4)?.unwrap_or_default()) };
-    let change = match kind.as_str() {
-        "account_data" => Change::AccountData { user_id: user()? },
-        "receipt" => Change::Receipt {
-            room_id: parse(r.get::<_, Option<String>>(3)?.unwrap_or_default())?,
-        },
-        "device_list" => Change::DeviceList { user_id: user()? },
-        "one_time_keys" => Change::OneTimeKeys {
-            user_id: user()?,
-            device_id: device()?,
-        },
-        "to_device" => Change::ToDevice {
-            user_id: user()?,
-            device_id: device()?,
-        },
-        "memberships" => Change::Memberships { user_id: user()? },
-        "sessions" => Change::Sessions { user_id: user()? },
-        other => {
-            return Err(rusqlite::Error::FromSqlConversionFailure(
-                1,
-                rusqlite::types::Type::Text,
-                format!("unknown stream change kind {other}").into(),
-            ));
-        }
-    };
-    Ok(StreamUpdate { pos, change })
+    let change = Change::from_record(&kind, r.get(2)?, r.get(3)?, r.get(4)?)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, e.into()))?;
+    Ok(StreamUpdate {
+        pos: r.get::<_, i64>(0)? as StreamPos,
+        change,
+    })
 }
 
 #[async_trait]

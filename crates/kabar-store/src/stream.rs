@@ -57,6 +57,82 @@ impl Change {
             Change::Sessions { .. } => "sessions",
         }
     }
+
+    /// What a change that is not an event is recorded under: its user,
+    /// room and device (`None` for an event, whose row is its record).
+    pub fn record(&self) -> Option<(Option<&str>, Option<&str>, Option<&str>)> {
+        Some(match self {
+            Change::Event(_) => return None,
+            Change::AccountData { user_id }
+            | Change::DeviceList { user_id }
+            | Change::Memberships { user_id }
+            | Change::Sessions { user_id } => (Some(user_id.as_str()), None, None),
+            Change::Receipt { room_id } => (None, Some(room_id.as_str()), None),
+            Change::OneTimeKeys { user_id, device_id } | Change::ToDevice { user_id, device_id } => {
+                (Some(user_id.as_str()), None, Some(device_id.as_str()))
+            }
+        })
+    }
+
+    /// A change read back from its record (see [`record`](Self::record)).
+    pub fn from_record(kind: &str, user: Option<String>, room: Option<String>, device: Option<String>) -> Result<Change, String> {
+        let user = || OwnedUserId::try_from(user.clone().unwrap_or_default()).map_err(|e| format!("{kind}: {e}"));
+        let device = || device.clone().unwrap_or_default();
+        Ok(match kind {
+            "account_data" => Change::AccountData { user_id: user()? },
+            "receipt" => Change::Receipt {
+                room_id: OwnedRoomId::try_from(room.clone().unwrap_or_default()).map_err(|e| format!("{kind}: {e}"))?,
+            },
+            "device_list" => Change::DeviceList { user_id: user()? },
+            "one_time_keys" => Change::OneTimeKeys {
+                user_id: user()?,
+                device_id: device(),
+            },
+            "to_device" => Change::ToDevice {
+                user_id: user()?,
+                device_id: device(),
+            },
+            "memberships" => Change::Memberships { user_id: user()? },
+            "sessions" => Change::Sessions { user_id: user()? },
+            other => return Err(format!("unknown stream change kind {other}")),
+        })
+    }
+}
+
+/// A replay's answer from what an engine read after `after` and up to
+/// `head`: at most `limit` events and at most `limit` other changes, each in
+/// position order. A list the limit cut is complete only up to its last
+/// position (for changes, the one before it: several may share it), and
+/// the answer stops there.
+pub fn replay_batch(
+    after: StreamPos,
+    head: StreamPos,
+    limit: usize,
+    events: Vec<StoredEvent>,
+    changes: Vec<StreamUpdate>,
+) -> CommittedBatch {
+    let mut complete = head;
+    if events.len() == limit {
+        complete = complete.min(events.last().map_or(head, |e| e.pos));
+    }
+    if changes.len() == limit {
+        complete = complete.min(changes.last().map_or(head, |u| u.pos.saturating_sub(1)).max(after));
+    }
+    let mut updates: Vec<StreamUpdate> = events
+        .into_iter()
+        .map(|e| StreamUpdate {
+            pos: e.pos,
+            change: Change::Event(Arc::new(e)),
+        })
+        .chain(changes)
+        .filter(|u| u.pos <= complete)
+        .collect();
+    updates.sort_by_key(|u| u.pos);
+    CommittedBatch {
+        after,
+        head: complete,
+        updates,
+    }
 }
 
 /// One change at its stream position. One write may make several changes at
