@@ -38,6 +38,8 @@ use tokio::sync::{mpsc, oneshot};
 /// Each entry brings the schema from its index's version to the next.
 const MIGRATIONS: &[&str] = &[include_str!("schema.sql")];
 const MAX_BATCH: usize = 512;
+/// How long the writer tries to reconnect before failing a batch.
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// An arbitrary number naming Kabar's migration lock among advisory locks.
 const MIGRATION_LOCK: i64 = 0x006b_6162_6172;
 
@@ -318,12 +320,18 @@ async fn writer_loop(
             }
         }
         if conn.is_none() {
-            match PgConnection::connect_with(&options).await {
-                Ok(c) => {
+            // Bounded: an unreachable host must not hold the writes queued
+            // behind this batch for a TCP timeout.
+            match tokio::time::timeout(RECONNECT_TIMEOUT, PgConnection::connect_with(&options)).await {
+                Ok(Ok(c)) => {
                     tracing::info!("the writing connection to PostgreSQL is back");
                     conn = Some(c);
                 }
-                Err(e) => {
+                outcome => {
+                    let e = match outcome {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("no answer within {RECONNECT_TIMEOUT:?}"),
+                    };
                     let message = format!("cannot connect to PostgreSQL: {e}");
                     for job in batch {
                         (job.finish)(Err(StoreError::Unavailable(message.clone())));
