@@ -585,13 +585,8 @@ mod tests {
             parallelism: 1,
         };
         let hasher = Arc::new(PasswordHasher::new(cost, pool, LoadMetrics::default().class("password_hashing")).unwrap());
-        let sessions = Arc::new(SessionCache::new());
-        let targets = crate::applier::ApplierTargets {
-            rooms: crate::room_cache::RoomCaches::new(store.clone()),
-            changes: crate::changes::Changes::new(store.current_position()),
-            sessions: sessions.clone(),
-            notifier: Arc::new(crate::notifier::Notifier::new()),
-        };
+        let targets = crate::applier::ApplierTargets::fresh(&store, Arc::new(crate::notifier::Notifier::new()));
+        let sessions = targets.sessions.clone();
         let applier = crate::applier::Applier::spawn(store.clone(), targets, std::time::Duration::from_secs(1));
         (
             Accounts::new(

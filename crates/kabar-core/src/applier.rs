@@ -50,6 +50,19 @@ pub struct ApplierTargets {
     pub notifier: Arc<Notifier>,
 }
 
+impl ApplierTargets {
+    /// Empty caches and trackers that know nothing before the store's
+    /// position now (everything older is read from the store when asked).
+    pub fn fresh(store: &Arc<dyn Store>, notifier: Arc<Notifier>) -> Self {
+        Self {
+            rooms: RoomCaches::new(store.clone()),
+            changes: Changes::new(store.current_position()),
+            sessions: Arc::new(SessionCache::new()),
+            notifier,
+        }
+    }
+}
+
 pub struct Applier {
     store: Arc<dyn Store>,
     targets: ApplierTargets,
@@ -331,16 +344,13 @@ mod tests {
     /// catch-up every `catch_up` (or when poked).
     fn node(store: &Arc<dyn Store>, listening: bool, catch_up: Duration) -> Node {
         let start = store.current_position();
-        let caches = RoomCaches::new(store.clone());
-        let changes = Changes::new(start);
-        let sessions = Arc::new(SessionCache::new());
-        let notifier = Arc::new(Notifier::new());
-        let targets = ApplierTargets {
-            rooms: caches.clone(),
-            changes: changes.clone(),
-            sessions: sessions.clone(),
-            notifier: notifier.clone(),
-        };
+        let targets = ApplierTargets::fresh(store, Arc::new(Notifier::new()));
+        let (caches, changes, sessions, notifier) = (
+            targets.rooms.clone(),
+            targets.changes.clone(),
+            targets.sessions.clone(),
+            targets.notifier.clone(),
+        );
         let applier = Applier::new(store.clone(), targets, start);
         if listening {
             store.set_commit_listener(applier.clone());

@@ -630,14 +630,8 @@ mod tests {
 
     async fn keys_service(dir: &std::path::Path) -> (Keys, Arc<dyn Store>) {
         let store: Arc<dyn Store> = Arc::new(kabar_store_sqlite::SqliteStore::open(&dir.join("db")).unwrap());
-        let changes = Changes::new(0);
-        let caches = crate::room_cache::RoomCaches::new(store.clone());
-        let targets = crate::applier::ApplierTargets {
-            rooms: caches.clone(),
-            changes: changes.clone(),
-            sessions: Arc::new(crate::sessions::SessionCache::new()),
-            notifier: Arc::new(Notifier::new()),
-        };
+        let targets = crate::applier::ApplierTargets::fresh(&store, Arc::new(Notifier::new()));
+        let (caches, changes) = (targets.rooms.clone(), targets.changes.clone());
         let applier = crate::applier::Applier::spawn(store.clone(), targets, Duration::from_secs(1));
         let signer = Arc::new(EventSigner::new(ruma::owned_server_name!("localhost"), &EventSigner::generate_key(), "k").unwrap());
         let limits = GateLimits {

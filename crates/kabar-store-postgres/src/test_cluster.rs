@@ -19,7 +19,6 @@ pub struct TestCluster {
     port: u16,
     /// `Some("postgres")` when the server must run as that user.
     run_as: Option<String>,
-    fsync: bool,
 }
 
 fn find_bin_dir() -> io::Result<PathBuf> {
@@ -63,15 +62,6 @@ impl TestCluster {
     /// A cluster tuned for tests: no fsync (the tests kill Kabar, never the
     /// machine).
     pub fn start() -> io::Result<Self> {
-        Self::start_with(false)
-    }
-
-    /// A cluster that makes commits durable, as a production one does (for benchmarks).
-    pub fn start_durable() -> io::Result<Self> {
-        Self::start_with(true)
-    }
-
-    fn start_with(fsync: bool) -> io::Result<Self> {
         let bin = find_bin_dir()?;
         let dir = tempfile::Builder::new().prefix("kabar-pg-").tempdir()?;
         let run_as = is_root().then(|| "postgres".to_owned());
@@ -86,7 +76,6 @@ impl TestCluster {
             bin,
             port: free_port()?,
             run_as,
-            fsync,
         };
         let data = cluster.data_dir();
         cluster.run(
@@ -135,10 +124,9 @@ impl TestCluster {
 
     fn pg_ctl_start(&self) -> io::Result<()> {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync={}",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off",
             self.port,
             self.dir.path().display(),
-            if self.fsync { "on" } else { "off" }
         );
         let data = self.data_dir();
         let log = self.dir.path().join("server.log");
@@ -168,10 +156,6 @@ impl TestCluster {
         self.pg_ctl_start()
     }
 
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
     /// The URL of database `name` (see [`create_database`](Self::create_database)).
     pub fn url(&self, name: &str) -> String {
         format!("postgres://kabar@127.0.0.1:{}/{name}", self.port)
@@ -193,14 +177,6 @@ impl TestCluster {
             return Err(io::Error::other(String::from_utf8_lossy(&output.stderr).into_owned()));
         }
         Ok(output.stdout)
-    }
-
-    pub fn log_path(&self) -> PathBuf {
-        self.dir.path().join("server.log")
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 }
 

@@ -25,7 +25,6 @@ use kabar_core::{
     accounts::Accounts,
     admission::{AddressSlots, Admission, NewcomerAdmission},
     applier::{Applier, ApplierTargets},
-    changes::Changes,
     ephemeral::Ephemeral,
     health::Readiness,
     key_backup::KeyBackups,
@@ -35,9 +34,7 @@ use kabar_core::{
     notifier::Notifier,
     password::{HashCost, HashPriority, HashingPool, PasswordHasher},
     push::PushRules,
-    room_cache::RoomCaches,
     rooms::Rooms,
-    sessions::SessionCache,
     sync::{SyncEngine, SyncSources},
     to_device::{SenderLimits, ToDevice},
     user_data::{DirectoryScope, UserData},
@@ -392,19 +389,9 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
     // The applier is the only path from a committed write (this process's
     // or another's on the same database) to the caches, trackers and
     // wake-ups below.
-    let changes = Changes::new(store.current_position());
-    let sessions = Arc::new(SessionCache::new());
-    let room_caches = RoomCaches::new(store.clone());
-    let applier = Applier::spawn(
-        store.clone(),
-        ApplierTargets {
-            rooms: room_caches.clone(),
-            changes: changes.clone(),
-            sessions: sessions.clone(),
-            notifier: notifier.clone(),
-        },
-        APPLIER_CATCH_UP,
-    );
+    let targets = ApplierTargets::fresh(&store, notifier.clone());
+    let (changes, sessions, room_caches) = (targets.changes.clone(), targets.sessions.clone(), targets.rooms.clone());
+    let applier = Applier::spawn(store.clone(), targets, APPLIER_CATCH_UP);
     let accounts = Arc::new(Accounts::new(
         store.clone(),
         hasher,

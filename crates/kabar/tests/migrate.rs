@@ -12,26 +12,11 @@ use matrix_sdk::{
     ruma::{api::client::room::create_room, events::room::message::RoomMessageEventContent},
 };
 
-fn write_config(dir: &std::path::Path, storage: &str) -> std::path::PathBuf {
-    let path = dir.join("kabar.toml");
-    let data = dir.join("data");
-    std::fs::write(
-        &path,
-        format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{}\n{storage}",
-            data.display(),
-            common::HARNESS_CONFIG
-        ),
-    )
-    .unwrap();
-    path
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_embedded_installation_moves_to_postgres_and_carries_on() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let config = write_config(tmp.path(), "[storage]\nengine = \"sqlite\"\n");
+    let config = common::config_in(tmp.path(), "[storage]\nengine = \"sqlite\"\n");
     let mut server = Server::start_from_file(&config, &data, None);
     let alice = registered(&server.url, "alice").await;
     let bob = registered(&server.url, "bob").await;
@@ -66,8 +51,7 @@ async fn an_embedded_installation_moves_to_postgres_and_carries_on() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("already holds data"));
 
     // A server on the copy, same data directory.
-    let storage = format!("[storage]\nengine = \"postgres\"\n\n[storage.postgres]\nurl = \"{url}\"\npool_size = 4\n");
-    let config = write_config(tmp.path(), &storage);
+    let config = common::config_in(tmp.path(), &common::postgres_storage(&url));
     let server = Server::start_from_file(&config, &data, None);
     let alice_again = Api {
         url: server.url.clone(),

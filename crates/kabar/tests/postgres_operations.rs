@@ -8,24 +8,10 @@ use std::time::{Duration, Instant};
 use common::{Api, Server, kabar};
 use kabar_store_postgres::test_cluster::TestCluster;
 
-fn config_with(dir: &std::path::Path, storage: &str) -> std::path::PathBuf {
-    let path = dir.join("kabar.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{}\n{storage}",
-            dir.join("data").display(),
-            common::HARNESS_CONFIG
-        ),
-    )
-    .unwrap();
-    path
-}
-
 #[test]
 fn check_config_reports_a_malformed_or_missing_database_url() {
     let tmp = tempfile::tempdir().unwrap();
-    let bad = config_with(
+    let bad = common::config_in(
         tmp.path(),
         "[storage]\nengine = \"postgres\"\n\n[storage.postgres]\nurl = \"db.example.org:5432\"\n",
     );
@@ -34,14 +20,14 @@ fn check_config_reports_a_malformed_or_missing_database_url() {
     assert!(!out.status.success(), "{report}");
     assert!(report.contains("storage.postgres.url"), "{report}");
 
-    let missing = config_with(tmp.path(), "[storage]\nengine = \"postgres\"\n");
+    let missing = common::config_in(tmp.path(), "[storage]\nengine = \"postgres\"\n");
     let out = kabar(&["check-config", "--config", missing.to_str().unwrap()]);
     let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!out.status.success(), "{report}");
     assert!(report.contains("no database is named"), "{report}");
 
     // A password in the URL is never echoed.
-    let secret = config_with(
+    let secret = common::config_in(
         tmp.path(),
         "[storage]\nengine = \"postgres\"\n\n[storage.postgres]\nurl = \"mysql://kabar:hunter2@db/kabar\"\n",
     );
@@ -56,7 +42,7 @@ fn serve_without_a_reachable_database_exits_with_one_clear_line() {
     let tmp = tempfile::tempdir().unwrap();
     // A port nobody listens on.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let config = config_with(
+    let config = common::config_in(
         tmp.path(),
         &format!("[storage]\nengine = \"postgres\"\n\n[storage.postgres]\nurl = \"postgres://kabar:hunter2@127.0.0.1:{port}/kabar\"\n"),
     );
@@ -86,10 +72,7 @@ async fn while_the_database_is_down_requests_get_503_and_service_resumes_by_itse
     let cluster = TestCluster::start().expect("start a PostgreSQL cluster");
     let url = cluster.create_database("outage").unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let config = config_with(
-        tmp.path(),
-        &format!("[storage]\nengine = \"postgres\"\n\n[storage.postgres]\nurl = \"{url}\"\npool_size = 4\n"),
-    );
+    let config = common::config_in(tmp.path(), &common::postgres_storage(&url));
     let server = Server::start_from_file(&config, &tmp.path().join("data"), None);
     let alice = Api::register(&server, "alice").await;
     let room = alice.create_room(serde_json::json!({})).await;

@@ -24,7 +24,7 @@ const CATCH_UP_BOUND: Duration = Duration::from_secs(2);
 fn two_servers(name: &str) -> (Server, Server) {
     let cluster = TestCluster::shared().expect("start the test PostgreSQL cluster");
     let url = cluster.ensure_database(name).expect("create the database");
-    let toml = format!("[storage]\nengine = \"postgres\"\n\n[storage.postgres]\nurl = \"{url}\"\npool_size = 4\n");
+    let toml = common::postgres_storage(&url);
     (Server::start_with_config(&toml), Server::start_with_config(&toml))
 }
 

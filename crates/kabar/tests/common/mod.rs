@@ -37,7 +37,28 @@ pub fn storage_toml(data_dir: &Path) -> String {
     }
     let cluster = kabar_store_postgres::test_cluster::TestCluster::shared().expect("start the test PostgreSQL cluster");
     let url = cluster.ensure_database(&database_name(data_dir)).expect("create a test database");
-    format!("\n[storage]\nengine = \"postgres\"\n\n[storage.postgres]\nurl = \"{url}\"\npool_size = 4\n")
+    format!("\n{}", postgres_storage(&url))
+}
+
+/// A `[storage]` section for the PostgreSQL database at `url`, with the
+/// small pool every test server gets (many run at once on one cluster).
+pub fn postgres_storage(url: &str) -> String {
+    format!("[storage]\nengine = \"postgres\"\n\n[storage.postgres]\nurl = \"{url}\"\npool_size = 4\n")
+}
+
+/// Writes `dir/kabar.toml`: listening on a free port, data in `dir/data`,
+/// [`HARNESS_CONFIG`], and `storage` (a `[storage]` section, or nothing).
+pub fn config_in(dir: &Path, storage: &str) -> PathBuf {
+    let path = dir.join("kabar.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{HARNESS_CONFIG}\n{storage}",
+            dir.join("data").display()
+        ),
+    )
+    .expect("write config");
+    path
 }
 
 /// The name of the test database of a data directory (see [`storage_toml`]).
