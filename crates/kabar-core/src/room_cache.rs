@@ -236,6 +236,17 @@ impl RoomCache {
 
     /// Builds the next event on top of the room's head and checks it against the
     /// current state. `room_id` is what goes in the event (none for a v12 create).
+    /// The room's newest applied event, which a new event is built on.
+    pub(crate) fn base(&self) -> Option<Base> {
+        self.head.first().map(|id| Base {
+            event_id: id.clone(),
+            depth: self.depth,
+        })
+    }
+
+    /// Builds an event on `on` (the room's newest event; `None` for the
+    /// first events of a new room), with its auth events from the cached
+    /// state, and checks it against the authorization rules.
     pub(crate) fn build_authorized(
         &self,
         signer: &EventSigner,
@@ -243,6 +254,7 @@ impl RoomCache {
         sender: &UserId,
         event: NewEvent,
         ts: MilliSecondsSinceUnixEpoch,
+        on: Option<&Base>,
     ) -> Result<Pdu> {
         let auth_rules = &self.rules.authorization;
         let content = raw(&event.content);
@@ -262,9 +274,9 @@ impl RoomCache {
             room_id,
             sender,
             event,
-            self.head.clone(),
+            on.map(|b| vec![b.event_id.clone()]).unwrap_or_default(),
             auth_events.iter().map(|p| p.event_id.clone()).collect(),
-            self.depth + 1,
+            on.map_or(0, |b| b.depth) + 1,
             ts,
         )?;
         let by_id: HashMap<&EventId, &Pdu> = auth_events.iter().copied().chain(create).map(|p| (&*p.event_id, p)).collect();
@@ -459,15 +471,44 @@ impl RoomCache {
     }
 }
 
-/// A room: its cached state behind a read-write lock, and the turn that
-/// serializes this process's writers.
+/// The event a new event is built on (its `prev_events` and depth).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Base {
+    pub(crate) event_id: OwnedEventId,
+    pub(crate) depth: u64,
+}
+
+/// This process's newest append to a room that is still being committed,
+/// when the next event may be built on it (see [`Room::next_base`]).
+#[derive(Default)]
+struct PipelineTip {
+    base: Option<Base>,
+    /// Counts the times the tip was dropped because an append in it did
+    /// not land: an event built in an older chain cannot drop a newer one.
+    chain: u64,
+}
+
+/// A room: its cached state behind a read-write lock, the turn that
+/// serializes this process's writers, and the tip of its appends in flight.
+///
+/// **Pipelined appends.** A writer takes the turn, builds its event on the
+/// room's newest event and queues the append (the store commits queued
+/// appends in order). An event that changes no state (neither a state
+/// event nor a redaction) gives the turn back as soon as it is queued and
+/// becomes the tip: the next writer builds on it while it is being
+/// committed, with the cached state, which it does not change. Each append
+/// names the event it was built on (`expected_head`), so if one does not
+/// land, none built on it does: their writers drop the tip and rebuild on
+/// the applied head. An event that changes state keeps the turn until it
+/// is applied, so that nothing is authorized against state without it.
 pub struct Room {
     cache: RwLock<RoomCache>,
-    /// Held by the one writer of this process appending to the room, across
-    /// the store write and until the applier has applied it. Writers in
-    /// other processes are kept off the same head by the store's
-    /// `expected_head` check instead.
+    /// Held by the one writer of this process building an event for the
+    /// room, until it is queued (an event that changes no state) or
+    /// applied (one that does). Writers in other processes are kept off the
+    /// same head by the store's `expected_head` check instead.
     writer: AsyncMutex<()>,
+    tip: Mutex<PipelineTip>,
     /// This process's appends to the room that started and are not yet
     /// applied (or failed): a woken sync lingers while there are some, so a
     /// burst of sends reaches it in one response.
@@ -496,6 +537,7 @@ impl Room {
         Self {
             cache: RwLock::new(cache),
             writer: AsyncMutex::new(()),
+            tip: Mutex::new(PipelineTip::default()),
             in_flight: watch::channel(0).0,
         }
     }
@@ -523,12 +565,63 @@ impl Room {
         self.cache.read().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Waits for the room's write turn: this process's appends are made one at a time.
+    /// Waits for the room's write turn: this process builds one event of a
+    /// room at a time.
     pub async fn write_turn(&self) -> WriteTurn<'_> {
         WriteTurn {
             room: self,
             _guard: self.writer.lock().await,
         }
+    }
+
+    fn tip(&self) -> std::sync::MutexGuard<'_, PipelineTip> {
+        self.tip.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// What the next event is built on, in the write turn: the tip of this
+    /// process's appends in flight, or else the newest applied event; and
+    /// the chain it belongs to.
+    pub(crate) fn next_base(&self, _turn: &WriteTurn<'_>, cache: &RoomCache) -> (Option<Base>, u64) {
+        let tip = self.tip();
+        (tip.base.clone().or_else(|| cache.base()), tip.chain)
+    }
+
+    /// Makes `event` the tip: the next event is built on it (in the turn,
+    /// once its append is queued).
+    pub(crate) fn extend_tip(&self, _turn: &WriteTurn<'_>, event: Base) {
+        self.tip().base = Some(event);
+    }
+
+    /// After `event` was applied: the applied head has caught up with the
+    /// tip if the tip was this event.
+    pub(crate) fn applied_tip(&self, event: &EventId) {
+        let mut tip = self.tip();
+        if tip.base.as_ref().is_some_and(|b| b.event_id == event) {
+            tip.base = None;
+        }
+    }
+
+    /// After an event that changes state was applied (built in the turn,
+    /// on the tip if there was one): the applied head is the newest event.
+    pub(crate) fn clear_tip(&self, _turn: &WriteTurn<'_>) {
+        self.tip().base = None;
+    }
+
+    /// An append of `chain` did not land, so neither will anything built on
+    /// it: in the write turn (`held`, or taken again), the next event is
+    /// built on the applied head, in a new chain. Returns the turn.
+    pub(crate) async fn not_landed<'a>(&'a self, held: Option<WriteTurn<'a>>, chain: u64) -> WriteTurn<'a> {
+        let turn = match held {
+            Some(turn) => turn,
+            None => self.write_turn().await,
+        };
+        let mut tip = self.tip();
+        if tip.chain == chain {
+            tip.base = None;
+            tip.chain += 1;
+        }
+        drop(tip);
+        turn
     }
 
     /// Applies a committed event; one the cache holds already is skipped.

@@ -39,7 +39,7 @@ use crate::{
     error::{Error, Result},
     filter::TimelineFilter,
     load::Gate,
-    room_cache::RoomCaches,
+    room_cache::{Base, RoomCaches},
 };
 
 /// How many times a send rebuilds its event on a head another process
@@ -257,12 +257,14 @@ impl Rooms {
         self.caches.get(room_id).await
     }
 
-    /// Builds, authorizes and stores one event in the caller's write turn,
-    /// and returns once the applier has applied it (so the next event is
-    /// built on it, and the sender's next sync sees it).
+    /// Builds, authorizes and stores one event, starting in the caller's
+    /// write turn, and returns once the applier has applied it (so the
+    /// sender's next sync sees it). An event that changes no state gives the
+    /// turn back once its append is queued, so the room's next event can be
+    /// built on it meanwhile (see [`Room`]'s pipelined appends).
     async fn append(
         &self,
-        turn: &WriteTurn<'_>,
+        turn: WriteTurn<'_>,
         sender: &UserId,
         event: NewEvent,
         txn: Option<TxnRef>,
@@ -270,6 +272,7 @@ impl Rooms {
         let room = turn.room;
         check_event_names(&event)?;
         let _in_flight = room.begin_append();
+        let changes_state = event.state_key.is_some() || event.redacts.is_some();
         let relation = relation_of(&event.content);
         let redacts = event.redacts.clone();
         let (room_id, version) = {
@@ -287,8 +290,13 @@ impl Rooms {
         let redacted_target = original
             .as_ref()
             .and_then(|o| redact_pdu(&o.pdu, &version).map(|json| (o.pdu.event_id.clone(), json)));
+        let mut turn = Some(turn);
         for _ in 0..MAX_HEAD_RETRIES {
-            let (pdu, prev, head) = {
+            let held = match turn.take() {
+                Some(t) => t,
+                None => room.write_turn().await,
+            };
+            let (pdu, prev, base, chain) = {
                 let r = room.read();
                 if let Some(original) = &original {
                     let pl = r.power_levels();
@@ -301,38 +309,63 @@ impl Rooms {
                         return Err(Error::Forbidden("you may not redact this event".into()));
                     }
                 }
-                let pdu = r.build_authorized(&self.signer, Some(&room_id), sender, event.clone(), now())?;
+                let (base, chain) = room.next_base(&held, &r);
+                let pdu = r.build_authorized(&self.signer, Some(&room_id), sender, event.clone(), now(), base.as_ref())?;
                 let prev = pdu
                     .state_key_pair()
                     .and_then(|(kind, key)| r.state(&kind, &key))
                     .map(StateEntry::as_prev);
-                (pdu, prev, r.last_pos)
+                (pdu, prev, base, chain)
             };
-            let event_id = pdu.event_id.clone();
-            let outcome = self
-                .store
-                .append_event(EventWrite {
-                    pdu,
-                    txn: txn.clone(),
-                    relation: relation.clone(),
-                    redacted_target: redacted_target.clone(),
-                    prev,
-                    expected_head: Some(head),
-                })
-                .await?;
-            match outcome {
-                AppendOutcome::Appended(pos) => {
+            let (event_id, depth) = (pdu.event_id.clone(), pdu.depth);
+            let queued = self.store.queue_append(EventWrite {
+                pdu,
+                txn: txn.clone(),
+                relation: relation.clone(),
+                redacted_target: redacted_target.clone(),
+                prev,
+                expected_head: base.map(|b| b.event_id),
+            });
+            let held = if changes_state {
+                Some(held)
+            } else {
+                room.extend_tip(
+                    &held,
+                    Base {
+                        event_id: event_id.clone(),
+                        depth,
+                    },
+                );
+                drop(held);
+                None
+            };
+            match queued.await {
+                Ok(AppendOutcome::Appended(pos)) => {
                     self.applied.reached(pos).await;
+                    match &held {
+                        Some(held) => room.clear_tip(held),
+                        None => room.applied_tip(&event_id),
+                    }
                     return Ok((event_id, pos));
                 }
-                AppendOutcome::Duplicate(id) => return Ok((id, 0)),
-                AppendOutcome::HeadMoved { head } => {
-                    // Another process appended first: apply its events, then
-                    // build again on the new head and check again.
+                Ok(AppendOutcome::Duplicate(id)) => {
+                    room.not_landed(held, chain).await;
+                    return Ok((id, 0));
+                }
+                Err(e) => {
+                    room.not_landed(held, chain).await;
+                    return Err(e.into());
+                }
+                Ok(AppendOutcome::HeadMoved { head }) => {
+                    let held = room.not_landed(held, chain).await;
+                    // Another process appended first (or an event this one
+                    // was built on did not land): apply what is committed,
+                    // then build again on the new head and check again.
                     tracing::debug!(room = %room_id, head, "room head moved; rebuilding the event");
                     if !self.applied.catch_up_to(head, CATCH_UP_WAIT).await {
                         return Err(Error::Unavailable("the room's newest events could not be read in time".into()));
                     }
+                    turn = Some(held);
                 }
             }
         }
@@ -346,7 +379,7 @@ impl Rooms {
     pub async fn send(&self, sender: &UserId, room_id: &RoomId, event: NewEvent, txn: Option<TxnRef>) -> Result<OwnedEventId> {
         let room = self.room(room_id).await?;
         let turn = room.write_turn().await;
-        match self.append(&turn, sender, event, txn.clone()).await {
+        match self.append(turn, sender, event, txn.clone()).await {
             Ok((event_id, _)) => Ok(event_id),
             Err(e) => {
                 // A retry of a send that succeeded gets the first event, even if
@@ -439,7 +472,7 @@ impl Rooms {
             return Ok(current.pdu.event_id.clone());
         }
         let ev = NewEvent::state("m.room.member", target.as_str(), Value::Object(content));
-        Ok(self.append(&turn, sender, ev, None).await?.0)
+        Ok(self.append(turn, sender, ev, None).await?.0)
     }
 
     /// Resolves a room id or alias to a room id.
@@ -692,8 +725,9 @@ impl Rooms {
             } else {
                 Some(room.record.room_id.clone())
             };
+            let base = room.base();
             let pdu = room
-                .build_authorized(&self.signer, target_room.as_deref(), creator, ev.clone(), created_at)
+                .build_authorized(&self.signer, target_room.as_deref(), creator, ev.clone(), created_at, base.as_ref())
                 .map_err(|e| match e {
                     Error::Forbidden(m) => Error::InvalidParam(format!("room creation event rejected: {m}")),
                     other => other,
@@ -749,7 +783,7 @@ impl Rooms {
                 let room = self.room(&m.room_id).await?;
                 let turn = room.write_turn().await;
                 let ev = NewEvent::state("m.room.member", user.as_str(), content.clone());
-                if let Err(e) = self.append(&turn, user, ev, None).await {
+                if let Err(e) = self.append(turn, user, ev, None).await {
                     tracing::warn!(room = %m.room_id, error = %e, "could not update profile in room");
                 }
             }

@@ -27,7 +27,8 @@ use std::{
 
 use futures::future::BoxFuture;
 use kabar_store::{
-    Change, CommitListener, CommittedBatch, StoreError, StoreObserver, StoreOp, StoreResult, StoredEvent, StreamPos, StreamUpdate,
+    AppendOutcome, Change, CommitListener, CommittedBatch, EventWrite, StoreError, StoreObserver, StoreOp, StoreResult, StoredEvent,
+    StreamPos, StreamUpdate,
 };
 use sqlx::{
     Connection, PgConnection, Row,
@@ -38,6 +39,8 @@ use tokio::sync::{mpsc, oneshot};
 /// Each entry brings the schema from its index's version to the next.
 const MIGRATIONS: &[&str] = &[include_str!("schema.sql")];
 const MAX_BATCH: usize = 512;
+/// At most this many consecutive plain appends are run together.
+const MAX_APPENDS_PER_RUN: usize = 256;
 /// How long the writer tries to reconnect before failing a batch.
 const RECONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// An arbitrary number naming Kabar's migration lock among advisory locks.
@@ -91,11 +94,9 @@ impl Positions {
         p
     }
 
-    /// Gives back the position just allocated, which the write did not use.
-    pub(crate) fn release_last(&mut self, p: StreamPos) {
-        if self.next == p + 1 {
-            self.next = p;
-        }
+    /// The position the next [`allocate`](Self::allocate) hands out.
+    pub(crate) fn peek(&self) -> StreamPos {
+        self.next
     }
 
     /// Notes an appended event (the events table is its record in the stream).
@@ -128,17 +129,27 @@ impl Positions {
 type RunFn = Box<dyn for<'c> FnOnce(&'c mut PgConnection, &'c mut Positions) -> BoxFuture<'c, bool> + Send>;
 type FinishFn = Box<dyn FnOnce(StoreResult<()>) + Send>;
 
-/// One write: `run` does it inside the batch (true if it succeeded);
-/// `finish` answers the caller with the commit's outcome.
+/// One write and how to answer its caller once its batch committed.
 struct WriteJob {
-    run: RunFn,
+    work: Work,
     finish: FinishFn,
-    /// Run inside its own savepoint, so that its failure undoes only it.
-    /// A job that is one statement which fails only when the database does
-    /// (a message append) goes without: two round trips fewer, and if it
-    /// ever fails, the whole batch fails and nothing of it is kept.
-    savepoint: bool,
 }
+
+enum Work {
+    /// Does the write inside the batch (true if it succeeded), in its own
+    /// savepoint, so that its failure undoes only it.
+    Run(RunFn),
+    /// A plain event append (neither state nor redaction). Consecutive ones
+    /// go to the database as one statement per layer ([`append_run`])
+    /// without savepoints: it fails
+    /// only when the database does, and then the whole batch fails and
+    /// nothing of it is kept. `outcome` gets the append's result before the
+    /// commit; `finish` answers with it once the commit is durable.
+    Append { write: Box<EventWrite>, outcome: OutcomeSlot },
+}
+
+/// Where an append's outcome waits for its commit.
+type OutcomeSlot = Arc<Mutex<Option<AppendOutcome>>>;
 
 fn run_fn<F>(f: F) -> RunFn
 where
@@ -193,14 +204,24 @@ impl Engine {
         self.committed.load(Ordering::Acquire)
     }
 
-    /// [`write`](Self::write) for a job of one statement whose only failure
-    /// is the database's (see `WriteJob::savepoint`).
-    pub(crate) async fn write_one_statement<R, F>(&self, f: F) -> StoreResult<R>
-    where
-        R: Send + 'static,
-        F: for<'c> FnOnce(&'c mut PgConnection, &'c mut Positions) -> BoxFuture<'c, StoreResult<R>> + Send + 'static,
-    {
-        self.submit(f, false).await
+    /// Queues a plain event append (see [`Work::Append`]) for the next
+    /// group commit before returning; the future answers once it is durable.
+    pub(crate) fn queue_plain(&self, write: EventWrite) -> impl Future<Output = StoreResult<AppendOutcome>> + Send + 'static {
+        let outcome = Arc::new(Mutex::new(None));
+        let answer = outcome.clone();
+        self.queue_job(
+            Work::Append {
+                write: Box::new(write),
+                outcome,
+            },
+            move || {
+                answer
+                    .lock()
+                    .ok()
+                    .and_then(|mut o| o.take())
+                    .ok_or_else(|| StoreError::Backend("the append never ran".into()))
+            },
+        )
     }
 
     /// Notes a head read from the database (another process's commits).
@@ -220,24 +241,24 @@ impl Engine {
         }
     }
 
-    /// Runs `f` on the writing connection inside the next group commit, and
-    /// answers once that commit is durable.
+    /// Runs `f` on the writing connection inside the next group commit (in
+    /// its own savepoint), and answers once that commit is durable.
     pub(crate) async fn write<R, F>(&self, f: F) -> StoreResult<R>
     where
         R: Send + 'static,
         F: for<'c> FnOnce(&'c mut PgConnection, &'c mut Positions) -> BoxFuture<'c, StoreResult<R>> + Send + 'static,
     {
-        self.submit(f, true).await
+        self.queue(f).await
     }
 
-    async fn submit<R, F>(&self, f: F, savepoint: bool) -> StoreResult<R>
+    /// [`write`](Self::write), queued before this returns (jobs run in the
+    /// order they were queued).
+    pub(crate) fn queue<R, F>(&self, f: F) -> impl Future<Output = StoreResult<R>> + Send + 'static
     where
         R: Send + 'static,
         F: for<'c> FnOnce(&'c mut PgConnection, &'c mut Positions) -> BoxFuture<'c, StoreResult<R>> + Send + 'static,
     {
-        let started = Instant::now();
         let slot: Arc<Mutex<Option<StoreResult<R>>>> = Arc::new(Mutex::new(None));
-        let (tx, rx) = oneshot::channel();
         let ran = slot.clone();
         let run = run_fn(move |c, p| {
             Box::pin(async move {
@@ -249,21 +270,40 @@ impl Engine {
                 ok
             })
         });
+        self.queue_job(Work::Run(run), move || {
+            slot.lock()
+                .ok()
+                .and_then(|mut s| s.take())
+                .unwrap_or_else(|| Err(StoreError::Backend("the write never ran".into())))
+        })
+    }
+
+    /// Sends `work` to the writer; once its batch committed, the future
+    /// answers with `result()` (what the work left behind), or with the
+    /// commit's error.
+    fn queue_job<R: Send + 'static>(
+        &self,
+        work: Work,
+        result: impl FnOnce() -> StoreResult<R> + Send + 'static,
+    ) -> impl Future<Output = StoreResult<R>> + Send + 'static {
+        let started = Instant::now();
+        let (tx, rx) = oneshot::channel();
         let finish: FinishFn = Box::new(move |commit| {
-            let result = slot.lock().ok().and_then(|mut s| s.take());
-            let out = match (commit, result) {
-                (Err(e), _) => Err(e),
-                (Ok(()), Some(r)) => r,
-                (Ok(()), None) => Err(StoreError::Backend("the write never ran".into())),
-            };
-            let _ = tx.send(out);
+            let _ = tx.send(commit.and_then(|()| result()));
         });
-        self.writer
-            .send(WriteJob { run, finish, savepoint })
-            .map_err(|_| StoreError::Backend("the writer stopped".into()))?;
-        let result = rx.await.map_err(|_| StoreError::Backend("the writer stopped".into()))?;
-        self.observe(StoreOp::Write, started);
-        result
+        let queued = self
+            .writer
+            .send(WriteJob { work, finish })
+            .map_err(|_| StoreError::Backend("the writer stopped".into()));
+        let observer = self.observer.clone();
+        async move {
+            queued?;
+            let result = rx.await.map_err(|_| StoreError::Backend("the writer stopped".into()))?;
+            if let Some(o) = &observer {
+                o.observe(StoreOp::Write, started.elapsed());
+            }
+            result
+        }
     }
 }
 
@@ -376,10 +416,38 @@ async fn writer_loop(
     }
 }
 
+/// Runs consecutive plain appends as few statements as their rooms allow:
+/// the first append of each room in one, the second of each in the next,
+/// and so on, so that a room's appends still run in the order they were
+/// queued and each sees the one before it (a room's next event is often
+/// built on the previous one, queued while it was being committed).
+async fn append_run(c: &mut PgConnection, positions: &mut Positions, run: Vec<(EventWrite, OutcomeSlot)>) -> StoreResult<()> {
+    let mut per_room: std::collections::HashMap<ruma::OwnedRoomId, usize> = std::collections::HashMap::new();
+    let mut layers: Vec<Vec<(EventWrite, OutcomeSlot)>> = vec![];
+    for (write, slot) in run {
+        let seen = per_room.entry(write.pdu.room_id.clone()).or_default();
+        if layers.len() <= *seen {
+            layers.push(vec![]);
+        }
+        layers[*seen].push((write, slot));
+        *seen += 1;
+    }
+    for layer in layers {
+        let (writes, slots): (Vec<_>, Vec<_>) = layer.into_iter().unzip();
+        let outcomes = crate::rooms::insert_plain_events(c, positions, writes).await?;
+        for (slot, outcome) in slots.into_iter().zip(outcomes) {
+            if let Ok(mut s) = slot.lock() {
+                *s = Some(outcome);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs one batch in one transaction; `finishes` gets every job's answer
 /// function, to be called with the commit's outcome.
 async fn run_batch(c: &mut PgConnection, batch: Vec<WriteJob>, finishes: &mut Vec<FinishFn>) -> StoreResult<CommittedBatch> {
-    let mut jobs = batch.into_iter();
+    let jobs = batch.into_iter();
     let begun = async {
         // One round trip for both: the simple-query protocol takes several
         // statements at once.
@@ -405,22 +473,36 @@ async fn run_batch(c: &mut PgConnection, batch: Vec<WriteJob>, finishes: &mut Ve
         next: head + 1,
         updates: vec![],
     };
-    for job in jobs.by_ref() {
+    let mut jobs = jobs.peekable();
+    while let Some(job) = jobs.next() {
         finishes.push(job.finish);
-        if !job.savepoint {
-            if !(job.run)(c, &mut positions).await {
-                // Its statement failed, which aborted the transaction.
-                finishes.extend(jobs.map(|j| j.finish));
-                return Err(StoreError::Backend("a write failed; its batch was not committed".into()));
+        let run = match job.work {
+            Work::Run(run) => run,
+            Work::Append { write, outcome } => {
+                // This append and the appends right after it.
+                let mut run = vec![(*write, outcome)];
+                while run.len() < MAX_APPENDS_PER_RUN
+                    && let Some(next) = jobs.next_if(|j| matches!(j.work, Work::Append { .. }))
+                {
+                    finishes.push(next.finish);
+                    if let Work::Append { write, outcome } = next.work {
+                        run.push((*write, outcome));
+                    }
+                }
+                if let Err(e) = append_run(c, &mut positions, run).await {
+                    // The statement failed, which aborted the transaction.
+                    finishes.extend(jobs.map(|j| j.finish));
+                    return Err(e);
+                }
+                continue;
             }
-            continue;
-        }
+        };
         let (before, updates_before) = (positions.next, positions.updates.len());
         if let Err(e) = sqlx::query("SAVEPOINT job").execute(&mut *c).await {
             finishes.extend(jobs.map(|j| j.finish));
             return Err(backend(e));
         }
-        let ok = (job.run)(c, &mut positions).await;
+        let ok = run(c, &mut positions).await;
         if !ok {
             positions.next = before;
             positions.updates.truncate(updates_before);

@@ -14,14 +14,17 @@ use crate::{
 const EVENT_BY_TXN: &str =
     "SELECT event_id FROM events WHERE sender = $1 AND txn_device = $2 AND room_id = $3 AND txn_scope = $4 AND txn_id = $5";
 
-/// The position of the room's newest event (0 for none).
-async fn room_head(c: &mut PgConnection, room_id: &str) -> StoreResult<StreamPos> {
-    let row = sqlx::query("SELECT COALESCE(MAX(pos), 0) FROM events WHERE room_id = $1")
+/// The position and id of the room's newest event (0 and `None` for none).
+async fn room_head(c: &mut PgConnection, room_id: &str) -> StoreResult<(StreamPos, Option<String>)> {
+    let row = sqlx::query("SELECT pos, event_id FROM events WHERE room_id = $1 ORDER BY pos DESC LIMIT 1")
         .bind(room_id)
-        .fetch_one(&mut *c)
+        .fetch_optional(&mut *c)
         .await
         .map_err(backend)?;
-    Ok(get::<i64>(&row, 0)? as StreamPos)
+    match row {
+        Some(row) => Ok((get::<i64>(&row, 0)? as StreamPos, Some(get(&row, 1)?))),
+        None => Ok((0, None)),
+    }
 }
 
 /// Whether an append is one statement: an event that is neither state nor
@@ -30,63 +33,104 @@ fn is_plain(w: &EventWrite) -> bool {
     w.pdu.state_key.is_none() && w.redacted_target.is_none()
 }
 
-/// Appends a plain event (see [`is_plain`]) in one statement: the
-/// transaction-id lookup, the room-head check and the insert together, so a
-/// message costs one round trip to the database.
-async fn insert_plain_event(c: &mut PgConnection, positions: &mut Positions, w: EventWrite) -> StoreResult<AppendOutcome> {
-    let pdu = &w.pdu;
-    let p = positions.allocate();
-    let (rel_to, rel_type) = match &w.relation {
-        Some((id, t)) => (Some(id.as_str()), Some(t.as_str())),
-        None => (None, None),
-    };
-    let row = sqlx::query(
-        "WITH dup AS (
-            SELECT event_id FROM events
-            WHERE $8::TEXT IS NOT NULL AND sender = $4 AND txn_device = $8 AND room_id = $3 AND txn_scope = $10 AND txn_id = $9
-         ), head AS (
-            SELECT COALESCE(MAX(pos), 0) AS h FROM events WHERE room_id = $3
+/// Appends plain events (see [`is_plain`]) of different rooms in one
+/// statement: for each, the transaction-id lookup, the room-head check and
+/// the insert, so a batch of messages costs one round trip to the database.
+/// The accepted ones take the batch's next positions in order; the others
+/// take none. One outcome per write, in order.
+pub(crate) async fn insert_plain_events(
+    c: &mut PgConnection,
+    positions: &mut Positions,
+    writes: Vec<EventWrite>,
+) -> StoreResult<Vec<AppendOutcome>> {
+    let n = writes.len();
+    let mut event_ids = Vec::with_capacity(n);
+    let mut room_ids = Vec::with_capacity(n);
+    let mut senders = Vec::with_capacity(n);
+    let mut kinds = Vec::with_capacity(n);
+    let mut jsons = Vec::with_capacity(n);
+    let mut expected = Vec::with_capacity(n);
+    let (mut txn_devices, mut txn_ids, mut txn_scopes) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut relates_to, mut rel_types) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for w in &writes {
+        event_ids.push(w.pdu.event_id.as_str());
+        room_ids.push(w.pdu.room_id.as_str());
+        senders.push(w.pdu.sender.as_str());
+        kinds.push(w.pdu.kind.to_string());
+        jsons.push(&*w.pdu.json);
+        expected.push(w.expected_head.as_ref().map(|h| h.as_str()));
+        txn_devices.push(w.txn.as_ref().map(|t| t.device_id.as_str()));
+        txn_ids.push(w.txn.as_ref().map(|t| t.txn_id.as_str()));
+        txn_scopes.push(w.txn.as_ref().map(|t| t.scope.as_str()));
+        relates_to.push(w.relation.as_ref().map(|(id, _)| id.as_str()));
+        rel_types.push(w.relation.as_ref().map(|(_, t)| t.as_str()));
+    }
+    let rows = sqlx::query(
+        "WITH input AS (
+            SELECT * FROM unnest($2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[],
+                                 $8::TEXT[], $9::TEXT[], $10::TEXT[], $11::TEXT[], $12::TEXT[])
+            WITH ORDINALITY AS i(event_id, room_id, sender, kind, json, expected, txn_device, txn_id, txn_scope, relates_to, rel_type, ord)
+         ), checked AS (
+            SELECT i.*,
+                (SELECT e.event_id FROM events e
+                 WHERE i.txn_device IS NOT NULL AND e.sender = i.sender AND e.txn_device = i.txn_device
+                   AND e.room_id = i.room_id AND e.txn_scope = i.txn_scope AND e.txn_id = i.txn_id) AS dup,
+                COALESCE(h.pos, 0) AS head, h.event_id AS head_id
+            FROM input i
+            LEFT JOIN LATERAL (SELECT e.pos, e.event_id FROM events e WHERE e.room_id = i.room_id ORDER BY e.pos DESC LIMIT 1) h ON TRUE
+         ), accepted AS (
+            SELECT c.*, $1::BIGINT + ROW_NUMBER() OVER (ORDER BY c.ord) - 1 AS pos FROM checked c
+            WHERE c.dup IS NULL AND (c.expected IS NULL OR c.head_id = c.expected)
          ), ins AS (
             INSERT INTO events (pos, event_id, room_id, sender, kind, state_key, json, txn_device, txn_id, txn_scope, relates_to, rel_type)
-            SELECT $1, $2, $3, $4, $5, NULL, $6, $8, $9, $10, $11, $12
-            WHERE NOT EXISTS (SELECT 1 FROM dup) AND ($7::BIGINT IS NULL OR (SELECT h FROM head) = $7)
-            RETURNING pos
+            SELECT pos, event_id, room_id, sender, kind, NULL, json, txn_device, txn_id, txn_scope, relates_to, rel_type FROM accepted
          )
-         SELECT (SELECT event_id FROM dup LIMIT 1), (SELECT h FROM head), (SELECT pos FROM ins)",
+         SELECT c.dup, c.head, a.pos FROM checked c LEFT JOIN accepted a ON a.ord = c.ord ORDER BY c.ord",
     )
-    .bind(p as i64)
-    .bind(pdu.event_id.as_str())
-    .bind(pdu.room_id.as_str())
-    .bind(pdu.sender.as_str())
-    .bind(pdu.kind.to_string())
-    .bind(&*pdu.json)
-    .bind(w.expected_head.map(|h| h as i64))
-    .bind(w.txn.as_ref().map(|t| t.device_id.as_str()))
-    .bind(w.txn.as_ref().map(|t| t.txn_id.as_str()))
-    .bind(w.txn.as_ref().map(|t| t.scope.as_str()))
-    .bind(rel_to)
-    .bind(rel_type)
-    .fetch_one(&mut *c)
+    .bind(positions.peek() as i64)
+    .bind(&event_ids)
+    .bind(&room_ids)
+    .bind(&senders)
+    .bind(&kinds)
+    .bind(&jsons)
+    .bind(&expected)
+    .bind(&txn_devices)
+    .bind(&txn_ids)
+    .bind(&txn_scopes)
+    .bind(&relates_to)
+    .bind(&rel_types)
+    .fetch_all(&mut *c)
     .await
-    .map_err(db_error(&format!("event {} exists", pdu.event_id)))?;
-    if let Some(existing) = get::<Option<String>>(&row, 0)? {
-        positions.release_last(p);
-        return Ok(AppendOutcome::Duplicate(parse(existing)?));
+    .map_err(db_error("an event of this batch exists"))?;
+    if rows.len() != n {
+        return Err(StoreError::Corrupt(format!("{n} appends answered with {} rows", rows.len())));
     }
-    if get::<Option<i64>>(&row, 2)?.is_none() {
-        positions.release_last(p);
-        return Ok(AppendOutcome::HeadMoved {
-            head: get::<i64>(&row, 1)? as StreamPos,
+    let mut outcomes = Vec::with_capacity(n);
+    for (w, row) in writes.into_iter().zip(rows) {
+        if let Some(existing) = get::<Option<String>>(&row, 0)? {
+            outcomes.push(AppendOutcome::Duplicate(parse(existing)?));
+            continue;
+        }
+        let Some(at) = get::<Option<i64>>(&row, 2)? else {
+            outcomes.push(AppendOutcome::HeadMoved {
+                head: get::<i64>(&row, 1)? as StreamPos,
+            });
+            continue;
+        };
+        let p = positions.allocate();
+        if p != at as StreamPos {
+            return Err(StoreError::Corrupt(format!("an append landed at {at}, expected {p}")));
+        }
+        positions.event(StoredEvent {
+            pos: p,
+            pdu: w.pdu,
+            txn: w.txn,
+            redacted_by: None,
+            prev: w.prev,
         });
+        outcomes.push(AppendOutcome::Appended(p));
     }
-    positions.event(StoredEvent {
-        pos: p,
-        pdu: w.pdu,
-        txn: w.txn,
-        redacted_by: None,
-        prev: w.prev,
-    });
-    Ok(AppendOutcome::Appended(p))
+    Ok(outcomes)
 }
 
 /// Inserts one event and applies its effects, inside the batch.
@@ -106,11 +150,11 @@ async fn insert_event(c: &mut PgConnection, positions: &mut Positions, w: EventW
             return Ok(AppendOutcome::Duplicate(parse(get(&row, 0)?)?));
         }
     }
-    if let Some(expected) = w.expected_head {
+    if let Some(expected) = &w.expected_head {
         // Under the stream-head lock every process's batches run one at a
         // time, so the head read here is the head the insert lands on.
-        let head = room_head(c, pdu.room_id.as_str()).await?;
-        if head != expected {
+        let (head, newest) = room_head(c, pdu.room_id.as_str()).await?;
+        if newest.as_deref() != Some(expected.as_str()) {
             return Ok(AppendOutcome::HeadMoved { head });
         }
     }
@@ -296,16 +340,14 @@ impl RoomStore for PostgresStore {
         rows.iter().map(|r| parse(get(r, 0)?)).collect()
     }
 
-    async fn append_event(&self, event: EventWrite) -> StoreResult<AppendOutcome> {
+    fn queue_append(&self, event: EventWrite) -> AppendFuture {
         if is_plain(&event) {
-            return self
-                .engine
-                .write_one_statement(move |c, positions| Box::pin(async move { insert_plain_event(c, positions, event).await }))
-                .await;
+            return Box::pin(self.engine.queue_plain(event));
         }
-        self.engine
-            .write(move |c, positions| Box::pin(async move { insert_event(c, positions, event).await }))
-            .await
+        Box::pin(
+            self.engine
+                .queue(move |c, positions| Box::pin(async move { insert_event(c, positions, event).await })),
+        )
     }
 
     async fn event(&self, event_id: &EventId) -> StoreResult<Option<StoredEvent>> {

@@ -201,6 +201,16 @@ impl Engine {
         &self,
         f: impl FnOnce(&Connection, &mut Positions) -> StoreResult<R> + Send + 'static,
     ) -> StoreResult<R> {
+        self.queue(f).await
+    }
+
+    /// Queues `f` for the writer thread before returning (jobs run in the
+    /// order they were queued); the future answers once its commit is
+    /// durable.
+    pub(crate) fn queue<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection, &mut Positions) -> StoreResult<R> + Send + 'static,
+    ) -> impl Future<Output = StoreResult<R>> + Send + 'static {
         let (tx, rx) = oneshot::channel();
         let job: WriteJob = Box::new(move |conn, positions| {
             let result = f(conn, positions);
@@ -210,19 +220,22 @@ impl Engine {
             });
             (ok, reply)
         });
-        let sender = self
+        let started = std::time::Instant::now();
+        let queued = self
             .writer
             .lock()
-            .map_err(backend)?
-            .clone()
-            .ok_or_else(|| backend("store is closed"))?;
-        let started = std::time::Instant::now();
-        sender.send(job).map_err(|_| backend("writer thread stopped"))?;
-        let result = rx.await.map_err(|_| backend("writer thread stopped"))?;
-        if let Some(o) = &self.observer {
-            o.observe(StoreOp::Write, started.elapsed());
+            .map_err(backend)
+            .and_then(|w| w.clone().ok_or_else(|| backend("store is closed")))
+            .and_then(|sender| sender.send(job).map_err(|_| backend("writer thread stopped")));
+        let observer = self.observer.clone();
+        async move {
+            queued?;
+            let result = rx.await.map_err(|_| backend("writer thread stopped"))?;
+            if let Some(o) = &observer {
+                o.observe(StoreOp::Write, started.elapsed());
+            }
+            result
         }
-        result
     }
 
     /// Runs `f` on one of the reader threads.

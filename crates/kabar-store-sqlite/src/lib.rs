@@ -166,9 +166,9 @@ fn insert_event(conn: &Connection, positions: &mut Positions, w: EventWrite) -> 
             return Ok(AppendOutcome::Duplicate(OwnedEventId::try_from(id).map_err(corrupt)?));
         }
     }
-    if let Some(expected) = w.expected_head {
-        let head = room_head(conn, pdu.room_id.as_str())?;
-        if head != expected {
+    if let Some(expected) = &w.expected_head {
+        let (head, newest) = room_head(conn, pdu.room_id.as_str())?;
+        if newest.as_deref() != Some(expected.as_str()) {
             return Ok(AppendOutcome::HeadMoved { head });
         }
     }
@@ -266,11 +266,14 @@ fn insert_event(conn: &Connection, positions: &mut Positions, w: EventWrite) -> 
     Ok(AppendOutcome::Appended(pos))
 }
 
-/// The position of the room's newest event (0 for none).
-fn room_head(conn: &Connection, room_id: &str) -> StoreResult<StreamPos> {
-    conn.prepare_cached("SELECT COALESCE(MAX(pos), 0) FROM events WHERE room_id = ?1")
-        .and_then(|mut st| st.query_row([room_id], |r| r.get::<_, i64>(0)))
-        .map(|p| p as StreamPos)
+/// The position and id of the room's newest event (0 and `None` for none).
+fn room_head(conn: &Connection, room_id: &str) -> StoreResult<(StreamPos, Option<String>)> {
+    conn.prepare_cached("SELECT pos, event_id FROM events WHERE room_id = ?1 ORDER BY pos DESC LIMIT 1")
+        .and_then(|mut st| {
+            st.query_row([room_id], |r| Ok((r.get::<_, i64>(0)? as StreamPos, Some(r.get::<_, String>(1)?))))
+                .optional()
+        })
+        .map(|head| head.unwrap_or((0, None)))
         .map_err(backend)
 }
 
@@ -657,8 +660,8 @@ impl RoomStore for SqliteStore {
             .await
     }
 
-    async fn append_event(&self, event: EventWrite) -> StoreResult<AppendOutcome> {
-        self.engine.write(move |c, positions| insert_event(c, positions, event)).await
+    fn queue_append(&self, event: EventWrite) -> AppendFuture {
+        Box::pin(self.engine.queue(move |c, positions| insert_event(c, positions, event)))
     }
 
     async fn event(&self, event_id: &EventId) -> StoreResult<Option<StoredEvent>> {

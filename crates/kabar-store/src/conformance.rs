@@ -35,6 +35,8 @@ pub async fn run_all(store: Arc<dyn Store>) {
     uia_sessions(&*store).await;
     every_write_records_its_change(&*store).await;
     concurrent_appends_to_one_room(store.clone()).await;
+    appends_submitted_together(store.clone()).await;
+    queued_appends_build_on_each_other(&*store).await;
     the_feed_and_the_replay_agree(&*store, &feed, start).await;
 }
 
@@ -295,14 +297,235 @@ async fn concurrent_appends_to_one_room(store: Arc<dyn Store>) {
         NewEvent::state("m.room.create", "", json!({"room_version": "11"})),
     );
     let created = store.create_room(room.clone(), vec![write(create)]).await.unwrap();
-    let stale = pdu(&room, &signer, 2, NewEvent::message("m.room.message", json!({"body": "stale"})));
+    let never_appended = pdu(&room, &signer, 2, NewEvent::message("m.room.message", json!({"body": "never"})));
+    let stale = pdu(&room, &signer, 3, NewEvent::message("m.room.message", json!({"body": "stale"})));
     let mut w = write(stale);
-    w.expected_head = Some(created[0] - 1);
+    w.expected_head = Some(never_appended.event_id);
     match store.append_event(w).await.unwrap() {
         AppendOutcome::HeadMoved { head } => assert_eq!(head, created[0], "told the room's head"),
         other => panic!("an append on a stale head must not land: {other:?}"),
     }
     append_from_writers(vec![store], room, Arc::new(signer), WRITERS, EACH).await;
+}
+
+/// Appends to several rooms submitted at once, so that an engine may
+/// commit them together (the PostgreSQL engine sends such appends as one
+/// statement): each gets its own outcome, the same as one at a time, and
+/// two appends to one room see each other.
+async fn appends_submitted_together(store: Arc<dyn Store>) {
+    let mut rooms = vec![];
+    for i in 0..5 {
+        let (room, signer) = test_room(&format!("!together{i}:localhost"));
+        let create = pdu(
+            &room,
+            &signer,
+            1,
+            NewEvent::state("m.room.create", "", json!({"room_version": "11"})),
+        );
+        let create_id = create.event_id.clone();
+        let head = store.create_room(room.clone(), vec![write(create)]).await.unwrap()[0];
+        rooms.push((room, signer, head, create_id));
+    }
+    let message = |i: usize, body: &str| {
+        pdu(
+            &rooms[i].0,
+            &rooms[i].1,
+            2,
+            NewEvent::message("m.room.message", json!({"body": body})),
+        )
+    };
+    // Room 4 already holds a message sent with transaction "t-old".
+    let mut earlier = write(message(4, "earlier"));
+    earlier.txn = Some(txn("D", "t-old"));
+    let earlier_id = earlier.pdu.event_id.clone();
+    appended(store.append_event(earlier).await.unwrap());
+
+    let mut burst = vec![];
+    // One fresh message per room 0..=3, each on the head it was built on.
+    for (i, (_, _, _, head)) in rooms.iter().enumerate().take(4) {
+        let mut w = write(message(i, "fresh"));
+        w.expected_head = Some(head.clone());
+        burst.push(w);
+    }
+    // A second message to room 0 built on the same head: one of the two lands.
+    let mut rival = write(message(0, "rival"));
+    rival.expected_head = Some(rooms[0].3.clone());
+    burst.push(rival);
+    // Two different events in room 1 with one transaction id: one lands.
+    for body in ["txn first", "txn second"] {
+        let mut w = write(message(1, body));
+        w.txn = Some(txn("D", "t-1"));
+        burst.push(w);
+    }
+    // A stale head in room 2 (built on an event it never held).
+    let mut stale = write(message(2, "stale"));
+    stale.expected_head = Some(message(2, "never appended").event_id);
+    burst.push(stale);
+    // A retry of room 4's earlier transaction.
+    let mut retry = write(message(4, "retry"));
+    retry.txn = Some(txn("D", "t-old"));
+    burst.push(retry);
+
+    let ids: Vec<OwnedEventId> = burst.iter().map(|w| w.pdu.event_id.clone()).collect();
+    let tasks: Vec<_> = burst
+        .into_iter()
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move { store.append_event(w).await.unwrap() })
+        })
+        .collect();
+    let mut outcomes = vec![];
+    for t in tasks {
+        outcomes.push(t.await.unwrap());
+    }
+    let landed = |o: &AppendOutcome| matches!(o, AppendOutcome::Appended(_));
+    assert!(outcomes[1..4].iter().all(landed), "fresh appends to rooms 1-3 land: {outcomes:?}");
+    match (&outcomes[0], &outcomes[4]) {
+        (AppendOutcome::Appended(p), AppendOutcome::HeadMoved { head })
+        | (AppendOutcome::HeadMoved { head }, AppendOutcome::Appended(p)) => {
+            assert_eq!(head, p, "the loser is told the winner's position")
+        }
+        other => panic!("exactly one of two appends on one head of room 0 lands: {other:?}"),
+    }
+    match (&outcomes[5], &outcomes[6]) {
+        (AppendOutcome::Appended(_), AppendOutcome::Duplicate(id)) => assert_eq!(id, &ids[5]),
+        (AppendOutcome::Duplicate(id), AppendOutcome::Appended(_)) => assert_eq!(id, &ids[6]),
+        other => panic!("one transaction id, one event: {other:?}"),
+    }
+    match &outcomes[7] {
+        AppendOutcome::HeadMoved { head } => assert!(*head >= rooms[2].2, "told room 2's head"),
+        other => panic!("an append on a stale head must not land: {other:?}"),
+    }
+    match &outcomes[8] {
+        AppendOutcome::Duplicate(id) => assert_eq!(id, &earlier_id, "the retry is answered with the first event"),
+        other => panic!("a used transaction id must not append again: {other:?}"),
+    }
+    let mut positions: Vec<StreamPos> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            AppendOutcome::Appended(p) => Some(*p),
+            _ => None,
+        })
+        .collect();
+    positions.sort_unstable();
+    positions.dedup();
+    assert_eq!(positions.len(), 5, "five appends landed, each at its own position");
+    for (i, expected) in [2, 3, 2, 2, 2].into_iter().enumerate() {
+        let events = store
+            .room_events(EventRange {
+                room_id: &rooms[i].0.room_id,
+                after: 0,
+                until: u64::MAX,
+                direction: Direction::Forward,
+                limit: 100,
+                kinds: None,
+            })
+            .await
+            .unwrap();
+        assert_eq!(events.len(), expected, "room {i} holds its create event and what landed");
+        for e in &events[1..] {
+            let stored = store
+                .event(&e.pdu.event_id)
+                .await
+                .unwrap()
+                .expect("a landed event is readable by id");
+            assert_eq!(stored.pos, e.pos);
+            assert!(positions.contains(&e.pos) || e.pdu.event_id == earlier_id);
+        }
+    }
+}
+
+/// An event built on one still being committed (queued just before it)
+/// lands after it; one built on an append that does not land does not
+/// land either.
+async fn queued_appends_build_on_each_other(store: &dyn Store) {
+    let (room, signer) = test_room("!pipeline:localhost");
+    let create = pdu(
+        &room,
+        &signer,
+        1,
+        NewEvent::state("m.room.create", "", json!({"room_version": "11"})),
+    );
+    let create_id = create.event_id.clone();
+    store.create_room(room.clone(), vec![write(create)]).await.unwrap();
+    let on = |prev: &OwnedEventId, depth: u64, body: &str| {
+        let pdu = Pdu::build(
+            &signer,
+            &room.version,
+            Some(&room.room_id),
+            &room.creator,
+            NewEvent::message("m.room.message", json!({"body": body})),
+            vec![prev.clone()],
+            vec![],
+            depth,
+            MilliSecondsSinceUnixEpoch::now(),
+        )
+        .unwrap();
+        let mut w = write(pdu);
+        w.expected_head = Some(prev.clone());
+        w
+    };
+    // A chain of three, each queued before the previous one committed.
+    let first = on(&create_id, 2, "one");
+    let second = on(&first.pdu.event_id, 3, "two");
+    let third = on(&second.pdu.event_id, 4, "three");
+    let chain_ids: Vec<OwnedEventId> = [&first, &second, &third].iter().map(|w| w.pdu.event_id.clone()).collect();
+    let queued = [store.queue_append(first), store.queue_append(second), store.queue_append(third)];
+    let mut positions = vec![];
+    for q in queued {
+        positions.push(appended(q.await.unwrap()));
+    }
+    assert!(
+        positions.windows(2).all(|p| p[0] < p[1]),
+        "a chain lands in the order it was queued"
+    );
+
+    // A chain whose first event is built on an event the room never held.
+    let never = on(&chain_ids[2], 5, "never appended");
+    let doomed = on(&never.pdu.event_id, 6, "doomed");
+    let after_doomed = on(&doomed.pdu.event_id, 7, "after doomed");
+    let queued = [store.queue_append(doomed), store.queue_append(after_doomed)];
+    for q in queued {
+        match q.await.unwrap() {
+            AppendOutcome::HeadMoved { head } => assert_eq!(head, positions[2], "told the room's head"),
+            other => panic!("an event built on one that did not land must not land: {other:?}"),
+        }
+    }
+    // A repeated transaction is not appended, and neither is what was built on it.
+    let mut original = on(&chain_ids[2], 5, "original");
+    original.txn = Some(txn("P", "t-pipe"));
+    let original_id = original.pdu.event_id.clone();
+    appended(store.append_event(original).await.unwrap());
+    let mut repeat = on(&original_id, 6, "repeat");
+    repeat.txn = Some(txn("P", "t-pipe"));
+    let on_repeat = on(&repeat.pdu.event_id, 7, "on the repeat");
+    let queued = [store.queue_append(repeat), store.queue_append(on_repeat)];
+    let [repeat, on_repeat] = queued;
+    match repeat.await.unwrap() {
+        AppendOutcome::Duplicate(id) => assert_eq!(id, original_id),
+        other => panic!("a used transaction id must not append again: {other:?}"),
+    }
+    assert!(
+        matches!(on_repeat.await.unwrap(), AppendOutcome::HeadMoved { .. }),
+        "an event built on a repeat that was not appended does not land"
+    );
+    let events = store
+        .room_events(EventRange {
+            room_id: &room.room_id,
+            after: 0,
+            until: u64::MAX,
+            direction: Direction::Forward,
+            limit: 100,
+            kinds: None,
+        })
+        .await
+        .unwrap();
+    let ids: Vec<&OwnedEventId> = events.iter().map(|e| &e.pdu.event_id).collect();
+    assert_eq!(
+        ids,
+        [&create_id, &chain_ids[0], &chain_ids[1], &chain_ids[2], &original_id],
+        "the room is one chain"
+    );
 }
 
 /// `writers` tasks (one per store in `stores`, round the list) each append
@@ -354,7 +577,7 @@ async fn append_from_writers(stores: Vec<Arc<dyn Store>>, room: RoomRecord, sign
                     )
                     .unwrap();
                     let mut w = write(event);
-                    w.expected_head = Some(newest.pos);
+                    w.expected_head = Some(newest.pdu.event_id.clone());
                     match store.append_event(w).await.unwrap() {
                         AppendOutcome::Appended(_) => break,
                         AppendOutcome::HeadMoved { head } => assert!(head > newest.pos, "the head only moves forward"),

@@ -17,6 +17,9 @@
 //! - An event appended with an `expected_head` lands only on that head: two
 //!   writers building on one head cannot both append (the second is told
 //!   `HeadMoved` and rebuilds).
+//! - Appends one process queues commit in the order they were queued, so
+//!   an event may be built on one still being committed: if that one does
+//!   not land, neither does any event built on it.
 //! - `(user, device, txn_id)` maps to at most one event: a repeated send returns
 //!   the first event instead of storing a second.
 
@@ -112,7 +115,14 @@ pub trait RoomStore: Send + Sync {
     /// Appends one event, updates current state and membership, records the
     /// transaction id; applies a redaction's effect on its target. Returns the
     /// existing event instead if the transaction id was used before.
-    async fn append_event(&self, event: EventWrite) -> StoreResult<AppendOutcome>;
+    async fn append_event(&self, event: EventWrite) -> StoreResult<AppendOutcome> {
+        self.queue_append(event).await
+    }
+    /// [`append_event`](Self::append_event), queued before this returns:
+    /// appends queued one after another commit in that order (in one group
+    /// commit or in consecutive ones), so the next event of a room can be
+    /// built on this one while it is being committed.
+    fn queue_append(&self, event: EventWrite) -> AppendFuture;
     async fn event(&self, event_id: &ruma::EventId) -> StoreResult<Option<StoredEvent>>;
     /// The event `sender` sent in the room under this transaction.
     async fn event_by_txn(&self, room_id: &RoomId, sender: &UserId, txn: &TxnRef) -> StoreResult<Option<OwnedEventId>>;

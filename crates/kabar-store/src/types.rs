@@ -105,19 +105,26 @@ pub struct EventWrite {
     pub redacted_target: Option<(OwnedEventId, String)>,
     /// For a state event: the state it replaces.
     pub prev: Option<PrevState>,
-    /// The position of the room's newest event this one was built on (its
-    /// `prev_events`). When set, the event is appended only if that is still
-    /// the room's newest event; `None` appends without the check.
-    pub expected_head: Option<StreamPos>,
+    /// The room's newest event this one was built on (its `prev_events`).
+    /// When set, the event is appended only if that is still the room's
+    /// newest event; `None` appends without the check. It may be an event
+    /// queued just before this one and not yet committed (see
+    /// [`RoomStore::queue_append`](crate::RoomStore::queue_append)).
+    pub expected_head: Option<OwnedEventId>,
 }
+
+/// The outcome of a queued append, ready once its group commit is durable.
+pub type AppendFuture = std::pin::Pin<Box<dyn std::future::Future<Output = crate::StoreResult<AppendOutcome>> + Send + 'static>>;
 
 #[derive(Debug, Clone)]
 pub enum AppendOutcome {
     Appended(StreamPos),
     /// The transaction id was already used; nothing was written.
     Duplicate(OwnedEventId),
-    /// The room has a newer event than `expected_head` (another writer
-    /// appended first); nothing was written. Rebuild on `head` and retry.
+    /// The room's newest event is not `expected_head` (another writer
+    /// appended first, or the event it names did not land); nothing was
+    /// written. `head` is the position of the room's newest event: rebuild
+    /// on it and retry.
     HeadMoved {
         head: StreamPos,
     },
