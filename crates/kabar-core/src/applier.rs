@@ -485,6 +485,107 @@ mod tests {
         assert!(b.applier.applied().position() >= pos);
     }
 
+    /// Hands each batch to the applier and notes how many events it held.
+    struct CountingEvents {
+        applier: Arc<Applier>,
+        per_batch: std::sync::Mutex<Vec<usize>>,
+    }
+
+    impl CommitListener for CountingEvents {
+        fn committed(&self, batch: &CommittedBatch) {
+            let events = batch.updates.iter().filter(|u| matches!(u.change, Change::Event(_))).count();
+            self.per_batch.lock().unwrap().push(events);
+            self.applier.committed(batch);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_sends_to_one_room_share_commits_and_stay_one_chain_across_two_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(kabar_store_sqlite::SqliteStore::open(&dir.path().join("db")).unwrap());
+        let alice = owned_user_id!("@alice:localhost");
+        store
+            .create_user(NewUser {
+                user_id: alice.clone(),
+                password_hash: None,
+                created_ms: 1,
+            })
+            .await
+            .unwrap();
+        let a = node(&store, false, Duration::from_secs(3600));
+        let tap = Arc::new(CountingEvents {
+            applier: a.applier.clone(),
+            per_batch: std::sync::Mutex::new(vec![]),
+        });
+        store.set_commit_listener(tap.clone());
+        // b learns a's commits only from the store, every 20 ms: its sends
+        // are often built on a head that moved.
+        let b = node(&store, false, Duration::from_millis(20));
+        let room_id = a.rooms.create_room(&alice, CreateRoom::default()).await.unwrap();
+        let everything = |room_id| EventRange {
+            room_id,
+            after: 0,
+            until: u64::MAX,
+            direction: Direction::Forward,
+            limit: 1000,
+            kinds: None,
+        };
+        let created = store.room_events(everything(&room_id)).await.unwrap().len();
+        tap.per_batch.lock().unwrap().clear();
+
+        let mut sends = vec![];
+        for (rooms, senders, each) in [(a.rooms.clone(), 8, 10), (b.rooms.clone(), 2, 5)] {
+            for sender in 0..senders {
+                let (rooms, room_id, alice) = (rooms.clone(), room_id.clone(), alice.clone());
+                sends.push(tokio::spawn(async move {
+                    let mut ids = vec![];
+                    for n in 0..each {
+                        let event = if sender == 0 && n == each / 2 {
+                            // A state change in the middle of the pipelines.
+                            NewEvent::state("m.room.topic", "", json!({"topic": format!("{n}")}))
+                        } else {
+                            NewEvent::message("m.room.message", json!({"body": format!("{sender}/{n}")}))
+                        };
+                        ids.push(rooms.send(&alice, &room_id, event, None).await.unwrap());
+                    }
+                    ids
+                }));
+            }
+        }
+        let mut sent = vec![];
+        for s in sends {
+            sent.extend(s.await.unwrap());
+        }
+        assert_eq!(sent.len(), 8 * 10 + 2 * 5);
+        let events = store.room_events(everything(&room_id)).await.unwrap();
+        for pair in events.windows(2) {
+            assert_eq!(pair[1].pdu.prev_events, vec![pair[0].pdu.event_id.clone()], "one chain");
+            assert_eq!(pair[1].pdu.depth, pair[0].pdu.depth + 1);
+        }
+        let stored: std::collections::HashSet<_> = events.iter().map(|e| e.pdu.event_id.clone()).collect();
+        assert_eq!(stored.len(), events.len());
+        assert!(sent.iter().all(|id| stored.contains(id)), "every acknowledged send is stored");
+        assert_eq!(events.len(), created + sent.len(), "nothing but the room's creation and the sends");
+        let most = tap.per_batch.lock().unwrap().iter().copied().max().unwrap_or(0);
+        assert!(
+            most >= 2,
+            "sends to one room were committed together (at most {most} events in a commit)"
+        );
+        let a_room = a.rooms.room(&room_id).await.unwrap();
+        assert!(
+            a.applier
+                .applied()
+                .catch_up_to(store.current_position(), Duration::from_secs(5))
+                .await,
+            "a catches up"
+        );
+        assert_eq!(
+            a_room.read().last_pos,
+            events.last().unwrap().pos,
+            "a's cache holds the newest event"
+        );
+    }
+
     #[tokio::test]
     async fn a_batch_after_a_gap_is_not_applied_over_it() {
         let dir = tempfile::tempdir().unwrap();

@@ -42,9 +42,11 @@ use crate::{
     room_cache::{Base, RoomCaches},
 };
 
-/// How many times a send rebuilds its event on a head another process
-/// moved before it gives up; each retry first applies the other's events.
-const MAX_HEAD_RETRIES: usize = 8;
+/// How long a send keeps rebuilding its event on a head that moved before
+/// it gives up; each retry first applies the events that moved it. A
+/// budget of time rather than of tries: while another process streams
+/// appends into the room, a writer here may lose several races in a row.
+const HEAD_RETRY_BUDGET: Duration = Duration::from_secs(10);
 /// How long a send waits for another process's events to be applied.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
@@ -291,7 +293,8 @@ impl Rooms {
             .as_ref()
             .and_then(|o| redact_pdu(&o.pdu, &version).map(|json| (o.pdu.event_id.clone(), json)));
         let mut turn = Some(turn);
-        for _ in 0..MAX_HEAD_RETRIES {
+        let give_up = tokio::time::Instant::now() + HEAD_RETRY_BUDGET;
+        while tokio::time::Instant::now() < give_up {
             let held = match turn.take() {
                 Some(t) => t,
                 None => room.write_turn().await,
