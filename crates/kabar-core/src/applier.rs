@@ -380,8 +380,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn another_writers_commits_reach_caches_trackers_tokens_and_waiters_through_the_stream() {
+    /// A new embedded store with one user, `@alice:localhost`.
+    async fn store_with_alice() -> (tempfile::TempDir, Arc<dyn Store>, ruma::OwnedUserId) {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(kabar_store_sqlite::SqliteStore::open(&dir.path().join("db")).unwrap());
         let alice = owned_user_id!("@alice:localhost");
@@ -393,6 +393,12 @@ mod tests {
             })
             .await
             .unwrap();
+        (dir, store, alice)
+    }
+
+    #[tokio::test]
+    async fn another_writers_commits_reach_caches_trackers_tokens_and_waiters_through_the_stream() {
+        let (_dir, store, alice) = store_with_alice().await;
         let a = node(&store, true, Duration::from_secs(3600));
         let b = node(&store, false, Duration::from_millis(100));
         let start = b.applier.applied().position();
@@ -501,17 +507,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_sends_to_one_room_share_commits_and_stay_one_chain_across_two_writers() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(kabar_store_sqlite::SqliteStore::open(&dir.path().join("db")).unwrap());
-        let alice = owned_user_id!("@alice:localhost");
-        store
-            .create_user(NewUser {
-                user_id: alice.clone(),
-                password_hash: None,
-                created_ms: 1,
-            })
-            .await
-            .unwrap();
+        let (_dir, store, alice) = store_with_alice().await;
         let a = node(&store, false, Duration::from_secs(3600));
         let tap = Arc::new(CountingEvents {
             applier: a.applier.clone(),

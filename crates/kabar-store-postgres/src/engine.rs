@@ -99,6 +99,17 @@ impl Positions {
         self.next
     }
 
+    /// Notes `write` appended at `pos`.
+    pub(crate) fn appended(&mut self, pos: StreamPos, write: EventWrite) {
+        self.event(StoredEvent {
+            pos,
+            pdu: write.pdu,
+            txn: write.txn,
+            redacted_by: None,
+            prev: write.prev,
+        });
+    }
+
     /// Notes an appended event (the events table is its record in the stream).
     pub(crate) fn event(&mut self, event: StoredEvent) {
         self.updates.push(StreamUpdate {

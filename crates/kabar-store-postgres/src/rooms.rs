@@ -121,13 +121,7 @@ pub(crate) async fn insert_plain_events(
         if p != at as StreamPos {
             return Err(StoreError::Corrupt(format!("an append landed at {at}, expected {p}")));
         }
-        positions.event(StoredEvent {
-            pos: p,
-            pdu: w.pdu,
-            txn: w.txn,
-            redacted_by: None,
-            prev: w.prev,
-        });
+        positions.appended(p, w);
         outcomes.push(AppendOutcome::Appended(p));
     }
     Ok(outcomes)
@@ -248,13 +242,7 @@ async fn insert_event(c: &mut PgConnection, positions: &mut Positions, w: EventW
             .await
             .map_err(backend)?;
     }
-    positions.event(StoredEvent {
-        pos: p,
-        pdu: w.pdu,
-        txn: w.txn,
-        redacted_by: None,
-        prev: w.prev,
-    });
+    positions.appended(p, w);
     Ok(AppendOutcome::Appended(p))
 }
 

@@ -78,12 +78,7 @@ pub async fn run_shared(a: Arc<dyn Store>, b: Arc<dyn Store>) {
     // Appends to one room through both handles, each writer building on the
     // head it read: one chain.
     let (room, signer) = test_room("!shared:localhost");
-    let create = pdu(
-        &room,
-        &signer,
-        1,
-        NewEvent::state("m.room.create", "", json!({"room_version": "11"})),
-    );
+    let create = create_event(&room, &signer);
     a.create_room(room.clone(), vec![write(create)]).await.unwrap();
     append_from_writers(vec![a, b], room, Arc::new(signer), 4, 10).await;
 }
@@ -196,12 +191,7 @@ async fn every_write_records_its_change(store: &dyn Store) {
     has(before, pos, format!("account_data {user}")).await;
 
     let (room, signer) = test_room("!stream:localhost");
-    let create = pdu(
-        &room,
-        &signer,
-        1,
-        NewEvent::state("m.room.create", "", json!({"room_version": "11"})),
-    );
+    let create = create_event(&room, &signer);
     let create_id = create.event_id.clone();
     let before = store.current_position();
     let created = store.create_room(room.clone(), vec![write(create)]).await.unwrap();
@@ -290,12 +280,7 @@ async fn concurrent_appends_to_one_room(store: Arc<dyn Store>) {
     const WRITERS: usize = 4;
     const EACH: usize = 10;
     let (room, signer) = test_room("!race:localhost");
-    let create = pdu(
-        &room,
-        &signer,
-        1,
-        NewEvent::state("m.room.create", "", json!({"room_version": "11"})),
-    );
+    let create = create_event(&room, &signer);
     let created = store.create_room(room.clone(), vec![write(create)]).await.unwrap();
     let never_appended = pdu(&room, &signer, 2, NewEvent::message("m.room.message", json!({"body": "never"})));
     let stale = pdu(&room, &signer, 3, NewEvent::message("m.room.message", json!({"body": "stale"})));
@@ -316,12 +301,7 @@ async fn appends_submitted_together(store: Arc<dyn Store>) {
     let mut rooms = vec![];
     for i in 0..5 {
         let (room, signer) = test_room(&format!("!together{i}:localhost"));
-        let create = pdu(
-            &room,
-            &signer,
-            1,
-            NewEvent::state("m.room.create", "", json!({"room_version": "11"})),
-        );
+        let create = create_event(&room, &signer);
         let create_id = create.event_id.clone();
         let head = store.create_room(room.clone(), vec![write(create)]).await.unwrap()[0];
         rooms.push((room, signer, head, create_id));
@@ -411,17 +391,7 @@ async fn appends_submitted_together(store: Arc<dyn Store>) {
     positions.dedup();
     assert_eq!(positions.len(), 5, "five appends landed, each at its own position");
     for (i, expected) in [2, 3, 2, 2, 2].into_iter().enumerate() {
-        let events = store
-            .room_events(EventRange {
-                room_id: &rooms[i].0.room_id,
-                after: 0,
-                until: u64::MAX,
-                direction: Direction::Forward,
-                limit: 100,
-                kinds: None,
-            })
-            .await
-            .unwrap();
+        let events = all_events(&*store, &rooms[i].0.room_id).await;
         assert_eq!(events.len(), expected, "room {i} holds its create event and what landed");
         for e in &events[1..] {
             let stored = store
@@ -440,12 +410,7 @@ async fn appends_submitted_together(store: Arc<dyn Store>) {
 /// land either.
 async fn queued_appends_build_on_each_other(store: &dyn Store) {
     let (room, signer) = test_room("!pipeline:localhost");
-    let create = pdu(
-        &room,
-        &signer,
-        1,
-        NewEvent::state("m.room.create", "", json!({"room_version": "11"})),
-    );
+    let create = create_event(&room, &signer);
     let create_id = create.event_id.clone();
     store.create_room(room.clone(), vec![write(create)]).await.unwrap();
     let on = |prev: &OwnedEventId, depth: u64, body: &str| {
@@ -509,17 +474,7 @@ async fn queued_appends_build_on_each_other(store: &dyn Store) {
         matches!(on_repeat.await.unwrap(), AppendOutcome::HeadMoved { .. }),
         "an event built on a repeat that was not appended does not land"
     );
-    let events = store
-        .room_events(EventRange {
-            room_id: &room.room_id,
-            after: 0,
-            until: u64::MAX,
-            direction: Direction::Forward,
-            limit: 100,
-            kinds: None,
-        })
-        .await
-        .unwrap();
+    let events = all_events(store, &room.room_id).await;
     let ids: Vec<&OwnedEventId> = events.iter().map(|e| &e.pdu.event_id).collect();
     assert_eq!(
         ids,
@@ -533,18 +488,7 @@ async fn queued_appends_build_on_each_other(store: &dyn Store) {
 /// appended with `expected_head`, rebuilding when the head moved. Then
 /// checks the room is one chain holding every event.
 async fn append_from_writers(stores: Vec<Arc<dyn Store>>, room: RoomRecord, signer: Arc<EventSigner>, writers: usize, each: usize) {
-    let before = stores[0]
-        .room_events(EventRange {
-            room_id: &room.room_id,
-            after: 0,
-            until: u64::MAX,
-            direction: Direction::Forward,
-            limit: 10_000,
-            kinds: None,
-        })
-        .await
-        .unwrap()
-        .len();
+    let before = all_events(&*stores[0], &room.room_id).await.len();
     let mut tasks = vec![];
     for writer in 0..writers {
         let store = stores[writer % stores.len()].clone();
@@ -590,17 +534,7 @@ async fn append_from_writers(stores: Vec<Arc<dyn Store>>, room: RoomRecord, sign
     for t in tasks {
         t.await.expect("writer task");
     }
-    let events = stores[stores.len() - 1]
-        .room_events(EventRange {
-            room_id: &room.room_id,
-            after: 0,
-            until: u64::MAX,
-            direction: Direction::Forward,
-            limit: 10_000,
-            kinds: None,
-        })
-        .await
-        .unwrap();
+    let events = all_events(&*stores[stores.len() - 1], &room.room_id).await;
     assert_eq!(events.len(), before + writers * each, "every writer's every event landed once");
     for pair in events.windows(2) {
         assert_eq!(
@@ -646,6 +580,26 @@ fn pdu(room: &RoomRecord, signer: &EventSigner, n: u64, event: NewEvent) -> Pdu 
     .expect("build event")
 }
 
+/// Every event of the room, oldest first.
+async fn all_events(store: &dyn Store, room_id: &ruma::RoomId) -> Vec<StoredEvent> {
+    store
+        .room_events(EventRange {
+            room_id,
+            after: 0,
+            until: u64::MAX,
+            direction: Direction::Forward,
+            limit: 10_000,
+            kinds: None,
+        })
+        .await
+        .unwrap()
+}
+
+/// The room's create event (room version 11).
+fn create_event(room: &RoomRecord, signer: &EventSigner) -> Pdu {
+    pdu(room, signer, 1, NewEvent::state("m.room.create", "", json!({"room_version": "11"})))
+}
+
 fn write(pdu: Pdu) -> EventWrite {
     EventWrite {
         pdu,
@@ -675,7 +629,7 @@ fn txn(device: &str, txn_id: &str) -> TxnRef {
 
 /// Creates `room` with its create event and the creator's join; returns both.
 async fn create_joined_room(store: &dyn Store, room: &RoomRecord, signer: &EventSigner) -> (Pdu, Pdu) {
-    let create = pdu(room, signer, 1, NewEvent::state("m.room.create", "", json!({"room_version": "11"})));
+    let create = create_event(room, signer);
     let join = pdu(
         room,
         signer,
@@ -804,12 +758,7 @@ async fn accounts_and_tokens(store: &dyn Store) {
 
 async fn events_positions_and_idempotency(store: &dyn Store) {
     let (room, signer) = test_room("!pos:localhost");
-    let create = pdu(
-        &room,
-        &signer,
-        1,
-        NewEvent::state("m.room.create", "", json!({"room_version": "11"})),
-    );
+    let create = create_event(&room, &signer);
     let create_id = create.event_id.clone();
     let start = store.current_position();
     let positions = store.create_room(room.clone(), vec![write(create)]).await.unwrap();
