@@ -1,0 +1,122 @@
+//! The bus between Kabar nodes.
+//!
+//! The store is the only source of truth: every node reads what any node
+//! committed from the store's stream. The bus only tells the other nodes
+//! at once that there is something to read, so that a message sent through
+//! one node reaches a sync waiting on another without waiting for the next
+//! periodic catch-up. A message lost on the bus (NATS restarted, a
+//! partition, a slow consumer) delays a wake-up by at most one catch-up
+//! interval; it can never lose or reorder an event, because what is applied
+//! always comes from the store, in stream order.
+//!
+//! Two engines: [`LocalBus`] for one node (nobody else to tell) and
+//! [`nats::NatsBus`] for several nodes sharing a NATS server or cluster.
+
+pub mod nats;
+pub mod test_server;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+/// What one node tells the others.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BusMessage {
+    /// The sending node committed every stream position up to `head`:
+    /// whoever has applied less reads the store.
+    Committed { head: u64 },
+}
+
+/// A message and the node that sent it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FromNode {
+    pub node: String,
+    #[serde(flatten)]
+    pub message: BusMessage,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("cannot connect to NATS at {urls}: {reason}")]
+    Connect { urls: String, reason: String },
+    #[error("not a NATS URL: {0}")]
+    BadUrl(String),
+    #[error("NATS subscription failed: {0}")]
+    Subscribe(String),
+}
+
+/// How a node talks to the others.
+pub trait Bus: Send + Sync {
+    /// This node's name on the bus.
+    fn node(&self) -> &str;
+    /// Tells every other node, best effort and without waiting: a message
+    /// that cannot go now may be dropped (the store's catch-up covers it).
+    /// Of several `Committed` messages only the newest head matters, and
+    /// engines may send just that one.
+    fn publish(&self, message: BusMessage);
+    /// Messages from the other nodes, never this node's own. A receiver
+    /// that falls behind loses the oldest ones (`RecvError::Lagged`).
+    fn subscribe(&self) -> broadcast::Receiver<FromNode>;
+    /// Whether messages can reach the other nodes now.
+    fn connected(&self) -> bool;
+}
+
+/// The bus of a single node: there is nobody to tell.
+pub struct LocalBus {
+    node: String,
+    /// Never sent on; it only hands out receivers that wait forever.
+    others: broadcast::Sender<FromNode>,
+}
+
+impl LocalBus {
+    pub fn new(node: impl Into<String>) -> Self {
+        Self {
+            node: node.into(),
+            others: broadcast::channel(1).0,
+        }
+    }
+}
+
+impl Bus for LocalBus {
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn publish(&self, _message: BusMessage) {}
+
+    fn subscribe(&self) -> broadcast::Receiver<FromNode> {
+        self.others.subscribe()
+    }
+
+    fn connected(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_travel_as_flat_json_with_their_node() {
+        let m = FromNode {
+            node: "a".into(),
+            message: BusMessage::Committed { head: 42 },
+        };
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(json, r#"{"node":"a","kind":"committed","head":42}"#);
+        assert_eq!(serde_json::from_str::<FromNode>(&json).unwrap(), m);
+    }
+
+    #[tokio::test]
+    async fn a_single_node_hears_nothing_and_is_always_connected() {
+        let bus = LocalBus::new("solo");
+        let mut rx = bus.subscribe();
+        bus.publish(BusMessage::Committed { head: 1 });
+        assert!(bus.connected());
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), rx.recv()).await.is_err(),
+            "its own message does not come back"
+        );
+    }
+}

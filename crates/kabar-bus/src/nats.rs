@@ -1,0 +1,216 @@
+//! The bus over NATS (core NATS, no JetStream: nothing on the bus needs to
+//! be durable, the store is).
+//!
+//! Every node publishes on `{prefix}.{kind}` and subscribes to `{prefix}.>`,
+//! dropping its own messages. Commits are coalesced: the publishing task
+//! sends only the newest head each time it runs, so a node committing a
+//! thousand batches a second sends at most as many messages as NATS takes,
+//! never a backlog. The client reconnects by itself; while it is away,
+//! [`Bus::connected`] is false and the store's catch-up keeps every node
+//! correct, only slower.
+
+use std::time::Duration;
+
+use async_nats::{ConnectOptions, ServerAddr, connection::State};
+use futures::StreamExt;
+use tokio::sync::{broadcast, watch};
+
+use crate::{Bus, BusError, BusMessage, FromNode};
+
+/// How many messages from other nodes wait for a slow receiver before the
+/// oldest are dropped (a receiver that lagged catches up from the store).
+const RECEIVE_BUFFER: usize = 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub struct NatsBus {
+    node: String,
+    client: async_nats::Client,
+    /// The newest head this node committed, for the publishing task.
+    committed: watch::Sender<u64>,
+    others: broadcast::Sender<FromNode>,
+}
+
+impl NatsBus {
+    /// Connects to the first NATS server of `urls` that answers and starts
+    /// publishing and receiving under `prefix`. Fails if none answers now;
+    /// later outages are ridden out by reconnecting.
+    pub async fn connect(urls: &[String], prefix: &str, node: &str) -> Result<Self, BusError> {
+        let addrs = urls
+            .iter()
+            .map(|u| u.parse::<ServerAddr>().map_err(|e| BusError::BadUrl(format!("{u}: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let connect_error = |reason: String| BusError::Connect {
+            urls: urls.join(", "),
+            reason,
+        };
+        let client = ConnectOptions::new()
+            .name(format!("kabar {node}"))
+            .connection_timeout(CONNECT_TIMEOUT)
+            .max_reconnects(None)
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("the bus (NATS) is connected"),
+                    async_nats::Event::Disconnected => tracing::warn!("the bus (NATS) is disconnected; reconnecting"),
+                    other => tracing::debug!(event = %other, "bus event"),
+                }
+            })
+            .connect(addrs)
+            .await
+            .map_err(|e| connect_error(e.to_string()))?;
+        let mut subscription = client
+            .subscribe(format!("{prefix}.>"))
+            .await
+            .map_err(|e| BusError::Subscribe(e.to_string()))?;
+        let (others, _) = broadcast::channel(RECEIVE_BUFFER);
+        let forward = others.clone();
+        let me = node.to_owned();
+        tokio::spawn(async move {
+            while let Some(message) = subscription.next().await {
+                match serde_json::from_slice::<FromNode>(&message.payload) {
+                    Ok(m) if m.node == me => {}
+                    // No receiver yet is fine: nobody is waiting.
+                    Ok(m) => drop(forward.send(m)),
+                    Err(e) => tracing::warn!(subject = %message.subject, error = %e, "an unreadable bus message"),
+                }
+            }
+        });
+        let (committed, mut newest) = watch::channel(0);
+        let (publisher, me, subject) = (client.clone(), node.to_owned(), format!("{prefix}.committed"));
+        tokio::spawn(async move {
+            while newest.changed().await.is_ok() {
+                let head = *newest.borrow_and_update();
+                let message = FromNode {
+                    node: me.clone(),
+                    message: BusMessage::Committed { head },
+                };
+                let Ok(payload) = serde_json::to_vec(&message) else { continue };
+                if let Err(e) = publisher.publish(subject.clone(), payload.into()).await {
+                    tracing::debug!(error = %e, "a commit was not announced on the bus");
+                }
+            }
+        });
+        Ok(Self {
+            node: node.to_owned(),
+            client,
+            committed,
+            others,
+        })
+    }
+}
+
+impl Bus for NatsBus {
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn publish(&self, message: BusMessage) {
+        match message {
+            BusMessage::Committed { head } => {
+                self.committed.send_if_modified(|newest| {
+                    let newer = head > *newest;
+                    if newer {
+                        *newest = head;
+                    }
+                    newer
+                });
+            }
+        }
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<FromNode> {
+        self.others.subscribe()
+    }
+
+    fn connected(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::test_server::NatsServer;
+
+    async fn next_committed(rx: &mut broadcast::Receiver<FromNode>, at_least: u64) -> FromNode {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let m = rx.recv().await.expect("the bus is open");
+                let BusMessage::Committed { head } = m.message;
+                if head >= at_least {
+                    return m;
+                }
+            }
+        })
+        .await
+        .expect("the commit arrives")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nodes_hear_each_others_commits_not_their_own_and_ride_out_a_restart_of_nats() {
+        let mut server = NatsServer::start();
+        let urls = vec![server.url()];
+        let a = NatsBus::connect(&urls, "kabar-test", "a").await.unwrap();
+        let b = NatsBus::connect(&urls, "kabar-test", "b").await.unwrap();
+        assert!(a.connected() && b.connected());
+        let (mut a_hears, mut b_hears) = (a.subscribe(), b.subscribe());
+        a.client.flush().await.unwrap();
+        b.client.flush().await.unwrap();
+
+        a.publish(BusMessage::Committed { head: 5 });
+        let m = next_committed(&mut b_hears, 5).await;
+        assert_eq!(m.node, "a");
+        b.publish(BusMessage::Committed { head: 7 });
+        assert_eq!(next_committed(&mut a_hears, 7).await.node, "b");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), async {
+                loop {
+                    if a_hears.recv().await.unwrap().node == "a" {
+                        return;
+                    }
+                }
+            })
+            .await
+            .is_err(),
+            "a never hears itself"
+        );
+
+        // NATS goes away and comes back on the same port: both reconnect
+        // by themselves and commits flow again.
+        server.stop();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!a.connected(), "a knows the bus is down");
+        server.restart();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !(a.connected() && b.connected()) {
+            assert!(tokio::time::Instant::now() < deadline, "both reconnect within 20 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The subscription is renewed on reconnect; publish until heard.
+        let mut head = 100;
+        let heard = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                a.publish(BusMessage::Committed { head });
+                head += 1;
+                if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(100), b_hears.recv()).await
+                    && m.message >= (BusMessage::Committed { head: 100 })
+                {
+                    return m;
+                }
+            }
+        })
+        .await
+        .expect("commits are heard again after NATS returns");
+        assert_eq!(heard.node, "a");
+    }
+
+    #[tokio::test]
+    async fn connecting_to_nothing_fails_with_the_urls_named() {
+        let err = match NatsBus::connect(&["nats://127.0.0.1:1".into()], "kabar", "a").await {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("nothing listens on port 1"),
+        };
+        assert!(err.contains("nats://127.0.0.1:1"), "{err}");
+    }
+}
