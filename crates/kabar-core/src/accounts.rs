@@ -587,7 +587,12 @@ mod tests {
         let hasher = Arc::new(PasswordHasher::new(cost, pool, LoadMetrics::default().class("password_hashing")).unwrap());
         let targets = crate::applier::ApplierTargets::fresh(&store, Arc::new(crate::notifier::Notifier::new()));
         let sessions = targets.sessions.clone();
-        let applier = crate::applier::Applier::spawn(store.clone(), targets, std::time::Duration::from_secs(1));
+        let applier = crate::applier::Applier::spawn(
+            store.clone(),
+            targets,
+            Arc::new(kabar_bus::LocalBus::new("test")),
+            std::time::Duration::from_secs(1),
+        );
         (
             Accounts::new(
                 store.clone(),

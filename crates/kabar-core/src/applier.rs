@@ -28,9 +28,10 @@ use std::{
     time::Duration,
 };
 
+use kabar_bus::{Bus, BusMessage, FromNode};
 use kabar_store::{Change, CommitListener, CommittedBatch, Store, StreamPos, StreamUpdate};
 use ruma::{OwnedRoomId, OwnedUserId, events::TimelineEventType};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, broadcast, watch};
 
 use crate::{
     changes::{Changes, DeviceKey},
@@ -66,6 +67,9 @@ impl ApplierTargets {
 pub struct Applier {
     store: Arc<dyn Store>,
     targets: ApplierTargets,
+    /// Announces this process's commits to the other nodes, and tells of
+    /// theirs (so they are read at once rather than at the next tick).
+    bus: Arc<dyn Bus>,
     applied: watch::Sender<StreamPos>,
     /// Held while a batch is applied: the store's writing thread and the
     /// catch-up task both apply, one batch at a time.
@@ -127,10 +131,11 @@ impl Applier {
     /// An applier that has applied everything up to `start` (the store's
     /// position when the process started: the caches begin empty).
     /// Must be called on a tokio runtime, which wake-ups use.
-    pub fn new(store: Arc<dyn Store>, targets: ApplierTargets, start: StreamPos) -> Arc<Self> {
+    pub fn new(store: Arc<dyn Store>, targets: ApplierTargets, bus: Arc<dyn Bus>, start: StreamPos) -> Arc<Self> {
         Arc::new(Self {
             store,
             targets,
+            bus,
             applied: watch::channel(start).0,
             applying: Mutex::new(()),
             poke: Arc::new(Notify::new()),
@@ -141,9 +146,9 @@ impl Applier {
 
     /// Listens to the store's commits and runs the catch-up task on the
     /// current runtime, starting from the store's position now.
-    pub fn spawn(store: Arc<dyn Store>, targets: ApplierTargets, catch_up: Duration) -> Arc<Self> {
+    pub fn spawn(store: Arc<dyn Store>, targets: ApplierTargets, bus: Arc<dyn Bus>, catch_up: Duration) -> Arc<Self> {
         let start = store.current_position();
-        let applier = Self::new(store.clone(), targets, start);
+        let applier = Self::new(store.clone(), targets, bus, start);
         // A batch committed between reading the start and listening is
         // caught up from the store; one at or below the start needs nothing
         // (the caches begin empty and the trackers at the start).
@@ -164,14 +169,32 @@ impl Applier {
     }
 
     /// Reads what other processes committed every `catch_up`, and at once
-    /// when poked (a gap between batches, a writer that saw a newer head).
+    /// when poked (a gap between batches, a writer that saw a newer head)
+    /// or when the bus tells of another node's commit past what is applied.
     pub async fn run(self: Arc<Self>, catch_up: Duration) {
         let mut tick = tokio::time::interval(catch_up);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut others = Some(self.bus.subscribe());
         loop {
+            let heard = async {
+                match others.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = tick.tick() => self.catch_up().await,
                 _ = self.poke.notified() => self.catch_up().await,
+                heard = heard => match heard {
+                    Ok(FromNode { message: BusMessage::Committed { head }, .. }) => {
+                        if head > self.position() {
+                            self.catch_up().await;
+                        }
+                    }
+                    // Missed announcements: whatever they said is in the store.
+                    Err(broadcast::error::RecvError::Lagged(_)) => self.catch_up().await,
+                    Err(broadcast::error::RecvError::Closed) => others = None,
+                },
             }
         }
     }
@@ -313,6 +336,7 @@ impl Applier {
 impl CommitListener for Applier {
     fn committed(&self, batch: &CommittedBatch) {
         self.apply_batch(batch);
+        self.bus.publish(BusMessage::Committed { head: batch.head });
     }
 }
 
@@ -351,7 +375,7 @@ mod tests {
             targets.sessions.clone(),
             targets.notifier.clone(),
         );
-        let applier = Applier::new(store.clone(), targets, start);
+        let applier = Applier::new(store.clone(), targets, Arc::new(kabar_bus::LocalBus::new("test")), start);
         if listening {
             store.set_commit_listener(applier.clone());
         }

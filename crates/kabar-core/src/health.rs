@@ -19,20 +19,23 @@ const STORE_DEADLINE: Duration = Duration::from_secs(2);
 pub struct Readiness {
     store: Arc<dyn Store>,
     notifier: Arc<Notifier>,
+    bus: Arc<dyn kabar_bus::Bus>,
     last: Mutex<Option<(Instant, Result<(), String>)>>,
 }
 
 impl Readiness {
-    pub fn new(store: Arc<dyn Store>, notifier: Arc<Notifier>) -> Self {
+    pub fn new(store: Arc<dyn Store>, notifier: Arc<Notifier>, bus: Arc<dyn kabar_bus::Bus>) -> Self {
         Self {
             store,
             notifier,
+            bus,
             last: Mutex::new(None),
         }
     }
 
-    /// `Ok` when the server is not shutting down and storage reads and
-    /// commits within the deadline; otherwise why not.
+    /// `Ok` when the server is not shutting down, storage reads and commits
+    /// within the deadline and the bus reaches the other nodes; otherwise
+    /// why not.
     pub async fn check(&self) -> Result<(), String> {
         if self.notifier.is_closing() {
             return Err("shutting down".into());
@@ -42,7 +45,13 @@ impl Readiness {
         {
             return verdict.clone();
         }
-        let verdict = self.check_store().await;
+        let mut verdict = self.check_store().await;
+        if verdict.is_ok() && !self.bus.connected() {
+            // Without the bus this node still serves correctly, but other
+            // nodes' messages reach its clients only at each catch-up: a
+            // load balancer should prefer the nodes that have it.
+            verdict = Err("the bus (NATS) is disconnected".into());
+        }
         *self.last.lock().expect("readiness") = Some((Instant::now(), verdict.clone()));
         verdict
     }
@@ -66,7 +75,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sqlite = kabar_store_sqlite::SqliteStore::open(&dir.path().join("db")).unwrap();
         let notifier = Arc::new(Notifier::new());
-        let readiness = Readiness::new(Arc::new(sqlite.clone()), notifier.clone());
+        let readiness = Readiness::new(
+            Arc::new(sqlite.clone()),
+            notifier.clone(),
+            Arc::new(kabar_bus::LocalBus::new("test")),
+        );
         readiness.check().await.expect("ready");
         // A store that no longer commits is not ready (once the cached
         // verdict has expired).

@@ -632,7 +632,12 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(kabar_store_sqlite::SqliteStore::open(&dir.join("db")).unwrap());
         let targets = crate::applier::ApplierTargets::fresh(&store, Arc::new(Notifier::new()));
         let (caches, changes) = (targets.rooms.clone(), targets.changes.clone());
-        let applier = crate::applier::Applier::spawn(store.clone(), targets, Duration::from_secs(1));
+        let applier = crate::applier::Applier::spawn(
+            store.clone(),
+            targets,
+            Arc::new(kabar_bus::LocalBus::new("test")),
+            Duration::from_secs(1),
+        );
         let signer = Arc::new(EventSigner::new(ruma::owned_server_name!("localhost"), &EventSigner::generate_key(), "k").unwrap());
         let limits = GateLimits {
             slots: 4,

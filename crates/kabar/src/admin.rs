@@ -65,6 +65,7 @@ pub struct AdminContext {
     pub metrics_listening: Option<SocketAddr>,
     pub started: Instant,
     pub storage: StorageStatus,
+    pub bus: BusStatus,
 }
 
 /// What `status` tells of the storage engine.
@@ -89,6 +90,22 @@ impl StorageStatus {
             "problem": health.err(),
             "committed_position": head,
             "applied_position": self.applied.position(),
+        })
+    }
+}
+
+/// What `status` tells of the bus between nodes.
+pub struct BusStatus {
+    pub engine: &'static str,
+    pub bus: Arc<dyn kabar_bus::Bus>,
+}
+
+impl BusStatus {
+    fn report(&self) -> Value {
+        json!({
+            "engine": self.engine,
+            "node": self.bus.node(),
+            "connected": self.bus.connected(),
         })
     }
 }
@@ -144,6 +161,7 @@ impl AdminContext {
             "refused_by_class": self.load.shed_totals(),
             "configuration": self.control.summary().await,
             "storage": self.storage.report().await,
+            "bus": self.bus.report(),
         })
     }
 }

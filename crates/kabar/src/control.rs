@@ -588,6 +588,8 @@ mod tests {
                 schema::Kind::Localparts => toml::Value::Array(vec![toml::Value::String("staff".into())]),
                 schema::Kind::IpAddrs => toml::Value::Array(vec![toml::Value::String("10.0.0.1".into())]),
                 schema::Kind::PostgresUrl => toml::Value::String("postgres://kabar@db.example.org/kabar".into()),
+                schema::Kind::NatsUrls => toml::Value::Array(vec![toml::Value::String("nats://nats.example.org:4222".into())]),
+                schema::Kind::Token => toml::Value::String("node-2".into()),
             };
             let mut doc = toml::Table::new();
             let parts: Vec<&str> = setting.key.split('.').collect();

@@ -45,12 +45,6 @@ use kabar_store_postgres::PostgresStore;
 use kabar_store_sqlite::SqliteStore;
 use listeners::{ConnectionLimits, Listeners};
 
-/// How often the applier reads the stream for writes another process
-/// committed to the same database: the bound on how stale this process's
-/// caches (a revoked token above all) can be. Reading the head costs one
-/// small query, nothing on the embedded store.
-const APPLIER_CATCH_UP: Duration = Duration::from_millis(250);
-
 #[derive(Parser)]
 #[command(name = "kabar", version, about = "A Matrix homeserver built to stay up")]
 struct Cli {
@@ -162,6 +156,19 @@ struct OpenedStore {
     engine: &'static str,
     /// The embedded engine is closed explicitly at shutdown (queued writes commit).
     sqlite: Option<SqliteStore>,
+}
+
+/// The configured bus: none for one node, NATS for several.
+async fn open_bus(config: &Config) -> anyhow::Result<Arc<dyn kabar_bus::Bus>> {
+    let bus = &config.bus;
+    match bus.engine.as_str() {
+        "nats" => {
+            let nats = kabar_bus::nats::NatsBus::connect(&bus.nats.urls, &bus.subject_prefix, &bus.node_name).await?;
+            tracing::info!(node = %bus.node_name, "the bus (NATS) is connected");
+            Ok(Arc::new(nats))
+        }
+        _ => Ok(Arc::new(kabar_bus::LocalBus::new(bus.node_name.clone()))),
+    }
 }
 
 /// A PostgreSQL URL without its password, for messages.
@@ -351,6 +358,7 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
     let opened = open_store(&config, Some(storage_metrics.clone())).await?;
     let store: Arc<dyn Store> = opened.store.clone();
     tracing::info!(engine = opened.engine, "storage opened");
+    let bus = open_bus(&config).await?;
     let server_name = ruma::OwnedServerName::try_from(config.server_name.as_str())?;
     let key = store.signing_key(EventSigner::generate_key()).await?;
     let signer = Arc::new(EventSigner::new(server_name.clone(), &key, "kabar1")?);
@@ -391,7 +399,16 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
     // wake-ups below.
     let targets = ApplierTargets::fresh(&store, notifier.clone());
     let (changes, sessions, room_caches) = (targets.changes.clone(), targets.sessions.clone(), targets.rooms.clone());
-    let applier = Applier::spawn(store.clone(), targets, APPLIER_CATCH_UP);
+    // It reads the stream for writes other processes committed every
+    // `bus.catch_up_interval_ms` (one small query), and at once when the
+    // bus tells of one: the interval bounds how stale this process's caches
+    // (a revoked token above all) can get when the bus fails.
+    let applier = Applier::spawn(
+        store.clone(),
+        targets,
+        bus.clone(),
+        Duration::from_millis(config.bus.catch_up_interval_ms),
+    );
     let accounts = Arc::new(Accounts::new(
         store.clone(),
         hasher,
@@ -463,7 +480,7 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
             lifetime: Duration::from_millis(config.voip.turn_user_lifetime_ms),
         }),
     );
-    let readiness = Arc::new(Readiness::new(store.clone(), notifier.clone()));
+    let readiness = Arc::new(Readiness::new(store.clone(), notifier.clone(), bus.clone()));
     let api_metrics = Arc::new(kabar_api::ApiMetrics::default());
     let state = kabar_api::AppState::new(kabar_api::Services {
         accounts: accounts.clone(),
@@ -546,6 +563,10 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
                 engine: opened.engine,
                 store: store.clone(),
                 applied: applier.applied(),
+            },
+            bus: admin::BusStatus {
+                engine: if config.bus.engine == "nats" { "nats" } else { "local" },
+                bus: bus.clone(),
             },
         },
     )?;

@@ -315,6 +315,20 @@ fn check_value(setting: &Setting, value: &Spanned<DeValue<'_>>) -> Result<(), St
                 return Err("must be a postgres:// URL with a host (postgres://user:password@host:port/database)".into());
             }
         }
+        Kind::NatsUrls => {
+            for item in strings(value)? {
+                let url = url::Url::parse(item).map_err(|e| format!("{item:?} is not a URL: {e}"))?;
+                if url.scheme() != "nats" || url.host().is_none() {
+                    return Err(format!("{item:?} is not a nats:// URL with a host (nats://host:4222)"));
+                }
+            }
+        }
+        Kind::Token => {
+            let s = string(value)?;
+            if s.is_empty() || s.len() > 64 || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(format!("{s:?} must be 1 to 64 letters, digits, - or _"));
+            }
+        }
         Kind::IpAddrs => {
             for item in strings(value)? {
                 if item.parse::<std::net::IpAddr>().is_err() {
@@ -406,6 +420,26 @@ pub fn check_whole(config: &Config, lines: &HashMap<String, usize>) -> Vec<Probl
                 "storage.engine is \"postgres\" but no database is named",
             )
             .hint("set storage.postgres.url, for example \"postgres://kabar@127.0.0.1:5432/kabar\""),
+        );
+    }
+    if config.bus.engine == "nats" && config.bus.nats.urls.is_empty() {
+        out.push(
+            Problem::error(
+                "bus.nats.urls",
+                at("bus.engine"),
+                "bus.engine is \"nats\" but no NATS server is named",
+            )
+            .hint("set bus.nats.urls, for example [\"nats://127.0.0.1:4222\"]"),
+        );
+    }
+    if config.bus.engine == "nats" && config.storage.engine != "postgres" {
+        out.push(
+            Problem::error(
+                "bus.engine",
+                at("bus.engine"),
+                "several nodes need one shared database: bus.engine \"nats\" needs storage.engine \"postgres\"",
+            )
+            .hint("set storage.engine = \"postgres\", or bus.engine = \"local\" for a single node"),
         );
     }
     if config.listen.is_empty() {

@@ -40,6 +40,56 @@ pub struct Config {
     pub user_directory: UserDirectoryConfig,
     pub voip: VoipConfig,
     pub storage: StorageConfig,
+    pub bus: BusConfig,
+}
+
+/// How nodes hear of each other's commits (see `kabar_bus`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusConfig {
+    pub engine: String,
+    pub nats: NatsConfig,
+    pub subject_prefix: String,
+    pub node_name: String,
+    pub catch_up_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    pub urls: Vec<String>,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self {
+            engine: "local".into(),
+            nats: NatsConfig::default(),
+            subject_prefix: "kabar".into(),
+            node_name: default_node_name(),
+            catch_up_interval_ms: 250,
+        }
+    }
+}
+
+/// The host name, made a valid node name; `kabar` if there is none.
+fn default_node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_default();
+    let name: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    if name.is_empty() { "kabar".into() } else { name }
 }
 
 /// Where the data lives: the embedded SQLite file in the data directory, or
@@ -231,6 +281,7 @@ impl Default for Config {
             user_directory: UserDirectoryConfig::default(),
             voip: VoipConfig::default(),
             storage: StorageConfig::default(),
+            bus: BusConfig::default(),
         }
     }
 }
@@ -481,6 +532,26 @@ mod tests {
             schema::reference_table(),
             "docs/config.md is stale: replace its table with `kabar config-reference`"
         );
+    }
+
+    #[test]
+    fn the_bus_settings_are_checked_alone_and_together() {
+        let text = "[bus]\nengine = \"nats\"\nnats.urls = [\"http://nats.example.org\"]\nnode_name = \"node one\"\n";
+        let problems = check(text).expect_err("two errors");
+        let keys: Vec<&str> = problems.items.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["bus.nats.urls", "bus.node_name"], "{problems}");
+        // Each value valid, the whole not: NATS for several nodes needs a shared database.
+        let problems = check("[bus]\nengine = \"nats\"\n").expect_err("the whole is wrong");
+        let shown = problems.to_string();
+        assert!(
+            shown.contains("bus.nats.urls") && shown.contains("no NATS server is named"),
+            "{shown}"
+        );
+        assert!(shown.contains("needs storage.engine \"postgres\""), "{shown}");
+        let good = "[storage]\nengine = \"postgres\"\npostgres.url = \"postgres://kabar@db/kabar\"\n[bus]\nengine = \"nats\"\nnats.urls = [\"nats://10.0.0.5:4222\"]\nnode_name = \"node-1\"\n";
+        let config = check(good).expect("a valid cluster node");
+        assert!(config.1.items.is_empty(), "{}", config.1);
+        assert_eq!(config.0.bus.node_name, "node-1");
     }
 
     #[test]

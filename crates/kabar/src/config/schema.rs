@@ -35,6 +35,10 @@ pub enum Kind {
     IpAddrs,
     /// A `postgres://` URL; it may hold a password, so it is never shown.
     PostgresUrl,
+    /// A list of `nats://` URLs.
+    NatsUrls,
+    /// A name of letters, digits, `-` and `_` (a NATS subject token, a node name).
+    Token,
 }
 
 impl Kind {
@@ -56,6 +60,8 @@ impl Kind {
             Kind::Localparts => "list of user names".into(),
             Kind::IpAddrs => "list of IP addresses".into(),
             Kind::PostgresUrl => "`postgres://` URL (secret)".into(),
+            Kind::NatsUrls => "list of `nats://` URLs".into(),
+            Kind::Token => "name (letters, digits, `-`, `_`)".into(),
         }
     }
 
@@ -153,6 +159,41 @@ pub const SETTINGS: &[Setting] = &[
         "`16`",
         Restart,
         "Connections for reads (writes use one more, with group commit).",
+    ),
+    setting(
+        "bus.engine",
+        Kind::OneOf(&["local", "nats"]),
+        "`\"local\"`",
+        Restart,
+        "How this node hears of other nodes' commits at once: `local` for a single node (nothing to hear), `nats` for several nodes on one PostgreSQL database, through the NATS servers at `bus.nats.urls`. The store stays the source of truth: a message lost on the bus delays a delivery by at most `bus.catch_up_interval_ms`, never loses or reorders one.",
+    ),
+    setting(
+        "bus.nats.urls",
+        Kind::NatsUrls,
+        "`[]`",
+        Restart,
+        "The NATS servers, e.g. `[\"nats://10.0.0.5:4222\"]`; needed with `bus.engine = \"nats\"`. Kabar starts only if one answers; while NATS is away later it reconnects by itself and `/ready` reports the node not ready.",
+    ),
+    setting(
+        "bus.subject_prefix",
+        Kind::Token,
+        "`\"kabar\"`",
+        Restart,
+        "The NATS subjects this cluster uses start with it, so several clusters can share a NATS server.",
+    ),
+    setting(
+        "bus.node_name",
+        Kind::Token,
+        "the host name",
+        Restart,
+        "This node's name among the cluster's nodes (in logs, on the bus and in `kabar admin status`). Give each node its own.",
+    ),
+    setting(
+        "bus.catch_up_interval_ms",
+        int(10, 600_000),
+        "`250`",
+        Restart,
+        "How often this node reads the stream for commits it was not told of (another process's, or a lost bus message): the bound on how late a change made through another node can reach this node's clients when the bus fails.",
     ),
     setting(
         "log",
