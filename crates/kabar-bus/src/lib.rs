@@ -25,6 +25,31 @@ pub enum BusMessage {
     /// The sending node committed every stream position up to `head`:
     /// whoever has applied less reads the store.
     Committed { head: u64 },
+    /// A user started or stopped typing in a room (typing lives in memory
+    /// only: each node keeps what it hears).
+    Typing {
+        room_id: String,
+        user_id: String,
+        typing: bool,
+        timeout_ms: u64,
+    },
+    /// A user's presence changed (in memory only, like typing).
+    Presence {
+        user_id: String,
+        presence: String,
+        status_msg: Option<String>,
+    },
+}
+
+impl BusMessage {
+    /// The last part of the message's subject.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BusMessage::Committed { .. } => "committed",
+            BusMessage::Typing { .. } => "typing",
+            BusMessage::Presence { .. } => "presence",
+        }
+    }
 }
 
 /// A message and the node that sent it.

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use async_nats::{ConnectOptions, ServerAddr, connection::State};
 use futures::StreamExt;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::{Bus, BusError, BusMessage, FromNode};
 
@@ -21,12 +21,17 @@ use crate::{Bus, BusError, BusMessage, FromNode};
 /// oldest are dropped (a receiver that lagged catches up from the store).
 const RECEIVE_BUFFER: usize = 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Messages other than commits waiting to be published; more are dropped
+/// (they are best effort, and a backlog would only deliver stale news).
+const OUTBOX: usize = 4096;
 
 pub struct NatsBus {
     node: String,
     client: async_nats::Client,
     /// The newest head this node committed, for the publishing task.
     committed: watch::Sender<u64>,
+    /// Every other message, for the publishing task.
+    outbox: mpsc::Sender<BusMessage>,
     others: broadcast::Sender<FromNode>,
 }
 
@@ -75,17 +80,25 @@ impl NatsBus {
             }
         });
         let (committed, mut newest) = watch::channel(0);
-        let (publisher, me, subject) = (client.clone(), node.to_owned(), format!("{prefix}.committed"));
+        let (outbox, mut queued) = mpsc::channel(OUTBOX);
+        let (publisher, me, prefix) = (client.clone(), node.to_owned(), prefix.to_owned());
         tokio::spawn(async move {
-            while newest.changed().await.is_ok() {
-                let head = *newest.borrow_and_update();
-                let message = FromNode {
-                    node: me.clone(),
-                    message: BusMessage::Committed { head },
+            loop {
+                let message = tokio::select! {
+                    changed = newest.changed() => match changed {
+                        Ok(()) => BusMessage::Committed { head: *newest.borrow_and_update() },
+                        Err(_) => break,
+                    },
+                    next = queued.recv() => match next {
+                        Some(m) => m,
+                        None => break,
+                    },
                 };
+                let subject = format!("{prefix}.{}", message.kind());
+                let message = FromNode { node: me.clone(), message };
                 let Ok(payload) = serde_json::to_vec(&message) else { continue };
-                if let Err(e) = publisher.publish(subject.clone(), payload.into()).await {
-                    tracing::debug!(error = %e, "a commit was not announced on the bus");
+                if let Err(e) = publisher.publish(subject, payload.into()).await {
+                    tracing::debug!(error = %e, "a message was not published on the bus");
                 }
             }
         });
@@ -93,6 +106,7 @@ impl NatsBus {
             node: node.to_owned(),
             client,
             committed,
+            outbox,
             others,
         })
     }
@@ -113,6 +127,11 @@ impl Bus for NatsBus {
                     }
                     newer
                 });
+            }
+            other => {
+                if self.outbox.try_send(other).is_err() {
+                    tracing::debug!("the bus outbox is full; a message was dropped");
+                }
             }
         }
     }
@@ -137,8 +156,9 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), async {
             loop {
                 let m = rx.recv().await.expect("the bus is open");
-                let BusMessage::Committed { head } = m.message;
-                if head >= at_least {
+                if let BusMessage::Committed { head } = m.message
+                    && head >= at_least
+                {
                     return m;
                 }
             }
@@ -163,6 +183,24 @@ mod tests {
         assert_eq!(m.node, "a");
         b.publish(BusMessage::Committed { head: 7 });
         assert_eq!(next_committed(&mut a_hears, 7).await.node, "b");
+        let typing = BusMessage::Typing {
+            room_id: "!r:x".into(),
+            user_id: "@u:x".into(),
+            typing: true,
+            timeout_ms: 3000,
+        };
+        b.publish(typing.clone());
+        let heard = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let m = a_hears.recv().await.unwrap();
+                if m.message.kind() == "typing" {
+                    return m;
+                }
+            }
+        })
+        .await
+        .expect("typing arrives");
+        assert_eq!((heard.node.as_str(), heard.message), ("b", typing));
         assert!(
             tokio::time::timeout(Duration::from_millis(200), async {
                 loop {

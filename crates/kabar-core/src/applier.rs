@@ -191,6 +191,8 @@ impl Applier {
                             self.catch_up().await;
                         }
                     }
+                    // Typing and presence are the ephemeral store's.
+                    Ok(_) => {}
                     // Missed announcements: whatever they said is in the store.
                     Err(broadcast::error::RecvError::Lagged(_)) => self.catch_up().await,
                     Err(broadcast::error::RecvError::Closed) => others = None,

@@ -2,6 +2,14 @@
 //!
 //! Both change often and matter only while fresh, so they live in memory with
 //! their own serial counter, which sync tokens carry next to the stream position.
+//!
+//! With several nodes, each change is also sent on the bus, and every node
+//! applies what it hears as if it were its own (with its own serial). That
+//! is best effort: a client whose long-poll moves to another node gets that
+//! node's whole current typing and presence state when its token is ahead
+//! of the node's counter (duplicates, never harmful), and may miss a change
+//! that reached the two nodes at different moments; the next change (typing
+//! is refreshed every few seconds while someone types) repairs it.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -13,6 +21,9 @@ use std::{
 };
 
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
+
+use kabar_bus::{Bus, BusMessage, FromNode};
+use tokio::sync::broadcast;
 
 use crate::notifier::Notifier;
 
@@ -39,16 +50,60 @@ pub struct Ephemeral {
     typing: Mutex<HashMap<OwnedRoomId, RoomTyping>>,
     presence: Mutex<HashMap<OwnedUserId, PresenceState>>,
     notifier: Arc<Notifier>,
+    /// Tells the other nodes of this node's changes.
+    bus: Arc<dyn Bus>,
 }
 
 impl Ephemeral {
-    pub fn new(notifier: Arc<Notifier>) -> Self {
+    pub fn new(notifier: Arc<Notifier>, bus: Arc<dyn Bus>) -> Self {
         Self {
             serial: AtomicU64::new(1),
             last_presence_change: AtomicU64::new(0),
             typing: Mutex::default(),
             presence: Mutex::default(),
             notifier,
+            bus,
+        }
+    }
+
+    /// Applies the typing and presence changes other nodes tell of, until
+    /// the bus closes.
+    pub async fn hear_other_nodes(self: Arc<Self>) {
+        let mut heard = self.bus.subscribe();
+        loop {
+            match heard.recv().await {
+                Ok(FromNode { message, .. }) => self.apply_remote(message),
+                // Missed changes are repaired by the next ones (best effort).
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::debug!(missed, "typing or presence changes from other nodes were missed")
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
+    fn apply_remote(&self, message: BusMessage) {
+        match message {
+            BusMessage::Typing {
+                room_id,
+                user_id,
+                typing,
+                timeout_ms,
+            } => {
+                if let (Ok(room), Ok(user)) = (OwnedRoomId::try_from(room_id), OwnedUserId::try_from(user_id)) {
+                    self.apply_typing(&room, &user, typing, Duration::from_millis(timeout_ms));
+                }
+            }
+            BusMessage::Presence {
+                user_id,
+                presence,
+                status_msg,
+            } => {
+                if let Ok(user) = OwnedUserId::try_from(user_id) {
+                    self.apply_presence(&user, &presence, status_msg);
+                }
+            }
+            BusMessage::Committed { .. } => {}
         }
     }
 
@@ -61,6 +116,16 @@ impl Ephemeral {
     }
 
     pub fn set_typing(&self, room_id: &RoomId, user_id: &UserId, typing: bool, timeout: Duration) {
+        self.apply_typing(room_id, user_id, typing, timeout);
+        self.bus.publish(BusMessage::Typing {
+            room_id: room_id.to_string(),
+            user_id: user_id.to_string(),
+            typing,
+            timeout_ms: timeout.min(MAX_TYPING_TIMEOUT).as_millis() as u64,
+        });
+    }
+
+    fn apply_typing(&self, room_id: &RoomId, user_id: &UserId, typing: bool, timeout: Duration) {
         let serial = self.bump();
         {
             let mut map = self.typing.lock().expect("typing lock");
@@ -95,6 +160,17 @@ impl Ephemeral {
     }
 
     pub fn set_presence(&self, user_id: &UserId, presence: &str, status_msg: Option<String>) {
+        if self.apply_presence(user_id, presence, status_msg.clone()) {
+            self.bus.publish(BusMessage::Presence {
+                user_id: user_id.to_string(),
+                presence: presence.to_owned(),
+                status_msg,
+            });
+        }
+    }
+
+    /// Applies a presence; returns whether it was news.
+    fn apply_presence(&self, user_id: &UserId, presence: &str, status_msg: Option<String>) -> bool {
         let mut map = self.presence.lock().expect("presence lock");
         if let Some(p) = map.get_mut(user_id)
             && p.presence == presence
@@ -102,7 +178,7 @@ impl Ephemeral {
         {
             // Being active again is not news: only a change moves the serial.
             p.last_active = Instant::now();
-            return;
+            return false;
         }
         // Marked as changing before the serial moves: a sync that reads the new
         // serial must not find the old `last_presence_change` and skip this.
@@ -121,6 +197,7 @@ impl Ephemeral {
         }
         entry.serial = serial;
         self.last_presence_change.store(serial, Ordering::Release);
+        true
     }
 
     /// Whether anyone's presence may have changed after `since`.
@@ -150,7 +227,7 @@ mod tests {
 
     #[test]
     fn typing_appears_then_expires() {
-        let e = Ephemeral::new(Arc::new(Notifier::new()));
+        let e = Ephemeral::new(Arc::new(Notifier::new()), Arc::new(kabar_bus::LocalBus::new("test")));
         let start = e.serial();
         e.set_typing(room_id!("!r:x"), user_id!("@a:x"), true, Duration::from_millis(30));
         assert_eq!(e.typing_since(room_id!("!r:x"), start).unwrap().len(), 1);
@@ -162,7 +239,7 @@ mod tests {
 
     #[test]
     fn only_a_presence_change_is_news() {
-        let e = Ephemeral::new(Arc::new(Notifier::new()));
+        let e = Ephemeral::new(Arc::new(Notifier::new()), Arc::new(kabar_bus::LocalBus::new("test")));
         e.set_presence(user_id!("@a:x"), "online", None);
         let seen = e.serial();
         assert!(!e.presence_changed_since(seen));

@@ -393,7 +393,8 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
     };
     let gates = WorkGates::new(&load, &config.work, cores);
     let notifier = Arc::new(Notifier::new());
-    let ephemeral = Arc::new(Ephemeral::new(notifier.clone()));
+    let ephemeral = Arc::new(Ephemeral::new(notifier.clone(), bus.clone()));
+    tokio::spawn(ephemeral.clone().hear_other_nodes());
     // The applier is the only path from a committed write (this process's
     // or another's on the same database) to the caches, trackers and
     // wake-ups below.

@@ -88,6 +88,31 @@ async fn through_the_bus_a_send_on_one_node_wakes_a_long_poll_on_another_and_a_l
     let took = delivery_time(&bob, &alice, &room, "hello from node 1").await;
     assert!(took < BUS_BOUND, "and the other way in {took:?}");
 
+    // Typing lives in memory: node 1 hears of it on the bus.
+    let since = bob.sync("", None).await["next_batch"].as_str().unwrap().to_owned();
+    alice
+        .ok(
+            Method::PUT,
+            &format!("/rooms/{}/typing/{}", common::enc(&room), common::enc(&alice.user_id)),
+            Some(json!({"typing": true, "timeout": 20000})),
+        )
+        .await;
+    let typed = Instant::now();
+    let mut since = since;
+    loop {
+        let v = bob.ok(Method::GET, &format!("/sync?timeout=10000&since={since}"), None).await;
+        let typing = v["rooms"]["join"][room.as_str()]["ephemeral"]["events"]
+            .as_array()
+            .and_then(|evs| evs.iter().find(|e| e["type"] == "m.typing").cloned());
+        if let Some(t) = typing
+            && t["content"]["user_ids"] == json!([alice.user_id])
+        {
+            break;
+        }
+        assert!(typed.elapsed() < BUS_BOUND, "node 1 shows alice typing on node 0: {v}");
+        since = v["next_batch"].as_str().unwrap().to_owned();
+    }
+
     for node in [a, b] {
         let status = node.admin_json(&["status"]);
         assert_eq!(status["bus"]["engine"], "nats", "{status}");
