@@ -13,6 +13,7 @@
 //! [`nats::NatsBus`] for several nodes sharing a NATS server or cluster.
 
 pub mod nats;
+pub mod peers;
 pub mod test_server;
 
 use serde::{Deserialize, Serialize};
@@ -39,6 +40,18 @@ pub enum BusMessage {
         presence: String,
         status_msg: Option<String>,
     },
+    /// The sending node is alive (see [`peers::Peers`]).
+    Heartbeat(NodeStatus),
+}
+
+/// What a node's heartbeat says of it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub version: String,
+    /// The stream position its applier has applied.
+    pub applied: u64,
+    /// Client requests it answered per second lately.
+    pub requests_per_second: u64,
 }
 
 impl BusMessage {
@@ -48,6 +61,7 @@ impl BusMessage {
             BusMessage::Committed { .. } => "committed",
             BusMessage::Typing { .. } => "typing",
             BusMessage::Presence { .. } => "presence",
+            BusMessage::Heartbeat(_) => "heartbeat",
         }
     }
 }

@@ -98,14 +98,32 @@ impl StorageStatus {
 pub struct BusStatus {
     pub engine: &'static str,
     pub bus: Arc<dyn kabar_bus::Bus>,
+    pub peers: Arc<kabar_bus::peers::Peers>,
 }
 
 impl BusStatus {
+    /// The bus, and every live node with what its last heartbeat said.
     fn report(&self) -> Value {
+        let nodes: Vec<Value> = self
+            .peers
+            .live()
+            .into_iter()
+            .map(|p| {
+                json!({
+                    "node": p.node,
+                    "this_node": p.this_node,
+                    "version": p.status.version,
+                    "applied_position": p.status.applied,
+                    "requests_per_second": p.status.requests_per_second,
+                    "heard_ms_ago": p.heard_ago.as_millis() as u64,
+                })
+            })
+            .collect();
         json!({
             "engine": self.engine,
             "node": self.bus.node(),
             "connected": self.bus.connected(),
+            "nodes": nodes,
         })
     }
 }

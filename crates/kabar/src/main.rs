@@ -158,6 +158,27 @@ struct OpenedStore {
     sqlite: Option<SqliteStore>,
 }
 
+/// What this node's heartbeat says: its version, applied position and the
+/// client requests it answered per second since the previous heartbeat.
+fn node_status(
+    api_metrics: Arc<kabar_api::ApiMetrics>,
+    applied: kabar_core::applier::Applied,
+) -> impl Fn() -> kabar_bus::NodeStatus + Send + Sync + 'static {
+    let last = std::sync::Mutex::new((api_metrics.totals().0, std::time::Instant::now()));
+    move || {
+        let answered = api_metrics.totals().0;
+        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+        let seconds = last.1.elapsed().as_secs_f64().max(0.001);
+        let rate = (answered.saturating_sub(last.0) as f64 / seconds).round() as u64;
+        *last = (answered, std::time::Instant::now());
+        kabar_bus::NodeStatus {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            applied: applied.position(),
+            requests_per_second: rate,
+        }
+    }
+}
+
 /// The configured bus: none for one node, NATS for several.
 async fn open_bus(config: &Config) -> anyhow::Result<Arc<dyn kabar_bus::Bus>> {
     let bus = &config.bus;
@@ -483,6 +504,7 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
     );
     let readiness = Arc::new(Readiness::new(store.clone(), notifier.clone(), bus.clone()));
     let api_metrics = Arc::new(kabar_api::ApiMetrics::default());
+    let peers = kabar_bus::peers::Peers::spawn(bus.clone(), node_status(api_metrics.clone(), applier.applied()));
     let state = kabar_api::AppState::new(kabar_api::Services {
         accounts: accounts.clone(),
         rooms,
@@ -568,6 +590,7 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
             bus: admin::BusStatus {
                 engine: if config.bus.engine == "nats" { "nats" } else { "local" },
                 bus: bus.clone(),
+                peers,
             },
         },
     )?;

@@ -119,6 +119,25 @@ async fn through_the_bus_a_send_on_one_node_wakes_a_long_poll_on_another_and_a_l
         assert_eq!(status["bus"]["connected"], true, "{status}");
     }
     assert_eq!(b.admin_json(&["status"])["bus"]["node"], "node-1");
+    // Each node lists every live node from their heartbeats.
+    let deadline = Instant::now() + BUS_BOUND;
+    loop {
+        let status = a.admin_json(&["status"]);
+        let nodes: Vec<&str> = status["bus"]["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n["node"].as_str())
+            .collect();
+        if nodes == ["node-0", "node-1"] {
+            let other = &status["bus"]["nodes"][1];
+            assert_eq!(other["this_node"], false);
+            assert!(other["applied_position"].as_u64().unwrap() > 0, "{other}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 0 lists both nodes: {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // A logout on node 0 is refused on node 1 at once, not in a minute.
     let carol = Api::register(a, "carol").await;
