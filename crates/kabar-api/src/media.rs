@@ -85,7 +85,7 @@ async fn download(media: &Media, info: &ServerInfo, at: MediaFile<'_>, path: Med
     };
     let size = d.record.size;
     let slot = d.slot;
-    let body = tokio_util::io::ReaderStream::new(d.file).map(move |chunk| {
+    let body = tokio_util::io::ReaderStream::new(d.body).map(move |chunk| {
         let _held = &slot;
         chunk
     });

@@ -1,17 +1,17 @@
-//! Media: uploads stored on disk by content hash, metadata in the store,
-//! thumbnails made on a bounded pool.
+//! Media: uploads stored by content hash (in a directory or in the
+//! database, `MediaContent`), metadata in the store, thumbnails made on a
+//! bounded pool and cached on this node's disk.
 
-use std::{
-    io::Write,
-    net::IpAddr,
-    path::{Path, PathBuf},
-    sync::Arc,
+use std::{net::IpAddr, path::PathBuf, sync::Arc};
+
+use kabar_store::{
+    MediaContent, MediaRecord, Store,
+    media_content::{ContentReader, write_once},
 };
-
-use kabar_store::{MediaRecord, Store};
 use rand::{Rng, distributions::Alphanumeric};
 use ruma::UserId;
 use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
 
 use crate::{
     admission::{AddressSlot, AddressSlots},
@@ -26,7 +26,9 @@ const MAX_SOURCE_PIXELS: u64 = 40_000_000;
 
 pub struct Media {
     store: Arc<dyn Store>,
-    dir: PathBuf,
+    content: Arc<dyn MediaContent>,
+    /// Thumbnails made on this node (a cache: any node can make them again).
+    thumbnails_dir: PathBuf,
     max_upload_bytes: u64,
     /// Thumbnailing decodes whole images: bounded, and refused once the queue is too long.
     thumbnails: Arc<Gate>,
@@ -48,11 +50,11 @@ pub enum LegacyMedia {
     Off,
 }
 
-/// A file to send: opened, with the download slot it holds until the
+/// Media to send: opened, with the download slot it holds until the
 /// response is sent.
 pub struct Download {
     pub record: MediaRecord,
-    pub file: tokio::fs::File,
+    pub body: ContentReader,
     pub slot: AddressSlot,
 }
 
@@ -74,16 +76,18 @@ pub enum ThumbnailMethod {
 impl Media {
     pub fn new(
         store: Arc<dyn Store>,
-        dir: PathBuf,
+        content: Arc<dyn MediaContent>,
+        thumbnails_dir: PathBuf,
         max_upload_bytes: u64,
         thumbnails: Arc<Gate>,
         legacy: LegacyMedia,
         downloads: Arc<AddressSlots>,
     ) -> Result<Self> {
-        std::fs::create_dir_all(&dir).map_err(|e| Error::Internal(format!("cannot create media directory: {e}")))?;
+        std::fs::create_dir_all(&thumbnails_dir).map_err(|e| Error::Internal(format!("cannot create the thumbnail directory: {e}")))?;
         Ok(Self {
             store,
-            dir,
+            content,
+            thumbnails_dir,
             max_upload_bytes,
             thumbnails,
             legacy,
@@ -93,10 +97,6 @@ impl Media {
 
     pub fn max_upload_bytes(&self) -> u64 {
         self.max_upload_bytes
-    }
-
-    fn path_for(&self, sha256: &str) -> PathBuf {
-        self.dir.join(&sha256[..2]).join(sha256)
     }
 
     /// Stores the bytes and returns the new media id.
@@ -111,12 +111,8 @@ impl Media {
             return Err(Error::TooLarge(format!("upload is larger than {} bytes", self.max_upload_bytes)));
         }
         let sha = hex::encode(Sha256::digest(&bytes));
-        let path = self.path_for(&sha);
         let size = bytes.len() as u64;
-        tokio::task::spawn_blocking(move || write_once(&path, &bytes))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?
-            .map_err(|e| Error::Internal(format!("writing media: {e}")))?;
+        self.content.put_content(&sha, bytes).await?;
         let media_id: String = rand::thread_rng().sample_iter(&Alphanumeric).take(24).map(char::from).collect();
         self.store
             .put_media(MediaRecord {
@@ -159,10 +155,12 @@ impl Media {
             .acquire(client)
             .ok_or(Error::LimitExceeded { retry_after_ms: 1000 })?;
         let record = self.record(media_id, path).await?;
-        let file = tokio::fs::File::open(self.path_for(&record.sha256))
-            .await
-            .map_err(|_| Error::NotFound("media not found".into()))?;
-        Ok(Download { record, file, slot })
+        let body = self
+            .content
+            .content(&record.sha256)
+            .await?
+            .ok_or_else(|| Error::NotFound("media not found".into()))?;
+        Ok(Download { record, body, slot })
     }
 
     /// A thumbnail no larger than `width` x `height`, as PNG (or JPEG for JPEG sources).
@@ -170,7 +168,7 @@ impl Media {
         let record = self.record(media_id, path).await?;
         let (width, height) = (size.0.clamp(1, 1600), size.1.clamp(1, 1600));
         let key = format!("{}-{width}x{height}-{method:?}", record.sha256);
-        let cached = self.dir.join("thumbnails").join(&key);
+        let cached = self.thumbnails_dir.join(&key);
         let jpeg = record.content_type.as_deref() == Some("image/jpeg");
         let content_type = if jpeg { "image/jpeg" } else { "image/png" }.to_owned();
         if let Ok(bytes) = tokio::fs::read(&cached).await {
@@ -181,9 +179,14 @@ impl Media {
         if record.size > MAX_THUMBNAIL_SOURCE_BYTES {
             return Err(Error::TooLarge("image is too large to thumbnail".into()));
         }
-        let source = tokio::fs::read(self.path_for(&record.sha256))
+        let mut source = Vec::with_capacity(record.size as usize);
+        self.content
+            .content(&record.sha256)
+            .await?
+            .ok_or_else(|| Error::NotFound("media not found".into()))?
+            .read_to_end(&mut source)
             .await
-            .map_err(|_| Error::NotFound("media not found".into()))?;
+            .map_err(|e| Error::Internal(format!("reading media: {e}")))?;
         let bytes = tokio::task::spawn_blocking(move || make_thumbnail(&source, width, height, method, jpeg))
             .await
             .map_err(|e| Error::Internal(e.to_string()))??;
@@ -195,21 +198,6 @@ impl Media {
 
 /// Largest file read into memory to make a thumbnail.
 const MAX_THUMBNAIL_SOURCE_BYTES: u64 = 20 * 1024 * 1024;
-
-/// Writes `bytes` at `path` unless it exists, via a temporary file and rename
-/// so a crash never leaves a half-written file under the final name.
-fn write_once(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if path.exists() {
-        return Ok(());
-    }
-    let dir = path.parent().expect("media paths have a parent");
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".tmp-{}", rand::thread_rng().r#gen::<u64>()));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
 
 fn make_thumbnail(bytes: &[u8], width: u32, height: u32, method: ThumbnailMethod, jpeg: bool) -> Result<Vec<u8>> {
     let reader = image::ImageReader::new(std::io::Cursor::new(bytes))

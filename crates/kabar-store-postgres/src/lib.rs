@@ -709,6 +709,38 @@ fn receipt_from_row(r: &PgRow) -> StoreResult<ReceiptRecord> {
 }
 
 #[async_trait]
+impl MediaContent for PostgresStore {
+    async fn put_content(&self, sha256: &str, bytes: Vec<u8>) -> StoreResult<()> {
+        // Not a stream write: a plain committed insert on a pooled connection.
+        let started = std::time::Instant::now();
+        let outcome = sqlx::query("INSERT INTO media_content (sha256, bytes) VALUES ($1, $2) ON CONFLICT (sha256) DO NOTHING")
+            .bind(sha256)
+            .bind(bytes)
+            .execute(&self.engine.pool)
+            .await
+            .map(|_| ())
+            .map_err(backend);
+        self.engine.observe(StoreOp::Write, started);
+        outcome
+    }
+
+    async fn content(&self, sha256: &str) -> StoreResult<Option<kabar_store::media_content::ContentReader>> {
+        let row = self
+            .read(
+                sqlx::query("SELECT bytes FROM media_content WHERE sha256 = $1")
+                    .bind(sha256)
+                    .fetch_optional(&self.engine.pool),
+            )
+            .await?;
+        row.map(|r| {
+            let bytes: Vec<u8> = get(&r, 0)?;
+            Ok(Box::pin(std::io::Cursor::new(bytes)) as kabar_store::media_content::ContentReader)
+        })
+        .transpose()
+    }
+}
+
+#[async_trait]
 impl MediaStore for PostgresStore {
     async fn put_media(&self, m: MediaRecord) -> StoreResult<()> {
         self.engine
@@ -878,6 +910,7 @@ mod tests {
         let cluster = TestCluster::start().expect("start a PostgreSQL cluster");
         let url = cluster.create_database("conformance").unwrap();
         let store = PostgresStore::connect(&url, 8).await.unwrap();
+        kabar_store::conformance::media_content(&store).await;
         kabar_store::conformance::run_all(Arc::new(store)).await;
     }
 

@@ -83,6 +83,33 @@ pub async fn run_shared(a: Arc<dyn Store>, b: Arc<dyn Store>) {
     append_from_writers(vec![a, b], room, Arc::new(signer), 4, 10).await;
 }
 
+/// Checks a media content engine: bytes come back as stored, storing the
+/// same content twice is harmless, unknown content is `None`.
+pub async fn media_content(content: &dyn MediaContent) {
+    use tokio::io::AsyncReadExt;
+    let sha = "ab".repeat(32);
+    let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    content.put_content(&sha, bytes.clone()).await.unwrap();
+    content
+        .put_content(&sha, bytes.clone())
+        .await
+        .expect("storing the same content again");
+    let mut back = vec![];
+    content
+        .content(&sha)
+        .await
+        .unwrap()
+        .expect("stored content is found")
+        .read_to_end(&mut back)
+        .await
+        .unwrap();
+    assert_eq!(back, bytes, "the bytes come back as stored");
+    assert!(
+        content.content(&"cd".repeat(32)).await.unwrap().is_none(),
+        "unknown content is none"
+    );
+}
+
 /// Keeps every batch it is told of.
 #[derive(Default)]
 struct RecordingListener {

@@ -25,6 +25,7 @@
 
 pub mod conformance;
 pub mod copy;
+pub mod media_content;
 mod stream;
 mod types;
 
@@ -271,6 +272,20 @@ pub trait MediaStore: Send + Sync {
     /// When unauthenticated media was frozen for this server (Matrix 1.11):
     /// media created before it may still be served on the legacy paths.
     async fn media_freeze_ms(&self) -> StoreResult<u64>;
+}
+
+/// The bytes of uploaded media, by content hash (SHA-256 in hex). Separate
+/// from [`Store`]: where the bytes live is chosen apart from where the
+/// records do (`media.storage`). Engines: a directory
+/// ([`media_content::DirectoryContent`], shared between nodes only if the
+/// directory is) and the PostgreSQL database (needs nothing shared).
+#[async_trait]
+pub trait MediaContent: Send + Sync {
+    /// Stores `bytes` under `sha256` unless they are there already; durable
+    /// once it returns.
+    async fn put_content(&self, sha256: &str, bytes: Vec<u8>) -> StoreResult<()>;
+    /// The bytes stored under `sha256`, to stream.
+    async fn content(&self, sha256: &str) -> StoreResult<Option<media_content::ContentReader>>;
 }
 
 /// Server-wide secrets and registration tokens.

@@ -156,6 +156,8 @@ struct OpenedStore {
     engine: &'static str,
     /// The embedded engine is closed explicitly at shutdown (queued writes commit).
     sqlite: Option<SqliteStore>,
+    /// The PostgreSQL engine, which can also hold media files.
+    postgres: Option<Arc<PostgresStore>>,
 }
 
 /// What this node's heartbeat says: its version, applied position and the
@@ -175,6 +177,18 @@ fn node_status(
             version: env!("CARGO_PKG_VERSION").to_owned(),
             applied: applied.position(),
             requests_per_second: rate,
+        }
+    }
+}
+
+/// Where uploaded files live (`media.storage`).
+fn media_content(config: &Config, opened: &OpenedStore) -> anyhow::Result<Arc<dyn kabar_store::MediaContent>> {
+    match (config.media.storage.as_str(), &opened.postgres) {
+        ("database", Some(pg)) => Ok(pg.clone()),
+        ("database", None) => anyhow::bail!("media.storage \"database\" needs storage.engine \"postgres\""),
+        _ => {
+            let dir = config.media.directory.clone().unwrap_or_else(|| config.data_dir.join("media"));
+            Ok(Arc::new(kabar_store::media_content::DirectoryContent::open(dir)?))
         }
     }
 }
@@ -218,10 +232,12 @@ async fn open_store(config: &Config, observer: Option<Arc<dyn kabar_store::Store
             let pg = PostgresStore::connect_observed(url, config.storage.postgres.pool_size, observer)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot use PostgreSQL at {}: {e}", redacted(url)))?;
+            let pg = Arc::new(pg);
             Ok(OpenedStore {
-                store: Arc::new(pg),
+                store: pg.clone(),
                 engine: "postgres",
                 sqlite: None,
+                postgres: Some(pg),
             })
         }
         _ => {
@@ -230,6 +246,7 @@ async fn open_store(config: &Config, observer: Option<Arc<dyn kabar_store::Store
                 store: Arc::new(sqlite.clone()),
                 engine: "sqlite",
                 sqlite: Some(sqlite),
+                postgres: None,
             })
         }
     }
@@ -486,7 +503,8 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
     };
     let media = Arc::new(Media::new(
         store.clone(),
-        config.data_dir.join("media"),
+        media_content(&config, &opened)?,
+        config.data_dir.join("media").join("thumbnails"),
         config.limits.max_upload_bytes as u64,
         gates.thumbnail.clone(),
         legacy_media,

@@ -25,7 +25,7 @@ fn nodes(name: &str, n: usize, nats: &NatsServer) -> Vec<Server> {
     (0..n)
         .map(|i| {
             let toml = format!(
-                "{}\n[bus]\nengine = \"nats\"\nnats.urls = [\"{}\"]\nnode_name = \"node-{i}\"\ncatch_up_interval_ms = {CATCH_UP_MS}\n",
+                "{}\n[bus]\nengine = \"nats\"\nnats.urls = [\"{}\"]\nnode_name = \"node-{i}\"\ncatch_up_interval_ms = {CATCH_UP_MS}\n\n[media]\nstorage = \"database\"\n",
                 common::postgres_storage(&url),
                 nats.url()
             );
@@ -138,6 +138,19 @@ async fn through_the_bus_a_send_on_one_node_wakes_a_long_poll_on_another_and_a_l
         assert!(Instant::now() < deadline, "node 0 lists both nodes: {status}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // Media uploaded through node 0 downloads through node 1 (the files are
+    // in the database: nothing is shared between the nodes but it).
+    let file: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let mxc = alice.upload(file.clone(), "application/octet-stream").await;
+    let downloaded = common::http()
+        .get(format!("{}/_matrix/client/v1/media/download/{mxc}", b.url))
+        .bearer_auth(&bob.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(downloaded.status().as_u16(), 200);
+    assert_eq!(downloaded.bytes().await.unwrap().to_vec(), file, "node 1 serves what node 0 stored");
 
     // A logout on node 0 is refused on node 1 at once, not in a minute.
     let carol = Api::register(a, "carol").await;

@@ -442,6 +442,16 @@ pub fn check_whole(config: &Config, lines: &HashMap<String, usize>) -> Vec<Probl
             .hint("set storage.engine = \"postgres\", or bus.engine = \"local\" for a single node"),
         );
     }
+    if config.media.storage == "database" && config.storage.engine != "postgres" {
+        out.push(
+            Problem::error(
+                "media.storage",
+                at("media.storage"),
+                "media.storage \"database\" keeps files in PostgreSQL: it needs storage.engine \"postgres\"",
+            )
+            .hint("set media.storage = \"directory\" for the embedded store"),
+        );
+    }
     if config.listen.is_empty() {
         out.push(
             Problem::error("listen", at("listen"), "no listener left: clients could not reach the server")

@@ -213,6 +213,9 @@ pub struct RegistrationConfig {
 pub struct MediaConfig {
     pub legacy_unauthenticated: String,
     pub max_downloads_per_address: usize,
+    pub storage: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub directory: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, Default)]
@@ -306,6 +309,8 @@ impl Default for MediaConfig {
         Self {
             legacy_unauthenticated: "frozen".into(),
             max_downloads_per_address: 16,
+            storage: "directory".into(),
+            directory: None,
         }
     }
 }
@@ -552,6 +557,16 @@ mod tests {
         let config = check(good).expect("a valid cluster node");
         assert!(config.1.items.is_empty(), "{}", config.1);
         assert_eq!(config.0.bus.node_name, "node-1");
+    }
+
+    #[test]
+    fn media_in_the_database_needs_postgres() {
+        let problems = check("[media]\nstorage = \"database\"\n").expect_err("the embedded store holds no media");
+        assert!(problems.to_string().contains("needs storage.engine \"postgres\""), "{problems}");
+        let config =
+            check("[storage]\nengine = \"postgres\"\npostgres.url = \"postgres://kabar@db/kabar\"\n[media]\nstorage = \"database\"\n")
+                .expect("PostgreSQL holds media");
+        assert_eq!(config.0.media.storage, "database");
     }
 
     #[test]

@@ -358,6 +358,20 @@ pub const SETTINGS: &[Setting] = &[
         "Media downloads one client address may have in flight; more are refused with `M_LIMIT_EXCEEDED`. Downloads stream from disk, so each costs a small buffer, not the file.",
     ),
     setting(
+        "media.storage",
+        Kind::OneOf(&["directory", "database"]),
+        "`\"directory\"`",
+        Restart,
+        "Where uploaded files live: `directory`, files in `media.directory` (several nodes share media only if they share that directory, for example over NFS); `database`, in the PostgreSQL database (`storage.engine = \"postgres\"`), which every node reaches with nothing else shared. Thumbnails are cached in each node's data directory either way.",
+    ),
+    setting(
+        "media.directory",
+        Kind::Path,
+        "`<data_dir>/media`",
+        Restart,
+        "The directory of uploaded files with `media.storage = \"directory\"`.",
+    ),
+    setting(
         "user_directory.search_all_users",
         Kind::Bool,
         "`false`",
