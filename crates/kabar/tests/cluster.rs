@@ -223,3 +223,271 @@ async fn with_nats_gone_nodes_report_not_ready_keep_serving_and_recover_when_it_
         "the message sent during the outage is on node 1: {bodies:?}"
     );
 }
+
+/// HAProxy in front of `backends` (loopback ports), on a free port, with
+/// `/ready` health checks every 200 ms. Killed when dropped.
+struct LoadBalancer {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl LoadBalancer {
+    fn start(backends: &[u16]) -> Self {
+        let bin = ["/usr/sbin/haproxy", "/usr/bin/haproxy", "/usr/local/sbin/haproxy"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).is_file())
+            .expect("haproxy (install Debian's haproxy package)");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let servers: String = backends
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("    server node-{i} 127.0.0.1:{p} check\n"))
+            .collect();
+        let config = format!(
+            "global\n    maxconn 2000\n\ndefaults\n    mode http\n    timeout connect 1s\n    timeout client 60s\n    timeout server 60s\n    option redispatch\n    retries 3\n\nfrontend matrix\n    bind 127.0.0.1:{port}\n    default_backend kabar\n\nbackend kabar\n    balance roundrobin\n    option httpchk GET /ready\n    default-server inter 200ms fall 1 rise 2\n{servers}"
+        );
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, config).unwrap();
+        let child = std::process::Command::new(bin)
+            .arg("-f")
+            .arg(&path)
+            .arg("-db")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start haproxy");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "haproxy listens");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for LoadBalancer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A node listening on a fixed `port` (so that it comes back where the load
+/// balancer expects it), with its data in `dir`.
+fn fixed_node(dir: &std::path::Path, port: u16, index: usize, db_url: &str, nats: &NatsServer) -> Server {
+    let config = dir.join("kabar.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n{}\n{}\n[bus]\nengine = \"nats\"\nnats.urls = [\"{}\"]\nnode_name = \"node-{index}\"\n\n[media]\nstorage = \"database\"\n",
+            dir.join("data").display(),
+            common::HARNESS_CONFIG,
+            common::postgres_storage(db_url),
+            nats.url()
+        ),
+    )
+    .unwrap();
+    Server::start_from_file(&config, &dir.join("data"), None)
+}
+
+/// Sends `body` with transaction `txn` through the load balancer until a
+/// node acknowledges it (a retry of the same transaction after a node died
+/// mid-request returns the first event, never a second one).
+async fn send_until_acknowledged(api: &Api, room: &str, txn: &str, body: &str) -> String {
+    let path = format!(
+        "{}/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
+        api.url,
+        common::enc(room)
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let sent = common::http()
+            .put(&path)
+            .bearer_auth(&api.token)
+            .json(&json!({"msgtype": "m.text", "body": body}))
+            .send()
+            .await;
+        if let Ok(response) = sent
+            && response.status().is_success()
+            && let Ok(v) = response.json::<serde_json::Value>().await
+            && let Some(id) = v["event_id"].as_str()
+        {
+            return id.to_owned();
+        }
+        assert!(Instant::now() < deadline, "{body} was never acknowledged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_node_mid_load_loses_and_duplicates_nothing_and_it_rejoins() {
+    const SENDERS: usize = 6;
+    const EACH: usize = 40;
+    let nats = NatsServer::start();
+    let cluster = TestCluster::shared().expect("start the test PostgreSQL cluster");
+    let db = cluster.ensure_database("cluster_kill9").expect("create the database");
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut nodes: Vec<Server> = (0..3).map(|i| fixed_node(dirs[i].path(), ports[i], i, &db, &nats)).collect();
+    let lb = LoadBalancer::start(&ports);
+    let via_lb = |api: &Api| Api {
+        url: lb.url.clone(),
+        ..api.clone()
+    };
+
+    let alice = via_lb(&Api::register(&nodes[0], "alice").await);
+    let bob = via_lb(&Api::register(&nodes[1], "bob").await);
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    bob.join(&room).await;
+    // A matrix-sdk client follows the room through the load balancer.
+    let carol = common::registered(&lb.url, "carol").await;
+    carol
+        .join_room_by_id(&matrix_sdk::ruma::OwnedRoomId::try_from(room.as_str()).unwrap())
+        .await
+        .expect("carol joins through the load balancer");
+
+    // Bob follows the room with raw long-polls (a timeline big enough never
+    // to be cut), counting every message body his syncs deliver.
+    let since = bob.sync("", None).await["next_batch"].as_str().unwrap().to_owned();
+    let total = SENDERS * EACH;
+    let follower = {
+        let (bob, room) = (bob.clone(), room.clone());
+        tokio::spawn(async move {
+            let filter = common::enc(&json!({"room": {"timeline": {"limit": 1000}}}).to_string());
+            let mut seen: Vec<String> = vec![];
+            let mut since = since;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while seen.len() < total && Instant::now() < deadline {
+                let got = common::http()
+                    .get(format!(
+                        "{}/_matrix/client/v3/sync?timeout=5000&since={since}&filter={filter}",
+                        bob.url
+                    ))
+                    .bearer_auth(&bob.token)
+                    .send()
+                    .await;
+                // A long-poll cut by the killed node is simply made again.
+                let Ok(response) = got else { continue };
+                let Ok(v) = response.json::<serde_json::Value>().await else {
+                    continue;
+                };
+                let Some(next) = v["next_batch"].as_str() else { continue };
+                let timeline = &v["rooms"]["join"][room.as_str()]["timeline"];
+                assert_ne!(timeline["limited"], true, "a sync stream must show no gap");
+                for e in timeline["events"].as_array().into_iter().flatten() {
+                    if let Some(body) = e["content"]["body"].as_str().filter(|b| b.starts_with("load ")) {
+                        seen.push(body.to_owned());
+                    }
+                }
+                since = next.to_owned();
+            }
+            seen
+        })
+    };
+
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut senders = vec![];
+    for s in 0..SENDERS {
+        let (api, room, done) = (if s % 2 == 0 { alice.clone() } else { bob.clone() }, room.clone(), done.clone());
+        senders.push(tokio::spawn(async move {
+            let mut acknowledged = vec![];
+            for n in 0..EACH {
+                let body = format!("load {s}/{n}");
+                acknowledged.push(send_until_acknowledged(&api, &room, &format!("k{s}-{n}"), &body).await);
+                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            acknowledged
+        }));
+    }
+    while done.load(std::sync::atomic::Ordering::Relaxed) < total / 4 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    nodes[1].kill9();
+    let at_kill = done.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(at_kill < total, "the node died mid-load ({at_kill} of {total} acknowledged)");
+    let mut acknowledged = vec![];
+    for s in senders {
+        acknowledged.extend(s.await.unwrap());
+    }
+    assert_eq!(acknowledged.len(), total);
+
+    // Every acknowledged send is in the room exactly once.
+    let history = alice
+        .ok(
+            Method::GET,
+            &format!("/rooms/{}/messages?dir=f&limit=1000", common::enc(&room)),
+            None,
+        )
+        .await;
+    let stored: Vec<(&str, &str)> = history["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| Some((e["event_id"].as_str()?, e["content"]["body"].as_str()?)))
+        .filter(|(_, body)| body.starts_with("load "))
+        .collect();
+    assert_eq!(stored.len(), total, "every send stored exactly once");
+    let ids: std::collections::HashSet<&str> = stored.iter().map(|(id, _)| *id).collect();
+    assert!(
+        acknowledged.iter().all(|id| ids.contains(id.as_str())),
+        "every acknowledged event is stored"
+    );
+
+    // Bob's sync stream showed every message once.
+    let mut seen = tokio::time::timeout(Duration::from_secs(130), follower).await.unwrap().unwrap();
+    assert_eq!(seen.len(), total, "every message reached the sync stream");
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), total, "no message twice in the sync stream");
+
+    // The killed node comes back on its port and serves what it missed.
+    nodes[1] = fixed_node(dirs[1].path(), ports[1], 1, &db, &nats);
+    let direct = Api {
+        url: nodes[1].url.clone(),
+        ..alice.clone()
+    };
+    let history = direct
+        .ok(Method::GET, &format!("/rooms/{}/messages?dir=b&limit=5", common::enc(&room)), None)
+        .await;
+    assert_eq!(history["chunk"].as_array().unwrap().len(), 5, "the restarted node serves the room");
+    assert_eq!(
+        common::http()
+            .get(format!("{}/ready", nodes[1].url))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    // Carol's matrix-sdk client, through the load balancer, reads the
+    // newest message of the load.
+    carol
+        .sync_once(matrix_sdk::config::SyncSettings::default().timeout(Duration::from_millis(500)))
+        .await
+        .unwrap();
+    let room_id = matrix_sdk::ruma::OwnedRoomId::try_from(room.as_str()).unwrap();
+    let page = carol
+        .get_room(&room_id)
+        .expect("carol is in the room")
+        .messages(matrix_sdk::room::MessagesOptions::backward())
+        .await
+        .expect("carol's client pages the room");
+    let newest = page
+        .chunk
+        .iter()
+        .filter_map(|e| e.raw().get_field::<String>("event_id").ok().flatten())
+        .collect::<Vec<_>>();
+    let settled = acknowledged.iter().any(|id| newest.contains(id));
+    assert!(settled, "carol's client syncs the room through the load balancer");
+}
