@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 /// What one node tells the others.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum BusMessage {
     /// The sending node committed every stream position up to `head`:
@@ -42,10 +42,14 @@ pub enum BusMessage {
     },
     /// The sending node is alive (see [`peers::Peers`]).
     Heartbeat(NodeStatus),
+    /// Never sent between nodes: a bus tells its own node that it may have
+    /// missed messages (it was disconnected), so whatever they said must be
+    /// read from the store now.
+    Missed,
 }
 
 /// What a node's heartbeat says of it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub version: String,
     /// The stream position its applier has applied.
@@ -62,6 +66,7 @@ impl BusMessage {
             BusMessage::Typing { .. } => "typing",
             BusMessage::Presence { .. } => "presence",
             BusMessage::Heartbeat(_) => "heartbeat",
+            BusMessage::Missed => "missed",
         }
     }
 }

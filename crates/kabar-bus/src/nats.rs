@@ -48,15 +48,33 @@ impl NatsBus {
             urls: urls.join(", "),
             reason,
         };
+        let (committed, mut newest) = watch::channel(0);
+        let (others, _) = broadcast::channel(RECEIVE_BUFFER);
+        let (announce_again, tell_own_node, me) = (committed.clone(), others.clone(), node.to_owned());
         let client = ConnectOptions::new()
             .name(format!("kabar {node}"))
             .connection_timeout(CONNECT_TIMEOUT)
             .max_reconnects(None)
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Connected => tracing::info!("the bus (NATS) is connected"),
-                    async_nats::Event::Disconnected => tracing::warn!("the bus (NATS) is disconnected; reconnecting"),
-                    other => tracing::debug!(event = %other, "bus event"),
+            .event_callback(move |event| {
+                let (announce_again, tell_own_node, me) = (announce_again.clone(), tell_own_node.clone(), me.clone());
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            tracing::info!("the bus (NATS) is connected");
+                            // Announcements made while NATS was away were
+                            // lost: announce the newest head again, so that
+                            // every node (each does the same) reads at once
+                            // what the others committed meanwhile.
+                            announce_again.send_modify(|_| {});
+                            // And this node may have missed theirs.
+                            let _ = tell_own_node.send(FromNode {
+                                node: me,
+                                message: BusMessage::Missed,
+                            });
+                        }
+                        async_nats::Event::Disconnected => tracing::warn!("the bus (NATS) is disconnected; reconnecting"),
+                        other => tracing::debug!(event = %other, "bus event"),
+                    }
                 }
             })
             .connect(addrs)
@@ -66,7 +84,6 @@ impl NatsBus {
             .subscribe(format!("{prefix}.>"))
             .await
             .map_err(|e| BusError::Subscribe(e.to_string()))?;
-        let (others, _) = broadcast::channel(RECEIVE_BUFFER);
         let forward = others.clone();
         let me = node.to_owned();
         tokio::spawn(async move {
@@ -79,7 +96,6 @@ impl NatsBus {
                 }
             }
         });
-        let (committed, mut newest) = watch::channel(0);
         let (outbox, mut queued) = mpsc::channel(OUTBOX);
         let (publisher, me, prefix) = (client.clone(), node.to_owned(), prefix.to_owned());
         tokio::spawn(async move {
@@ -128,6 +144,7 @@ impl Bus for NatsBus {
                     newer
                 });
             }
+            BusMessage::Missed => {}
             other => {
                 if self.outbox.try_send(other).is_err() {
                     tracing::debug!("the bus outbox is full; a message was dropped");
@@ -225,6 +242,16 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "both reconnect within 20 s");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // Each tells its own node that it may have missed messages.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if a_hears.recv().await.unwrap().message == BusMessage::Missed {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("a is told it may have missed messages");
         // The subscription is renewed on reconnect; publish until heard.
         let mut head = 100;
         let heard = tokio::time::timeout(Duration::from_secs(10), async {
@@ -232,7 +259,7 @@ mod tests {
                 a.publish(BusMessage::Committed { head });
                 head += 1;
                 if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(100), b_hears.recv()).await
-                    && m.message >= (BusMessage::Committed { head: 100 })
+                    && matches!(m.message, BusMessage::Committed { head } if head >= 100)
                 {
                     return m;
                 }

@@ -191,7 +191,9 @@ impl Applier {
                             self.catch_up().await;
                         }
                     }
-                    // Typing and presence are the ephemeral store's.
+                    // The bus was away: what it would have said is in the store.
+                    Ok(FromNode { message: BusMessage::Missed, .. }) => self.catch_up().await,
+                    // Typing, presence and heartbeats are for others.
                     Ok(_) => {}
                     // Missed announcements: whatever they said is in the store.
                     Err(broadcast::error::RecvError::Lagged(_)) => self.catch_up().await,

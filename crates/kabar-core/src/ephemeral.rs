@@ -103,7 +103,7 @@ impl Ephemeral {
                     self.apply_presence(&user, &presence, status_msg);
                 }
             }
-            BusMessage::Committed { .. } | BusMessage::Heartbeat(_) => {}
+            BusMessage::Committed { .. } | BusMessage::Heartbeat(_) | BusMessage::Missed => {}
         }
     }
 

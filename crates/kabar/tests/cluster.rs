@@ -186,6 +186,12 @@ async fn with_nats_gone_nodes_report_not_ready_keep_serving_and_recover_when_it_
     let room = alice.create_room(json!({"preset": "public_chat"})).await;
     bob.join(&room).await;
 
+    // Bob waits on node 1 across the whole outage.
+    let since = bob.sync("", None).await["next_batch"].as_str().unwrap().to_owned();
+    let waiting = {
+        let (bob, room) = (bob.clone(), room.clone());
+        tokio::spawn(async move { wait_for_message(&bob, &room, since, "sent while NATS was away").await })
+    };
     nats.stop();
     let ready = |server: &Server| {
         let url = format!("{}/ready", server.url);
@@ -198,10 +204,20 @@ async fn with_nats_gone_nodes_report_not_ready_keep_serving_and_recover_when_it_
     }
     let (status, body) = alice.req(Method::GET, "/account/whoami", None).await;
     assert_eq!((status, body["user_id"].as_str()), (200, Some(alice.user_id.as_str())), "{body}");
-    // A send still commits; the other node learns of it from the store.
+    // A send still commits; node 1 cannot hear of it yet.
     alice.say(&room, "during", "sent while NATS was away").await;
 
     nats.restart();
+    let back = Instant::now();
+    // Once NATS is back, every node announces its head again and reads what
+    // it may have missed: the waiting sync is answered without waiting for
+    // node 1's next catch-up (a minute away) or for another send.
+    let arrived = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("the sync waiting across the outage is answered")
+        .unwrap();
+    let after = arrived.saturating_duration_since(back);
+    assert!(after < Duration::from_secs(10), "answered {after:?} after NATS returned");
     let deadline = Instant::now() + Duration::from_secs(20);
     while ready(a).await != 200 || ready(b).await != 200 {
         assert!(Instant::now() < deadline, "both nodes are ready again once NATS is back");
