@@ -96,7 +96,12 @@ impl Chat {
     /// (room r created by user r), and starts every member's sync follower.
     pub async fn start(target: &Target, prefix: &str, users: usize, rooms: usize, setup_concurrency: usize) -> Result<Self, String> {
         let rooms_n = rooms.clamp(1, users.max(1));
-        let users = setup_users(target, prefix, users, setup_concurrency).await?;
+        let mut users = setup_users(target, prefix, users, setup_concurrency).await?;
+        // Room r's members are users r, r + R, r + 2R, ...: with several
+        // nodes, consecutive members of a room use different nodes.
+        for (i, u) in users.iter_mut().enumerate() {
+            u.target = target.node(i / rooms_n);
+        }
         let mut room_ids = Vec::with_capacity(rooms_n);
         for creator in users.iter().take(rooms_n) {
             room_ids.push(

@@ -43,6 +43,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 pub struct Target {
     pub http: reqwest::Client,
     pub base: String,
+    /// Other nodes of the same server (`--spread`): members of one room are
+    /// spread over `base` and these, so deliveries cross nodes.
+    pub others: Vec<String>,
 }
 
 impl Target {
@@ -54,6 +57,21 @@ impl Target {
         Self {
             http,
             base: base.trim_end_matches('/').to_owned(),
+            others: vec![],
+        }
+    }
+
+    /// The same server through its `k`-th node (round `base` and `others`).
+    pub fn node(&self, k: usize) -> Target {
+        let n = self.others.len() + 1;
+        let base = match k % n {
+            0 => self.base.clone(),
+            i => self.others[i - 1].trim_end_matches('/').to_owned(),
+        };
+        Self {
+            http: self.http.clone(),
+            base,
+            others: self.others.clone(),
         }
     }
 

@@ -17,6 +17,12 @@ struct Cli {
     /// Homeserver base URL.
     #[arg(long, default_value = "http://127.0.0.1:8008", global = true)]
     url: String,
+    /// Other nodes of the same server (repeat for each): in the chat
+    /// scenarios, the members of each room are spread over `--url` and
+    /// these, so that messages are sent through one node and delivered
+    /// through another.
+    #[arg(long = "spread", global = true)]
+    spread: Vec<String>,
     /// Print one JSON object instead of the human summary.
     #[arg(long, global = true)]
     json: bool,
@@ -147,7 +153,8 @@ fn print(report: &impl Report, json: bool) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let target = Target::new(&cli.url);
+    let mut target = Target::new(&cli.url);
+    target.others = cli.spread.clone();
     target
         .versions()
         .await

@@ -64,6 +64,10 @@ impl ApplierTargets {
     }
 }
 
+/// How long the applier waits after another node's commit announcement to
+/// read the store for it together with the announcements that follow.
+const BUS_COALESCE: Duration = Duration::from_millis(3);
+
 pub struct Applier {
     store: Arc<dyn Store>,
     targets: ApplierTargets,
@@ -188,6 +192,14 @@ impl Applier {
                 heard = heard => match heard {
                     Ok(FromNode { message: BusMessage::Committed { head }, .. }) => {
                         if head > self.position() {
+                            // Other nodes commit in bursts of small batches:
+                            // one read of the store covers every batch
+                            // announced within a short window, rather than
+                            // one read per batch.
+                            tokio::time::sleep(BUS_COALESCE).await;
+                            if let Some(rx) = others.as_mut() {
+                                while rx.try_recv().is_ok() {}
+                            }
                             self.catch_up().await;
                         }
                     }
