@@ -98,9 +98,14 @@ pub trait Bus: Send + Sync {
     /// Of several `Committed` messages only the newest head matters, and
     /// engines may send just that one.
     fn publish(&self, message: BusMessage);
-    /// Messages from the other nodes, never this node's own. A receiver
-    /// that falls behind loses the oldest ones (`RecvError::Lagged`).
-    fn subscribe(&self) -> broadcast::Receiver<FromNode>;
+    /// Other nodes' commit announcements (and [`BusMessage::Missed`]), for
+    /// the applier. A receiver that falls behind loses the oldest ones
+    /// (`RecvError::Lagged`).
+    fn commits(&self) -> broadcast::Receiver<FromNode>;
+    /// Everything else the other nodes say (typing, presence, heartbeats),
+    /// never this node's own. Apart from commits so that the many commit
+    /// announcements of a busy cluster wake only the applier.
+    fn news(&self) -> broadcast::Receiver<FromNode>;
     /// Whether messages can reach the other nodes now.
     fn connected(&self) -> bool;
 }
@@ -109,14 +114,14 @@ pub trait Bus: Send + Sync {
 pub struct LocalBus {
     node: String,
     /// Never sent on; it only hands out receivers that wait forever.
-    others: broadcast::Sender<FromNode>,
+    silent: broadcast::Sender<FromNode>,
 }
 
 impl LocalBus {
     pub fn new(node: impl Into<String>) -> Self {
         Self {
             node: node.into(),
-            others: broadcast::channel(1).0,
+            silent: broadcast::channel(1).0,
         }
     }
 }
@@ -128,8 +133,12 @@ impl Bus for LocalBus {
 
     fn publish(&self, _message: BusMessage) {}
 
-    fn subscribe(&self) -> broadcast::Receiver<FromNode> {
-        self.others.subscribe()
+    fn commits(&self) -> broadcast::Receiver<FromNode> {
+        self.silent.subscribe()
+    }
+
+    fn news(&self) -> broadcast::Receiver<FromNode> {
+        self.silent.subscribe()
     }
 
     fn connected(&self) -> bool {
@@ -155,7 +164,7 @@ mod tests {
     #[tokio::test]
     async fn a_single_node_hears_nothing_and_is_always_connected() {
         let bus = LocalBus::new("solo");
-        let mut rx = bus.subscribe();
+        let mut rx = bus.commits();
         bus.publish(BusMessage::Committed { head: 1 });
         assert!(bus.connected());
         assert!(

@@ -21,6 +21,10 @@ use crate::{Bus, BusError, BusMessage, FromNode};
 /// oldest are dropped (a receiver that lagged catches up from the store).
 const RECEIVE_BUFFER: usize = 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// The least time between two commit announcements of one node: a busy
+/// node commits thousands of small batches a second, and one announcement
+/// of the newest head covers all of them (the others read the store once).
+const PUBLISH_GAP: Duration = Duration::from_millis(2);
 /// Messages other than commits waiting to be published; more are dropped
 /// (they are best effort, and a backlog would only deliver stale news).
 const OUTBOX: usize = 4096;
@@ -32,7 +36,9 @@ pub struct NatsBus {
     committed: watch::Sender<u64>,
     /// Every other message, for the publishing task.
     outbox: mpsc::Sender<BusMessage>,
-    others: broadcast::Sender<FromNode>,
+    /// What other nodes announce: commits, and the rest.
+    commits: broadcast::Sender<FromNode>,
+    news: broadcast::Sender<FromNode>,
 }
 
 impl NatsBus {
@@ -49,8 +55,9 @@ impl NatsBus {
             reason,
         };
         let (committed, mut newest) = watch::channel(0);
-        let (others, _) = broadcast::channel(RECEIVE_BUFFER);
-        let (announce_again, tell_own_node, me) = (committed.clone(), others.clone(), node.to_owned());
+        let (commits, _) = broadcast::channel(RECEIVE_BUFFER);
+        let (news, _) = broadcast::channel(RECEIVE_BUFFER);
+        let (announce_again, tell_own_node, me) = (committed.clone(), commits.clone(), node.to_owned());
         let client = ConnectOptions::new()
             .name(format!("kabar {node}"))
             .connection_timeout(CONNECT_TIMEOUT)
@@ -84,14 +91,15 @@ impl NatsBus {
             .subscribe(format!("{prefix}.>"))
             .await
             .map_err(|e| BusError::Subscribe(e.to_string()))?;
-        let forward = others.clone();
+        let (to_applier, to_others) = (commits.clone(), news.clone());
         let me = node.to_owned();
         tokio::spawn(async move {
             while let Some(message) = subscription.next().await {
                 match serde_json::from_slice::<FromNode>(&message.payload) {
                     Ok(m) if m.node == me => {}
                     // No receiver yet is fine: nobody is waiting.
-                    Ok(m) => drop(forward.send(m)),
+                    Ok(m @ FromNode { message: BusMessage::Committed { .. }, .. }) => drop(to_applier.send(m)),
+                    Ok(m) => drop(to_others.send(m)),
                     Err(e) => tracing::warn!(subject = %message.subject, error = %e, "an unreadable bus message"),
                 }
             }
@@ -99,10 +107,17 @@ impl NatsBus {
         let (outbox, mut queued) = mpsc::channel(OUTBOX);
         let (publisher, me, prefix) = (client.clone(), node.to_owned(), prefix.to_owned());
         tokio::spawn(async move {
+            let mut next_announcement = tokio::time::Instant::now();
             loop {
                 let message = tokio::select! {
                     changed = newest.changed() => match changed {
-                        Ok(()) => BusMessage::Committed { head: *newest.borrow_and_update() },
+                        Ok(()) => {
+                            // At most one announcement per PUBLISH_GAP: the
+                            // newest head covers every commit before it.
+                            tokio::time::sleep_until(next_announcement).await;
+                            next_announcement = tokio::time::Instant::now() + PUBLISH_GAP;
+                            BusMessage::Committed { head: *newest.borrow_and_update() }
+                        }
                         Err(_) => break,
                     },
                     next = queued.recv() => match next {
@@ -123,7 +138,8 @@ impl NatsBus {
             client,
             committed,
             outbox,
-            others,
+            commits,
+            news,
         })
     }
 }
@@ -153,8 +169,12 @@ impl Bus for NatsBus {
         }
     }
 
-    fn subscribe(&self) -> broadcast::Receiver<FromNode> {
-        self.others.subscribe()
+    fn commits(&self) -> broadcast::Receiver<FromNode> {
+        self.commits.subscribe()
+    }
+
+    fn news(&self) -> broadcast::Receiver<FromNode> {
+        self.news.subscribe()
     }
 
     fn connected(&self) -> bool {
@@ -191,7 +211,8 @@ mod tests {
         let a = NatsBus::connect(&urls, "kabar-test", "a").await.unwrap();
         let b = NatsBus::connect(&urls, "kabar-test", "b").await.unwrap();
         assert!(a.connected() && b.connected());
-        let (mut a_hears, mut b_hears) = (a.subscribe(), b.subscribe());
+        let (mut a_hears, mut b_hears) = (a.commits(), b.commits());
+        let mut a_news = a.news();
         a.client.flush().await.unwrap();
         b.client.flush().await.unwrap();
 
@@ -209,7 +230,7 @@ mod tests {
         b.publish(typing.clone());
         let heard = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
-                let m = a_hears.recv().await.unwrap();
+                let m = a_news.recv().await.unwrap();
                 if m.message.kind() == "typing" {
                     return m;
                 }

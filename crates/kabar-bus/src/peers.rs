@@ -52,7 +52,7 @@ impl Peers {
             }
         });
         let listening = peers.clone();
-        let mut rx = peers.bus.subscribe();
+        let mut rx = peers.bus.news();
         tokio::spawn(async move {
             loop {
                 match rx.recv().await {

@@ -178,7 +178,7 @@ impl Applier {
     pub async fn run(self: Arc<Self>, catch_up: Duration) {
         let mut tick = tokio::time::interval(catch_up);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut others = Some(self.bus.subscribe());
+        let mut others = Some(self.bus.commits());
         loop {
             let heard = async {
                 match others.as_mut() {
@@ -220,16 +220,18 @@ impl Applier {
         use std::sync::atomic::Ordering::Relaxed;
         let outcome = async {
             loop {
-                let head = self.store.committed_position().await?;
+                // It reads the committed head first (one small query when
+                // there is nothing new).
                 let applied = self.position();
-                if head <= applied {
-                    return Ok::<(), kabar_store::StoreError>(());
-                }
                 let batch = self.store.updates_after(applied, CATCH_UP_PAGE).await?;
                 if batch.head <= applied {
-                    return Ok(());
+                    return Ok::<(), kabar_store::StoreError>(());
                 }
                 self.apply_batch(&batch);
+                // Done once the page reached the head the store last read.
+                if batch.head >= self.store.current_position() {
+                    return Ok(());
+                }
             }
         }
         .await;

@@ -69,7 +69,7 @@ impl Ephemeral {
     /// Applies the typing and presence changes other nodes tell of, until
     /// the bus closes.
     pub async fn hear_other_nodes(self: Arc<Self>) {
-        let mut heard = self.bus.subscribe();
+        let mut heard = self.bus.news();
         loop {
             match heard.recv().await {
                 Ok(FromNode { message, .. }) => self.apply_remote(message),
