@@ -98,7 +98,12 @@ impl NatsBus {
                 match serde_json::from_slice::<FromNode>(&message.payload) {
                     Ok(m) if m.node == me => {}
                     // No receiver yet is fine: nobody is waiting.
-                    Ok(m @ FromNode { message: BusMessage::Committed { .. }, .. }) => drop(to_applier.send(m)),
+                    Ok(
+                        m @ FromNode {
+                            message: BusMessage::Committed { .. },
+                            ..
+                        },
+                    ) => drop(to_applier.send(m)),
                     Ok(m) => drop(to_others.send(m)),
                     Err(e) => tracing::warn!(subject = %message.subject, error = %e, "an unreadable bus message"),
                 }

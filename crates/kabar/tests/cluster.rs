@@ -34,6 +34,18 @@ fn nodes(name: &str, n: usize, nats: &NatsServer) -> Vec<Server> {
         .collect()
 }
 
+/// Alice signed in through `a`, Bob through `b`, both in a public room.
+async fn alice_on_a_and_bob_on_b_in_a_room(a: &Server, b: &Server) -> (Api, Api, String) {
+    let alice = Api::register(a, "alice").await;
+    let bob = Api {
+        url: b.url.clone(),
+        ..Api::register(a, "bob").await
+    };
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    bob.join(&room).await;
+    (alice, bob, room)
+}
+
 /// Long-polls as `api` from `since` until a message with `body` arrives in
 /// `room`; returns when it arrived.
 async fn wait_for_message(api: &Api, room: &str, since: String, body: &str) -> Instant {
@@ -74,14 +86,7 @@ async fn through_the_bus_a_send_on_one_node_wakes_a_long_poll_on_another_and_a_l
     let nats = NatsServer::start();
     let nodes = nodes("cluster_bus", 2, &nats);
     let (a, b) = (&nodes[0], &nodes[1]);
-    let alice = Api::register(a, "alice").await;
-    let bob_on_a = Api::register(a, "bob").await;
-    let bob = Api {
-        url: b.url.clone(),
-        ..bob_on_a.clone()
-    };
-    let room = alice.create_room(json!({"preset": "public_chat"})).await;
-    bob.join(&room).await;
+    let (alice, bob, room) = alice_on_a_and_bob_on_b_in_a_room(a, b).await;
 
     let took = delivery_time(&alice, &bob, &room, "hello from node 0").await;
     assert!(took < BUS_BOUND, "delivered on node 1 in {took:?}, not at its next catch-up");
@@ -177,14 +182,7 @@ async fn with_nats_gone_nodes_report_not_ready_keep_serving_and_recover_when_it_
     let mut nats = NatsServer::start();
     let nodes = nodes("cluster_nats_outage", 2, &nats);
     let (a, b) = (&nodes[0], &nodes[1]);
-    let alice = Api::register(a, "alice").await;
-    let bob_on_a = Api::register(a, "bob").await;
-    let bob = Api {
-        url: b.url.clone(),
-        ..bob_on_a.clone()
-    };
-    let room = alice.create_room(json!({"preset": "public_chat"})).await;
-    bob.join(&room).await;
+    let (alice, bob, room) = alice_on_a_and_bob_on_b_in_a_room(a, b).await;
 
     // Bob waits on node 1 across the whole outage.
     let since = bob.sync("", None).await["next_batch"].as_str().unwrap().to_owned();
@@ -225,17 +223,9 @@ async fn with_nats_gone_nodes_report_not_ready_keep_serving_and_recover_when_it_
     }
     let took = delivery_time(&alice, &bob, &room, "after NATS returned").await;
     assert!(took < BUS_BOUND, "the bus wakes node 1 again: {took:?}");
-    let history = bob
-        .ok(Method::GET, &format!("/rooms/{}/messages?dir=b&limit=20", common::enc(&room)), None)
-        .await;
-    let bodies: Vec<&str> = history["chunk"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e["content"]["body"].as_str())
-        .collect();
+    let bodies = bob.newest_bodies(&room, 20).await;
     assert!(
-        bodies.contains(&"sent while NATS was away"),
+        bodies.iter().any(|b| b == "sent while NATS was away"),
         "the message sent during the outage is on node 1: {bodies:?}"
     );
 }

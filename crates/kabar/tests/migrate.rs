@@ -58,19 +58,7 @@ async fn an_embedded_installation_moves_to_postgres_and_carries_on() {
         ..old.clone()
     };
     alice_again.ok(reqwest::Method::GET, "/account/whoami", None).await;
-    let history = alice_again
-        .ok(
-            reqwest::Method::GET,
-            &format!("/rooms/{}/messages?dir=b&limit=100", room.room_id()),
-            None,
-        )
-        .await;
-    let bodies: Vec<&str> = history["chunk"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e["content"]["body"].as_str())
-        .collect();
+    let bodies = alice_again.newest_bodies(room.room_id().as_str(), 100).await;
     assert_eq!(bodies.len(), 30, "every message was copied");
     assert_eq!(bodies[0], "before the move 29");
 

@@ -467,6 +467,23 @@ pub fn first_null(v: &serde_json::Value) -> Option<String> {
 
 impl Api {
     /// Joins a room by id or alias.
+    /// The bodies of the room's newest `limit` events that have one, newest first.
+    pub async fn newest_bodies(&self, room: &str, limit: usize) -> Vec<String> {
+        let page = self
+            .ok(
+                reqwest::Method::GET,
+                &format!("/rooms/{}/messages?dir=b&limit={limit}", enc(room)),
+                None,
+            )
+            .await;
+        page["chunk"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+            .collect()
+    }
+
     pub async fn join(&self, room: &str) {
         self.ok(reqwest::Method::POST, &format!("/join/{}", enc(room)), Some(serde_json::json!({})))
             .await;
