@@ -18,15 +18,21 @@ const CATCH_UP_MS: u64 = 60_000;
 /// How soon another node must know of a write through the bus.
 const BUS_BOUND: Duration = Duration::from_secs(5);
 
-/// `n` nodes sharing database `name` and the NATS server `nats`.
+/// `n` nodes sharing database `name` (of the shared test cluster) and the
+/// NATS server `nats`.
 fn nodes(name: &str, n: usize, nats: &NatsServer) -> Vec<Server> {
     let cluster = TestCluster::shared().expect("start the test PostgreSQL cluster");
     let url = cluster.ensure_database(name).expect("create the database");
+    nodes_on(&url, n, nats)
+}
+
+/// `n` nodes sharing the database at `url` and the NATS server `nats`.
+fn nodes_on(url: &str, n: usize, nats: &NatsServer) -> Vec<Server> {
     (0..n)
         .map(|i| {
             let toml = format!(
                 "{}\n[bus]\nengine = \"nats\"\nnats.urls = [\"{}\"]\nnode_name = \"node-{i}\"\ncatch_up_interval_ms = {CATCH_UP_MS}\n\n[media]\nstorage = \"database\"\n",
-                common::postgres_storage(&url),
+                common::postgres_storage(url),
                 nats.url()
             );
             Server::start_with_config(&toml)
@@ -496,4 +502,79 @@ async fn killing_a_node_mid_load_loses_and_duplicates_nothing_and_it_rejoins() {
         .collect::<Vec<_>>();
     let settled = acknowledged.iter().any(|id| newest.contains(id));
     assert!(settled, "carol's client syncs the room through the load balancer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_postgres_stopped_for_ten_seconds_nodes_fail_fast_stay_up_and_resume_by_themselves() {
+    // A PostgreSQL cluster of its own: this test stops it.
+    let postgres = TestCluster::start().expect("start a PostgreSQL cluster");
+    let db = postgres.create_database("cluster_outage").unwrap();
+    let nats = NatsServer::start();
+    let mut nodes = nodes_on(&db, 2, &nats);
+    let (alice, bob, room) = alice_on_a_and_bob_on_b_in_a_room(&nodes[0], &nodes[1]).await;
+
+    postgres.stop().unwrap();
+    let stopped = Instant::now();
+    let send_path = format!(
+        "{}/_matrix/client/v3/rooms/{}/send/m.room.message/down",
+        alice.url,
+        common::enc(&room)
+    );
+    let mut refused = 0;
+    while stopped.elapsed() < Duration::from_secs(10) {
+        let asked = Instant::now();
+        let send = common::http()
+            .put(&send_path)
+            .bearer_auth(&alice.token)
+            .json(&json!({"msgtype": "m.text", "body": "while the database was down"}))
+            .send()
+            .await
+            .unwrap();
+        let took = asked.elapsed();
+        if send.status().as_u16() == 503 {
+            assert!(send.headers().get("retry-after").is_some(), "told when to come back");
+            let body: serde_json::Value = send.json().await.unwrap();
+            assert_eq!(body["errcode"], "M_UNKNOWN", "{body}");
+            assert!(took < Duration::from_secs(5), "a refusal comes fast, not after {took:?}");
+            refused += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(refused > 0, "sends were refused while the database was down");
+    for node in nodes.iter_mut() {
+        assert!(node.wait_exit(Duration::ZERO).is_none(), "no node exits without its database");
+        let ready = common::http().get(format!("{}/ready", node.url)).send().await.unwrap();
+        assert_eq!(ready.status().as_u16(), 503, "a node without its database is not ready");
+    }
+
+    postgres.restart().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for node in &nodes {
+        while common::http()
+            .get(format!("{}/ready", node.url))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+            != 200
+        {
+            assert!(Instant::now() < deadline, "every node is ready again once the database is back");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // The retried send lands once; the other node delivers it through the bus.
+    let took = delivery_time(&alice, &bob, &room, "after the database returned").await;
+    assert!(took < BUS_BOUND, "node 1 delivers again: {took:?}");
+    let sent = alice
+        .ok(
+            Method::PUT,
+            &format!("/rooms/{}/send/m.room.message/down", common::enc(&room)),
+            Some(json!({"msgtype": "m.text", "body": "while the database was down"})),
+        )
+        .await;
+    let bodies = bob.newest_bodies(&room, 50).await;
+    let copies = bodies.iter().filter(|b| *b == "while the database was down").count();
+    assert_eq!(copies, 1, "nothing of the refused sends was kept, the retry landed once");
+    assert!(sent["event_id"].is_string());
 }
