@@ -181,10 +181,25 @@ async fn through_the_bus_a_send_on_one_node_wakes_a_long_poll_on_another_and_a_l
         assert!(revoked.elapsed() < BUS_BOUND, "node 1 still accepts a token revoked on node 0");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+
+    // So is every token of a user the operator deactivates on node 0.
+    let dave = Api::register(a, "dave").await;
+    let dave_on_b = Api {
+        url: b.url.clone(),
+        ..dave.clone()
+    };
+    dave_on_b.ok(Method::GET, "/account/whoami", None).await;
+    let out = a.admin(&["deactivate-user", &dave.user_id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let deactivated = Instant::now();
+    while dave_on_b.req(Method::GET, "/account/whoami", None).await.0 != 401 {
+        assert!(deactivated.elapsed() < BUS_BOUND, "node 1 still accepts a deactivated user's token");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_nats_gone_nodes_report_not_ready_keep_serving_and_recover_when_it_returns() {
+async fn with_nats_gone_for_ten_seconds_nodes_report_not_ready_keep_serving_and_recover_when_it_returns() {
     let mut nats = NatsServer::start();
     let nodes = nodes("cluster_nats_outage", 2, &nats);
     let (a, b) = (&nodes[0], &nodes[1]);
@@ -197,6 +212,7 @@ async fn with_nats_gone_nodes_report_not_ready_keep_serving_and_recover_when_it_
         tokio::spawn(async move { wait_for_message(&bob, &room, since, "sent while NATS was away").await })
     };
     nats.stop();
+    let stopped = Instant::now();
     let ready = |server: &Server| {
         let url = format!("{}/ready", server.url);
         async move { common::http().get(url).send().await.unwrap().status().as_u16() }
@@ -208,8 +224,13 @@ async fn with_nats_gone_nodes_report_not_ready_keep_serving_and_recover_when_it_
     }
     let (status, body) = alice.req(Method::GET, "/account/whoami", None).await;
     assert_eq!((status, body["user_id"].as_str()), (200, Some(alice.user_id.as_str())), "{body}");
-    // A send still commits; node 1 cannot hear of it yet.
+    // Sends still commit; node 1 cannot hear of them yet. NATS stays away
+    // for 10 s.
+    for n in 0..5 {
+        alice.say(&room, &format!("during-{n}"), &format!("during the outage {n}")).await;
+    }
     alice.say(&room, "during", "sent while NATS was away").await;
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(stopped.elapsed())).await;
 
     nats.restart();
     let back = Instant::now();
@@ -230,6 +251,13 @@ async fn with_nats_gone_nodes_report_not_ready_keep_serving_and_recover_when_it_
     let took = delivery_time(&alice, &bob, &room, "after NATS returned").await;
     assert!(took < BUS_BOUND, "the bus wakes node 1 again: {took:?}");
     let bodies = bob.newest_bodies(&room, 20).await;
+    let during: Vec<&String> = bodies.iter().filter(|b| b.starts_with("during the outage")).collect();
+    let expected: Vec<String> = (0..5).rev().map(|n| format!("during the outage {n}")).collect();
+    assert_eq!(
+        during,
+        expected.iter().collect::<Vec<_>>(),
+        "node 1 has every message sent during the outage, once and in order"
+    );
     assert!(
         bodies.iter().any(|b| b == "sent while NATS was away"),
         "the message sent during the outage is on node 1: {bodies:?}"
