@@ -99,6 +99,44 @@ async fn through_the_bus_a_send_on_one_node_wakes_a_long_poll_on_another_and_a_l
     let took = delivery_time(&bob, &alice, &room, "hello from node 1").await;
     assert!(took < BUS_BOUND, "and the other way in {took:?}");
 
+    // To-device messages and read receipts are in the stream: node 1 gets
+    // them at once through the bus too.
+    let since = bob.sync("", None).await["next_batch"].as_str().unwrap().to_owned();
+    alice
+        .ok(
+            Method::PUT,
+            "/sendToDevice/m.kabar.test/td1",
+            Some(json!({"messages": {bob.user_id.as_str(): {bob.device_id.as_str(): {"hello": "from node 0"}}}})),
+        )
+        .await;
+    let newest = alice.newest_event(&room).await;
+    alice
+        .ok(
+            Method::POST,
+            &format!("/rooms/{}/receipt/m.read/{}", common::enc(&room), common::enc(&newest)),
+            Some(json!({})),
+        )
+        .await;
+    let asked = Instant::now();
+    let (mut got_to_device, mut got_receipt, mut since) = (false, false, since);
+    while !(got_to_device && got_receipt) {
+        let v = bob.ok(Method::GET, &format!("/sync?timeout=5000&since={since}"), None).await;
+        got_to_device |= v["to_device"]["events"]
+            .as_array()
+            .is_some_and(|evs| evs.iter().any(|e| e["content"]["hello"] == "from node 0"));
+        got_receipt |= v["rooms"]["join"][room.as_str()]["ephemeral"]["events"]
+            .as_array()
+            .is_some_and(|evs| {
+                evs.iter()
+                    .any(|e| e["type"] == "m.receipt" && e["content"][newest.as_str()].is_object())
+            });
+        assert!(
+            asked.elapsed() < BUS_BOUND,
+            "node 1 delivers node 0's to-device message and receipt: {v}"
+        );
+        since = v["next_batch"].as_str().unwrap().to_owned();
+    }
+
     // Typing lives in memory: node 1 hears of it on the bus.
     let since = bob.sync("", None).await["next_batch"].as_str().unwrap().to_owned();
     alice

@@ -467,6 +467,14 @@ pub fn first_null(v: &serde_json::Value) -> Option<String> {
 
 impl Api {
     /// Joins a room by id or alias.
+    /// The id of the room's newest event.
+    pub async fn newest_event(&self, room: &str) -> String {
+        let page = self
+            .ok(reqwest::Method::GET, &format!("/rooms/{}/messages?dir=b&limit=1", enc(room)), None)
+            .await;
+        page["chunk"][0]["event_id"].as_str().expect("the room has an event").to_owned()
+    }
+
     /// The bodies of the room's newest `limit` events that have one, newest first.
     pub async fn newest_bodies(&self, room: &str, limit: usize) -> Vec<String> {
         let page = self
