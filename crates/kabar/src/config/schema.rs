@@ -355,7 +355,7 @@ pub const SETTINGS: &[Setting] = &[
         int(1, 100_000),
         "`16`",
         Restart,
-        "Media downloads one client address may have in flight; more are refused with `M_LIMIT_EXCEEDED`. Downloads stream from disk, so each costs a small buffer, not the file.",
+        "Media downloads one client address may have in flight; more are refused with `M_LIMIT_EXCEEDED`. A download from `media.directory` streams with a small buffer; one from the database (`media.storage = \"database\"`) holds the whole file in memory while it is sent.",
     ),
     setting(
         "media.storage",
