@@ -3,8 +3,9 @@
 //! Every write of this process goes through one task that owns a
 //! connection. It takes whatever writes queued up while the previous batch
 //! was committing, runs each in its own savepoint (one failing write does
-//! not undo the others) and commits them together: one WAL flush for the
-//! batch, as the embedded engine does.
+//! not undo the others; plain event appends go without, several to a
+//! statement, see [`Work::Append`]) and commits them together: one WAL
+//! flush for the batch, as the embedded engine does.
 //!
 //! **Positions with several writers.** A batch first locks the single row
 //! of `stream_head` (`SELECT ... FOR UPDATE`), hands out the positions after
