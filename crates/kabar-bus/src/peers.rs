@@ -75,6 +75,16 @@ impl Peers {
         heard.retain(|_, (at, _)| at.elapsed() < LIVE_WITHIN * 100);
     }
 
+    /// How many nodes are live: this one and every other heard from within
+    /// [`LIVE_WITHIN`] (without asking this node's status).
+    pub fn live_count(&self) -> usize {
+        let heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        1 + heard
+            .iter()
+            .filter(|(node, (at, _))| at.elapsed() < LIVE_WITHIN && node.as_str() != self.bus.node())
+            .count()
+    }
+
     /// This node and every node heard from within [`LIVE_WITHIN`], by name.
     pub fn live(&self) -> Vec<Peer> {
         let mut out = vec![Peer {
@@ -139,9 +149,10 @@ mod tests {
     async fn a_node_not_heard_from_lately_is_not_listed() {
         let peers = Peers::spawn(Arc::new(crate::LocalBus::new("a")), status(1));
         peers.heard("b".into(), status(2)());
-        assert_eq!(peers.live().len(), 2);
+        assert_eq!((peers.live().len(), peers.live_count()), (2, 2));
         peers.heard.lock().unwrap().get_mut("b").unwrap().0 -= LIVE_WITHIN;
         let names: Vec<String> = peers.live().into_iter().map(|p| p.node).collect();
         assert_eq!(names, ["a"], "a node not heard from within {LIVE_WITHIN:?} is not listed");
+        assert_eq!(peers.live_count(), 1);
     }
 }

@@ -65,7 +65,7 @@ pub struct Accounts {
     /// once the token cache has dropped it.
     applied: Applied,
     hasher: Arc<PasswordHasher>,
-    admission: NewcomerAdmission,
+    admission: Arc<NewcomerAdmission>,
     server_name: OwnedServerName,
     /// Changed by a configuration reload.
     policy: Mutex<RegistrationPolicy>,
@@ -135,7 +135,7 @@ impl Accounts {
             store,
             applied,
             hasher,
-            admission,
+            admission: Arc::new(admission),
             server_name,
             policy: Mutex::new(policy),
             reserved_localparts: Mutex::default(),
@@ -173,7 +173,7 @@ impl Accounts {
     }
 
     /// The sign-up and login limits, which a reload may change.
-    pub fn admission(&self) -> &NewcomerAdmission {
+    pub fn admission(&self) -> &Arc<NewcomerAdmission> {
         &self.admission
     }
 

@@ -53,22 +53,45 @@ pub struct Admission {
     checks: AtomicU64,
 }
 
-/// The limiters for one set of [`RateLimits`]; replaced whole when they change.
+/// The limiters for one set of [`RateLimits`] and one share; replaced whole
+/// when either changes.
 struct Limiters {
+    /// As configured, for the whole server (every node of a cluster).
     limits: RateLimits,
+    /// How many nodes share the limits; this node enforces its part.
+    share: u32,
     per_address: Option<KeyedLimiter>,
     global: Option<DirectLimiter>,
 }
 
+impl RateLimits {
+    /// One node's part of these limits when `nodes` nodes share them, each
+    /// serving about as many of every client's requests (a balancer that
+    /// spreads requests: round-robin, least connections). Every allowance
+    /// is rounded up, so the cluster admits at least what is configured and
+    /// at most `nodes - 1` attempts more; no limit stays no limit.
+    pub fn share_of(self, nodes: u32) -> Self {
+        let part = |n: u32| if n == 0 { 0 } else { n.div_ceil(nodes.max(1)) };
+        Self {
+            per_address_per_minute: part(self.per_address_per_minute),
+            per_address_burst: part(self.per_address_burst),
+            global_per_second: part(self.global_per_second),
+            global_burst: part(self.global_burst),
+        }
+    }
+}
+
 impl Limiters {
-    fn new(limits: RateLimits) -> Self {
+    fn new(configured: RateLimits, share: u32) -> Self {
+        let limits = configured.share_of(share);
         let per_address = (limits.per_address_per_minute > 0).then(|| {
             RateLimiter::keyed(Quota::per_minute(nonzero(limits.per_address_per_minute)).allow_burst(nonzero(limits.per_address_burst)))
         });
         let global = (limits.global_per_second > 0)
             .then(|| RateLimiter::direct(Quota::per_second(nonzero(limits.global_per_second)).allow_burst(nonzero(limits.global_burst))));
         Self {
-            limits,
+            limits: configured,
+            share,
             per_address,
             global,
         }
@@ -165,7 +188,7 @@ impl Admission {
     pub fn new(class: WorkClass, limits: RateLimits) -> Self {
         Self {
             class,
-            limiters: RwLock::new(Limiters::new(limits)),
+            limiters: RwLock::new(Limiters::new(limits, 1)),
             clock: DefaultClock::default(),
             checks: AtomicU64::new(0),
         }
@@ -176,13 +199,29 @@ impl Admission {
     pub fn set_limits(&self, limits: RateLimits) {
         let mut current = self.limiters.write().expect("admission limiters");
         if current.limits != limits {
-            *current = Limiters::new(limits);
+            *current = Limiters::new(limits, current.share);
         }
     }
 
-    /// The limits in force.
+    /// Makes this node enforce its part of the limits shared by `nodes`
+    /// nodes (see [`RateLimits::share_of`]); a reload keeps the share. A
+    /// changed share starts with every allowance full.
+    pub fn set_share(&self, nodes: u32) {
+        let nodes = nodes.max(1);
+        let mut current = self.limiters.write().expect("admission limiters");
+        if current.share != nodes {
+            *current = Limiters::new(current.limits, nodes);
+        }
+    }
+
+    /// The limits as configured, for the whole server.
     pub fn limits(&self) -> RateLimits {
         self.limiters.read().expect("admission limiters").limits
+    }
+
+    /// How many nodes share the limits.
+    pub fn share(&self) -> u32 {
+        self.limiters.read().expect("admission limiters").share
     }
 
     /// Admits one attempt from `client`, or refuses it with the time until
@@ -321,6 +360,36 @@ mod tests {
         for _ in 0..100 {
             a.check(ip("192.0.2.1")).unwrap();
         }
+    }
+
+    #[test]
+    fn a_share_is_each_nodes_part_rounded_up_and_a_reload_keeps_it() {
+        assert_eq!(limits(6, 3, 10, 0).share_of(2), limits(3, 2, 5, 0));
+        assert_eq!(limits(1, 1, 0, 0).share_of(3), limits(1, 1, 0, 0), "a limit never becomes no limit");
+        assert_eq!(limits(6, 3, 10, 4).share_of(0), limits(6, 3, 10, 4));
+
+        let m = LoadMetrics::default();
+        let a = Admission::new(m.class("login"), limits(60, 4, 0, 0));
+        a.set_share(2);
+        for _ in 0..2 {
+            a.check(ip("192.0.2.1")).unwrap();
+        }
+        assert!(a.check(ip("192.0.2.1")).is_err(), "half the burst on each of two nodes");
+        a.set_limits(limits(60, 6, 0, 0));
+        assert_eq!(
+            (a.share(), a.limits().per_address_burst),
+            (2, 6),
+            "a reload keeps the share, limits are as configured"
+        );
+        for _ in 0..3 {
+            a.check(ip("192.0.2.1")).unwrap();
+        }
+        assert!(a.check(ip("192.0.2.1")).is_err());
+        a.set_share(1);
+        for _ in 0..6 {
+            a.check(ip("192.0.2.1")).unwrap();
+        }
+        assert!(a.check(ip("192.0.2.1")).is_err(), "alone again, the whole burst");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, RwLock},
 };
 
 use kabar_store::{QueuedToDevice, Session, Store, StreamPos, ToDeviceMessage};
@@ -87,21 +87,51 @@ pub struct ToDevice {
     applied: Applied,
     acks: Mutex<HashMap<DeviceKey, AckState>>,
     /// Messages per sending user, so one account cannot fill every queue.
-    senders: SenderLimiter,
-    burst: u32,
+    senders: RwLock<SenderAllowance>,
+}
+
+/// The limiter for the configured [`SenderLimits`] and one share of them.
+struct SenderAllowance {
+    limits: SenderLimits,
+    /// How many nodes share the sustained rate (see [`ToDevice::set_share`]).
+    share: u32,
+    limiter: SenderLimiter,
+}
+
+impl SenderAllowance {
+    fn new(limits: SenderLimits, share: u32) -> Self {
+        let nonzero = |n: u32| std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN);
+        let per_second = limits.per_second.div_ceil(share.max(1));
+        let quota = governor::Quota::per_second(nonzero(per_second)).allow_burst(nonzero(limits.burst));
+        Self {
+            limits,
+            share,
+            limiter: governor::RateLimiter::keyed(quota),
+        }
+    }
 }
 
 impl ToDevice {
     pub fn new(store: Arc<dyn Store>, changes: Arc<Changes>, applied: Applied, limits: SenderLimits) -> Self {
-        let nonzero = |n: u32| std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN);
-        let quota = governor::Quota::per_second(nonzero(limits.per_second)).allow_burst(nonzero(limits.burst));
         Self {
             store,
             changes,
             applied,
             acks: Mutex::new(HashMap::new()),
-            senders: governor::RateLimiter::keyed(quota),
-            burst: limits.burst.max(1),
+            senders: RwLock::new(SenderAllowance::new(limits, 1)),
+        }
+    }
+
+    /// Makes this node enforce its part of the sustained rate when `nodes`
+    /// nodes share it (each serves about as many of a user's requests). The
+    /// burst stays whole on every node: one request may carry a whole burst
+    /// (a room key for every device of a big room), and must not become too
+    /// large to send because the cluster grew.
+    pub fn set_share(&self, nodes: u32) {
+        let nodes = nodes.max(1);
+        let mut senders = self.senders.write().unwrap_or_else(|p| p.into_inner());
+        if senders.share != nodes {
+            *senders = SenderAllowance::new(senders.limits, nodes);
         }
     }
 
@@ -110,11 +140,12 @@ impl ToDevice {
         if n == 0 {
             return Ok(());
         }
-        if self.senders.len() > 100_000 {
-            self.senders.retain_recent();
+        let senders = self.senders.read().unwrap_or_else(|p| p.into_inner());
+        if senders.limiter.len() > 100_000 {
+            senders.limiter.retain_recent();
         }
         let cells = std::num::NonZeroU32::new(n.min(u32::MAX as usize) as u32).expect("n > 0");
-        match self.senders.check_key_n(sender, cells) {
+        match senders.limiter.check_key_n(sender, cells) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(not_until)) => {
                 use governor::clock::Clock;
@@ -124,7 +155,10 @@ impl ToDevice {
                 })
             }
             // More than a whole burst can never pass: say so rather than "retry".
-            Err(_) => Err(Error::TooLarge(format!("one request may send at most {} messages", self.burst))),
+            Err(_) => Err(Error::TooLarge(format!(
+                "one request may send at most {} messages",
+                senders.limits.burst.max(1)
+            ))),
         }
     }
 
@@ -300,5 +334,23 @@ mod tests {
             deleted_upto: 10,
         };
         assert!(!all_deleted.acknowledges_more(20), "nothing delivered since the last deletion");
+    }
+
+    #[test]
+    fn a_shared_allowance_divides_the_rate_and_keeps_the_whole_burst() {
+        use governor::clock::Clock;
+        let limits = SenderLimits { per_second: 10, burst: 5 };
+        let alice: OwnedUserId = "@alice:example.org".try_into().unwrap();
+        let shared = SenderAllowance::new(limits, 2);
+        let burst = std::num::NonZeroU32::new(5).unwrap();
+        assert!(
+            matches!(shared.limiter.check_key_n(&alice, burst), Ok(Ok(()))),
+            "the whole burst at once"
+        );
+        let refused = shared.limiter.check_key(&alice).expect_err("over the burst");
+        let wait = refused.wait_time_from(governor::clock::DefaultClock::default().now());
+        // 10/s over two nodes is 5/s here: the next message in 200 ms, not 100 ms.
+        assert!(wait > std::time::Duration::from_millis(150), "{wait:?}");
+        assert_eq!(SenderAllowance::new(limits, 1).limits, limits);
     }
 }

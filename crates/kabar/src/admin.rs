@@ -99,6 +99,10 @@ pub struct BusStatus {
     pub engine: &'static str,
     pub bus: Arc<dyn kabar_bus::Bus>,
     pub peers: Arc<kabar_bus::peers::Peers>,
+    /// `bus.rate_limits`.
+    pub rate_limits: &'static str,
+    /// How many nodes this node's rate limits are divided by now.
+    pub limits_shared_by: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl BusStatus {
@@ -124,6 +128,8 @@ impl BusStatus {
             "node": self.bus.node(),
             "connected": self.bus.connected(),
             "nodes": nodes,
+            "rate_limits": self.rate_limits,
+            "rate_limits_shared_by": self.limits_shared_by.load(std::sync::atomic::Ordering::Relaxed),
         })
     }
 }

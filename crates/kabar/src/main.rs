@@ -181,6 +181,36 @@ fn node_status(
     }
 }
 
+/// With `bus.rate_limits = "share"`, keeps each rate limit this node
+/// enforces at its part of the configured one: the limit divided by the
+/// live nodes, checked at every heartbeat. Returns the current divisor
+/// (1 with `per_node`), for `kabar admin status`.
+fn share_rate_limits(
+    mode: &str,
+    peers: Arc<kabar_bus::peers::Peers>,
+    admission: Arc<kabar_core::admission::NewcomerAdmission>,
+    to_device: Arc<ToDevice>,
+) -> Arc<std::sync::atomic::AtomicU32> {
+    let shared_by = Arc::new(std::sync::atomic::AtomicU32::new(1));
+    if mode == "share" {
+        let current = shared_by.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(kabar_bus::peers::HEARTBEAT);
+            loop {
+                tick.tick().await;
+                let nodes = peers.live_count().min(u32::MAX as usize) as u32;
+                if current.swap(nodes, std::sync::atomic::Ordering::Relaxed) != nodes {
+                    tracing::info!(nodes, "rate limits are now shared by {nodes} live node(s)");
+                }
+                admission.register.set_share(nodes);
+                admission.login.set_share(nodes);
+                to_device.set_share(nodes);
+            }
+        });
+    }
+    shared_by
+}
+
 /// Where uploaded files live (`media.storage`).
 fn media_content(config: &Config, opened: &OpenedStore) -> anyhow::Result<Arc<dyn kabar_store::MediaContent>> {
     match (config.media.storage.as_str(), &opened.postgres) {
@@ -523,6 +553,12 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
     let readiness = Arc::new(Readiness::new(store.clone(), notifier.clone(), bus.clone()));
     let api_metrics = Arc::new(kabar_api::ApiMetrics::default());
     let peers = kabar_bus::peers::Peers::spawn(bus.clone(), node_status(api_metrics.clone(), applier.applied()));
+    let limits_shared_by = share_rate_limits(
+        &config.bus.rate_limits,
+        peers.clone(),
+        accounts.admission().clone(),
+        to_device.clone(),
+    );
     let state = kabar_api::AppState::new(kabar_api::Services {
         accounts: accounts.clone(),
         rooms,
@@ -609,6 +645,8 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
                 engine: if config.bus.engine == "nats" { "nats" } else { "local" },
                 bus: bus.clone(),
                 peers,
+                rate_limits: if config.bus.rate_limits == "share" { "share" } else { "per_node" },
+                limits_shared_by,
             },
         },
     )?;

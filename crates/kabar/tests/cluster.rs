@@ -28,10 +28,15 @@ fn nodes(name: &str, n: usize, nats: &NatsServer) -> Vec<Server> {
 
 /// `n` nodes sharing the database at `url` and the NATS server `nats`.
 fn nodes_on(url: &str, n: usize, nats: &NatsServer) -> Vec<Server> {
+    nodes_configured(url, n, nats, "")
+}
+
+/// [`nodes_on`], each node's configuration ending with `extra`.
+fn nodes_configured(url: &str, n: usize, nats: &NatsServer, extra: &str) -> Vec<Server> {
     (0..n)
         .map(|i| {
             let toml = format!(
-                "{}\n[bus]\nengine = \"nats\"\nnats.urls = [\"{}\"]\nnode_name = \"node-{i}\"\ncatch_up_interval_ms = {CATCH_UP_MS}\n\n[media]\nstorage = \"database\"\n",
+                "{}\n[bus]\nengine = \"nats\"\nnats.urls = [\"{}\"]\nnode_name = \"node-{i}\"\ncatch_up_interval_ms = {CATCH_UP_MS}\n\n[media]\nstorage = \"database\"\n{extra}",
                 common::postgres_storage(url),
                 nats.url()
             );
@@ -643,4 +648,67 @@ async fn with_postgres_stopped_for_ten_seconds_nodes_fail_fast_stay_up_and_resum
     let copies = bodies.iter().filter(|b| *b == "while the database was down").count();
     assert_eq!(copies, 1, "nothing of the refused sends was kept, the retry landed once");
     assert!(sent["event_id"].is_string());
+}
+
+/// A rate limit is configured for the server: with two live nodes behind a
+/// balancer that alternates between them, each node enforces half of it, so
+/// a client gets the configured allowance from the cluster, not twice it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_hold_a_login_allowance_as_configured_for_the_whole_server() {
+    let nats = NatsServer::start();
+    let cluster = TestCluster::shared().expect("start the test PostgreSQL cluster");
+    let url = cluster.ensure_database("cluster_shared_limits").expect("create the database");
+    let nodes = nodes_configured(
+        &url,
+        2,
+        &nats,
+        "[admission.login]\nper_address_per_minute = 6\nper_address_burst = 4\n",
+    );
+    for node in &nodes {
+        let deadline = Instant::now() + BUS_BOUND;
+        loop {
+            let status = node.admin_json(&["status"]);
+            if status["bus"]["rate_limits_shared_by"] == 2 {
+                assert_eq!(status["bus"]["rate_limits"], "share");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the nodes share their limits once they hear each other: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let attempt = json!({
+        "type": "m.login.password",
+        "identifier": {"type": "m.id.user", "user": "nobody"},
+        "password": "wrong",
+    });
+    let mut answers = vec![];
+    for i in 0..6 {
+        let (status, body) = common::post_public(&nodes[i % 2].url, "/login", attempt.clone()).await;
+        answers.push((
+            status,
+            body["errcode"].as_str().unwrap_or_default().to_owned(),
+            body["retry_after_ms"].as_u64(),
+        ));
+    }
+    let refused: Vec<_> = answers.iter().filter(|(status, ..)| *status == 429).collect();
+    assert_eq!(
+        answers
+            .iter()
+            .take(4)
+            .map(|(status, errcode, _)| (*status, errcode.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(403, "M_FORBIDDEN"); 4],
+        "the configured burst of four is admitted across the nodes: {answers:?}"
+    );
+    assert_eq!(refused.len(), 2, "the fifth and sixth are over the server's allowance: {answers:?}");
+    for (_, errcode, retry_after_ms) in refused {
+        assert_eq!(errcode, "M_LIMIT_EXCEEDED");
+        // 6 a minute over two nodes: each admits one every 20 s.
+        let wait = retry_after_ms.expect("an honest wait");
+        assert!((10_000..=20_001).contains(&wait), "{wait} ms");
+    }
 }

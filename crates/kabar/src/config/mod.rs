@@ -52,6 +52,8 @@ pub struct BusConfig {
     pub subject_prefix: String,
     pub node_name: String,
     pub catch_up_interval_ms: u64,
+    /// `share` or `per_node`: how the nodes hold the configured rate limits.
+    pub rate_limits: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -68,6 +70,7 @@ impl Default for BusConfig {
             subject_prefix: "kabar".into(),
             node_name: default_node_name(),
             catch_up_interval_ms: 250,
+            rate_limits: "share".into(),
         }
     }
 }

@@ -196,6 +196,13 @@ pub const SETTINGS: &[Setting] = &[
         "How often this node reads the stream for commits it was not told of (another process's, or a lost bus message): the bound on how late a change made through another node can reach this node's clients when the bus fails.",
     ),
     setting(
+        "bus.rate_limits",
+        Kind::OneOf(&["share", "per_node"]),
+        "`\"share\"`",
+        Restart,
+        "How the nodes of a cluster hold the rate limits (`admission.*`, `limits.to_device_messages_per_second`), which are configured for the whole server: `share`, each node enforces its part, the limit divided by the number of live nodes (heard on the bus within 3 s), right behind a balancer that spreads every client's requests over the nodes (round-robin, least connections); `per_node`, each node enforces the whole limit, right behind a balancer that sends each client address to one node (`balance source`, `ip_hash`). Concurrency limits (connections, downloads per address) and load shedding are always per node.",
+    ),
+    setting(
         "log",
         Kind::LogFilter,
         "`\"info\"`",
