@@ -1,13 +1,14 @@
 //! The bus between Kabar nodes.
 //!
-//! The store is the only source of truth: every node reads what any node
-//! committed from the store's stream. The bus only tells the other nodes
-//! at once that there is something to read, so that a message sent through
-//! one node reaches a sync waiting on another without waiting for the next
-//! periodic catch-up. A message lost on the bus (NATS restarted, a
-//! partition, a slow consumer) delays a wake-up by at most one catch-up
-//! interval; it can never lose or reorder an event, because what is applied
-//! always comes from the store, in stream order.
+//! The store is the only source of truth. A node that commits a batch of
+//! the stream sends it on the bus, so that the other nodes apply it at once
+//! without reading it back from the store; a batch too big to carry is
+//! announced by its head only, and the others read it from the store. A
+//! message lost on the bus (NATS restarted, a partition, a slow consumer)
+//! delays a wake-up by at most one catch-up interval; it can never lose or
+//! reorder an event, because a node applies a batch only when it continues
+//! exactly what it has applied (by stream position), and reads any gap
+//! from the store.
 //!
 //! Two engines: [`LocalBus`] for one node (nobody else to tell) and
 //! [`nats::NatsBus`] for several nodes sharing a NATS server or cluster.
@@ -17,15 +18,22 @@ pub mod peers;
 pub mod test_server;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use tokio::sync::broadcast;
 
 /// What one node tells the others.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum BusMessage {
-    /// The sending node committed every stream position up to `head`:
-    /// whoever has applied less reads the store.
-    Committed { head: u64 },
+    /// The sending node committed stream positions up to `head`, and these
+    /// `batches` of them (in commit order, possibly none: a batch too big
+    /// to carry is left to the store). Whoever has applied less than `head`
+    /// and cannot continue with the batches reads the store.
+    Committed {
+        head: u64,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        batches: Vec<CarriedBatch>,
+    },
     /// A user started or stopped typing in a room (typing lives in memory
     /// only: each node keeps what it hears).
     Typing {
@@ -47,6 +55,43 @@ pub enum BusMessage {
     /// read from the store now.
     Missed,
 }
+
+impl BusMessage {
+    /// A commit announcement that carries no batch.
+    pub fn committed(head: u64) -> Self {
+        BusMessage::Committed { head, batches: vec![] }
+    }
+}
+
+/// A committed batch as its node encoded it: JSON the bus carries as it is
+/// and does not read (the store's crate writes and reads it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CarriedBatch(Box<RawValue>);
+
+impl CarriedBatch {
+    /// `json`, if it is JSON.
+    pub fn new(json: String) -> Option<Self> {
+        RawValue::from_string(json).ok().map(Self)
+    }
+
+    /// JSON already checked (`serde_json::value::to_raw_value` wrote it).
+    pub fn from_raw(json: Box<RawValue>) -> Self {
+        Self(json)
+    }
+
+    pub fn json(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for CarriedBatch {
+    fn eq(&self, other: &Self) -> bool {
+        self.json() == other.json()
+    }
+}
+
+impl Eq for CarriedBatch {}
 
 /// What a node's heartbeat says of it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,9 +140,12 @@ pub trait Bus: Send + Sync {
     fn node(&self) -> &str;
     /// Tells every other node, best effort and without waiting: a message
     /// that cannot go now may be dropped (the store's catch-up covers it).
-    /// Of several `Committed` messages only the newest head matters, and
-    /// engines may send just that one.
+    /// Engines may merge several `Committed` messages into one (the newest
+    /// head, the batches in order) and drop batches (never heads).
     fn publish(&self, message: BusMessage);
+    /// Whether anyone else hears what this node publishes: a single node
+    /// need not encode its commits for nobody.
+    fn reaches_others(&self) -> bool;
     /// Other nodes' commit announcements (and [`BusMessage::Missed`]), for
     /// the applier. A receiver that falls behind loses the oldest ones
     /// (`RecvError::Lagged`).
@@ -133,6 +181,10 @@ impl Bus for LocalBus {
 
     fn publish(&self, _message: BusMessage) {}
 
+    fn reaches_others(&self) -> bool {
+        false
+    }
+
     fn commits(&self) -> broadcast::Receiver<FromNode> {
         self.silent.subscribe()
     }
@@ -154,18 +206,19 @@ mod tests {
     fn messages_travel_as_flat_json_with_their_node() {
         let m = FromNode {
             node: "a".into(),
-            message: BusMessage::Committed { head: 42 },
+            message: BusMessage::committed(42),
         };
         let json = serde_json::to_string(&m).unwrap();
         assert_eq!(json, r#"{"node":"a","kind":"committed","head":42}"#);
         assert_eq!(serde_json::from_str::<FromNode>(&json).unwrap(), m);
+        assert!(CarriedBatch::new("not json".into()).is_none());
     }
 
     #[tokio::test]
     async fn a_single_node_hears_nothing_and_is_always_connected() {
         let bus = LocalBus::new("solo");
         let mut rx = bus.commits();
-        bus.publish(BusMessage::Committed { head: 1 });
+        bus.publish(BusMessage::committed(1));
         assert!(bus.connected());
         assert!(
             tokio::time::timeout(std::time::Duration::from_millis(50), rx.recv()).await.is_err(),

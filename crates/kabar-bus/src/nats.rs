@@ -3,19 +3,24 @@
 //!
 //! Every node publishes on `{prefix}.{kind}` and subscribes to `{prefix}.>`,
 //! dropping its own messages. Commits are coalesced: the publishing task
-//! sends only the newest head each time it runs, so a node committing a
-//! thousand batches a second sends at most as many messages as NATS takes,
-//! never a backlog. The client reconnects by itself; while it is away,
+//! sends at most one announcement per [`PUBLISH_GAP`], with the newest head
+//! and every batch committed since the last one (up to
+//! [`MAX_CARRIED_BYTES`]; past that, the head alone), so a node committing
+//! a thousand batches a second sends a few hundred messages, never a
+//! backlog. The client reconnects by itself; while it is away,
 //! [`Bus::connected`] is false and the store's catch-up keeps every node
 //! correct, only slower.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use async_nats::{ConnectOptions, ServerAddr, connection::State};
 use futures::StreamExt;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{Notify, broadcast, mpsc};
 
-use crate::{Bus, BusError, BusMessage, FromNode};
+use crate::{Bus, BusError, BusMessage, CarriedBatch, FromNode};
 
 /// How many messages from other nodes wait for a slow receiver before the
 /// oldest are dropped (a receiver that lagged catches up from the store).
@@ -23,8 +28,11 @@ const RECEIVE_BUFFER: usize = 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// The least time between two commit announcements of one node: a busy
 /// node commits thousands of small batches a second, and one announcement
-/// of the newest head covers all of them (the others read the store once).
-const PUBLISH_GAP: Duration = Duration::from_millis(2);
+/// carries all of them (each is a wake-up on every other node).
+pub const PUBLISH_GAP: Duration = Duration::from_millis(2);
+/// The most batch bytes one announcement carries (NATS takes 1 MiB per
+/// message by default); the others read what is left out from the store.
+pub const MAX_CARRIED_BYTES: usize = 256 * 1024;
 /// Messages other than commits waiting to be published; more are dropped
 /// (they are best effort, and a backlog would only deliver stale news).
 const OUTBOX: usize = 4096;
@@ -32,8 +40,8 @@ const OUTBOX: usize = 4096;
 pub struct NatsBus {
     node: String,
     client: async_nats::Client,
-    /// The newest head this node committed, for the publishing task.
-    committed: watch::Sender<u64>,
+    /// This node's commits not announced yet, for the publishing task.
+    announcements: Arc<Announcements>,
     /// Every other message, for the publishing task.
     outbox: mpsc::Sender<BusMessage>,
     /// What other nodes announce: commits, and the rest.
@@ -54,10 +62,10 @@ impl NatsBus {
             urls: urls.join(", "),
             reason,
         };
-        let (committed, mut newest) = watch::channel(0);
+        let announcements = Arc::new(Announcements::default());
         let (commits, _) = broadcast::channel(RECEIVE_BUFFER);
         let (news, _) = broadcast::channel(RECEIVE_BUFFER);
-        let (announce_again, tell_own_node, me) = (committed.clone(), commits.clone(), node.to_owned());
+        let (announce_again, tell_own_node, me) = (announcements.clone(), commits.clone(), node.to_owned());
         let client = ConnectOptions::new()
             .name(format!("kabar {node}"))
             .connection_timeout(CONNECT_TIMEOUT)
@@ -72,7 +80,7 @@ impl NatsBus {
                             // lost: announce the newest head again, so that
                             // every node (each does the same) reads at once
                             // what the others committed meanwhile.
-                            announce_again.send_modify(|_| {});
+                            announce_again.head_again();
                             // And this node may have missed theirs.
                             let _ = tell_own_node.send(FromNode {
                                 node: me,
@@ -93,9 +101,15 @@ impl NatsBus {
             .map_err(|e| BusError::Subscribe(e.to_string()))?;
         let (to_applier, to_others) = (commits.clone(), news.clone());
         let me = node.to_owned();
+        let committed_subject = format!("{prefix}.{}", BusMessage::committed(0).kind());
         tokio::spawn(async move {
             while let Some(message) = subscription.next().await {
-                match serde_json::from_slice::<FromNode>(&message.payload) {
+                let read = if message.subject.as_str() == committed_subject {
+                    serde_json::from_slice::<CommittedWire>(&message.payload).map(CommittedWire::into_message)
+                } else {
+                    serde_json::from_slice::<FromNode>(&message.payload)
+                };
+                match read {
                     Ok(m) if m.node == me => {}
                     // No receiver yet is fine: nobody is waiting.
                     Ok(
@@ -110,29 +124,37 @@ impl NatsBus {
             }
         });
         let (outbox, mut queued) = mpsc::channel(OUTBOX);
-        let (publisher, me, prefix) = (client.clone(), node.to_owned(), prefix.to_owned());
+        let (publisher, me, prefix, pending) = (client.clone(), node.to_owned(), prefix.to_owned(), announcements.clone());
         tokio::spawn(async move {
             let mut next_announcement = tokio::time::Instant::now();
             loop {
+                let due = pending.due();
                 let message = tokio::select! {
-                    changed = newest.changed() => match changed {
-                        Ok(()) => {
-                            // At most one announcement per PUBLISH_GAP: the
-                            // newest head covers every commit before it.
-                            tokio::time::sleep_until(next_announcement).await;
-                            next_announcement = tokio::time::Instant::now() + PUBLISH_GAP;
-                            BusMessage::Committed { head: *newest.borrow_and_update() }
+                    _ = pending.ready.notified(), if !due => continue,
+                    // At most one announcement per PUBLISH_GAP, carrying
+                    // every commit since the last one.
+                    _ = tokio::time::sleep_until(next_announcement), if due => {
+                        next_announcement = tokio::time::Instant::now() + PUBLISH_GAP;
+                        match pending.take() {
+                            Some(message) => message,
+                            None => continue,
                         }
-                        Err(_) => break,
-                    },
+                    }
                     next = queued.recv() => match next {
                         Some(m) => m,
                         None => break,
                     },
                 };
                 let subject = format!("{prefix}.{}", message.kind());
-                let message = FromNode { node: me.clone(), message };
-                let Ok(payload) = serde_json::to_vec(&message) else { continue };
+                let payload = match message {
+                    BusMessage::Committed { head, batches } => serde_json::to_vec(&CommittedWire {
+                        node: me.clone(),
+                        head,
+                        batches,
+                    }),
+                    message => serde_json::to_vec(&FromNode { node: me.clone(), message }),
+                };
+                let Ok(payload) = payload else { continue };
                 if let Err(e) = publisher.publish(subject, payload.into()).await {
                     tracing::debug!(error = %e, "a message was not published on the bus");
                 }
@@ -141,7 +163,7 @@ impl NatsBus {
         Ok(Self {
             node: node.to_owned(),
             client,
-            committed,
+            announcements,
             outbox,
             commits,
             news,
@@ -156,15 +178,7 @@ impl Bus for NatsBus {
 
     fn publish(&self, message: BusMessage) {
         match message {
-            BusMessage::Committed { head } => {
-                self.committed.send_if_modified(|newest| {
-                    let newer = head > *newest;
-                    if newer {
-                        *newest = head;
-                    }
-                    newer
-                });
-            }
+            BusMessage::Committed { head, batches } => self.announcements.add(head, batches),
             BusMessage::Missed => {}
             other => {
                 if self.outbox.try_send(other).is_err() {
@@ -172,6 +186,10 @@ impl Bus for NatsBus {
                 }
             }
         }
+    }
+
+    fn reaches_others(&self) -> bool {
+        true
     }
 
     fn commits(&self) -> broadcast::Receiver<FromNode> {
@@ -187,6 +205,94 @@ impl Bus for NatsBus {
     }
 }
 
+/// A commit announcement as NATS carries it: its own plain object, since
+/// the carried batches are raw JSON, which serde cannot read back through
+/// the tagged, flattened form of the other messages.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CommittedWire {
+    node: String,
+    head: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    batches: Vec<CarriedBatch>,
+}
+
+impl CommittedWire {
+    fn into_message(self) -> FromNode {
+        FromNode {
+            node: self.node,
+            message: BusMessage::Committed {
+                head: self.head,
+                batches: self.batches,
+            },
+        }
+    }
+}
+
+/// A node's commits waiting for the publishing task.
+#[derive(Default)]
+struct Announcements {
+    waiting: Mutex<Waiting>,
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct Waiting {
+    head: u64,
+    batches: Vec<CarriedBatch>,
+    bytes: usize,
+    /// A batch since the last announcement was left out (too big): the
+    /// ones after it are too, since no node could apply them before reading
+    /// the one left out from the store (which covers them as well).
+    left_out: bool,
+    due: bool,
+}
+
+impl Announcements {
+    fn add(&self, head: u64, batches: Vec<CarriedBatch>) {
+        {
+            let mut w = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+            if head <= w.head && batches.is_empty() {
+                return;
+            }
+            w.head = w.head.max(head);
+            for batch in batches {
+                w.bytes += batch.json().len();
+                w.left_out |= w.bytes > MAX_CARRIED_BYTES;
+                if !w.left_out {
+                    w.batches.push(batch);
+                }
+            }
+            w.due = true;
+        }
+        self.ready.notify_one();
+    }
+
+    /// Announce the newest head again (after a reconnection).
+    fn head_again(&self) {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).due = true;
+        self.ready.notify_one();
+    }
+
+    fn due(&self) -> bool {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).due
+    }
+
+    /// The announcement to send now, if one is due.
+    fn take(&self) -> Option<BusMessage> {
+        let mut w = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if !w.due {
+            return None;
+        }
+        w.due = false;
+        w.bytes = 0;
+        w.left_out = false;
+        Some(BusMessage::Committed {
+            head: w.head,
+            batches: std::mem::take(&mut w.batches),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -198,7 +304,7 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), async {
             loop {
                 let m = rx.recv().await.expect("the bus is open");
-                if let BusMessage::Committed { head } = m.message
+                if let BusMessage::Committed { head, .. } = m.message
                     && head >= at_least
                 {
                     return m;
@@ -221,10 +327,10 @@ mod tests {
         a.client.flush().await.unwrap();
         b.client.flush().await.unwrap();
 
-        a.publish(BusMessage::Committed { head: 5 });
+        a.publish(BusMessage::committed(5));
         let m = next_committed(&mut b_hears, 5).await;
         assert_eq!(m.node, "a");
-        b.publish(BusMessage::Committed { head: 7 });
+        b.publish(BusMessage::committed(7));
         assert_eq!(next_committed(&mut a_hears, 7).await.node, "b");
         let typing = BusMessage::Typing {
             room_id: "!r:x".into(),
@@ -282,10 +388,10 @@ mod tests {
         let mut head = 100;
         let heard = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
-                a.publish(BusMessage::Committed { head });
+                a.publish(BusMessage::committed(head));
                 head += 1;
                 if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(100), b_hears.recv()).await
-                    && matches!(m.message, BusMessage::Committed { head } if head >= 100)
+                    && matches!(m.message, BusMessage::Committed { head, .. } if head >= 100)
                 {
                     return m;
                 }
@@ -294,6 +400,64 @@ mod tests {
         .await
         .expect("commits are heard again after NATS returns");
         assert_eq!(heard.node, "a");
+    }
+
+    fn batch(after: u64, head: u64, padding: usize) -> CarriedBatch {
+        CarriedBatch::new(format!(r#"{{"after":{after},"head":{head},"pad":"{}"}}"#, "x".repeat(padding))).unwrap()
+    }
+
+    #[test]
+    fn one_announcement_carries_the_batches_since_the_last_until_they_are_too_big() {
+        let a = Announcements::default();
+        assert!(a.take().is_none(), "nothing committed, nothing due");
+        a.add(2, vec![batch(0, 2, 0)]);
+        a.add(3, vec![batch(2, 3, 0)]);
+        assert_eq!(
+            a.take(),
+            Some(BusMessage::Committed {
+                head: 3,
+                batches: vec![batch(0, 2, 0), batch(2, 3, 0)]
+            })
+        );
+        assert!(a.take().is_none());
+        a.add(4, vec![batch(3, 4, 10)]);
+        a.add(5, vec![batch(4, 5, MAX_CARRIED_BYTES)]);
+        a.add(6, vec![batch(5, 6, 10)]);
+        assert_eq!(
+            a.take(),
+            Some(BusMessage::Committed {
+                head: 6,
+                batches: vec![batch(3, 4, 10)]
+            }),
+            "past the size limit the head alone is announced"
+        );
+        a.add(7, vec![batch(6, 7, 10)]);
+        assert_eq!(a.take().map(|m| matches!(m, BusMessage::Committed { head: 7, batches } if batches.len() == 1)), Some(true));
+        a.head_again();
+        assert_eq!(a.take(), Some(BusMessage::committed(7)), "after a reconnection, the head again");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_committed_batch_travels_whole_to_the_other_nodes() {
+        let server = NatsServer::start();
+        let urls = vec![server.url()];
+        let a = NatsBus::connect(&urls, "kabar-test", "a").await.unwrap();
+        let b = NatsBus::connect(&urls, "kabar-test", "b").await.unwrap();
+        let mut b_hears = b.commits();
+        a.client.flush().await.unwrap();
+        b.client.flush().await.unwrap();
+        a.publish(BusMessage::Committed {
+            head: 9,
+            batches: vec![batch(8, 9, 100)],
+        });
+        let m = next_committed(&mut b_hears, 9).await;
+        assert_eq!(
+            m.message,
+            BusMessage::Committed {
+                head: 9,
+                batches: vec![batch(8, 9, 100)]
+            }
+        );
     }
 
     #[tokio::test]

@@ -2,10 +2,14 @@
 //! memory about it.
 //!
 //! The store hands every batch it commits to the applier before it answers
-//! the batch's writers (the applier is its [`CommitListener`]), and the
-//! applier also reads the stream back from the store by position (its
-//! catch-up task), for writes another process committed to the same
-//! database and for any gap between batches. Either way the updates are
+//! the batch's writers (the applier is its [`CommitListener`]); the applier
+//! sends it on the bus, and applies the batches other nodes send the same
+//! way. Batches apply only in position order: one that does not continue
+//! the applied position waits (briefly) for the ones before it. The applier
+//! also reads the stream back from the store by position (its catch-up
+//! task) for whatever the bus did not bring: a gap that stays open, a batch
+//! too big to carry, a lost message, another process without a bus, and
+//! every `bus.catch_up_interval_ms` in any case. Either way the updates are
 //! applied in position order, and only here: room caches, change trackers
 //! (and so the caches keyed by their generations), the token cache, and then
 //! the wake-ups of waiting syncs. No service does any of that by hand.
@@ -23,12 +27,12 @@
 //! visible to that client's next request.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use kabar_bus::{Bus, BusMessage, FromNode};
+use kabar_bus::{Bus, BusMessage, CarriedBatch, FromNode};
 use kabar_store::{Change, CommitListener, CommittedBatch, Store, StreamPos, StreamUpdate};
 use ruma::{OwnedRoomId, OwnedUserId, events::TimelineEventType};
 use tokio::sync::{Notify, broadcast, watch};
@@ -64,9 +68,18 @@ impl ApplierTargets {
     }
 }
 
-/// How long the applier waits after another node's commit announcement to
-/// read the store for it together with the announcements that follow.
+/// How long the applier waits after another node's commit announcement
+/// without its batch to read the store for it together with the
+/// announcements that follow.
 const BUS_COALESCE: Duration = Duration::from_millis(3);
+/// How long a batch that does not continue the applied position waits for
+/// the batches before it to come on the bus (another node's commit that
+/// took its positions first is usually a millisecond or two away) before
+/// the gap is read from the store.
+const GAP_WAIT: Duration = Duration::from_millis(5);
+/// Batches waiting for a gap at most; past that they are dropped (the
+/// catch-up reads them from the store).
+const MAX_WAITING_BATCHES: usize = 1024;
 
 pub struct Applier {
     store: Arc<dyn Store>,
@@ -75,11 +88,14 @@ pub struct Applier {
     /// theirs (so they are read at once rather than at the next tick).
     bus: Arc<dyn Bus>,
     applied: watch::Sender<StreamPos>,
-    /// Held while a batch is applied: the store's writing thread and the
-    /// catch-up task both apply, one batch at a time.
-    applying: Mutex<()>,
+    /// Held while a batch is applied: the store's writing thread, the bus
+    /// and the catch-up task all apply, one batch at a time. Holds the
+    /// batches that wait for a gap before them, by the position they follow.
+    applying: Mutex<BTreeMap<StreamPos, CommittedBatch>>,
     /// Asks for a catch-up from the store now rather than at the next tick.
     poke: Arc<Notify>,
+    /// A batch waits for a gap: read the store if the bus does not fill it.
+    gap: Notify,
     /// For work a wake-up needs that reads the store (off the writing thread).
     runtime: tokio::runtime::Handle,
     /// Whether the last catch-up could not read the store: an outage is
@@ -141,8 +157,9 @@ impl Applier {
             targets,
             bus,
             applied: watch::channel(start).0,
-            applying: Mutex::new(()),
+            applying: Mutex::new(BTreeMap::new()),
             poke: Arc::new(Notify::new()),
+            gap: Notify::new(),
             runtime: tokio::runtime::Handle::current(),
             store_unreachable: std::sync::atomic::AtomicBool::new(false),
         })
@@ -173,12 +190,17 @@ impl Applier {
     }
 
     /// Reads what other processes committed every `catch_up`, and at once
-    /// when poked (a gap between batches, a writer that saw a newer head)
-    /// or when the bus tells of another node's commit past what is applied.
+    /// when poked (a writer that saw a newer head); applies the batches
+    /// other nodes send on the bus, and reads the store for what they
+    /// announce but do not carry, or for a gap the bus leaves open.
     pub async fn run(self: Arc<Self>, catch_up: Duration) {
         let mut tick = tokio::time::interval(catch_up);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut others = Some(self.bus.commits());
+        // The newest head another node announced, and when to read the
+        // store if it is still not applied by then.
+        let mut heard_head: StreamPos = 0;
+        let mut read_store_at: Option<tokio::time::Instant> = None;
         loop {
             let heard = async {
                 match others.as_mut() {
@@ -186,21 +208,32 @@ impl Applier {
                     None => std::future::pending().await,
                 }
             };
+            let deadline = read_store_at.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
                 _ = tick.tick() => self.catch_up().await,
                 _ = self.poke.notified() => self.catch_up().await,
+                _ = self.gap.notified() => {
+                    read_store_at.get_or_insert_with(|| tokio::time::Instant::now() + GAP_WAIT);
+                }
+                _ = tokio::time::sleep_until(deadline), if read_store_at.is_some() => {
+                    read_store_at = None;
+                    if self.position() < heard_head || self.has_waiting_batches() {
+                        self.catch_up().await;
+                    }
+                }
                 heard = heard => match heard {
-                    Ok(FromNode { message: BusMessage::Committed { head }, .. }) => {
-                        if head > self.position() {
-                            // Other nodes commit in bursts of small batches:
-                            // one read of the store covers every batch
-                            // announced within a short window, rather than
-                            // one read per batch.
-                            tokio::time::sleep(BUS_COALESCE).await;
-                            if let Some(rx) = others.as_mut() {
-                                while rx.try_recv().is_ok() {}
-                            }
-                            self.catch_up().await;
+                    Ok(FromNode { message: BusMessage::Committed { head, batches }, .. }) => {
+                        heard_head = heard_head.max(head);
+                        if head <= self.position() {
+                            continue;
+                        }
+                        let carried = !batches.is_empty();
+                        self.apply_carried(batches);
+                        if self.position() < head {
+                            // Not all of it came with the announcement: read
+                            // the store soon, for every announcement until then.
+                            let at = tokio::time::Instant::now() + if carried { GAP_WAIT } else { BUS_COALESCE };
+                            read_store_at = Some(read_store_at.map_or(at, |t| t.min(at)));
                         }
                     }
                     // The bus was away: what it would have said is in the store.
@@ -213,6 +246,25 @@ impl Applier {
                 },
             }
         }
+    }
+
+    /// Applies the batches another node sent, in order, as far as they
+    /// continue what is applied (the rest waits for its gap).
+    fn apply_carried(&self, batches: Vec<CarriedBatch>) {
+        for carried in batches {
+            match CommittedBatch::from_wire(carried.json()) {
+                Ok(batch) => self.apply_batch(&batch),
+                Err(e) => {
+                    // The store has it: the announcement's head is read from there.
+                    tracing::warn!(error = %e, "an unreadable batch on the bus");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn has_waiting_batches(&self) -> bool {
+        !self.applying.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).is_empty()
     }
 
     /// Reads and applies everything committed after the applied position.
@@ -249,27 +301,55 @@ impl Applier {
         }
     }
 
-    /// Applies the updates of `batch` not applied yet. A batch that starts
-    /// past the applied position is left alone: applying it would skip the
-    /// updates in between.
+    /// Applies the updates of `batch` not applied yet, then every waiting
+    /// batch it lets continue. A batch that starts past the applied position
+    /// waits: applying it would skip the updates in between.
     fn apply_batch(&self, batch: &CommittedBatch) {
-        let _applying = self.applying.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut waiting = self.applying.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let applied = self.position();
         if batch.head <= applied {
             return;
         }
         if batch.after > applied {
-            // Another process committed in between: the catch-up task reads
-            // it from the store, this batch with it.
-            self.poke.notify_one();
+            // Another node committed in between. Its batch usually comes on
+            // the bus in a moment; the catch-up reads it from the store
+            // otherwise (at once when no bus could bring it).
+            if waiting.len() < MAX_WAITING_BATCHES {
+                let longest = waiting.get(&batch.after).is_none_or(|w| w.head < batch.head);
+                if longest {
+                    waiting.insert(batch.after, batch.clone());
+                }
+            }
+            if self.bus.reaches_others() {
+                self.gap.notify_one();
+            } else {
+                self.poke.notify_one();
+            }
             return;
         }
         let mut wakes = Wakes::default();
-        for update in batch.updates.iter().filter(|u| u.pos > applied) {
-            self.apply(update, &mut wakes);
+        let mut head = self.apply_updates(batch, applied, &mut wakes);
+        // The batches that waited for this one.
+        while let Some(next) = waiting.first_entry() {
+            if next.get().head <= head {
+                next.remove();
+            } else if *next.key() <= head {
+                head = self.apply_updates(&next.remove(), head, &mut wakes);
+            } else {
+                break;
+            }
         }
-        self.applied.send_replace(batch.head);
+        drop(waiting);
+        self.applied.send_replace(head);
         self.wake(wakes);
+    }
+
+    /// Applies the updates of `batch` past `applied`; returns the batch's head.
+    fn apply_updates(&self, batch: &CommittedBatch, applied: StreamPos, wakes: &mut Wakes) -> StreamPos {
+        for update in batch.updates.iter().filter(|u| u.pos > applied) {
+            self.apply(update, wakes);
+        }
+        batch.head
     }
 
     fn apply(&self, update: &StreamUpdate, wakes: &mut Wakes) {
@@ -354,7 +434,17 @@ impl Applier {
 impl CommitListener for Applier {
     fn committed(&self, batch: &CommittedBatch) {
         self.apply_batch(batch);
-        self.bus.publish(BusMessage::Committed { head: batch.head });
+        if batch.head > batch.after {
+            let batches = if self.bus.reaches_others() {
+                vec![CarriedBatch::from_raw(batch.to_wire())]
+            } else {
+                vec![]
+            };
+            self.bus.publish(BusMessage::Committed {
+                head: batch.head,
+                batches,
+            });
+        }
     }
 }
 
@@ -654,5 +744,108 @@ mod tests {
         });
         assert_eq!(n.applier.position(), before + 1);
         assert!(n.changes.account_data.changed_since(&owned_user_id!("@a:localhost"), before));
+        assert!(!n.changes.account_data.changed_since(&owned_user_id!("@a:localhost"), before + 1));
+        // The batch that fills the gap lets the waiting one follow.
+        n.applier.apply_batch(&CommittedBatch {
+            after: before + 1,
+            head: before + 2,
+            updates: vec![],
+        });
+        assert_eq!(n.applier.position(), before + 5, "the waiting batch was applied once the gap filled");
+        assert!(n.changes.account_data.changed_since(&owned_user_id!("@a:localhost"), before + 2));
+    }
+
+    /// One end of an in-process bus between two appliers.
+    struct PairBus {
+        node: &'static str,
+        to_other: broadcast::Sender<FromNode>,
+        mine: broadcast::Sender<FromNode>,
+    }
+
+    fn bus_pair() -> (Arc<PairBus>, Arc<PairBus>) {
+        let (a, b) = (broadcast::channel(64).0, broadcast::channel(64).0);
+        (
+            Arc::new(PairBus {
+                node: "a",
+                to_other: b.clone(),
+                mine: a.clone(),
+            }),
+            Arc::new(PairBus {
+                node: "b",
+                to_other: a,
+                mine: b,
+            }),
+        )
+    }
+
+    impl Bus for PairBus {
+        fn node(&self) -> &str {
+            self.node
+        }
+        fn publish(&self, message: BusMessage) {
+            let _ = self.to_other.send(FromNode {
+                node: self.node.into(),
+                message,
+            });
+        }
+        fn reaches_others(&self) -> bool {
+            true
+        }
+        fn commits(&self) -> broadcast::Receiver<FromNode> {
+            self.mine.subscribe()
+        }
+        fn news(&self) -> broadcast::Receiver<FromNode> {
+            self.mine.subscribe()
+        }
+        fn connected(&self) -> bool {
+            true
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn another_nodes_batches_apply_from_the_bus_without_reading_the_store() {
+        let (_dir, store, alice) = store_with_alice().await;
+        let (bus_a, bus_b) = bus_pair();
+        let start = store.current_position();
+        let a = Applier::new(store.clone(), ApplierTargets::fresh(&store, Arc::new(Notifier::new())), bus_a, start);
+        store.set_commit_listener(a.clone());
+        // b's store is another, empty database: whatever b applies of a's
+        // writes can only have come on the bus.
+        let elsewhere = tempfile::tempdir().unwrap();
+        let empty: Arc<dyn Store> = Arc::new(kabar_store_sqlite::SqliteStore::open(&elsewhere.path().join("db")).unwrap());
+        let targets = ApplierTargets::fresh(&empty, Arc::new(Notifier::new()));
+        let (b_changes, b_notifier) = (targets.changes.clone(), targets.notifier.clone());
+        let b = Applier::new(empty, targets, bus_b, start);
+        tokio::spawn(b.clone().run(Duration::from_secs(3600)));
+        let waiting = b_notifier.interest(&alice, std::iter::empty::<&ruma::RoomId>());
+
+        let signer = Arc::new(EventSigner::new(ruma::owned_server_name!("localhost"), &EventSigner::generate_key(), "k").unwrap());
+        let limits = GateLimits {
+            slots: 4,
+            max_queued: 16,
+            max_queue_delay: Duration::from_secs(5),
+        };
+        let joins = Arc::new(Gate::new(LoadMetrics::default().class("join"), limits, Duration::from_millis(1)));
+        let rooms = Rooms::new(
+            store.clone(),
+            signer,
+            a.targets.rooms.clone(),
+            a.applied(),
+            RoomVersionId::V11,
+            joins,
+        );
+        let room_id = rooms.create_room(&alice, CreateRoom::default()).await.unwrap();
+        rooms
+            .send(&alice, &room_id, NewEvent::message("m.room.message", json!({"body": "hi"})), None)
+            .await
+            .unwrap();
+        let a_pos = a.applied().position();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), b.applied().reached(a_pos)).await.is_ok(),
+            "b applies a's batches as they come on the bus"
+        );
+        assert!(waiting.wait(Duration::from_secs(5)).await, "a sync of alice's waiting on b is woken");
+        assert!(b_changes.memberships.changed_since(&alice, start), "b's trackers saw alice join");
+        assert!(!b.has_waiting_batches());
     }
 }

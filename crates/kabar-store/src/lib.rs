@@ -27,6 +27,7 @@ pub mod conformance;
 pub mod copy;
 pub mod media_content;
 mod stream;
+mod stream_wire;
 mod types;
 
 use async_trait::async_trait;
