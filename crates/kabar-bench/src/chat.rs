@@ -75,6 +75,8 @@ impl Followers {
 /// The people chatting, their rooms, and their followers.
 pub struct Chat {
     pub users: Vec<User>,
+    /// How many nodes the users are spread over.
+    nodes: usize,
     pub rooms: Vec<String>,
     pub deliveries: Arc<Deliveries>,
     pub sync_errors: Arc<Mutex<ErrorCounts>>,
@@ -99,6 +101,7 @@ impl Chat {
         let mut users = setup_users(target, prefix, users, setup_concurrency).await?;
         // Room r's members are users r, r + R, r + 2R, ...: with several
         // nodes, consecutive members of a room use different nodes.
+        let nodes = target.others.len() + 1;
         for (i, u) in users.iter_mut().enumerate() {
             u.target = target.node(i / rooms_n);
         }
@@ -121,12 +124,18 @@ impl Chat {
         let followers = Followers::start(&users).await?;
         Ok(Self {
             users,
+            nodes,
             rooms: room_ids,
             deliveries: followers.deliveries.clone(),
             sync_errors: followers.sync_errors.clone(),
             sent: Arc::default(),
             followers,
         })
+    }
+
+    /// Which node user `i` goes through (see [`Chat::start`]).
+    pub fn node_of(&self, i: usize) -> usize {
+        (i / self.rooms.len().max(1)) % self.nodes
     }
 
     /// Every user sends into its room until `deadline`, as fast as it can or

@@ -117,11 +117,19 @@ pub struct Deliveries {
     pub delivered: AtomicU64,
 }
 
+struct Timed {
+    sent_us: u64,
+    latency_us: u64,
+    member: u32,
+    sender: u32,
+}
+
 #[derive(Default)]
 struct DeliveryState {
     seen: HashMap<(u32, u64), u32>,
-    /// (send time, latency) of each first delivery, in µs on the tracker's clock.
-    timed: Vec<(u64, u64)>,
+    /// Each first delivery: send time and latency in µs on the tracker's
+    /// clock, the member it reached and the sender (the id's upper half).
+    timed: Vec<Timed>,
 }
 
 /// The outcome of a delivery check.
@@ -169,7 +177,12 @@ impl Deliveries {
             let n = st.seen.entry((member, id)).or_insert(0);
             *n += 1;
             if *n == 1 {
-                st.timed.push((ts, now.saturating_sub(ts)));
+                st.timed.push(Timed {
+                    sent_us: ts,
+                    latency_us: now.saturating_sub(ts),
+                    member,
+                    sender: (id >> 32) as u32,
+                });
                 self.delivered.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -197,10 +210,21 @@ impl Deliveries {
     pub fn latencies_sent_between(&self, from_us: u64, to_us: u64) -> Latencies {
         let st = self.state.lock().expect("deliveries lock");
         let mut out = Latencies::default();
-        for &(ts, lat) in &st.timed {
-            if (from_us..to_us).contains(&ts) {
-                out.push(lat);
+        for t in &st.timed {
+            if (from_us..to_us).contains(&t.sent_us) {
+                out.push(t.latency_us);
             }
+        }
+        out
+    }
+
+    /// Latencies of the deliveries from a sender to a member for which
+    /// `pick(member, sender)` holds (ids as `(sender << 32) | seq`).
+    pub fn latencies_where(&self, pick: impl Fn(u32, u32) -> bool) -> Latencies {
+        let st = self.state.lock().expect("deliveries lock");
+        let mut out = Latencies::default();
+        for t in st.timed.iter().filter(|t| pick(t.member, t.sender)) {
+            out.push(t.latency_us);
         }
         out
     }

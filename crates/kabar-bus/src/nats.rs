@@ -432,7 +432,11 @@ mod tests {
             "past the size limit the head alone is announced"
         );
         a.add(7, vec![batch(6, 7, 10)]);
-        assert_eq!(a.take().map(|m| matches!(m, BusMessage::Committed { head: 7, batches } if batches.len() == 1)), Some(true));
+        assert_eq!(
+            a.take()
+                .map(|m| matches!(m, BusMessage::Committed { head: 7, batches } if batches.len() == 1)),
+            Some(true)
+        );
         a.head_again();
         assert_eq!(a.take(), Some(BusMessage::committed(7)), "after a reconnection, the head again");
     }

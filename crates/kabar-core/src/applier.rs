@@ -440,10 +440,7 @@ impl CommitListener for Applier {
             } else {
                 vec![]
             };
-            self.bus.publish(BusMessage::Committed {
-                head: batch.head,
-                batches,
-            });
+            self.bus.publish(BusMessage::Committed { head: batch.head, batches });
         }
     }
 }
@@ -751,7 +748,11 @@ mod tests {
             head: before + 2,
             updates: vec![],
         });
-        assert_eq!(n.applier.position(), before + 5, "the waiting batch was applied once the gap filled");
+        assert_eq!(
+            n.applier.position(),
+            before + 5,
+            "the waiting batch was applied once the gap filled"
+        );
         assert!(n.changes.account_data.changed_since(&owned_user_id!("@a:localhost"), before + 2));
     }
 
@@ -807,7 +808,12 @@ mod tests {
         let (_dir, store, alice) = store_with_alice().await;
         let (bus_a, bus_b) = bus_pair();
         let start = store.current_position();
-        let a = Applier::new(store.clone(), ApplierTargets::fresh(&store, Arc::new(Notifier::new())), bus_a, start);
+        let a = Applier::new(
+            store.clone(),
+            ApplierTargets::fresh(&store, Arc::new(Notifier::new())),
+            bus_a,
+            start,
+        );
         store.set_commit_listener(a.clone());
         // b's store is another, empty database: whatever b applies of a's
         // writes can only have come on the bus.
@@ -841,10 +847,15 @@ mod tests {
             .unwrap();
         let a_pos = a.applied().position();
         assert!(
-            tokio::time::timeout(Duration::from_secs(5), b.applied().reached(a_pos)).await.is_ok(),
+            tokio::time::timeout(Duration::from_secs(5), b.applied().reached(a_pos))
+                .await
+                .is_ok(),
             "b applies a's batches as they come on the bus"
         );
-        assert!(waiting.wait(Duration::from_secs(5)).await, "a sync of alice's waiting on b is woken");
+        assert!(
+            waiting.wait(Duration::from_secs(5)).await,
+            "a sync of alice's waiting on b is woken"
+        );
         assert!(b_changes.memberships.changed_since(&alice, start), "b's trackers saw alice join");
         assert!(!b.has_waiting_batches());
     }

@@ -246,7 +246,10 @@ mod tests {
         let back = CommittedBatch::from_wire(batch.to_wire().get()).unwrap();
         assert_eq!((back.after, back.head, back.updates.len()), (10, 14, 4));
         for (a, b) in batch.updates.iter().zip(&back.updates) {
-            assert_eq!((a.pos, a.change.kind(), a.change.record()), (b.pos, b.change.kind(), b.change.record()));
+            assert_eq!(
+                (a.pos, a.change.kind(), a.change.record()),
+                (b.pos, b.change.kind(), b.change.record())
+            );
             if let (Change::Event(a), Change::Event(b)) = (&a.change, &b.change) {
                 assert_eq!(a.pdu.json, b.pdu.json);
                 assert_eq!(a.pdu.event_id, b.pdu.event_id);

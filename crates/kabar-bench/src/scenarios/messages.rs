@@ -42,14 +42,24 @@ pub struct MessagesReport {
     pub sends_per_sec: f64,
     pub send_latency: LatencySummary,
     pub delivery_latency: LatencySummary,
+    /// With `--spread`: the deliveries to a member on another node than
+    /// the sender's (sent through one node, long-polled on another).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cross_node_delivery_latency: Option<LatencySummary>,
     pub deliveries: DeliveryCheck,
     pub sync_errors: ErrorCounts,
 }
 
 impl Report for MessagesReport {
     fn human(&self) -> String {
+        let cross = self.cross_node_delivery_latency.as_ref().map_or(String::new(), |c| {
+            format!(
+                "\n  delivery to members on another node than the sender: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} deliveries)",
+                c.p50_ms, c.p99_ms, c.max_ms, c.count
+            )
+        });
         format!(
-            "messages: {} users in {} rooms for {:.1}s{}: {} sent = {:.1} msgs/s (send p50 {:.1} ms, p99 {:.1} ms)\n  delivery to every member: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {} of {} deliveries, lost {}, duplicated {}\n  send errors {:?}, sync errors {:?}",
+            "messages: {} users in {} rooms for {:.1}s{}: {} sent = {:.1} msgs/s (send p50 {:.1} ms, p99 {:.1} ms)\n  delivery to every member: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {} of {} deliveries, lost {}, duplicated {}{cross}\n  send errors {:?}, sync errors {:?}",
             self.users,
             self.rooms,
             self.seconds,
@@ -89,6 +99,11 @@ pub async fn run(target: &Target, p: Params) -> Result<MessagesReport, String> {
     let (total_sent, send_errors, send_latency) = merge(&results);
     let rooms = chat.rooms.len();
     let deliveries = chat.deliveries.clone();
+    let cross_node_delivery_latency = (!target.others.is_empty()).then(|| {
+        deliveries
+            .latencies_where(|member, sender| chat.node_of(member as usize) != chat.node_of(sender as usize))
+            .summary()
+    });
     let (check, sync_errors) = chat.finish(&expected).await;
     drop(progress);
     Ok(MessagesReport {
@@ -102,6 +117,7 @@ pub async fn run(target: &Target, p: Params) -> Result<MessagesReport, String> {
         sends_per_sec: total_sent as f64 / seconds,
         send_latency: send_latency.summary(),
         delivery_latency: deliveries.latencies().summary(),
+        cross_node_delivery_latency,
         deliveries: check,
         sync_errors,
     })
