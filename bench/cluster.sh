@@ -3,7 +3,8 @@
 # them, and one kabar-bench scenario whose room members are spread over the
 # nodes (`--spread`): messages are sent through one node and delivered
 # through another. Prints the scenario's JSON, then one line per node with
-# the CPU seconds it used during the scenario.
+# the CPU seconds it used during the scenario, then what NATS carried
+# meanwhile (messages and bytes into and out of the server).
 #
 #   PG_PORT=55432 bench/cluster.sh messages --users 50 --rooms 10 --seconds 20
 #
@@ -33,7 +34,8 @@ cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 db="kabar_cluster_$(date +%s%N)"
 createdb -h 127.0.0.1 -p "$PG_PORT" -U kabar "$db"
 nats_port=$(free_port)
-nats-server -a 127.0.0.1 -p "$nats_port" >"$work/nats.log" 2>&1 &
+nats_monitor=$(free_port)
+nats-server -a 127.0.0.1 -p "$nats_port" -m "$nats_monitor" >"$work/nats.log" 2>&1 &
 pids+=($!)
 
 urls=()
@@ -73,12 +75,20 @@ spread=()
 if [ -z "${ONLY_FIRST:-}" ]; then
   for u in "${urls[@]:1}"; do spread+=(--spread "$u"); done
 fi
+nats_bytes() { curl -s "http://127.0.0.1:$nats_monitor/varz" | python3 -c 'import json,sys; v=json.load(sys.stdin); print(v["in_msgs"], v["in_bytes"], v["out_msgs"], v["out_bytes"])'; }
 before=()
 for pid in "${node_pids[@]}"; do before+=("$(cpu "$pid")"); done
+nats_before=$(nats_bytes)
 start=$(date +%s.%N)
 "$BENCH" --url "${urls[0]}" "${spread[@]}" --json "$@"
 end=$(date +%s.%N)
+nats_after=$(nats_bytes)
 for i in "${!node_pids[@]}"; do
   after=$(cpu "${node_pids[$i]}")
   python3 -c "print('node-$i cpu_seconds', round(($after - ${before[$i]}) / 100, 2), 'of', round($end - $start, 1), 's')"
 done
+python3 -c "
+b = [int(x) for x in '$nats_before'.split()]
+a = [int(x) for x in '$nats_after'.split()]
+d = [x - y for x, y in zip(a, b)]
+print('nats in_msgs', d[0], 'in_bytes', d[1], 'out_msgs', d[2], 'out_bytes', d[3])"

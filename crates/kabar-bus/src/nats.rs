@@ -70,6 +70,9 @@ impl NatsBus {
             .name(format!("kabar {node}"))
             .connection_timeout(CONNECT_TIMEOUT)
             .max_reconnects(None)
+            // The server does not send a node its own messages back: each
+            // would cost a read and a parse only to be dropped.
+            .no_echo()
             .event_callback(move |event| {
                 let (announce_again, tell_own_node, me) = (announce_again.clone(), tell_own_node.clone(), me.clone());
                 async move {
