@@ -104,6 +104,17 @@ async fn through_the_bus_a_send_on_one_node_wakes_a_long_poll_on_another_and_a_l
     let took = delivery_time(&bob, &alice, &room, "hello from node 1").await;
     assert!(took < BUS_BOUND, "and the other way in {took:?}");
 
+    // A send retried through the other node (same device, same transaction
+    // id) gets the first event back, and the room holds it once.
+    let first = alice.say(&room, "retried-on-another-node", "sent once").await;
+    let alice_via_b = Api {
+        url: b.url.clone(),
+        ..alice.clone()
+    };
+    assert_eq!(alice_via_b.say(&room, "retried-on-another-node", "sent once").await, first);
+    let copies = bob.newest_bodies(&room, 20).await.iter().filter(|b| *b == "sent once").count();
+    assert_eq!(copies, 1);
+
     // To-device messages and read receipts are in the stream: node 1 gets
     // them at once through the bus too.
     let since = bob.sync("", None).await["next_batch"].as_str().unwrap().to_owned();
