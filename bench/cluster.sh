@@ -11,6 +11,9 @@
 # PG_PORT names a PostgreSQL server on 127.0.0.1 where the user `kabar` may
 # create databases (each run gets a new one). ONLY_FIRST=1 sends every
 # client to the first node (the others then only apply what it commits).
+# LB=1 puts HAProxy (scripts/haproxy.cfg.in: round robin, and each room's
+# writes to one node) in front and sends every client through it;
+# LB=roundrobin does the same with every request round robin.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${PG_PORT:?set PG_PORT to a PostgreSQL server on 127.0.0.1}"
@@ -72,7 +75,28 @@ TOML
 done
 
 spread=()
-if [ -z "${ONLY_FIRST:-}" ]; then
+target=${urls[0]}
+if [ -n "${LB:-}" ]; then
+  lb_port=$(free_port)
+  servers=""
+  for i in "${!urls[@]}"; do servers+="    server node-$i ${urls[$i]#http://} check"$'\n'; done
+  python3 - "$work/haproxy.cfg" "127.0.0.1:$lb_port" "$servers" "$LB" <<'PY'
+import sys
+out, bind, servers, mode = sys.argv[1:]
+template = open("scripts/haproxy.cfg.in").read()
+if mode == "roundrobin":
+    template = template.replace("    use_backend kabar_by_room if room_write\n", "")
+open(out, "w").write(template.replace("@BIND@", bind).replace("@CHECK@", "inter 1s fall 2 rise 2")
+                     .replace("@SERVERS@\n", servers).replace("@FALLBACKS@\n", ""))
+PY
+  haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 1 40); do
+    curl -sf "http://127.0.0.1:$lb_port/_matrix/client/versions" >/dev/null && break
+    sleep 0.25
+  done
+  target="http://127.0.0.1:$lb_port"
+elif [ -z "${ONLY_FIRST:-}" ]; then
   for u in "${urls[@]:1}"; do spread+=(--spread "$u"); done
 fi
 nats_bytes() { curl -s "http://127.0.0.1:$nats_monitor/varz" | python3 -c 'import json,sys; v=json.load(sys.stdin); print(v["in_msgs"], v["in_bytes"], v["out_msgs"], v["out_bytes"])'; }
@@ -80,7 +104,7 @@ before=()
 for pid in "${node_pids[@]}"; do before+=("$(cpu "$pid")"); done
 nats_before=$(nats_bytes)
 start=$(date +%s.%N)
-"$BENCH" --url "${urls[0]}" "${spread[@]}" --json "$@"
+"$BENCH" --url "$target" "${spread[@]}" --json "$@"
 end=$(date +%s.%N)
 nats_after=$(nats_bytes)
 for i in "${!node_pids[@]}"; do

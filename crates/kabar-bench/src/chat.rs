@@ -77,6 +77,10 @@ pub struct Chat {
     pub users: Vec<User>,
     /// How many nodes the users are spread over.
     nodes: usize,
+    /// Each room's sends through one node (see [`Target::writes_by_room`]).
+    writes_by_room: bool,
+    /// The server as given: its nodes by index.
+    server: Target,
     pub rooms: Vec<String>,
     pub deliveries: Arc<Deliveries>,
     pub sync_errors: Arc<Mutex<ErrorCounts>>,
@@ -125,6 +129,8 @@ impl Chat {
         Ok(Self {
             users,
             nodes,
+            writes_by_room: target.writes_by_room,
+            server: target.clone(),
             rooms: room_ids,
             deliveries: followers.deliveries.clone(),
             sync_errors: followers.sync_errors.clone(),
@@ -133,9 +139,18 @@ impl Chat {
         })
     }
 
-    /// Which node user `i` goes through (see [`Chat::start`]).
+    /// Which node user `i` syncs through (see [`Chat::start`]).
     pub fn node_of(&self, i: usize) -> usize {
         (i / self.rooms.len().max(1)) % self.nodes
+    }
+
+    /// Which node user `i`'s messages are sent through.
+    pub fn sending_node_of(&self, i: usize) -> usize {
+        if self.writes_by_room {
+            (i % self.rooms.len().max(1)) % self.nodes
+        } else {
+            self.node_of(i)
+        }
     }
 
     /// Every user sends into its room until `deadline`, as fast as it can or
@@ -147,7 +162,16 @@ impl Chat {
             interval,
             senders: self.users.len(),
         };
-        let senders = self.users.iter().enumerate().map(|(i, u)| {
+        let writers: Vec<User> = self
+            .users
+            .iter()
+            .enumerate()
+            .map(|(i, u)| User {
+                target: self.server.node(self.sending_node_of(i)),
+                ..u.clone()
+            })
+            .collect();
+        let senders = writers.iter().enumerate().map(|(i, u)| {
             let room = &self.rooms[i % self.rooms.len()];
             let deliveries = &self.deliveries;
             send_paced(i, &pacing, &self.sent, move |id| async move {

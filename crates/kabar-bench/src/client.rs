@@ -46,6 +46,10 @@ pub struct Target {
     /// Other nodes of the same server (`--spread`): members of one room are
     /// spread over `base` and these, so deliveries cross nodes.
     pub others: Vec<String>,
+    /// With `others`: each room's sends go through one node (room r through
+    /// node r mod N), as a load balancer routing by room does; syncs stay
+    /// on each member's own node.
+    pub writes_by_room: bool,
 }
 
 impl Target {
@@ -58,6 +62,7 @@ impl Target {
             http,
             base: base.trim_end_matches('/').to_owned(),
             others: vec![],
+            writes_by_room: false,
         }
     }
 
@@ -72,6 +77,7 @@ impl Target {
             http: self.http.clone(),
             base,
             others: self.others.clone(),
+            writes_by_room: self.writes_by_room,
         }
     }
 

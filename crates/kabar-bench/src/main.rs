@@ -23,6 +23,12 @@ struct Cli {
     /// through another.
     #[arg(long = "spread", global = true)]
     spread: Vec<String>,
+    /// With `--spread`: send each room's messages through one node (room r
+    /// through node r mod N), as a load balancer that routes a room's
+    /// writes by room id does (docs/deployment.md); members still sync
+    /// through their own nodes.
+    #[arg(long, global = true)]
+    writes_by_room: bool,
     /// Print one JSON object instead of the human summary.
     #[arg(long, global = true)]
     json: bool,
@@ -155,6 +161,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut target = Target::new(&cli.url);
     target.others = cli.spread.clone();
+    target.writes_by_room = cli.writes_by_room;
     target
         .versions()
         .await

@@ -318,11 +318,14 @@ async fn with_nats_gone_for_ten_seconds_nodes_report_not_ready_keep_serving_and_
     );
 }
 
-/// HAProxy in front of `backends` (loopback ports), on a free port, with
-/// `/ready` health checks every 200 ms. Killed when dropped.
+/// HAProxy in front of `backends` (loopback ports), on a free port, as
+/// `scripts/haproxy.cfg.in` configures it (each room's writes to one node,
+/// the rest round robin), with `/ready` health checks every 200 ms. Killed
+/// when dropped.
 struct LoadBalancer {
     child: std::process::Child,
     url: String,
+    stats: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -339,9 +342,13 @@ impl LoadBalancer {
             .enumerate()
             .map(|(i, p)| format!("    server node-{i} 127.0.0.1:{p} check\n"))
             .collect();
-        let config = format!(
-            "global\n    maxconn 2000\n\ndefaults\n    mode http\n    timeout connect 1s\n    timeout client 60s\n    timeout server 60s\n    option redispatch\n    retries 3\n\nfrontend matrix\n    bind 127.0.0.1:{port}\n    default_backend kabar\n\nbackend kabar\n    balance roundrobin\n    option httpchk GET /ready\n    default-server inter 200ms fall 1 rise 2\n{servers}"
-        );
+        let stats = dir.path().join("stats.sock");
+        let config = include_str!("../../../scripts/haproxy.cfg.in")
+            .replacen("global\n", &format!("global\n    stats socket {}\n", stats.display()), 1)
+            .replace("@BIND@", &format!("127.0.0.1:{port}"))
+            .replace("@CHECK@", "inter 200ms fall 1 rise 2")
+            .replace("@SERVERS@\n", &servers)
+            .replace("@FALLBACKS@\n", "");
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, config).unwrap();
         let child = std::process::Command::new(bin)
@@ -360,8 +367,25 @@ impl LoadBalancer {
         Self {
             child,
             url: format!("http://127.0.0.1:{port}"),
+            stats,
             _dir: dir,
         }
+    }
+
+    /// The index of the node that took the most requests of `backend`
+    /// (from HAProxy's `show stat`: each server's total sessions).
+    fn busiest(&self, backend: &str) -> usize {
+        use std::io::{Read, Write};
+        let mut socket = std::os::unix::net::UnixStream::connect(&self.stats).expect("haproxy's stats socket");
+        socket.write_all(b"show stat\n").unwrap();
+        let mut csv = String::new();
+        socket.read_to_string(&mut csv).unwrap();
+        csv.lines()
+            .map(|line| line.split(',').collect::<Vec<_>>())
+            .filter(|f| f.len() > 7 && f[0] == backend && f[1].starts_with("node-"))
+            .max_by_key(|f| f[7].parse::<u64>().unwrap_or(0))
+            .and_then(|f| f[1].strip_prefix("node-")?.parse().ok())
+            .unwrap_or_else(|| panic!("no server of {backend} in {csv}"))
     }
 }
 
@@ -506,7 +530,11 @@ async fn killing_a_node_mid_load_loses_and_duplicates_nothing_and_it_rejoins() {
     while done.load(std::sync::atomic::Ordering::Relaxed) < total / 4 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    nodes[1].kill9();
+    // The node the balancer sends the room's writes to: its senders must
+    // move to another node.
+    let victim = lb.busiest("kabar_by_room");
+    eprintln!("killing node-{victim}, where the balancer sends the room's writes");
+    nodes[victim].kill9();
     let at_kill = done.load(std::sync::atomic::Ordering::Relaxed);
     assert!(at_kill < total, "the node died mid-load ({at_kill} of {total} acknowledged)");
     let mut acknowledged = vec![];
@@ -545,9 +573,9 @@ async fn killing_a_node_mid_load_loses_and_duplicates_nothing_and_it_rejoins() {
     assert_eq!(seen.len(), total, "no message twice in the sync stream");
 
     // The killed node comes back on its port and serves what it missed.
-    nodes[1] = fixed_node(dirs[1].path(), ports[1], 1, &db, &nats);
+    nodes[victim] = fixed_node(dirs[victim].path(), ports[victim], victim, &db, &nats);
     let direct = Api {
-        url: nodes[1].url.clone(),
+        url: nodes[victim].url.clone(),
         ..alice.clone()
     };
     let history = direct
@@ -556,7 +584,7 @@ async fn killing_a_node_mid_load_loses_and_duplicates_nothing_and_it_rejoins() {
     assert_eq!(history["chunk"].as_array().unwrap().len(), 5, "the restarted node serves the room");
     assert_eq!(
         common::http()
-            .get(format!("{}/ready", nodes[1].url))
+            .get(format!("{}/ready", nodes[victim].url))
             .send()
             .await
             .unwrap()

@@ -43,7 +43,7 @@ pub struct MessagesReport {
     pub send_latency: LatencySummary,
     pub delivery_latency: LatencySummary,
     /// With `--spread`: the deliveries to a member on another node than
-    /// the sender's (sent through one node, long-polled on another).
+    /// the one the message was sent through (long-polled on another).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cross_node_delivery_latency: Option<LatencySummary>,
     pub deliveries: DeliveryCheck,
@@ -101,7 +101,7 @@ pub async fn run(target: &Target, p: Params) -> Result<MessagesReport, String> {
     let deliveries = chat.deliveries.clone();
     let cross_node_delivery_latency = (!target.others.is_empty()).then(|| {
         deliveries
-            .latencies_where(|member, sender| chat.node_of(member as usize) != chat.node_of(sender as usize))
+            .latencies_where(|member, sender| chat.node_of(member as usize) != chat.sending_node_of(sender as usize))
             .summary()
     });
     let (check, sync_errors) = chat.finish(&expected).await;
