@@ -485,21 +485,7 @@ mod tests {
             store.set_commit_listener(applier.clone());
         }
         tokio::spawn(applier.clone().run(catch_up));
-        let signer = Arc::new(EventSigner::new(ruma::owned_server_name!("localhost"), &EventSigner::generate_key(), "k").unwrap());
-        let limits = GateLimits {
-            slots: 4,
-            max_queued: 16,
-            max_queue_delay: Duration::from_secs(5),
-        };
-        let joins = Arc::new(Gate::new(LoadMetrics::default().class("join"), limits, Duration::from_millis(1)));
-        let rooms = Arc::new(Rooms::new(
-            store.clone(),
-            signer,
-            caches,
-            applier.applied(),
-            RoomVersionId::V11,
-            joins,
-        ));
+        let rooms = Arc::new(rooms_on(store, caches, applier.applied()));
         Node {
             rooms,
             changes,
@@ -507,6 +493,18 @@ mod tests {
             notifier,
             applier,
         }
+    }
+
+    /// The room service of a node whose caches are `caches`.
+    fn rooms_on(store: &Arc<dyn Store>, caches: Arc<RoomCaches>, applied: Applied) -> Rooms {
+        let signer = Arc::new(EventSigner::new(ruma::owned_server_name!("localhost"), &EventSigner::generate_key(), "k").unwrap());
+        let limits = GateLimits {
+            slots: 4,
+            max_queued: 16,
+            max_queue_delay: Duration::from_secs(5),
+        };
+        let joins = Arc::new(Gate::new(LoadMetrics::default().class("join"), limits, Duration::from_millis(1)));
+        Rooms::new(store.clone(), signer, caches, applied, RoomVersionId::V11, joins)
     }
 
     /// A new embedded store with one user, `@alice:localhost`.
@@ -825,21 +823,7 @@ mod tests {
         tokio::spawn(b.clone().run(Duration::from_secs(3600)));
         let waiting = b_notifier.interest(&alice, std::iter::empty::<&ruma::RoomId>());
 
-        let signer = Arc::new(EventSigner::new(ruma::owned_server_name!("localhost"), &EventSigner::generate_key(), "k").unwrap());
-        let limits = GateLimits {
-            slots: 4,
-            max_queued: 16,
-            max_queue_delay: Duration::from_secs(5),
-        };
-        let joins = Arc::new(Gate::new(LoadMetrics::default().class("join"), limits, Duration::from_millis(1)));
-        let rooms = Rooms::new(
-            store.clone(),
-            signer,
-            a.targets.rooms.clone(),
-            a.applied(),
-            RoomVersionId::V11,
-            joins,
-        );
+        let rooms = rooms_on(&store, a.targets.rooms.clone(), a.applied());
         let room_id = rooms.create_room(&alice, CreateRoom::default()).await.unwrap();
         rooms
             .send(&alice, &room_id, NewEvent::message("m.room.message", json!({"body": "hi"})), None)
