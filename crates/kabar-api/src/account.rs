@@ -22,7 +22,8 @@ use crate::{
 pub async fn versions_route() -> Json<Value> {
     Json(json!({
         "versions": ["r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11", "v1.12", "v1.13", "v1.14", "v1.15", "v1.16"],
-        "unstable_features": {},
+        // Simplified sliding sync (MSC4186): what Element X syncs with.
+        "unstable_features": { "org.matrix.simplified_msc3575": true },
     }))
 }
 

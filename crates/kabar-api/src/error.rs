@@ -109,6 +109,7 @@ impl From<Error> for ApiError {
                     extra: Some(json!({ "retry_after_ms": kabar_core::error::UNAVAILABLE_RETRY_MS })),
                 };
             }
+            Error::UnknownPos => (S::BAD_REQUEST, "M_UNKNOWN_POS"),
             Error::Internal(_) => (S::INTERNAL_SERVER_ERROR, "M_UNKNOWN"),
         };
         let message = if matches!(e, Error::Internal(_)) {

@@ -318,6 +318,10 @@ pub fn router(state: AppState, limits: EdgeLimits) -> Router {
         .route("/ready", get(ops::ready_route))
         .route("/_matrix/client/versions", get(account::versions_route))
         .route("/.well-known/matrix/client", get(account::well_known_route))
+        .route(
+            "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+            post(sync::sliding_sync_route),
+        )
         .nest("/_matrix/client/v3", client.clone())
         .nest("/_matrix/client/r0", client.clone())
         .nest("/_matrix/client/v1", client.nest("/media", authed_media_routes()))

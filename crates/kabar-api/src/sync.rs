@@ -7,7 +7,10 @@ use axum::{Json, extract::State};
 use kabar_core::{
     ephemeral::Ephemeral,
     rooms::Rooms,
-    sync::{SyncEngine, SyncRequest, SyncResponse},
+    sync::{
+        SyncEngine, SyncRequest, SyncResponse,
+        sliding::{SlidingBody, SlidingRequest, SlidingResponse},
+    },
     user_data::UserData,
 };
 use kabar_domain::{SyncToken, membership::Membership};
@@ -73,6 +76,38 @@ pub async fn sync_route(
     };
     let _open = metrics.sync_opened();
     Ok(Json(sync.sync(&s, req).await?))
+}
+
+#[derive(Deserialize)]
+pub struct SlidingQuery {
+    pos: Option<String>,
+    timeout: Option<u64>,
+    set_presence: Option<String>,
+}
+
+/// POST /_matrix/client/unstable/org.matrix.simplified_msc3575/sync
+/// (simplified sliding sync, MSC4186)
+pub async fn sliding_sync_route(
+    State(sync): State<Arc<SyncEngine>>,
+    State(metrics): State<Arc<ApiMetrics>>,
+    Auth(s): Auth,
+    QueryParams(q): QueryParams<SlidingQuery>,
+    JsonBody(body): JsonBody<SlidingBody>,
+) -> ApiResult<Json<SlidingResponse>> {
+    if q.set_presence
+        .as_deref()
+        .is_some_and(|p| !matches!(p, "online" | "offline" | "unavailable"))
+    {
+        return Err(ApiError::invalid_param("set_presence must be online, offline or unavailable"));
+    }
+    let req = SlidingRequest {
+        pos: q.pos,
+        timeout: Duration::from_millis(q.timeout.unwrap_or(0)),
+        set_presence: q.set_presence,
+        body,
+    };
+    let _open = metrics.sync_opened();
+    Ok(Json(sync.sliding_sync(&s, req).await?))
 }
 
 fn own_user(path_user: &str, s: &kabar_store::Session) -> ApiResult<OwnedUserId> {

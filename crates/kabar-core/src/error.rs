@@ -43,6 +43,10 @@ pub enum Error {
     /// now; the client should retry after a moment.
     #[error("{0}")]
     Unavailable(String),
+    /// A sliding-sync `pos` this server does not know (or no longer):
+    /// the client starts its connection again.
+    #[error("unknown or expired sliding sync position")]
+    UnknownPos,
     #[error("{0}")]
     Internal(String),
 }

@@ -13,6 +13,8 @@ use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId, api::client::filter::Filter
 use serde::Serialize;
 use serde_json::{Map, Value, json, value::RawValue};
 
+pub mod sliding;
+
 use crate::{
     changes::{Changes, GenerationCache},
     ephemeral::Ephemeral,
@@ -157,6 +159,8 @@ pub struct SyncEngine {
     memberships: GenerationCache<OwnedUserId, Arc<Vec<MembershipRecord>>>,
     /// Each user's ignored users, kept until their account data changes.
     ignored: GenerationCache<OwnedUserId, Arc<HashSet<OwnedUserId>>>,
+    /// What each sliding-sync connection was told.
+    connections: sliding::Connections,
     /// Initial and full-state syncs read every joined room's state: bounded,
     /// so a crowd signing in cannot take the store's readers from the
     /// incremental syncs of people already chatting.
@@ -300,6 +304,7 @@ impl SyncEngine {
             unread: Mutex::new(HashMap::new()),
             memberships: GenerationCache::new(MAX_CACHED_MEMBERSHIPS),
             ignored: GenerationCache::new(MAX_CACHED_MEMBERSHIPS),
+            connections: sliding::Connections::default(),
             full_syncs,
         }
     }

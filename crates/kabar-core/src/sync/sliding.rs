@@ -1,0 +1,1060 @@
+//! Simplified sliding sync (MSC4186, what Element X and matrix-sdk-ui use):
+//! the same engine as `/v3/sync` (the same memberships, room caches, change
+//! trackers, to-device queue, key counts and unread counts) answering in
+//! the sliding-sync shape: lists of the user's rooms by recent activity, a
+//! window of each list, rooms asked for by id, and extensions.
+//!
+//! A connection (user, device, `conn_id`) remembers, per `pos` it handed
+//! out, what it told the client of each room, so the next answer carries
+//! only what changed since. The memory is bounded: a few positions per
+//! connection, a cap on connections (the least recently used go first).
+//! A `pos` this process does not know (another node, a restart, an evicted
+//! connection) is answered with `M_UNKNOWN_POS`, and the client starts the
+//! connection again.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use kabar_domain::{SyncToken, membership::Membership};
+use kabar_store::{MembershipRecord, Session, StreamPos};
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json, value::RawValue};
+
+use super::{INVITE_STATE_TYPES, MAX_TIMEOUT, SyncEngine, UnusedFallbackKeys, client_event_json, stripped};
+use crate::{
+    error::{Error, Result},
+    filter::TimelineFilter,
+    keys::{DeviceListDelta, OneTimeKeyCounts},
+    rooms::TimelineEvent,
+};
+
+/// Lists one request may ask for.
+pub const MAX_LISTS: usize = 100;
+/// Rooms one request may subscribe to by id.
+pub const MAX_SUBSCRIPTIONS: usize = 1000;
+/// Ranges one list may have.
+pub const MAX_RANGES: usize = 100;
+/// Timeline events one room may ask for.
+pub const MAX_TIMELINE_LIMIT: u64 = 1000;
+/// `required_state` entries one list or subscription may have.
+pub const MAX_REQUIRED_STATE: usize = 1000;
+/// Connections kept in memory at most (the least recently used go first).
+const MAX_CONNECTIONS: usize = 100_000;
+/// Positions kept per connection: the newest, and the one before it (a
+/// retried request repeats it).
+const POSITIONS_KEPT: usize = 2;
+/// Events whose arrival moves a room up the list (MSC4186's default set).
+const BUMP_TYPES: &[&str] = &[
+    "m.room.create",
+    "m.room.message",
+    "m.room.encrypted",
+    "m.sticker",
+    "m.call.invite",
+    "m.poll.start",
+    "m.beacon_info",
+];
+
+/// How a room is to be shown: the state it needs and how much timeline.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct RoomConfig {
+    /// `(event type, state key)`, with `*` for any, `$ME` for the user and
+    /// `$LAZY` (members) for the timeline's senders.
+    #[serde(default)]
+    pub required_state: Vec<(String, String)>,
+    #[serde(default)]
+    pub timeline_limit: u64,
+}
+
+impl RoomConfig {
+    /// Both: the union of the state, the larger timeline.
+    fn merge(&mut self, other: &RoomConfig) {
+        for entry in &other.required_state {
+            if !self.required_state.contains(entry) {
+                self.required_state.push(entry.clone());
+            }
+        }
+        self.timeline_limit = self.timeline_limit.max(other.timeline_limit);
+    }
+}
+
+/// Which of the user's rooms a list holds (all given must hold).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ListFilters {
+    pub is_dm: Option<bool>,
+    pub is_encrypted: Option<bool>,
+    pub is_invite: Option<bool>,
+    /// Room types (`m.space`; `null` for rooms without a type).
+    #[serde(default)]
+    pub room_types: Vec<Option<String>>,
+    #[serde(default)]
+    pub not_room_types: Vec<Option<String>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ListRequest {
+    /// Inclusive index ranges of the sorted list.
+    #[serde(default)]
+    pub ranges: Vec<(u64, u64)>,
+    #[serde(flatten)]
+    pub room: RoomConfig,
+    #[serde(default)]
+    pub filters: Option<ListFilters>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Toggle {
+    pub enabled: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ToDeviceRequest {
+    pub enabled: Option<bool>,
+    pub limit: Option<u64>,
+    pub since: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ExtensionsRequest {
+    #[serde(default)]
+    pub to_device: ToDeviceRequest,
+    #[serde(default)]
+    pub e2ee: Toggle,
+    #[serde(default)]
+    pub account_data: Toggle,
+    #[serde(default)]
+    pub receipts: Toggle,
+    #[serde(default)]
+    pub typing: Toggle,
+}
+
+/// The body of a sliding-sync request.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SlidingBody {
+    pub conn_id: Option<String>,
+    pub txn_id: Option<String>,
+    #[serde(default)]
+    pub lists: BTreeMap<String, ListRequest>,
+    #[serde(default)]
+    pub room_subscriptions: BTreeMap<OwnedRoomId, RoomConfig>,
+    #[serde(default)]
+    pub extensions: ExtensionsRequest,
+}
+
+pub struct SlidingRequest {
+    pub pos: Option<String>,
+    pub timeout: Duration,
+    pub set_presence: Option<String>,
+    pub body: SlidingBody,
+}
+
+impl SlidingBody {
+    /// Refuses what would cost more than a client can need.
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidParam(m));
+        if self.conn_id.as_ref().is_some_and(|c| c.len() > 64) {
+            return bad("conn_id is longer than 64 characters".into());
+        }
+        if self.lists.len() > MAX_LISTS {
+            return bad(format!("at most {MAX_LISTS} lists"));
+        }
+        if self.room_subscriptions.len() > MAX_SUBSCRIPTIONS {
+            return bad(format!("at most {MAX_SUBSCRIPTIONS} room subscriptions"));
+        }
+        let configs = self.lists.values().map(|l| &l.room).chain(self.room_subscriptions.values());
+        for config in configs {
+            if config.timeline_limit > MAX_TIMELINE_LIMIT {
+                return bad(format!("timeline_limit is at most {MAX_TIMELINE_LIMIT}"));
+            }
+            if config.required_state.len() > MAX_REQUIRED_STATE {
+                return bad(format!("at most {MAX_REQUIRED_STATE} required_state entries"));
+            }
+        }
+        for (name, list) in &self.lists {
+            if name.len() > 64 {
+                return bad("a list name is longer than 64 characters".into());
+            }
+            if list.ranges.len() > MAX_RANGES {
+                return bad(format!("at most {MAX_RANGES} ranges per list"));
+            }
+            if list.ranges.iter().any(|(from, to)| from > to) {
+                return bad(format!("list {name}: a range ends before it starts"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A sliding-sync response.
+#[derive(Debug, Serialize)]
+pub struct SlidingResponse {
+    pub pos: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub txn_id: Option<String>,
+    lists: BTreeMap<String, ListOut>,
+    rooms: BTreeMap<OwnedRoomId, RoomOut>,
+    extensions: ExtensionsOut,
+}
+
+#[derive(Debug, Serialize)]
+struct ListOut {
+    count: usize,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct RoomOut {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    avatar: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    heroes: Option<Vec<Value>>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    initial: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    is_dm: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    invite_state: Option<Vec<Value>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    required_state: Vec<Box<RawValue>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    timeline: Vec<Box<RawValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prev_batch: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    limited: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    num_live: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bump_stamp: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    joined_count: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    invited_count: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notification_count: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    highlight_count: Option<u64>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct ExtensionsOut {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    to_device: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    e2ee: Option<E2eeOut>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    account_data: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    receipts: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    typing: Option<Value>,
+}
+
+#[derive(Debug, Serialize)]
+struct E2eeOut {
+    #[serde(skip_serializing_if = "DeviceListDelta::is_empty")]
+    device_lists: DeviceListDelta,
+    device_one_time_keys_count: OneTimeKeyCounts,
+    device_unused_fallback_key_types: UnusedFallbackKeys,
+}
+
+/// What one position of a connection told the client.
+#[derive(Debug, Clone, Default)]
+struct Told {
+    /// The stream and ephemeral positions the answer covered.
+    upto: SyncToken,
+    /// Per room: up to where, and with which configuration.
+    rooms: HashMap<OwnedRoomId, ToldRoom>,
+    /// Each list's count.
+    counts: BTreeMap<String, usize>,
+}
+
+#[derive(Debug, Clone)]
+struct ToldRoom {
+    upto: StreamPos,
+    config: RoomConfig,
+    membership: Membership,
+}
+
+struct Connection {
+    /// Tells this connection's positions from an earlier one's with the same id.
+    serial: u64,
+    positions: VecDeque<(u64, Arc<Told>)>,
+    next: u64,
+    used: Instant,
+}
+
+type ConnectionKey = (OwnedUserId, String, String);
+
+/// Every sliding-sync connection this process answers.
+pub struct Connections {
+    /// Tells this process's positions from another's (a node, a restart).
+    instance: u64,
+    serials: std::sync::atomic::AtomicU64,
+    by_key: Mutex<HashMap<ConnectionKey, Connection>>,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Self {
+            instance: rand::random::<u32>() as u64,
+            serials: std::sync::atomic::AtomicU64::new(1),
+            by_key: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Connections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionKey, Connection>> {
+        self.by_key.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What `pos` told the client on this connection; `None` for no `pos`
+    /// (a new connection, which forgets the old one).
+    fn resume(&self, key: &ConnectionKey, pos: Option<&str>) -> Result<Option<Arc<Told>>> {
+        let Some(pos) = pos else {
+            self.lock().remove(key);
+            return Ok(None);
+        };
+        let unknown = || Error::UnknownPos;
+        let mut parts = pos.split('_');
+        let (Some(instance), Some(serial), Some(n), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+            return Err(unknown());
+        };
+        let parse = |s: &str| u64::from_str_radix(s, 16).map_err(|_| unknown());
+        let (instance, serial, n) = (parse(instance)?, parse(serial)?, parse(n)?);
+        let mut connections = self.lock();
+        let connection = connections.get_mut(key).filter(|c| instance == self.instance && c.serial == serial);
+        let Some(connection) = connection else {
+            return Err(unknown());
+        };
+        connection.used = Instant::now();
+        connection
+            .positions
+            .iter()
+            .find(|(p, _)| *p == n)
+            .map(|(_, told)| Some(told.clone()))
+            .ok_or_else(unknown)
+    }
+
+    /// Records what the answer told and returns its `pos`. Positions older
+    /// than `after` are forgotten: the client moved past them.
+    fn record(&self, key: ConnectionKey, after: Option<&str>, told: Told) -> String {
+        let mut connections = self.lock();
+        if connections.len() >= MAX_CONNECTIONS && !connections.contains_key(&key) {
+            let oldest = connections.iter().min_by_key(|(_, c)| c.used).map(|(k, _)| k.clone());
+            if let Some(oldest) = oldest {
+                connections.remove(&oldest);
+            }
+        }
+        let connection = connections.entry(key).or_insert_with(|| Connection {
+            serial: self.serials.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            positions: VecDeque::new(),
+            next: 1,
+            used: Instant::now(),
+        });
+        if after.is_none() {
+            connection.positions.clear();
+        }
+        let n = connection.next;
+        connection.next += 1;
+        connection.used = Instant::now();
+        connection.positions.push_back((n, Arc::new(told)));
+        while connection.positions.len() > POSITIONS_KEPT {
+            connection.positions.pop_front();
+        }
+        format!("{:x}_{:x}_{:x}", self.instance, connection.serial, n)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// One of the user's rooms as the lists see it.
+struct Candidate {
+    room_id: OwnedRoomId,
+    membership: Membership,
+    membership_pos: StreamPos,
+    bump: StreamPos,
+    is_dm: bool,
+    encrypted: bool,
+    room_type: Option<String>,
+}
+
+impl SyncEngine {
+    /// Answers a sliding-sync request: at once for a new connection or when
+    /// something changed since `pos`, else when the next change comes or
+    /// the timeout ends.
+    pub async fn sliding_sync(&self, session: &Session, req: SlidingRequest) -> Result<SlidingResponse> {
+        req.body.check()?;
+        let key: ConnectionKey = (
+            session.user_id.clone(),
+            session.device_id.clone(),
+            req.body.conn_id.clone().unwrap_or_default(),
+        );
+        let told = self.connections.resume(&key, req.pos.as_deref())?;
+        match req.set_presence.as_deref() {
+            Some("offline") => {}
+            Some(p @ ("online" | "unavailable")) => self.ephemeral.set_presence(&session.user_id, p, None),
+            _ => self.ephemeral.set_presence(&session.user_id, "online", None),
+        }
+        let deadline = Instant::now() + req.timeout.min(MAX_TIMEOUT);
+        loop {
+            let memberships = self.memberships(&session.user_id).await?;
+            let watched: Vec<&RoomId> = memberships
+                .iter()
+                .filter(|m| m.membership != Membership::Leave && m.membership != Membership::Ban)
+                .map(|m| &*m.room_id)
+                .collect();
+            let interest = self.notifier.interest(&session.user_id, watched.iter().copied());
+            let (mut response, now_told, has_news) = self.build_sliding(session, &req.body, told.as_deref(), &memberships).await?;
+            let now = Instant::now();
+            if told.is_none() || has_news || now >= deadline || !interest.wait(deadline - now).await {
+                response.pos = self.connections.record(key, req.pos.as_deref(), now_told);
+                response.txn_id = req.body.txn_id.clone();
+                return Ok(response);
+            }
+        }
+    }
+
+    async fn build_sliding(
+        &self,
+        session: &Session,
+        body: &SlidingBody,
+        told: Option<&Told>,
+        memberships: &[MembershipRecord],
+    ) -> Result<(SlidingResponse, Told, bool)> {
+        let user = &*session.user_id;
+        let mut upto = SyncToken {
+            stream: self.rooms.applied().position(),
+            ephemeral: self.ephemeral.serial(),
+        };
+        let since = told.map(|t| t.upto);
+        let ignored = self.ignored_users(user).await?;
+        let direct = self.direct_rooms(user).await?;
+
+        // The extensions' to-device batch first: like `/v3/sync`, more
+        // queued messages than one answer carries stop the whole answer at
+        // the last one it carries.
+        let mut extensions = ExtensionsOut::default();
+        let to_device_ext = &body.extensions.to_device;
+        if to_device_ext.enabled == Some(true) {
+            let since_td = to_device_ext.since.as_deref().and_then(|s| s.parse::<StreamPos>().ok());
+            let batch = self.to_device.for_sync(session, since_td, upto.stream).await?;
+            if let Some(stop) = batch.stop_at {
+                upto.stream = stop;
+            }
+            let events = serde_json::to_value(&batch.events).map_err(|e| Error::Internal(e.to_string()))?;
+            extensions.to_device = Some(json!({ "next_batch": upto.stream.to_string(), "events": events }));
+        }
+
+        let candidates = self.candidates(user, memberships, upto.stream, &ignored, &direct).await?;
+        let mut lists = BTreeMap::new();
+        let mut counts = BTreeMap::new();
+        let mut wanted: BTreeMap<OwnedRoomId, RoomConfig> = BTreeMap::new();
+        for (name, list) in &body.lists {
+            let mut members: Vec<&Candidate> = candidates.iter().filter(|c| list_keeps(list.filters.as_ref(), c)).collect();
+            members.sort_by(|a, b| b.bump.cmp(&a.bump).then_with(|| a.room_id.cmp(&b.room_id)));
+            for (from, to) in &list.ranges {
+                let from = (*from).min(usize::MAX as u64) as usize;
+                let to = (*to).min(usize::MAX as u64 - 1) as usize;
+                for c in members.iter().skip(from).take(to.saturating_sub(from).saturating_add(1)) {
+                    wanted.entry(c.room_id.clone()).or_default().merge(&list.room);
+                }
+            }
+            counts.insert(name.clone(), members.len());
+            lists.insert(name.clone(), ListOut { count: members.len() });
+        }
+        let by_id: HashMap<&RoomId, &Candidate> = candidates.iter().map(|c| (&*c.room_id, c)).collect();
+        for (room_id, config) in &body.room_subscriptions {
+            if by_id.contains_key(&**room_id) {
+                wanted.entry(room_id.clone()).or_default().merge(config);
+            }
+        }
+
+        let mut now_told = Told {
+            upto,
+            rooms: told.map(|t| t.rooms.clone()).unwrap_or_default(),
+            counts: counts.clone(),
+        };
+        let mut rooms = BTreeMap::new();
+        for (room_id, config) in &wanted {
+            let Some(candidate) = by_id.get(&**room_id) else { continue };
+            let before = told.and_then(|t| t.rooms.get(room_id));
+            let fresh = before.is_none_or(|b| b.config != *config || b.membership != candidate.membership);
+            let out = match candidate.membership {
+                Membership::Invite if fresh || since.is_none_or(|s| candidate.membership_pos > s.stream) => {
+                    Some(self.invited_room(user, room_id, candidate.bump).await?)
+                }
+                Membership::Invite => None,
+                _ => {
+                    let from = if fresh { None } else { before.map(|b| b.upto) };
+                    self.sliding_room(session, candidate, config, from, since, upto, &ignored).await?
+                }
+            };
+            if let Some(mut out) = out {
+                out.is_dm = candidate.is_dm.then_some(true);
+                rooms.insert(room_id.clone(), out);
+            }
+            now_told.rooms.insert(
+                room_id.clone(),
+                ToldRoom {
+                    upto: upto.stream,
+                    config: config.clone(),
+                    membership: candidate.membership,
+                },
+            );
+        }
+        // Rooms the user is no longer in are forgotten: if they come back,
+        // they are told afresh.
+        now_told.rooms.retain(|room_id, _| by_id.contains_key(&**room_id));
+
+        let in_answer: Vec<&RoomId> = wanted.keys().map(|r| &**r).collect();
+        if body.extensions.e2ee.enabled == Some(true) {
+            let device_lists = match since {
+                Some(s) => self.keys.device_list_delta(user, memberships, s.stream, upto.stream).await?,
+                None => DeviceListDelta::default(),
+            };
+            let counts = self.keys.key_counts(session).await?;
+            extensions.e2ee = Some(E2eeOut {
+                device_lists,
+                device_one_time_keys_count: OneTimeKeyCounts(counts.clone()),
+                device_unused_fallback_key_types: UnusedFallbackKeys(counts),
+            });
+        }
+        if body.extensions.account_data.enabled == Some(true) {
+            extensions.account_data = self.account_data_ext(user, since, upto, &in_answer).await?;
+        }
+        if body.extensions.receipts.enabled == Some(true) {
+            extensions.receipts = self.receipts_ext(user, since, upto, &in_answer, told, &ignored).await?;
+        }
+        if body.extensions.typing.enabled == Some(true) {
+            extensions.typing = self.typing_ext(since, &in_answer, told, &ignored);
+        }
+
+        let counts_moved = told.is_none_or(|t| t.counts != counts);
+        let e2ee_news = extensions.e2ee.as_ref().is_some_and(|e| !e.device_lists.is_empty());
+        let to_device_news = extensions
+            .to_device
+            .as_ref()
+            .is_some_and(|t| t["events"].as_array().is_some_and(|e| !e.is_empty()));
+        let has_news = !rooms.is_empty()
+            || counts_moved
+            || e2ee_news
+            || to_device_news
+            || extensions.account_data.is_some()
+            || extensions.receipts.is_some()
+            || extensions.typing.is_some();
+        let response = SlidingResponse {
+            pos: String::new(),
+            txn_id: None,
+            lists,
+            rooms,
+            extensions,
+        };
+        Ok((response, now_told, has_news))
+    }
+
+    /// The user's rooms a list may hold: joined, and invited (not by
+    /// someone they ignore), with what the filters and the order need.
+    async fn candidates(
+        &self,
+        user: &UserId,
+        memberships: &[MembershipRecord],
+        upto: StreamPos,
+        ignored: &HashSet<OwnedUserId>,
+        direct: &HashSet<OwnedRoomId>,
+    ) -> Result<Vec<Candidate>> {
+        let mut out = Vec::with_capacity(memberships.len());
+        for m in memberships {
+            if m.pos > upto || !matches!(m.membership, Membership::Join | Membership::Invite) {
+                continue;
+            }
+            let room = self.rooms.room(&m.room_id).await?;
+            let r = room.read();
+            if m.membership == Membership::Invite
+                && r.state("m.room.member", user.as_str())
+                    .is_some_and(|me| ignored.contains(&me.pdu.sender))
+            {
+                continue;
+            }
+            let room_type = r
+                .state("m.room.create", "")
+                .and_then(|e| e.pdu.content_value().get("type").and_then(Value::as_str).map(str::to_owned));
+            out.push(Candidate {
+                room_id: m.room_id.clone(),
+                membership: m.membership,
+                membership_pos: m.pos,
+                bump: bump_stamp(&r, m).min(upto.max(m.pos)),
+                is_dm: direct.contains(&m.room_id),
+                encrypted: r.encrypted_at().is_some(),
+                room_type,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Rooms the user's `m.direct` account data names.
+    async fn direct_rooms(&self, user: &UserId) -> Result<HashSet<OwnedRoomId>> {
+        let json = self.store.account_data(user, None, "m.direct").await?;
+        let value: Value = json.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default();
+        Ok(value
+            .as_object()
+            .into_iter()
+            .flat_map(|o| o.values())
+            .filter_map(Value::as_array)
+            .flatten()
+            .filter_map(|r| r.as_str().and_then(|r| OwnedRoomId::try_from(r).ok()))
+            .collect())
+    }
+
+    async fn invited_room(&self, user: &UserId, room_id: &RoomId, bump: StreamPos) -> Result<RoomOut> {
+        let room = self.rooms.room(room_id).await?;
+        {
+            let r = room.read();
+            let mut events: Vec<Value> = INVITE_STATE_TYPES
+                .iter()
+                .filter_map(|t| r.state(t, ""))
+                .map(|e| stripped(&e.pdu))
+                .collect();
+            if let Some(me) = r.state("m.room.member", user.as_str()) {
+                if let Some(inviter) = r.state("m.room.member", me.pdu.sender.as_str()) {
+                    events.push(stripped(&inviter.pdu));
+                }
+                events.push(stripped(&me.pdu));
+            }
+            Ok(RoomOut {
+                initial: true,
+                bump_stamp: Some(bump),
+                name: room_name(&r),
+                avatar: room_avatar(&r),
+                invite_state: Some(events),
+                ..RoomOut::default()
+            })
+        }
+    }
+
+    /// A joined room's part of the answer: everything when `from` is
+    /// `None` (told for the first time, or asked with another
+    /// configuration), else what changed after `from`; `None` when nothing did.
+    #[allow(clippy::too_many_arguments)]
+    async fn sliding_room(
+        &self,
+        session: &Session,
+        candidate: &Candidate,
+        config: &RoomConfig,
+        from: Option<StreamPos>,
+        since: Option<SyncToken>,
+        upto: SyncToken,
+        ignored: &HashSet<OwnedUserId>,
+    ) -> Result<Option<RoomOut>> {
+        let room_id = &candidate.room_id;
+        let room = self.rooms.room(room_id).await?;
+        let (last_pos, receipts_moved) = (
+            room.read().last_pos,
+            from.is_some_and(|f| self.changes.receipts.changed_since(room_id, f)),
+        );
+        if let Some(f) = from
+            && last_pos <= f
+            && !receipts_moved
+        {
+            return Ok(None);
+        }
+        let (membership_pos, bump) = (candidate.membership_pos, candidate.bump);
+        {
+            let user = &*session.user_id;
+            let limit = config.timeline_limit as usize;
+            let empty_filter = ruma::api::client::filter::RoomEventFilter::default();
+            let timeline_filter = TimelineFilter {
+                filter: &empty_filter,
+                ignored,
+            };
+            let after = from.unwrap_or(0);
+            let mut events: Vec<(Arc<TimelineEvent>, Membership)> = vec![];
+            let mut limited = false;
+            if limit > 0 {
+                let recent = from.and_then(|f| room.read().recent_matching(f, upto.stream, limit, |e| timeline_filter.keeps(e)));
+                match recent {
+                    Some((found, more)) => {
+                        limited = more;
+                        events = found.into_iter().map(|e| (e, Membership::Join)).collect();
+                    }
+                    None => {
+                        let (found, more) = self
+                            .timeline_from_store(user, room_id, (after, upto.stream), limit, timeline_filter, from.is_none())
+                            .await?;
+                        limited = more;
+                        events = found
+                            .into_iter()
+                            .map(|v| (Arc::new(TimelineEvent::new(v.event)), v.membership))
+                            .collect();
+                    }
+                }
+            }
+            let num_live = since.map(|s| events.iter().filter(|(e, _)| e.event.pos > s.stream).count());
+            let prev_batch = events.first().map(|(e, _)| format!("t{}", e.event.pos - 1));
+            let senders: BTreeSet<&str> = events.iter().map(|(e, _)| e.event.pdu.sender.as_str()).collect();
+            let timeline: Vec<Box<RawValue>> = events.iter().map(|(e, m)| client_event_json(e, session, Some(*m))).collect();
+
+            let mut required_state = vec![];
+            let (name, avatar, heroes, joined, invited) = {
+                let r = room.read();
+                let wants = StateWants::new(&config.required_state, user, &senders);
+                // The state at the end of the timeline, whether or not the
+                // timeline shows the event too (clients read room names and
+                // the like from here, not from the timeline).
+                let mut add = |entry: &crate::rooms::StateEntry| {
+                    if entry.pos <= upto.stream {
+                        required_state.push(client_event_json(&TimelineEvent::new(entry.to_stored()), session, None));
+                    }
+                };
+                // The timeline's senders' member events come with every
+                // timeline (a client may not have seen them); the rest of
+                // the state only when the room is told afresh or changed.
+                let asked: Vec<(&str, &str)> = match from {
+                    None => wants.exact().chain(wants.lazy_members()).collect(),
+                    Some(_) => wants.lazy_members().collect(),
+                };
+                for (kind, key) in asked {
+                    if let Some(entry) = r.state(kind, key) {
+                        add(entry);
+                    }
+                }
+                match from {
+                    None if wants.any_wildcard() => {
+                        for entry in r.state_entries().filter(|e| wants.wildcard_keeps(e)) {
+                            add(entry);
+                        }
+                    }
+                    None => {}
+                    Some(f) => {
+                        for entry in r.state_changed_between(f, upto.stream) {
+                            if wants.keeps(entry) {
+                                add(entry);
+                            }
+                        }
+                    }
+                }
+                let name = room_name(&r);
+                let heroes = name.is_none().then(|| {
+                    r.heroes(user)
+                        .into_iter()
+                        .map(|u| {
+                            let content = r
+                                .state("m.room.member", u.as_str())
+                                .map(|e| e.pdu.content_value())
+                                .unwrap_or_default();
+                            let mut hero = json!({ "user_id": u });
+                            for (field, out) in [("displayname", "displayname"), ("avatar_url", "avatar_url")] {
+                                if let Some(v) = content.get(field).filter(|v| v.is_string()) {
+                                    hero[out] = v.clone();
+                                }
+                            }
+                            hero
+                        })
+                        .collect::<Vec<_>>()
+                });
+                (
+                    name,
+                    room_avatar(&r),
+                    heroes,
+                    r.member_count(Membership::Join),
+                    r.member_count(Membership::Invite),
+                )
+            };
+            let unread = self
+                .unread_counts(
+                    user,
+                    room_id,
+                    &room,
+                    (membership_pos, upto.stream),
+                    receipts_moved || from.is_none(),
+                    ignored,
+                )
+                .await?;
+            required_state.dedup_by(|a, b| a.get() == b.get());
+            Ok(Some(RoomOut {
+                name,
+                avatar,
+                heroes,
+                initial: from.is_none(),
+                is_dm: None,
+                invite_state: None,
+                required_state,
+                timeline,
+                prev_batch,
+                limited,
+                num_live,
+                bump_stamp: Some(bump),
+                joined_count: Some(joined),
+                invited_count: Some(invited),
+                notification_count: Some(unread.notifications),
+                highlight_count: Some(unread.highlights),
+            }))
+        }
+    }
+
+    async fn account_data_ext(&self, user: &UserId, since: Option<SyncToken>, upto: SyncToken, rooms: &[&RoomId]) -> Result<Option<Value>> {
+        let from = since.map_or(0, |s| s.stream);
+        if since.is_some() && !self.changes.account_data.changed_since(&user.to_owned(), from) {
+            return Ok(None);
+        }
+        let records = self.store.account_data_since(user, from).await?;
+        let mut global = vec![];
+        let mut by_room: Map<String, Value> = Map::new();
+        for a in records.iter().filter(|a| a.pos <= upto.stream) {
+            let ev = json!({ "type": a.kind, "content": serde_json::from_str::<Value>(&a.content).unwrap_or_default() });
+            match &a.room_id {
+                Some(r) if rooms.contains(&&**r) => by_room
+                    .entry(r.to_string())
+                    .or_insert_with(|| json!([]))
+                    .as_array_mut()
+                    .expect("an array")
+                    .push(ev),
+                Some(_) => {}
+                None => global.push(ev),
+            }
+        }
+        if global.is_empty() && by_room.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(json!({ "global": global, "rooms": by_room })))
+    }
+
+    async fn receipts_ext(
+        &self,
+        user: &UserId,
+        since: Option<SyncToken>,
+        upto: SyncToken,
+        rooms: &[&RoomId],
+        told: Option<&Told>,
+        ignored: &HashSet<OwnedUserId>,
+    ) -> Result<Option<Value>> {
+        let mut out = Map::new();
+        for room_id in rooms {
+            // A room told before gets what changed since; a new one all of it.
+            let from = told
+                .and_then(|t| t.rooms.get(*room_id))
+                .map(|_| since.map_or(0, |s| s.stream))
+                .unwrap_or(0);
+            if from > 0 && !self.changes.receipts.changed_since(&(*room_id).to_owned(), from) {
+                continue;
+            }
+            let mut content: Map<String, Value> = Map::new();
+            for rc in self
+                .store
+                .receipts_since(room_id, from)
+                .await?
+                .iter()
+                .filter(|r| r.pos <= upto.stream)
+            {
+                if (rc.receipt_type == "m.read.private" && rc.user_id != user) || ignored.contains(&rc.user_id) {
+                    continue;
+                }
+                let mut data = json!({ "ts": rc.ts_ms });
+                if let Some(t) = &rc.thread_id {
+                    data["thread_id"] = json!(t);
+                }
+                let by_event = content.entry(rc.event_id.to_string()).or_insert_with(|| json!({}));
+                by_event[&rc.receipt_type][rc.user_id.as_str()] = data;
+            }
+            if !content.is_empty() {
+                out.insert(room_id.to_string(), json!({ "type": "m.receipt", "content": content }));
+            }
+        }
+        Ok((!out.is_empty()).then(|| json!({ "rooms": out })))
+    }
+
+    fn typing_ext(
+        &self,
+        since: Option<SyncToken>,
+        rooms: &[&RoomId],
+        told: Option<&Told>,
+        ignored: &HashSet<OwnedUserId>,
+    ) -> Option<Value> {
+        let mut out = Map::new();
+        for room_id in rooms {
+            let known = told.is_some_and(|t| t.rooms.contains_key(*room_id));
+            let from = if known { since.map_or(0, |s| s.ephemeral) } else { 0 };
+            if let Some(typing) = self.ephemeral.typing_since(room_id, from) {
+                if !known && typing.is_empty() {
+                    continue;
+                }
+                let typing: Vec<OwnedUserId> = typing.into_iter().filter(|u| !ignored.contains(u)).collect();
+                out.insert(
+                    room_id.to_string(),
+                    json!({ "type": "m.typing", "content": { "user_ids": typing } }),
+                );
+            }
+        }
+        (!out.is_empty()).then(|| json!({ "rooms": out }))
+    }
+}
+
+/// Whether `list`'s filters keep room `c`.
+fn list_keeps(filters: Option<&ListFilters>, c: &Candidate) -> bool {
+    let Some(f) = filters else { return true };
+    let wanted_type = |types: &[Option<String>]| types.contains(&c.room_type);
+    f.is_dm.is_none_or(|dm| dm == c.is_dm)
+        && f.is_encrypted.is_none_or(|e| e == c.encrypted)
+        && f.is_invite.is_none_or(|i| i == (c.membership == Membership::Invite))
+        && (f.room_types.is_empty() || wanted_type(&f.room_types))
+        && !wanted_type(&f.not_room_types)
+}
+
+/// Where the room last moved in a list: its newest event of a
+/// [`BUMP_TYPES`] type in the recent window, else its newest event; an
+/// invite is placed where it came.
+fn bump_stamp(r: &crate::room_cache::RoomCache, m: &MembershipRecord) -> StreamPos {
+    if m.membership == Membership::Invite {
+        return m.pos;
+    }
+    r.recent_matching(0, StreamPos::MAX, 1, |e| BUMP_TYPES.contains(&e.pdu.kind.to_string().as_str()))
+        .and_then(|(events, _)| events.last().map(|e| e.event.pos))
+        .unwrap_or(r.last_pos)
+        .max(m.pos.min(r.last_pos))
+}
+
+fn room_name(r: &crate::room_cache::RoomCache) -> Option<String> {
+    r.state("m.room.name", "")
+        .and_then(|e| e.pdu.content_value().get("name").and_then(Value::as_str).map(str::to_owned))
+        .filter(|n| !n.is_empty())
+}
+
+fn room_avatar(r: &crate::room_cache::RoomCache) -> Option<String> {
+    r.state("m.room.avatar", "")
+        .and_then(|e| e.pdu.content_value().get("url").and_then(Value::as_str).map(str::to_owned))
+        .filter(|n| !n.is_empty())
+}
+
+/// A room configuration's `required_state`, resolved for one user and one
+/// timeline.
+struct StateWants<'a> {
+    exact: Vec<(&'a str, &'a str)>,
+    /// The members `$LAZY` asks for: the timeline's senders and the user.
+    lazy: Vec<&'a str>,
+    /// `(type, *)`: every state key of the type.
+    any_key: Vec<&'a str>,
+    /// `(*, key)`: the key in every type; `(*, *)` puts `*` here.
+    any_type: Vec<&'a str>,
+    lazy_members: bool,
+}
+
+impl<'a> StateWants<'a> {
+    fn new(entries: &'a [(String, String)], user: &'a UserId, senders: &BTreeSet<&'a str>) -> Self {
+        let mut wants = StateWants {
+            exact: vec![],
+            lazy: vec![],
+            any_key: vec![],
+            any_type: vec![],
+            lazy_members: false,
+        };
+        for (kind, key) in entries {
+            let key = match key.as_str() {
+                "$ME" => user.as_str(),
+                other => other,
+            };
+            match (kind.as_str(), key) {
+                ("m.room.member", "$LAZY") => {
+                    wants.lazy_members = true;
+                    wants.lazy.extend(senders.iter().copied());
+                    wants.lazy.push(user.as_str());
+                }
+                ("*", key) => wants.any_type.push(key),
+                (kind, "*") => wants.any_key.push(kind),
+                (kind, key) => wants.exact.push((kind, key)),
+            }
+        }
+        wants
+    }
+
+    fn exact(&self) -> impl Iterator<Item = (&'a str, &'a str)> + '_ {
+        self.exact.iter().copied()
+    }
+
+    fn lazy_members(&self) -> impl Iterator<Item = (&'a str, &'a str)> + '_ {
+        self.lazy.iter().map(|u| ("m.room.member", *u))
+    }
+
+    fn any_wildcard(&self) -> bool {
+        !self.any_key.is_empty() || !self.any_type.is_empty()
+    }
+
+    fn wildcard_keeps(&self, e: &crate::rooms::StateEntry) -> bool {
+        let kind = e.pdu.kind.to_string();
+        let key = e.pdu.state_key.as_deref().unwrap_or_default();
+        // Every member of a huge room only when asked for by name: `*` with
+        // lazy members leaves members to `$LAZY`.
+        if self.lazy_members && kind == "m.room.member" {
+            return false;
+        }
+        self.any_key.contains(&kind.as_str()) || self.any_type.iter().any(|k| *k == "*" || *k == key)
+    }
+
+    fn keeps(&self, e: &crate::rooms::StateEntry) -> bool {
+        let kind = e.pdu.kind.to_string();
+        let key = e.pdu.state_key.as_deref().unwrap_or_default();
+        self.exact.iter().any(|(k, s)| *k == kind && *s == key) || self.wildcard_keeps(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_resume_only_on_their_own_connection_and_old_ones_are_forgotten() {
+        let connections = Connections::default();
+        let key: ConnectionKey = (ruma::owned_user_id!("@a:x"), "D".into(), "room-list".into());
+        assert!(connections.resume(&key, None).unwrap().is_none(), "no pos: a new connection");
+        let first = connections.record(key.clone(), None, Told::default());
+        assert!(connections.resume(&key, Some(&first)).unwrap().is_some());
+        let second = connections.record(key.clone(), Some(&first), Told::default());
+        let third = connections.record(key.clone(), Some(&second), Told::default());
+        assert!(connections.resume(&key, Some(&third)).is_ok());
+        assert!(
+            connections.resume(&key, Some(&second)).is_ok(),
+            "a retried request repeats the one before"
+        );
+        assert!(matches!(connections.resume(&key, Some(&first)), Err(Error::UnknownPos)));
+        let other: ConnectionKey = (ruma::owned_user_id!("@a:x"), "D".into(), "encryption".into());
+        assert!(
+            matches!(connections.resume(&other, Some(&third)), Err(Error::UnknownPos)),
+            "another connection's pos"
+        );
+        for junk in ["", "x", "1_2", "zz_1_1", "1_1_1_1"] {
+            assert!(matches!(connections.resume(&key, Some(junk)), Err(Error::UnknownPos)), "{junk}");
+        }
+        assert!(connections.resume(&key, None).unwrap().is_none());
+        assert!(
+            matches!(connections.resume(&key, Some(&third)), Err(Error::UnknownPos)),
+            "a new connection forgets the old"
+        );
+        assert_eq!(connections.len(), 0);
+    }
+
+    #[test]
+    fn requests_that_would_cost_too_much_are_refused() {
+        let ok: SlidingBody = serde_json::from_value(json!({
+            "lists": {"all": {"ranges": [[0, 19]], "timeline_limit": 1, "required_state": [["m.room.name", ""]]}},
+            "unknown_field": true
+        }))
+        .unwrap();
+        assert!(ok.check().is_ok());
+        for bad in [
+            json!({"lists": {"a": {"ranges": [[5, 1]]}}}),
+            json!({"lists": {"a": {"ranges": [[0, 1]], "timeline_limit": 100000}}}),
+            json!({"conn_id": "x".repeat(100)}),
+        ] {
+            let body: SlidingBody = serde_json::from_value(bad.clone()).unwrap();
+            assert!(matches!(body.check(), Err(Error::InvalidParam(_))), "{bad}");
+        }
+        assert!(serde_json::from_value::<SlidingBody>(json!({"lists": {"a": {"ranges": [[-1, 1]]}}})).is_err());
+    }
+}

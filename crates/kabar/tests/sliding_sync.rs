@@ -1,0 +1,311 @@
+//! Simplified sliding sync (MSC4186) against the real binary: the room list
+//! in activity order with names and counts, incremental answers that carry
+//! only what changed, `M_UNKNOWN_POS`, refused requests, the to-device and
+//! e2ee extensions, and matrix-sdk's own sliding-sync client.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Api, Server};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+const PATH: &str = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync";
+
+async fn sliding(api: &Api, query: &str, body: Value) -> (u16, Value) {
+    api.req_at(Method::POST, &format!("{PATH}{query}"), Some(body)).await
+}
+
+fn room_list(ranges: Value) -> Value {
+    json!({
+        "conn_id": "room-list",
+        "lists": {
+            "all": {
+                "ranges": ranges,
+                "timeline_limit": 1,
+                "required_state": [["m.room.name", ""], ["m.room.member", "$LAZY"], ["m.room.create", ""]]
+            }
+        }
+    })
+}
+
+fn bodies(room: &Value) -> Vec<String> {
+    room["timeline"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_room_list_comes_in_activity_order_and_then_only_what_changed() {
+    let server = Server::start();
+    let alice = Api::register(&server, "alice").await;
+    let bob = Api::register(&server, "bob").await;
+    let versions: Value = common::http()
+        .get(format!("{}/_matrix/client/versions", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(versions["unstable_features"]["org.matrix.simplified_msc3575"], true);
+
+    let mut rooms = vec![];
+    for name in ["first", "second", "third"] {
+        let room = alice.create_room(json!({"name": name})).await;
+        alice.say(&room, &format!("t-{name}"), &format!("hello {name}")).await;
+        rooms.push(room);
+    }
+    let invite = bob.create_room(json!({"name": "bob's", "invite": [alice.user_id]})).await;
+
+    // The first page: newest activity first (the invite came last).
+    let (status, first) = sliding(&alice, "", room_list(json!([[0, 1]]))).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["lists"]["all"]["count"], 4, "three joined rooms and an invite: {first}");
+    let page: Vec<&String> = first["rooms"].as_object().unwrap().keys().collect();
+    assert_eq!(page.len(), 2, "the range [0, 1] holds two rooms: {first}");
+    assert!(page.contains(&&invite) && page.contains(&&rooms[2]), "{page:?}");
+    let third = &first["rooms"][&rooms[2]];
+    assert_eq!(third["name"], "third");
+    assert_eq!(third["initial"], true);
+    assert_eq!(bodies(third), ["hello third"], "timeline_limit 1: {third}");
+    assert_eq!(third["limited"], true);
+    assert!(third["prev_batch"].is_string());
+    assert_eq!(third["joined_count"], 1);
+    assert!(
+        first["rooms"][&invite]["bump_stamp"].as_u64().unwrap() > third["bump_stamp"].as_u64().unwrap(),
+        "the invite came after the third room's message: {first}"
+    );
+    let state_types: Vec<&str> = third["required_state"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["type"].as_str())
+        .collect();
+    assert!(
+        state_types.contains(&"m.room.name") && state_types.contains(&"m.room.create"),
+        "{third}"
+    );
+    assert!(state_types.contains(&"m.room.member"), "$LAZY: the timeline's sender: {third}");
+    let invited = &first["rooms"][&invite];
+    assert_eq!(invited["name"], "bob's");
+    assert!(
+        invited["invite_state"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["type"] == "m.room.member" && e["state_key"] == alice.user_id.as_str()),
+        "{invited}"
+    );
+    let pos = first["pos"].as_str().unwrap().to_owned();
+
+    // Nothing new: a long-poll waits, then answers with nothing.
+    let asked = Instant::now();
+    let (status, quiet) = sliding(&alice, &format!("?pos={pos}&timeout=300"), room_list(json!([[0, 1]]))).await;
+    assert_eq!(status, 200);
+    assert!(asked.elapsed() >= Duration::from_millis(250), "it waited");
+    assert!(quiet["rooms"].as_object().is_none_or(|r| r.is_empty()), "{quiet}");
+    let pos = quiet["pos"].as_str().unwrap().to_owned();
+
+    // A message in the oldest room moves it to the top, and wakes the long-poll.
+    let waiting = {
+        let (alice, pos) = (alice.clone(), pos.clone());
+        tokio::spawn(async move { sliding(&alice, &format!("?pos={pos}&timeout=20000"), room_list(json!([[0, 1]]))).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    alice.say(&rooms[0], "t-again", "back on top").await;
+    let (status, moved) = tokio::time::timeout(Duration::from_secs(10), waiting).await.unwrap().unwrap();
+    assert_eq!(status, 200, "{moved}");
+    let top = &moved["rooms"][&rooms[0]];
+    assert_eq!(top["initial"], true, "new to this connection's window: {moved}");
+    assert_eq!(bodies(top), ["back on top"]);
+    let pos = moved["pos"].as_str().unwrap().to_owned();
+
+    // Another message in a room already told: only the new event.
+    let waiting = {
+        let (alice, pos) = (alice.clone(), pos.clone());
+        tokio::spawn(async move { sliding(&alice, &format!("?pos={pos}&timeout=20000"), room_list(json!([[0, 1]]))).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    alice.say(&rooms[0], "t-more", "and more").await;
+    let (_, more) = tokio::time::timeout(Duration::from_secs(10), waiting).await.unwrap().unwrap();
+    let top = &more["rooms"][&rooms[0]];
+    assert!(top.get("initial").is_none(), "{more}");
+    assert_eq!(bodies(top), ["and more"]);
+    assert_eq!(top["num_live"], 1);
+    let state: Vec<(&str, &str)> = top["required_state"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| Some((e["type"].as_str()?, e["state_key"].as_str()?)))
+        .collect();
+    assert_eq!(
+        state,
+        [("m.room.member", alice.user_id.as_str())],
+        "no state changed, only the sender ($LAZY): {top}"
+    );
+
+    // The same pos again (a retried request) is still known; a made-up one is not.
+    let (status, _) = sliding(&alice, &format!("?pos={pos}"), room_list(json!([[0, 1]]))).await;
+    assert_eq!(status, 200);
+    let (status, unknown) = sliding(&alice, "?pos=1_2_3", room_list(json!([[0, 1]]))).await;
+    assert_eq!((status, unknown["errcode"].as_str()), (400, Some("M_UNKNOWN_POS")), "{unknown}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_matrix_errors() {
+    let server = Server::start();
+    let alice = Api::register(&server, "alice").await;
+    for (query, body, errcode) in [
+        (
+            "",
+            json!({"lists": {"a": {"ranges": [[5, 1]], "timeline_limit": 1}}}),
+            "M_INVALID_PARAM",
+        ),
+        (
+            "",
+            json!({"lists": {"a": {"ranges": [[0, 1]], "timeline_limit": 1_000_000}}}),
+            "M_INVALID_PARAM",
+        ),
+        ("", json!({"lists": {"a": {"ranges": [[-1, 1]]}}}), "M_BAD_JSON"),
+        ("", json!({"lists": "everything"}), "M_BAD_JSON"),
+        ("?timeout=-5", json!({}), "M_INVALID_PARAM"),
+        ("?set_presence=dancing", json!({}), "M_INVALID_PARAM"),
+    ] {
+        let (status, v) = sliding(&alice, query, body.clone()).await;
+        assert_eq!((status, v["errcode"].as_str()), (400, Some(errcode)), "{query} {body}: {v}");
+    }
+    // A huge range costs what the user's rooms cost, no more.
+    let (status, v) = sliding(
+        &alice,
+        "",
+        json!({"lists": {"a": {"ranges": [[0, u64::MAX]], "timeline_limit": 1}}}),
+    )
+    .await;
+    assert_eq!((status, v["lists"]["a"]["count"].as_u64()), (200, Some(0)), "{v}");
+    let unauthenticated = common::http()
+        .post(format!("{}{PATH}", server.url))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthenticated.status().as_u16(), 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn to_device_messages_and_key_counts_come_through_the_extensions() {
+    let server = Server::start();
+    let alice = Api::register(&server, "alice").await;
+    let bob = Api::register(&server, "bob").await;
+    let extensions = |since: Option<&str>| {
+        let mut to_device = json!({"enabled": true});
+        if let Some(s) = since {
+            to_device["since"] = json!(s);
+        }
+        json!({"conn_id": "encryption", "extensions": {"to_device": to_device, "e2ee": {"enabled": true}}})
+    };
+    let (_, first) = sliding(&alice, "", extensions(None)).await;
+    assert!(first["extensions"]["e2ee"]["device_one_time_keys_count"].is_object(), "{first}");
+    let next_batch = first["extensions"]["to_device"]["next_batch"].as_str().unwrap().to_owned();
+    let pos = first["pos"].as_str().unwrap().to_owned();
+
+    bob.ok(
+        Method::PUT,
+        "/sendToDevice/m.kabar.test/td1",
+        Some(json!({"messages": {alice.user_id.as_str(): {alice.device_id.as_str(): {"hello": "alice"}}}})),
+    )
+    .await;
+    let (_, got) = sliding(&alice, &format!("?pos={pos}&timeout=10000"), extensions(Some(&next_batch))).await;
+    let events = got["extensions"]["to_device"]["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "{got}");
+    assert_eq!(
+        (events[0]["sender"].as_str(), &events[0]["content"]["hello"]),
+        (Some(bob.user_id.as_str()), &json!("alice"))
+    );
+    let acknowledged = got["extensions"]["to_device"]["next_batch"].as_str().unwrap().to_owned();
+    let pos = got["pos"].as_str().unwrap().to_owned();
+
+    // Acknowledged by the next request's `since`: not delivered again.
+    let (_, again) = sliding(&alice, &format!("?pos={pos}"), extensions(Some(&acknowledged))).await;
+    assert!(
+        again["extensions"]["to_device"]["events"].as_array().is_none_or(|e| e.is_empty()),
+        "{again}"
+    );
+
+    // One-time keys uploaded show in the counts.
+    alice
+        .ok(
+            Method::POST,
+            "/keys/upload",
+            Some(json!({"one_time_keys": {"signed_curve25519:AAAAAQ": {"key": "k1", "signatures": {}}}})),
+        )
+        .await;
+    let (_, counted) = sliding(&alice, "", extensions(Some(&acknowledged))).await;
+    assert_eq!(
+        counted["extensions"]["e2ee"]["device_one_time_keys_count"]["signed_curve25519"], 1,
+        "{counted}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn matrix_sdks_sliding_sync_lists_the_rooms_and_follows_new_messages() {
+    use futures::StreamExt;
+    use matrix_sdk::{SlidingSyncList, SlidingSyncMode, ruma::api::client::sync::sync_events::v5 as http, sliding_sync::Version};
+    let server = Server::start();
+    let client = common::registered(&server.url, "carol").await;
+    let carol = Api::of(&client, &server);
+    let mut rooms = vec![];
+    for name in ["one", "two"] {
+        rooms.push(carol.create_room(json!({"name": name})).await);
+    }
+    client.set_sliding_sync_version(Version::Native);
+    let sliding_sync = client
+        .sliding_sync("carol")
+        .unwrap()
+        .add_list(
+            SlidingSyncList::builder("all")
+                .sync_mode(SlidingSyncMode::new_growing(10))
+                .timeline_limit(5)
+                .required_state(vec![
+                    (matrix_sdk::ruma::events::StateEventType::RoomName, String::new()),
+                    (matrix_sdk::ruma::events::StateEventType::RoomMember, "$LAZY".into()),
+                ]),
+        )
+        .with_to_device_extension(assign_enabled(http::request::ToDevice::default()))
+        .poll_timeout(Duration::from_secs(5))
+        .build()
+        .await
+        .expect("a sliding sync");
+    let stream = sliding_sync.sync();
+    futures::pin_mut!(stream);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client.rooms().len() < 2 {
+        assert!(Instant::now() < deadline, "the SDK learns both rooms");
+        stream.next().await.expect("the stream goes on").expect("a sliding-sync answer");
+    }
+    let room_one = client
+        .get_room(&matrix_sdk::ruma::OwnedRoomId::try_from(rooms[0].as_str()).unwrap())
+        .expect("room one is known");
+    assert_eq!(room_one.name().as_deref(), Some("one"));
+
+    carol.say(&rooms[0], "t-sdk", "seen by the sdk").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let summary = stream.next().await.expect("the stream goes on").expect("a sliding-sync answer");
+        if summary.rooms.iter().any(|r| r.as_str() == rooms[0]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new message's room is in an update");
+    }
+}
+
+fn assign_enabled(
+    mut to_device: matrix_sdk::ruma::api::client::sync::sync_events::v5::request::ToDevice,
+) -> matrix_sdk::ruma::api::client::sync::sync_events::v5::request::ToDevice {
+    to_device.enabled = Some(true);
+    to_device
+}
