@@ -309,3 +309,85 @@ fn assign_enabled(
     to_device.enabled = Some(true);
     to_device
 }
+
+/// The rooms a matrix-sdk-ui room list shows, in its order, as
+/// `(room id, display name, unread notifications)`.
+type Listed = Vec<(String, String, u64)>;
+
+async fn listed(items: &matrix_sdk_ui::eyeball_im::Vector<matrix_sdk_ui::room_list_service::RoomListItem>) -> Listed {
+    let mut out = vec![];
+    for item in items {
+        let name = item.display_name().await.map(|n| n.to_string()).unwrap_or_default();
+        out.push((item.room_id().to_string(), name, item.num_unread_notifications()));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn element_xs_room_list_shows_rooms_by_activity_with_names_unread_counts_and_invites() {
+    use futures::StreamExt;
+    use matrix_sdk_ui::{eyeball_im::Vector, room_list_service::filters::new_filter_non_left, sync_service::SyncService};
+    let server = Server::start();
+    let client = common::registered(&server.url, "erin").await;
+    let erin = Api::of(&client, &server);
+    let frank = Api::register(&server, "frank").await;
+    let older = erin.create_room(json!({"name": "older", "preset": "public_chat"})).await;
+    erin.say(&older, "t-1", "first words").await;
+    let newer = erin.create_room(json!({"name": "newer"})).await;
+    erin.say(&newer, "t-2", "later words").await;
+    frank.join(&older).await;
+
+    let sync_service = SyncService::builder(client.clone()).build().await.expect("a sync service");
+    sync_service.start().await;
+    let room_list = sync_service.room_list_service();
+    let all_rooms = room_list.all_rooms().await.expect("the all-rooms list");
+    let (entries, controller) = all_rooms.entries_with_dynamic_adapters(20);
+    futures::pin_mut!(entries);
+    controller.set_filter(Box::new(new_filter_non_left()));
+    let mut items: Vector<matrix_sdk_ui::room_list_service::RoomListItem> = Vector::new();
+    // Applies the list's diffs until `done` holds for what it shows.
+    let mut wait_for = async |what: &str, done: &dyn Fn(&Listed) -> bool| -> Listed {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = listed(&items).await;
+            if done(&now) {
+                return now;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(Some(diffs)) = tokio::time::timeout(left, entries.next()).await else {
+                panic!("{what}: the room list shows {now:?}");
+            };
+            for diff in diffs {
+                diff.apply(&mut items);
+            }
+        }
+    };
+
+    let shown = wait_for("both rooms, newest activity first", &|l: &Listed| {
+        l.len() == 2 && l[0].1 == "newer" && l[1].1 == "older"
+    })
+    .await;
+    assert_eq!((shown[0].0.as_str(), shown[1].0.as_str()), (newer.as_str(), older.as_str()));
+
+    // Frank writes in the older room: it moves to the top, with an unread count.
+    frank.say(&older, "t-f", "hello erin").await;
+    wait_for("the older room on top, unread", &|l: &Listed| {
+        l.first().is_some_and(|(id, _, unread)| *id == older && *unread >= 1)
+    })
+    .await;
+
+    // An invite appears, and can be accepted.
+    let invited = frank.create_room(json!({"name": "frank's", "invite": [erin.user_id]})).await;
+    wait_for("the invite", &|l: &Listed| l.iter().any(|(id, _, _)| *id == invited)).await;
+    let room = client
+        .get_room(&matrix_sdk::ruma::OwnedRoomId::try_from(invited.as_str()).unwrap())
+        .expect("the invited room is known");
+    assert_eq!(room.state(), matrix_sdk::RoomState::Invited);
+    room.join().await.expect("erin accepts the invite");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while room.state() != matrix_sdk::RoomState::Joined {
+        assert!(Instant::now() < deadline, "the joined room comes through sliding sync");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sync_service.stop().await;
+}
