@@ -391,3 +391,94 @@ async fn element_xs_room_list_shows_rooms_by_activity_with_names_unread_counts_a
     }
     sync_service.stop().await;
 }
+
+/// The text bodies a matrix-sdk-ui timeline shows, decrypted ones included.
+async fn timeline_bodies(timeline: &matrix_sdk_ui::Timeline) -> Vec<String> {
+    timeline
+        .items()
+        .await
+        .iter()
+        .filter_map(|item| item.as_event())
+        .filter_map(|event| event.content().as_message().map(|m| m.body().to_owned()))
+        .collect()
+}
+
+async fn wait_for_body(timeline: &matrix_sdk_ui::Timeline, body: &str, who: &str) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let bodies = timeline_bodies(timeline).await;
+        if bodies.iter().any(|b| b == body) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{who} never read {body:?} (the timeline shows {bodies:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_dm_between_two_sliding_sync_clients_decrypts_on_both_sides() {
+    use matrix_sdk::ruma::{
+        api::client::room::create_room,
+        events::{InitialStateEvent, room::encryption::RoomEncryptionEventContent, room::message::RoomMessageEventContent},
+    };
+    use matrix_sdk_ui::{sync_service::SyncService, timeline::RoomExt};
+    let server = Server::start();
+    let gina = common::registered(&server.url, "gina").await;
+    let hank = common::registered(&server.url, "hank").await;
+    let mut services = vec![];
+    for client in [&gina, &hank] {
+        let service = SyncService::builder(client.clone()).build().await.expect("a sync service");
+        service.start().await;
+        services.push(service);
+    }
+
+    let mut request = create_room::v3::Request::new();
+    request.is_direct = true;
+    request.invite = vec![hank.user_id().unwrap().to_owned()];
+    request.initial_state =
+        vec![InitialStateEvent::with_empty_state_key(RoomEncryptionEventContent::with_recommended_defaults()).to_raw_any()];
+    let room = gina.create_room(request).await.expect("gina opens an encrypted DM");
+    let room_id = room.room_id().to_owned();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let hanks_room = loop {
+        if let Some(r) = hank.get_room(&room_id)
+            && r.state() == matrix_sdk::RoomState::Invited
+        {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "hank's room list shows gina's invite");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    hanks_room.join().await.expect("hank accepts");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while room.joined_members_count() < 2 {
+        assert!(Instant::now() < deadline, "gina sees hank join");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let gina_timeline = room.timeline().await.expect("gina's timeline");
+    let hank_timeline = hanks_room.timeline().await.expect("hank's timeline");
+    gina_timeline
+        .send(RoomMessageEventContent::text_plain("a secret for hank").into())
+        .await
+        .expect("gina sends");
+    wait_for_body(&hank_timeline, "a secret for hank", "hank").await;
+    hank_timeline
+        .send(RoomMessageEventContent::text_plain("and one for gina").into())
+        .await
+        .expect("hank replies");
+    wait_for_body(&gina_timeline, "and one for gina", "gina").await;
+    assert!(room.latest_encryption_state().await.unwrap().is_encrypted());
+
+    // The server only ever saw ciphertext.
+    let stored = common::stored_bytes(&server);
+    let haystack = String::from_utf8_lossy(&stored);
+    assert!(!haystack.contains("a secret for hank") && !haystack.contains("and one for gina"));
+    for service in services {
+        service.stop().await;
+    }
+}
