@@ -482,3 +482,141 @@ async fn an_encrypted_dm_between_two_sliding_sync_clients_decrypts_on_both_sides
         service.stop().await;
     }
 }
+
+/// The event id of the timeline item whose body is `body`.
+async fn item_id(timeline: &matrix_sdk_ui::Timeline, body: &str) -> Option<String> {
+    timeline
+        .items()
+        .await
+        .iter()
+        .filter_map(|i| i.as_event())
+        .find_map(|e| (e.content().as_message().map(|m| m.body()) == Some(body)).then(|| e.event_id().map(|id| id.to_string()))?)
+}
+
+/// Waits until the timeline item with event id `id` satisfies `holds`.
+async fn wait_for_item(
+    timeline: &matrix_sdk_ui::Timeline,
+    id: &str,
+    what: &str,
+    holds: impl Fn(&matrix_sdk_ui::timeline::EventTimelineItem) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let items = timeline.items().await;
+        let item = items
+            .iter()
+            .filter_map(|i| i.as_event())
+            .find(|e| e.event_id().is_some_and(|e| e.as_str() == id));
+        if item.is_some_and(&holds) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: never seen on {id}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn element_xs_timeline_pages_back_shows_edits_reactions_redactions_and_receipts_and_recovers_from_a_restart() {
+    use matrix_sdk_ui::{sync_service::SyncService, timeline::RoomExt};
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = ["--listen".to_owned(), format!("127.0.0.1:{port}")];
+    let mut server = Server::start_in(dir.path(), &listen);
+    let client = common::registered(&server.url, "iris").await;
+    let iris = Api::of(&client, &server);
+    let jack = Api::register(&server, "jack").await;
+    let room_id = iris.create_room(json!({"preset": "public_chat", "name": "history"})).await;
+    jack.join(&room_id).await;
+    for i in 0..30 {
+        jack.say(&room_id, &format!("h{i}"), &format!("history {i}")).await;
+    }
+
+    let sync_service = SyncService::builder(client.clone()).build().await.expect("a sync service");
+    sync_service.start().await;
+    let owned = matrix_sdk::ruma::OwnedRoomId::try_from(room_id.as_str()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let room = loop {
+        if let Some(r) = client.get_room(&owned) {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the room comes through sliding sync");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let timeline = room.timeline().await.expect("a timeline");
+
+    // Back-pagination reaches the whole history.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let bodies = timeline_bodies(&timeline).await;
+        if (0..30).all(|i| bodies.contains(&format!("history {i}"))) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "back-pagination shows all history: {bodies:?}");
+        timeline.paginate_backwards(20).await.expect("paginate back");
+    }
+
+    // An edit, a reaction and a redaction by jack, and his read receipt.
+    let edited = item_id(&timeline, "history 29").await.expect("history 29 is shown");
+    jack.ok(
+        Method::PUT,
+        &format!("/rooms/{}/send/m.room.message/edit1", common::enc(&room_id)),
+        Some(json!({
+            "msgtype": "m.text", "body": "* edited 29",
+            "m.new_content": {"msgtype": "m.text", "body": "edited 29"},
+            "m.relates_to": {"rel_type": "m.replace", "event_id": edited}
+        })),
+    )
+    .await;
+    wait_for_item(&timeline, &edited, "the edit", |e| {
+        e.content().as_message().is_some_and(|m| m.body() == "edited 29" && m.is_edited())
+    })
+    .await;
+    jack.ok(
+        Method::PUT,
+        &format!("/rooms/{}/send/m.reaction/react1", common::enc(&room_id)),
+        Some(json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": edited, "key": "👍"}})),
+    )
+    .await;
+    wait_for_item(&timeline, &edited, "the reaction", |e| {
+        e.content().reactions().is_some_and(|r| r.contains_key("👍"))
+    })
+    .await;
+    let redacted = item_id(&timeline, "history 28").await.expect("history 28 is shown");
+    jack.ok(
+        Method::PUT,
+        &format!("/rooms/{}/redact/{}/redact1", common::enc(&room_id), common::enc(&redacted)),
+        Some(json!({"reason": "oops"})),
+    )
+    .await;
+    wait_for_item(&timeline, &redacted, "the redaction", |e| e.content().is_redacted()).await;
+    jack.ok(
+        Method::POST,
+        &format!("/rooms/{}/receipt/m.read/{}", common::enc(&room_id), common::enc(&edited)),
+        Some(json!({})),
+    )
+    .await;
+    wait_for_item(&timeline, &edited, "jack's read receipt", |e| {
+        e.read_receipts().keys().any(|u| u.as_str() == jack.user_id)
+    })
+    .await;
+
+    // The server restarts: the client's pos is unknown to the new process
+    // (M_UNKNOWN_POS); the client starts its connections again and goes on.
+    server.kill9();
+    let server = Server::start_in(dir.path(), &listen);
+    jack.say(&room_id, "after", "after the restart").await;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if timeline_bodies(&timeline).await.iter().any(|b| b == "after the restart") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the message sent after the restart arrives");
+        // What an app does when its sync service stopped on an error.
+        if !matches!(sync_service.state().get(), matrix_sdk_ui::sync_service::State::Running) {
+            sync_service.start().await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sync_service.stop().await;
+    drop(server);
+}
