@@ -159,6 +159,8 @@ pub struct SyncEngine {
     memberships: GenerationCache<OwnedUserId, Arc<Vec<MembershipRecord>>>,
     /// Each user's ignored users, kept until their account data changes.
     ignored: GenerationCache<OwnedUserId, Arc<HashSet<OwnedUserId>>>,
+    /// Each user's direct rooms (`m.direct`), kept until their account data changes.
+    direct: GenerationCache<OwnedUserId, Arc<HashSet<OwnedRoomId>>>,
     /// What each sliding-sync connection was told.
     connections: sliding::Connections,
     /// Initial and full-state syncs read every joined room's state: bounded,
@@ -304,6 +306,7 @@ impl SyncEngine {
             unread: Mutex::new(HashMap::new()),
             memberships: GenerationCache::new(MAX_CACHED_MEMBERSHIPS),
             ignored: GenerationCache::new(MAX_CACHED_MEMBERSHIPS),
+            direct: GenerationCache::new(MAX_CACHED_MEMBERSHIPS),
             connections: sliding::Connections::default(),
             full_syncs,
         }

@@ -152,8 +152,69 @@ async fn the_room_list_comes_in_activity_order_and_then_only_what_changed() {
     // The same pos again (a retried request) is still known; a made-up one is not.
     let (status, _) = sliding(&alice, &format!("?pos={pos}"), room_list(json!([[0, 1]]))).await;
     assert_eq!(status, 200);
+    let pos = more["pos"].as_str().unwrap().to_owned();
+
+    // Alice leaves a room this connection was told of (from another
+    // device, say): told once more, with her leave, and counted out.
+    alice
+        .ok(Method::POST, &format!("/rooms/{}/leave", common::enc(&rooms[0])), Some(json!({})))
+        .await;
+    let (_, after_leave) = sliding(&alice, &format!("?pos={pos}&timeout=5000"), room_list(json!([[0, 1]]))).await;
+    assert_eq!(after_leave["lists"]["all"]["count"], 3, "{after_leave}");
+    let left = &after_leave["rooms"][&rooms[0]];
+    assert!(
+        left["required_state"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["state_key"] == alice.user_id.as_str() && e["content"]["membership"] == "leave"),
+        "{after_leave}"
+    );
     let (status, unknown) = sliding(&alice, "?pos=1_2_3", room_list(json!([[0, 1]]))).await;
     assert_eq!((status, unknown["errcode"].as_str()), (400, Some("M_UNKNOWN_POS")), "{unknown}");
+
+    // Element X asks for OAuth metadata first; without it, it offers password login.
+    let (status, metadata) = alice.req_at(Method::GET, "/_matrix/client/v1/auth_metadata", None).await;
+    assert_eq!((status, metadata["errcode"].as_str()), (404, Some("M_UNRECOGNIZED")), "{metadata}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v3_sync_client_and_a_sliding_sync_client_in_one_room_see_the_same_messages() {
+    let server = Server::start();
+    let kim = Api::register(&server, "kim").await;
+    let lou = Api::register(&server, "lou").await;
+    let room = kim.create_room(json!({"preset": "public_chat"})).await;
+    lou.join(&room).await;
+    let lou_since = lou.sync("", None).await["next_batch"].as_str().unwrap().to_owned();
+    let subscription = json!({"conn_id": "one", "room_subscriptions": {room.clone(): {"timeline_limit": 0}}});
+    let (_, first) = sliding(&kim, "", subscription.clone()).await;
+    let mut pos = first["pos"].as_str().unwrap().to_owned();
+    let sent: Vec<String> = (0..5).map(|i| format!("message {i}")).collect();
+    for (i, body) in sent.iter().enumerate() {
+        let speaker = if i % 2 == 0 { &kim } else { &lou };
+        speaker.say(&room, &format!("m{i}"), body).await;
+    }
+    // Kim follows with sliding sync, Lou with /v3/sync.
+    let mut kim_saw: Vec<String> = vec![];
+    let mut subscription = subscription;
+    subscription["room_subscriptions"][&room]["timeline_limit"] = json!(10);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while kim_saw.len() < sent.len() {
+        assert!(Instant::now() < deadline, "kim's sliding sync shows them: {kim_saw:?}");
+        let (_, v) = sliding(&kim, &format!("?pos={pos}&timeout=2000"), subscription.clone()).await;
+        kim_saw.extend(bodies(&v["rooms"][&room]).into_iter().filter(|b| b.starts_with("message ")));
+        pos = v["pos"].as_str().unwrap().to_owned();
+    }
+    let mut lou_saw: Vec<String> = vec![];
+    let mut since = lou_since;
+    while lou_saw.len() < sent.len() {
+        assert!(Instant::now() < deadline, "lou's /v3/sync shows them: {lou_saw:?}");
+        let v = lou.sync(&since, None).await;
+        lou_saw.extend(bodies(&json!({"timeline": v["rooms"]["join"][&room]["timeline"]["events"]})));
+        since = v["next_batch"].as_str().unwrap().to_owned();
+    }
+    assert_eq!(kim_saw, sent);
+    assert_eq!(lou_saw, sent, "the same messages, in the same order");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

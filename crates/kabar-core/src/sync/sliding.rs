@@ -276,7 +276,9 @@ struct Told {
 #[derive(Debug, Clone)]
 struct ToldRoom {
     upto: StreamPos,
-    config: RoomConfig,
+    /// Shared by every room told with the same configuration: a user with
+    /// thousands of rooms keeps a handful of configurations, not thousands.
+    config: Arc<RoomConfig>,
     membership: Membership,
 }
 
@@ -484,10 +486,21 @@ impl SyncEngine {
             counts: counts.clone(),
         };
         let mut rooms = BTreeMap::new();
+        let mut configs: Vec<Arc<RoomConfig>> = told
+            .map(|t| {
+                let mut seen: Vec<Arc<RoomConfig>> = vec![];
+                for room in t.rooms.values() {
+                    if !seen.iter().any(|c| Arc::ptr_eq(c, &room.config)) {
+                        seen.push(room.config.clone());
+                    }
+                }
+                seen
+            })
+            .unwrap_or_default();
         for (room_id, config) in &wanted {
             let Some(candidate) = by_id.get(&**room_id) else { continue };
             let before = told.and_then(|t| t.rooms.get(room_id));
-            let fresh = before.is_none_or(|b| b.config != *config || b.membership != candidate.membership);
+            let fresh = before.is_none_or(|b| *b.config != *config || b.membership != candidate.membership);
             let out = match candidate.membership {
                 Membership::Invite if fresh || since.is_none_or(|s| candidate.membership_pos > s.stream) => {
                     Some(self.invited_room(user, room_id, candidate.bump).await?)
@@ -502,17 +515,46 @@ impl SyncEngine {
                 out.is_dm = candidate.is_dm.then_some(true);
                 rooms.insert(room_id.clone(), out);
             }
+            let shared = match configs.iter().find(|c| ***c == *config) {
+                Some(c) => c.clone(),
+                None => {
+                    configs.push(Arc::new(config.clone()));
+                    configs.last().expect("just pushed").clone()
+                }
+            };
             now_told.rooms.insert(
                 room_id.clone(),
                 ToldRoom {
                     upto: upto.stream,
-                    config: config.clone(),
+                    config: shared,
                     membership: candidate.membership,
                 },
             );
         }
-        // Rooms the user is no longer in are forgotten: if they come back,
-        // they are told afresh.
+        // Rooms told before that the user left (or was removed from) since:
+        // told once more, with the membership event, so the client moves
+        // them out of its lists; then forgotten (if the user comes back,
+        // they are told afresh).
+        if let Some(told) = told {
+            for m in memberships {
+                let left = matches!(m.membership, Membership::Leave | Membership::Ban) && m.pos <= upto.stream;
+                if !left || !told.rooms.get(&m.room_id).is_some_and(|t| t.upto < m.pos) {
+                    continue;
+                }
+                if let Some(event) = self.store.event(&m.event_id).await? {
+                    let json = client_event_json(&TimelineEvent::new(event), session, Some(m.membership));
+                    rooms.insert(
+                        m.room_id.clone(),
+                        RoomOut {
+                            required_state: vec![json.clone()],
+                            timeline: vec![json],
+                            bump_stamp: Some(m.pos),
+                            ..RoomOut::default()
+                        },
+                    );
+                }
+            }
+        }
         now_told.rooms.retain(|room_id, _| by_id.contains_key(&**room_id));
 
         let in_answer: Vec<&RoomId> = wanted.keys().map(|r| &**r).collect();
@@ -600,18 +642,23 @@ impl SyncEngine {
         Ok(out)
     }
 
-    /// Rooms the user's `m.direct` account data names.
-    async fn direct_rooms(&self, user: &UserId) -> Result<HashSet<OwnedRoomId>> {
-        let json = self.store.account_data(user, None, "m.direct").await?;
-        let value: Value = json.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default();
-        Ok(value
-            .as_object()
-            .into_iter()
-            .flat_map(|o| o.values())
-            .filter_map(Value::as_array)
-            .flatten()
-            .filter_map(|r| r.as_str().and_then(|r| OwnedRoomId::try_from(r).ok()))
-            .collect())
+    /// Rooms the user's `m.direct` account data names, from memory unless
+    /// their account data changed.
+    async fn direct_rooms(&self, user: &UserId) -> Result<Arc<HashSet<OwnedRoomId>>> {
+        let read = async {
+            let json = self.store.account_data(user, None, "m.direct").await?;
+            let value: Value = json.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default();
+            let rooms = value
+                .as_object()
+                .into_iter()
+                .flat_map(|o| o.values())
+                .filter_map(Value::as_array)
+                .flatten()
+                .filter_map(|r| r.as_str().and_then(|r| OwnedRoomId::try_from(r).ok()))
+                .collect();
+            Ok::<_, kabar_store::StoreError>(Arc::new(rooms))
+        };
+        Ok(self.direct.get_or_read(&self.changes.account_data, &user.to_owned(), read).await?)
     }
 
     async fn invited_room(&self, user: &UserId, room_id: &RoomId, bump: StreamPos) -> Result<RoomOut> {
