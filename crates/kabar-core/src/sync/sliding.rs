@@ -538,7 +538,7 @@ impl SyncEngine {
         if let Some(told) = told {
             for m in memberships {
                 let left = matches!(m.membership, Membership::Leave | Membership::Ban) && m.pos <= upto.stream;
-                if !left || !told.rooms.get(&m.room_id).is_some_and(|t| t.upto < m.pos) {
+                if !left || told.rooms.get(&m.room_id).is_none_or(|t| t.upto >= m.pos) {
                     continue;
                 }
                 if let Some(event) = self.store.event(&m.event_id).await? {
