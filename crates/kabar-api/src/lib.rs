@@ -242,6 +242,7 @@ fn client_routes() -> Router<AppState> {
             get(get_push_rule_actions_route).put(push_rule_actions_route),
         )
         .route("/pushers", get(pushers_route))
+        .route("/pushers/set", post(set_pusher_route))
         .route("/keys/upload", post(upload_keys_route))
         .route("/keys/query", post(query_keys_route))
         .route("/keys/claim", post(claim_keys_route))

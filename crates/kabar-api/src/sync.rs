@@ -564,6 +564,12 @@ pub async fn push_rule_actions_route(
 }
 
 /// GET /_matrix/client/v3/pushers
-pub async fn pushers_route(Auth(_): Auth) -> Json<Value> {
-    Json(json!({ "pushers": [] }))
+pub async fn pushers_route(State(ud): State<Arc<UserData>>, Auth(s): Auth) -> ApiResult<Json<Value>> {
+    Ok(Json(json!({ "pushers": ud.pushers(&s.user_id).await? })))
+}
+
+/// POST /_matrix/client/v3/pushers/set
+pub async fn set_pusher_route(State(ud): State<Arc<UserData>>, Auth(s): Auth, JsonBody(body): JsonBody<Value>) -> ApiResult<Json<Value>> {
+    ud.set_pusher(&s.user_id, &body).await?;
+    Ok(Json(json!({})))
 }

@@ -143,6 +143,34 @@ impl UserData {
         Ok(self.store.filter(user, filter_id).await?)
     }
 
+    /// `POST /pushers/set`: stores the pusher the body describes, or with
+    /// `kind: null` removes the user's pusher for its app id and push key.
+    /// Kabar stores pushers (so clients find them again) but does not call
+    /// push gateways yet.
+    pub async fn set_pusher(&self, user: &UserId, body: &Value) -> Result<()> {
+        match check_pusher(body)? {
+            PusherChange::Delete { app_id, pushkey } => {
+                self.store.delete_pusher(user, &app_id, &pushkey).await?;
+            }
+            PusherChange::Set {
+                app_id,
+                pushkey,
+                pusher,
+                append,
+            } => {
+                let json = serde_json::to_string(&pusher).map_err(|e| Error::BadJson(e.to_string()))?;
+                self.store.set_pusher(user, &app_id, &pushkey, &json, !append).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The user's pushers, as `GET /pushers` shows them.
+    pub async fn pushers(&self, user: &UserId) -> Result<Vec<Value>> {
+        let stored = self.store.pushers(user).await?;
+        Ok(stored.iter().filter_map(|j| serde_json::from_str(j).ok()).collect())
+    }
+
     /// An uploaded filter, parsed, for `/sync`.
     pub async fn sync_filter(&self, user: &UserId, filter_id: &str) -> Result<Option<Arc<FilterDefinition>>> {
         let key = (user.to_owned(), filter_id.to_owned());
@@ -221,5 +249,141 @@ impl UserData {
             .filter(|m| m.membership == Membership::Join)
             .map(|m| m.room_id)
             .collect())
+    }
+}
+
+/// What a `POST /pushers/set` body asks for.
+#[derive(Debug, PartialEq)]
+pub enum PusherChange {
+    Delete {
+        app_id: String,
+        pushkey: String,
+    },
+    Set {
+        app_id: String,
+        pushkey: String,
+        /// The pusher as `GET /pushers` shows it.
+        pusher: Value,
+        /// Keep other users' pushers with this app id and push key.
+        append: bool,
+    },
+}
+
+/// Checks a `POST /pushers/set` body as the spec describes it: `app_id` of
+/// at most 64 characters, `pushkey` of at most 512 bytes, and for a new
+/// pusher an `http` kind (email pushers are not supported) whose
+/// `data.url` is an http(s) URL ending in `/_matrix/push/v1/notify`.
+pub fn check_pusher(body: &Value) -> Result<PusherChange> {
+    let invalid = |m: &str| Error::InvalidParam(m.to_owned());
+    let text = |field: &str| -> Result<String> {
+        body.get(field)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| Error::BadJson(format!("{field} must be a string")))
+    };
+    let app_id = text("app_id")?;
+    let pushkey = text("pushkey")?;
+    if app_id.is_empty() || app_id.chars().count() > 64 {
+        return Err(invalid("app_id must be 1 to 64 characters"));
+    }
+    if pushkey.is_empty() || pushkey.len() > 512 {
+        return Err(invalid("pushkey must be 1 to 512 bytes"));
+    }
+    match body.get("kind") {
+        Some(Value::Null) => return Ok(PusherChange::Delete { app_id, pushkey }),
+        Some(Value::String(k)) if k == "http" => {}
+        Some(Value::String(k)) if k == "email" => return Err(invalid("email pushers are not supported by this server")),
+        _ => return Err(invalid("kind must be \"http\" or null")),
+    }
+    let data = body
+        .get("data")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::BadJson("data must be an object".into()))?;
+    let url = data
+        .get("url")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid("an http pusher needs data.url"))?;
+    let path_ok = url.split(['?', '#']).next().is_some_and(|u| u.ends_with("/_matrix/push/v1/notify"));
+    if !(url.starts_with("https://") || url.starts_with("http://")) || !path_ok {
+        return Err(invalid("data.url must be an http(s) URL ending in /_matrix/push/v1/notify"));
+    }
+    let append = match body.get("append") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(Error::BadJson("append must be a boolean".into())),
+    };
+    let mut pusher = serde_json::json!({
+        "app_id": app_id,
+        "pushkey": pushkey,
+        "kind": "http",
+        "app_display_name": text("app_display_name")?,
+        "device_display_name": text("device_display_name")?,
+        "lang": text("lang")?,
+        "data": data,
+    });
+    if let Some(tag) = body.get("profile_tag").and_then(Value::as_str) {
+        if tag.chars().count() > 32 {
+            return Err(invalid("profile_tag must be at most 32 characters"));
+        }
+        pusher["profile_tag"] = Value::from(tag);
+    }
+    Ok(PusherChange::Set {
+        app_id,
+        pushkey,
+        pusher,
+        append,
+    })
+}
+
+#[cfg(test)]
+mod pusher_tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn pusher() -> Value {
+        json!({
+            "app_id": "io.element.elementx", "pushkey": "abc", "kind": "http",
+            "app_display_name": "Element X", "device_display_name": "phone", "lang": "en",
+            "data": {"url": "https://push.example.org/_matrix/push/v1/notify", "format": "event_id_only"}
+        })
+    }
+
+    #[test]
+    fn a_pusher_is_checked_as_the_spec_describes_it() {
+        match check_pusher(&pusher()).unwrap() {
+            PusherChange::Set { pusher, append, .. } => {
+                assert!(!append);
+                assert_eq!(pusher["data"]["format"], "event_id_only");
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut delete = pusher();
+        delete["kind"] = Value::Null;
+        assert!(matches!(check_pusher(&delete).unwrap(), PusherChange::Delete { .. }));
+        for (field, value) in [
+            ("kind", json!("email")),
+            ("kind", json!("carrier pigeon")),
+            ("app_id", json!("x".repeat(65))),
+            ("pushkey", json!("")),
+            ("data", json!({"url": "https://push.example.org/elsewhere"})),
+            ("data", json!({"url": "ftp://push.example.org/_matrix/push/v1/notify"})),
+            ("data", json!({})),
+            ("profile_tag", json!("t".repeat(33))),
+        ] {
+            let mut bad = pusher();
+            bad[field] = value.clone();
+            assert!(matches!(check_pusher(&bad), Err(Error::InvalidParam(_))), "{field}: {value}");
+        }
+        for (field, value) in [
+            ("app_id", json!(5)),
+            ("lang", Value::Null),
+            ("data", json!("x")),
+            ("append", json!("yes")),
+        ] {
+            let mut bad = pusher();
+            bad[field] = value.clone();
+            assert!(matches!(check_pusher(&bad), Err(Error::BadJson(_))), "{field}: {value}");
+        }
     }
 }

@@ -38,7 +38,11 @@ use sqlx::{
 use tokio::sync::{mpsc, oneshot};
 
 /// Each entry brings the schema from its index's version to the next.
-const MIGRATIONS: &[&str] = &[include_str!("schema.sql"), include_str!("schema_v2.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("schema.sql"),
+    include_str!("schema_v2.sql"),
+    include_str!("schema_v3.sql"),
+];
 const MAX_BATCH: usize = 512;
 /// At most this many consecutive plain appends are run together.
 const MAX_APPENDS_PER_RUN: usize = 256;

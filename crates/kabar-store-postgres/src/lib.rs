@@ -693,6 +693,68 @@ impl UserDataStore for PostgresStore {
             .await?;
         row.map(|r| get(&r, 0)).transpose()
     }
+
+    async fn set_pusher(&self, user_id: &UserId, app_id: &str, pushkey: &str, json: &str, replace_others: bool) -> StoreResult<()> {
+        let (u, a, k, j) = (user_id.to_string(), app_id.to_owned(), pushkey.to_owned(), json.to_owned());
+        self.engine
+            .write(move |c, _| {
+                Box::pin(async move {
+                    if replace_others {
+                        sqlx::query("DELETE FROM pushers WHERE app_id = $1 AND pushkey = $2 AND user_id <> $3")
+                            .bind(&a)
+                            .bind(&k)
+                            .bind(&u)
+                            .execute(&mut *c)
+                            .await
+                            .map_err(backend)?;
+                    }
+                    // A replaced pusher keeps its place (its `created`).
+                    sqlx::query(
+                        "INSERT INTO pushers (user_id, app_id, pushkey, json, created) \
+                         VALUES ($1, $2, $3, $4, (SELECT COALESCE(MAX(created), 0) + 1 FROM pushers)) \
+                         ON CONFLICT (user_id, app_id, pushkey) DO UPDATE SET json = excluded.json",
+                    )
+                    .bind(u)
+                    .bind(a)
+                    .bind(k)
+                    .bind(j)
+                    .execute(&mut *c)
+                    .await
+                    .map_err(backend)?;
+                    Ok(())
+                })
+            })
+            .await
+    }
+
+    async fn delete_pusher(&self, user_id: &UserId, app_id: &str, pushkey: &str) -> StoreResult<bool> {
+        let (u, a, k) = (user_id.to_string(), app_id.to_owned(), pushkey.to_owned());
+        self.engine
+            .write(move |c, _| {
+                Box::pin(async move {
+                    let done = sqlx::query("DELETE FROM pushers WHERE user_id = $1 AND app_id = $2 AND pushkey = $3")
+                        .bind(u)
+                        .bind(a)
+                        .bind(k)
+                        .execute(&mut *c)
+                        .await
+                        .map_err(backend)?;
+                    Ok(done.rows_affected() > 0)
+                })
+            })
+            .await
+    }
+
+    async fn pushers(&self, user_id: &UserId) -> StoreResult<Vec<String>> {
+        let rows = self
+            .read(
+                sqlx::query("SELECT json FROM pushers WHERE user_id = $1 ORDER BY created")
+                    .bind(user_id.as_str())
+                    .fetch_all(&self.engine.pool),
+            )
+            .await?;
+        rows.iter().map(|r| get(r, 0)).collect()
+    }
 }
 
 fn receipt_from_row(r: &PgRow) -> StoreResult<ReceiptRecord> {

@@ -32,6 +32,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("e2ee.sql"),
     include_str!("v3.sql"),
     include_str!("v4.sql"),
+    include_str!("v5.sql"),
 ];
 pub(crate) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 const MAX_BATCH: usize = 512;

@@ -1131,6 +1131,59 @@ impl UserDataStore for SqliteStore {
             })
             .await
     }
+    async fn set_pusher(&self, user_id: &UserId, app_id: &str, pushkey: &str, json: &str, replace_others: bool) -> StoreResult<()> {
+        let (u, a, k, j) = (user_id.to_string(), app_id.to_owned(), pushkey.to_owned(), json.to_owned());
+        self.engine
+            .write(move |c, _| {
+                if replace_others {
+                    exec(
+                        c,
+                        "DELETE FROM pushers WHERE app_id = ?1 AND pushkey = ?2 AND user_id <> ?3",
+                        params![a, k, u],
+                    )
+                    .map_err(backend)?;
+                }
+                // A replaced pusher keeps its place (its `created`).
+                exec(
+                    c,
+                    "INSERT INTO pushers (user_id, app_id, pushkey, json, created) \
+                     VALUES (?1, ?2, ?3, ?4, (SELECT COALESCE(MAX(created), 0) + 1 FROM pushers)) \
+                     ON CONFLICT (user_id, app_id, pushkey) DO UPDATE SET json = excluded.json",
+                    params![u, a, k, j],
+                )
+                .map_err(backend)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn delete_pusher(&self, user_id: &UserId, app_id: &str, pushkey: &str) -> StoreResult<bool> {
+        let (u, a, k) = (user_id.to_string(), app_id.to_owned(), pushkey.to_owned());
+        self.engine
+            .write(move |c, _| {
+                let n = exec(
+                    c,
+                    "DELETE FROM pushers WHERE user_id = ?1 AND app_id = ?2 AND pushkey = ?3",
+                    params![u, a, k],
+                )
+                .map_err(backend)?;
+                Ok(n > 0)
+            })
+            .await
+    }
+
+    async fn pushers(&self, user_id: &UserId) -> StoreResult<Vec<String>> {
+        let u = user_id.to_string();
+        self.engine
+            .read(move |c| {
+                let mut stmt = c
+                    .prepare_cached("SELECT json FROM pushers WHERE user_id = ?1 ORDER BY created")
+                    .map_err(corrupt)?;
+                let rows = stmt.query_map([u], |r| r.get::<_, String>(0)).map_err(corrupt)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(corrupt)
+            })
+            .await
+    }
 }
 
 #[async_trait]

@@ -1380,6 +1380,32 @@ async fn user_data(store: &dyn Store) {
         "filters are per user"
     );
 
+    let other = user_id!("@other:localhost");
+    assert!(store.pushers(&u).await.unwrap().is_empty());
+    store.set_pusher(&u, "org.app", "key1", "{\"n\":1}", false).await.unwrap();
+    store.set_pusher(&u, "org.app", "key2", "{\"n\":2}", false).await.unwrap();
+    store.set_pusher(&u, "org.app", "key1", "{\"n\":3}", false).await.unwrap();
+    assert_eq!(
+        store.pushers(&u).await.unwrap(),
+        ["{\"n\":3}", "{\"n\":2}"],
+        "one pusher per app id and push key, replaced in place"
+    );
+    store.set_pusher(other, "org.app", "key2", "{\"n\":4}", true).await.unwrap();
+    assert_eq!(
+        store.pushers(&u).await.unwrap(),
+        ["{\"n\":3}"],
+        "without append, the push key leaves every other user"
+    );
+    store.set_pusher(&u, "org.app", "key2", "{\"n\":5}", false).await.unwrap();
+    assert_eq!(
+        store.pushers(other).await.unwrap(),
+        ["{\"n\":4}"],
+        "with append, others keep theirs"
+    );
+    assert!(store.delete_pusher(&u, "org.app", "key1").await.unwrap());
+    assert!(!store.delete_pusher(&u, "org.app", "key1").await.unwrap());
+    assert_eq!(store.pushers(&u).await.unwrap(), ["{\"n\":5}"]);
+
     let m = MediaRecord {
         media_id: "abc".into(),
         content_type: Some("text/plain".into()),

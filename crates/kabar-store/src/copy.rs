@@ -43,6 +43,7 @@ pub const TABLES: &[&str] = &[
     "account_data",
     "receipts",
     "filters",
+    "pushers",
     "media",
     "registration_tokens",
     "device_keys",

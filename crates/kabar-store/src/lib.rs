@@ -164,7 +164,7 @@ pub trait RoomStore: Send + Sync {
     async fn room_aliases(&self, room_id: &RoomId) -> StoreResult<Vec<String>>;
 }
 
-/// Per-user data: account data, receipts, filters.
+/// Per-user data: account data, receipts, filters, pushers.
 #[async_trait]
 pub trait UserDataStore: Send + Sync {
     async fn put_account_data(&self, user_id: &UserId, room_id: Option<&RoomId>, kind: &str, content: &str) -> StoreResult<StreamPos>;
@@ -180,6 +180,16 @@ pub trait UserDataStore: Send + Sync {
 
     async fn put_filter(&self, user_id: &UserId, filter_json: &str) -> StoreResult<String>;
     async fn filter(&self, user_id: &UserId, filter_id: &str) -> StoreResult<Option<String>>;
+
+    /// Stores the user's pusher for `(app_id, pushkey)` (`json`: the pusher
+    /// as `GET /pushers` shows it), replacing the user's one for that pair.
+    /// With `replace_others`, every other user's pusher for the pair goes
+    /// (a push key belongs to one app install, the spec's `append: false`).
+    async fn set_pusher(&self, user_id: &UserId, app_id: &str, pushkey: &str, json: &str, replace_others: bool) -> StoreResult<()>;
+    /// Removes the user's pusher for `(app_id, pushkey)`; whether there was one.
+    async fn delete_pusher(&self, user_id: &UserId, app_id: &str, pushkey: &str) -> StoreResult<bool>;
+    /// The user's pushers' JSON, oldest first.
+    async fn pushers(&self, user_id: &UserId) -> StoreResult<Vec<String>>;
 }
 
 /// End-to-end encryption keys. The server stores and hands them out; it

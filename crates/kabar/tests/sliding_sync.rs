@@ -681,3 +681,51 @@ async fn element_xs_timeline_pages_back_shows_edits_reactions_redactions_and_rec
     sync_service.stop().await;
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushers_are_stored_listed_replaced_and_removed() {
+    let server = Server::start();
+    let mia = Api::register(&server, "mia").await;
+    let ned = Api::register(&server, "ned").await;
+    let pusher = |pushkey: &str, device: &str| {
+        json!({
+            "app_id": "io.element.elementx", "pushkey": pushkey, "kind": "http",
+            "app_display_name": "Element X", "device_display_name": device, "lang": "en",
+            "data": {"url": "https://push.example.org/_matrix/push/v1/notify", "format": "event_id_only"}
+        })
+    };
+    assert_eq!(mia.ok(Method::GET, "/pushers", None).await, json!({"pushers": []}));
+    mia.ok(Method::POST, "/pushers/set", Some(pusher("phone-key", "phone"))).await;
+    mia.ok(Method::POST, "/pushers/set", Some(pusher("tablet-key", "tablet"))).await;
+    mia.ok(Method::POST, "/pushers/set", Some(pusher("phone-key", "new phone"))).await;
+    let listed = mia.ok(Method::GET, "/pushers", None).await;
+    let devices: Vec<&str> = listed["pushers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["device_display_name"].as_str())
+        .collect();
+    assert_eq!(devices, ["new phone", "tablet"], "{listed}");
+    assert_eq!(listed["pushers"][0]["data"]["format"], "event_id_only");
+
+    // The tablet changes hands: Ned registers its push key, Mia's goes.
+    ned.ok(Method::POST, "/pushers/set", Some(pusher("tablet-key", "tablet"))).await;
+    assert_eq!(mia.ok(Method::GET, "/pushers", None).await["pushers"].as_array().unwrap().len(), 1);
+    let mut gone = pusher("phone-key", "x");
+    gone["kind"] = serde_json::Value::Null;
+    mia.ok(Method::POST, "/pushers/set", Some(gone)).await;
+    assert_eq!(mia.ok(Method::GET, "/pushers", None).await, json!({"pushers": []}));
+
+    let mut email = pusher("mia@example.org", "mail");
+    email["kind"] = json!("email");
+    let mut bad_url = pusher("k", "d");
+    bad_url["data"]["url"] = json!("https://push.example.org/elsewhere");
+    for (body, errcode) in [
+        (email, "M_INVALID_PARAM"),
+        (bad_url, "M_INVALID_PARAM"),
+        (json!({"app_id": 5}), "M_BAD_JSON"),
+    ] {
+        let (status, v) = mia.req(Method::POST, "/pushers/set", Some(body.clone())).await;
+        assert_eq!((status, v["errcode"].as_str()), (400, Some(errcode)), "{body}: {v}");
+    }
+}
