@@ -12,7 +12,9 @@
 # PAIR_CONFIG_A and PAIR_CONFIG_B (one side each). With PAIR_PGPORT set (a
 # PostgreSQL server on 127.0.0.1 with a `kabar` user allowed to create
 # databases), `@DB@` in the configuration becomes a new, empty database for
-# each run:
+# each run. PAIR_BENCH_A and PAIR_BENCH_B add load-generator options to one
+# side (for example `--sliding` on one build against itself, to compare
+# sliding sync with /v3/sync):
 #
 #   PAIR_PGPORT=55432 PAIR_CONFIG_B='[storage]
 #   engine = "postgres"
@@ -26,7 +28,7 @@ BENCH=${BENCH:-target/release/kabar-bench}
 [ -x "$BENCH" ] || cargo build --release -p kabar-bench >&2
 
 run_one() {
-  local label=$1 kabar=$2 side_config=$3; shift 3
+  local label=$1 kabar=$2 side_config=$3 side_bench=$4; shift 4
   local dir; dir=$(mktemp -d)
   local port; port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   cat > "$dir/kabar.toml" <<TOML
@@ -53,13 +55,14 @@ TOML
     sleep 0.5
   done
   local out
-  out=$("$BENCH" --url "http://127.0.0.1:$port" --json "$@" 2>"$dir/bench.log" || echo '{"failed": true}')
+  # shellcheck disable=SC2086 # side_bench is a list of options
+  out=$("$BENCH" --url "http://127.0.0.1:$port" --json $side_bench "$@" 2>"$dir/bench.log" || echo '{"failed": true}')
   echo "{\"label\": \"$label\", \"result\": $out}"
   kill "$pid"; wait "$pid" 2>/dev/null || true
   rm -rf "$dir"
 }
 
 for _ in $(seq 1 "$repeat"); do
-  run_one A "$a" "${PAIR_CONFIG_A:-}" "$@"
-  run_one B "$b" "${PAIR_CONFIG_B:-}" "$@"
+  run_one A "$a" "${PAIR_CONFIG_A:-}" "${PAIR_BENCH_A:-}" "$@"
+  run_one B "$b" "${PAIR_CONFIG_B:-}" "${PAIR_BENCH_B:-}" "$@"
 done

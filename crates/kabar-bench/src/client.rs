@@ -50,6 +50,8 @@ pub struct Target {
     /// node r mod N), as a load balancer routing by room does; syncs stay
     /// on each member's own node.
     pub writes_by_room: bool,
+    /// Follow rooms with simplified sliding sync (MSC4186) instead of `/v3/sync`.
+    pub sliding: bool,
 }
 
 impl Target {
@@ -63,6 +65,7 @@ impl Target {
             base: base.trim_end_matches('/').to_owned(),
             others: vec![],
             writes_by_room: false,
+            sliding: false,
         }
     }
 
@@ -78,6 +81,7 @@ impl Target {
             base,
             others: self.others.clone(),
             writes_by_room: self.writes_by_room,
+            sliding: self.sliding,
         }
     }
 
@@ -333,6 +337,52 @@ impl User {
         })
     }
 
+    /// One simplified sliding sync (MSC4186) of every room the user is in
+    /// (up to 1,000, each with up to 1,000 new events), from `pos` (a new
+    /// connection without), as the messages a `/v3/sync` would carry;
+    /// `next_batch` is the new `pos`.
+    pub async fn sliding_messages(&self, pos: Option<&str>, timeout_ms: u64) -> Result<SyncMessages, ApiError> {
+        let mut path = format!("/_matrix/client/unstable/org.matrix.simplified_msc3575/sync?timeout={timeout_ms}");
+        if let Some(p) = pos {
+            path.push_str(&format!("&pos={}", enc(p)));
+        }
+        let body = serde_json::json!({
+            "conn_id": "bench",
+            "lists": {"all": {"ranges": [[0, 999]], "timeline_limit": 1000, "required_state": []}}
+        });
+        let (status, bytes) = self
+            .target
+            .call_bytes(reqwest::Method::POST, &path, Some(&self.token), Some(&body))
+            .await?;
+        if (200..300).contains(&status)
+            && let Ok(parsed) = serde_json::from_slice::<SlidingMessages>(&bytes)
+        {
+            let join = parsed
+                .rooms
+                .into_iter()
+                .map(|(id, room)| {
+                    (
+                        id,
+                        SyncJoinedRoom {
+                            timeline: SyncTimeline { events: room.timeline },
+                        },
+                    )
+                })
+                .collect();
+            return Ok(SyncMessages {
+                next_batch: parsed.pos,
+                rooms: SyncRooms { join },
+                to_device: SyncTimeline::default(),
+            });
+        }
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Err(ApiError::Matrix {
+            status,
+            errcode: value["errcode"].as_str().unwrap_or("BAD_RESPONSE").to_owned(),
+            message: value["error"].as_str().unwrap_or_default().to_owned(),
+        })
+    }
+
     fn sync_path(since: Option<&str>, timeout_ms: u64, filter: &str) -> String {
         let mut path = format!("/_matrix/client/v3/sync?timeout={timeout_ms}&filter={}", enc(filter));
         if let Some(s) = since {
@@ -392,6 +442,20 @@ pub struct SyncEvent {
 pub struct SyncContent {
     #[serde(default)]
     pub body: Option<String>,
+}
+
+/// The parts of a sliding-sync response the delivery checks read.
+#[derive(Debug, serde::Deserialize)]
+struct SlidingMessages {
+    pos: String,
+    #[serde(default)]
+    rooms: std::collections::HashMap<String, SlidingRoom>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct SlidingRoom {
+    #[serde(default)]
+    timeline: Vec<SyncEvent>,
 }
 
 impl SyncMessages {

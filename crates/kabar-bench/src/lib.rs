@@ -255,8 +255,15 @@ pub async fn follow(
             return;
         }
         held.fetch_add(1, Ordering::Relaxed);
+        let follow = async {
+            if user.target.sliding {
+                user.sliding_messages(Some(&since), 30_000).await
+            } else {
+                user.sync_messages(&since, 30_000, &filter_id).await
+            }
+        };
         let result = tokio::select! {
-            r = user.sync_messages(&since, 30_000, &filter_id) => r,
+            r = follow => r,
             _ = stop.changed() => { held.fetch_sub(1, Ordering::Relaxed); return; }
         };
         held.fetch_sub(1, Ordering::Relaxed);
@@ -290,6 +297,14 @@ pub struct SyncStart {
 /// Uploads the benchmark's sync filter, as clients do once per session, and
 /// runs one sync to learn where the user's stream stands now.
 pub async fn initial_since(user: &User) -> Result<SyncStart, ApiError> {
+    if user.target.sliding {
+        // A new sliding-sync connection: its first answer's `pos`.
+        let first = user.sliding_messages(None, 0).await?;
+        return Ok(SyncStart {
+            since: first.next_batch,
+            filter_id: String::new(),
+        });
+    }
     let filter_id = user.upload_filter(SYNC_FILTER).await?;
     let v = user.sync(None, 0, &filter_id).await?;
     Ok(SyncStart {

@@ -29,6 +29,10 @@ struct Cli {
     /// through their own nodes.
     #[arg(long, global = true)]
     writes_by_room: bool,
+    /// Follow rooms with simplified sliding sync (MSC4186) instead of
+    /// `/v3/sync` (the chat scenarios: messages, surge).
+    #[arg(long, global = true)]
+    sliding: bool,
     /// Print one JSON object instead of the human summary.
     #[arg(long, global = true)]
     json: bool,
@@ -162,6 +166,7 @@ async fn main() -> anyhow::Result<()> {
     let mut target = Target::new(&cli.url);
     target.others = cli.spread.clone();
     target.writes_by_room = cli.writes_by_room;
+    target.sliding = cli.sliding;
     target
         .versions()
         .await

@@ -59,6 +59,26 @@ async fn every_scenario_runs_and_loses_nothing() {
     assert_eq!((m.deliveries.lost, m.deliveries.duplicated), (0, 0), "{m:?}");
     assert!(m.send_errors.is_empty() && m.sync_errors.is_empty(), "{m:?}");
 
+    // The same, the members following with sliding sync.
+    let mut sliding = target.clone();
+    sliding.sliding = true;
+    let m = scenarios::messages::run(
+        &sliding,
+        scenarios::messages::Params {
+            users: 6,
+            rooms: 2,
+            seconds: 1.5,
+            rate_per_sender: None,
+            setup_concurrency: 4,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(m.sent > 0, "{m:?}");
+    assert_eq!(m.deliveries.expected, m.sent * 3);
+    assert_eq!((m.deliveries.lost, m.deliveries.duplicated), (0, 0), "sliding sync: {m:?}");
+    assert!(m.send_errors.is_empty() && m.sync_errors.is_empty(), "{m:?}");
+
     let td = scenarios::todevice::run(
         &target,
         scenarios::todevice::Params {

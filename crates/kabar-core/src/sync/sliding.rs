@@ -789,7 +789,10 @@ impl SyncEngine {
                     }
                 }
                 let name = room_name(&r);
-                let heroes = name.is_none().then(|| {
+                // Heroes name a room without a name: told afresh, or when
+                // its members changed.
+                let members_moved = from.is_none_or(|f| !r.member_changes(f, upto.stream).is_empty());
+                let heroes = (name.is_none() && members_moved).then(|| {
                     r.heroes(user)
                         .into_iter()
                         .map(|u| {
