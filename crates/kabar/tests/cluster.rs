@@ -751,3 +751,55 @@ async fn two_nodes_hold_a_login_allowance_as_configured_for_the_whole_server() {
         assert!((10_000..=20_001).contains(&wait), "{wait} ms");
     }
 }
+
+/// A sliding-sync connection's state lives on the node that answers it: the
+/// balancer sends each client's sliding syncs to one node, so a client
+/// going through it keeps its connection (never `M_UNKNOWN_POS`) while its
+/// other requests go round robin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_balancer_a_sliding_sync_connection_stays_on_one_node() {
+    let nats = NatsServer::start();
+    let cluster = TestCluster::shared().expect("start the test PostgreSQL cluster");
+    let db = cluster.ensure_database("cluster_sliding").expect("create the database");
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let _nodes: Vec<Server> = (0..3).map(|i| fixed_node(dirs[i].path(), ports[i], i, &db, &nats)).collect();
+    let lb = LoadBalancer::start(&ports);
+    let via_lb = |api: Api| Api {
+        url: lb.url.clone(),
+        ..api
+    };
+    let nora = via_lb(Api::register(&_nodes[0], "nora").await);
+    let omar = via_lb(Api::register(&_nodes[1], "omar").await);
+    let room = nora.create_room(json!({"preset": "public_chat"})).await;
+    omar.join(&room).await;
+    let path = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync";
+    let body = json!({"conn_id": "list", "lists": {"all": {"ranges": [[0, 9]], "timeline_limit": 10}}});
+    let (status, first) = nora.req_at(Method::POST, path, Some(body.clone())).await;
+    assert_eq!(status, 200, "{first}");
+    let mut pos = first["pos"].as_str().unwrap().to_owned();
+    let mut seen: Vec<String> = vec![];
+    for n in 0..6 {
+        omar.say(&room, &format!("s{n}"), &format!("through the balancer {n}")).await;
+        let deadline = Instant::now() + BUS_BOUND;
+        loop {
+            let (status, v) = nora
+                .req_at(Method::POST, &format!("{path}?pos={pos}&timeout=2000"), Some(body.clone()))
+                .await;
+            assert_eq!(status, 200, "request {n} kept its connection: {v}");
+            pos = v["pos"].as_str().unwrap().to_owned();
+            seen.extend(
+                v["rooms"][&room]["timeline"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned)),
+            );
+            if seen.iter().any(|b| *b == format!("through the balancer {n}")) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "message {n} arrives through the bus: {seen:?}");
+        }
+    }
+    assert_eq!(seen.len(), 6, "each message once: {seen:?}");
+}
