@@ -276,6 +276,11 @@ impl User {
         self.target.call(method, path, Some(&self.token), body).await
     }
 
+    /// POSTs `body` to `path` (from the server's root) as this user.
+    pub async fn post(&self, path: &str, body: &Value) -> Result<Value, ApiError> {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
     pub async fn create_room(&self, body: Value) -> Result<String, ApiError> {
         let v = self
             .call(reqwest::Method::POST, "/_matrix/client/v3/createRoom", Some(&body))

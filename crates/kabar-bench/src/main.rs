@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use kabar_bench::{
     client::Target,
-    scenarios::{Report, bigroom, idle, messages, register, surge, todevice, versions},
+    scenarios::{Report, bigroom, idle, messages, register, roomlist, surge, todevice, versions},
 };
 
 #[derive(Parser)]
@@ -67,6 +67,16 @@ enum Scenario {
         /// Messages per second per sender (default: as fast as each can).
         #[arg(long)]
         rate: Option<f64>,
+        #[arg(long, default_value_t = 16)]
+        setup_concurrency: usize,
+    },
+    /// A user in R rooms opens sliding-sync connections: the first page of
+    /// the room list, then the next one, N times.
+    Roomlist {
+        #[arg(long, default_value_t = 2000)]
+        rooms: usize,
+        #[arg(long, default_value_t = 50)]
+        requests: usize,
         #[arg(long, default_value_t = 16)]
         setup_concurrency: usize,
     },
@@ -174,6 +184,23 @@ async fn main() -> anyhow::Result<()> {
     match cli.scenario {
         Scenario::Register { accounts, concurrency } => {
             print(&register::run(&target, register::Params { accounts, concurrency }).await, cli.json)
+        }
+        Scenario::Roomlist {
+            rooms,
+            requests,
+            setup_concurrency,
+        } => {
+            let r = roomlist::run(
+                &target,
+                roomlist::Params {
+                    rooms,
+                    requests,
+                    setup_concurrency,
+                },
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+            print(&r, cli.json)
         }
         Scenario::Versions { seconds, concurrency } => {
             print(&versions::run(&target, versions::Params { seconds, concurrency }).await, cli.json)

@@ -59,6 +59,19 @@ async fn every_scenario_runs_and_loses_nothing() {
     assert_eq!((m.deliveries.lost, m.deliveries.duplicated), (0, 0), "{m:?}");
     assert!(m.send_errors.is_empty() && m.sync_errors.is_empty(), "{m:?}");
 
+    // A user in 30 rooms pages its room list with sliding sync.
+    let list = scenarios::roomlist::run(
+        &target,
+        scenarios::roomlist::Params {
+            rooms: 30,
+            requests: 2,
+            setup_concurrency: 4,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!((list.wrong_answers, list.errors, list.first_page.count), (0, 0, 2), "{list:?}");
+
     // The same, the members following with sliding sync.
     let mut sliding = target.clone();
     sliding.sliding = true;

@@ -4,6 +4,7 @@ pub mod bigroom;
 pub mod idle;
 pub mod messages;
 pub mod register;
+pub mod roomlist;
 pub mod surge;
 pub mod todevice;
 pub mod versions;
