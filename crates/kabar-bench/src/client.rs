@@ -342,17 +342,17 @@ impl User {
         })
     }
 
-    /// One simplified sliding sync (MSC4186) of every room the user is in
+    /// One simplified sliding sync (MSC4186) on connection `conn` of every room the user is in
     /// (up to 1,000, each with up to 1,000 new events), from `pos` (a new
     /// connection without), as the messages a `/v3/sync` would carry;
     /// `next_batch` is the new `pos`.
-    pub async fn sliding_messages(&self, pos: Option<&str>, timeout_ms: u64) -> Result<SyncMessages, ApiError> {
+    pub async fn sliding_messages(&self, conn: &str, pos: Option<&str>, timeout_ms: u64) -> Result<SyncMessages, ApiError> {
         let mut path = format!("/_matrix/client/unstable/org.matrix.simplified_msc3575/sync?timeout={timeout_ms}");
         if let Some(p) = pos {
             path.push_str(&format!("&pos={}", enc(p)));
         }
         let body = serde_json::json!({
-            "conn_id": "bench",
+            "conn_id": conn,
             "lists": {"all": {"ranges": [[0, 999]], "timeline_limit": 1000, "required_state": []}}
         });
         let (status, bytes) = self

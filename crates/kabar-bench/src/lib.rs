@@ -249,7 +249,11 @@ pub async fn follow(
     held: Arc<AtomicU64>,
     errors: Arc<Mutex<ErrorCounts>>,
 ) {
-    let SyncStart { mut since, filter_id } = start;
+    let SyncStart {
+        mut since,
+        filter_id,
+        conn,
+    } = start;
     loop {
         if *stop.borrow() {
             return;
@@ -257,7 +261,7 @@ pub async fn follow(
         held.fetch_add(1, Ordering::Relaxed);
         let follow = async {
             if user.target.sliding {
-                user.sliding_messages(Some(&since), 30_000).await
+                user.sliding_messages(&conn, Some(&since), 30_000).await
             } else {
                 user.sync_messages(&since, 30_000, &filter_id).await
             }
@@ -292,24 +296,33 @@ pub async fn follow(
 pub struct SyncStart {
     pub since: String,
     pub filter_id: String,
+    /// The sliding-sync connection (`conn_id`) `since` belongs to.
+    pub conn: String,
 }
 
 /// Uploads the benchmark's sync filter, as clients do once per session, and
 /// runs one sync to learn where the user's stream stands now.
 pub async fn initial_since(user: &User) -> Result<SyncStart, ApiError> {
     if user.target.sliding {
-        // A new sliding-sync connection: its first answer's `pos`.
-        let first = user.sliding_messages(None, 0).await?;
-        return Ok(SyncStart {
-            since: first.next_batch,
-            filter_id: String::new(),
-        });
+        return initial_sliding(user, "bench").await;
     }
     let filter_id = user.upload_filter(SYNC_FILTER).await?;
     let v = user.sync(None, 0, &filter_id).await?;
     Ok(SyncStart {
         since: v["next_batch"].as_str().unwrap_or_default().to_owned(),
         filter_id,
+        conn: String::new(),
+    })
+}
+
+/// A new sliding-sync connection `conn` for `user`: its first answer's `pos`.
+/// Each client following at once needs a connection of its own.
+pub async fn initial_sliding(user: &User, conn: &str) -> Result<SyncStart, ApiError> {
+    let first = user.sliding_messages(conn, None, 0).await?;
+    Ok(SyncStart {
+        since: first.next_batch,
+        filter_id: String::new(),
+        conn: conn.to_owned(),
     })
 }
 

@@ -21,7 +21,7 @@ use super::Report;
 use crate::{
     Deliveries, DeliveryCheck, Progress, SyncStart,
     client::Target,
-    follow, initial_since, resident_bytes, run_prefix, setup_users,
+    follow, initial_since, initial_sliding, resident_bytes, run_prefix, setup_users,
     stats::{ErrorCounts, LatencySummary},
 };
 
@@ -98,7 +98,9 @@ pub async fn run(target: &Target, p: Params) -> Result<IdleReport, String> {
             if p.http2 {
                 b = b.http2_prior_knowledge();
             }
-            Target::with_client(&target.base, b.build().expect("http client"))
+            let mut t = Target::with_client(&target.base, b.build().expect("http client"));
+            t.sliding = target.sliding;
+            t
         })
         .collect();
 
@@ -109,11 +111,23 @@ pub async fn run(target: &Target, p: Params) -> Result<IdleReport, String> {
     let sync_errors = Arc::new(Mutex::new(ErrorCounts::new()));
     let h = held.clone();
     let progress = Progress::start("idle", move || format!("{} long-polls held", h.load(Ordering::Relaxed)));
-    let sinces: Vec<Result<SyncStart, crate::client::ApiError>> = stream::iter(users.iter().map(initial_since))
+    // `/v3/sync` clients of one user may share a token; sliding-sync
+    // clients each open a connection of their own.
+    let starts: Vec<Result<SyncStart, crate::client::ApiError>> = if target.sliding {
+        stream::iter((0..p.clients).map(|c| {
+            let user = users[c % users.len()].clone();
+            async move { initial_sliding(&user, &format!("c{c}")).await }
+        }))
         .buffered(p.concurrency.max(1))
         .collect()
-        .await;
-    let sinces: Vec<SyncStart> = sinces
+        .await
+    } else {
+        stream::iter(users.iter().map(initial_since))
+            .buffered(p.concurrency.max(1))
+            .collect()
+            .await
+    };
+    let sinces: Vec<SyncStart> = starts
         .into_iter()
         .collect::<Result<_, _>>()
         .map_err(|e| format!("initial sync: {e}"))?;
@@ -124,7 +138,7 @@ pub async fn run(target: &Target, p: Params) -> Result<IdleReport, String> {
         followers.push(tokio::spawn(follow(
             user,
             c as u32,
-            sinces[u].clone(),
+            if target.sliding { sinces[c].clone() } else { sinces[u].clone() },
             deliveries.clone(),
             stop_rx.clone(),
             held.clone(),
