@@ -11,6 +11,8 @@
 # (JSON lines and the table) go to $WORK/results-<date>/.
 #
 #   PG_PORT=5432 bench/compare.sh    # both on PostgreSQL at 127.0.0.1:PG_PORT
+#   BENCH_FLAGS=--sliding SCENARIOS="messages idle roomlist" bench/compare.sh
+#                                    # clients follow with sliding sync (MSC4186)
 #
 # With PG_PORT, each run gets a new database on that server (user `kabar`,
 # allowed to create databases, trusted on loopback; the server's encoding
@@ -30,6 +32,7 @@ MSG_USERS=${MSG_USERS:-50};            MSG_ROOMS=${MSG_ROOMS:-10};         MSG_S
 TD_PAIRS=${TD_PAIRS:-25};              TD_SECONDS=${TD_SECONDS:-20}
 BIG_SYNAPSE=${BIG_SYNAPSE:-500};       BIG_KABAR=${BIG_KABAR:-10000};      BIG_MESSAGES=${BIG_MESSAGES:-10}
 IDLE_SYNAPSE=${IDLE_SYNAPSE:-2000};    IDLE_KABAR=${IDLE_KABAR:-50000};    IDLE_USERS=${IDLE_USERS:-200}
+RL_SYNAPSE=${RL_SYNAPSE:-200};         RL_KABAR=${RL_KABAR:-2000};         RL_REQUESTS=${RL_REQUESTS:-50}
 # surge: the same light chat on both (Synapse manages ~40 msgs/s in all), then
 # Kabar alone under a busier chat.
 SURGE_USERS=${SURGE_USERS:-20};        SURGE_ROOMS=${SURGE_ROOMS:-5};      SURGE_RATE=${SURGE_RATE:-0.5}
@@ -165,7 +168,8 @@ run() {
   if [ "$scenario" = idle ] || [ "$scenario" = surge ]; then args+=(--server-pid "$SERVER_PID"); fi
   local name="$server-${LABEL:-$scenario}.$REP"
   log "[$REP/$REPEAT] $server: $scenario ${args[*]}"
-  if "$BENCH" --url "$url" --json "$scenario" "${args[@]}" > "$OUT/$name.json" 2> "$OUT/$name.log"; then
+  # shellcheck disable=SC2086 # BENCH_FLAGS is a list of options
+  if "$BENCH" --url "$url" --json ${BENCH_FLAGS:-} "$scenario" "${args[@]}" > "$OUT/$name.json" 2> "$OUT/$name.log"; then
     cat "$OUT/$name.json" >&2
   else
     echo "{\"scenario\": \"$scenario\", \"failed\": true}" > "$OUT/$name.json"
@@ -200,6 +204,10 @@ for s in $SCENARIOS; do
     idle)
       run synapse idle --clients "$IDLE_SYNAPSE" --users "$IDLE_USERS"
       run kabar idle --clients "$IDLE_KABAR" --users "$IDLE_USERS" --http2 --sources 8 ;;
+    roomlist)
+      run synapse roomlist --rooms "$RL_SYNAPSE" --requests "$RL_REQUESTS"
+      run kabar roomlist --rooms "$RL_SYNAPSE" --requests "$RL_REQUESTS"
+      LABEL=roomlist-big run kabar roomlist --rooms "$RL_KABAR" --requests "$RL_REQUESTS" ;;
     surge)
       # shellcheck disable=SC2086 # SURGE_PHASES is a list of flags
       run synapse surge --users "$SURGE_USERS" --rooms "$SURGE_ROOMS" --rate "$SURGE_RATE" $SURGE_PHASES

@@ -99,6 +99,12 @@ ROWS = [
     ("surge", "server RSS at the end (MiB)", "server_rss_end_mib", False),
     ("surge", "chat send/sync errors", chat_errors, False),
     ("surge", "lost / duplicated", None, None),
+    ("roomlist", "rooms of the user", "rooms", None),
+    ("roomlist", "first page of a new connection p50 (ms)", "first_page.p50_ms", False),
+    ("roomlist", "first page p99 (ms)", "first_page.p99_ms", False),
+    ("roomlist", "next page p99 (ms)", "next_page.p99_ms", False),
+    ("roomlist", "wrong answers", "wrong_answers", None),
+    ("roomlist", "errors", "errors", None),
 ]
 
 
