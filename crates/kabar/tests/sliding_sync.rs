@@ -577,7 +577,7 @@ async fn wait_for_item(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn element_xs_timeline_pages_back_shows_edits_reactions_redactions_and_receipts_and_recovers_from_a_restart() {
+async fn element_xs_timeline_pages_back_shows_edits_reactions_redactions_receipts_and_typing_and_recovers_from_a_restart() {
     use matrix_sdk_ui::{sync_service::SyncService, timeline::RoomExt};
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -660,6 +660,26 @@ async fn element_xs_timeline_pages_back_shows_edits_reactions_redactions_and_rec
         e.read_receipts().keys().any(|u| u.as_str() == jack.user_id)
     })
     .await;
+
+    // Jack types: the typing extension tells the room list's connection.
+    let (_guard, mut typing) = room.subscribe_to_typing_notifications();
+    jack.ok(
+        Method::PUT,
+        &format!("/rooms/{}/typing/{}", common::enc(&room_id), common::enc(&jack.user_id)),
+        Some(json!({"typing": true, "timeout": 20000})),
+    )
+    .await;
+    let typists = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let users = typing.recv().await.expect("typing notifications go on");
+            if users.iter().any(|u| u.as_str() == jack.user_id) {
+                return users;
+            }
+        }
+    })
+    .await
+    .expect("iris's client shows jack typing");
+    assert_eq!(typists.len(), 1);
 
     // The server restarts: the client's pos is unknown to the new process
     // (M_UNKNOWN_POS); the client starts its connections again and goes on.
