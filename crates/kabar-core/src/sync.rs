@@ -358,21 +358,11 @@ impl SyncEngine {
         } else {
             None
         };
-        match req.set_presence.as_deref() {
-            Some("offline") => {}
-            Some(p @ ("online" | "unavailable")) => self.ephemeral.set_presence(&session.user_id, p, None),
-            _ => self.ephemeral.set_presence(&session.user_id, "online", None),
-        }
+        self.mark_presence(&session.user_id, req.set_presence.as_deref());
         let deadline = Instant::now() + req.timeout.min(MAX_TIMEOUT);
         loop {
-            let memberships = self.memberships(&session.user_id).await?;
-            let watched: Vec<&RoomId> = memberships
-                .iter()
-                .filter(|m| m.membership != Membership::Leave && m.membership != Membership::Ban)
-                .map(|m| &*m.room_id)
-                .collect();
-            // Subscribe before looking, so a change between look and wait still wakes us.
-            let interest = self.notifier.interest(&session.user_id, watched.iter().copied());
+            let (memberships, interest) = self.watch(&session.user_id).await?;
+            let watched = watched_rooms(&memberships);
             let (response, has_news) = self.build(session, &req, &memberships).await?;
             let now = Instant::now();
             if req.since.is_none() || req.full_state || has_news || now >= deadline {
@@ -390,6 +380,48 @@ impl SyncEngine {
                 }
             }
         }
+    }
+
+    /// A sync marks its user present as `set_presence` says (online unless
+    /// it says offline or unavailable).
+    fn mark_presence(&self, user: &UserId, set_presence: Option<&str>) {
+        match set_presence {
+            Some("offline") => {}
+            Some(p @ ("online" | "unavailable")) => self.ephemeral.set_presence(user, p, None),
+            _ => self.ephemeral.set_presence(user, "online", None),
+        }
+    }
+
+    /// The user's memberships, and an interest in every change to them and
+    /// their rooms, taken before anything is looked at, so that a change
+    /// between the look and the wait still wakes the sync.
+    async fn watch(&self, user: &UserId) -> Result<(Arc<Vec<MembershipRecord>>, crate::notifier::Interest)> {
+        let memberships = self.memberships(user).await?;
+        let interest = self.notifier.interest(user, watched_rooms(&memberships));
+        Ok((memberships, interest))
+    }
+
+    /// The receipts of `receipts` a user may see (others' private ones and
+    /// ignored users' are not), as an `m.receipt` content by event.
+    fn receipt_content(
+        receipts: &[kabar_store::ReceiptRecord],
+        user: &UserId,
+        upto: StreamPos,
+        ignored: &HashSet<OwnedUserId>,
+    ) -> Map<String, Value> {
+        let mut content: Map<String, Value> = Map::new();
+        for rc in receipts.iter().filter(|r| r.pos <= upto) {
+            if (rc.receipt_type == "m.read.private" && rc.user_id != user) || ignored.contains(&rc.user_id) {
+                continue;
+            }
+            let mut data = json!({ "ts": rc.ts_ms });
+            if let Some(t) = &rc.thread_id {
+                data["thread_id"] = json!(t);
+            }
+            let by_event = content.entry(rc.event_id.to_string()).or_insert_with(|| json!({}));
+            by_event[&rc.receipt_type][rc.user_id.as_str()] = data;
+        }
+        content
     }
 
     async fn build(&self, session: &Session, req: &SyncRequest, memberships: &[MembershipRecord]) -> Result<(SyncResponse, bool)> {
@@ -718,18 +750,7 @@ impl SyncEngine {
         } else {
             vec![]
         };
-        let mut receipt_content: Map<String, Value> = Map::new();
-        for rc in receipts.iter().filter(|r| r.pos <= upto.stream) {
-            if (rc.receipt_type == "m.read.private" && rc.user_id != user) || ignored.contains(&rc.user_id) {
-                continue;
-            }
-            let mut data = json!({ "ts": rc.ts_ms });
-            if let Some(t) = &rc.thread_id {
-                data["thread_id"] = json!(t);
-            }
-            let by_event = receipt_content.entry(rc.event_id.to_string()).or_insert_with(|| json!({}));
-            by_event[&rc.receipt_type][rc.user_id.as_str()] = data;
-        }
+        let receipt_content = Self::receipt_content(&receipts, user, upto.stream, ignored);
         if !receipt_content.is_empty() {
             ephemeral.push(json!({ "type": "m.receipt", "content": receipt_content }));
         }
@@ -958,6 +979,16 @@ impl SyncEngine {
             })
             .collect()
     }
+}
+
+/// The rooms whose changes wake a user's sync: every room they have not
+/// left or been banned from.
+fn watched_rooms(memberships: &[MembershipRecord]) -> Vec<&RoomId> {
+    memberships
+        .iter()
+        .filter(|m| m.membership != Membership::Leave && m.membership != Membership::Ban)
+        .map(|m| &*m.room_id)
+        .collect()
 }
 
 /// What one joined room's section is built from.

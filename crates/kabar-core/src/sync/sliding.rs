@@ -401,20 +401,10 @@ impl SyncEngine {
             req.body.conn_id.clone().unwrap_or_default(),
         );
         let told = self.connections.resume(&key, req.pos.as_deref())?;
-        match req.set_presence.as_deref() {
-            Some("offline") => {}
-            Some(p @ ("online" | "unavailable")) => self.ephemeral.set_presence(&session.user_id, p, None),
-            _ => self.ephemeral.set_presence(&session.user_id, "online", None),
-        }
+        self.mark_presence(&session.user_id, req.set_presence.as_deref());
         let deadline = Instant::now() + req.timeout.min(MAX_TIMEOUT);
         loop {
-            let memberships = self.memberships(&session.user_id).await?;
-            let watched: Vec<&RoomId> = memberships
-                .iter()
-                .filter(|m| m.membership != Membership::Leave && m.membership != Membership::Ban)
-                .map(|m| &*m.room_id)
-                .collect();
-            let interest = self.notifier.interest(&session.user_id, watched.iter().copied());
+            let (memberships, interest) = self.watch(&session.user_id).await?;
             let (mut response, now_told, has_news) = self.build_sliding(session, &req.body, told.as_deref(), &memberships).await?;
             let now = Instant::now();
             if told.is_none() || has_news || now >= deadline || !interest.wait(deadline - now).await {
@@ -896,24 +886,8 @@ impl SyncEngine {
             if from > 0 && !self.changes.receipts.changed_since(&(*room_id).to_owned(), from) {
                 continue;
             }
-            let mut content: Map<String, Value> = Map::new();
-            for rc in self
-                .store
-                .receipts_since(room_id, from)
-                .await?
-                .iter()
-                .filter(|r| r.pos <= upto.stream)
-            {
-                if (rc.receipt_type == "m.read.private" && rc.user_id != user) || ignored.contains(&rc.user_id) {
-                    continue;
-                }
-                let mut data = json!({ "ts": rc.ts_ms });
-                if let Some(t) = &rc.thread_id {
-                    data["thread_id"] = json!(t);
-                }
-                let by_event = content.entry(rc.event_id.to_string()).or_insert_with(|| json!({}));
-                by_event[&rc.receipt_type][rc.user_id.as_str()] = data;
-            }
+            let receipts = self.store.receipts_since(room_id, from).await?;
+            let content = Self::receipt_content(&receipts, user, upto.stream, ignored);
             if !content.is_empty() {
                 out.insert(room_id.to_string(), json!({ "type": "m.receipt", "content": content }));
             }
