@@ -106,6 +106,17 @@ impl StateEntry {
     }
 }
 
+/// What [`RoomCache::newest_in_window`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InWindow {
+    /// The newest accepted event is at this position.
+    Found(StreamPos),
+    /// The window holds every event of the room and none is accepted.
+    NoneInRoom,
+    /// None in the window, which does not reach back to the room's start.
+    BeyondWindow,
+}
+
 /// A room's cached current state and head.
 pub struct RoomCache {
     pub record: RoomRecord,
@@ -312,6 +323,15 @@ impl RoomCache {
         events.truncate(limit);
         events.reverse();
         Some((events, more))
+    }
+
+    /// The newest event in the recent window that `keep` accepts.
+    pub fn newest_in_window(&self, keep: impl Fn(&StoredEvent) -> bool) -> InWindow {
+        match self.recent.iter().rev().find(|e| keep(&e.event)) {
+            Some(e) => InWindow::Found(e.event.pos),
+            None if self.recent_after == 0 => InWindow::NoneInRoom,
+            None => InWindow::BeyondWindow,
+        }
     }
 
     /// Every event in `(after, until]`, oldest first; `None` when the
@@ -664,6 +684,15 @@ impl RoomCaches {
             store,
             rooms: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The room's cache if it is loaded.
+    pub fn loaded(&self, room_id: &RoomId) -> Option<Arc<Room>> {
+        let slot = self.rooms.lock().expect("rooms lock").get(room_id)?.clone();
+        match &*slot.state.lock().expect("room slot lock") {
+            Slot::Loaded(room) => Some(room.clone()),
+            _ => None,
+        }
     }
 
     /// The room's cache, loading it from the store on first use.

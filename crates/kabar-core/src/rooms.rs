@@ -259,6 +259,11 @@ impl Rooms {
         self.caches.get(room_id).await
     }
 
+    /// The room's cache if it is in memory already (nothing is loaded).
+    pub fn loaded_room(&self, room_id: &RoomId) -> Option<Arc<Room>> {
+        self.caches.loaded(room_id)
+    }
+
     /// Builds, authorizes and stores one event, starting in the caller's
     /// write turn, and returns once the applier has applied it (so the
     /// sender's next sync sees it). An event that changes no state gives the

@@ -328,6 +328,40 @@ impl RoomStore for PostgresStore {
         rows.iter().map(|r| parse(get(r, 0)?)).collect()
     }
 
+    async fn room_list_entries(&self, room_ids: &[OwnedRoomId], bump_kinds: &[&str]) -> StoreResult<Vec<RoomListEntry>> {
+        // One query for every room: index lookups per room, as lateral subqueries.
+        let ids: Vec<&str> = room_ids.iter().map(|r| r.as_str()).collect();
+        let rows = self
+            .read(
+                sqlx::query(
+                    "SELECT r.id, \
+                        (SELECT pos FROM events e WHERE e.room_id = r.id AND e.kind = ANY($2) ORDER BY pos DESC LIMIT 1), \
+                        (SELECT MAX(pos) FROM events e WHERE e.room_id = r.id), \
+                        EXISTS (SELECT 1 FROM events e WHERE e.room_id = r.id AND e.kind = 'm.room.encryption' AND e.state_key = ''), \
+                        (SELECT json FROM events e WHERE e.room_id = r.id AND e.kind = 'm.room.create' AND e.state_key = '' LIMIT 1) \
+                     FROM unnest($1::text[]) AS r(id)",
+                )
+                .bind(&ids)
+                .bind(bump_kinds)
+                .fetch_all(&self.engine.pool),
+            )
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let last: Option<i64> = get(row, 2)?;
+            let Some(last) = last else { continue };
+            let bumped: Option<i64> = get(row, 1)?;
+            let create: Option<String> = get(row, 4)?;
+            out.push(RoomListEntry {
+                room_id: parse(get(row, 0)?)?,
+                bump: bumped.unwrap_or(last) as StreamPos,
+                encrypted: get(row, 3)?,
+                room_type: create.as_deref().and_then(kabar_store::room_type_of_create),
+            });
+        }
+        Ok(out)
+    }
+
     fn queue_append(&self, event: EventWrite) -> AppendFuture {
         if is_plain(&event) {
             return Box::pin(self.engine.queue_plain(event));

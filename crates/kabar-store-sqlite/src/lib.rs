@@ -660,6 +660,54 @@ impl RoomStore for SqliteStore {
             .await
     }
 
+    async fn room_list_entries(&self, room_ids: &[OwnedRoomId], bump_kinds: &[&str]) -> StoreResult<Vec<RoomListEntry>> {
+        let rooms = room_ids.to_vec();
+        let kinds: Vec<String> = bump_kinds.iter().map(|k| (*k).to_owned()).collect();
+        self.engine
+            .read(move |c| {
+                // Three index lookups per room, on one reader: the newest
+                // events of the room are walked backwards until one bumps.
+                let mut bump = c
+                    .prepare_cached(&format!(
+                        "SELECT pos FROM events WHERE room_id = ?1 AND kind IN ({}) ORDER BY pos DESC LIMIT 1",
+                        (2..kinds.len() + 2).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ")
+                    ))
+                    .map_err(backend)?;
+                let mut newest = c
+                    .prepare_cached("SELECT MAX(pos) FROM events WHERE room_id = ?1")
+                    .map_err(backend)?;
+                let mut state = c
+                    .prepare_cached("SELECT json FROM events WHERE room_id = ?1 AND kind = ?2 AND state_key = '' ORDER BY pos DESC LIMIT 1")
+                    .map_err(backend)?;
+                let mut out = Vec::with_capacity(rooms.len());
+                for room_id in rooms {
+                    let id = room_id.as_str();
+                    let mut args: Vec<&dyn rusqlite::ToSql> = vec![&id];
+                    args.extend(kinds.iter().map(|k| k as &dyn rusqlite::ToSql));
+                    let bumped: Option<i64> = bump.query_row(args.as_slice(), |r| r.get(0)).optional().map_err(corrupt)?;
+                    let last: Option<i64> = newest.query_row([id], |r| r.get(0)).map_err(corrupt)?;
+                    let Some(last) = last else { continue };
+                    let encrypted = state
+                        .query_row(params![id, "m.room.encryption"], |r| r.get::<_, String>(0))
+                        .optional()
+                        .map_err(corrupt)?
+                        .is_some();
+                    let create: Option<String> = state
+                        .query_row(params![id, "m.room.create"], |r| r.get(0))
+                        .optional()
+                        .map_err(corrupt)?;
+                    out.push(RoomListEntry {
+                        room_type: create.as_deref().and_then(room_type_of_create),
+                        room_id,
+                        bump: bumped.unwrap_or(last) as StreamPos,
+                        encrypted,
+                    });
+                }
+                Ok(out)
+            })
+            .await
+    }
+
     fn queue_append(&self, event: EventWrite) -> AppendFuture {
         Box::pin(self.engine.queue(move |c, positions| insert_event(c, positions, event)))
     }

@@ -38,6 +38,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     appends_submitted_together(store.clone()).await;
     queued_appends_build_on_each_other(&*store).await;
     the_feed_and_the_replay_agree(&*store, &feed, start).await;
+    room_list_entries(&*store).await;
 }
 
 /// For engines that several processes share (two handles on one database,
@@ -679,6 +680,67 @@ fn test_room(id: &str) -> (RoomRecord, EventSigner) {
         is_public: false,
     };
     (room, signer)
+}
+
+async fn room_list_entries(store: &dyn Store) {
+    let (plain, signer) = test_room("!list-plain:localhost");
+    create_joined_room(store, &plain, &signer).await;
+    let message = pdu(&plain, &signer, 3, NewEvent::message("m.room.message", json!({"body": "hi"})));
+    let message_pos = appended(store.append_event(write(message)).await.unwrap());
+    let topic = pdu(&plain, &signer, 4, NewEvent::state("m.room.topic", "", json!({"topic": "t"})));
+    appended(store.append_event(write(topic)).await.unwrap());
+
+    let (space, signer) = test_room("!list-space:localhost");
+    let create = pdu(
+        &space,
+        &signer,
+        1,
+        NewEvent::state("m.room.create", "", json!({"room_version": "11", "type": "m.space"})),
+    );
+    let join = pdu(
+        &space,
+        &signer,
+        2,
+        NewEvent::state("m.room.member", space.creator.as_str(), json!({"membership": "join"})),
+    );
+    let encryption = pdu(
+        &space,
+        &signer,
+        3,
+        NewEvent::state("m.room.encryption", "", json!({"algorithm": "m.megolm.v1.aes-sha2"})),
+    );
+    let positions = store
+        .create_room(space.clone(), vec![write(create), write(join), write(encryption)])
+        .await
+        .unwrap();
+
+    let rooms = [
+        plain.room_id.clone(),
+        space.room_id.clone(),
+        OwnedRoomId::try_from("!unknown:localhost").unwrap(),
+    ];
+    let mut entries = store.room_list_entries(&rooms, &["m.room.create", "m.room.message"]).await.unwrap();
+    entries.sort_by(|a, b| a.room_id.cmp(&b.room_id));
+    assert_eq!(
+        entries,
+        [
+            RoomListEntry {
+                room_id: plain.room_id.clone(),
+                bump: message_pos,
+                encrypted: false,
+                room_type: None,
+            },
+            RoomListEntry {
+                room_id: space.room_id.clone(),
+                bump: positions[0],
+                encrypted: true,
+                room_type: Some("m.space".into()),
+            },
+        ],
+        "the newest bumping event (a later topic does not bump), encryption and type; unknown rooms left out"
+    );
+    let any = store.room_list_entries(&rooms[..1], &["m.sticker"]).await.unwrap();
+    assert_eq!(any[0].bump, message_pos + 1, "without a bumping event, the newest event");
 }
 
 async fn accounts_and_tokens(store: &dyn Store) {

@@ -113,6 +113,11 @@ pub trait RoomStore: Send + Sync {
     async fn room(&self, room_id: &RoomId) -> StoreResult<Option<RoomRecord>>;
     async fn set_room_public(&self, room_id: &RoomId, public: bool) -> StoreResult<()>;
     async fn public_rooms(&self) -> StoreResult<Vec<OwnedRoomId>>;
+    /// What a room list needs of each room, without its whole state: the
+    /// position of its newest event of one of `bump_kinds` (or of any event
+    /// when it has none), whether it is encrypted, and its type (from the
+    /// create event). Rooms the store does not know are left out.
+    async fn room_list_entries(&self, room_ids: &[OwnedRoomId], bump_kinds: &[&str]) -> StoreResult<Vec<RoomListEntry>>;
 
     /// Appends one event, updates current state and membership, records the
     /// transaction id; applies a redaction's effect on its target. Returns the

@@ -332,3 +332,19 @@ pub enum BackupWrite {
         current: Option<u64>,
     },
 }
+
+/// One room as a room list orders and filters it (see
+/// `RoomStore::room_list_entries`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomListEntry {
+    pub room_id: OwnedRoomId,
+    pub bump: StreamPos,
+    pub encrypted: bool,
+    pub room_type: Option<String>,
+}
+
+/// The `type` of a room from its create event's JSON, if it has one.
+pub fn room_type_of_create(create_json: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(create_json).ok()?;
+    v.get("content")?.get("type")?.as_str().map(str::to_owned)
+}

@@ -749,3 +749,49 @@ async fn pushers_are_stored_listed_replaced_and_removed() {
         assert_eq!((status, v["errcode"].as_str()), (400, Some(errcode)), "{body}: {v}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_the_room_list_comes_in_the_same_order_from_rooms_not_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_in(dir.path(), &[]);
+    let pia = Api::register(&server, "pia").await;
+    let mut rooms = vec![];
+    for name in ["a", "b", "c", "d"] {
+        rooms.push(pia.create_room(json!({"name": name})).await);
+    }
+    // Activity in the opposite order of creation, and an encrypted room.
+    for (i, room) in rooms.iter().enumerate().rev() {
+        pia.say(room, &format!("r{i}"), &format!("in room {i}")).await;
+    }
+    pia.ok(
+        Method::PUT,
+        &format!("/rooms/{}/state/m.room.encryption/", common::enc(&rooms[3])),
+        Some(json!({"algorithm": "m.megolm.v1.aes-sha2"})),
+    )
+    .await;
+    let list = |filters: Value| json!({"lists": {"all": {"ranges": [[0, 9]], "timeline_limit": 1, "filters": filters}}});
+    let order = |v: &Value| -> Vec<String> {
+        let mut rooms: Vec<(u64, String)> = v["rooms"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(id, r)| (r["bump_stamp"].as_u64().unwrap(), id.clone()))
+            .collect();
+        rooms.sort();
+        rooms.into_iter().rev().map(|(_, id)| id).collect()
+    };
+    let (_, warm) = sliding(&pia, "", list(json!({}))).await;
+    let (_, warm_encrypted) = sliding(&pia, "", list(json!({"is_encrypted": true}))).await;
+    server.kill9();
+    let server = Server::start_in(dir.path(), &[]);
+    let pia = Api {
+        url: server.url.clone(),
+        ..pia
+    };
+    let (_, cold) = sliding(&pia, "", list(json!({}))).await;
+    let (_, cold_encrypted) = sliding(&pia, "", list(json!({"is_encrypted": true}))).await;
+    assert_eq!(order(&cold), order(&warm), "warm {warm}\ncold {cold}");
+    assert_eq!(order(&cold)[0], rooms[0], "the room with the newest message first");
+    assert_eq!(cold_encrypted["lists"]["all"]["count"], 1);
+    assert_eq!(order(&cold_encrypted), order(&warm_encrypted));
+}

@@ -29,6 +29,7 @@ use crate::{
     error::{Error, Result},
     filter::TimelineFilter,
     keys::{DeviceListDelta, OneTimeKeyCounts},
+    room_cache::InWindow,
     rooms::TimelineEvent,
 };
 
@@ -595,6 +596,10 @@ impl SyncEngine {
 
     /// The user's rooms a list may hold: joined, and invited (not by
     /// someone they ignore), with what the filters and the order need.
+    /// Rooms in memory answer from their caches; the others from one store
+    /// read of a compact summary each (ordering a list must not load the
+    /// whole state of every room a user is in), except invites, whose
+    /// inviter is looked at.
     async fn candidates(
         &self,
         user: &UserId,
@@ -604,11 +609,19 @@ impl SyncEngine {
         direct: &HashSet<OwnedRoomId>,
     ) -> Result<Vec<Candidate>> {
         let mut out = Vec::with_capacity(memberships.len());
+        let mut cold: HashMap<OwnedRoomId, &MembershipRecord> = HashMap::new();
         for m in memberships {
             if m.pos > upto || !matches!(m.membership, Membership::Join | Membership::Invite) {
                 continue;
             }
-            let room = self.rooms.room(&m.room_id).await?;
+            let room = match self.rooms.loaded_room(&m.room_id) {
+                Some(room) => room,
+                None if m.membership == Membership::Join => {
+                    cold.insert(m.room_id.clone(), m);
+                    continue;
+                }
+                None => self.rooms.room(&m.room_id).await?,
+            };
             let r = room.read();
             if m.membership == Membership::Invite
                 && r.state("m.room.member", user.as_str())
@@ -616,6 +629,21 @@ impl SyncEngine {
             {
                 continue;
             }
+            // An invite is placed where it came; a joined room by its newest
+            // bumping event, which the window may be too short to show (then
+            // the store is asked, as for a room not in memory).
+            let bump = if m.membership == Membership::Invite {
+                m.pos
+            } else {
+                match r.newest_in_window(|e| BUMP_TYPES.contains(&e.pdu.kind.to_string().as_str())) {
+                    InWindow::Found(pos) => pos,
+                    InWindow::NoneInRoom => r.last_pos,
+                    InWindow::BeyondWindow => {
+                        cold.insert(m.room_id.clone(), m);
+                        continue;
+                    }
+                }
+            };
             let room_type = r
                 .state("m.room.create", "")
                 .and_then(|e| e.pdu.content_value().get("type").and_then(Value::as_str).map(str::to_owned));
@@ -623,11 +651,26 @@ impl SyncEngine {
                 room_id: m.room_id.clone(),
                 membership: m.membership,
                 membership_pos: m.pos,
-                bump: bump_stamp(&r, m).min(upto.max(m.pos)),
+                bump: bump.max(m.pos).min(upto.max(m.pos)),
                 is_dm: direct.contains(&m.room_id),
                 encrypted: r.encrypted_at().is_some(),
                 room_type,
             });
+        }
+        if !cold.is_empty() {
+            let ids: Vec<OwnedRoomId> = cold.keys().cloned().collect();
+            for entry in self.store.room_list_entries(&ids, BUMP_TYPES).await? {
+                let Some(m) = cold.get(&entry.room_id) else { continue };
+                out.push(Candidate {
+                    is_dm: direct.contains(&entry.room_id),
+                    room_id: entry.room_id,
+                    membership: m.membership,
+                    membership_pos: m.pos,
+                    bump: entry.bump.max(m.pos).min(upto.max(m.pos)),
+                    encrypted: entry.encrypted,
+                    room_type: entry.room_type,
+                });
+            }
         }
         Ok(out)
     }
@@ -930,19 +973,6 @@ fn list_keeps(filters: Option<&ListFilters>, c: &Candidate) -> bool {
         && f.is_invite.is_none_or(|i| i == (c.membership == Membership::Invite))
         && (f.room_types.is_empty() || wanted_type(&f.room_types))
         && !wanted_type(&f.not_room_types)
-}
-
-/// Where the room last moved in a list: its newest event of a
-/// [`BUMP_TYPES`] type in the recent window, else its newest event; an
-/// invite is placed where it came.
-fn bump_stamp(r: &crate::room_cache::RoomCache, m: &MembershipRecord) -> StreamPos {
-    if m.membership == Membership::Invite {
-        return m.pos;
-    }
-    r.recent_matching(0, StreamPos::MAX, 1, |e| BUMP_TYPES.contains(&e.pdu.kind.to_string().as_str()))
-        .and_then(|(events, _)| events.last().map(|e| e.event.pos))
-        .unwrap_or(r.last_pos)
-        .max(m.pos.min(r.last_pos))
 }
 
 fn room_name(r: &crate::room_cache::RoomCache) -> Option<String> {
