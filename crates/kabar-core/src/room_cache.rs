@@ -106,16 +106,17 @@ impl StateEntry {
     }
 }
 
-/// What [`RoomCache::newest_in_window`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InWindow {
-    /// The newest accepted event is at this position.
-    Found(StreamPos),
-    /// The window holds every event of the room and none is accepted.
-    NoneInRoom,
-    /// None in the window, which does not reach back to the room's start.
-    BeyondWindow,
-}
+/// Events whose arrival moves a room up a room list (MSC4186's default
+/// set for sliding sync's `bump_stamp`).
+pub const BUMP_TYPES: &[&str] = &[
+    "m.room.create",
+    "m.room.message",
+    "m.room.encrypted",
+    "m.sticker",
+    "m.call.invite",
+    "m.poll.start",
+    "m.beacon_info",
+];
 
 /// A room's cached current state and head.
 pub struct RoomCache {
@@ -126,6 +127,9 @@ pub struct RoomCache {
     depth: u64,
     /// Stream position of the room's newest event.
     pub last_pos: StreamPos,
+    /// Stream position of its newest event of a [`BUMP_TYPES`] type: where a
+    /// room list places it (0: none, the list falls back to `last_pos`).
+    pub last_bump: StreamPos,
     /// How many users hold each membership, kept up to date by `apply` so that
     /// big rooms are not walked on every sync.
     member_counts: HashMap<Membership, usize>,
@@ -157,6 +161,7 @@ impl RoomCache {
             head: vec![],
             depth: 0,
             last_pos: 0,
+            last_bump: 0,
             member_counts: HashMap::new(),
             recent: VecDeque::new(),
             recent_after: 0,
@@ -325,15 +330,6 @@ impl RoomCache {
         Some((events, more))
     }
 
-    /// The newest event in the recent window that `keep` accepts.
-    pub fn newest_in_window(&self, keep: impl Fn(&StoredEvent) -> bool) -> InWindow {
-        match self.recent.iter().rev().find(|e| keep(&e.event)) {
-            Some(e) => InWindow::Found(e.event.pos),
-            None if self.recent_after == 0 => InWindow::NoneInRoom,
-            None => InWindow::BeyondWindow,
-        }
-    }
-
     /// Every event in `(after, until]`, oldest first; `None` when the
     /// window does not reach back to `after`.
     pub fn recent_between(&self, after: StreamPos, until: StreamPos) -> Option<Vec<Arc<TimelineEvent>>> {
@@ -474,6 +470,9 @@ impl RoomCache {
         self.head = vec![pdu.event_id.clone()];
         self.depth = pdu.depth;
         self.last_pos = self.last_pos.max(pos);
+        if BUMP_TYPES.contains(&pdu.kind.to_string().as_str()) {
+            self.last_bump = self.last_bump.max(pos);
+        }
     }
 
     /// The power levels as push conditions read them (`@room` needs enough power).
@@ -785,6 +784,12 @@ impl RoomCaches {
             .filter(|e| e.pos <= last_pos)
             .map(|e| (e.pos, HistoryVisibility::from_content(Some(e.pdu.content.get()))))
             .collect();
+        let last_bump = self
+            .store
+            .room_list_entries(&[room_id.to_owned()], BUMP_TYPES)
+            .await?
+            .first()
+            .map_or(0, |e| e.bump.min(last_pos));
         Ok(RoomCache {
             record,
             rules,
@@ -792,6 +797,7 @@ impl RoomCaches {
             head,
             depth,
             last_pos,
+            last_bump,
             member_counts,
             recent: VecDeque::new(),
             recent_after: last_pos,

@@ -29,7 +29,7 @@ use crate::{
     error::{Error, Result},
     filter::TimelineFilter,
     keys::{DeviceListDelta, OneTimeKeyCounts},
-    room_cache::InWindow,
+    room_cache::BUMP_TYPES,
     rooms::TimelineEvent,
 };
 
@@ -48,16 +48,6 @@ const MAX_CONNECTIONS: usize = 100_000;
 /// Positions kept per connection: the newest, and the one before it (a
 /// retried request repeats it).
 const POSITIONS_KEPT: usize = 2;
-/// Events whose arrival moves a room up the list (MSC4186's default set).
-const BUMP_TYPES: &[&str] = &[
-    "m.room.create",
-    "m.room.message",
-    "m.room.encrypted",
-    "m.sticker",
-    "m.call.invite",
-    "m.poll.start",
-    "m.beacon_info",
-];
 
 /// How a room is to be shown: the state it needs and how much timeline.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -630,19 +620,11 @@ impl SyncEngine {
                 continue;
             }
             // An invite is placed where it came; a joined room by its newest
-            // bumping event, which the window may be too short to show (then
-            // the store is asked, as for a room not in memory).
-            let bump = if m.membership == Membership::Invite {
-                m.pos
-            } else {
-                match r.newest_in_window(|e| BUMP_TYPES.contains(&e.pdu.kind.to_string().as_str())) {
-                    InWindow::Found(pos) => pos,
-                    InWindow::NoneInRoom => r.last_pos,
-                    InWindow::BeyondWindow => {
-                        cold.insert(m.room_id.clone(), m);
-                        continue;
-                    }
-                }
+            // bumping event (or its newest event, if none bumps).
+            let bump = match m.membership {
+                Membership::Invite => m.pos,
+                _ if r.last_bump > 0 => r.last_bump,
+                _ => r.last_pos,
             };
             let room_type = r
                 .state("m.room.create", "")
@@ -659,6 +641,16 @@ impl SyncEngine {
         }
         if !cold.is_empty() {
             let ids: Vec<OwnedRoomId> = cold.keys().cloned().collect();
+            // Their caches load in the background, so the user's next
+            // answers order the list from memory; this one does not wait.
+            let (rooms, loading) = (self.rooms.clone(), ids.clone());
+            tokio::spawn(async move {
+                for room_id in loading {
+                    if rooms.loaded_room(&room_id).is_none() {
+                        let _ = rooms.room(&room_id).await;
+                    }
+                }
+            });
             for entry in self.store.room_list_entries(&ids, BUMP_TYPES).await? {
                 let Some(m) = cold.get(&entry.room_id) else { continue };
                 out.push(Candidate {
