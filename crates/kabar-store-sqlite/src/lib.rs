@@ -661,46 +661,44 @@ impl RoomStore for SqliteStore {
     }
 
     async fn room_list_entries(&self, room_ids: &[OwnedRoomId], bump_kinds: &[&str]) -> StoreResult<Vec<RoomListEntry>> {
-        let rooms = room_ids.to_vec();
-        let kinds: Vec<String> = bump_kinds.iter().map(|k| (*k).to_owned()).collect();
+        let ids = serde_json::to_string(&room_ids.iter().map(|r| r.as_str()).collect::<Vec<_>>()).map_err(corrupt)?;
+        let kinds = serde_json::to_string(bump_kinds).map_err(corrupt)?;
         self.engine
             .read(move |c| {
-                // Three index lookups per room, on one reader: the newest
-                // events of the room are walked backwards until one bumps.
-                let mut bump = c
-                    .prepare_cached(&format!(
-                        "SELECT pos FROM events WHERE room_id = ?1 AND kind IN ({}) ORDER BY pos DESC LIMIT 1",
-                        (2..kinds.len() + 2).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ")
-                    ))
+                // One statement for every room: index lookups per room (the
+                // newest events of the room are walked backwards until one
+                // bumps), without a round of statement calls per room.
+                let mut st = c
+                    .prepare_cached(
+                        "SELECT r.value, \
+                            (SELECT pos FROM events e WHERE e.room_id = r.value \
+                               AND e.kind IN (SELECT value FROM json_each(?2)) ORDER BY pos DESC LIMIT 1), \
+                            (SELECT MAX(pos) FROM events e WHERE e.room_id = r.value), \
+                            EXISTS (SELECT 1 FROM events e WHERE e.room_id = r.value AND e.kind = 'm.room.encryption' AND e.state_key = ''), \
+                            (SELECT json FROM events e WHERE e.room_id = r.value AND e.kind = 'm.room.create' AND e.state_key = '' LIMIT 1) \
+                         FROM json_each(?1) AS r",
+                    )
                     .map_err(backend)?;
-                let mut newest = c
-                    .prepare_cached("SELECT MAX(pos) FROM events WHERE room_id = ?1")
+                let rows = st
+                    .query_map(params![ids, kinds], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, Option<i64>>(1)?,
+                            r.get::<_, Option<i64>>(2)?,
+                            r.get::<_, bool>(3)?,
+                            r.get::<_, Option<String>>(4)?,
+                        ))
+                    })
                     .map_err(backend)?;
-                let mut state = c
-                    .prepare_cached("SELECT json FROM events WHERE room_id = ?1 AND kind = ?2 AND state_key = '' ORDER BY pos DESC LIMIT 1")
-                    .map_err(backend)?;
-                let mut out = Vec::with_capacity(rooms.len());
-                for room_id in rooms {
-                    let id = room_id.as_str();
-                    let mut args: Vec<&dyn rusqlite::ToSql> = vec![&id];
-                    args.extend(kinds.iter().map(|k| k as &dyn rusqlite::ToSql));
-                    let bumped: Option<i64> = bump.query_row(args.as_slice(), |r| r.get(0)).optional().map_err(corrupt)?;
-                    let last: Option<i64> = newest.query_row([id], |r| r.get(0)).map_err(corrupt)?;
+                let mut out = Vec::new();
+                for row in rows {
+                    let (room_id, bumped, last, encrypted, create) = row.map_err(corrupt)?;
                     let Some(last) = last else { continue };
-                    let encrypted = state
-                        .query_row(params![id, "m.room.encryption"], |r| r.get::<_, String>(0))
-                        .optional()
-                        .map_err(corrupt)?
-                        .is_some();
-                    let create: Option<String> = state
-                        .query_row(params![id, "m.room.create"], |r| r.get(0))
-                        .optional()
-                        .map_err(corrupt)?;
                     out.push(RoomListEntry {
-                        room_type: create.as_deref().and_then(room_type_of_create),
-                        room_id,
+                        room_id: OwnedRoomId::try_from(room_id).map_err(corrupt)?,
                         bump: bumped.unwrap_or(last) as StreamPos,
                         encrypted,
+                        room_type: create.as_deref().and_then(room_type_of_create),
                     });
                 }
                 Ok(out)
