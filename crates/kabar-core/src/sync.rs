@@ -607,43 +607,22 @@ impl SyncEngine {
             filter: &filter.room.timeline,
             ignored,
         };
-        let (last_pos, recent) = {
-            // Settled: every event up to `upto` is in the cache, so the window
-            // and `last_pos` cannot miss one that committed a moment ago.
-            let r = room.read();
-            // A sync that is only a little behind finds its timeline in memory.
-            let recent = (!initial && r.last_pos > since.stream)
-                .then(|| r.recent_matching(since.stream, upto.stream, limit, |e| timeline_filter.keeps(e)))
-                .flatten();
-            (r.last_pos, recent)
-        };
+        // Settled: every event up to `upto` is in the cache, so `last_pos`
+        // cannot miss one that committed a moment ago.
+        let last_pos = room.read().last_pos;
         let timeline_changed = initial || full_state || last_pos > since.stream;
 
         // The timeline: the newest `limit` events the filter lets through
         // (the limit counts only those). An incremental sync's events came
         // while the user was joined; a room seen for the first time may show
         // history from before, as its history visibility allows.
-        let mut events: Vec<(Arc<TimelineEvent>, Membership)> = vec![];
-        let mut limited = false;
-        if timeline_changed {
-            match recent {
-                Some((found, more)) => {
-                    limited = more;
-                    events = found.into_iter().map(|e| (e, Membership::Join)).collect();
-                }
-                None => {
-                    let after = if initial { 0 } else { since.stream };
-                    let (found, more) = self
-                        .timeline_from_store(user, room_id, (after, upto.stream), limit, timeline_filter, initial)
-                        .await?;
-                    limited = more;
-                    events = found
-                        .into_iter()
-                        .map(|v| (Arc::new(TimelineEvent::new(v.event)), v.membership))
-                        .collect();
-                }
-            }
-        }
+        let (events, limited) = if timeline_changed {
+            let seen_from = (!initial).then_some(since.stream);
+            self.timeline(user, room_id, &room, seen_from, upto.stream, limit, timeline_filter)
+                .await?
+        } else {
+            (vec![], false)
+        };
         let prev_batch = timeline_changed.then(|| match events.first() {
             Some((first, _)) => format!("t{}", first.event.pos - 1),
             None => format!("t{}", upto.stream),
@@ -800,6 +779,38 @@ impl SyncEngine {
             },
             joiners,
         )))
+    }
+
+    /// A room's timeline for a sync: the newest `limit` events up to `upto`
+    /// that `filter` keeps, after `seen_from` (from the room's in-memory
+    /// window when it reaches back that far), or, for a room the client
+    /// sees for the first time (`None`), from its start as its history
+    /// visibility allows; oldest first, and whether more were left out.
+    #[allow(clippy::too_many_arguments)]
+    async fn timeline(
+        &self,
+        user: &UserId,
+        room_id: &RoomId,
+        room: &Room,
+        seen_from: Option<StreamPos>,
+        upto: StreamPos,
+        limit: usize,
+        filter: TimelineFilter<'_>,
+    ) -> Result<(Vec<(Arc<TimelineEvent>, Membership)>, bool)> {
+        if let Some(after) = seen_from
+            && let Some((found, more)) = room.read().recent_matching(after, upto, limit, |e| filter.keeps(e))
+        {
+            return Ok((found.into_iter().map(|e| (e, Membership::Join)).collect(), more));
+        }
+        let after = seen_from.unwrap_or(0);
+        let (found, more) = self
+            .timeline_from_store(user, room_id, (after, upto), limit, filter, seen_from.is_none())
+            .await?;
+        let events = found
+            .into_iter()
+            .map(|v| (Arc::new(TimelineEvent::new(v.event)), v.membership))
+            .collect();
+        Ok((events, more))
     }
 
     /// The newest `limit` events in `(after, until]` that `filter` keeps and

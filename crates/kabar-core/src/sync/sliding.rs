@@ -747,28 +747,12 @@ impl SyncEngine {
                 filter: &empty_filter,
                 ignored,
             };
-            let after = from.unwrap_or(0);
-            let mut events: Vec<(Arc<TimelineEvent>, Membership)> = vec![];
-            let mut limited = false;
-            if limit > 0 {
-                let recent = from.and_then(|f| room.read().recent_matching(f, upto.stream, limit, |e| timeline_filter.keeps(e)));
-                match recent {
-                    Some((found, more)) => {
-                        limited = more;
-                        events = found.into_iter().map(|e| (e, Membership::Join)).collect();
-                    }
-                    None => {
-                        let (found, more) = self
-                            .timeline_from_store(user, room_id, (after, upto.stream), limit, timeline_filter, from.is_none())
-                            .await?;
-                        limited = more;
-                        events = found
-                            .into_iter()
-                            .map(|v| (Arc::new(TimelineEvent::new(v.event)), v.membership))
-                            .collect();
-                    }
-                }
-            }
+            let (events, limited) = if limit > 0 {
+                self.timeline(user, room_id, &room, from, upto.stream, limit, timeline_filter)
+                    .await?
+            } else {
+                (vec![], false)
+            };
             let num_live = since.map(|s| events.iter().filter(|(e, _)| e.event.pos > s.stream).count());
             let prev_batch = events.first().map(|(e, _)| format!("t{}", e.event.pos - 1));
             let senders: BTreeSet<&str> = events.iter().map(|(e, _)| e.event.pdu.sender.as_str()).collect();
