@@ -765,8 +765,11 @@ impl SyncEngine {
                 // The state at the end of the timeline, whether or not the
                 // timeline shows the event too (clients read room names and
                 // the like from here, not from the timeline).
+                // Each state event once, however many wants name it (`$LAZY`
+                // and `$ME` both name the user; a wildcard may name either).
+                let mut added = HashSet::new();
                 let mut add = |entry: &crate::rooms::StateEntry| {
-                    if entry.pos <= upto.stream {
+                    if entry.pos <= upto.stream && added.insert(entry.pos) {
                         required_state.push(client_event_json(&TimelineEvent::new(entry.to_stored()), session, None));
                     }
                 };
@@ -837,7 +840,6 @@ impl SyncEngine {
                     ignored,
                 )
                 .await?;
-            required_state.dedup_by(|a, b| a.get() == b.get());
             Ok(Some(RoomOut {
                 name,
                 avatar,
