@@ -358,6 +358,7 @@ impl Applier {
         match &update.change {
             Change::Event(event) => {
                 t.rooms.apply(event);
+                t.changes.room_events.record(&event.pdu.room_id, pos);
                 wakes.rooms.insert(event.pdu.room_id.clone());
                 if event.pdu.kind == TimelineEventType::RoomMember
                     && let Some(target) = event.pdu.state_key.as_deref().and_then(|k| OwnedUserId::try_from(k).ok())

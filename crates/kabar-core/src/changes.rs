@@ -17,7 +17,7 @@ use std::{
 };
 
 use kabar_store::StreamPos;
-use ruma::{OwnedRoomId, OwnedUserId, UserId};
+use ruma::{OwnedRoomId, OwnedUserId};
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Entry {
@@ -113,54 +113,62 @@ impl<K: Eq + Hash + Clone, V: Clone> GenerationCache<K, V> {
     }
 }
 
-/// Bound on remembered device-list changes; older ones are read from the store.
+/// Bound on remembered changes per log; older ones are answered "unknown"
+/// (the store, or a full recomputation, answers instead).
 const MAX_LOGGED_CHANGES: usize = 200_000;
 
-#[derive(Default)]
-struct LogInner {
+struct LogInner<K> {
     /// Changes at or before this position are not all remembered.
     floor: StreamPos,
-    by_pos: BTreeMap<StreamPos, OwnedUserId>,
-    latest: HashMap<OwnedUserId, StreamPos>,
+    by_pos: BTreeMap<StreamPos, K>,
+    latest: HashMap<K, StreamPos>,
 }
 
-/// Which users changed, in stream order: the device-list changes that syncs
-/// and `/keys/changes` report.
-pub struct ChangeLog {
-    inner: Mutex<LogInner>,
+/// Which keys changed, in stream order, each at its latest change: the
+/// device-list changes that syncs and `/keys/changes` report, the rooms a
+/// sliding-sync room list must look at again.
+pub struct ChangeLog<K> {
+    inner: Mutex<LogInner<K>>,
 }
 
-impl ChangeLog {
+impl<K: Eq + Hash + Clone> ChangeLog<K> {
     /// A log that knows nothing up to `baseline`, the store's position at start.
     pub fn new(baseline: StreamPos) -> Self {
         Self {
             inner: Mutex::new(LogInner {
                 floor: baseline,
-                ..LogInner::default()
+                by_pos: BTreeMap::new(),
+                latest: HashMap::new(),
             }),
         }
     }
 
-    /// The user's device list changed at `pos` (called by the applier).
-    pub(crate) fn record(&self, user: &UserId, pos: StreamPos) {
+    /// `key` changed at `pos` (called by the applier).
+    pub(crate) fn record(&self, key: &K, pos: StreamPos) {
         let mut inner = self.inner.lock().expect("change log lock");
-        if inner.latest.get(user).is_some_and(|p| *p >= pos) {
+        if inner.latest.get(key).is_some_and(|p| *p >= pos) {
             return;
         }
-        if let Some(old) = inner.latest.insert(user.to_owned(), pos) {
+        if let Some(old) = inner.latest.insert(key.clone(), pos) {
             inner.by_pos.remove(&old);
         }
-        inner.by_pos.insert(pos, user.to_owned());
+        inner.by_pos.insert(pos, key.clone());
         while inner.by_pos.len() > MAX_LOGGED_CHANGES {
-            let (oldest, user) = inner.by_pos.pop_first().expect("non-empty");
-            inner.latest.remove(&user);
+            let (oldest, key) = inner.by_pos.pop_first().expect("non-empty");
+            inner.latest.remove(&key);
             inner.floor = inner.floor.max(oldest);
         }
     }
 
-    /// Users whose latest change is in `(since, until]`; `None` if `since`
+    /// Keys whose latest change is in `(since, until]`; `None` if `since`
     /// is older than the log.
-    pub fn changed_between(&self, since: StreamPos, until: StreamPos) -> Option<Vec<OwnedUserId>> {
+    pub fn changed_between(&self, since: StreamPos, until: StreamPos) -> Option<Vec<K>> {
+        self.changed_between_at_most(since, until, usize::MAX)
+    }
+
+    /// As [`Self::changed_between`], and `None` too when more than `limit`
+    /// keys changed (the caller would do better to start over).
+    pub fn changed_between_at_most(&self, since: StreamPos, until: StreamPos, limit: usize) -> Option<Vec<K>> {
         let inner = self.inner.lock().expect("change log lock");
         if since < inner.floor {
             return None;
@@ -168,7 +176,14 @@ impl ChangeLog {
         if since >= until {
             return Some(vec![]);
         }
-        Some(inner.by_pos.range(since + 1..=until).map(|(_, u)| u.clone()).collect())
+        let mut changed = vec![];
+        for (_, key) in inner.by_pos.range(since + 1..=until) {
+            if changed.len() == limit {
+                return None;
+            }
+            changed.push(key.clone());
+        }
+        Some(changed)
     }
 }
 
@@ -181,7 +196,9 @@ pub struct Changes {
     /// Receipts in a room.
     pub receipts: ChangeTracker<OwnedRoomId>,
     /// Users whose devices or keys changed (what `/keys/query` shows of them).
-    pub device_lists: ChangeLog,
+    pub device_lists: ChangeLog<OwnedUserId>,
+    /// Rooms with new events (sliding sync's room lists re-read these only).
+    pub room_events: ChangeLog<OwnedRoomId>,
     /// A device's one-time and fallback keys (uploads and claims).
     pub one_time_keys: ChangeTracker<DeviceKey>,
     /// A device's queue of to-device messages.
@@ -200,6 +217,7 @@ impl Changes {
             account_data: ChangeTracker::new(baseline),
             receipts: ChangeTracker::new(baseline),
             device_lists: ChangeLog::new(baseline),
+            room_events: ChangeLog::new(baseline),
             one_time_keys: ChangeTracker::new(baseline),
             to_device: ChangeTracker::new(baseline),
         })
@@ -249,6 +267,22 @@ mod tests {
         assert_eq!(cache.get_or_read(&t, &"a", read(2)).await, Ok(1), "unchanged: from memory");
         t.record(&"a", 9);
         assert_eq!(cache.get_or_read(&t, &"a", read(3)).await, Ok(3), "changed: read again");
+    }
+
+    #[test]
+    fn a_change_log_asked_for_at_most_n_keys_says_unknown_past_n() {
+        let log: ChangeLog<u32> = ChangeLog::new(0);
+        for (key, pos) in [(1, 1), (2, 2), (3, 3), (1, 4)] {
+            log.record(&key, pos);
+        }
+        assert_eq!(
+            log.changed_between_at_most(0, 4, 3),
+            Some(vec![2, 3, 1]),
+            "each key once, at its latest"
+        );
+        assert_eq!(log.changed_between_at_most(0, 4, 2), None);
+        assert_eq!(log.changed_between_at_most(2, 4, 2), Some(vec![3, 1]));
+        assert_eq!(log.changed_between_at_most(4, 4, 0), Some(vec![]));
     }
 
     #[test]

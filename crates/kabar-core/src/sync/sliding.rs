@@ -73,7 +73,7 @@ impl RoomConfig {
 }
 
 /// Which of the user's rooms a list holds (all given must hold).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct ListFilters {
     pub is_dm: Option<bool>,
     pub is_encrypted: Option<bool>,
@@ -262,6 +262,8 @@ struct Told {
     rooms: HashMap<OwnedRoomId, ToldRoom>,
     /// Each list's count.
     counts: BTreeMap<String, usize>,
+    /// The rooms and list orders the answer was cut from.
+    room_list: Arc<RoomList>,
 }
 
 #[derive(Debug, Clone)]
@@ -369,7 +371,64 @@ impl Connections {
     }
 }
 
+/// The user's rooms and each list's order at one position, kept with the
+/// connection: the next request (the next page, or the same window after
+/// a message) re-reads only the rooms that changed since and moves them in
+/// the orders, instead of reading and sorting every room again.
+#[derive(Debug, Default)]
+struct RoomList {
+    upto: StreamPos,
+    /// The generation of the user's account data (`m.direct`, ignored
+    /// users) the rooms were read with: a change reads them all again.
+    account_data: u64,
+    rooms: HashMap<OwnedRoomId, Candidate>,
+    orders: BTreeMap<String, ListOrder>,
+}
+
+/// A list's rooms, newest bump first (ties by room id, so the order is
+/// the same on every request).
+#[derive(Debug, Clone)]
+struct ListOrder {
+    filters: Option<ListFilters>,
+    rooms: Vec<(std::cmp::Reverse<StreamPos>, OwnedRoomId)>,
+}
+
+impl ListOrder {
+    fn new(filters: Option<&ListFilters>, rooms: &HashMap<OwnedRoomId, Candidate>) -> Self {
+        let mut order: Vec<_> = rooms
+            .values()
+            .filter(|c| list_keeps(filters, c))
+            .map(|c| (std::cmp::Reverse(c.bump), c.room_id.clone()))
+            .collect();
+        order.sort_unstable();
+        ListOrder {
+            filters: filters.cloned(),
+            rooms: order,
+        }
+    }
+
+    /// The order with the `changed` rooms taken out and put back where they
+    /// now belong (if they still do).
+    fn updated(&self, changed: &HashSet<OwnedRoomId>, rooms: &HashMap<OwnedRoomId, Candidate>) -> Self {
+        let mut order = self.rooms.clone();
+        order.retain(|(_, room_id)| !changed.contains(room_id));
+        for room_id in changed {
+            let Some(c) = rooms.get(room_id).filter(|c| list_keeps(self.filters.as_ref(), c)) else {
+                continue;
+            };
+            let key = (std::cmp::Reverse(c.bump), c.room_id.clone());
+            let at = order.partition_point(|k| *k < key);
+            order.insert(at, key);
+        }
+        ListOrder {
+            filters: self.filters.clone(),
+            rooms: order,
+        }
+    }
+}
+
 /// One of the user's rooms as the lists see it.
+#[derive(Debug, Clone)]
 struct Candidate {
     room_id: OwnedRoomId,
     membership: Membership,
@@ -437,24 +496,26 @@ impl SyncEngine {
             extensions.to_device = Some(json!({ "next_batch": upto.stream.to_string(), "events": events }));
         }
 
-        let candidates = self.candidates(user, memberships, upto.stream, &ignored, &direct).await?;
+        let previous = told.map(|t| &t.room_list);
+        let room_list = self
+            .room_list(user, memberships, upto.stream, &ignored, &direct, &body.lists, previous)
+            .await?;
         let mut lists = BTreeMap::new();
         let mut counts = BTreeMap::new();
         let mut wanted: BTreeMap<OwnedRoomId, RoomConfig> = BTreeMap::new();
         for (name, list) in &body.lists {
-            let mut members: Vec<&Candidate> = candidates.iter().filter(|c| list_keeps(list.filters.as_ref(), c)).collect();
-            members.sort_by(|a, b| b.bump.cmp(&a.bump).then_with(|| a.room_id.cmp(&b.room_id)));
+            let members = &room_list.orders.get(name).expect("an order per list").rooms;
             for (from, to) in &list.ranges {
                 let from = (*from).min(usize::MAX as u64) as usize;
                 let to = (*to).min(usize::MAX as u64 - 1) as usize;
-                for c in members.iter().skip(from).take(to.saturating_sub(from).saturating_add(1)) {
-                    wanted.entry(c.room_id.clone()).or_default().merge(&list.room);
+                for (_, room_id) in members.iter().skip(from).take(to.saturating_sub(from).saturating_add(1)) {
+                    wanted.entry(room_id.clone()).or_default().merge(&list.room);
                 }
             }
             counts.insert(name.clone(), members.len());
             lists.insert(name.clone(), ListOut { count: members.len() });
         }
-        let by_id: HashMap<&RoomId, &Candidate> = candidates.iter().map(|c| (&*c.room_id, c)).collect();
+        let by_id = &room_list.rooms;
         for (room_id, config) in &body.room_subscriptions {
             if by_id.contains_key(&**room_id) {
                 wanted.entry(room_id.clone()).or_default().merge(config);
@@ -465,6 +526,7 @@ impl SyncEngine {
             upto,
             rooms: told.map(|t| t.rooms.clone()).unwrap_or_default(),
             counts: counts.clone(),
+            room_list: room_list.clone(),
         };
         let mut rooms = BTreeMap::new();
         let mut configs: Vec<Arc<RoomConfig>> = told
@@ -582,6 +644,81 @@ impl SyncEngine {
             extensions,
         };
         Ok((response, now_told, has_news))
+    }
+
+    /// The user's rooms and each list's order at `upto`: the connection's
+    /// `previous` ones updated with the rooms that changed since (new
+    /// events, the user's membership), when it has them and the user's
+    /// account data did not change; else read in full.
+    #[allow(clippy::too_many_arguments)]
+    async fn room_list(
+        &self,
+        user: &UserId,
+        memberships: &[MembershipRecord],
+        upto: StreamPos,
+        ignored: &HashSet<OwnedUserId>,
+        direct: &HashSet<OwnedRoomId>,
+        lists: &BTreeMap<String, ListRequest>,
+        previous: Option<&Arc<RoomList>>,
+    ) -> Result<Arc<RoomList>> {
+        let account_data = self.changes.account_data.generation(&user.to_owned());
+        let changed = previous.filter(|p| p.account_data == account_data && p.upto <= upto).and_then(|p| {
+            // Past as many changed rooms as the user has, reading them all is no dearer.
+            let limit = memberships.len().max(64);
+            let rooms = self.changes.room_events.changed_between_at_most(p.upto, upto, limit)?;
+            let mut changed: HashSet<OwnedRoomId> = rooms.into_iter().collect();
+            changed.extend(memberships.iter().filter(|m| m.pos > p.upto).map(|m| m.room_id.clone()));
+            Some((p, changed))
+        });
+        let Some((previous, changed)) = changed else {
+            let rooms: HashMap<OwnedRoomId, Candidate> = self
+                .candidates(user, memberships, upto, ignored, direct)
+                .await?
+                .into_iter()
+                .map(|c| (c.room_id.clone(), c))
+                .collect();
+            let orders = lists
+                .iter()
+                .map(|(name, list)| (name.clone(), ListOrder::new(list.filters.as_ref(), &rooms)))
+                .collect();
+            return Ok(Arc::new(RoomList {
+                upto,
+                account_data,
+                rooms,
+                orders,
+            }));
+        };
+        let same_lists = lists.len() == previous.orders.len()
+            && lists
+                .iter()
+                .all(|(name, list)| previous.orders.get(name).is_some_and(|o| o.filters == list.filters));
+        if changed.is_empty() && same_lists {
+            return Ok(previous.clone());
+        }
+        let mut rooms = previous.rooms.clone();
+        for room_id in &changed {
+            rooms.remove(room_id);
+        }
+        let again: Vec<MembershipRecord> = memberships.iter().filter(|m| changed.contains(&m.room_id)).cloned().collect();
+        for c in self.candidates(user, &again, upto, ignored, direct).await? {
+            rooms.insert(c.room_id.clone(), c);
+        }
+        let orders = lists
+            .iter()
+            .map(|(name, list)| {
+                let order = match previous.orders.get(name) {
+                    Some(order) if order.filters == list.filters => order.updated(&changed, &rooms),
+                    _ => ListOrder::new(list.filters.as_ref(), &rooms),
+                };
+                (name.clone(), order)
+            })
+            .collect();
+        Ok(Arc::new(RoomList {
+            upto,
+            account_data,
+            rooms,
+            orders,
+        }))
     }
 
     /// The user's rooms a list may hold: joined, and invited (not by
@@ -1069,6 +1206,62 @@ mod tests {
             "a new connection forgets the old"
         );
         assert_eq!(connections.len(), 0);
+    }
+
+    fn candidate(n: u32, bump: StreamPos, is_dm: bool) -> Candidate {
+        Candidate {
+            room_id: OwnedRoomId::try_from(format!("!r{n}:x")).unwrap(),
+            membership: Membership::Join,
+            membership_pos: 1,
+            bump,
+            is_dm,
+            encrypted: false,
+            room_type: None,
+        }
+    }
+
+    #[test]
+    fn a_list_order_updated_with_the_changed_rooms_is_the_order_read_afresh() {
+        // A small deterministic generator: the same cases on every run.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |below: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % below
+        };
+        let dms = ListFilters {
+            is_dm: Some(true),
+            ..ListFilters::default()
+        };
+        let mut rooms: HashMap<OwnedRoomId, Candidate> = (0..200)
+            .map(|n| candidate(n, next(50), next(3) == 0))
+            .map(|c| (c.room_id.clone(), c))
+            .collect();
+        let mut orders = [ListOrder::new(None, &rooms), ListOrder::new(Some(&dms), &rooms)];
+        for round in 0..50u64 {
+            let mut changed = HashSet::new();
+            for _ in 0..next(8) {
+                let n = next(220) as u32;
+                let room_id = OwnedRoomId::try_from(format!("!r{n}:x")).unwrap();
+                match next(4) {
+                    // Left: out of every list.
+                    0 => {
+                        rooms.remove(&room_id);
+                    }
+                    // A new message, a join, a room marked direct or not.
+                    _ => {
+                        rooms.insert(room_id.clone(), candidate(n, 50 + round * 10 + next(10), next(3) == 0));
+                    }
+                }
+                changed.insert(room_id);
+            }
+            orders = [orders[0].updated(&changed, &rooms), orders[1].updated(&changed, &rooms)];
+            assert_eq!(orders[0].rooms, ListOrder::new(None, &rooms).rooms, "round {round}");
+            assert_eq!(orders[1].rooms, ListOrder::new(Some(&dms), &rooms).rooms, "round {round}");
+        }
+        let newest = &orders[0].rooms[0];
+        assert!(orders[0].rooms.iter().all(|k| k.0.0 <= newest.0.0), "newest bump first");
     }
 
     #[test]
