@@ -48,6 +48,10 @@ const MAX_CONNECTIONS: usize = 100_000;
 /// Positions kept per connection: the newest, and the one before it (a
 /// retried request repeats it).
 const POSITIONS_KEPT: usize = 2;
+/// Memory the connections' kept room lists may take together (about 1,500
+/// users of 2,000 rooms each); past it the least recently used connections
+/// let theirs go.
+const ROOM_LIST_BUDGET: usize = 256 << 20;
 
 /// How a room is to be shown: the state it needs and how much timeline.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -262,8 +266,6 @@ struct Told {
     rooms: HashMap<OwnedRoomId, ToldRoom>,
     /// Each list's count.
     counts: BTreeMap<String, usize>,
-    /// The rooms and list orders the answer was cut from.
-    room_list: Arc<RoomList>,
 }
 
 #[derive(Debug, Clone)]
@@ -281,16 +283,60 @@ struct Connection {
     positions: VecDeque<(u64, Arc<Told>)>,
     next: u64,
     used: Instant,
+    /// The newest room list, if still kept (see [`RoomList`]).
+    room_list: Option<(Arc<RoomList>, usize)>,
 }
 
 type ConnectionKey = (OwnedUserId, String, String);
+
+/// What a known `pos` told, and the connection's newest room list if kept.
+type Resumed = (Arc<Told>, Option<Arc<RoomList>>);
+
+#[derive(Default)]
+struct ConnectionsInner {
+    by_key: HashMap<ConnectionKey, Connection>,
+    /// What the kept room lists take together.
+    room_list_bytes: usize,
+}
+
+impl ConnectionsInner {
+    fn remove(&mut self, key: &ConnectionKey) {
+        if let Some(gone) = self.by_key.remove(key) {
+            self.room_list_bytes -= gone.room_list.map_or(0, |(_, bytes)| bytes);
+        }
+    }
+
+    /// Lets the least recently used room lists go until they take at most
+    /// three quarters of `budget`.
+    fn keep_room_lists_within(&mut self, budget: usize) {
+        if self.room_list_bytes <= budget {
+            return;
+        }
+        let mut holders: Vec<(Instant, ConnectionKey)> = self
+            .by_key
+            .iter()
+            .filter(|(_, c)| c.room_list.is_some())
+            .map(|(k, c)| (c.used, k.clone()))
+            .collect();
+        holders.sort_unstable_by_key(|(used, _)| *used);
+        for (_, key) in holders {
+            if self.room_list_bytes <= budget / 4 * 3 {
+                break;
+            }
+            if let Some((_, bytes)) = self.by_key.get_mut(&key).and_then(|c| c.room_list.take()) {
+                self.room_list_bytes -= bytes;
+            }
+        }
+    }
+}
 
 /// Every sliding-sync connection this process answers.
 pub struct Connections {
     /// Tells this process's positions from another's (a node, a restart).
     instance: u64,
     serials: std::sync::atomic::AtomicU64,
-    by_key: Mutex<HashMap<ConnectionKey, Connection>>,
+    inner: Mutex<ConnectionsInner>,
+    room_list_budget: usize,
 }
 
 impl Default for Connections {
@@ -298,19 +344,21 @@ impl Default for Connections {
         Self {
             instance: rand::random::<u32>() as u64,
             serials: std::sync::atomic::AtomicU64::new(1),
-            by_key: Mutex::new(HashMap::new()),
+            inner: Mutex::new(ConnectionsInner::default()),
+            room_list_budget: ROOM_LIST_BUDGET,
         }
     }
 }
 
 impl Connections {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionKey, Connection>> {
-        self.by_key.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnectionsInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// What `pos` told the client on this connection; `None` for no `pos`
-    /// (a new connection, which forgets the old one).
-    fn resume(&self, key: &ConnectionKey, pos: Option<&str>) -> Result<Option<Arc<Told>>> {
+    /// What `pos` told the client on this connection, and the connection's
+    /// newest room list if kept; `None` for no `pos` (a new connection,
+    /// which forgets the old one).
+    fn resume(&self, key: &ConnectionKey, pos: Option<&str>) -> Result<Option<Resumed>> {
         let Some(pos) = pos else {
             self.lock().remove(key);
             return Ok(None);
@@ -322,35 +370,41 @@ impl Connections {
         };
         let parse = |s: &str| u64::from_str_radix(s, 16).map_err(|_| unknown());
         let (instance, serial, n) = (parse(instance)?, parse(serial)?, parse(n)?);
-        let mut connections = self.lock();
-        let connection = connections.get_mut(key).filter(|c| instance == self.instance && c.serial == serial);
+        let mut inner = self.lock();
+        let connection = inner
+            .by_key
+            .get_mut(key)
+            .filter(|c| instance == self.instance && c.serial == serial);
         let Some(connection) = connection else {
             return Err(unknown());
         };
         connection.used = Instant::now();
+        let room_list = connection.room_list.as_ref().map(|(list, _)| list.clone());
         connection
             .positions
             .iter()
             .find(|(p, _)| *p == n)
-            .map(|(_, told)| Some(told.clone()))
+            .map(|(_, told)| Some((told.clone(), room_list)))
             .ok_or_else(unknown)
     }
 
-    /// Records what the answer told and returns its `pos`. Positions older
-    /// than `after` are forgotten: the client moved past them.
-    fn record(&self, key: ConnectionKey, after: Option<&str>, told: Told) -> String {
-        let mut connections = self.lock();
-        if connections.len() >= MAX_CONNECTIONS && !connections.contains_key(&key) {
-            let oldest = connections.iter().min_by_key(|(_, c)| c.used).map(|(k, _)| k.clone());
+    /// Records what the answer told and the room list it was cut from, and
+    /// returns its `pos`. Positions older than `after` are forgotten: the
+    /// client moved past them.
+    fn record(&self, key: ConnectionKey, after: Option<&str>, told: Told, room_list: Arc<RoomList>) -> String {
+        let mut inner = self.lock();
+        if inner.by_key.len() >= MAX_CONNECTIONS && !inner.by_key.contains_key(&key) {
+            let oldest = inner.by_key.iter().min_by_key(|(_, c)| c.used).map(|(k, _)| k.clone());
             if let Some(oldest) = oldest {
-                connections.remove(&oldest);
+                inner.remove(&oldest);
             }
         }
-        let connection = connections.entry(key).or_insert_with(|| Connection {
+        let connection = inner.by_key.entry(key).or_insert_with(|| Connection {
             serial: self.serials.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             positions: VecDeque::new(),
             next: 1,
             used: Instant::now(),
+            room_list: None,
         });
         if after.is_none() {
             connection.positions.clear();
@@ -362,45 +416,102 @@ impl Connections {
         while connection.positions.len() > POSITIONS_KEPT {
             connection.positions.pop_front();
         }
-        format!("{:x}_{:x}_{:x}", self.instance, connection.serial, n)
+        let (mut freed, mut added) = (0, 0);
+        let same = connection.room_list.as_ref().is_some_and(|(kept, _)| Arc::ptr_eq(kept, &room_list));
+        if !same {
+            let bytes = room_list.bytes();
+            freed = connection.room_list.replace((room_list, bytes)).map_or(0, |(_, b)| b);
+            added = bytes;
+        }
+        let pos = format!("{:x}_{:x}_{:x}", self.instance, connection.serial, n);
+        inner.room_list_bytes = inner.room_list_bytes + added - freed;
+        inner.keep_room_lists_within(self.room_list_budget);
+        pos
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().by_key.len()
+    }
+
+    #[cfg(test)]
+    fn room_list_bytes(&self) -> usize {
+        self.lock().room_list_bytes
     }
 }
 
 /// The user's rooms and each list's order at one position, kept with the
-/// connection: the next request (the next page, or the same window after
-/// a message) re-reads only the rooms that changed since and moves them in
-/// the orders, instead of reading and sorting every room again.
+/// connection: the next request (the next page, the same window after a
+/// message, a long-poll woken up) re-reads only the rooms that changed
+/// since and moves them in the orders, instead of reading and sorting every
+/// room again. Kept within [`ROOM_LIST_BUDGET`] over all connections; a
+/// connection whose list was let go reads its rooms in full next time.
 #[derive(Debug, Default)]
 struct RoomList {
     upto: StreamPos,
     /// The generation of the user's account data (`m.direct`, ignored
     /// users) the rooms were read with: a change reads them all again.
     account_data: u64,
-    rooms: HashMap<OwnedRoomId, Candidate>,
+    rooms: HashSet<ByRoom>,
     orders: BTreeMap<String, ListOrder>,
 }
+
+impl RoomList {
+    fn get(&self, room_id: &RoomId) -> Option<&Candidate> {
+        self.rooms.get(room_id).map(|r| &*r.0)
+    }
+
+    /// About how much memory the list holds.
+    fn bytes(&self) -> usize {
+        let per_room = std::mem::size_of::<Candidate>() + 2 * std::mem::size_of::<usize>() + std::mem::size_of::<ByRoom>() + 1;
+        let ids: usize = self.rooms.iter().map(|r| r.0.room_id.as_str().len()).sum();
+        let orders: usize = self.orders.values().map(|o| o.rooms.len()).sum();
+        std::mem::size_of::<Self>() + self.rooms.len() * per_room + ids + orders * std::mem::size_of::<Arc<Candidate>>()
+    }
+}
+
+/// A candidate in a set looked up by its room id, so that the id is not
+/// stored twice.
+#[derive(Debug, Clone)]
+struct ByRoom(Arc<Candidate>);
+
+impl std::borrow::Borrow<RoomId> for ByRoom {
+    fn borrow(&self) -> &RoomId {
+        &self.0.room_id
+    }
+}
+
+impl std::hash::Hash for ByRoom {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let id: &RoomId = &self.0.room_id;
+        id.hash(state);
+    }
+}
+
+impl PartialEq for ByRoom {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.room_id == other.0.room_id
+    }
+}
+
+impl Eq for ByRoom {}
 
 /// A list's rooms, newest bump first (ties by room id, so the order is
 /// the same on every request).
 #[derive(Debug, Clone)]
 struct ListOrder {
     filters: Option<ListFilters>,
-    rooms: Vec<(std::cmp::Reverse<StreamPos>, OwnedRoomId)>,
+    rooms: Vec<Arc<Candidate>>,
+}
+
+fn order_key(c: &Candidate) -> (std::cmp::Reverse<StreamPos>, &RoomId) {
+    (std::cmp::Reverse(c.bump), &c.room_id)
 }
 
 impl ListOrder {
-    fn new(filters: Option<&ListFilters>, rooms: &HashMap<OwnedRoomId, Candidate>) -> Self {
-        let mut order: Vec<_> = rooms
-            .values()
-            .filter(|c| list_keeps(filters, c))
-            .map(|c| (std::cmp::Reverse(c.bump), c.room_id.clone()))
-            .collect();
-        order.sort_unstable();
+    fn new(filters: Option<&ListFilters>, rooms: &HashSet<ByRoom>) -> Self {
+        let mut order: Vec<Arc<Candidate>> = rooms.iter().filter(|r| list_keeps(filters, &r.0)).map(|r| r.0.clone()).collect();
+        order.sort_unstable_by(|a, b| order_key(a).cmp(&order_key(b)));
         ListOrder {
             filters: filters.cloned(),
             rooms: order,
@@ -409,16 +520,15 @@ impl ListOrder {
 
     /// The order with the `changed` rooms taken out and put back where they
     /// now belong (if they still do).
-    fn updated(&self, changed: &HashSet<OwnedRoomId>, rooms: &HashMap<OwnedRoomId, Candidate>) -> Self {
+    fn updated(&self, changed: &HashSet<OwnedRoomId>, rooms: &HashSet<ByRoom>) -> Self {
         let mut order = self.rooms.clone();
-        order.retain(|(_, room_id)| !changed.contains(room_id));
+        order.retain(|c| !changed.contains(&c.room_id));
         for room_id in changed {
-            let Some(c) = rooms.get(room_id).filter(|c| list_keeps(self.filters.as_ref(), c)) else {
+            let Some(c) = rooms.get(&**room_id).filter(|c| list_keeps(self.filters.as_ref(), &c.0)) else {
                 continue;
             };
-            let key = (std::cmp::Reverse(c.bump), c.room_id.clone());
-            let at = order.partition_point(|k| *k < key);
-            order.insert(at, key);
+            let at = order.partition_point(|o| order_key(o) < order_key(&c.0));
+            order.insert(at, c.0.clone());
         }
         ListOrder {
             filters: self.filters.clone(),
@@ -450,15 +560,19 @@ impl SyncEngine {
             session.device_id.clone(),
             req.body.conn_id.clone().unwrap_or_default(),
         );
-        let told = self.connections.resume(&key, req.pos.as_deref())?;
+        let (told, room_list) = self.connections.resume(&key, req.pos.as_deref())?.unzip();
+        let mut room_list = room_list.flatten();
         self.mark_presence(&session.user_id, req.set_presence.as_deref());
         let deadline = Instant::now() + req.timeout.min(MAX_TIMEOUT);
         loop {
             let (memberships, interest) = self.watch(&session.user_id).await?;
-            let (mut response, now_told, has_news) = self.build_sliding(session, &req.body, told.as_deref(), &memberships).await?;
+            let (mut response, now_told, now_list, has_news) = self
+                .build_sliding(session, &req.body, told.as_deref(), room_list.as_ref(), &memberships)
+                .await?;
+            room_list = Some(now_list.clone());
             let now = Instant::now();
             if told.is_none() || has_news || now >= deadline || !interest.wait(deadline - now).await {
-                response.pos = self.connections.record(key, req.pos.as_deref(), now_told);
+                response.pos = self.connections.record(key, req.pos.as_deref(), now_told, now_list);
                 response.txn_id = req.body.txn_id.clone();
                 return Ok(response);
             }
@@ -470,8 +584,9 @@ impl SyncEngine {
         session: &Session,
         body: &SlidingBody,
         told: Option<&Told>,
+        previous_list: Option<&Arc<RoomList>>,
         memberships: &[MembershipRecord],
-    ) -> Result<(SlidingResponse, Told, bool)> {
+    ) -> Result<(SlidingResponse, Told, Arc<RoomList>, bool)> {
         let user = &*session.user_id;
         let mut upto = SyncToken {
             stream: self.rooms.applied().position(),
@@ -496,9 +611,8 @@ impl SyncEngine {
             extensions.to_device = Some(json!({ "next_batch": upto.stream.to_string(), "events": events }));
         }
 
-        let previous = told.map(|t| &t.room_list);
         let room_list = self
-            .room_list(user, memberships, upto.stream, &ignored, &direct, &body.lists, previous)
+            .room_list(user, memberships, upto.stream, &ignored, &direct, &body.lists, previous_list)
             .await?;
         let mut lists = BTreeMap::new();
         let mut counts = BTreeMap::new();
@@ -508,16 +622,15 @@ impl SyncEngine {
             for (from, to) in &list.ranges {
                 let from = (*from).min(usize::MAX as u64) as usize;
                 let to = (*to).min(usize::MAX as u64 - 1) as usize;
-                for (_, room_id) in members.iter().skip(from).take(to.saturating_sub(from).saturating_add(1)) {
-                    wanted.entry(room_id.clone()).or_default().merge(&list.room);
+                for c in members.iter().skip(from).take(to.saturating_sub(from).saturating_add(1)) {
+                    wanted.entry(c.room_id.clone()).or_default().merge(&list.room);
                 }
             }
             counts.insert(name.clone(), members.len());
             lists.insert(name.clone(), ListOut { count: members.len() });
         }
-        let by_id = &room_list.rooms;
         for (room_id, config) in &body.room_subscriptions {
-            if by_id.contains_key(&**room_id) {
+            if room_list.get(room_id).is_some() {
                 wanted.entry(room_id.clone()).or_default().merge(config);
             }
         }
@@ -526,7 +639,6 @@ impl SyncEngine {
             upto,
             rooms: told.map(|t| t.rooms.clone()).unwrap_or_default(),
             counts: counts.clone(),
-            room_list: room_list.clone(),
         };
         let mut rooms = BTreeMap::new();
         let mut configs: Vec<Arc<RoomConfig>> = told
@@ -541,7 +653,7 @@ impl SyncEngine {
             })
             .unwrap_or_default();
         for (room_id, config) in &wanted {
-            let Some(candidate) = by_id.get(&**room_id) else { continue };
+            let Some(candidate) = room_list.get(room_id) else { continue };
             let before = told.and_then(|t| t.rooms.get(room_id));
             let fresh = before.is_none_or(|b| *b.config != *config || b.membership != candidate.membership);
             let out = match candidate.membership {
@@ -598,7 +710,7 @@ impl SyncEngine {
                 }
             }
         }
-        now_told.rooms.retain(|room_id, _| by_id.contains_key(&**room_id));
+        now_told.rooms.retain(|room_id, _| room_list.get(room_id).is_some());
 
         let in_answer: Vec<&RoomId> = wanted.keys().map(|r| &**r).collect();
         if body.extensions.e2ee.enabled == Some(true) {
@@ -643,7 +755,7 @@ impl SyncEngine {
             rooms,
             extensions,
         };
-        Ok((response, now_told, has_news))
+        Ok((response, now_told, room_list, has_news))
     }
 
     /// The user's rooms and each list's order at `upto`: the connection's
@@ -671,11 +783,11 @@ impl SyncEngine {
             Some((p, changed))
         });
         let Some((previous, changed)) = changed else {
-            let rooms: HashMap<OwnedRoomId, Candidate> = self
+            let rooms: HashSet<ByRoom> = self
                 .candidates(user, memberships, upto, ignored, direct)
                 .await?
                 .into_iter()
-                .map(|c| (c.room_id.clone(), c))
+                .map(|c| ByRoom(Arc::new(c)))
                 .collect();
             let orders = lists
                 .iter()
@@ -697,11 +809,11 @@ impl SyncEngine {
         }
         let mut rooms = previous.rooms.clone();
         for room_id in &changed {
-            rooms.remove(room_id);
+            rooms.remove(&**room_id);
         }
         let again: Vec<MembershipRecord> = memberships.iter().filter(|m| changed.contains(&m.room_id)).cloned().collect();
         for c in self.candidates(user, &again, upto, ignored, direct).await? {
-            rooms.insert(c.room_id.clone(), c);
+            rooms.insert(ByRoom(Arc::new(c)));
         }
         let orders = lists
             .iter()
@@ -1182,10 +1294,10 @@ mod tests {
         let connections = Connections::default();
         let key: ConnectionKey = (ruma::owned_user_id!("@a:x"), "D".into(), "room-list".into());
         assert!(connections.resume(&key, None).unwrap().is_none(), "no pos: a new connection");
-        let first = connections.record(key.clone(), None, Told::default());
+        let first = connections.record(key.clone(), None, Told::default(), Arc::default());
         assert!(connections.resume(&key, Some(&first)).unwrap().is_some());
-        let second = connections.record(key.clone(), Some(&first), Told::default());
-        let third = connections.record(key.clone(), Some(&second), Told::default());
+        let second = connections.record(key.clone(), Some(&first), Told::default(), Arc::default());
+        let third = connections.record(key.clone(), Some(&second), Told::default(), Arc::default());
         assert!(connections.resume(&key, Some(&third)).is_ok());
         assert!(
             connections.resume(&key, Some(&second)).is_ok(),
@@ -1206,6 +1318,50 @@ mod tests {
             "a new connection forgets the old"
         );
         assert_eq!(connections.len(), 0);
+    }
+
+    #[test]
+    fn kept_room_lists_stay_within_their_budget_and_the_least_recently_used_go_first() {
+        let list = |rooms: u32| {
+            let rooms: HashSet<ByRoom> = (0..rooms).map(|n| ByRoom(Arc::new(candidate(n, n as u64, false)))).collect();
+            let orders = BTreeMap::from([("all".to_owned(), ListOrder::new(None, &rooms))]);
+            Arc::new(RoomList {
+                rooms,
+                orders,
+                ..RoomList::default()
+            })
+        };
+        let one = list(1000).bytes();
+        let connections = Connections {
+            room_list_budget: one * 3,
+            ..Connections::default()
+        };
+        let key = |n: u32| -> ConnectionKey { (ruma::owned_user_id!("@a:x"), format!("D{n}"), "room-list".into()) };
+        let mut pos = vec![];
+        for n in 0..3 {
+            pos.push(connections.record(key(n), None, Told::default(), list(1000)));
+        }
+        assert_eq!(connections.room_list_bytes(), one * 3, "three fit");
+        // The first connection is used again: the second is now the least recent.
+        let (_, kept) = connections.resume(&key(0), Some(&pos[0])).unwrap().unwrap();
+        let kept = kept.expect("kept");
+        connections.record(key(0), Some(&pos[0]), Told::default(), kept);
+        assert_eq!(connections.room_list_bytes(), one * 3, "the same list again costs nothing more");
+        pos.push(connections.record(key(3), None, Told::default(), list(1000)));
+        assert!(
+            connections.room_list_bytes() <= one * 3 / 4 * 3,
+            "{}",
+            connections.room_list_bytes()
+        );
+        let kept = |n: u32, pos: &str| connections.resume(&key(n), Some(pos)).unwrap().unwrap().1.is_some();
+        assert!(!kept(1, &pos[1]), "the least recently used let theirs go");
+        assert!(kept(3, &pos[3]), "the newest keeps its own");
+        assert_eq!(connections.len(), 4, "the connections themselves stay");
+        connections.resume(&key(3), None).unwrap();
+        assert!(
+            connections.room_list_bytes() <= one,
+            "a connection started again gives its list back"
+        );
     }
 
     fn candidate(n: u32, bump: StreamPos, is_dm: bool) -> Candidate {
@@ -1234,10 +1390,7 @@ mod tests {
             is_dm: Some(true),
             ..ListFilters::default()
         };
-        let mut rooms: HashMap<OwnedRoomId, Candidate> = (0..200)
-            .map(|n| candidate(n, next(50), next(3) == 0))
-            .map(|c| (c.room_id.clone(), c))
-            .collect();
+        let mut rooms: HashSet<ByRoom> = (0..200).map(|n| ByRoom(Arc::new(candidate(n, next(50), next(3) == 0)))).collect();
         let mut orders = [ListOrder::new(None, &rooms), ListOrder::new(Some(&dms), &rooms)];
         for round in 0..50u64 {
             let mut changed = HashSet::new();
@@ -1247,21 +1400,22 @@ mod tests {
                 match next(4) {
                     // Left: out of every list.
                     0 => {
-                        rooms.remove(&room_id);
+                        rooms.remove(&*room_id);
                     }
                     // A new message, a join, a room marked direct or not.
                     _ => {
-                        rooms.insert(room_id.clone(), candidate(n, 50 + round * 10 + next(10), next(3) == 0));
+                        rooms.replace(ByRoom(Arc::new(candidate(n, 50 + round * 10 + next(10), next(3) == 0))));
                     }
                 }
                 changed.insert(room_id);
             }
             orders = [orders[0].updated(&changed, &rooms), orders[1].updated(&changed, &rooms)];
-            assert_eq!(orders[0].rooms, ListOrder::new(None, &rooms).rooms, "round {round}");
-            assert_eq!(orders[1].rooms, ListOrder::new(Some(&dms), &rooms).rooms, "round {round}");
+            let ids = |o: &ListOrder| o.rooms.iter().map(|c| (c.bump, c.room_id.clone())).collect::<Vec<_>>();
+            assert_eq!(ids(&orders[0]), ids(&ListOrder::new(None, &rooms)), "round {round}");
+            assert_eq!(ids(&orders[1]), ids(&ListOrder::new(Some(&dms), &rooms)), "round {round}");
         }
         let newest = &orders[0].rooms[0];
-        assert!(orders[0].rooms.iter().all(|k| k.0.0 <= newest.0.0), "newest bump first");
+        assert!(orders[0].rooms.iter().all(|c| c.bump <= newest.bump), "newest bump first");
     }
 
     #[test]
