@@ -48,10 +48,9 @@ const MAX_CONNECTIONS: usize = 100_000;
 /// Positions kept per connection: the newest, and the one before it (a
 /// retried request repeats it).
 const POSITIONS_KEPT: usize = 2;
-/// Memory the connections' kept room lists may take together (about 1,500
-/// users of 2,000 rooms each); past it the least recently used connections
-/// let theirs go.
-const ROOM_LIST_BUDGET: usize = 256 << 20;
+/// Memory the kept room lists may take together (about 400 users of 2,000
+/// rooms each, or 8,000 of 100); past it the least recently used go.
+const ROOM_LIST_BUDGET: usize = 128 << 20;
 
 /// How a room is to be shown: the state it needs and how much timeline.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -283,82 +282,60 @@ struct Connection {
     positions: VecDeque<(u64, Arc<Told>)>,
     next: u64,
     used: Instant,
-    /// The newest room list, if still kept (see [`RoomList`]).
-    room_list: Option<(Arc<RoomList>, usize)>,
 }
 
 type ConnectionKey = (OwnedUserId, String, String);
-
-/// What a known `pos` told, and the connection's newest room list if kept.
-type Resumed = (Arc<Told>, Option<Arc<RoomList>>);
-
-#[derive(Default)]
-struct ConnectionsInner {
-    by_key: HashMap<ConnectionKey, Connection>,
-    /// What the kept room lists take together.
-    room_list_bytes: usize,
-}
-
-impl ConnectionsInner {
-    fn remove(&mut self, key: &ConnectionKey) {
-        if let Some(gone) = self.by_key.remove(key) {
-            self.room_list_bytes -= gone.room_list.map_or(0, |(_, bytes)| bytes);
-        }
-    }
-
-    /// Lets the least recently used room lists go until they take at most
-    /// three quarters of `budget`.
-    fn keep_room_lists_within(&mut self, budget: usize) {
-        if self.room_list_bytes <= budget {
-            return;
-        }
-        let mut holders: Vec<(Instant, ConnectionKey)> = self
-            .by_key
-            .iter()
-            .filter(|(_, c)| c.room_list.is_some())
-            .map(|(k, c)| (c.used, k.clone()))
-            .collect();
-        holders.sort_unstable_by_key(|(used, _)| *used);
-        for (_, key) in holders {
-            if self.room_list_bytes <= budget / 4 * 3 {
-                break;
-            }
-            if let Some((_, bytes)) = self.by_key.get_mut(&key).and_then(|c| c.room_list.take()) {
-                self.room_list_bytes -= bytes;
-            }
-        }
-    }
-}
 
 /// Every sliding-sync connection this process answers.
 pub struct Connections {
     /// Tells this process's positions from another's (a node, a restart).
     instance: u64,
     serials: std::sync::atomic::AtomicU64,
-    inner: Mutex<ConnectionsInner>,
-    room_list_budget: usize,
+    by_key: Mutex<HashMap<ConnectionKey, Connection>>,
+    room_lists: Mutex<KeptRoomLists>,
 }
 
 impl Default for Connections {
     fn default() -> Self {
-        Self {
-            instance: rand::random::<u32>() as u64,
-            serials: std::sync::atomic::AtomicU64::new(1),
-            inner: Mutex::new(ConnectionsInner::default()),
-            room_list_budget: ROOM_LIST_BUDGET,
-        }
+        Self::with_room_list_budget(ROOM_LIST_BUDGET)
     }
 }
 
 impl Connections {
-    fn lock(&self) -> std::sync::MutexGuard<'_, ConnectionsInner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn with_room_list_budget(budget: usize) -> Self {
+        Self {
+            instance: rand::random::<u32>() as u64,
+            serials: std::sync::atomic::AtomicU64::new(1),
+            by_key: Mutex::new(HashMap::new()),
+            room_lists: Mutex::new(KeptRoomLists {
+                by_user: HashMap::new(),
+                bytes: 0,
+                budget,
+            }),
+        }
     }
 
-    /// What `pos` told the client on this connection, and the connection's
-    /// newest room list if kept; `None` for no `pos` (a new connection,
-    /// which forgets the old one).
-    fn resume(&self, key: &ConnectionKey, pos: Option<&str>) -> Result<Option<Resumed>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionKey, Connection>> {
+        self.by_key.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lists(&self) -> std::sync::MutexGuard<'_, KeptRoomLists> {
+        self.room_lists.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The user's newest room list, if kept.
+    fn room_list(&self, user: &UserId) -> Option<Arc<RoomList>> {
+        self.lists().get(user)
+    }
+
+    /// Keeps `list` as the user's newest room list (unless a newer one is kept).
+    fn keep_room_list(&self, user: &UserId, list: &Arc<RoomList>) {
+        self.lists().keep(user, list);
+    }
+
+    /// What `pos` told the client on this connection; `None` for no `pos`
+    /// (a new connection, which forgets the old one).
+    fn resume(&self, key: &ConnectionKey, pos: Option<&str>) -> Result<Option<Arc<Told>>> {
         let Some(pos) = pos else {
             self.lock().remove(key);
             return Ok(None);
@@ -370,41 +347,35 @@ impl Connections {
         };
         let parse = |s: &str| u64::from_str_radix(s, 16).map_err(|_| unknown());
         let (instance, serial, n) = (parse(instance)?, parse(serial)?, parse(n)?);
-        let mut inner = self.lock();
-        let connection = inner
-            .by_key
-            .get_mut(key)
-            .filter(|c| instance == self.instance && c.serial == serial);
+        let mut connections = self.lock();
+        let connection = connections.get_mut(key).filter(|c| instance == self.instance && c.serial == serial);
         let Some(connection) = connection else {
             return Err(unknown());
         };
         connection.used = Instant::now();
-        let room_list = connection.room_list.as_ref().map(|(list, _)| list.clone());
         connection
             .positions
             .iter()
             .find(|(p, _)| *p == n)
-            .map(|(_, told)| Some((told.clone(), room_list)))
+            .map(|(_, told)| Some(told.clone()))
             .ok_or_else(unknown)
     }
 
-    /// Records what the answer told and the room list it was cut from, and
-    /// returns its `pos`. Positions older than `after` are forgotten: the
-    /// client moved past them.
-    fn record(&self, key: ConnectionKey, after: Option<&str>, told: Told, room_list: Arc<RoomList>) -> String {
-        let mut inner = self.lock();
-        if inner.by_key.len() >= MAX_CONNECTIONS && !inner.by_key.contains_key(&key) {
-            let oldest = inner.by_key.iter().min_by_key(|(_, c)| c.used).map(|(k, _)| k.clone());
+    /// Records what the answer told and returns its `pos`. Positions older
+    /// than `after` are forgotten: the client moved past them.
+    fn record(&self, key: ConnectionKey, after: Option<&str>, told: Told) -> String {
+        let mut connections = self.lock();
+        if connections.len() >= MAX_CONNECTIONS && !connections.contains_key(&key) {
+            let oldest = connections.iter().min_by_key(|(_, c)| c.used).map(|(k, _)| k.clone());
             if let Some(oldest) = oldest {
-                inner.remove(&oldest);
+                connections.remove(&oldest);
             }
         }
-        let connection = inner.by_key.entry(key).or_insert_with(|| Connection {
+        let connection = connections.entry(key).or_insert_with(|| Connection {
             serial: self.serials.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             positions: VecDeque::new(),
             next: 1,
             used: Instant::now(),
-            room_list: None,
         });
         if after.is_none() {
             connection.positions.clear();
@@ -416,27 +387,67 @@ impl Connections {
         while connection.positions.len() > POSITIONS_KEPT {
             connection.positions.pop_front();
         }
-        let (mut freed, mut added) = (0, 0);
-        let same = connection.room_list.as_ref().is_some_and(|(kept, _)| Arc::ptr_eq(kept, &room_list));
-        if !same {
-            let bytes = room_list.bytes();
-            freed = connection.room_list.replace((room_list, bytes)).map_or(0, |(_, b)| b);
-            added = bytes;
-        }
-        let pos = format!("{:x}_{:x}_{:x}", self.instance, connection.serial, n);
-        inner.room_list_bytes = inner.room_list_bytes + added - freed;
-        inner.keep_room_lists_within(self.room_list_budget);
-        pos
+        format!("{:x}_{:x}_{:x}", self.instance, connection.serial, n)
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.lock().by_key.len()
+        self.lock().len()
+    }
+}
+
+/// Each user's newest room list, shared by the user's connections (a new
+/// connection, another device, a long-poll woken up all start from it),
+/// within a memory budget: past it the least recently used go.
+struct KeptRoomLists {
+    by_user: HashMap<OwnedUserId, KeptRoomList>,
+    /// What the kept lists take together.
+    bytes: usize,
+    budget: usize,
+}
+
+struct KeptRoomList {
+    list: Arc<RoomList>,
+    bytes: usize,
+    used: Instant,
+}
+
+impl KeptRoomLists {
+    fn get(&mut self, user: &UserId) -> Option<Arc<RoomList>> {
+        let kept = self.by_user.get_mut(user)?;
+        kept.used = Instant::now();
+        Some(kept.list.clone())
     }
 
-    #[cfg(test)]
-    fn room_list_bytes(&self) -> usize {
-        self.lock().room_list_bytes
+    fn keep(&mut self, user: &UserId, list: &Arc<RoomList>) {
+        if let Some(kept) = self.by_user.get_mut(user)
+            && (Arc::ptr_eq(&kept.list, list) || kept.list.upto > list.upto)
+        {
+            kept.used = Instant::now();
+            return;
+        }
+        let bytes = list.bytes();
+        let kept = KeptRoomList {
+            list: list.clone(),
+            bytes,
+            used: Instant::now(),
+        };
+        let freed = self.by_user.insert(user.to_owned(), kept).map_or(0, |old| old.bytes);
+        self.bytes = self.bytes + bytes - freed;
+        if self.bytes > self.budget {
+            // Down to three quarters at once, so that the next few keeps
+            // do not each walk every user.
+            let mut by_age: Vec<(Instant, OwnedUserId)> = self.by_user.iter().map(|(u, k)| (k.used, u.clone())).collect();
+            by_age.sort_unstable_by_key(|(used, _)| *used);
+            for (_, user) in by_age {
+                if self.bytes <= self.budget / 4 * 3 {
+                    break;
+                }
+                if let Some(gone) = self.by_user.remove(&user) {
+                    self.bytes -= gone.bytes;
+                }
+            }
+        }
     }
 }
 
@@ -444,8 +455,9 @@ impl Connections {
 /// connection: the next request (the next page, the same window after a
 /// message, a long-poll woken up) re-reads only the rooms that changed
 /// since and moves them in the orders, instead of reading and sorting every
-/// room again. Kept within [`ROOM_LIST_BUDGET`] over all connections; a
-/// connection whose list was let go reads its rooms in full next time.
+/// room again. One per user, within [`ROOM_LIST_BUDGET`] (see
+/// [`KeptRoomLists`]); a user whose list was let go has their rooms read in
+/// full next time.
 #[derive(Debug, Default)]
 struct RoomList {
     upto: StreamPos,
@@ -560,8 +572,8 @@ impl SyncEngine {
             session.device_id.clone(),
             req.body.conn_id.clone().unwrap_or_default(),
         );
-        let (told, room_list) = self.connections.resume(&key, req.pos.as_deref())?.unzip();
-        let mut room_list = room_list.flatten();
+        let told = self.connections.resume(&key, req.pos.as_deref())?;
+        let mut room_list = self.connections.room_list(&session.user_id);
         self.mark_presence(&session.user_id, req.set_presence.as_deref());
         let deadline = Instant::now() + req.timeout.min(MAX_TIMEOUT);
         loop {
@@ -569,10 +581,11 @@ impl SyncEngine {
             let (mut response, now_told, now_list, has_news) = self
                 .build_sliding(session, &req.body, told.as_deref(), room_list.as_ref(), &memberships)
                 .await?;
-            room_list = Some(now_list.clone());
+            self.connections.keep_room_list(&session.user_id, &now_list);
+            room_list = Some(now_list);
             let now = Instant::now();
             if told.is_none() || has_news || now >= deadline || !interest.wait(deadline - now).await {
-                response.pos = self.connections.record(key, req.pos.as_deref(), now_told, now_list);
+                response.pos = self.connections.record(key, req.pos.as_deref(), now_told);
                 response.txn_id = req.body.txn_id.clone();
                 return Ok(response);
             }
@@ -1294,10 +1307,10 @@ mod tests {
         let connections = Connections::default();
         let key: ConnectionKey = (ruma::owned_user_id!("@a:x"), "D".into(), "room-list".into());
         assert!(connections.resume(&key, None).unwrap().is_none(), "no pos: a new connection");
-        let first = connections.record(key.clone(), None, Told::default(), Arc::default());
+        let first = connections.record(key.clone(), None, Told::default());
         assert!(connections.resume(&key, Some(&first)).unwrap().is_some());
-        let second = connections.record(key.clone(), Some(&first), Told::default(), Arc::default());
-        let third = connections.record(key.clone(), Some(&second), Told::default(), Arc::default());
+        let second = connections.record(key.clone(), Some(&first), Told::default());
+        let third = connections.record(key.clone(), Some(&second), Told::default());
         assert!(connections.resume(&key, Some(&third)).is_ok());
         assert!(
             connections.resume(&key, Some(&second)).is_ok(),
@@ -1322,46 +1335,39 @@ mod tests {
 
     #[test]
     fn kept_room_lists_stay_within_their_budget_and_the_least_recently_used_go_first() {
-        let list = |rooms: u32| {
-            let rooms: HashSet<ByRoom> = (0..rooms).map(|n| ByRoom(Arc::new(candidate(n, n as u64, false)))).collect();
+        let list = |upto: StreamPos| {
+            let rooms: HashSet<ByRoom> = (0..1000).map(|n| ByRoom(Arc::new(candidate(n, n as u64, false)))).collect();
             let orders = BTreeMap::from([("all".to_owned(), ListOrder::new(None, &rooms))]);
             Arc::new(RoomList {
+                upto,
                 rooms,
                 orders,
                 ..RoomList::default()
             })
         };
-        let one = list(1000).bytes();
-        let connections = Connections {
-            room_list_budget: one * 3,
-            ..Connections::default()
-        };
-        let key = |n: u32| -> ConnectionKey { (ruma::owned_user_id!("@a:x"), format!("D{n}"), "room-list".into()) };
-        let mut pos = vec![];
+        let one = list(1).bytes();
+        let connections = Connections::with_room_list_budget(one * 3);
+        let user = |n: u32| OwnedUserId::try_from(format!("@u{n}:x")).unwrap();
         for n in 0..3 {
-            pos.push(connections.record(key(n), None, Told::default(), list(1000)));
+            connections.keep_room_list(&user(n), &list(10));
         }
-        assert_eq!(connections.room_list_bytes(), one * 3, "three fit");
-        // The first connection is used again: the second is now the least recent.
-        let (_, kept) = connections.resume(&key(0), Some(&pos[0])).unwrap().unwrap();
-        let kept = kept.expect("kept");
-        connections.record(key(0), Some(&pos[0]), Told::default(), kept);
-        assert_eq!(connections.room_list_bytes(), one * 3, "the same list again costs nothing more");
-        pos.push(connections.record(key(3), None, Told::default(), list(1000)));
-        assert!(
-            connections.room_list_bytes() <= one * 3 / 4 * 3,
-            "{}",
-            connections.room_list_bytes()
+        assert_eq!(connections.lists().bytes, one * 3, "three fit");
+        // The first user's list is used again: the second's is now the least recent.
+        let first = connections.room_list(&user(0)).expect("kept");
+        connections.keep_room_list(&user(0), &first);
+        assert_eq!(connections.lists().bytes, one * 3, "the same list again costs nothing more");
+        connections.keep_room_list(&user(0), &list(5));
+        assert_eq!(
+            connections.room_list(&user(0)).unwrap().upto,
+            10,
+            "an older list does not replace a newer"
         );
-        let kept = |n: u32, pos: &str| connections.resume(&key(n), Some(pos)).unwrap().unwrap().1.is_some();
-        assert!(!kept(1, &pos[1]), "the least recently used let theirs go");
-        assert!(kept(3, &pos[3]), "the newest keeps its own");
-        assert_eq!(connections.len(), 4, "the connections themselves stay");
-        connections.resume(&key(3), None).unwrap();
-        assert!(
-            connections.room_list_bytes() <= one,
-            "a connection started again gives its list back"
-        );
+        connections.keep_room_list(&user(3), &list(10));
+        assert!(connections.lists().bytes <= one * 3 / 4 * 3, "{}", connections.lists().bytes);
+        assert!(connections.room_list(&user(1)).is_none(), "the least recently used go first");
+        assert!(connections.room_list(&user(3)).is_some(), "the newest stays");
+        connections.keep_room_list(&user(3), &list(11));
+        assert!(connections.lists().bytes <= one * 3, "a newer list replaces the user's own");
     }
 
     fn candidate(n: u32, bump: StreamPos, is_dm: bool) -> Candidate {
