@@ -795,3 +795,54 @@ async fn after_a_restart_the_room_list_comes_in_the_same_order_from_rooms_not_in
     assert_eq!(cold_encrypted["lists"]["all"]["count"], 1);
     assert_eq!(order(&cold_encrypted), order(&warm_encrypted));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_filtered_by_space_holds_the_spaces_children_and_follows_new_ones() {
+    let server = Server::start();
+    let alice = Api::register(&server, "alice").await;
+    let space = alice
+        .create_room(json!({"name": "club", "creation_content": {"type": "m.space"}}))
+        .await;
+    let (general, random, elsewhere) = (
+        alice.create_room(json!({"name": "general"})).await,
+        alice.create_room(json!({"name": "random"})).await,
+        alice.create_room(json!({"name": "elsewhere"})).await,
+    );
+    let add_child = |child: String, via: Value| {
+        let (alice, space) = (alice.clone(), space.clone());
+        async move {
+            let path = format!("/rooms/{}/state/m.space.child/{}", common::enc(&space), common::enc(&child));
+            alice.ok(Method::PUT, &path, Some(json!({ "via": via }))).await;
+        }
+    };
+    add_child(general.clone(), json!(["localhost"])).await;
+    // A child event without a way in names no child (the spec's removal).
+    add_child(elsewhere.clone(), json!([])).await;
+    let lists = json!({
+        "conn_id": "spaces",
+        "lists": {
+            "club": {"ranges": [[0, 9]], "timeline_limit": 0, "filters": {"spaces": [space]}},
+            "spaces": {"ranges": [[0, 9]], "timeline_limit": 0, "filters": {"room_types": ["m.space"]}}
+        }
+    });
+    let (status, first) = sliding(&alice, "", lists.clone()).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["lists"]["club"]["count"], 1, "{first}");
+    assert_eq!(first["lists"]["spaces"]["count"], 1, "{first}");
+    let mut shown: Vec<&String> = first["rooms"].as_object().unwrap().keys().collect();
+    shown.sort();
+    let mut expected = vec![&general, &space];
+    expected.sort();
+    assert_eq!(shown, expected, "{first}");
+    let not_spaces = json!({"lists": {"rooms": {"ranges": [[0, 9]], "filters": {"not_room_types": ["m.space"]}}}});
+    let (_, rooms) = sliding(&alice, "", not_spaces).await;
+    assert_eq!(rooms["lists"]["rooms"]["count"], 3, "{rooms}");
+
+    // A new child: the list that was kept takes it in.
+    add_child(random.clone(), json!(["localhost"])).await;
+    let pos = first["pos"].as_str().unwrap();
+    let (status, next) = sliding(&alice, &format!("?pos={pos}&timeout=5000"), lists).await;
+    assert_eq!(status, 200, "{next}");
+    assert_eq!(next["lists"]["club"]["count"], 2, "{next}");
+    assert!(next["rooms"].get(&random).is_some(), "{next}");
+}

@@ -86,6 +86,9 @@ pub struct ListFilters {
     pub room_types: Vec<Option<String>>,
     #[serde(default)]
     pub not_room_types: Vec<Option<String>>,
+    /// Only rooms these spaces (that the user is in) name as children.
+    #[serde(default)]
+    pub spaces: Vec<OwnedRoomId>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -512,8 +515,27 @@ impl Eq for ByRoom {}
 /// the same on every request).
 #[derive(Debug, Clone)]
 struct ListOrder {
-    filters: Option<ListFilters>,
+    rule: ListRule,
     rooms: Vec<Arc<Candidate>>,
+}
+
+/// Which rooms a list keeps: its filters, and for a `spaces` filter the
+/// children those spaces name.
+#[derive(Debug, Clone, Default)]
+struct ListRule {
+    filters: Option<ListFilters>,
+    space_children: Option<Arc<HashSet<OwnedRoomId>>>,
+}
+
+impl ListRule {
+    fn keeps(&self, c: &Candidate) -> bool {
+        list_keeps(self.filters.as_ref(), c) && self.space_children.as_ref().is_none_or(|children| children.contains(&c.room_id))
+    }
+
+    /// Whether the list's spaces are among `changed` (their children may have).
+    fn spaces_changed(&self, changed: &HashSet<OwnedRoomId>) -> bool {
+        self.filters.as_ref().is_some_and(|f| f.spaces.iter().any(|s| changed.contains(s)))
+    }
 }
 
 fn order_key(c: &Candidate) -> (std::cmp::Reverse<StreamPos>, &RoomId) {
@@ -521,13 +543,10 @@ fn order_key(c: &Candidate) -> (std::cmp::Reverse<StreamPos>, &RoomId) {
 }
 
 impl ListOrder {
-    fn new(filters: Option<&ListFilters>, rooms: &HashSet<ByRoom>) -> Self {
-        let mut order: Vec<Arc<Candidate>> = rooms.iter().filter(|r| list_keeps(filters, &r.0)).map(|r| r.0.clone()).collect();
+    fn new(rule: ListRule, rooms: &HashSet<ByRoom>) -> Self {
+        let mut order: Vec<Arc<Candidate>> = rooms.iter().filter(|r| rule.keeps(&r.0)).map(|r| r.0.clone()).collect();
         order.sort_unstable_by(|a, b| order_key(a).cmp(&order_key(b)));
-        ListOrder {
-            filters: filters.cloned(),
-            rooms: order,
-        }
+        ListOrder { rule, rooms: order }
     }
 
     /// The order with the `changed` rooms taken out and put back where they
@@ -536,14 +555,14 @@ impl ListOrder {
         let mut order = self.rooms.clone();
         order.retain(|c| !changed.contains(&c.room_id));
         for room_id in changed {
-            let Some(c) = rooms.get(&**room_id).filter(|c| list_keeps(self.filters.as_ref(), &c.0)) else {
+            let Some(c) = rooms.get(&**room_id).filter(|c| self.rule.keeps(&c.0)) else {
                 continue;
             };
             let at = order.partition_point(|o| order_key(o) < order_key(&c.0));
             order.insert(at, c.0.clone());
         }
         ListOrder {
-            filters: self.filters.clone(),
+            rule: self.rule.clone(),
             rooms: order,
         }
     }
@@ -802,10 +821,11 @@ impl SyncEngine {
                 .into_iter()
                 .map(|c| ByRoom(Arc::new(c)))
                 .collect();
-            let orders = lists
-                .iter()
-                .map(|(name, list)| (name.clone(), ListOrder::new(list.filters.as_ref(), &rooms)))
-                .collect();
+            let mut orders = BTreeMap::new();
+            for (name, list) in lists {
+                let rule = self.list_rule(list, &rooms).await?;
+                orders.insert(name.clone(), ListOrder::new(rule, &rooms));
+            }
             return Ok(Arc::new(RoomList {
                 upto,
                 account_data,
@@ -816,7 +836,7 @@ impl SyncEngine {
         let same_lists = lists.len() == previous.orders.len()
             && lists
                 .iter()
-                .all(|(name, list)| previous.orders.get(name).is_some_and(|o| o.filters == list.filters));
+                .all(|(name, list)| previous.orders.get(name).is_some_and(|o| o.rule.filters == list.filters));
         if changed.is_empty() && same_lists {
             return Ok(previous.clone());
         }
@@ -828,22 +848,58 @@ impl SyncEngine {
         for c in self.candidates(user, &again, upto, ignored, direct).await? {
             rooms.insert(ByRoom(Arc::new(c)));
         }
-        let orders = lists
-            .iter()
-            .map(|(name, list)| {
-                let order = match previous.orders.get(name) {
-                    Some(order) if order.filters == list.filters => order.updated(&changed, &rooms),
-                    _ => ListOrder::new(list.filters.as_ref(), &rooms),
-                };
-                (name.clone(), order)
-            })
-            .collect();
+        let mut orders = BTreeMap::new();
+        for (name, list) in lists {
+            let order = match previous.orders.get(name) {
+                Some(order) if order.rule.filters == list.filters && !order.rule.spaces_changed(&changed) => {
+                    order.updated(&changed, &rooms)
+                }
+                _ => ListOrder::new(self.list_rule(list, &rooms).await?, &rooms),
+            };
+            orders.insert(name.clone(), order);
+        }
         Ok(Arc::new(RoomList {
             upto,
             account_data,
             rooms,
             orders,
         }))
+    }
+
+    /// A list's rule; for a `spaces` filter, with the rooms that the spaces
+    /// the user is in name as children (`m.space.child` with a `via`).
+    async fn list_rule(&self, list: &ListRequest, rooms: &HashSet<ByRoom>) -> Result<ListRule> {
+        let spaces = list.filters.as_ref().map(|f| f.spaces.as_slice()).unwrap_or_default();
+        let mut rule = ListRule {
+            filters: list.filters.clone(),
+            space_children: None,
+        };
+        if spaces.is_empty() {
+            return Ok(rule);
+        }
+        let mut children = HashSet::new();
+        for space in spaces {
+            if !rooms.get(&**space).is_some_and(|c| c.0.membership == Membership::Join) {
+                continue;
+            }
+            let room = self.rooms.room(space).await?;
+            let r = room.read();
+            for entry in r.state_entries().filter(|e| e.pdu.kind.to_string() == "m.space.child") {
+                let names_a_way = entry
+                    .pdu
+                    .content_value()
+                    .get("via")
+                    .and_then(Value::as_array)
+                    .is_some_and(|v| !v.is_empty());
+                if let Some(child) = entry.pdu.state_key.as_deref().and_then(|k| OwnedRoomId::try_from(k).ok())
+                    && names_a_way
+                {
+                    children.insert(child);
+                }
+            }
+        }
+        rule.space_children = Some(Arc::new(children));
+        Ok(rule)
     }
 
     /// The user's rooms a list may hold: joined, and invited (not by
@@ -1337,7 +1393,7 @@ mod tests {
     fn kept_room_lists_stay_within_their_budget_and_the_least_recently_used_go_first() {
         let list = |upto: StreamPos| {
             let rooms: HashSet<ByRoom> = (0..1000).map(|n| ByRoom(Arc::new(candidate(n, n as u64, false)))).collect();
-            let orders = BTreeMap::from([("all".to_owned(), ListOrder::new(None, &rooms))]);
+            let orders = BTreeMap::from([("all".to_owned(), ListOrder::new(ListRule::default(), &rooms))]);
             Arc::new(RoomList {
                 upto,
                 rooms,
@@ -1397,7 +1453,11 @@ mod tests {
             ..ListFilters::default()
         };
         let mut rooms: HashSet<ByRoom> = (0..200).map(|n| ByRoom(Arc::new(candidate(n, next(50), next(3) == 0)))).collect();
-        let mut orders = [ListOrder::new(None, &rooms), ListOrder::new(Some(&dms), &rooms)];
+        let dms = ListRule {
+            filters: Some(dms),
+            space_children: None,
+        };
+        let mut orders = [ListOrder::new(ListRule::default(), &rooms), ListOrder::new(dms.clone(), &rooms)];
         for round in 0..50u64 {
             let mut changed = HashSet::new();
             for _ in 0..next(8) {
@@ -1417,8 +1477,8 @@ mod tests {
             }
             orders = [orders[0].updated(&changed, &rooms), orders[1].updated(&changed, &rooms)];
             let ids = |o: &ListOrder| o.rooms.iter().map(|c| (c.bump, c.room_id.clone())).collect::<Vec<_>>();
-            assert_eq!(ids(&orders[0]), ids(&ListOrder::new(None, &rooms)), "round {round}");
-            assert_eq!(ids(&orders[1]), ids(&ListOrder::new(Some(&dms), &rooms)), "round {round}");
+            assert_eq!(ids(&orders[0]), ids(&ListOrder::new(ListRule::default(), &rooms)), "round {round}");
+            assert_eq!(ids(&orders[1]), ids(&ListOrder::new(dms.clone(), &rooms)), "round {round}");
         }
         let newest = &orders[0].rooms[0];
         assert!(orders[0].rooms.iter().all(|c| c.bump <= newest.bump), "newest bump first");
