@@ -107,6 +107,40 @@ pub struct Toggle {
     pub enabled: Option<bool>,
 }
 
+/// An extension that speaks of rooms: on or off, and for which rooms.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RoomExtension {
+    pub enabled: Option<bool>,
+    /// The lists whose windows' rooms it covers; `*` or absent for all.
+    pub lists: Option<Vec<String>>,
+    /// The subscribed rooms it covers; `*` or absent for all.
+    pub rooms: Option<Vec<String>>,
+}
+
+impl RoomExtension {
+    fn on(&self) -> bool {
+        self.enabled == Some(true)
+    }
+
+    /// The rooms of this answer it covers.
+    fn rooms<'a>(&self, windows: &'a BTreeMap<String, Vec<OwnedRoomId>>, subscribed: &'a [OwnedRoomId]) -> Vec<&'a RoomId> {
+        let all_lists = self.lists.as_ref().is_none_or(|l| l.iter().any(|n| n == "*"));
+        let all_rooms = self.rooms.as_ref().is_none_or(|r| r.iter().any(|r| r.as_str() == "*"));
+        let mut covered: BTreeSet<&RoomId> = BTreeSet::new();
+        for (name, window) in windows {
+            if all_lists || self.lists.as_ref().is_some_and(|l| l.contains(name)) {
+                covered.extend(window.iter().map(|r| &**r));
+            }
+        }
+        for room_id in subscribed {
+            if all_rooms || self.rooms.as_ref().is_some_and(|r| r.iter().any(|r| r == room_id.as_str())) {
+                covered.insert(room_id);
+            }
+        }
+        covered.into_iter().collect()
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct ToDeviceRequest {
     pub enabled: Option<bool>,
@@ -121,11 +155,11 @@ pub struct ExtensionsRequest {
     #[serde(default)]
     pub e2ee: Toggle,
     #[serde(default)]
-    pub account_data: Toggle,
+    pub account_data: RoomExtension,
     #[serde(default)]
-    pub receipts: Toggle,
+    pub receipts: RoomExtension,
     #[serde(default)]
-    pub typing: Toggle,
+    pub typing: RoomExtension,
 }
 
 /// The body of a sliding-sync request.
@@ -625,6 +659,9 @@ impl SyncEngine {
             ephemeral: self.ephemeral.serial(),
         };
         let since = told.map(|t| t.upto);
+        // Before the reads below: a change that lands during them moves the
+        // generation past this one, so the list is read again next time.
+        let account_data = self.changes.account_data.generation(&user.to_owned());
         let ignored = self.ignored_users(user).await?;
         let direct = self.direct_rooms(user).await?;
 
@@ -644,11 +681,22 @@ impl SyncEngine {
         }
 
         let room_list = self
-            .room_list(user, memberships, upto.stream, &ignored, &direct, &body.lists, previous_list)
+            .room_list(
+                user,
+                memberships,
+                upto.stream,
+                account_data,
+                (&ignored, &direct),
+                &body.lists,
+                previous_list,
+            )
             .await?;
         let mut lists = BTreeMap::new();
         let mut counts = BTreeMap::new();
         let mut wanted: BTreeMap<OwnedRoomId, RoomConfig> = BTreeMap::new();
+        // Each list's window and the subscribed rooms, for the extensions.
+        let mut windows: BTreeMap<String, Vec<OwnedRoomId>> = BTreeMap::new();
+        let mut subscribed = vec![];
         for (name, list) in &body.lists {
             let members = &room_list.orders.get(name).expect("an order per list").rooms;
             for (from, to) in &list.ranges {
@@ -656,6 +704,7 @@ impl SyncEngine {
                 let to = (*to).min(usize::MAX as u64 - 1) as usize;
                 for c in members.iter().skip(from).take(to.saturating_sub(from).saturating_add(1)) {
                     wanted.entry(c.room_id.clone()).or_default().merge(&list.room);
+                    windows.entry(name.clone()).or_default().push(c.room_id.clone());
                 }
             }
             counts.insert(name.clone(), members.len());
@@ -663,6 +712,7 @@ impl SyncEngine {
         }
         for (room_id, config) in &body.room_subscriptions {
             if room_list.get(room_id).is_some() {
+                subscribed.push(room_id.clone());
                 wanted.entry(room_id.clone()).or_default().merge(config);
             }
         }
@@ -744,7 +794,6 @@ impl SyncEngine {
         }
         now_told.rooms.retain(|room_id, _| room_list.get(room_id).is_some());
 
-        let in_answer: Vec<&RoomId> = wanted.keys().map(|r| &**r).collect();
         if body.extensions.e2ee.enabled == Some(true) {
             let device_lists = match since {
                 Some(s) => self.keys.device_list_delta(user, memberships, s.stream, upto.stream).await?,
@@ -757,14 +806,18 @@ impl SyncEngine {
                 device_unused_fallback_key_types: UnusedFallbackKeys(counts),
             });
         }
-        if body.extensions.account_data.enabled == Some(true) {
-            extensions.account_data = self.account_data_ext(user, since, upto, &in_answer).await?;
+        let ext = &body.extensions;
+        if ext.account_data.on() {
+            let rooms = ext.account_data.rooms(&windows, &subscribed);
+            extensions.account_data = self.account_data_ext(user, since, upto, &rooms).await?;
         }
-        if body.extensions.receipts.enabled == Some(true) {
-            extensions.receipts = self.receipts_ext(user, since, upto, &in_answer, told, &ignored).await?;
+        if ext.receipts.on() {
+            let rooms = ext.receipts.rooms(&windows, &subscribed);
+            extensions.receipts = self.receipts_ext(user, since, upto, &rooms, told, &ignored).await?;
         }
-        if body.extensions.typing.enabled == Some(true) {
-            extensions.typing = self.typing_ext(since, &in_answer, told, &ignored);
+        if ext.typing.on() {
+            let rooms = ext.typing.rooms(&windows, &subscribed);
+            extensions.typing = self.typing_ext(since, &rooms, told, &ignored);
         }
 
         let counts_moved = told.is_none_or(|t| t.counts != counts);
@@ -790,28 +843,51 @@ impl SyncEngine {
         Ok((response, now_told, room_list, has_news))
     }
 
-    /// The user's rooms and each list's order at `upto`: the connection's
-    /// `previous` ones updated with the rooms that changed since (new
-    /// events, the user's membership), when it has them and the user's
-    /// account data did not change; else read in full.
+    /// The user's rooms and each list's order at `upto`: the `previous`
+    /// ones updated with the rooms that changed since (new events, the
+    /// user's membership), when there are and the user's account data
+    /// (generation `account_data`, read before `ignored` and `direct`) did
+    /// not change; else read in full.
     #[allow(clippy::too_many_arguments)]
     async fn room_list(
         &self,
         user: &UserId,
         memberships: &[MembershipRecord],
         upto: StreamPos,
-        ignored: &HashSet<OwnedUserId>,
-        direct: &HashSet<OwnedRoomId>,
+        account_data: u64,
+        (ignored, direct): (&HashSet<OwnedUserId>, &HashSet<OwnedRoomId>),
         lists: &BTreeMap<String, ListRequest>,
         previous: Option<&Arc<RoomList>>,
     ) -> Result<Arc<RoomList>> {
-        let account_data = self.changes.account_data.generation(&user.to_owned());
         let changed = previous.filter(|p| p.account_data == account_data && p.upto <= upto).and_then(|p| {
             // Past as many changed rooms as the user has, reading them all is no dearer.
             let limit = memberships.len().max(64);
             let rooms = self.changes.room_events.changed_between_at_most(p.upto, upto, limit)?;
             let mut changed: HashSet<OwnedRoomId> = rooms.into_iter().collect();
-            changed.extend(memberships.iter().filter(|m| m.pos > p.upto).map(|m| m.room_id.clone()));
+            // Memberships against the list itself, not against positions:
+            // the memberships read may lag the applied position (an invite
+            // applied between the two reads), and a room missed that way
+            // must come in on the next request.
+            let mut still_there = 0;
+            for m in memberships {
+                let listed = matches!(m.membership, Membership::Join | Membership::Invite) && m.pos <= upto;
+                match p.get(&m.room_id) {
+                    Some(c) => {
+                        still_there += 1;
+                        if !listed || c.membership_pos != m.pos {
+                            changed.insert(m.room_id.clone());
+                        }
+                    }
+                    None if listed => {
+                        changed.insert(m.room_id.clone());
+                    }
+                    None => {}
+                }
+            }
+            // A room of the list with no membership at all any more.
+            if still_there != p.rooms.len() {
+                return None;
+            }
             Some((p, changed))
         });
         let Some((previous, changed)) = changed else {
@@ -1482,6 +1558,30 @@ mod tests {
         }
         let newest = &orders[0].rooms[0];
         assert!(orders[0].rooms.iter().all(|c| c.bump <= newest.bump), "newest bump first");
+    }
+
+    #[test]
+    fn a_room_extension_covers_the_lists_and_subscriptions_it_names() {
+        let id = |n: u32| OwnedRoomId::try_from(format!("!r{n}:x")).unwrap();
+        let windows = BTreeMap::from([("all".to_owned(), vec![id(1), id(2)]), ("dms".to_owned(), vec![id(2), id(3)])]);
+        let subscribed = vec![id(4), id(5)];
+        let covered = |ext: Value| {
+            let ext: RoomExtension = serde_json::from_value(ext).unwrap();
+            ext.rooms(&windows, &subscribed)
+                .iter()
+                .map(|r| r.as_str().to_owned())
+                .collect::<Vec<_>>()
+        };
+        let names = |ns: &[u32]| ns.iter().map(|n| id(*n).to_string()).collect::<Vec<_>>();
+        assert_eq!(covered(json!({"enabled": true})), names(&[1, 2, 3, 4, 5]), "everything by default");
+        assert_eq!(covered(json!({"lists": ["*"], "rooms": ["*"]})), names(&[1, 2, 3, 4, 5]));
+        assert_eq!(covered(json!({"lists": ["dms"], "rooms": []})), names(&[2, 3]));
+        assert_eq!(
+            covered(json!({"lists": [], "rooms": ["!r5:x", "!r9:x"]})),
+            names(&[5]),
+            "only subscribed rooms"
+        );
+        assert_eq!(covered(json!({"lists": ["nope"], "rooms": []})), Vec::<String>::new());
     }
 
     #[test]
