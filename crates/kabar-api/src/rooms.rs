@@ -477,10 +477,12 @@ pub async fn messages_route(
     };
     let to = q.to.as_deref().map(token).transpose()?;
     let ignored = sync.ignored_users(&s.user_id).await?;
+    let hidden = rooms.member_visibility(&s.user_id, &room_id).await?;
     // The limit counts only events the filter lets through.
     let keep = TimelineFilter {
         filter: &filter,
         ignored: &ignored,
+        hidden: hidden.as_ref(),
     };
     let (events, end) = rooms.messages(&s.user_id, &room_id, from, to, dir, limit, keep).await?;
     let chunk: Vec<Value> = events.iter().map(|e| visible_client_event(e, &s)).collect();
@@ -552,9 +554,11 @@ pub async fn context_route(
     let before_n = limit / 2;
     let after_n = limit - before_n;
     let ignored = sync.ignored_users(&s.user_id).await?;
+    let hidden = rooms.member_visibility(&s.user_id, &room_id).await?;
     let keep = TimelineFilter {
         filter: &filter,
         ignored: &ignored,
+        hidden: hidden.as_ref(),
     };
     let pos = ev.event.pos;
     let (before, _) = if before_n > 0 {
@@ -638,8 +642,13 @@ pub async fn joined_members_route(
 ) -> ApiResult<Json<Value>> {
     let room = rooms.check_can_read(&s.user_id, &room_id(&room)?).await?;
     let r = room.read();
+    // In a channel a subscriber sees the staff and themselves only.
+    let hidden = r.member_visibility(&s.user_id);
     let mut joined = Map::new();
-    for user in r.members(Membership::Join) {
+    for user in r
+        .members(Membership::Join)
+        .filter(|u| hidden.as_ref().is_none_or(|h| h.shows_member(u)))
+    {
         let c = r.state("m.room.member", user).map(|e| e.pdu.content_value()).unwrap_or_default();
         // Optional fields are left out rather than null.
         let mut member = json!({});

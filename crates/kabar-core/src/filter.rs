@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 
+use kabar_domain::channel::MemberVisibility;
 use kabar_store::StoredEvent;
 use ruma::{OwnedUserId, UserId, api::client::filter::RoomEventFilter};
 
@@ -37,11 +38,15 @@ pub fn excludes_everything(types: Option<&[String]>, not_types: &[String]) -> bo
 pub struct TimelineFilter<'a> {
     pub filter: &'a RoomEventFilter,
     pub ignored: &'a HashSet<OwnedUserId>,
+    /// In a channel, the member events the viewer may not see.
+    pub hidden: Option<&'a MemberVisibility>,
 }
 
 impl TimelineFilter<'_> {
     pub fn keeps(&self, event: &StoredEvent) -> bool {
-        !self.ignored.contains(&event.pdu.sender) && filter_allows(self.filter, &event.pdu.kind.to_string(), &event.pdu.sender)
+        !self.ignored.contains(&event.pdu.sender)
+            && self.hidden.is_none_or(|h| h.shows(&event.pdu))
+            && filter_allows(self.filter, &event.pdu.kind.to_string(), &event.pdu.sender)
     }
 
     /// The event types the filter admits, when it names them exactly (no
@@ -81,6 +86,7 @@ mod tests {
             TimelineFilter {
                 filter: &filter,
                 ignored: &ignored,
+                hidden: None,
             }
             .exact_types()
             .map(<[String]>::to_vec)

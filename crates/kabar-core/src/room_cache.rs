@@ -13,6 +13,7 @@ use std::{
 
 use kabar_domain::{
     NewEvent, Pdu, StateKey, auth_event_keys, authorize,
+    channel::{MemberVisibility, is_channel_create},
     client_event::client_event_prefix,
     event::{EventSigner, raw},
     membership::{HistoryVisibility, Membership},
@@ -149,6 +150,10 @@ pub struct RoomCache {
     /// The power levels as push rules read them, parsed when first asked
     /// for after each change: every member's unread count needs them.
     push_power_levels: std::sync::OnceLock<Arc<ruma::push::PushConditionPowerLevelsCtx>>,
+    /// In a channel, who may post (and so sees every member), worked out
+    /// when first asked for after each change of the power levels; `None`
+    /// inside for a room that is not a channel.
+    channel_staff: std::sync::OnceLock<Option<Arc<std::collections::HashSet<OwnedUserId>>>>,
 }
 
 impl RoomCache {
@@ -169,6 +174,7 @@ impl RoomCache {
             state_changed_at: 0,
             visibility_changes: vec![],
             push_power_levels: std::sync::OnceLock::new(),
+            channel_staff: std::sync::OnceLock::new(),
         }
     }
 
@@ -458,8 +464,12 @@ impl RoomCache {
                 self.encrypted_at = Some(pos);
             }
             self.state_changed_at = self.state_changed_at.max(pos);
-            if pdu.kind == ruma::events::TimelineEventType::RoomPowerLevels {
+            if matches!(
+                pdu.kind,
+                ruma::events::TimelineEventType::RoomPowerLevels | ruma::events::TimelineEventType::RoomCreate
+            ) {
                 self.push_power_levels = std::sync::OnceLock::new();
+                self.channel_staff = std::sync::OnceLock::new();
             }
             if pdu.kind == ruma::events::TimelineEventType::RoomHistoryVisibility && pos > 0 {
                 self.visibility_changes
@@ -478,6 +488,42 @@ impl RoomCache {
     /// The power levels as push conditions read them (`@room` needs enough power).
     pub fn push_power_levels(&self) -> Arc<ruma::push::PushConditionPowerLevelsCtx> {
         self.push_power_levels.get_or_init(|| Arc::new(self.power_levels().into())).clone()
+    }
+
+    /// Whether the room is a broadcast channel (see `kabar_domain::channel`).
+    pub fn is_channel(&self) -> bool {
+        self.channel_staff().is_some()
+    }
+
+    /// In a channel, what `viewer` may not see of its members; `None` in
+    /// other rooms and for the channel's staff.
+    pub fn member_visibility(&self, viewer: &UserId) -> Option<MemberVisibility> {
+        MemberVisibility::for_viewer(viewer, self.channel_staff()?)
+    }
+
+    fn channel_staff(&self) -> Option<Arc<std::collections::HashSet<OwnedUserId>>> {
+        self.channel_staff
+            .get_or_init(|| {
+                let create = self.state("m.room.create", "")?;
+                if !is_channel_create(&create.pdu.content_value()) {
+                    return None;
+                }
+                let power = self.power_levels();
+                let post = power.for_message(ruma::events::MessageLikeEventType::RoomMessage);
+                if power.users_default >= post {
+                    // Everyone may post: a group by another name, nobody hidden.
+                    return None;
+                }
+                let mut staff: std::collections::HashSet<OwnedUserId> = power
+                    .users
+                    .iter()
+                    .filter(|(_, level)| **level >= post)
+                    .map(|(u, _)| u.clone())
+                    .collect();
+                staff.extend(self.creators());
+                Some(Arc::new(staff))
+            })
+            .clone()
     }
 
     pub fn power_levels(&self) -> RoomPowerLevels {
@@ -805,6 +851,7 @@ impl RoomCaches {
             state_changed_at,
             visibility_changes,
             push_power_levels: std::sync::OnceLock::new(),
+            channel_staff: std::sync::OnceLock::new(),
         })
     }
 

@@ -21,6 +21,7 @@ use std::{
 
 use kabar_domain::{
     NewEvent, Pdu,
+    channel::MemberVisibility,
     client_event::redact_pdu,
     event::EventSigner,
     membership::{EventVisibility, HistoryVisibility, Membership, may_see_event},
@@ -80,8 +81,14 @@ pub struct VisibleEvent {
     pub membership: Membership,
 }
 
-/// The state of a room a user may read (see [`Rooms::readable_state`]).
-pub enum ReadableState {
+/// The state of a room a user may read (see [`Rooms::readable_state`]),
+/// less what a channel hides from them (other subscribers' member events).
+pub struct ReadableState {
+    source: StateSource,
+    hidden: Option<MemberVisibility>,
+}
+
+enum StateSource {
     /// The current state, in the room's cache.
     Current(Arc<Room>),
     /// The state at a point of the past, in stream order.
@@ -89,23 +96,33 @@ pub enum ReadableState {
 }
 
 impl ReadableState {
+    fn shows(&self, pdu: &Pdu) -> bool {
+        self.hidden.as_ref().is_none_or(|h| h.shows(pdu))
+    }
+
     /// Every state event, in stream order for a past state.
     pub fn events(&self) -> Vec<StoredEvent> {
-        match self {
-            ReadableState::Current(room) => room.read().state_entries().map(StateEntry::to_stored).collect(),
-            ReadableState::At(events) => events.clone(),
+        match &self.source {
+            StateSource::Current(room) => room
+                .read()
+                .state_entries()
+                .filter(|e| self.shows(&e.pdu))
+                .map(StateEntry::to_stored)
+                .collect(),
+            StateSource::At(events) => events.iter().filter(|e| self.shows(&e.pdu)).cloned().collect(),
         }
     }
 
     /// The state event of one (type, state key).
     pub fn get(&self, kind: &str, state_key: &str) -> Option<StoredEvent> {
-        match self {
-            ReadableState::Current(room) => room.read().state(kind, state_key).map(StateEntry::to_stored),
-            ReadableState::At(events) => events
+        let event = match &self.source {
+            StateSource::Current(room) => room.read().state(kind, state_key).map(StateEntry::to_stored),
+            StateSource::At(events) => events
                 .iter()
                 .find(|e| e.pdu.kind.to_string() == kind && e.pdu.state_key.as_deref() == Some(state_key))
                 .cloned(),
-        }
+        };
+        event.filter(|e| self.shows(&e.pdu))
     }
 }
 
@@ -607,7 +624,11 @@ impl Rooms {
             .map(|(_, _, content)| content.clone());
 
         let creators_privileged = rules.authorization.explicitly_privilege_room_creators;
+        let channel = kabar_domain::channel::is_channel_create(&Value::Object(create.clone()));
         let mut power = initial_power.unwrap_or_else(|| {
+            if channel {
+                return kabar_domain::channel::default_power_levels();
+            }
             json!({
                 "users": {},
                 "users_default": 0,
@@ -824,17 +845,24 @@ impl Rooms {
             Error::NotFound(_) => not_in_room(),
             other => other,
         })?;
-        let (current, left_at) = {
+        let (current, left_at, hidden) = {
             let r = room.read();
             let member = r.membership(user) == Some(Membership::Join);
             let left_at = match (r.membership(user), r.state("m.room.member", user.as_str())) {
                 (Some(Membership::Leave | Membership::Ban), Some(e)) => Some(e.pos),
                 _ => None,
             };
-            (member || r.history_visibility() == HistoryVisibility::WorldReadable, left_at)
+            (
+                member || r.history_visibility() == HistoryVisibility::WorldReadable,
+                left_at,
+                r.member_visibility(user),
+            )
         };
         if current {
-            return Ok(ReadableState::Current(room));
+            return Ok(ReadableState {
+                source: StateSource::Current(room),
+                hidden,
+            });
         }
         let left_at = left_at.ok_or_else(not_in_room)?;
         let history = self.store.membership_history(room_id, user).await?;
@@ -842,7 +870,10 @@ impl Rooms {
             // Invited and declined, or banned without ever joining: nothing to read.
             return Err(not_in_room());
         }
-        Ok(ReadableState::At(self.state_at(&room, left_at).await?))
+        Ok(ReadableState {
+            source: StateSource::At(self.state_at(&room, left_at).await?),
+            hidden,
+        })
     }
 
     /// The state `user` may be shown at the event at `at` (`/context`): the
@@ -850,15 +881,26 @@ impl Rooms {
     /// first (a former member never sees what happened since).
     pub async fn state_for_user_at(&self, user: &UserId, room_id: &RoomId, at: StreamPos) -> Result<Vec<StoredEvent>> {
         let room = self.room(room_id).await?;
-        let at = {
+        let (at, hidden) = {
             let r = room.read();
             let current = r.membership(user) == Some(Membership::Join) || r.history_visibility() == HistoryVisibility::WorldReadable;
-            match r.state("m.room.member", user.as_str()) {
+            let at = match r.state("m.room.member", user.as_str()) {
                 Some(me) if !current => at.min(me.pos),
                 _ => at,
-            }
+            };
+            (at, r.member_visibility(user))
         };
-        self.state_at(&room, at).await
+        let mut state = self.state_at(&room, at).await?;
+        if let Some(hidden) = hidden {
+            state.retain(|e| hidden.shows(&e.pdu));
+        }
+        Ok(state)
+    }
+
+    /// In a channel, the member events `user` may not see; `None` in other
+    /// rooms and for the channel's staff.
+    pub async fn member_visibility(&self, user: &UserId, room_id: &RoomId) -> Result<Option<MemberVisibility>> {
+        Ok(self.room(room_id).await?.read().member_visibility(user))
     }
 
     /// Fails unless `user` may page through the room's history at all: they

@@ -527,9 +527,11 @@ impl SyncEngine {
                     invite.insert(m.room_id.to_string(), json!({ "invite_state": { "events": events } }));
                 }
                 Membership::Leave | Membership::Ban if m.pos > since.stream && (!initial || filter.room.include_leave) => {
+                    let hidden = self.rooms.room(&m.room_id).await?.read().member_visibility(user);
                     let timeline_filter = TimelineFilter {
                         filter: &filter.room.timeline,
                         ignored: &ignored,
+                        hidden: hidden.as_ref(),
                     };
                     let (events, limited) = self
                         .timeline_from_store(user, &m.room_id, (since.stream, m.pos), limit, timeline_filter, true)
@@ -603,9 +605,11 @@ impl SyncEngine {
             ignored,
         } = view;
         let room = self.rooms.room(room_id).await?;
+        let hidden = room.read().member_visibility(user);
         let timeline_filter = TimelineFilter {
             filter: &filter.room.timeline,
             ignored,
+            hidden: hidden.as_ref(),
         };
         // Settled: every event up to `upto` is in the cache, so `last_pos`
         // cannot miss one that committed a moment ago.
@@ -656,11 +660,18 @@ impl SyncEngine {
             } else {
                 r.member_changes(since.stream, upto.stream)
             };
-            let heroes = (!name_known && (full_state || !member_changes.is_empty())).then(|| r.heroes(user));
+            let heroes = (!name_known && (full_state || !member_changes.is_empty())).then(|| {
+                let mut heroes = r.heroes(user);
+                heroes.retain(|u| hidden.as_ref().is_none_or(|h| h.shows_member(u.as_str())));
+                heroes
+            });
             // Everyone, in a room just joined (a small one); else whoever joined since the token.
             let joiners: Vec<OwnedUserId> = if initial && since.stream > 0 {
                 if r.member_count(Membership::Join) <= PRESENCE_ROOM_LIMIT {
-                    r.members(Membership::Join).filter_map(|u| OwnedUserId::try_from(u).ok()).collect()
+                    r.members(Membership::Join)
+                        .filter(|u| hidden.as_ref().is_none_or(|h| h.shows_member(u)))
+                        .filter_map(|u| OwnedUserId::try_from(u).ok())
+                        .collect()
                 } else {
                     vec![]
                 }
@@ -668,6 +679,7 @@ impl SyncEngine {
                 member_changes
                     .into_iter()
                     .filter(|(u, m)| *m == Membership::Join && u != user)
+                    .filter(|(u, _)| hidden.as_ref().is_none_or(|h| h.shows_member(u.as_str())))
                     .map(|(u, _)| u)
                     .collect()
             };
@@ -680,6 +692,7 @@ impl SyncEngine {
             let r = room.read();
             let mut add = |entry: &crate::rooms::StateEntry| {
                 if entry.pos <= upto.stream
+                    && hidden.as_ref().is_none_or(|h| h.shows(&entry.pdu))
                     && !timeline_ids.contains(&*entry.pdu.event_id)
                     && filter_allows(state_filter, entry.pdu.kind.to_string().as_str(), &entry.pdu.sender)
                 {

@@ -6,6 +6,7 @@
 //! tests call without a server or a database.
 
 pub mod auth;
+pub mod channel;
 pub mod client_event;
 pub mod e2ee;
 pub mod event;

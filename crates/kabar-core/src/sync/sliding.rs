@@ -1137,9 +1137,11 @@ impl SyncEngine {
             let user = &*session.user_id;
             let limit = config.timeline_limit as usize;
             let empty_filter = ruma::api::client::filter::RoomEventFilter::default();
+            let hidden = room.read().member_visibility(user);
             let timeline_filter = TimelineFilter {
                 filter: &empty_filter,
                 ignored,
+                hidden: hidden.as_ref(),
             };
             let (events, limited) = if limit > 0 {
                 self.timeline(user, room_id, &room, from, upto.stream, limit, timeline_filter)
@@ -1163,7 +1165,7 @@ impl SyncEngine {
                 // and `$ME` both name the user; a wildcard may name either).
                 let mut added = HashSet::new();
                 let mut add = |entry: &crate::rooms::StateEntry| {
-                    if entry.pos <= upto.stream && added.insert(entry.pos) {
+                    if entry.pos <= upto.stream && hidden.as_ref().is_none_or(|h| h.shows(&entry.pdu)) && added.insert(entry.pos) {
                         required_state.push(client_event_json(&TimelineEvent::new(entry.to_stored()), session, None));
                     }
                 };
@@ -1201,6 +1203,7 @@ impl SyncEngine {
                 let heroes = (name.is_none() && members_moved).then(|| {
                     r.heroes(user)
                         .into_iter()
+                        .filter(|u| hidden.as_ref().is_none_or(|h| h.shows_member(u.as_str())))
                         .map(|u| {
                             let content = r
                                 .state("m.room.member", u.as_str())

@@ -1,0 +1,165 @@
+//! Broadcast channels (issue 17): the staff post, subscribers read, react
+//! and leave; subscribers do not see one another, through matrix-sdk and
+//! every endpoint that shows members.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Api, Server, enc, registered};
+use matrix_sdk::{
+    RoomMemberships,
+    config::SyncSettings,
+    ruma::{
+        OwnedRoomId, RoomOrAliasId,
+        api::error::ErrorKind,
+        events::{reaction::ReactionEventContent, relation::Annotation, room::message::RoomMessageEventContent},
+    },
+};
+use reqwest::Method as M;
+use serde_json::{Value, json};
+
+fn settings() -> SyncSettings {
+    SyncSettings::default().timeout(Duration::from_secs(2))
+}
+
+/// Every member event anywhere in one raw `/sync` answer for `room`: its
+/// timeline and its state.
+fn member_keys(sync: &Value, room: &str) -> Vec<String> {
+    let joined = &sync["rooms"]["join"][room];
+    ["timeline", "state"]
+        .iter()
+        .flat_map(|section| joined[section]["events"].as_array().cloned().unwrap_or_default())
+        .filter(|e| e["type"] == "m.room.member")
+        .filter_map(|e| e["state_key"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_read_and_react_but_neither_post_nor_see_each_other() {
+    let server = Server::start();
+    let admin = Api::register(&server, "newsdesk").await;
+    let channel = admin
+        .create_room(json!({
+            "name": "Daily news",
+            "preset": "public_chat",
+            "visibility": "public",
+            "room_alias_name": "news",
+            "creation_content": {"type": "kabar.channel"}
+        }))
+        .await;
+    admin.say(&channel, "p1", "first post").await;
+
+    // Two subscribers join from the link's alias, with matrix-sdk.
+    let alias = <&RoomOrAliasId>::try_from("#news:localhost").unwrap();
+    let (ann, ben) = (registered(&server.url, "ann").await, registered(&server.url, "ben").await);
+    for client in [&ann, &ben] {
+        client.join_room_by_id_or_alias(alias, &[]).await.expect("join from the alias");
+    }
+    let room_id = OwnedRoomId::try_from(channel.as_str()).unwrap();
+    admin.say(&channel, "p2", "second post").await;
+
+    // Ann reads both posts, may react, may not post.
+    ann.sync_once(settings()).await.unwrap();
+    let room = ann.get_room(&room_id).expect("ann is in the channel");
+    let messages = room.messages(matrix_sdk::room::MessagesOptions::backward()).await.unwrap();
+    let bodies: Vec<String> = messages
+        .chunk
+        .iter()
+        .filter_map(|e| e.raw().get_field::<Value>("content").ok().flatten())
+        .filter_map(|c| c["body"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(bodies, ["second post", "first post"]);
+    let refused = room
+        .send(RoomMessageEventContent::text_plain("me too"))
+        .await
+        .expect_err("a subscriber may not post");
+    assert_eq!(refused.client_api_error_kind(), Some(&ErrorKind::Forbidden));
+    let newest = messages.chunk[0].event_id().unwrap();
+    room.send(ReactionEventContent::new(Annotation::new(newest, "👍".into())))
+        .await
+        .expect("a subscriber may react");
+
+    // Ann sees the staff and herself, never Ben: not in matrix-sdk's member
+    // list, not in /members, /joined_members, /state, /sync or /messages.
+    let members: Vec<String> = room
+        .members(RoomMemberships::JOIN)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.user_id().to_string())
+        .collect();
+    let (ann_id, ben_id) = (ann.user_id().unwrap().to_string(), ben.user_id().unwrap().to_string());
+    assert!(members.contains(&admin.user_id) && members.contains(&ann_id), "{members:?}");
+    assert!(!members.contains(&ben_id), "{members:?}");
+    let ann_api = Api::of(&ann, &server);
+    let path = |what: &str| format!("/rooms/{}/{what}", enc(&channel));
+    let listed = ann_api.ok(M::GET, &path("members"), None).await;
+    let listed: Vec<&str> = listed["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["state_key"].as_str())
+        .collect();
+    assert!(
+        !listed.contains(&ben_id.as_str()) && listed.contains(&ann_id.as_str()),
+        "{listed:?}"
+    );
+    let joined = ann_api.ok(M::GET, &path("joined_members"), None).await;
+    assert!(
+        joined["joined"].get(&ben_id).is_none() && joined["joined"].get(&admin.user_id).is_some(),
+        "{joined}"
+    );
+    let state = ann_api.ok(M::GET, &path("state"), None).await;
+    assert!(!state.to_string().contains(&ben_id), "{state}");
+    let (status, _) = ann_api
+        .req(M::GET, &format!("{}/{}", path("state/m.room.member"), enc(&ben_id)), None)
+        .await;
+    assert_eq!(status, 404, "another subscriber's member event is not there for her");
+    let history = ann_api.ok(M::GET, &format!("{}?dir=b&limit=50", path("messages")), None).await;
+    assert!(!history.to_string().contains(&ben_id), "{history}");
+    let full = ann_api.sync("", None).await;
+    assert!(!member_keys(&full, &channel).contains(&ben_id), "{full}");
+    assert!(member_keys(&full, &channel).contains(&ann_id));
+
+    // Ben leaves and Carl joins: Ann's incremental sync shows neither.
+    let since = full["next_batch"].as_str().unwrap().to_owned();
+    ben.get_room(&room_id).unwrap().leave().await.unwrap();
+    let carl = Api::register(&server, "carl").await;
+    carl.ok(M::POST, &format!("/join/{}", enc("#news:localhost")), Some(json!({})))
+        .await;
+    admin.say(&channel, "p3", "third post").await;
+    let next = ann_api.sync(&since, None).await;
+    let timeline = next["rooms"]["join"][&channel]["timeline"]["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(timeline.iter().any(|e| e["content"]["body"] == "third post"), "{next}");
+    assert!(member_keys(&next, &channel).is_empty(), "no joins or leaves: {next}");
+
+    // The staff see every member.
+    let everyone = admin.ok(M::GET, &path("joined_members"), None).await;
+    let everyone = everyone["joined"].as_object().unwrap();
+    assert!(everyone.contains_key(&ann_id) && everyone.contains_key(&carl.user_id) && !everyone.contains_key(&ben_id));
+    let admin_history = admin.ok(M::GET, &format!("{}?dir=b&limit=50", path("messages")), None).await;
+    assert!(admin_history.to_string().contains(&ben_id), "the staff see joins and leaves");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_whose_admins_let_everyone_post_is_an_ordinary_room() {
+    let server = Server::start();
+    let admin = Api::register(&server, "host").await;
+    let channel = admin
+        .create_room(json!({
+            "preset": "public_chat",
+            "creation_content": {"type": "kabar.channel"},
+            "power_level_content_override": {"events_default": 0}
+        }))
+        .await;
+    let (one, two) = (Api::register(&server, "one").await, Api::register(&server, "two").await);
+    one.join(&channel).await;
+    two.join(&channel).await;
+    one.say(&channel, "t1", "anyone may post here").await;
+    let joined = two.ok(M::GET, &format!("/rooms/{}/joined_members", enc(&channel)), None).await;
+    assert!(joined["joined"].get(&one.user_id).is_some(), "nobody hidden: {joined}");
+}
