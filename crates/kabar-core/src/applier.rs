@@ -359,12 +359,26 @@ impl Applier {
             Change::Event(event) => {
                 t.rooms.apply(event);
                 t.changes.room_events.record(&event.pdu.room_id, pos);
-                wakes.rooms.insert(event.pdu.room_id.clone());
-                if event.pdu.kind == TimelineEventType::RoomMember
-                    && let Some(target) = event.pdu.state_key.as_deref().and_then(|k| OwnedUserId::try_from(k).ok())
-                {
-                    t.changes.memberships.record(&target, pos);
-                    wakes.users.insert(target);
+                let target = (event.pdu.kind == TimelineEventType::RoomMember)
+                    .then(|| event.pdu.state_key.as_deref().and_then(|k| OwnedUserId::try_from(k).ok()))
+                    .flatten();
+                match target {
+                    Some(target) => {
+                        t.changes.memberships.record(&target, pos);
+                        // In a channel, a subscriber's join or leave is news
+                        // to them and the staff only: the other subscribers'
+                        // syncs are not woken for what they may not see.
+                        match t.rooms.hidden_member_news(&event.pdu.room_id, &target) {
+                            Some(staff) => wakes.users.extend(staff.iter().cloned()),
+                            None => {
+                                wakes.rooms.insert(event.pdu.room_id.clone());
+                            }
+                        }
+                        wakes.users.insert(target);
+                    }
+                    None => {
+                        wakes.rooms.insert(event.pdu.room_id.clone());
+                    }
                 }
             }
             Change::AccountData { user_id } => {
@@ -708,6 +722,53 @@ mod tests {
             events.last().unwrap().pos,
             "a's cache holds the newest event"
         );
+    }
+
+    #[tokio::test]
+    async fn a_subscribers_join_wakes_the_staff_and_themselves_not_the_other_subscribers() {
+        let (_dir, store, alice) = store_with_alice().await;
+        let (bob, carl) = (owned_user_id!("@bob:localhost"), owned_user_id!("@carl:localhost"));
+        for user in [&bob, &carl] {
+            let new = NewUser {
+                user_id: user.clone(),
+                password_hash: None,
+                created_ms: 1,
+            };
+            store.create_user(new).await.unwrap();
+        }
+        let a = node(&store, true, Duration::from_secs(3600));
+        let mut create = serde_json::Map::new();
+        create.insert("type".into(), json!("kabar.channel"));
+        let channel = CreateRoom {
+            preset: Some("public_chat".into()),
+            creation_content: Some(create),
+            ..CreateRoom::default()
+        };
+        let room_id = a.rooms.create_room(&alice, channel).await.unwrap();
+        a.rooms
+            .set_membership(&bob, &room_id, &bob, kabar_domain::membership::Membership::Join, None, None)
+            .await
+            .unwrap();
+
+        let bob_waits = a.notifier.interest(&bob, [&*room_id]);
+        let alice_waits = a.notifier.interest(&alice, [&*room_id]);
+        let carl_waits = a.notifier.interest(&carl, []);
+        a.rooms
+            .set_membership(&carl, &room_id, &carl, kabar_domain::membership::Membership::Join, None, None)
+            .await
+            .unwrap();
+        assert!(alice_waits.wait(Duration::from_secs(5)).await, "the staff see who joins");
+        assert!(carl_waits.wait(Duration::from_secs(5)).await, "the subscriber sees their own join");
+        let bob_waits_for_a_post = a.notifier.interest(&bob, [&*room_id]);
+        assert!(
+            !bob_waits.wait(Duration::from_millis(300)).await,
+            "another subscriber's join is nothing to bob"
+        );
+        a.rooms
+            .send(&alice, &room_id, NewEvent::message("m.room.message", json!({"body": "news"})), None)
+            .await
+            .unwrap();
+        assert!(bob_waits_for_a_post.wait(Duration::from_secs(5)).await, "a post is");
     }
 
     #[tokio::test]

@@ -732,6 +732,15 @@ impl RoomCaches {
     }
 
     /// The room's cache if it is loaded.
+    /// For a member event about `subject` in a loaded channel whose staff
+    /// `subject` is not part of: the staff, the only ones besides `subject`
+    /// who may see it. `None` when everyone in the room may.
+    pub fn hidden_member_news(&self, room_id: &RoomId, subject: &UserId) -> Option<Arc<std::collections::HashSet<OwnedUserId>>> {
+        let room = self.loaded(room_id)?;
+        let staff = room.read().channel_staff()?;
+        (!staff.contains(subject)).then_some(staff)
+    }
+
     pub fn loaded(&self, room_id: &RoomId) -> Option<Arc<Room>> {
         let slot = self.rooms.lock().expect("rooms lock").get(room_id)?.clone();
         match &*slot.state.lock().expect("room slot lock") {
