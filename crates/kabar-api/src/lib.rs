@@ -29,7 +29,7 @@ use axum::{
 };
 use kabar_core::{
     accounts::Accounts, ephemeral::Ephemeral, health::Readiness, key_backup::KeyBackups, keys::Keys, media::Media, rooms::Rooms,
-    sync::SyncEngine, to_device::ToDevice, user_data::UserData,
+    sync::SyncEngine, to_device::ToDevice, user_data::UserData, views::ViewCounts,
 };
 use tower_http::{catch_panic::CatchPanicLayer, cors::CorsLayer};
 
@@ -80,6 +80,7 @@ pub struct Services {
     pub accounts: Arc<Accounts>,
     pub rooms: Arc<Rooms>,
     pub sync: Arc<SyncEngine>,
+    pub views: Arc<ViewCounts>,
     pub ephemeral: Arc<Ephemeral>,
     pub user_data: Arc<UserData>,
     pub keys: Arc<Keys>,
@@ -117,6 +118,7 @@ services_from_state!(
     accounts: Accounts,
     rooms: Rooms,
     sync: SyncEngine,
+    views: ViewCounts,
     ephemeral: Ephemeral,
     user_data: UserData,
     keys: Keys,
@@ -322,6 +324,10 @@ pub fn router(state: AppState, limits: EdgeLimits) -> Router {
         .route(
             "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
             post(sync::sliding_sync_route),
+        )
+        .route(
+            "/_matrix/client/unstable/kabar/rooms/{room}/views/{event}",
+            get(rooms::post_views_route),
         )
         .nest("/_matrix/client/v3", client.clone())
         .nest("/_matrix/client/r0", client.clone())

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use axum::{Json, extract::State};
 use kabar_core::{
     filter::{TimelineFilter, filter_allows},
-    rooms::{CreateRoom, Dir, Rooms},
+    rooms::{CreateRoom, Dir, Rooms, VisibleEvent},
     sync::{SyncEngine, client_event, visible_client_event},
+    views::ViewCounts,
 };
 use kabar_domain::{NewEvent, PaginationToken, membership::Membership};
 use kabar_store::{Session, StoredEvent, TxnRef};
@@ -425,11 +426,58 @@ pub async fn redact_route(
 /// GET /_matrix/client/v3/rooms/{roomId}/event/{eventId}
 pub async fn event_route(
     State(rooms): State<Arc<Rooms>>,
+    State(views): State<Arc<ViewCounts>>,
     Auth(s): Auth,
     PathParams((room, event)): PathParams<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let e = rooms.event(&s.user_id, &room_id(&room)?, &event_id(&event)?).await?;
-    Ok(Json(visible_client_event(&e, &s)))
+    let room_id = room_id(&room)?;
+    let e = rooms.event(&s.user_id, &room_id, &event_id(&event)?).await?;
+    let mut out = viewed_events(&rooms, &views, &s, &room_id, std::slice::from_ref(&e)).await?;
+    Ok(Json(out.remove(0)))
+}
+
+/// The events' client forms; in a channel, each post with its view count
+/// in `unsigned` (`kabar.views`).
+async fn viewed_events(rooms: &Rooms, views: &ViewCounts, s: &Session, room_id: &RoomId, events: &[VisibleEvent]) -> ApiResult<Vec<Value>> {
+    let mut out: Vec<Value> = events.iter().map(|e| visible_client_event(e, s)).collect();
+    if events.is_empty() || !rooms.room(room_id).await?.read().is_channel() {
+        return Ok(out);
+    }
+    let positions: Vec<u64> = events.iter().map(|e| e.event.pos).collect();
+    let counts = views.views(room_id, rooms.applied().position(), &positions).await?;
+    for (event, count) in out.iter_mut().zip(counts) {
+        if let Some(count) = count {
+            event["unsigned"]["kabar.views"] = json!(count);
+        }
+    }
+    Ok(out)
+}
+
+/// GET /_matrix/client/unstable/kabar/rooms/{roomId}/views/{eventId}
+///
+/// A channel post's view count, for the channel's staff.
+pub async fn post_views_route(
+    State(rooms): State<Arc<Rooms>>,
+    State(views): State<Arc<ViewCounts>>,
+    Auth(s): Auth,
+    PathParams((room, event)): PathParams<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let room_id = room_id(&room)?;
+    let e = rooms.event(&s.user_id, &room_id, &event_id(&event)?).await?;
+    let (channel, staff) = {
+        let room = rooms.room(&room_id).await?;
+        let r = room.read();
+        (r.is_channel(), r.member_visibility(&s.user_id).is_none())
+    };
+    if !channel {
+        return Err(ApiError::not_found("not a channel"));
+    }
+    if !staff {
+        return Err(ApiError::forbidden("only the channel's staff may ask"));
+    }
+    let count = views.views(&room_id, rooms.applied().position(), &[e.event.pos]).await?.remove(0);
+    let count = count.ok_or_else(|| ApiError::not_found("not a post"))?;
+    Ok(Json(json!({ "event_id": e.event.pdu.event_id, "views": count })))
 }
 
 #[derive(Deserialize)]
@@ -458,6 +506,7 @@ fn token(s: &str) -> ApiResult<u64> {
 pub async fn messages_route(
     State(rooms): State<Arc<Rooms>>,
     State(sync): State<Arc<SyncEngine>>,
+    State(views): State<Arc<ViewCounts>>,
     Auth(s): Auth,
     PathParams(room): PathParams<String>,
     QueryParams(q): QueryParams<MessagesQuery>,
@@ -485,7 +534,7 @@ pub async fn messages_route(
         hidden: hidden.as_ref(),
     };
     let (events, end) = rooms.messages(&s.user_id, &room_id, from, to, dir, limit, keep).await?;
-    let chunk: Vec<Value> = events.iter().map(|e| visible_client_event(e, &s)).collect();
+    let chunk = viewed_events(&rooms, &views, &s, &room_id, &events).await?;
     let state = lazy_members(&rooms, &s, &room_id, &filter, events.iter().map(|e| &e.event), None).await?;
     let start = if from == u64::MAX { rooms.store().current_position() } else { from };
     let mut out = json!({ "chunk": chunk, "start": PaginationToken(start).to_string(), "state": state });
@@ -543,6 +592,7 @@ pub struct ContextQuery {
 pub async fn context_route(
     State(rooms): State<Arc<Rooms>>,
     State(sync): State<Arc<SyncEngine>>,
+    State(views): State<Arc<ViewCounts>>,
     Auth(s): Auth,
     PathParams((room, event)): PathParams<(String, String)>,
     QueryParams(q): QueryParams<ContextQuery>,
@@ -588,9 +638,9 @@ pub async fn context_route(
         out
     };
     Ok(Json(json!({
-        "event": visible_client_event(&ev, &s),
-        "events_before": before.iter().map(|e| visible_client_event(e, &s)).collect::<Vec<_>>(),
-        "events_after": after.iter().map(|e| visible_client_event(e, &s)).collect::<Vec<_>>(),
+        "event": viewed_events(&rooms, &views, &s, &room_id, std::slice::from_ref(&ev)).await?.remove(0),
+        "events_before": viewed_events(&rooms, &views, &s, &room_id, &before).await?,
+        "events_after": viewed_events(&rooms, &views, &s, &room_id, &after).await?,
         "start": PaginationToken(start).to_string(),
         "end": PaginationToken(end).to_string(),
         "state": state,

@@ -27,6 +27,7 @@ pub mod sync;
 pub mod to_device;
 pub mod uia;
 pub mod user_data;
+pub mod views;
 pub mod voip;
 
 pub use error::{Error, Result};

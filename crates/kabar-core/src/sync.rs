@@ -26,6 +26,7 @@ use crate::{
     push::{self, PushRules},
     rooms::{Room, Rooms, TimelineEvent, VisibleEvent},
     to_device::{ToDevice, ToDeviceEvent},
+    views::ViewCounts,
 };
 
 const DEFAULT_TIMELINE_LIMIT: usize = 10;
@@ -143,6 +144,7 @@ pub struct SyncSources {
     pub keys: Arc<Keys>,
     pub to_device: Arc<ToDevice>,
     pub push_rules: Arc<PushRules>,
+    pub views: Arc<ViewCounts>,
 }
 
 pub struct SyncEngine {
@@ -154,6 +156,7 @@ pub struct SyncEngine {
     keys: Arc<Keys>,
     to_device: Arc<ToDevice>,
     push_rules: Arc<PushRules>,
+    views: Arc<ViewCounts>,
     unread: Mutex<HashMap<(OwnedUserId, OwnedRoomId), UnreadEntry>>,
     /// Each user's memberships, kept until their membership tracker moves.
     memberships: GenerationCache<OwnedUserId, Arc<Vec<MembershipRecord>>>,
@@ -205,6 +208,9 @@ struct Unsigned<'a> {
     prev_sender: Option<&'a UserId>,
     #[serde(skip_serializing_if = "Option::is_none")]
     replaces_state: Option<&'a ruma::EventId>,
+    /// A channel post's view count (see `kabar_domain::channel::ViewCounter`).
+    #[serde(rename = "kabar.views", skip_serializing_if = "Option::is_none")]
+    views: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -236,6 +242,7 @@ impl<'a> Unsigned<'a> {
             prev_content: prev.and_then(|p| serde_json::from_str(&p.content).ok()),
             prev_sender: prev.map(|p| &*p.sender),
             replaces_state: prev.map(|p| &*p.event_id),
+            views: None,
         }
     }
 }
@@ -259,7 +266,14 @@ pub fn visible_client_event(v: &VisibleEvent, viewer: &Session) -> Value {
 /// [`client_event`] from an event's pre-serialized client form: only the
 /// viewer's `unsigned` object is written per viewer.
 fn client_event_json(event: &TimelineEvent, viewer: &Session, membership: Option<Membership>) -> Box<RawValue> {
-    let unsigned = serde_json::to_string(&Unsigned::for_viewer(&event.event, viewer, membership)).unwrap_or_else(|_| "{}".into());
+    viewed_client_event_json(event, viewer, membership, None)
+}
+
+/// [`client_event_json`] with a channel post's view count in `unsigned`.
+fn viewed_client_event_json(event: &TimelineEvent, viewer: &Session, membership: Option<Membership>, views: Option<u32>) -> Box<RawValue> {
+    let mut unsigned = Unsigned::for_viewer(&event.event, viewer, membership);
+    unsigned.views = views;
+    let unsigned = serde_json::to_string(&unsigned).unwrap_or_else(|_| "{}".into());
     let mut out = String::with_capacity(event.client_prefix().len() + unsigned.len() + 16);
     out.push_str(event.client_prefix());
     out.push_str(",\"unsigned\":");
@@ -293,6 +307,7 @@ impl SyncEngine {
             keys,
             to_device,
             push_rules,
+            views,
         } = sources;
         Self {
             store,
@@ -303,6 +318,7 @@ impl SyncEngine {
             keys,
             to_device,
             push_rules,
+            views,
             unread: Mutex::new(HashMap::new()),
             memberships: GenerationCache::new(MAX_CACHED_MEMBERSHIPS),
             ignored: GenerationCache::new(MAX_CACHED_MEMBERSHIPS),
@@ -633,7 +649,7 @@ impl SyncEngine {
         });
         let timeline_ids: HashSet<&ruma::EventId> = events.iter().map(|(e, _)| &*e.event.pdu.event_id).collect();
         let timeline_senders: BTreeSet<&str> = events.iter().map(|(e, _)| e.event.pdu.sender.as_str()).collect();
-        let timeline: Vec<Box<RawValue>> = events.iter().map(|(e, m)| client_event_json(e, session, Some(*m))).collect();
+        let timeline = self.timeline_json(session, room_id, &room, upto.stream, &events).await?;
 
         // State: everything for a full-state sync; otherwise every state
         // change since the token that the timeline does not show (a gap, or
@@ -800,6 +816,29 @@ impl SyncEngine {
     /// sees for the first time (`None`), from its start as its history
     /// visibility allows; oldest first, and whether more were left out.
     #[allow(clippy::too_many_arguments)]
+    /// A timeline's events in their client form; in a channel, each post
+    /// with its view count.
+    async fn timeline_json(
+        &self,
+        session: &Session,
+        room_id: &RoomId,
+        room: &Room,
+        upto: StreamPos,
+        events: &[(Arc<TimelineEvent>, Membership)],
+    ) -> Result<Vec<Box<RawValue>>> {
+        let views = if room.read().is_channel() && !events.is_empty() {
+            let positions: Vec<StreamPos> = events.iter().map(|(e, _)| e.event.pos).collect();
+            self.views.views(room_id, upto, &positions).await?
+        } else {
+            vec![None; events.len()]
+        };
+        Ok(events
+            .iter()
+            .zip(views)
+            .map(|((e, m), views)| viewed_client_event_json(e, session, Some(*m), views))
+            .collect())
+    }
+
     async fn timeline(
         &self,
         user: &UserId,

@@ -69,6 +69,73 @@ impl MemberVisibility {
     }
 }
 
+/// Event types that are posts, whose views a channel counts.
+pub const POST_TYPES: &[&str] = &["m.room.message", "m.room.encrypted", "m.sticker", "m.poll.start"];
+
+/// A channel's view counts: how many distinct members have seen each post.
+///
+/// Seen means the member's read receipt (public or private) reached the
+/// post, and the post came after the member first joined. A Matrix read
+/// receipt says "read up to here", so one position per member covers every
+/// post up to it; posts from before a member joined are not counted for
+/// them (someone who joins a channel with years of posts has not read
+/// them). Fetching a post through `/messages` does not count: clients page
+/// back in the background to fill a screen, which would inflate counts.
+///
+/// One counter per post. Each member's receipt only ever moves the counted
+/// range forward (`counted_upto`), so a post counts a member at most once;
+/// the work of a receipt is the number of posts it newly covers.
+#[derive(Debug, Default, Clone)]
+pub struct ViewCounter {
+    /// Post positions, ascending, and each post's count.
+    posts: Vec<(u64, u32)>,
+    /// Per member: where they first joined, and up to where they are counted.
+    members: std::collections::HashMap<OwnedUserId, (u64, u64)>,
+}
+
+impl ViewCounter {
+    /// A post at `pos` (after every post added so far).
+    pub fn add_post(&mut self, pos: u64) {
+        if self.posts.last().is_none_or(|(last, _)| *last < pos) {
+            self.posts.push((pos, 0));
+        }
+    }
+
+    /// `user` joined at `pos`; only their first join counts.
+    pub fn joined(&mut self, user: &UserId, pos: u64) {
+        self.members.entry(user.to_owned()).or_insert((pos, pos));
+    }
+
+    /// `user`'s read receipt is on the event at `pos`: every post after
+    /// their first join up to `pos` not yet counted for them is counted.
+    /// A receipt from someone who never joined counts nothing.
+    pub fn read_to(&mut self, user: &UserId, pos: u64) {
+        let Some((_, counted_upto)) = self.members.get_mut(user) else {
+            return;
+        };
+        if pos <= *counted_upto {
+            return;
+        }
+        let from = self.posts.partition_point(|(p, _)| *p <= *counted_upto);
+        let to = self.posts.partition_point(|(p, _)| *p <= pos);
+        for (_, views) in &mut self.posts[from..to] {
+            *views += 1;
+        }
+        *counted_upto = pos;
+    }
+
+    /// The views of the post at `pos`; `None` if no post is there.
+    pub fn views(&self, pos: u64) -> Option<u32> {
+        let i = self.posts.binary_search_by_key(&pos, |(p, _)| *p).ok()?;
+        Some(self.posts[i].1)
+    }
+
+    /// Posts and members held (for memory accounting).
+    pub fn size(&self) -> (usize, usize) {
+        (self.posts.len(), self.members.len())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -92,6 +159,36 @@ mod tests {
         assert!(sub.shows_member("@sub:x"));
         assert!(sub.shows_member("@admin:x"));
         assert!(!sub.shows_member("@other:x"));
+    }
+
+    #[test]
+    fn a_post_counts_each_member_once_from_their_first_join_to_their_receipt() {
+        let (ann, ben) = (user_id!("@ann:x"), user_id!("@ben:x"));
+        let mut views = ViewCounter::default();
+        views.add_post(10);
+        views.joined(ann, 15);
+        for pos in [20, 30, 40] {
+            views.add_post(pos);
+        }
+        views.read_to(ann, 30);
+        assert_eq!(
+            [10, 20, 30, 40].map(|p| views.views(p)),
+            [Some(0), Some(1), Some(1), Some(0)],
+            "not the post before she joined"
+        );
+        views.read_to(ann, 30);
+        views.read_to(ann, 25);
+        assert_eq!(views.views(20), Some(1), "the same or an older receipt counts nothing again");
+        views.read_to(ann, 40);
+        assert_eq!(views.views(30), Some(1), "never twice");
+        assert_eq!(views.views(40), Some(1));
+        views.read_to(ben, 40);
+        assert_eq!(views.views(40), Some(1), "a receipt from someone who never joined counts nothing");
+        views.joined(ben, 35);
+        views.joined(ben, 5);
+        views.read_to(ben, 45);
+        assert_eq!([30, 40].map(|p| views.views(p)), [Some(1), Some(2)], "from his first join only");
+        assert_eq!(views.views(41), None, "no post there");
     }
 
     #[test]

@@ -507,6 +507,7 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
             burst: config.limits.to_device_burst,
         },
     ));
+    let views = Arc::new(kabar_core::views::ViewCounts::new(store.clone(), changes.clone()));
     let sync = Arc::new(SyncEngine::new(
         SyncSources {
             store: store.clone(),
@@ -517,6 +518,7 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
             keys: keys.clone(),
             to_device: to_device.clone(),
             push_rules: Arc::new(PushRules::new(store.clone(), changes.clone())),
+            views: views.clone(),
         },
         gates.initial_sync.clone(),
     ));
@@ -563,6 +565,7 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
         accounts: accounts.clone(),
         rooms,
         sync,
+        views,
         ephemeral,
         user_data,
         keys,

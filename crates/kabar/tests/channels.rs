@@ -163,3 +163,100 @@ async fn a_channel_whose_admins_let_everyone_post_is_an_ordinary_room() {
     let joined = two.ok(M::GET, &format!("/rooms/{}/joined_members", enc(&channel)), None).await;
     assert!(joined["joined"].get(&one.user_id).is_some(), "nobody hidden: {joined}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn view_counts_rise_as_subscribers_read_never_count_anyone_twice_and_survive_a_restart() {
+    let mut server = Server::start();
+    let admin = Api::register(&server, "editor").await;
+    let channel = admin
+        .create_room(json!({"preset": "public_chat", "creation_content": {"type": "kabar.channel"}}))
+        .await;
+    let before = admin.say(&channel, "p0", "before anyone joined").await;
+    let (ann, ben) = (Api::register(&server, "ann").await, Api::register(&server, "ben").await);
+    ann.join(&channel).await;
+    ben.join(&channel).await;
+    let one = admin.say(&channel, "p1", "one").await;
+    let two = admin.say(&channel, "p2", "two").await;
+
+    let receipt = |who: &Api, event: &str, kind: &str| {
+        let (who, event, kind) = (who.clone(), event.to_owned(), kind.to_owned());
+        let channel = channel.clone();
+        async move {
+            who.ok(
+                M::POST,
+                &format!("/rooms/{}/receipt/{kind}/{}", enc(&channel), enc(&event)),
+                Some(json!({})),
+            )
+            .await;
+        }
+    };
+    let views = |server: &Server, event: &str| {
+        let admin = Api {
+            url: server.url.clone(),
+            ..admin.clone()
+        };
+        let (channel, event) = (channel.clone(), event.to_owned());
+        async move {
+            let path = format!("/_matrix/client/unstable/kabar/rooms/{}/views/{}", enc(&channel), enc(&event));
+            admin.req_at(M::GET, &path, None).await.1["views"].as_u64()
+        }
+    };
+    assert_eq!(views(&server, &one).await, Some(0));
+
+    // Ann reads up to the newest: both posts since she joined count her once.
+    receipt(&ann, &two, "m.read").await;
+    receipt(&ann, &two, "m.read.private").await;
+    receipt(&ann, &one, "m.read").await;
+    assert_eq!(views(&server, &one).await, Some(1));
+    assert_eq!(views(&server, &two).await, Some(1));
+    assert_eq!(views(&server, &before).await, Some(0), "posted before anyone joined");
+    // Ben has read the first only (a private receipt counts too).
+    receipt(&ben, &one, "m.read.private").await;
+    assert_eq!(views(&server, &one).await, Some(2));
+    assert_eq!(views(&server, &two).await, Some(1));
+
+    // Counts travel with the posts: in history and in sync, for everyone.
+    let history = ben
+        .ok(M::GET, &format!("/rooms/{}/messages?dir=b&limit=10", enc(&channel)), None)
+        .await;
+    let shown: Vec<(String, Option<u64>)> = history["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "m.room.message")
+        .map(|e| {
+            (
+                e["content"]["body"].as_str().unwrap().to_owned(),
+                e["unsigned"]["kabar.views"].as_u64(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            ("two".into(), Some(1)),
+            ("one".into(), Some(2)),
+            ("before anyone joined".into(), Some(0))
+        ]
+    );
+    let sync = ann.sync("", None).await;
+    let timeline = sync["rooms"]["join"][&channel]["timeline"]["events"].as_array().unwrap();
+    let newest = timeline.iter().rev().find(|e| e["type"] == "m.room.message").unwrap();
+    assert_eq!(newest["unsigned"]["kabar.views"], 1, "{newest}");
+
+    // A subscriber may not ask the endpoint; the counts survive a restart.
+    let (status, refused) = ann
+        .req_at(
+            M::GET,
+            &format!("/_matrix/client/unstable/kabar/rooms/{}/views/{}", enc(&channel), enc(&one)),
+            None,
+        )
+        .await;
+    assert_eq!((status, refused["errcode"].as_str()), (403, Some("M_FORBIDDEN")));
+    server.kill9();
+    let tmp = server.take_tmp();
+    let restarted = Server::start_in(server.data_dir(), &[]);
+    assert_eq!(views(&restarted, &one).await, Some(2));
+    assert_eq!(views(&restarted, &two).await, Some(1));
+    drop(tmp);
+}

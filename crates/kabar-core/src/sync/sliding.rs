@@ -1152,7 +1152,7 @@ impl SyncEngine {
             let num_live = since.map(|s| events.iter().filter(|(e, _)| e.event.pos > s.stream).count());
             let prev_batch = events.first().map(|(e, _)| format!("t{}", e.event.pos - 1));
             let senders: BTreeSet<&str> = events.iter().map(|(e, _)| e.event.pdu.sender.as_str()).collect();
-            let timeline: Vec<Box<RawValue>> = events.iter().map(|(e, m)| client_event_json(e, session, Some(*m))).collect();
+            let timeline = self.timeline_json(session, room_id, &room, upto.stream, &events).await?;
 
             let mut required_state = vec![];
             let (name, avatar, heroes, joined, invited) = {
