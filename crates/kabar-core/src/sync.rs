@@ -810,12 +810,6 @@ impl SyncEngine {
         )))
     }
 
-    /// A room's timeline for a sync: the newest `limit` events up to `upto`
-    /// that `filter` keeps, after `seen_from` (from the room's in-memory
-    /// window when it reaches back that far), or, for a room the client
-    /// sees for the first time (`None`), from its start as its history
-    /// visibility allows; oldest first, and whether more were left out.
-    #[allow(clippy::too_many_arguments)]
     /// A timeline's events in their client form; in a channel, each post
     /// with its view count.
     async fn timeline_json(
@@ -839,6 +833,12 @@ impl SyncEngine {
             .collect())
     }
 
+    /// A room's timeline for a sync: the newest `limit` events up to `upto`
+    /// that `filter` keeps, after `seen_from` (from the room's in-memory
+    /// window when it reaches back that far), or, for a room the client
+    /// sees for the first time (`None`), from its start as its history
+    /// visibility allows; oldest first, and whether more were left out.
+    #[allow(clippy::too_many_arguments)]
     async fn timeline(
         &self,
         user: &UserId,
