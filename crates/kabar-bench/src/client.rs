@@ -281,6 +281,11 @@ impl User {
         self.call(reqwest::Method::POST, path, Some(body)).await
     }
 
+    /// GETs `path` (from the server's root) as this user.
+    pub async fn get(&self, path: &str) -> Result<Value, ApiError> {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
     pub async fn create_room(&self, body: Value) -> Result<String, ApiError> {
         let v = self
             .call(reqwest::Method::POST, "/_matrix/client/v3/createRoom", Some(&body))

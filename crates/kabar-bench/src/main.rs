@@ -103,6 +103,9 @@ enum Scenario {
         interval_ms: u64,
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
+        /// The room is a broadcast channel; its last post's views are checked.
+        #[arg(long)]
+        channel: bool,
     },
     /// S clients hold /sync long-polls; memory per client and one message to all.
     Idle {
@@ -250,6 +253,7 @@ async fn main() -> anyhow::Result<()> {
             messages,
             interval_ms,
             concurrency,
+            channel,
         } => {
             let r = bigroom::run(
                 &target,
@@ -258,6 +262,7 @@ async fn main() -> anyhow::Result<()> {
                     messages,
                     interval: Duration::from_millis(interval_ms),
                     concurrency,
+                    channel,
                 },
             )
             .await

@@ -130,6 +130,7 @@ async fn every_scenario_runs_and_loses_nothing() {
             messages: 3,
             interval: Duration::from_millis(50),
             concurrency: 8,
+            channel: false,
         },
     )
     .await
@@ -137,6 +138,26 @@ async fn every_scenario_runs_and_loses_nothing() {
     assert_eq!(b.joined, 25, "{b:?}");
     assert_eq!(b.deliveries.expected, 75);
     assert_eq!((b.deliveries.lost, b.deliveries.duplicated), (0, 0), "{b:?}");
+    assert!(b.views.is_none());
+
+    // The same as a broadcast channel: every subscriber gets every post,
+    // and the last post's views count each subscriber once.
+    let c = scenarios::bigroom::run(
+        &target,
+        scenarios::bigroom::Params {
+            members: 25,
+            messages: 3,
+            interval: Duration::from_millis(50),
+            concurrency: 8,
+            channel: true,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!((c.joined, c.deliveries.expected), (25, 75), "{c:?}");
+    assert_eq!((c.deliveries.lost, c.deliveries.duplicated), (0, 0), "{c:?}");
+    let views = c.views.as_ref().expect("a channel's views are checked");
+    assert_eq!((views.counted, views.expected), (24, 24), "{c:?}");
 
     for http2 in [false, true] {
         let i = scenarios::idle::run(

@@ -1,5 +1,8 @@
 //! `bigroom`: J users join one room; one sender posts K messages; measures
-//! joins/s and the delivery latency of each message to all J members.
+//! joins/s and the delivery latency of each message to all J members. With
+//! `channel`, the room is a broadcast channel (`kabar.channel`): the
+//! members are subscribers, and at the end each marks the last post read,
+//! and the post's view count must equal the number of subscribers.
 
 use std::{
     sync::{
@@ -28,6 +31,7 @@ pub struct Params {
     pub messages: usize,
     pub interval: Duration,
     pub concurrency: usize,
+    pub channel: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -43,6 +47,17 @@ pub struct BigroomReport {
     pub delivery_latency: LatencySummary,
     pub deliveries: DeliveryCheck,
     pub sync_errors: ErrorCounts,
+    /// A channel's last post: its view count once every subscriber read
+    /// it, and the number it should be.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub views: Option<ViewCheck>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ViewCheck {
+    pub counted: u64,
+    pub expected: usize,
+    pub receipt_errors: ErrorCounts,
 }
 
 impl Report for BigroomReport {
@@ -66,17 +81,24 @@ impl Report for BigroomReport {
             self.deliveries.lost,
             self.deliveries.duplicated,
             self.sync_errors,
-        )
+        ) + &self.views.as_ref().map_or(String::new(), |v| {
+            format!(
+                "\n  views of the last post: {} counted, {} subscribers read it; receipt errors {:?}",
+                v.counted, v.expected, v.receipt_errors
+            )
+        })
     }
 }
 
 pub async fn run(target: &Target, p: Params) -> Result<BigroomReport, String> {
     let prefix = run_prefix("big");
     let users = setup_users(target, &prefix, p.members.max(1), p.concurrency).await?;
-    let room = users[0]
-        .create_room(json!({ "preset": "public_chat" }))
-        .await
-        .map_err(|e| format!("create room: {e}"))?;
+    let creation = if p.channel {
+        json!({ "preset": "public_chat", "creation_content": { "type": "kabar.channel" } })
+    } else {
+        json!({ "preset": "public_chat" })
+    };
+    let room = users[0].create_room(creation).await.map_err(|e| format!("create room: {e}"))?;
 
     // Joins, timed.
     let joined_n = Arc::new(AtomicU64::new(0));
@@ -145,9 +167,13 @@ pub async fn run(target: &Target, p: Params) -> Result<BigroomReport, String> {
         format!("{} delivered", d.delivered.load(Ordering::Relaxed))
     });
     let mut expected = Vec::new();
+    let mut last_post = None;
     for k in 0..p.messages as u64 {
         match users[0].send_text(&room, &format!("kb{k}"), &deliveries.body(k)).await {
-            Ok(_) => expected.extend(members.iter().map(|&m| (m as u32, k))),
+            Ok(event_id) => {
+                expected.extend(members.iter().map(|&m| (m as u32, k)));
+                last_post = Some(event_id);
+            }
             Err(e) => count_error(&mut sync_errors.lock().expect("errors lock"), format!("SEND_{}", e.kind())),
         }
         tokio::time::sleep(p.interval).await;
@@ -159,6 +185,10 @@ pub async fn run(target: &Target, p: Params) -> Result<BigroomReport, String> {
         let _ = f.await;
     }
     let sync_errors = sync_errors.lock().expect("errors lock").clone();
+    let views = match (p.channel, last_post) {
+        (true, Some(post)) => Some(count_views(&users, &members, &room, &post, p.concurrency).await),
+        _ => None,
+    };
     Ok(BigroomReport {
         scenario: "bigroom",
         members: p.members,
@@ -171,5 +201,43 @@ pub async fn run(target: &Target, p: Params) -> Result<BigroomReport, String> {
         delivery_latency: deliveries.latencies().summary(),
         deliveries: deliveries.check(&expected),
         sync_errors,
+        views,
     })
+}
+
+/// Every subscriber marks `post` read; then the channel's owner asks for
+/// its view count.
+async fn count_views(users: &[crate::client::User], members: &[usize], room: &str, post: &str, concurrency: usize) -> ViewCheck {
+    let path = format!(
+        "/_matrix/client/v3/rooms/{}/receipt/m.read/{}",
+        crate::client::enc(room),
+        crate::client::enc(post)
+    );
+    let subscribers: Vec<usize> = members.iter().copied().filter(|&i| i != 0).collect();
+    let empty = json!({});
+    let results: Vec<Result<serde_json::Value, crate::client::ApiError>> =
+        stream::iter(subscribers.iter().map(|&i| users[i].post(&path, &empty)))
+            .buffer_unordered(concurrency.max(1))
+            .collect()
+            .await;
+    let mut receipt_errors = ErrorCounts::new();
+    let mut expected = 0;
+    for r in results {
+        match r {
+            Ok(_) => expected += 1,
+            Err(e) => count_error(&mut receipt_errors, e.kind()),
+        }
+    }
+    let views = users[0]
+        .get(&format!(
+            "/_matrix/client/unstable/kabar/rooms/{}/views/{}",
+            crate::client::enc(room),
+            crate::client::enc(post)
+        ))
+        .await;
+    ViewCheck {
+        counted: views.ok().and_then(|v| v["views"].as_u64()).unwrap_or(0),
+        expected,
+        receipt_errors,
+    }
 }
