@@ -440,11 +440,19 @@ pub async fn event_route(
 /// in `unsigned` (`kabar.views`).
 async fn viewed_events(rooms: &Rooms, views: &ViewCounts, s: &Session, room_id: &RoomId, events: &[VisibleEvent]) -> ApiResult<Vec<Value>> {
     let mut out: Vec<Value> = events.iter().map(|e| visible_client_event(e, s)).collect();
-    if events.is_empty() || !rooms.room(room_id).await?.read().is_channel() {
+    // The position first: the room's newest event read after it is at
+    // least as new, so the counter misses nothing up to it.
+    let upto = rooms.applied().position();
+    let (channel, last_pos) = {
+        let room = rooms.room(room_id).await?;
+        let r = room.read();
+        (r.is_channel(), r.last_pos)
+    };
+    if events.is_empty() || !channel {
         return Ok(out);
     }
     let positions: Vec<u64> = events.iter().map(|e| e.event.pos).collect();
-    let counts = views.views(room_id, rooms.applied().position(), &positions).await?;
+    let counts = views.views(room_id, upto, last_pos, &positions).await?;
     for (event, count) in out.iter_mut().zip(counts) {
         if let Some(count) = count {
             event["unsigned"]["kabar.views"] = json!(count);
@@ -464,10 +472,11 @@ pub async fn post_views_route(
 ) -> ApiResult<Json<Value>> {
     let room_id = room_id(&room)?;
     let e = rooms.event(&s.user_id, &room_id, &event_id(&event)?).await?;
-    let (channel, staff) = {
+    let upto = rooms.applied().position();
+    let (channel, staff, last_pos) = {
         let room = rooms.room(&room_id).await?;
         let r = room.read();
-        (r.is_channel(), r.member_visibility(&s.user_id).is_none())
+        (r.is_channel(), r.member_visibility(&s.user_id).is_none(), r.last_pos)
     };
     if !channel {
         return Err(ApiError::not_found("not a channel"));
@@ -475,7 +484,7 @@ pub async fn post_views_route(
     if !staff {
         return Err(ApiError::forbidden("only the channel's staff may ask"));
     }
-    let count = views.views(&room_id, rooms.applied().position(), &[e.event.pos]).await?.remove(0);
+    let count = views.views(&room_id, upto, last_pos, &[e.event.pos]).await?.remove(0);
     let count = count.ok_or_else(|| ApiError::not_found("not a post"))?;
     Ok(Json(json!({ "event_id": e.event.pdu.event_id, "views": count })))
 }

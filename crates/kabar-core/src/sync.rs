@@ -820,9 +820,13 @@ impl SyncEngine {
         upto: StreamPos,
         events: &[(Arc<TimelineEvent>, Membership)],
     ) -> Result<Vec<Box<RawValue>>> {
-        let views = if room.read().is_channel() && !events.is_empty() {
+        let (channel, last_pos) = {
+            let r = room.read();
+            (r.is_channel(), r.last_pos)
+        };
+        let views = if channel && !events.is_empty() {
             let positions: Vec<StreamPos> = events.iter().map(|(e, _)| e.event.pos).collect();
-            self.views.views(room_id, upto, &positions).await?
+            self.views.views(room_id, upto, last_pos, &positions).await?
         } else {
             vec![None; events.len()]
         };

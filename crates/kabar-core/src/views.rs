@@ -49,8 +49,16 @@ impl ViewCounts {
     }
 
     /// The views of the events at `positions` in channel `room_id` as of
-    /// `upto` (`None` for events that are not posts).
-    pub async fn views(&self, room_id: &RoomId, upto: StreamPos, positions: &[StreamPos]) -> Result<Vec<Option<u32>>> {
+    /// `upto` (`None` for events that are not posts). `room_last_pos`, the
+    /// room's newest event as far as the caller knows, spares a store read
+    /// when nothing happened in the room since the counter last looked.
+    pub async fn views(
+        &self,
+        room_id: &RoomId,
+        upto: StreamPos,
+        room_last_pos: StreamPos,
+        positions: &[StreamPos],
+    ) -> Result<Vec<Option<u32>>> {
         let channel = self
             .channels
             .lock()
@@ -60,14 +68,14 @@ impl ViewCounts {
             .clone();
         let mut channel = channel.lock().await;
         if channel.upto < upto {
-            self.catch_up(room_id, &mut channel, upto).await?;
+            self.catch_up(room_id, &mut channel, upto, room_last_pos).await?;
         }
         Ok(positions.iter().map(|p| channel.counter.views(*p)).collect())
     }
 
-    async fn catch_up(&self, room_id: &RoomId, channel: &mut Channel, upto: StreamPos) -> Result<()> {
+    async fn catch_up(&self, room_id: &RoomId, channel: &mut Channel, upto: StreamPos, room_last_pos: StreamPos) -> Result<()> {
         let kinds: Vec<String> = POST_TYPES.iter().chain(["m.room.member"].iter()).map(|k| k.to_string()).collect();
-        loop {
+        while room_last_pos > channel.upto {
             let events = self
                 .store
                 .room_events(EventRange {
