@@ -5,7 +5,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, RwLock},
 };
 
 use kabar_domain::{
@@ -25,7 +25,16 @@ const CATCH_UP_BATCH: usize = 10_000;
 pub struct ViewCounts {
     store: Arc<dyn Store>,
     changes: Arc<Changes>,
-    channels: Mutex<HashMap<OwnedRoomId, Arc<AsyncMutex<Channel>>>>,
+    channels: Mutex<HashMap<OwnedRoomId, Arc<ChannelSlot>>>,
+}
+
+/// One channel's counter. Readers answer under a read lock; one catch-up
+/// at a time reads the store, without holding the lock, then applies what
+/// it read.
+#[derive(Default)]
+struct ChannelSlot {
+    counter: RwLock<Channel>,
+    catching_up: AsyncMutex<()>,
 }
 
 #[derive(Default)]
@@ -37,6 +46,13 @@ struct Channel {
     counter: ViewCounter,
     /// Where each post is, for receipts (which name an event).
     posts: HashMap<OwnedEventId, StreamPos>,
+}
+
+/// What a catch-up read from the store, in the order to apply it.
+enum Seen {
+    Joined(OwnedUserId, StreamPos),
+    Post(OwnedEventId, StreamPos),
+    Read(OwnedUserId, Option<StreamPos>, OwnedEventId),
 }
 
 impl ViewCounts {
@@ -59,28 +75,70 @@ impl ViewCounts {
         room_last_pos: StreamPos,
         positions: &[StreamPos],
     ) -> Result<Vec<Option<u32>>> {
-        let channel = self
+        let slot = self
             .channels
             .lock()
             .expect("view counts lock")
             .entry(room_id.to_owned())
             .or_default()
             .clone();
-        let mut channel = channel.lock().await;
-        if channel.upto < upto {
-            self.catch_up(room_id, &mut channel, upto, room_last_pos).await?;
+        let answer = |c: &Channel| positions.iter().map(|p| c.counter.views(*p)).collect::<Vec<_>>();
+        {
+            let channel = slot.counter.read().expect("view counter lock");
+            if channel.upto >= upto {
+                return Ok(answer(&channel));
+            }
         }
-        Ok(positions.iter().map(|p| channel.counter.views(*p)).collect())
+        let _turn = slot.catching_up.lock().await;
+        let (from, receipts_from) = {
+            let channel = slot.counter.read().expect("view counter lock");
+            if channel.upto >= upto {
+                return Ok(answer(&channel));
+            }
+            (channel.upto, channel.receipts_upto)
+        };
+        let seen = self.read_since(&slot, room_id, (from, receipts_from), upto, room_last_pos).await?;
+        let mut channel = slot.counter.write().expect("view counter lock");
+        for s in seen {
+            match s {
+                Seen::Joined(user, pos) => channel.counter.joined(&user, pos),
+                Seen::Post(event_id, pos) => {
+                    channel.counter.add_post(pos);
+                    channel.posts.insert(event_id, pos);
+                }
+                Seen::Read(user, at, event_id) => {
+                    if let Some(at) = at.or_else(|| channel.posts.get(&event_id).copied()) {
+                        channel.counter.read_to(&user, at);
+                    }
+                }
+            }
+        }
+        channel.upto = upto;
+        channel.receipts_upto = upto;
+        Ok(answer(&channel))
     }
 
-    async fn catch_up(&self, room_id: &RoomId, channel: &mut Channel, upto: StreamPos, room_last_pos: StreamPos) -> Result<()> {
+    /// Posts and first joins in `(from, upto]` (none read when the room's
+    /// newest event is not past `from`), then read receipts after
+    /// `receipts_from`.
+    async fn read_since(
+        &self,
+        slot: &ChannelSlot,
+        room_id: &RoomId,
+        (from, receipts_from): (StreamPos, StreamPos),
+        upto: StreamPos,
+        room_last_pos: StreamPos,
+    ) -> Result<Vec<Seen>> {
         let kinds: Vec<String> = POST_TYPES.iter().chain(["m.room.member"].iter()).map(|k| k.to_string()).collect();
-        while room_last_pos > channel.upto {
+        let mut seen = vec![];
+        let mut after = from;
+        let mut posts_here = std::collections::HashSet::new();
+        while room_last_pos > after {
             let events = self
                 .store
                 .room_events(EventRange {
                     room_id,
-                    after: channel.upto,
+                    after,
                     until: upto,
                     direction: Direction::Forward,
                     limit: CATCH_UP_BATCH,
@@ -93,42 +151,41 @@ impl ViewCounts {
                     if let Some(user) = e.pdu.state_key.as_deref().and_then(|k| OwnedUserId::try_from(k).ok())
                         && joined
                     {
-                        channel.counter.joined(&user, e.pos);
+                        seen.push(Seen::Joined(user, e.pos));
                     }
                 } else if e.pdu.state_key.is_none() {
-                    channel.counter.add_post(e.pos);
-                    channel.posts.insert(e.pdu.event_id.clone(), e.pos);
+                    posts_here.insert(e.pdu.event_id.clone());
+                    seen.push(Seen::Post(e.pdu.event_id.clone(), e.pos));
                 }
             }
             match events.last() {
-                Some(last) if events.len() == CATCH_UP_BATCH => channel.upto = last.pos,
+                Some(last) if events.len() == CATCH_UP_BATCH => after = last.pos,
                 _ => break,
             }
         }
-        channel.upto = upto;
-        let first = channel.receipts_upto == 0;
-        if first || self.changes.receipts.changed_since(&room_id.to_owned(), channel.receipts_upto) {
-            let receipts = self.store.receipts_since(room_id, channel.receipts_upto).await?;
+        let first = receipts_from == 0;
+        if first || self.changes.receipts.changed_since(&room_id.to_owned(), receipts_from) {
+            let receipts = self.store.receipts_since(room_id, receipts_from).await?;
             for r in receipts.iter().filter(|r| r.pos <= upto) {
                 let unthreaded = r.thread_id.as_deref().is_none_or(|t| t == "main");
                 if !matches!(r.receipt_type.as_str(), "m.read" | "m.read.private") || !unthreaded {
                     continue;
                 }
-                let at = match channel.posts.get(&r.event_id) {
-                    Some(pos) => Some(*pos),
-                    None => self
-                        .store
+                // A post the counter knows (or this catch-up found) is
+                // placed from memory; any other event from the store.
+                let known = || slot.counter.read().expect("view counter lock").posts.contains_key(&r.event_id);
+                let at = if posts_here.contains(&r.event_id) || known() {
+                    None
+                } else {
+                    self.store
                         .event(&r.event_id)
                         .await?
                         .filter(|e| e.pdu.room_id == room_id)
-                        .map(|e| e.pos),
+                        .map(|e| e.pos)
                 };
-                if let Some(at) = at {
-                    channel.counter.read_to(&r.user_id, at);
-                }
+                seen.push(Seen::Read(r.user_id.clone(), at, r.event_id.clone()));
             }
         }
-        channel.receipts_upto = upto;
-        Ok(())
+        Ok(seen)
     }
 }
