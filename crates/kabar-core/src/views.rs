@@ -35,6 +35,10 @@ pub struct ViewCounts {
 struct ChannelSlot {
     counter: RwLock<Channel>,
     catching_up: AsyncMutex<()>,
+    /// Told when a catch-up ends: everyone who waited for it looks again
+    /// at once (thousands of subscribers' syncs wake on one post; taking
+    /// the catch-up turn one after another would line them up).
+    caught_up: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -83,13 +87,25 @@ impl ViewCounts {
             .or_default()
             .clone();
         let answer = |c: &Channel| positions.iter().map(|p| c.counter.views(*p)).collect::<Vec<_>>();
-        {
-            let channel = slot.counter.read().expect("view counter lock");
-            if channel.upto >= upto {
-                return Ok(answer(&channel));
+        let turn = loop {
+            {
+                let channel = slot.counter.read().expect("view counter lock");
+                if channel.upto >= upto {
+                    return Ok(answer(&channel));
+                }
             }
-        }
-        let _turn = slot.catching_up.lock().await;
+            let caught_up = slot.caught_up.notified();
+            tokio::pin!(caught_up);
+            caught_up.as_mut().enable();
+            match slot.catching_up.try_lock() {
+                Ok(turn) => break turn,
+                Err(_) => caught_up.await,
+            }
+        };
+        let _turn = Turn {
+            turn: Some(turn),
+            caught_up: &slot.caught_up,
+        };
         let (from, receipts_from) = {
             let channel = slot.counter.read().expect("view counter lock");
             if channel.upto >= upto {
@@ -187,5 +203,20 @@ impl ViewCounts {
             }
         }
         Ok(seen)
+    }
+}
+
+/// The catch-up turn: however it ends, it is given back first and then the
+/// waiters look again (a waiter that needs a further catch-up finds the
+/// turn free).
+struct Turn<'a> {
+    turn: Option<tokio::sync::MutexGuard<'a, ()>>,
+    caught_up: &'a tokio::sync::Notify,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.turn.take();
+        self.caught_up.notify_waiters();
     }
 }
