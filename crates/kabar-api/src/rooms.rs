@@ -440,25 +440,43 @@ pub async fn event_route(
 /// in `unsigned` (`kabar.views`).
 async fn viewed_events(rooms: &Rooms, views: &ViewCounts, s: &Session, room_id: &RoomId, events: &[VisibleEvent]) -> ApiResult<Vec<Value>> {
     let mut out: Vec<Value> = events.iter().map(|e| visible_client_event(e, s)).collect();
-    // The position first: the room's newest event read after it is at
-    // least as new, so the counter misses nothing up to it.
-    let upto = rooms.applied().position();
-    let (channel, last_pos) = {
-        let room = rooms.room(room_id).await?;
-        let r = room.read();
-        (r.is_channel(), r.last_pos)
-    };
-    if events.is_empty() || !channel {
+    let at = ChannelAt::read(rooms, room_id, &s.user_id).await?;
+    if events.is_empty() || !at.channel {
         return Ok(out);
     }
     let positions: Vec<u64> = events.iter().map(|e| e.event.pos).collect();
-    let counts = views.views(room_id, upto, last_pos, &positions).await?;
+    let counts = views.views(room_id, at.upto, at.last_pos, &positions).await?;
     for (event, count) in out.iter_mut().zip(counts) {
         if let Some(count) = count {
             event["unsigned"]["kabar.views"] = json!(count);
         }
     }
     Ok(out)
+}
+
+/// What view counts need to know of a room for one user.
+struct ChannelAt {
+    /// The applied position, read before the room: its newest event, read
+    /// after, is at least as new, so a view counter misses nothing up to it.
+    upto: u64,
+    last_pos: u64,
+    channel: bool,
+    /// Whether the user is one of the channel's staff.
+    staff: bool,
+}
+
+impl ChannelAt {
+    async fn read(rooms: &Rooms, room_id: &RoomId, user: &UserId) -> ApiResult<Self> {
+        let upto = rooms.applied().position();
+        let room = rooms.room(room_id).await?;
+        let r = room.read();
+        Ok(ChannelAt {
+            upto,
+            last_pos: r.last_pos,
+            channel: r.is_channel(),
+            staff: r.member_visibility(user).is_none(),
+        })
+    }
 }
 
 /// GET /_matrix/client/unstable/kabar/rooms/{roomId}/views/{eventId}
@@ -472,19 +490,14 @@ pub async fn post_views_route(
 ) -> ApiResult<Json<Value>> {
     let room_id = room_id(&room)?;
     let e = rooms.event(&s.user_id, &room_id, &event_id(&event)?).await?;
-    let upto = rooms.applied().position();
-    let (channel, staff, last_pos) = {
-        let room = rooms.room(&room_id).await?;
-        let r = room.read();
-        (r.is_channel(), r.member_visibility(&s.user_id).is_none(), r.last_pos)
-    };
-    if !channel {
+    let at = ChannelAt::read(&rooms, &room_id, &s.user_id).await?;
+    if !at.channel {
         return Err(ApiError::not_found("not a channel"));
     }
-    if !staff {
+    if !at.staff {
         return Err(ApiError::forbidden("only the channel's staff may ask"));
     }
-    let count = views.views(&room_id, upto, last_pos, &[e.event.pos]).await?.remove(0);
+    let count = views.views(&room_id, at.upto, at.last_pos, &[e.event.pos]).await?.remove(0);
     let count = count.ok_or_else(|| ApiError::not_found("not a post"))?;
     Ok(Json(json!({ "event_id": e.event.pdu.event_id, "views": count })))
 }

@@ -626,10 +626,7 @@ impl Rooms {
         let creators_privileged = rules.authorization.explicitly_privilege_room_creators;
         let channel = kabar_domain::channel::is_channel_create(&Value::Object(create.clone()));
         let mut power = initial_power.unwrap_or_else(|| {
-            if channel {
-                return kabar_domain::channel::default_power_levels();
-            }
-            json!({
+            let ordinary = json!({
                 "users": {},
                 "users_default": 0,
                 "events": {
@@ -639,7 +636,12 @@ impl Rooms {
                 },
                 "events_default": 0, "state_default": 50, "ban": 50, "kick": 50, "redact": 50, "invite": 0,
                 "notifications": { "room": 50 },
-            })
+            });
+            if channel {
+                kabar_domain::channel::channel_power_levels(ordinary)
+            } else {
+                ordinary
+            }
         });
         if !power.get("users").is_some_and(Value::is_object) {
             power["users"] = json!({});

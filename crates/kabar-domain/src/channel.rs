@@ -21,22 +21,19 @@ pub fn is_channel_create(create_content: &Value) -> bool {
     create_content.get("type").and_then(Value::as_str) == Some(CHANNEL_TYPE)
 }
 
-/// The power levels a new channel starts with: level 50 posts, changes the
-/// room, invites and moderates; everyone may react and take back their own
-/// reactions (redacting anyone else's needs `redact`).
-pub fn default_power_levels() -> Value {
-    json!({
-        "users": {},
-        "users_default": 0,
-        "events": {
-            "m.room.name": 50, "m.room.power_levels": 100, "m.room.history_visibility": 100,
-            "m.room.canonical_alias": 50, "m.room.avatar": 50, "m.room.tombstone": 100,
-            "m.room.server_acl": 100, "m.room.encryption": 100,
-            "m.reaction": 0, "m.room.redaction": 0,
-        },
-        "events_default": 50, "state_default": 50, "ban": 50, "kick": 50, "redact": 50, "invite": 50,
-        "notifications": { "room": 50 },
-    })
+/// The power levels a new channel starts with, made from the ones an
+/// ordinary room would get: level 50 posts and invites (so changes the room
+/// and moderates, as in any room), and everyone may react and redact their
+/// own reactions (redacting anyone else's needs `redact`).
+pub fn channel_power_levels(mut ordinary: Value) -> Value {
+    ordinary["events_default"] = json!(50);
+    ordinary["invite"] = json!(50);
+    if !ordinary.get("events").is_some_and(Value::is_object) {
+        ordinary["events"] = json!({});
+    }
+    ordinary["events"]["m.reaction"] = json!(0);
+    ordinary["events"]["m.room.redaction"] = json!(0);
+    ordinary
 }
 
 /// What one viewer of a channel may not see: member events about
@@ -193,10 +190,12 @@ mod tests {
 
     #[test]
     fn by_default_only_the_staff_post_and_everyone_reacts() {
-        let power = default_power_levels();
+        let ordinary = json!({"users_default": 0, "events_default": 0, "invite": 0, "events": {"m.room.name": 50}});
+        let power = channel_power_levels(ordinary);
         assert_eq!(power["events_default"], 50);
         assert_eq!(power["users_default"], 0);
         assert_eq!(power["events"]["m.reaction"], 0);
+        assert_eq!(power["events"]["m.room.name"], 50, "the rest as in any room");
         assert_eq!(power["invite"], 50);
     }
 }
