@@ -624,7 +624,7 @@ impl Rooms {
             .map(|(_, _, content)| content.clone());
 
         let creators_privileged = rules.authorization.explicitly_privilege_room_creators;
-        let channel = kabar_domain::channel::is_channel_create(&Value::Object(create.clone()));
+        let channel = create.get("type").and_then(Value::as_str) == Some(kabar_domain::channel::CHANNEL_TYPE);
         let mut power = initial_power.unwrap_or_else(|| {
             let ordinary = json!({
                 "users": {},

@@ -79,13 +79,13 @@ impl ViewCounts {
         room_last_pos: StreamPos,
         positions: &[StreamPos],
     ) -> Result<Vec<Option<u32>>> {
-        let slot = self
-            .channels
-            .lock()
-            .expect("view counts lock")
-            .entry(room_id.to_owned())
-            .or_default()
-            .clone();
+        let slot = {
+            let mut channels = self.channels.lock().expect("view counts lock");
+            match channels.get(room_id) {
+                Some(slot) => slot.clone(),
+                None => channels.entry(room_id.to_owned()).or_default().clone(),
+            }
+        };
         let answer = |c: &Channel| positions.iter().map(|p| c.counter.views(*p)).collect::<Vec<_>>();
         let turn = loop {
             {

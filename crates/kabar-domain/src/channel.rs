@@ -126,11 +126,6 @@ impl ViewCounter {
         let i = self.posts.binary_search_by_key(&pos, |(p, _)| *p).ok()?;
         Some(self.posts[i].1)
     }
-
-    /// Posts and members held (for memory accounting).
-    pub fn size(&self) -> (usize, usize) {
-        (self.posts.len(), self.members.len())
-    }
 }
 
 #[cfg(test)]
