@@ -462,7 +462,7 @@ impl CommitListener for Applier {
 
 #[cfg(test)]
 mod tests {
-    use kabar_domain::{EventSigner, NewEvent};
+    use kabar_domain::{EventSigner, NewEvent, membership::Membership};
     use kabar_store::{Direction, EventRange, NewDevice, NewUser, Session};
     use ruma::{RoomVersionId, owned_user_id};
     use serde_json::json;
@@ -722,6 +722,137 @@ mod tests {
             events.last().unwrap().pos,
             "a's cache holds the newest event"
         );
+    }
+
+    /// Joins to one room are built on each other while they commit; when
+    /// one fails in the store, what was built on it is refused and rebuilt,
+    /// and the room, its state and the cache hold exactly what landed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn joins_to_one_room_share_commits_and_a_failed_one_takes_nothing_with_it() {
+        let (dir, store, alice) = store_with_alice().await;
+        let a = node(&store, false, Duration::from_secs(3600));
+        let tap = Arc::new(CountingEvents {
+            applier: a.applier.clone(),
+            per_batch: std::sync::Mutex::new(vec![]),
+        });
+        store.set_commit_listener(tap.clone());
+        let public = CreateRoom {
+            preset: Some("public_chat".into()),
+            ..Default::default()
+        };
+        let room_id = a.rooms.create_room(&alice, public).await.unwrap();
+        let mut users = vec![];
+        for n in 0..32 {
+            let user = ruma::OwnedUserId::try_from(format!("@u{n}:localhost")).unwrap();
+            let new_user = NewUser {
+                user_id: user.clone(),
+                password_hash: None,
+                created_ms: 1,
+            };
+            store.create_user(new_user).await.unwrap();
+            users.push(user);
+        }
+        let join = |user: ruma::OwnedUserId, extra: Option<serde_json::Map<String, serde_json::Value>>| {
+            let (rooms, room_id) = (a.rooms.clone(), room_id.clone());
+            tokio::spawn(async move { rooms.set_membership(&user, &room_id, &user, Membership::Join, None, extra).await })
+        };
+
+        // Sixteen joins at once (the test gate's slots and queue) share commits.
+        tap.per_batch.lock().unwrap().clear();
+        let first: Vec<_> = users[..16].iter().map(|u| join(u.clone(), None)).collect();
+        for j in first {
+            j.await.unwrap().unwrap();
+        }
+        let most = tap.per_batch.lock().unwrap().iter().copied().max().unwrap_or(0);
+        assert!(most >= 2, "joins to one room were committed together (at most {most} in a commit)");
+
+        // A fault in the store: the next join is refused by a trigger, and
+        // while the writer waits for a lock held here, the joins and sends
+        // after it are built on it.
+        let blocker = rusqlite::Connection::open(dir.path().join("db")).unwrap();
+        blocker.busy_timeout(Duration::from_secs(5)).unwrap();
+        blocker
+            .execute_batch(
+                "CREATE TRIGGER injected_fault BEFORE INSERT ON events WHEN NEW.json LIKE '%poisoned%'
+                 BEGIN SELECT RAISE(ABORT, 'injected fault'); END;
+                 BEGIN IMMEDIATE;",
+            )
+            .unwrap();
+        let mut nickname = serde_json::Map::new();
+        nickname.insert("displayname".into(), json!("poisoned"));
+        let poisoned = join(users[16].clone(), Some(nickname));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let after: Vec<_> = users[17..].iter().map(|u| join(u.clone(), None)).collect();
+        let mut sends = vec![];
+        for n in 0..4 {
+            let (rooms, room_id, alice) = (a.rooms.clone(), room_id.clone(), alice.clone());
+            sends.push(tokio::spawn(async move {
+                let body = NewEvent::message("m.room.message", json!({"body": format!("after the fault {n}")}));
+                rooms.send(&alice, &room_id, body, None).await
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        blocker.execute_batch("COMMIT").unwrap();
+        assert!(poisoned.await.unwrap().is_err(), "the join the store refused fails");
+        for j in after {
+            j.await.unwrap().expect("a join built on the failed one is rebuilt and lands");
+        }
+        for s in sends {
+            s.await.unwrap().expect("a send built on the failed join is rebuilt and lands");
+        }
+
+        let events = store
+            .room_events(EventRange {
+                room_id: &room_id,
+                after: 0,
+                until: u64::MAX,
+                direction: Direction::Forward,
+                limit: 1000,
+                kinds: None,
+            })
+            .await
+            .unwrap();
+        for pair in events.windows(2) {
+            assert_eq!(pair[1].pdu.prev_events, vec![pair[0].pdu.event_id.clone()], "one chain");
+        }
+        assert!(events.iter().all(|e| !e.pdu.json.contains("poisoned")), "the refused join is not stored");
+        let stored: std::collections::HashSet<&str> = events.iter().map(|e| e.pdu.event_id.as_str()).collect();
+        assert!(
+            events
+                .iter()
+                .flat_map(|e| &e.pdu.auth_events)
+                .all(|id| stored.contains(id.as_str())),
+            "no stored event names the refused one"
+        );
+        assert!(
+            a.applier
+                .applied()
+                .catch_up_to(store.current_position(), Duration::from_secs(5))
+                .await
+        );
+        let room = a.rooms.room(&room_id).await.unwrap();
+        {
+            let cache = room.read();
+            assert_eq!(cache.membership(&users[16]), None, "the refused join is not in the cache");
+            assert_eq!(cache.last_pos, events.last().unwrap().pos, "the cache holds the newest event");
+        }
+        join(users[16].clone(), None)
+            .await
+            .unwrap()
+            .expect("the user whose join failed can join again");
+        for user in &users {
+            let in_store = store
+                .memberships(user)
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|m| m.room_id == room_id)
+                .map(|m| m.membership);
+            assert_eq!(in_store, Some(Membership::Join), "{user}'s membership in the store");
+            assert_eq!(room.read().membership(user), Some(Membership::Join), "{user}'s membership in the cache");
+        }
+        let cache = room.read();
+        assert_eq!(cache.member_count(Membership::Join), 1 + 32, "the cache counts what landed");
     }
 
     #[tokio::test]

@@ -99,11 +99,7 @@ impl StateEntry {
 
     /// What a state event replacing this one shows as its previous state.
     pub(crate) fn as_prev(&self) -> PrevState {
-        PrevState {
-            event_id: self.pdu.event_id.clone(),
-            sender: self.pdu.sender.clone(),
-            content: self.pdu.content.get().to_owned(),
-        }
+        PrevState::of(&self.pdu)
     }
 }
 
@@ -278,10 +274,35 @@ impl RoomCache {
         ts: MilliSecondsSinceUnixEpoch,
         on: Option<&Base>,
     ) -> Result<Pdu> {
+        self.build_authorized_over(&PendingMembers::default(), signer, room_id, sender, event, ts, on)
+    }
+
+    /// [`build_authorized`](Self::build_authorized) against the cached
+    /// state with `pending` member events over it: the member events of
+    /// this process's appends in flight that `on` comes after.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn build_authorized_over(
+        &self,
+        pending: &PendingMembers,
+        signer: &EventSigner,
+        room_id: Option<&RoomId>,
+        sender: &UserId,
+        event: NewEvent,
+        ts: MilliSecondsSinceUnixEpoch,
+        on: Option<&Base>,
+    ) -> Result<Pdu> {
         let auth_rules = &self.rules.authorization;
+        let state = |kind: &str, key: &str| -> Option<&Pdu> {
+            if kind == "m.room.member"
+                && let Some(pdu) = pending.get(key)
+            {
+                return Some(pdu);
+            }
+            self.state.get(&(kind.to_owned(), key.to_owned())).map(|e| &e.pdu)
+        };
         let content = raw(&event.content);
         let keys = auth_event_keys(auth_rules, &event.kind, sender, event.state_key.as_deref(), &content)?;
-        let mut auth_events: Vec<&Pdu> = keys.iter().filter_map(|k| self.state.get(k)).map(|e| &e.pdu).collect();
+        let mut auth_events: Vec<&Pdu> = keys.iter().filter_map(|(kind, key)| state(kind, key)).collect();
         // v12 names the create event only through the room id; older versions list it.
         let create = self.state("m.room.create", "").map(|e| &e.pdu);
         if let Some(create) = create
@@ -302,12 +323,7 @@ impl RoomCache {
             ts,
         )?;
         let by_id: HashMap<&EventId, &Pdu> = auth_events.iter().copied().chain(create).map(|p| (&*p.event_id, p)).collect();
-        authorize(
-            auth_rules,
-            &pdu,
-            |t, k| self.state.get(&(t.to_owned(), k.to_owned())).map(|e| &e.pdu),
-            |id| by_id.get(id).copied(),
-        )?;
+        authorize(auth_rules, &pdu, state, |id| by_id.get(id).copied())?;
         Ok(pdu)
     }
 
@@ -553,26 +569,59 @@ struct PipelineTip {
     chain: u64,
 }
 
+/// The member events of this process's appends to a room that are queued
+/// and not yet applied, by user: the next event is authorized against the
+/// cached state with these over it. Kept in the write turn, so only the
+/// writer building the next event reads or changes it.
+#[derive(Default)]
+pub(crate) struct PendingMembers {
+    by_user: HashMap<String, Pdu>,
+}
+
+impl PendingMembers {
+    pub(crate) fn get(&self, user: &str) -> Option<&Pdu> {
+        self.by_user.get(user)
+    }
+
+    /// Forgets what the cache holds now (or, with no tip, everything: all
+    /// that was built on the tip is applied or did not land).
+    fn prune(&mut self, tip_in_flight: bool, cache: &RoomCache) {
+        if !tip_in_flight {
+            self.by_user.clear();
+            return;
+        }
+        self.by_user.retain(|user, pdu| {
+            cache
+                .state("m.room.member", user)
+                .is_none_or(|applied| applied.pdu.event_id != pdu.event_id)
+        });
+    }
+}
+
 /// A room: its cached state behind a read-write lock, the turn that
 /// serializes this process's writers, and the tip of its appends in flight.
 ///
 /// **Pipelined appends.** A writer takes the turn, builds its event on the
 /// room's newest event and queues the append (the store commits queued
-/// appends in order). An event that changes no state (neither a state
-/// event nor a redaction) gives the turn back as soon as it is queued and
-/// becomes the tip: the next writer builds on it while it is being
-/// committed, with the cached state, which it does not change. Each append
-/// names the event it was built on (`expected_head`), so if one does not
-/// land, none built on it does: their writers drop the tip and rebuild on
-/// the applied head. An event that changes state keeps the turn until it
-/// is applied, so that nothing is authorized against state without it.
+/// appends in order). An event that changes nothing but a membership
+/// (a plain event, or an `m.room.member` event: sends, joins and leaves)
+/// gives the turn back as soon as it is queued and becomes the tip: the
+/// next writer builds on it while it is being committed, with the cached
+/// state and the member events still in flight over it
+/// ([`PendingMembers`]). Each append names the event it was built on
+/// (`expected_head`), so if one does not land, none built on it does:
+/// the store refuses them as `HeadMoved`, and their writers drop the tip
+/// and rebuild on the applied head. Any other state event, and a
+/// redaction, keeps the turn until it is applied: they change what the
+/// authorization rules read (power levels, join rules) or what is shown,
+/// and are rare enough that waiting for them costs nothing measurable.
 pub struct Room {
     cache: RwLock<RoomCache>,
     /// Held by the one writer of this process building an event for the
-    /// room, until it is queued (an event that changes no state) or
-    /// applied (one that does). Writers in other processes are kept off the
-    /// same head by the store's `expected_head` check instead.
-    writer: AsyncMutex<()>,
+    /// room, until it is queued (a plain or member event) or applied (any
+    /// other). Writers in other processes are kept off the same head by
+    /// the store's `expected_head` check instead.
+    writer: AsyncMutex<PendingMembers>,
     tip: Mutex<PipelineTip>,
     /// This process's appends to the room that started and are not yet
     /// applied (or failed): a woken sync lingers while there are some, so a
@@ -594,14 +643,29 @@ impl Drop for AppendInFlight<'_> {
 /// The right to append to a room; see [`Room::write_turn`].
 pub struct WriteTurn<'a> {
     pub(crate) room: &'a Room,
-    _guard: AsyncMutexGuard<'a, ()>,
+    pending: AsyncMutexGuard<'a, PendingMembers>,
+}
+
+impl WriteTurn<'_> {
+    /// The member event of `user` as the next event is built: the newest
+    /// one in flight, else the applied one.
+    pub(crate) fn member_event<'c>(&'c self, cache: &'c RoomCache, user: &str) -> Option<&'c Pdu> {
+        self.pending
+            .get(user)
+            .or_else(|| cache.state("m.room.member", user).map(|e| &e.pdu))
+    }
+
+    /// The member events in flight (see [`PendingMembers`]).
+    pub(crate) fn pending(&self) -> &PendingMembers {
+        &self.pending
+    }
 }
 
 impl Room {
     fn new(cache: RoomCache) -> Self {
         Self {
             cache: RwLock::new(cache),
-            writer: AsyncMutex::new(()),
+            writer: AsyncMutex::new(PendingMembers::default()),
             tip: Mutex::new(PipelineTip::default()),
             in_flight: watch::channel(0).0,
         }
@@ -635,7 +699,7 @@ impl Room {
     pub async fn write_turn(&self) -> WriteTurn<'_> {
         WriteTurn {
             room: self,
-            _guard: self.writer.lock().await,
+            pending: self.writer.lock().await,
         }
     }
 
@@ -645,15 +709,23 @@ impl Room {
 
     /// What the next event is built on, in the write turn: the tip of this
     /// process's appends in flight, or else the newest applied event; and
-    /// the chain it belongs to.
-    pub(crate) fn next_base(&self, _turn: &WriteTurn<'_>, cache: &RoomCache) -> (Option<Base>, u64) {
+    /// the chain it belongs to. Forgets the member events in flight that
+    /// `cache` holds by now.
+    pub(crate) fn next_base(&self, turn: &mut WriteTurn<'_>, cache: &RoomCache) -> (Option<Base>, u64) {
         let tip = self.tip();
+        turn.pending.prune(tip.base.is_some(), cache);
         (tip.base.clone().or_else(|| cache.base()), tip.chain)
     }
 
     /// Makes `event` the tip: the next event is built on it (in the turn,
-    /// once its append is queued).
-    pub(crate) fn extend_tip(&self, _turn: &WriteTurn<'_>, event: Base) {
+    /// once its append is queued). A member event is authorized against
+    /// from then on, until it is applied.
+    pub(crate) fn extend_tip(&self, turn: &mut WriteTurn<'_>, event: Base, member: Option<Pdu>) {
+        if let Some(pdu) = member
+            && let Some(user) = pdu.state_key.clone()
+        {
+            turn.pending.by_user.insert(user, pdu);
+        }
         self.tip().base = Some(event);
     }
 
@@ -668,7 +740,8 @@ impl Room {
 
     /// After an event that changes state was applied (built in the turn,
     /// on the tip if there was one): the applied head is the newest event.
-    pub(crate) fn clear_tip(&self, _turn: &WriteTurn<'_>) {
+    pub(crate) fn clear_tip(&self, turn: &mut WriteTurn<'_>) {
+        turn.pending.by_user.clear();
         self.tip().base = None;
     }
 
@@ -676,7 +749,7 @@ impl Room {
     /// it: in the write turn (`held`, or taken again), the next event is
     /// built on the applied head, in a new chain. Returns the turn.
     pub(crate) async fn not_landed<'a>(&'a self, held: Option<WriteTurn<'a>>, chain: u64) -> WriteTurn<'a> {
-        let turn = match held {
+        let mut turn = match held {
             Some(turn) => turn,
             None => self.write_turn().await,
         };
@@ -684,6 +757,7 @@ impl Room {
         if tip.chain == chain {
             tip.base = None;
             tip.chain += 1;
+            turn.pending.by_user.clear();
         }
         drop(tip);
         turn

@@ -296,7 +296,10 @@ impl Rooms {
         let room = turn.room;
         check_event_names(&event)?;
         let _in_flight = room.begin_append();
-        let changes_state = event.state_key.is_some() || event.redacts.is_some();
+        // See `Room`'s pipelined appends: only what changes more than a
+        // membership keeps the turn until it is applied.
+        let is_member = event.kind == "m.room.member" && event.state_key.is_some();
+        let keeps_turn = (event.state_key.is_some() && !is_member) || event.redacts.is_some();
         let relation = relation_of(&event.content);
         let redacts = event.redacts.clone();
         let (room_id, version) = {
@@ -317,7 +320,7 @@ impl Rooms {
         let mut turn = Some(turn);
         let give_up = tokio::time::Instant::now() + HEAD_RETRY_BUDGET;
         while tokio::time::Instant::now() < give_up {
-            let held = match turn.take() {
+            let mut held = match turn.take() {
                 Some(t) => t,
                 None => room.write_turn().await,
             };
@@ -334,15 +337,25 @@ impl Rooms {
                         return Err(Error::Forbidden("you may not redact this event".into()));
                     }
                 }
-                let (base, chain) = room.next_base(&held, &r);
-                let pdu = r.build_authorized(&self.signer, Some(&room_id), sender, event.clone(), now(), base.as_ref())?;
-                let prev = pdu
-                    .state_key_pair()
-                    .and_then(|(kind, key)| r.state(&kind, &key))
-                    .map(StateEntry::as_prev);
+                let (base, chain) = room.next_base(&mut held, &r);
+                let pdu = r.build_authorized_over(
+                    held.pending(),
+                    &self.signer,
+                    Some(&room_id),
+                    sender,
+                    event.clone(),
+                    now(),
+                    base.as_ref(),
+                )?;
+                let prev = match pdu.state_key_pair() {
+                    Some((_, key)) if is_member => held.member_event(&r, &key).map(PrevState::of),
+                    Some((kind, key)) => r.state(&kind, &key).map(StateEntry::as_prev),
+                    None => None,
+                };
                 (pdu, prev, base, chain)
             };
             let (event_id, depth) = (pdu.event_id.clone(), pdu.depth);
+            let member = is_member.then(|| pdu.clone());
             let queued = self.store.queue_append(EventWrite {
                 pdu,
                 txn: txn.clone(),
@@ -351,15 +364,16 @@ impl Rooms {
                 prev,
                 expected_head: base.map(|b| b.event_id),
             });
-            let held = if changes_state {
+            let mut held = if keeps_turn {
                 Some(held)
             } else {
                 room.extend_tip(
-                    &held,
+                    &mut held,
                     Base {
                         event_id: event_id.clone(),
                         depth,
                     },
+                    member,
                 );
                 drop(held);
                 None
@@ -367,7 +381,7 @@ impl Rooms {
             match queued.await {
                 Ok(AppendOutcome::Appended(pos)) => {
                     self.applied.reached(pos).await;
-                    match &held {
+                    match &mut held {
                         Some(held) => room.clear_tip(held),
                         None => room.applied_tip(&event_id),
                     }
@@ -459,20 +473,23 @@ impl Rooms {
         };
         let room = self.room(room_id).await?;
         let turn = room.write_turn().await;
-        {
-            // Joining a room one is in already changes nothing (a retried
-            // /join). A member event with content of its own (a per-room
-            // nickname) is a new event, and anyone else's attempt goes to
-            // the authorization rules.
+        // The target's member event as the next event is built on: one of
+        // this process's in flight, else the applied one.
+        let current = {
             let r = room.read();
-            if membership == Membership::Join
-                && sender == target
-                && extra.is_none()
-                && r.membership(target) == Some(Membership::Join)
-                && let Some(e) = r.state("m.room.member", target.as_str())
-            {
-                return Ok(e.pdu.event_id.clone());
-            }
+            turn.member_event(&r, target.as_str()).cloned()
+        };
+        // Joining a room one is in already changes nothing (a retried
+        // /join). A member event with content of its own (a per-room
+        // nickname) is a new event, and anyone else's attempt goes to the
+        // authorization rules.
+        if membership == Membership::Join
+            && sender == target
+            && extra.is_none()
+            && let Some(current) = &current
+            && Membership::from_content(current.content.get()) == Some(Membership::Join)
+        {
+            return Ok(current.event_id.clone());
         }
         let mut content = serde_json::Map::new();
         if let (Membership::Join | Membership::Invite, Some(p)) = (membership, &profile) {
@@ -490,11 +507,11 @@ impl Rooms {
         content.extend(extra.unwrap_or_default());
         content.insert("membership".into(), json!(membership.as_str()));
         if sender == target
-            && let Some(current) = room.read().state("m.room.member", target.as_str())
-            && current.pdu.content_value() == Value::Object(content.clone())
+            && let Some(current) = &current
+            && current.content_value() == Value::Object(content.clone())
         {
             // The same member event again changes nothing: no new event.
-            return Ok(current.pdu.event_id.clone());
+            return Ok(current.event_id.clone());
         }
         let ev = NewEvent::state("m.room.member", target.as_str(), Value::Object(content));
         Ok(self.append(turn, sender, ev, None).await?.0)

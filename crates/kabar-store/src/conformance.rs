@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use kabar_domain::{EventSigner, NewEvent, Pdu};
 use ruma::{
-    MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, RoomVersionId, owned_room_id, owned_server_name, owned_user_id, user_id,
+    MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomVersionId, owned_room_id, owned_server_name, owned_user_id, user_id,
 };
 use serde_json::json;
 
@@ -37,6 +37,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     concurrent_appends_to_one_room(store.clone()).await;
     appends_submitted_together(store.clone()).await;
     queued_appends_build_on_each_other(&*store).await;
+    queued_member_events_build_on_each_other(&*store).await;
     the_feed_and_the_replay_agree(&*store, &feed, start).await;
     room_list_entries(&*store).await;
 }
@@ -509,6 +510,106 @@ async fn queued_appends_build_on_each_other(store: &dyn Store) {
         [&create_id, &chain_ids[0], &chain_ids[1], &chain_ids[2], &original_id],
         "the room is one chain"
     );
+}
+
+/// Member events queued each on the one before (joins arriving together)
+/// land in order, each replacing the state it names. When one in the middle
+/// fails in the engine, none built on it lands, and the room's state,
+/// memberships and state at every position hold exactly what landed.
+async fn queued_member_events_build_on_each_other(store: &dyn Store) {
+    let (room, signer) = test_room("!pipeline-members:localhost");
+    let (_, creator_join) = create_joined_room(store, &room, &signer).await;
+    let member = |on: &OwnedEventId, depth: u64, user: &str, membership: &str, replaces: Option<&Pdu>| {
+        let pdu = Pdu::build(
+            &signer,
+            &room.version,
+            Some(&room.room_id),
+            &room.creator,
+            NewEvent::state("m.room.member", user, json!({"membership": membership})),
+            vec![on.clone()],
+            vec![],
+            depth,
+            MilliSecondsSinceUnixEpoch::now(),
+        )
+        .unwrap();
+        let mut w = write(pdu);
+        w.expected_head = Some(on.clone());
+        w.prev = replaces.map(PrevState::of);
+        w
+    };
+    let (bob, carl, dave, erin) = ("@bob:localhost", "@carl:localhost", "@dave:localhost", "@erin:localhost");
+    let bob_invite = member(&creator_join.event_id, 3, bob, "invite", None);
+    let bob_join = member(&bob_invite.pdu.event_id, 4, bob, "join", Some(&bob_invite.pdu));
+    let carl_invite = member(&bob_join.pdu.event_id, 5, carl, "invite", None);
+    let chain = [bob_invite.pdu.clone(), bob_join.pdu.clone(), carl_invite.pdu.clone()];
+    let queued = [
+        store.queue_append(bob_invite),
+        store.queue_append(bob_join),
+        store.queue_append(carl_invite),
+    ];
+    let mut positions = vec![];
+    for q in queued {
+        positions.push(appended(q.await.unwrap()));
+    }
+    assert!(positions.windows(2).all(|p| p[0] < p[1]), "a chain lands in the order it was queued");
+    let joined = store.event(&chain[1].event_id).await.unwrap().unwrap();
+    assert_eq!(
+        joined.prev.map(|p| p.event_id),
+        Some(chain[0].event_id.clone()),
+        "the join replaced the invite queued before it"
+    );
+
+    // dave's invite lands; the next write fails in the engine (its event
+    // id is taken: bob's join again, on the right head); what was built
+    // on it does not land.
+    let dave_invite = member(&chain[2].event_id, 6, dave, "invite", None);
+    let dave_invite_id = dave_invite.pdu.event_id.clone();
+    let mut failing = write(chain[1].clone());
+    failing.expected_head = Some(dave_invite_id.clone());
+    let dave_join = member(&chain[1].event_id, 7, dave, "join", Some(&dave_invite.pdu));
+    let erin_invite = member(&dave_join.pdu.event_id, 8, erin, "invite", None);
+    let queued = [
+        store.queue_append(dave_invite),
+        store.queue_append(failing),
+        store.queue_append(dave_join),
+        store.queue_append(erin_invite),
+    ];
+    let [dave_invite, failing, dave_join, erin_invite] = queued;
+    let head = appended(dave_invite.await.unwrap());
+    assert!(failing.await.is_err(), "an event whose id is taken fails in the engine");
+    for q in [dave_join, erin_invite] {
+        match q.await.unwrap() {
+            AppendOutcome::HeadMoved { head: told } => assert_eq!(told, head, "told the room's head"),
+            other => panic!("an event built on one that failed must not land: {other:?}"),
+        }
+    }
+
+    let events = all_events(store, &room.room_id).await;
+    let ids: Vec<&OwnedEventId> = events.iter().skip(2).map(|e| &e.pdu.event_id).collect();
+    assert_eq!(
+        ids,
+        [&chain[0].event_id, &chain[1].event_id, &chain[2].event_id, &dave_invite_id],
+        "the room is one chain of what landed"
+    );
+    let membership_of = |state: &[StoredEvent], user: &str| {
+        state
+            .iter()
+            .find(|e| e.pdu.state_key.as_deref() == Some(user))
+            .and_then(|e| Membership::from_content(e.pdu.content.get()))
+    };
+    let current = store.current_state(&room.room_id).await.unwrap();
+    let at_head = store.state_at(&room.room_id, head).await.unwrap();
+    for state in [&current, &at_head] {
+        assert_eq!(membership_of(state, bob), Some(Membership::Join));
+        assert_eq!(membership_of(state, carl), Some(Membership::Invite));
+        assert_eq!(membership_of(state, dave), Some(Membership::Invite), "dave's join did not land");
+        assert_eq!(membership_of(state, erin), None, "nothing built on the failure landed");
+    }
+    for (user, expected) in [(dave, Some(Membership::Invite)), (erin, None)] {
+        let records = store.memberships(&OwnedUserId::try_from(user).unwrap()).await.unwrap();
+        let here = records.iter().find(|m| m.room_id == room.room_id).map(|m| m.membership);
+        assert_eq!(here, expected, "{user}'s membership record holds only what landed");
+    }
 }
 
 /// `writers` tasks (one per store in `stores`, round the list) each append

@@ -94,6 +94,17 @@ pub struct PrevState {
     pub content: String,
 }
 
+impl PrevState {
+    /// What a state event replacing `pdu` shows as its previous state.
+    pub fn of(pdu: &Pdu) -> Self {
+        Self {
+            event_id: pdu.event_id.clone(),
+            sender: pdu.sender.clone(),
+            content: pdu.content.get().to_owned(),
+        }
+    }
+}
+
 /// An event to append, with what the store must index about it.
 #[derive(Debug, Clone)]
 pub struct EventWrite {
