@@ -329,6 +329,10 @@ pub fn router(state: AppState, limits: EdgeLimits) -> Router {
             "/_matrix/client/unstable/kabar/rooms/{room}/views/{event}",
             get(rooms::post_views_route),
         )
+        .route(
+            "/_matrix/client/unstable/kabar/rooms/{room}/members",
+            get(rooms::members_page_route),
+        )
         .nest("/_matrix/client/v3", client.clone())
         .nest("/_matrix/client/r0", client.clone())
         .nest("/_matrix/client/v1", client.nest("/media", authed_media_routes()))

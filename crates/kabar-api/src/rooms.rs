@@ -706,6 +706,51 @@ pub async fn members_route(
     Ok(Json(json!({ "chunk": chunk })))
 }
 
+#[derive(Deserialize)]
+pub struct MembersPageQuery {
+    from: Option<String>,
+    limit: Option<usize>,
+    membership: Option<String>,
+    not_membership: Option<String>,
+}
+
+/// Members in a page of [`members_page_route`] unless the client asks.
+const MEMBERS_PAGE_DEFAULT: usize = 100;
+/// The most members one page of [`members_page_route`] holds.
+const MEMBERS_PAGE_MAX: usize = 1000;
+
+/// GET /_matrix/client/unstable/kabar/rooms/{roomId}/members?from=&limit=
+///
+/// The member events of a room a page at a time, in user id order, with
+/// `membership`/`not_membership` as `/members` takes them: how the admins
+/// of a channel or a supergroup page through hundreds of thousands of
+/// members. `next_batch` (a user id) is the `from` of the next page and is
+/// absent on the last. Who sees what is `/members`'s rule: a channel
+/// subscriber pages through the staff and themselves.
+pub async fn members_page_route(
+    State(rooms): State<Arc<Rooms>>,
+    Auth(s): Auth,
+    PathParams(room): PathParams<String>,
+    QueryParams(q): QueryParams<MembersPageQuery>,
+) -> ApiResult<Json<Value>> {
+    let want = membership_param(q.membership.as_deref(), "membership")?;
+    let not = membership_param(q.not_membership.as_deref(), "not_membership")?;
+    let limit = q.limit.unwrap_or(MEMBERS_PAGE_DEFAULT);
+    if !(1..=MEMBERS_PAGE_MAX).contains(&limit) {
+        return Err(ApiError::invalid_param(format!("limit must be between 1 and {MEMBERS_PAGE_MAX}")));
+    }
+    let state = rooms.readable_state(&s.user_id, &room_id(&room)?).await?;
+    let (page, next) = state.members_page(q.from.as_deref(), limit, |m| {
+        want.is_none_or(|w| m == Some(w)) && not.is_none_or(|n| m != Some(n))
+    });
+    let chunk: Vec<Value> = page.iter().map(|e| client_event(e, &s, None)).collect();
+    let mut body = json!({ "chunk": chunk });
+    if let Some(next) = next {
+        body["next_batch"] = json!(next);
+    }
+    Ok(Json(body))
+}
+
 /// GET /_matrix/client/v3/rooms/{roomId}/joined_members
 pub async fn joined_members_route(
     State(rooms): State<Arc<Rooms>>,

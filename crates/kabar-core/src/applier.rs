@@ -815,7 +815,10 @@ mod tests {
         for pair in events.windows(2) {
             assert_eq!(pair[1].pdu.prev_events, vec![pair[0].pdu.event_id.clone()], "one chain");
         }
-        assert!(events.iter().all(|e| !e.pdu.json.contains("poisoned")), "the refused join is not stored");
+        assert!(
+            events.iter().all(|e| !e.pdu.json.contains("poisoned")),
+            "the refused join is not stored"
+        );
         let stored: std::collections::HashSet<&str> = events.iter().map(|e| e.pdu.event_id.as_str()).collect();
         assert!(
             events
@@ -849,7 +852,11 @@ mod tests {
                 .find(|m| m.room_id == room_id)
                 .map(|m| m.membership);
             assert_eq!(in_store, Some(Membership::Join), "{user}'s membership in the store");
-            assert_eq!(room.read().membership(user), Some(Membership::Join), "{user}'s membership in the cache");
+            assert_eq!(
+                room.read().membership(user),
+                Some(Membership::Join),
+                "{user}'s membership in the cache"
+            );
         }
         let cache = room.read();
         assert_eq!(cache.member_count(Membership::Join), 1 + 32, "the cache counts what landed");

@@ -419,6 +419,21 @@ impl RoomCache {
             .collect()
     }
 
+    /// The room's `m.room.member` entries after the user id `after` (from
+    /// the first with none), in user id order: a page of members costs the
+    /// page, not the room.
+    pub fn members_after(&self, after: Option<&str>) -> impl Iterator<Item = (&str, &StateEntry)> {
+        use std::ops::Bound;
+        let start = match after {
+            Some(user) => Bound::Excluded(("m.room.member".to_owned(), user.to_owned())),
+            None => Bound::Included(("m.room.member".to_owned(), String::new())),
+        };
+        self.state
+            .range((start, Bound::Unbounded))
+            .take_while(|((kind, _), _)| kind == "m.room.member")
+            .map(|((_, user), e)| (user.as_str(), e))
+    }
+
     /// The room's `m.room.member` entries, in user id order.
     fn members_range(&self) -> impl Iterator<Item = (&StateKey, &StateEntry)> {
         let start = ("m.room.member".to_owned(), String::new());

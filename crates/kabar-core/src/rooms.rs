@@ -113,6 +113,60 @@ impl ReadableState {
         }
     }
 
+    /// One page of the member events, in user id order: those after the
+    /// user id `from` whose membership `keep` accepts, at most `limit`;
+    /// and the user id the next page starts after, when there are more.
+    /// Reads the page and what `keep` skips on the way, never every member
+    /// of a big room; a channel subscriber's pages look up only the staff.
+    pub fn members_page(
+        &self,
+        from: Option<&str>,
+        limit: usize,
+        keep: impl Fn(Option<Membership>) -> bool,
+    ) -> (Vec<StoredEvent>, Option<String>) {
+        let wanted = |pdu: &Pdu| self.shows(pdu) && keep(Membership::from_content(pdu.content.get()));
+        let after = |user: &str| from.is_none_or(|f| user > f);
+        let mut page: Vec<StoredEvent> = match (&self.source, &self.hidden) {
+            (StateSource::Current(room), Some(hidden)) => {
+                let r = room.read();
+                let mut visible: Vec<&str> = hidden.visible_members().map(|u| u.as_str()).filter(|u| after(u)).collect();
+                visible.sort_unstable();
+                visible.dedup();
+                visible
+                    .into_iter()
+                    .filter_map(|u| r.state("m.room.member", u))
+                    .filter(|e| wanted(&e.pdu))
+                    .take(limit + 1)
+                    .map(StateEntry::to_stored)
+                    .collect()
+            }
+            (StateSource::Current(room), None) => room
+                .read()
+                .members_after(from)
+                .map(|(_, e)| e)
+                .filter(|e| wanted(&e.pdu))
+                .take(limit + 1)
+                .map(StateEntry::to_stored)
+                .collect(),
+            (StateSource::At(events), _) => {
+                let mut members: Vec<&StoredEvent> = events
+                    .iter()
+                    .filter(|e| e.pdu.kind == TimelineEventType::RoomMember && e.pdu.state_key.as_deref().is_some_and(after))
+                    .filter(|e| wanted(&e.pdu))
+                    .collect();
+                members.sort_by(|a, b| a.pdu.state_key.cmp(&b.pdu.state_key));
+                members.into_iter().take(limit + 1).cloned().collect()
+            }
+        };
+        let next = if page.len() > limit {
+            page.truncate(limit);
+            page.last().and_then(|e| e.pdu.state_key.clone())
+        } else {
+            None
+        };
+        (page, next)
+    }
+
     /// The state event of one (type, state key).
     pub fn get(&self, kind: &str, state_key: &str) -> Option<StoredEvent> {
         let event = match &self.source {

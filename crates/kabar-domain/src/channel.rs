@@ -60,6 +60,11 @@ impl MemberVisibility {
         subject == self.viewer.as_str() || self.staff.iter().any(|s| s.as_str() == subject)
     }
 
+    /// Whose member events the viewer may see: themselves and the staff.
+    pub fn visible_members(&self) -> impl Iterator<Item = &UserId> {
+        std::iter::once(&*self.viewer).chain(self.staff.iter().map(|u| &**u))
+    }
+
     /// Whether the viewer may see `pdu` (only member events are ever hidden).
     pub fn shows(&self, pdu: &Pdu) -> bool {
         pdu.kind != TimelineEventType::RoomMember || pdu.state_key.as_deref().is_none_or(|k| self.shows_member(k))

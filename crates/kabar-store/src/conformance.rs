@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use kabar_domain::{EventSigner, NewEvent, Pdu};
 use ruma::{
-    MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomVersionId, owned_room_id, owned_server_name, owned_user_id, user_id,
+    MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomVersionId, owned_room_id, owned_server_name, owned_user_id,
+    user_id,
 };
 use serde_json::json;
 
@@ -551,7 +552,10 @@ async fn queued_member_events_build_on_each_other(store: &dyn Store) {
     for q in queued {
         positions.push(appended(q.await.unwrap()));
     }
-    assert!(positions.windows(2).all(|p| p[0] < p[1]), "a chain lands in the order it was queued");
+    assert!(
+        positions.windows(2).all(|p| p[0] < p[1]),
+        "a chain lands in the order it was queued"
+    );
     let joined = store.event(&chain[1].event_id).await.unwrap().unwrap();
     assert_eq!(
         joined.prev.map(|p| p.event_id),
