@@ -33,6 +33,10 @@ struct Cli {
     /// `/v3/sync` (the chat scenarios: messages, surge).
     #[arg(long, global = true)]
     sliding: bool,
+    /// Sign up the benchmark's accounts without a password (no hashing):
+    /// for setups of hundreds of thousands of members.
+    #[arg(long, global = true)]
+    passwordless: bool,
     /// Print one JSON object instead of the human summary.
     #[arg(long, global = true)]
     json: bool,
@@ -92,13 +96,13 @@ enum Scenario {
         #[arg(long, default_value_t = 16)]
         setup_concurrency: usize,
     },
-    /// J users join one room; one sender posts K messages to all of them.
+    /// J users join one room; K messages go to the members online.
     Bigroom {
         #[arg(long, default_value_t = 500)]
         members: usize,
         #[arg(long, default_value_t = 20)]
         messages: usize,
-        /// Milliseconds between messages.
+        /// Milliseconds between messages (sends overlap when one takes longer).
         #[arg(long, default_value_t = 250)]
         interval_ms: u64,
         #[arg(long, default_value_t = 32)]
@@ -106,6 +110,14 @@ enum Scenario {
         /// The room is a broadcast channel; its last post's views are checked.
         #[arg(long)]
         channel: bool,
+        /// Members who follow their sync while the messages go out (default:
+        /// all); the others have joined and are offline.
+        #[arg(long)]
+        online: Option<usize>,
+        /// Messages come from this many random members, in turns (a channel
+        /// has one: its owner).
+        #[arg(long, default_value_t = 1)]
+        senders: usize,
     },
     /// S clients hold /sync long-polls; memory per client and one message to all.
     Idle {
@@ -180,6 +192,7 @@ async fn main() -> anyhow::Result<()> {
     target.others = cli.spread.clone();
     target.writes_by_room = cli.writes_by_room;
     target.sliding = cli.sliding;
+    target.passwordless = cli.passwordless;
     target
         .versions()
         .await
@@ -254,6 +267,8 @@ async fn main() -> anyhow::Result<()> {
             interval_ms,
             concurrency,
             channel,
+            online,
+            senders,
         } => {
             let r = bigroom::run(
                 &target,
@@ -263,6 +278,8 @@ async fn main() -> anyhow::Result<()> {
                     interval: Duration::from_millis(interval_ms),
                     concurrency,
                     channel,
+                    online,
+                    senders,
                 },
             )
             .await

@@ -131,12 +131,15 @@ async fn every_scenario_runs_and_loses_nothing() {
             interval: Duration::from_millis(50),
             concurrency: 8,
             channel: false,
+            online: None,
+            senders: 3,
         },
     )
     .await
     .unwrap();
     assert_eq!(b.joined, 25, "{b:?}");
     assert_eq!(b.deliveries.expected, 75);
+    assert_eq!(b.send_latency.count, 3, "three senders' messages: {b:?}");
     assert_eq!((b.deliveries.lost, b.deliveries.duplicated), (0, 0), "{b:?}");
     assert!(b.views.is_none());
 
@@ -150,11 +153,13 @@ async fn every_scenario_runs_and_loses_nothing() {
             interval: Duration::from_millis(50),
             concurrency: 8,
             channel: true,
+            online: Some(20),
+            senders: 1,
         },
     )
     .await
     .unwrap();
-    assert_eq!((c.joined, c.deliveries.expected), (25, 75), "{c:?}");
+    assert_eq!((c.joined, c.online, c.deliveries.expected), (25, 20, 60), "{c:?}");
     assert_eq!((c.deliveries.lost, c.deliveries.duplicated), (0, 0), "{c:?}");
     let views = c.views.as_ref().expect("a channel's views are checked");
     assert_eq!((views.counted, views.expected), (24, 24), "{c:?}");

@@ -1,8 +1,11 @@
-//! `bigroom`: J users join one room; one sender posts K messages; measures
-//! joins/s and the delivery latency of each message to all J members. With
-//! `channel`, the room is a broadcast channel (`kabar.channel`): the
-//! members are subscribers, and at the end each marks the last post read,
-//! and the post's view count must equal the number of subscribers.
+//! `bigroom`: J users join one room; K messages go out, one every interval
+//! (overlapping when a send takes longer), from one sender or from several
+//! members in turns; measures joins/s, send latency and the delivery
+//! latency of each message to every member online (all of them, or the
+//! first `online`: the rest joined and stay offline). With `channel`, the
+//! room is a broadcast channel (`kabar.channel`): the members are
+//! subscribers, the owner posts, and at the end each subscriber marks the
+//! last post read, and the post's view count must equal their number.
 
 use std::{
     sync::{
@@ -32,6 +35,10 @@ pub struct Params {
     pub interval: Duration,
     pub concurrency: usize,
     pub channel: bool,
+    /// Members following their sync during the messages (`None`: all).
+    pub online: Option<usize>,
+    /// Members the messages come from, in turns (a channel: its owner).
+    pub senders: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -44,6 +51,8 @@ pub struct BigroomReport {
     pub join_latency: LatencySummary,
     pub join_errors: ErrorCounts,
     pub messages: usize,
+    pub online: usize,
+    pub send_latency: LatencySummary,
     pub delivery_latency: LatencySummary,
     pub deliveries: DeliveryCheck,
     pub sync_errors: ErrorCounts,
@@ -63,7 +72,7 @@ pub struct ViewCheck {
 impl Report for BigroomReport {
     fn human(&self) -> String {
         format!(
-            "bigroom: {}/{} joined in {:.1}s = {:.1} joins/s (join p50 {:.0} ms, p99 {:.0} ms), join errors {:?}\n  {} messages to {} members: delivery p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {} of {} deliveries, lost {}, duplicated {}; sync errors {:?}",
+            "bigroom: {}/{} joined in {:.1}s = {:.1} joins/s (join p50 {:.0} ms, p99 {:.0} ms), join errors {:?}\n  {} messages (send p50 {:.1} ms, p99 {:.1} ms) to {} members online: delivery p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {} of {} deliveries, lost {}, duplicated {}; sync errors {:?}",
             self.joined,
             self.members,
             self.join_seconds,
@@ -72,7 +81,9 @@ impl Report for BigroomReport {
             self.join_latency.p99_ms,
             self.join_errors,
             self.messages,
-            self.joined,
+            self.send_latency.p50_ms,
+            self.send_latency.p99_ms,
+            self.online,
             self.delivery_latency.p50_ms,
             self.delivery_latency.p99_ms,
             self.delivery_latency.max_ms,
@@ -133,17 +144,18 @@ pub async fn run(target: &Target, p: Params) -> Result<BigroomReport, String> {
         }
     }
 
-    // Every member follows its sync.
+    // The members online follow their sync.
+    let online: Vec<usize> = members.iter().copied().take(p.online.unwrap_or(usize::MAX)).collect();
     let deliveries = Arc::new(Deliveries::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let held = Arc::new(AtomicU64::new(0));
     let sync_errors = Arc::new(Mutex::new(ErrorCounts::new()));
-    let sinces: Vec<Result<crate::SyncStart, crate::client::ApiError>> = stream::iter(members.iter().map(|&i| initial_since(&users[i])))
+    let sinces: Vec<Result<crate::SyncStart, crate::client::ApiError>> = stream::iter(online.iter().map(|&i| initial_since(&users[i])))
         .buffered(p.concurrency.max(1))
         .collect()
         .await;
     let mut followers = Vec::new();
-    for (&i, since) in members.iter().zip(sinces) {
+    for (&i, since) in online.iter().zip(sinces) {
         let since = since.map_err(|e| format!("initial sync: {e}"))?;
         followers.push(tokio::spawn(follow(
             users[i].clone(),
@@ -156,27 +168,50 @@ pub async fn run(target: &Target, p: Params) -> Result<BigroomReport, String> {
         )));
     }
     let deadline = Instant::now() + Duration::from_secs(60);
-    while held.load(Ordering::Relaxed) < members.len() as u64 && Instant::now() < deadline {
+    while held.load(Ordering::Relaxed) < online.len() as u64 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    // One sender posts K messages.
+    // K messages, one every interval, from the senders in turns; a send
+    // that takes longer than the interval overlaps the next.
+    let senders: Vec<usize> = if p.channel || p.senders <= 1 {
+        vec![0]
+    } else {
+        // Spread over the members (joined in no particular order).
+        let n = p.senders.min(members.len());
+        (0..n).map(|k| members[k * members.len() / n]).collect()
+    };
     let d = deliveries.clone();
     let progress = Progress::start("bigroom messages", move || {
         format!("{} delivered", d.delivered.load(Ordering::Relaxed))
     });
+    let mut tick = tokio::time::interval(p.interval.max(Duration::from_micros(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sends = tokio::task::JoinSet::new();
+    for k in 0..p.messages as u64 {
+        tick.tick().await;
+        let (user, room, body) = (users[senders[k as usize % senders.len()]].clone(), room.clone(), deliveries.body(k));
+        sends.spawn(async move {
+            let t = Instant::now();
+            let r = user.send_text(&room, &format!("kb{k}"), &body).await;
+            (k, r, t.elapsed().as_micros() as u64)
+        });
+    }
+    let mut sent = sends.join_all().await;
+    sent.sort_by_key(|(k, _, _)| *k);
     let mut expected = Vec::new();
     let mut last_post = None;
-    for k in 0..p.messages as u64 {
-        match users[0].send_text(&room, &format!("kb{k}"), &deliveries.body(k)).await {
+    let mut send_latency = crate::stats::Latencies::default();
+    for (k, r, micros) in sent {
+        match r {
             Ok(event_id) => {
-                expected.extend(members.iter().map(|&m| (m as u32, k)));
+                send_latency.push(micros);
+                expected.extend(online.iter().map(|&m| (m as u32, k)));
                 last_post = Some(event_id);
             }
             Err(e) => count_error(&mut sync_errors.lock().expect("errors lock"), format!("SEND_{}", e.kind())),
         }
-        tokio::time::sleep(p.interval).await;
     }
     deliveries.wait_for(expected.len() as u64, Duration::from_secs(60)).await;
     drop(progress);
@@ -198,6 +233,8 @@ pub async fn run(target: &Target, p: Params) -> Result<BigroomReport, String> {
         join_latency: join_latency.summary(),
         join_errors,
         messages: p.messages,
+        online: online.len(),
+        send_latency: send_latency.summary(),
         delivery_latency: deliveries.latencies().summary(),
         deliveries: deliveries.check(&expected),
         sync_errors,
