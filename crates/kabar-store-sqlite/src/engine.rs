@@ -108,8 +108,12 @@ fn open(path: &Path, write: bool) -> StoreResult<Connection> {
     // power loss too, not just a killed process. Group commit pays for it.
     // mmap: every commit invalidates the readers' page caches, and reading the
     // pages back through a mapping costs no system call or copy.
+    // temp_store in memory: each write of a group commit runs in its own
+    // savepoint, whose sub-journal (the pages as they were before the write)
+    // otherwise goes to a temporary file, a write() per page; it is thrown
+    // away at the commit, so it never needs a disk.
     conn.execute_batch(
-        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000; PRAGMA foreign_keys=OFF; PRAGMA mmap_size=1073741824;",
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000; PRAGMA foreign_keys=OFF; PRAGMA mmap_size=1073741824; PRAGMA temp_store=MEMORY;",
     )
     .map_err(backend)?;
     // Every statement is prepared once per connection and reused: parsing SQL
