@@ -120,6 +120,10 @@ pub struct RoomCache {
     pub record: RoomRecord,
     rules: RoomVersionRules,
     state: BTreeMap<StateKey, StateEntry>,
+    /// Each entry of `state` by the position it was set at: what changed
+    /// between two positions is a range of this, never a walk of the whole
+    /// state (a supergroup's state is mostly its members).
+    changed: BTreeMap<StreamPos, StateKey>,
     head: Vec<OwnedEventId>,
     depth: u64,
     /// Stream position of the room's newest event.
@@ -159,6 +163,7 @@ impl RoomCache {
             record,
             rules,
             state: BTreeMap::new(),
+            changed: BTreeMap::new(),
             head: vec![],
             depth: 0,
             last_pos: 0,
@@ -180,6 +185,21 @@ impl RoomCache {
 
     pub fn state_entries(&self) -> impl Iterator<Item = &StateEntry> {
         self.state.values()
+    }
+
+    /// Every state entry but the members': what a lazy-loading client's
+    /// full state holds before the members it is sent, read without
+    /// walking a big room's members.
+    pub fn state_entries_but_members(&self) -> impl Iterator<Item = &StateEntry> {
+        use std::ops::Bound;
+        let members_start = ("m.room.member".to_owned(), String::new());
+        // The first key after every `m.room.member` key: the same type with
+        // a NUL appended sorts after it and before any longer type name.
+        let members_end = ("m.room.member\0".to_owned(), String::new());
+        self.state
+            .range(..members_start)
+            .chain(self.state.range((Bound::Included(members_end), Bound::Unbounded)))
+            .map(|(_, e)| e)
     }
 
     pub fn state_len(&self) -> usize {
@@ -226,10 +246,9 @@ impl RoomCache {
                 .filter(|e| e.pos > after && e.pos <= until && e.pdu.kind == TimelineEventType::RoomMember)
                 .for_each(|e| note(&e.pdu));
         } else {
-            self.state
-                .iter()
-                .filter(|((t, _), e)| t == "m.room.member" && e.pos > after && e.pos <= until)
-                .for_each(|(_, e)| note(&e.pdu));
+            self.changed_entries(after, until)
+                .filter(|e| e.pdu.kind == TimelineEventType::RoomMember)
+                .for_each(|e| note(&e.pdu));
         }
         changes
     }
@@ -375,18 +394,13 @@ impl RoomCache {
             return vec![];
         }
         let in_range = |e: &&StateEntry| e.pos > after && e.pos <= until;
-        if after >= self.recent_after {
-            let mut seen = std::collections::HashSet::new();
-            return self
-                .recent
-                .iter()
-                .filter_map(|e| e.event.pdu.state_key_pair())
-                .filter(|key| seen.insert(key.clone()))
-                .filter_map(|key| self.state.get(&key))
-                .filter(in_range)
-                .collect();
-        }
-        self.state.values().filter(in_range).collect()
+        self.changed_entries(after, until).filter(in_range).collect()
+    }
+
+    /// The current state entries set in `(after, until]`, by position.
+    fn changed_entries(&self, after: StreamPos, until: StreamPos) -> impl Iterator<Item = &StateEntry> {
+        let range = (after < until).then(|| self.changed.range(after + 1..=until));
+        range.into_iter().flatten().filter_map(|(_, key)| self.state.get(key))
     }
 
     /// Up to five members to name a room by when it has no name: joined and
@@ -506,7 +520,12 @@ impl RoomCache {
                 self.visibility_changes
                     .push((pos, HistoryVisibility::from_content(Some(pdu.content.get()))));
             }
-            self.state.insert(key, StateEntry { pdu: pdu.clone(), pos });
+            self.changed.insert(pos, key.clone());
+            if let Some(old) = self.state.insert(key, StateEntry { pdu: pdu.clone(), pos })
+                && old.pos != pos
+            {
+                self.changed.remove(&old.pos);
+            }
         }
         self.head = vec![pdu.event_id.clone()];
         self.depth = pdu.depth;
@@ -917,6 +936,7 @@ impl RoomCaches {
                 state.insert(k, StateEntry { pdu: e.pdu, pos: e.pos });
             }
         }
+        let changed = state.iter().map(|(key, e)| (e.pos, key.clone())).collect();
         let member_counts = RoomCache::count_members(&state);
         let encrypted_at = state.get(&("m.room.encryption".to_owned(), String::new())).map(|e| e.pos);
         let state_changed_at = state.values().map(|e| e.pos).max().unwrap_or(0);
@@ -938,6 +958,7 @@ impl RoomCaches {
             record,
             rules,
             state,
+            changed,
             head,
             depth,
             last_pos,
@@ -1000,5 +1021,66 @@ mod tests {
             "events at or before 5 are not in memory"
         );
         assert!(r.recent_matching(5, 10, 5, all).is_some());
+    }
+
+    #[test]
+    fn what_changed_between_two_positions_is_read_from_the_changes_beyond_the_recent_window() {
+        let signer = EventSigner::new(ruma::owned_server_name!("x"), &EventSigner::generate_key(), "k").unwrap();
+        let room = empty_room();
+        let mut r = room.cache.write().expect("lock");
+        let mut apply_state = |r: &mut RoomCache, pos: StreamPos, kind: &str, key: &str, content: Value| {
+            let pdu = Pdu::build(
+                &signer,
+                &RoomVersionId::V11,
+                Some(ruma::room_id!("!r:x")),
+                ruma::user_id!("@a:x"),
+                NewEvent::state(kind, key, content),
+                vec![],
+                vec![],
+                pos,
+                MilliSecondsSinceUnixEpoch::now(),
+            )
+            .unwrap();
+            r.apply(&pdu, pos);
+            r.remember(Arc::new(StoredEvent {
+                pos,
+                pdu,
+                txn: None,
+                redacted_by: None,
+                prev: None,
+            }));
+        };
+        let mut apply = |r: &mut RoomCache, pos: StreamPos, user: &str, membership: &str| {
+            apply_state(r, pos, "m.room.member", user, serde_json::json!({ "membership": membership }))
+        };
+        for n in 1..=300 {
+            apply(&mut r, n, &format!("@u{n}:x"), "join");
+        }
+        apply(&mut r, 301, "@u150:x", "leave");
+        assert!(r.recent_after > 200, "the recent window does not reach back to position 200");
+
+        let positions = |entries: Vec<&StateEntry>| entries.iter().map(|e| e.pos).collect::<Vec<_>>();
+        let expected: Vec<StreamPos> = (101..=300).filter(|p| *p != 150).chain([301]).collect();
+        assert_eq!(
+            positions(r.state_changed_between(100, 301)),
+            expected,
+            "each key once, at the position it was last set"
+        );
+        assert_eq!(positions(r.state_changed_between(301, 400)), Vec::<StreamPos>::new());
+        assert_eq!(positions(r.state_changed_between(299, 300)), vec![300]);
+
+        let changes = r.member_changes(200, 301);
+        assert_eq!(changes.len(), 101, "{changes:?}");
+        assert_eq!(changes.get(ruma::user_id!("@u150:x")), Some(&Membership::Leave));
+        assert_eq!(changes.get(ruma::user_id!("@u300:x")), Some(&Membership::Join));
+        assert_eq!(changes.get(ruma::user_id!("@u200:x")), None);
+
+        // Types that sort just before and just after the members'.
+        for (pos, kind) in [(302, "m.room.memben"), (303, "m.room.membership_rules"), (304, "m.room.name")] {
+            apply_state(&mut r, pos, kind, "", serde_json::json!({}));
+        }
+        let but_members: Vec<String> = r.state_entries_but_members().map(|e| e.pdu.kind.to_string()).collect();
+        assert_eq!(but_members, ["m.room.memben", "m.room.membership_rules", "m.room.name"]);
+        assert_eq!(r.state_entries().count(), 303);
     }
 }

@@ -716,12 +716,10 @@ impl SyncEngine {
                 }
             };
             let is_member = |e: &crate::rooms::StateEntry| e.pdu.kind == ruma::events::TimelineEventType::RoomMember;
-            if full_state {
-                for entry in r.state_entries() {
-                    if !(lazy_members && is_member(entry)) {
-                        add(entry);
-                    }
-                }
+            if full_state && lazy_members {
+                r.state_entries_but_members().for_each(&mut add);
+            } else if full_state {
+                r.state_entries().for_each(&mut add);
             } else {
                 for entry in r.state_changed_between(since.stream, upto.stream) {
                     if !(lazy_members && is_member(entry)) {
