@@ -476,6 +476,7 @@ mod tests {
     /// One process's view of a shared store: its caches, trackers and
     /// services, advanced only by its own applier.
     struct Node {
+        caches: Arc<RoomCaches>,
         rooms: Arc<Rooms>,
         changes: Arc<Changes>,
         sessions: Arc<SessionCache>,
@@ -500,8 +501,9 @@ mod tests {
             store.set_commit_listener(applier.clone());
         }
         tokio::spawn(applier.clone().run(catch_up));
-        let rooms = Arc::new(rooms_on(store, caches, applier.applied()));
+        let rooms = Arc::new(rooms_on(store, caches.clone(), applier.applied()));
         Node {
+            caches,
             rooms,
             changes,
             sessions,
@@ -860,6 +862,50 @@ mod tests {
         }
         let cache = room.read();
         assert_eq!(cache.member_count(Membership::Join), 1 + 32, "the cache counts what landed");
+    }
+
+    /// Past their budget, the caches drop the least recently used rooms
+    /// nobody is using, never one in use; a dropped room is read again
+    /// from the store when next asked for, and keeps working.
+    #[tokio::test]
+    async fn idle_rooms_are_dropped_past_the_budget_and_read_again_when_used() {
+        let (_dir, store, alice) = store_with_alice().await;
+        let a = node(&store, true, Duration::from_secs(3600));
+        let mut ids = vec![];
+        for _ in 0..3 {
+            ids.push(a.rooms.create_room(&alice, CreateRoom::default()).await.unwrap());
+        }
+        let entries = |id| {
+            let room = a.caches.loaded(id).expect("loaded");
+            let n = room.read().state_len();
+            n
+        };
+        // The first room alone fits the budget; the second does not fit beside it.
+        let first = a.rooms.room(&ids[0]).await.unwrap();
+        let per_room = first.read().state_len();
+        a.caches.set_budget(per_room + 1);
+        drop(first);
+        a.rooms.room(&ids[1]).await.unwrap();
+        assert!(a.caches.loaded(&ids[0]).is_none(), "the least recently used idle room was dropped");
+        assert_eq!(entries(&ids[1]), per_room);
+        assert_eq!(a.caches.usage(), (1, per_room, 1));
+
+        // A room in use stays, over budget.
+        let in_use = a.rooms.room(&ids[1]).await.unwrap();
+        a.rooms.room(&ids[2]).await.unwrap();
+        assert!(a.caches.loaded(&ids[1]).is_some(), "a room in use is never dropped");
+        drop(in_use);
+
+        // The dropped room is read again and keeps working.
+        a.rooms
+            .send(&alice, &ids[0], NewEvent::message("m.room.message", json!({"body": "back"})), None)
+            .await
+            .unwrap();
+        let again = a.rooms.room(&ids[0]).await.unwrap();
+        let r = again.read();
+        assert_eq!(r.last_pos, store.current_position(), "it holds the newest event");
+        assert_eq!(r.membership(&alice), Some(Membership::Join));
+        assert_eq!(r.state_len(), per_room);
     }
 
     #[tokio::test]

@@ -8,7 +8,10 @@
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    sync::{Arc, Mutex, RwLock, RwLockReadGuard},
+    sync::{
+        Arc, Mutex, RwLock, RwLockReadGuard,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
 };
 
 use kabar_domain::{
@@ -798,16 +801,31 @@ impl Room {
     }
 
     /// Applies a committed event; one the cache holds already is skipped.
-    /// Only the applier calls it, in stream order.
-    fn apply_committed(&self, event: &Arc<StoredEvent>) {
+    /// Only the applier calls it, in stream order. Returns how many state
+    /// entries the room gained (one for a new state key, else none).
+    fn apply_committed(&self, event: &Arc<StoredEvent>) -> usize {
         let mut r = self.cache.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         if event.pos <= r.last_pos {
-            return;
+            return 0;
         }
+        let before = r.state_len();
         r.apply(&event.pdu, event.pos);
         r.remember(event.clone());
+        r.state_len() - before
+    }
+
+    /// Whether nothing but the cache refers to the room and no append of
+    /// this process to it is in flight: it can be dropped and read again
+    /// from the store when next used.
+    fn idle(self: &Arc<Self>) -> bool {
+        Arc::strong_count(self) == 1 && *self.in_flight.borrow() == 0
     }
 }
+
+/// How many state entries (a big room's are mostly its members) the loaded
+/// rooms of a process may hold before the least recently used idle rooms
+/// are dropped. A room in use is never dropped, however big.
+pub const DEFAULT_CACHED_STATE_ENTRIES: usize = 2_000_000;
 
 /// A room's place in [`RoomCaches`]: loaded, or being loaded while events
 /// keep committing.
@@ -821,14 +839,26 @@ struct RoomSlot {
     state: Mutex<Slot>,
     /// One loader at a time.
     load: AsyncMutex<()>,
+    /// When the room was last asked for, on the caches' use counter.
+    last_used: AtomicU64,
 }
 
 /// The rooms this process keeps in memory. Rooms are loaded from the store on
 /// first use and from then on advanced only by the applier, whoever wrote
-/// the event.
+/// the event. Their state entries are counted; past the budget, loading a
+/// room drops the least recently used rooms that nobody is using (a sync,
+/// a send, a view count holding the room keeps it), which are read again
+/// from the store when next asked for.
 pub struct RoomCaches {
     store: Arc<dyn Store>,
     rooms: Mutex<HashMap<OwnedRoomId, Arc<RoomSlot>>>,
+    /// Counts uses, to order rooms by their last.
+    uses: AtomicU64,
+    /// State entries in the loaded rooms (approximately: rooms being
+    /// loaded are counted once loaded).
+    entries: AtomicUsize,
+    budget: AtomicUsize,
+    evicted: AtomicU64,
 }
 
 impl RoomCaches {
@@ -836,7 +866,58 @@ impl RoomCaches {
         Arc::new(Self {
             store,
             rooms: Mutex::new(HashMap::new()),
+            uses: AtomicU64::new(0),
+            entries: AtomicUsize::new(0),
+            budget: AtomicUsize::new(DEFAULT_CACHED_STATE_ENTRIES),
+            evicted: AtomicU64::new(0),
         })
+    }
+
+    /// Sets how many state entries the loaded rooms may hold (see
+    /// [`RoomCaches`]); the next load enforces it.
+    pub fn set_budget(&self, state_entries: usize) {
+        self.budget.store(state_entries, Ordering::Relaxed);
+    }
+
+    /// Rooms loaded, state entries they hold, rooms dropped so far.
+    pub fn usage(&self) -> (usize, usize, u64) {
+        let loaded = self.rooms.lock().expect("rooms lock").len();
+        (loaded, self.entries.load(Ordering::Relaxed), self.evicted.load(Ordering::Relaxed))
+    }
+
+    /// Drops the least recently used idle rooms (never `keep`) until the
+    /// loaded rooms' state entries fit the budget.
+    fn evict_over_budget(&self, keep: &RoomId) {
+        let budget = self.budget.load(Ordering::Relaxed);
+        if self.entries.load(Ordering::Relaxed) <= budget {
+            return;
+        }
+        let mut rooms = self.rooms.lock().expect("rooms lock");
+        let mut candidates: Vec<(u64, OwnedRoomId)> = rooms
+            .iter()
+            .filter(|(id, _)| id.as_str() != keep.as_str())
+            .map(|(id, slot)| (slot.last_used.load(Ordering::Relaxed), id.clone()))
+            .collect();
+        candidates.sort_unstable();
+        for (_, id) in candidates {
+            if self.entries.load(Ordering::Relaxed) <= budget {
+                break;
+            }
+            let Some(slot) = rooms.get(&id) else { continue };
+            // Under the rooms lock nobody can start using the room: every
+            // use clones the slot from the map first.
+            if Arc::strong_count(slot) > 1 {
+                continue;
+            }
+            let size = match &*slot.state.lock().expect("room slot lock") {
+                Slot::Loaded(room) if room.idle() => room.read().state_len(),
+                _ => continue,
+            };
+            rooms.remove(&id);
+            self.entries
+                .fetch_sub(size.min(self.entries.load(Ordering::Relaxed)), Ordering::Relaxed);
+            self.evicted.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The room's cache if it is loaded.
@@ -867,12 +948,14 @@ impl RoomCaches {
                     let slot = Arc::new(RoomSlot {
                         state: Mutex::new(Slot::Loading(vec![])),
                         load: AsyncMutex::new(()),
+                        last_used: AtomicU64::new(0),
                     });
                     rooms.insert(room_id.to_owned(), slot.clone());
                     slot
                 }
             }
         };
+        slot.last_used.store(self.uses.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
         if let Slot::Loaded(room) = &*slot.state.lock().expect("room slot lock") {
             return Ok(room.clone());
         }
@@ -898,7 +981,12 @@ impl RoomCaches {
                 room.apply_committed(event);
             }
         }
+        self.entries.fetch_add(room.read().state_len(), Ordering::Relaxed);
         *state = Slot::Loaded(room.clone());
+        drop(state);
+        drop(_loading);
+        drop(slot);
+        self.evict_over_budget(room_id);
         Ok(room)
     }
 
@@ -982,7 +1070,10 @@ impl RoomCaches {
             return;
         };
         match &mut *slot.state.lock().expect("room slot lock") {
-            Slot::Loaded(room) => room.apply_committed(event),
+            Slot::Loaded(room) => {
+                let gained = room.apply_committed(event);
+                self.entries.fetch_add(gained, Ordering::Relaxed);
+            }
             Slot::Loading(seen) => seen.push(event.clone()),
         }
     }

@@ -34,7 +34,7 @@ use ruma::{
 };
 use serde_json::{Value, json};
 
-pub use crate::room_cache::{Room, RoomCache, StateEntry, TimelineEvent, WriteTurn};
+pub use crate::room_cache::{DEFAULT_CACHED_STATE_ENTRIES, Room, RoomCache, StateEntry, TimelineEvent, WriteTurn};
 use crate::{
     applier::Applied,
     error::{Error, Result},

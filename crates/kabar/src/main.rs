@@ -468,6 +468,7 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
     // wake-ups below.
     let targets = ApplierTargets::fresh(&store, notifier.clone());
     let (changes, sessions, room_caches) = (targets.changes.clone(), targets.sessions.clone(), targets.rooms.clone());
+    room_caches.set_budget(config.rooms.cached_state_entries);
     // It reads the stream for writes other processes committed every
     // `bus.catch_up_interval_ms` (one small query), and at once when the
     // bus tells of one: the interval bounds how stale this process's caches

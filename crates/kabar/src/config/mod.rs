@@ -240,6 +240,7 @@ pub struct VoipConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RoomsConfig {
     pub default_version: String,
+    pub cached_state_entries: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -342,6 +343,7 @@ impl Default for RoomsConfig {
     fn default() -> Self {
         Self {
             default_version: "12".into(),
+            cached_state_entries: kabar_core::rooms::DEFAULT_CACHED_STATE_ENTRIES,
         }
     }
 }
