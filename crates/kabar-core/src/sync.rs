@@ -549,7 +549,7 @@ impl SyncEngine {
                         ignored: &ignored,
                         hidden: hidden.as_ref(),
                     };
-                    let (events, limited) = self
+                    let (events, limited, _) = self
                         .timeline_from_store(user, &m.room_id, (since.stream, m.pos), limit, timeline_filter, true)
                         .await?;
                     let prev_batch = events.first().map(|e| format!("t{}", e.event.pos - 1));
@@ -636,17 +636,14 @@ impl SyncEngine {
         // (the limit counts only those). An incremental sync's events came
         // while the user was joined; a room seen for the first time may show
         // history from before, as its history visibility allows.
-        let (events, limited) = if timeline_changed {
+        let (events, limited, resume) = if timeline_changed {
             let seen_from = (!initial).then_some(since.stream);
             self.timeline(user, room_id, &room, seen_from, upto.stream, limit, timeline_filter)
                 .await?
         } else {
-            (vec![], false)
+            (vec![], false, upto.stream)
         };
-        let prev_batch = timeline_changed.then(|| match events.first() {
-            Some((first, _)) => format!("t{}", first.event.pos - 1),
-            None => format!("t{}", upto.stream),
-        });
+        let prev_batch = timeline_changed.then(|| format!("t{resume}"));
         let timeline_ids: HashSet<&ruma::EventId> = events.iter().map(|(e, _)| &*e.event.pdu.event_id).collect();
         let timeline_senders: BTreeSet<&str> = events.iter().map(|(e, _)| e.event.pdu.sender.as_str()).collect();
         let timeline = self.timeline_json(session, room_id, &room, upto.stream, &events).await?;
@@ -839,7 +836,9 @@ impl SyncEngine {
     /// that `filter` keeps, after `seen_from` (from the room's in-memory
     /// window when it reaches back that far), or, for a room the client
     /// sees for the first time (`None`), from its start as its history
-    /// visibility allows; oldest first, and whether more were left out.
+    /// visibility allows; oldest first, whether more were left out, and
+    /// where paging back goes on from (before the oldest event, or where
+    /// the read stopped when it found none).
     #[allow(clippy::too_many_arguments)]
     async fn timeline(
         &self,
@@ -850,28 +849,37 @@ impl SyncEngine {
         upto: StreamPos,
         limit: usize,
         filter: TimelineFilter<'_>,
-    ) -> Result<(Vec<(Arc<TimelineEvent>, Membership)>, bool)> {
+    ) -> Result<(Vec<(Arc<TimelineEvent>, Membership)>, bool, StreamPos)> {
+        let before_first =
+            |events: &[(Arc<TimelineEvent>, Membership)], otherwise: StreamPos| events.first().map_or(otherwise, |(e, _)| e.event.pos - 1);
         if let Some(after) = seen_from
             && let Some((found, more)) = room.read().recent_matching(after, upto, limit, |e| filter.keeps(e))
         {
-            return Ok((found.into_iter().map(|e| (e, Membership::Join)).collect(), more));
+            let events: Vec<_> = found.into_iter().map(|e| (e, Membership::Join)).collect();
+            let resume = before_first(&events, upto);
+            return Ok((events, more, resume));
         }
         let after = seen_from.unwrap_or(0);
-        let (found, more) = self
+        let (found, more, stopped_at) = self
             .timeline_from_store(user, room_id, (after, upto), limit, filter, seen_from.is_none())
             .await?;
-        let events = found
+        let events: Vec<_> = found
             .into_iter()
             .map(|v| (Arc::new(TimelineEvent::new(v.event)), v.membership))
             .collect();
-        Ok((events, more))
+        let resume = before_first(&events, stopped_at);
+        Ok((events, more, resume))
     }
 
     /// The newest `limit` events in `(after, until]` that `filter` keeps and
     /// the user may see, oldest first, and whether more of them were left
-    /// out (`limited`). Reads back in pages, through at most
-    /// [`TIMELINE_SCAN_LIMIT`] events. `check_visibility` is for rooms seen
-    /// for the first time, which may hold history from before the user came.
+    /// out (`limited`), and the position the read stopped at. Reads back in
+    /// pages, through at most [`TIMELINE_SCAN_LIMIT`] events; with a filter
+    /// of types, which the store applies in its index, through the room's
+    /// newest [`TIMELINE_SCAN_LIMIT`] events only (a filter for messages in
+    /// a supergroup of 200,000 joins must not pass over every join on each
+    /// initial sync). `check_visibility` is for rooms seen for the first
+    /// time, which may hold history from before the user came.
     async fn timeline_from_store(
         &self,
         user: &UserId,
@@ -880,11 +888,21 @@ impl SyncEngine {
         limit: usize,
         filter: TimelineFilter<'_>,
         check_visibility: bool,
-    ) -> Result<(Vec<VisibleEvent>, bool)> {
+    ) -> Result<(Vec<VisibleEvent>, bool, StreamPos)> {
         let view = if check_visibility {
             Some(self.rooms.history_view(user, room_id).await?)
         } else {
             None
+        };
+        let kinds = filter.exact_types();
+        let floor = match kinds {
+            Some(_) => self
+                .store
+                .room_position_back(room_id, until, TIMELINE_SCAN_LIMIT)
+                .await?
+                .map(|oldest| oldest - 1)
+                .filter(|floor| *floor > after),
+            None => None,
         };
         let batch = (limit + 1).max(50);
         let mut found: Vec<VisibleEvent> = Vec::with_capacity(limit + 1);
@@ -895,11 +913,11 @@ impl SyncEngine {
                 .store
                 .room_events(EventRange {
                     room_id,
-                    after,
+                    after: floor.unwrap_or(after),
                     until: cursor,
                     direction: Direction::Backward,
                     limit: batch,
-                    kinds: filter.exact_types(),
+                    kinds,
                 })
                 .await?;
             let at_start = page.len() < batch;
@@ -920,16 +938,21 @@ impl SyncEngine {
                 if found.len() > limit {
                     found.truncate(limit);
                     found.reverse();
-                    return Ok((found, true));
+                    return Ok((found, true, cursor));
                 }
             }
             if at_start {
                 found.reverse();
-                return Ok((found, false));
+                // Stopped at the floor rather than the room's start: more
+                // may lie before it, for paging back.
+                return Ok(match floor {
+                    Some(floor) => (found, true, floor),
+                    None => (found, false, until),
+                });
             }
             if scanned >= TIMELINE_SCAN_LIMIT {
                 found.reverse();
-                return Ok((found, true));
+                return Ok((found, true, cursor));
             }
         }
     }

@@ -398,6 +398,22 @@ impl RoomStore for PostgresStore {
         row.map(|r| parse(get(&r, 0)?)).transpose()
     }
 
+    async fn room_position_back(&self, room_id: &RoomId, until: StreamPos, count: usize) -> StoreResult<Option<StreamPos>> {
+        if count == 0 {
+            return Ok(None);
+        }
+        let row: Option<(i64,)> = self
+            .read(
+                sqlx::query_as("SELECT pos FROM events WHERE room_id = $1 AND pos <= $2 ORDER BY pos DESC LIMIT 1 OFFSET $3")
+                    .bind(room_id.as_str())
+                    .bind(pos(until))
+                    .bind(count.saturating_sub(1).min(i64::MAX as usize) as i64)
+                    .fetch_optional(&self.engine.pool),
+            )
+            .await?;
+        Ok(row.map(|(p,)| p as StreamPos))
+    }
+
     async fn room_events(&self, range: EventRange<'_>) -> StoreResult<Vec<StoredEvent>> {
         let order = match range.direction {
             Direction::Forward => "ASC",

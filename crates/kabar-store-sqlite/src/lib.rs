@@ -736,6 +736,24 @@ impl RoomStore for SqliteStore {
             .await
     }
 
+    async fn room_position_back(&self, room_id: &RoomId, until: StreamPos, count: usize) -> StoreResult<Option<StreamPos>> {
+        if count == 0 {
+            return Ok(None);
+        }
+        let (room, until) = (room_id.to_string(), until.min(i64::MAX as u64) as i64);
+        let offset = (count - 1).min(i64::MAX as usize) as i64;
+        self.engine
+            .read(move |c| {
+                c.prepare_cached("SELECT pos FROM events WHERE room_id = ?1 AND pos <= ?2 ORDER BY pos DESC LIMIT 1 OFFSET ?3")
+                    .map_err(backend)?
+                    .query_row(params![room, until, offset], |r| r.get::<_, i64>(0))
+                    .optional()
+                    .map(|p| p.map(|p| p as StreamPos))
+                    .map_err(backend)
+            })
+            .await
+    }
+
     async fn room_events(&self, range: EventRange<'_>) -> StoreResult<Vec<StoredEvent>> {
         let room = range.room_id.to_string();
         let after = range.after.min(i64::MAX as u64) as i64;

@@ -609,6 +609,26 @@ async fn queued_member_events_build_on_each_other(store: &dyn Store) {
         assert_eq!(membership_of(state, dave), Some(Membership::Invite), "dave's join did not land");
         assert_eq!(membership_of(state, erin), None, "nothing built on the failure landed");
     }
+    // Counting back from the newest event, or from a position.
+    let newest_first: Vec<StreamPos> = events.iter().rev().map(|e| e.pos).collect();
+    for count in 1..=newest_first.len() {
+        assert_eq!(
+            store.room_position_back(&room.room_id, StreamPos::MAX, count).await.unwrap(),
+            Some(newest_first[count - 1])
+        );
+    }
+    assert_eq!(
+        store
+            .room_position_back(&room.room_id, StreamPos::MAX, newest_first.len() + 1)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store.room_position_back(&room.room_id, positions[1], 2).await.unwrap(),
+        Some(positions[0])
+    );
+    assert_eq!(store.room_position_back(&room.room_id, head, 0).await.unwrap(), None);
     for (user, expected) in [(dave, Some(Membership::Invite)), (erin, None)] {
         let records = store.memberships(&OwnedUserId::try_from(user).unwrap()).await.unwrap();
         let here = records.iter().find(|m| m.room_id == room.room_id).map(|m| m.membership);

@@ -136,6 +136,12 @@ pub trait RoomStore: Send + Sync {
     /// Events of a room in stream order between two positions (exclusive
     /// `after`, inclusive `until`), from the `direction` end, at most `limit`.
     async fn room_events(&self, range: EventRange<'_>) -> StoreResult<Vec<StoredEvent>>;
+    /// The position of the room's `count`-th newest event at or before
+    /// `until` (the first is the newest), read from the index alone; `None`
+    /// when the room has fewer. Bounds a filtered read to a room's newest
+    /// events: a filter for messages in a room of a million joins must not
+    /// pass over every join.
+    async fn room_position_back(&self, room_id: &RoomId, until: StreamPos, count: usize) -> StoreResult<Option<StreamPos>>;
     /// Events that relate to `event_id`, oldest first.
     async fn relations(
         &self,

@@ -56,6 +56,7 @@ async fn a_supergroup_of_thousands_delivers_every_message_once_with_lazy_members
     let server = Server::start();
     let owner = Api::register(&server, "owner").await;
     let group = owner.create_room(json!({"preset": "public_chat", "name": "Supergroup"})).await;
+    owner.say(&group, "w", "welcome").await;
 
     // Thousands join, 32 at a time; the first SENDERS have display names.
     let members: Vec<Api> = stream::iter(0..MEMBERS)
@@ -68,6 +69,36 @@ async fn a_supergroup_of_thousands_delivers_every_message_once_with_lazy_members
         .await;
     let joined = owner.ok(M::GET, &format!("/rooms/{}/joined_members", enc(&group)), None).await;
     assert_eq!(joined["joined"].as_object().unwrap().len(), MEMBERS + 1);
+
+    // A timeline filtered to messages looks through the room's newest
+    // events only, not back through every join: the welcome is 2,000 joins
+    // back, so the sync says `limited`, and paging back from its
+    // `prev_batch` finds it.
+    let messages_only = json!({"room": {"timeline": {"limit": 10, "types": ["m.room.message"]}, "state": {"lazy_load_members": true}}});
+    let first = owner.sync("", Some(messages_only)).await;
+    let timeline = &first["rooms"]["join"][&group]["timeline"];
+    assert_eq!(timeline["events"].as_array().map(Vec::len), Some(0), "{timeline}");
+    assert_eq!(timeline["limited"], true, "{timeline}");
+    let from = timeline["prev_batch"].as_str().expect("prev_batch");
+    let older = owner
+        .ok(
+            M::GET,
+            &format!(
+                "/rooms/{}/messages?dir=b&limit=5&from={}&filter={}",
+                enc(&group),
+                enc(from),
+                enc(r#"{"types":["m.room.message"]}"#)
+            ),
+            None,
+        )
+        .await;
+    let bodies: Vec<&str> = older["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str())
+        .collect();
+    assert_eq!(bodies, ["welcome"], "{older}");
 
     // A real client in the room, lazy-loading members.
     let reader = registered(&server.url, "reader").await;

@@ -1144,8 +1144,10 @@ impl SyncEngine {
                 hidden: hidden.as_ref(),
             };
             let (events, limited) = if limit > 0 {
-                self.timeline(user, room_id, &room, from, upto.stream, limit, timeline_filter)
-                    .await?
+                let (events, limited, _) = self
+                    .timeline(user, room_id, &room, from, upto.stream, limit, timeline_filter)
+                    .await?;
+                (events, limited)
             } else {
                 (vec![], false)
             };
