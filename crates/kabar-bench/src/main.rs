@@ -119,6 +119,23 @@ enum Scenario {
         #[arg(long, default_value_t = 1)]
         senders: usize,
     },
+    /// A broadcast channel: J subscribers join, the owner posts K times to
+    /// the subscribers online, every subscriber reads the last post and its
+    /// view count is checked (`bigroom --channel`).
+    Channel {
+        #[arg(long, default_value_t = 10_000)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 20)]
+        posts: usize,
+        /// Milliseconds between posts.
+        #[arg(long, default_value_t = 250)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Subscribers who follow their sync while the posts go out (default: all).
+        #[arg(long)]
+        online: Option<usize>,
+    },
     /// S clients hold /sync long-polls; memory per client and one message to all.
     Idle {
         #[arg(long, default_value_t = 1000)]
@@ -280,6 +297,29 @@ async fn main() -> anyhow::Result<()> {
                     channel,
                     online,
                     senders,
+                },
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+            print(&r, cli.json)
+        }
+        Scenario::Channel {
+            subscribers,
+            posts,
+            interval_ms,
+            concurrency,
+            online,
+        } => {
+            let r = bigroom::run(
+                &target,
+                bigroom::Params {
+                    members: subscribers + 1,
+                    messages: posts,
+                    interval: Duration::from_millis(interval_ms),
+                    concurrency,
+                    channel: true,
+                    online,
+                    senders: 1,
                 },
             )
             .await

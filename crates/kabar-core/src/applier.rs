@@ -540,6 +540,26 @@ mod tests {
         (dir, store, alice)
     }
 
+    /// Every event of the room, oldest first, checked to be one chain
+    /// (each built on the one before it).
+    async fn one_chain(store: &Arc<dyn Store>, room_id: &ruma::RoomId) -> Vec<kabar_store::StoredEvent> {
+        let events = store
+            .room_events(EventRange {
+                room_id,
+                after: 0,
+                until: u64::MAX,
+                direction: Direction::Forward,
+                limit: 1000,
+                kinds: None,
+            })
+            .await
+            .unwrap();
+        for pair in events.windows(2) {
+            assert_eq!(pair[1].pdu.prev_events, vec![pair[0].pdu.event_id.clone()], "one chain");
+        }
+        events
+    }
+
     #[tokio::test]
     async fn another_writers_commits_reach_caches_trackers_tokens_and_waiters_through_the_stream() {
         let (_dir, store, alice) = store_with_alice().await;
@@ -583,20 +603,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let events = store
-            .room_events(EventRange {
-                room_id: &room_id,
-                after: 0,
-                until: u64::MAX,
-                direction: Direction::Forward,
-                limit: 1000,
-                kinds: None,
-            })
-            .await
-            .unwrap();
-        for pair in events.windows(2) {
-            assert_eq!(pair[1].pdu.prev_events, vec![pair[0].pdu.event_id.clone()], "one chain");
-        }
+        let events = one_chain(&store, &room_id).await;
 
         // A token b cached is refused once a removes the device.
         store
@@ -803,20 +810,7 @@ mod tests {
             s.await.unwrap().expect("a send built on the failed join is rebuilt and lands");
         }
 
-        let events = store
-            .room_events(EventRange {
-                room_id: &room_id,
-                after: 0,
-                until: u64::MAX,
-                direction: Direction::Forward,
-                limit: 1000,
-                kinds: None,
-            })
-            .await
-            .unwrap();
-        for pair in events.windows(2) {
-            assert_eq!(pair[1].pdu.prev_events, vec![pair[0].pdu.event_id.clone()], "one chain");
-        }
+        let events = one_chain(&store, &room_id).await;
         assert!(
             events.iter().all(|e| !e.pdu.json.contains("poisoned")),
             "the refused join is not stored"

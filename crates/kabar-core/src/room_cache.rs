@@ -286,24 +286,11 @@ impl RoomCache {
 
     /// Builds an event on `on` (the room's newest event; `None` for the
     /// first events of a new room), with its auth events from the cached
-    /// state, and checks it against the authorization rules.
-    pub(crate) fn build_authorized(
-        &self,
-        signer: &EventSigner,
-        room_id: Option<&RoomId>,
-        sender: &UserId,
-        event: NewEvent,
-        ts: MilliSecondsSinceUnixEpoch,
-        on: Option<&Base>,
-    ) -> Result<Pdu> {
-        self.build_authorized_over(&PendingMembers::default(), signer, room_id, sender, event, ts, on)
-    }
-
-    /// [`build_authorized`](Self::build_authorized) against the cached
-    /// state with `pending` member events over it: the member events of
-    /// this process's appends in flight that `on` comes after.
+    /// state with `pending` member events over it (the member events of
+    /// this process's appends in flight that `on` comes after), and checks
+    /// it against the authorization rules.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn build_authorized_over(
+    pub(crate) fn build_authorized(
         &self,
         pending: &PendingMembers,
         signer: &EventSigner,

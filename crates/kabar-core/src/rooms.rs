@@ -40,7 +40,7 @@ use crate::{
     error::{Error, Result},
     filter::TimelineFilter,
     load::Gate,
-    room_cache::{Base, RoomCaches},
+    room_cache::{Base, PendingMembers, RoomCaches},
 };
 
 /// How long a send keeps rebuilding its event on a head that moved before
@@ -392,7 +392,7 @@ impl Rooms {
                     }
                 }
                 let (base, chain) = room.next_base(&mut held, &r);
-                let pdu = r.build_authorized_over(
+                let pdu = r.build_authorized(
                     held.pending(),
                     &self.signer,
                     Some(&room_id),
@@ -829,7 +829,15 @@ impl Rooms {
             };
             let base = room.base();
             let pdu = room
-                .build_authorized(&self.signer, target_room.as_deref(), creator, ev.clone(), created_at, base.as_ref())
+                .build_authorized(
+                    &PendingMembers::default(),
+                    &self.signer,
+                    target_room.as_deref(),
+                    creator,
+                    ev.clone(),
+                    created_at,
+                    base.as_ref(),
+                )
                 .map_err(|e| match e {
                     Error::Forbidden(m) => Error::InvalidParam(format!("room creation event rejected: {m}")),
                     other => other,

@@ -146,39 +146,13 @@ async fn subscribers_read_and_react_but_neither_post_nor_see_each_other() {
 
     // The staff page through the subscribers, one at a time here; a
     // subscriber's pages hold the staff and themselves.
-    let pages = |who: Api| {
-        let channel = channel.clone();
-        async move {
-            let mut listed = vec![];
-            let mut from = String::new();
-            loop {
-                let path = format!(
-                    "/_matrix/client/unstable/kabar/rooms/{}/members?membership=join&limit=1&from={}",
-                    enc(&channel),
-                    enc(&from)
-                );
-                let (status, page) = who.req_at(M::GET, &path, None).await;
-                assert_eq!(status, 200, "{page}");
-                listed.extend(
-                    page["chunk"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|e| e["state_key"].as_str().unwrap().to_owned()),
-                );
-                match page["next_batch"].as_str() {
-                    Some(next) => from = next.to_owned(),
-                    None => return listed,
-                }
-            }
-        }
-    };
     let mut subscribers = vec![admin.user_id.clone(), ann_id.clone(), carl.user_id.clone()];
     subscribers.sort();
-    assert_eq!(pages(admin.clone()).await, subscribers);
+    let query = "membership=join&limit=1";
+    assert_eq!(admin.member_pages(&channel, query).await.0, subscribers);
     let mut seen_by_ann = vec![admin.user_id.clone(), ann_id.clone()];
     seen_by_ann.sort();
-    assert_eq!(pages(ann_api.clone()).await, seen_by_ann);
+    assert_eq!(ann_api.member_pages(&channel, query).await.0, seen_by_ann);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -190,29 +190,7 @@ async fn a_supergroup_of_thousands_delivers_every_message_once_with_lazy_members
     }
 
     // The owner pages through the member list: everyone once, in order.
-    let mut listed: Vec<String> = vec![];
-    let mut from: Option<String> = None;
-    let mut pages = 0;
-    loop {
-        let mut path = format!("/_matrix/client/unstable/kabar/rooms/{}/members?limit=500", enc(&group));
-        if let Some(f) = &from {
-            path.push_str(&format!("&from={}", enc(f)));
-        }
-        let (status, page) = owner.req_at(M::GET, &path, None).await;
-        assert_eq!(status, 200, "{page}");
-        pages += 1;
-        listed.extend(
-            page["chunk"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|e| e["state_key"].as_str().unwrap().to_owned()),
-        );
-        match page["next_batch"].as_str() {
-            Some(next) => from = Some(next.to_owned()),
-            None => break,
-        }
-    }
+    let (listed, pages) = owner.member_pages(&group, "limit=500").await;
     assert_eq!(listed.len(), MEMBERS + 2, "every member once (and the owner and the reader)");
     assert!(listed.windows(2).all(|w| w[0] < w[1]), "in user id order, nobody twice");
     assert_eq!(pages, (MEMBERS + 2).div_ceil(500));

@@ -492,6 +492,34 @@ impl Api {
             .collect()
     }
 
+    /// The state keys of a room's member events through the paged member
+    /// list (`/_matrix/client/unstable/kabar/rooms/{room}/members`), with
+    /// `query` (`limit=...&membership=...`) on every page; and the pages.
+    pub async fn member_pages(&self, room: &str, query: &str) -> (Vec<String>, usize) {
+        let (mut listed, mut pages, mut from) = (vec![], 0, String::new());
+        loop {
+            let path = format!(
+                "/_matrix/client/unstable/kabar/rooms/{}/members?{query}&from={}",
+                enc(room),
+                enc(&from)
+            );
+            let (status, page) = self.req_at(reqwest::Method::GET, &path, None).await;
+            assert_eq!(status, 200, "{path}: {page}");
+            pages += 1;
+            listed.extend(
+                page["chunk"]
+                    .as_array()
+                    .expect("a chunk")
+                    .iter()
+                    .map(|e| e["state_key"].as_str().expect("a member event").to_owned()),
+            );
+            match page["next_batch"].as_str() {
+                Some(next) => from = next.to_owned(),
+                None => return (listed, pages),
+            }
+        }
+    }
+
     pub async fn join(&self, room: &str) {
         self.ok(reqwest::Method::POST, &format!("/join/{}", enc(room)), Some(serde_json::json!({})))
             .await;
