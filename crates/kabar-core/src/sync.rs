@@ -170,7 +170,19 @@ pub struct SyncEngine {
     /// so a crowd signing in cannot take the store's readers from the
     /// incremental syncs of people already chatting.
     full_syncs: Arc<Gate>,
+    /// Responses being built at once. A post to a room of thousands wakes
+    /// thousands of syncs; built all at once, each holding its half-built
+    /// response across its store reads, they grew a server past 22 GB
+    /// when the machine could not keep up. Queued here, they take turns
+    /// and memory stays at what the turns hold.
+    builds: tokio::sync::Semaphore,
 }
+
+/// How many sync responses (`/sync` and sliding sync) are built at once;
+/// the others wait for a turn (FIFO). Building is CPU work with a few
+/// store reads in between: more than this cannot finish sooner on any
+/// machine Kabar runs on, and each one in progress holds its response.
+const CONCURRENT_BUILDS: usize = 64;
 
 /// Unread counts and the stream position they were counted up to.
 #[derive(Debug, Clone, Copy)]
@@ -325,6 +337,7 @@ impl SyncEngine {
             direct: GenerationCache::new(MAX_CACHED_MEMBERSHIPS),
             connections: sliding::Connections::default(),
             full_syncs,
+            builds: tokio::sync::Semaphore::new(CONCURRENT_BUILDS),
         }
     }
 
@@ -379,7 +392,10 @@ impl SyncEngine {
         loop {
             let (memberships, interest) = self.watch(&session.user_id).await?;
             let watched = watched_rooms(&memberships);
-            let (response, has_news) = self.build(session, &req, &memberships).await?;
+            let (response, has_news) = {
+                let _turn = self.build_turn().await?;
+                self.build(session, &req, &memberships).await?
+            };
             let now = Instant::now();
             if req.since.is_none() || req.full_state || has_news || now >= deadline {
                 return Ok(response);
@@ -396,6 +412,14 @@ impl SyncEngine {
                 }
             }
         }
+    }
+
+    /// A turn to build a response (see [`CONCURRENT_BUILDS`]).
+    async fn build_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>> {
+        self.builds
+            .acquire()
+            .await
+            .map_err(|_| crate::Error::Unavailable("the server is shutting down".into()))
     }
 
     /// A sync marks its user present as `set_presence` says (online unless

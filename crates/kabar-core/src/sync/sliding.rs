@@ -631,9 +631,11 @@ impl SyncEngine {
         let deadline = Instant::now() + req.timeout.min(MAX_TIMEOUT);
         loop {
             let (memberships, interest) = self.watch(&session.user_id).await?;
-            let (mut response, now_told, now_list, has_news) = self
-                .build_sliding(session, &req.body, told.as_deref(), room_list.as_ref(), &memberships)
-                .await?;
+            let (mut response, now_told, now_list, has_news) = {
+                let _turn = self.build_turn().await?;
+                self.build_sliding(session, &req.body, told.as_deref(), room_list.as_ref(), &memberships)
+                    .await?
+            };
             self.connections.keep_room_list(&session.user_id, &now_list);
             room_list = Some(now_list);
             let now = Instant::now();
