@@ -603,7 +603,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let events = one_chain(&store, &room_id).await;
+        one_chain(&store, &room_id).await;
 
         // A token b cached is refused once a removes the device.
         store
@@ -871,8 +871,7 @@ mod tests {
         }
         let entries = |id| {
             let room = a.caches.loaded(id).expect("loaded");
-            let n = room.read().state_len();
-            n
+            room.read().state_len()
         };
         // The first room alone fits the budget; the second does not fit beside it.
         let first = a.rooms.room(&ids[0]).await.unwrap();

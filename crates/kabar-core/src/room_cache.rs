@@ -1106,7 +1106,7 @@ mod tests {
         let signer = EventSigner::new(ruma::owned_server_name!("x"), &EventSigner::generate_key(), "k").unwrap();
         let room = empty_room();
         let mut r = room.cache.write().expect("lock");
-        let mut apply_state = |r: &mut RoomCache, pos: StreamPos, kind: &str, key: &str, content: Value| {
+        let apply_state = |r: &mut RoomCache, pos: StreamPos, kind: &str, key: &str, content: Value| {
             let pdu = Pdu::build(
                 &signer,
                 &RoomVersionId::V11,
@@ -1128,7 +1128,7 @@ mod tests {
                 prev: None,
             }));
         };
-        let mut apply = |r: &mut RoomCache, pos: StreamPos, user: &str, membership: &str| {
+        let apply = |r: &mut RoomCache, pos: StreamPos, user: &str, membership: &str| {
             apply_state(r, pos, "m.room.member", user, serde_json::json!({ "membership": membership }))
         };
         for n in 1..=300 {
