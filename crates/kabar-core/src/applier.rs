@@ -858,6 +858,59 @@ mod tests {
         assert_eq!(cache.member_count(Membership::Join), 1 + 32, "the cache counts what landed");
     }
 
+    /// `/messages` backwards with a filter of types reads through the
+    /// room's newest events a page at a time, not back to the room's start:
+    /// with nothing matching there it answers an empty chunk and where to
+    /// go on from, and going on finds the older match.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_filtered_history_page_stops_at_its_scan_and_goes_on_from_there() {
+        let (_dir, store, alice) = store_with_alice().await;
+        let a = node(&store, true, Duration::from_secs(3600));
+        let room_id = a.rooms.create_room(&alice, CreateRoom::default()).await.unwrap();
+        let text = |body: &str| NewEvent::message("m.room.message", json!({ "body": body }));
+        a.rooms.send(&alice, &room_id, text("the old one"), None).await.unwrap();
+        let noise: Vec<_> = (0..8)
+            .map(|task| {
+                let (rooms, room_id, alice) = (a.rooms.clone(), room_id.clone(), alice.clone());
+                tokio::spawn(async move {
+                    for n in 0..700 {
+                        let event = NewEvent::message("org.example.noise", json!({ "n": task * 1000 + n }));
+                        rooms.send(&alice, &room_id, event, None).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for task in noise {
+            task.await.unwrap();
+        }
+        let mut messages_only = ruma::api::client::filter::RoomEventFilter::default();
+        messages_only.types = Some(vec!["m.room.message".to_owned()]);
+        let ignored = std::collections::HashSet::new();
+        let filter = || crate::filter::TimelineFilter {
+            filter: &messages_only,
+            ignored: &ignored,
+            hidden: None,
+        };
+        let head = store.current_position();
+        let (found, end) = a
+            .rooms
+            .messages(&alice, &room_id, head, None, crate::rooms::Dir::Backward, 10, filter())
+            .await
+            .unwrap();
+        assert!(found.is_empty(), "the old message is 5,600 events back");
+        let end = end.expect("the page says where to go on from");
+        let (found, _) = a
+            .rooms
+            .messages(&alice, &room_id, end, None, crate::rooms::Dir::Backward, 10, filter())
+            .await
+            .unwrap();
+        let bodies: Vec<String> = found
+            .iter()
+            .filter_map(|e| e.event.pdu.content_value()["body"].as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(bodies, ["the old one"]);
+    }
+
     /// Past their budget, the caches drop the least recently used rooms
     /// nobody is using, never one in use; a dropped room is read again
     /// from the store when next asked for, and keeps working.

@@ -1065,11 +1065,25 @@ impl Rooms {
         let mut scanned = 0;
         let mut cursor = from;
         let mut out = Vec::with_capacity(limit);
+        // With a filter of types, which the store applies in its index, the
+        // scan above counts only what matched: bound what the index passes
+        // over too, to the room's newest MESSAGES_SCAN_LIMIT events before
+        // `from` (backwards; the way clients page), so a filter for
+        // messages in a room of a million joins reads a page, not the room.
+        let floor = match (dir, filter.exact_types()) {
+            (Dir::Backward, Some(_)) => self
+                .store
+                .room_position_back(room_id, from, MESSAGES_SCAN_LIMIT)
+                .await?
+                .map(|oldest| oldest - 1)
+                .filter(|floor| *floor > to.unwrap_or(0)),
+            _ => None,
+        };
         loop {
             let range = match dir {
                 Dir::Backward => EventRange {
                     room_id,
-                    after: to.unwrap_or(0),
+                    after: floor.or(to).unwrap_or(0),
                     until: cursor,
                     direction: Direction::Backward,
                     limit: batch,
@@ -1106,7 +1120,9 @@ impl Rooms {
                 }
             }
             if at_edge {
-                return Ok((out, None));
+                // At the floor rather than the room's edge: the client goes
+                // on from there.
+                return Ok((out, floor));
             }
             if scanned >= MESSAGES_SCAN_LIMIT {
                 return Ok((out, Some(cursor)));
