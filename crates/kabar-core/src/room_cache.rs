@@ -219,9 +219,9 @@ impl RoomCache {
     }
 
     pub fn members(&self, membership: Membership) -> impl Iterator<Item = &str> {
-        self.members_range()
+        self.members_after(None)
             .filter(move |(_, e)| Membership::from_content(e.pdu.content.get()) == Some(membership))
-            .map(|((_, k), _)| k.as_str())
+            .map(|(user, _)| user)
     }
 
     /// Where end-to-end encryption was turned on, if it was.
@@ -383,8 +383,7 @@ impl RoomCache {
         if self.state_changed_at <= after {
             return vec![];
         }
-        let in_range = |e: &&StateEntry| e.pos > after && e.pos <= until;
-        self.changed_entries(after, until).filter(in_range).collect()
+        self.changed_entries(after, until).collect()
     }
 
     /// The current state entries set in `(after, until]`, by position.
@@ -401,7 +400,7 @@ impl RoomCache {
         let mut present: Vec<(StreamPos, &str)> = vec![];
         let mut gone: Vec<(StreamPos, &str)> = vec![];
         let big = self.member_count(Membership::Join) + self.member_count(Membership::Invite) > 1000;
-        for ((_, key), entry) in self.members_range() {
+        for (key, entry) in self.members_after(None) {
             if key == user.as_str() {
                 continue;
             }
@@ -436,12 +435,6 @@ impl RoomCache {
             .range((start, Bound::Unbounded))
             .take_while(|((kind, _), _)| kind == "m.room.member")
             .map(|((_, user), e)| (user.as_str(), e))
-    }
-
-    /// The room's `m.room.member` entries, in user id order.
-    fn members_range(&self) -> impl Iterator<Item = (&StateKey, &StateEntry)> {
-        let start = ("m.room.member".to_owned(), String::new());
-        self.state.range(start..).take_while(|((kind, _), _)| kind == "m.room.member")
     }
 
     fn remember(&mut self, event: Arc<StoredEvent>) {
@@ -833,8 +826,8 @@ struct RoomSlot {
 /// The rooms this process keeps in memory. Rooms are loaded from the store on
 /// first use and from then on advanced only by the applier, whoever wrote
 /// the event. Their state entries are counted; past the budget, loading a
-/// room drops the least recently used rooms that nobody is using (a sync,
-/// a send, a view count holding the room keeps it), which are read again
+/// room drops the least recently used rooms that nobody is using (a sync
+/// or a send holding the room keeps it), which are read again
 /// from the store when next asked for.
 pub struct RoomCaches {
     store: Arc<dyn Store>,

@@ -1065,18 +1065,11 @@ impl Rooms {
         let mut scanned = 0;
         let mut cursor = from;
         let mut out = Vec::with_capacity(limit);
-        // With a filter of types, which the store applies in its index, the
-        // scan above counts only what matched: bound what the index passes
-        // over too, to the room's newest MESSAGES_SCAN_LIMIT events before
-        // `from` (backwards; the way clients page), so a filter for
-        // messages in a room of a million joins reads a page, not the room.
+        // With a filter of types, the scan above counts only what matched:
+        // backwards (the way clients page), bound what the store's index
+        // passes over too.
         let floor = match (dir, filter.exact_types()) {
-            (Dir::Backward, Some(_)) => self
-                .store
-                .room_position_back(room_id, from, MESSAGES_SCAN_LIMIT)
-                .await?
-                .map(|oldest| oldest - 1)
-                .filter(|floor| *floor > to.unwrap_or(0)),
+            (Dir::Backward, Some(_)) => self.typed_scan_floor(room_id, (to.unwrap_or(0), from), MESSAGES_SCAN_LIMIT).await?,
             _ => None,
         };
         loop {
@@ -1128,6 +1121,26 @@ impl Rooms {
                 return Ok((out, Some(cursor)));
             }
         }
+    }
+
+    /// Where a backwards read of `(after, until]` filtered by type stops:
+    /// just before the room's `scan`-th newest event at or before `until`,
+    /// or `None` when the range holds fewer. The store applies a filter of
+    /// types in its index, but still passes over the others one by one: a
+    /// filter for messages in a room of a million joins must read through
+    /// the newest events only, and say where to go on.
+    pub async fn typed_scan_floor(
+        &self,
+        room_id: &RoomId,
+        (after, until): (StreamPos, StreamPos),
+        scan: usize,
+    ) -> Result<Option<StreamPos>> {
+        Ok(self
+            .store
+            .room_position_back(room_id, until, scan)
+            .await?
+            .map(|oldest| oldest - 1)
+            .filter(|floor| *floor > after))
     }
 
     pub async fn event(&self, user: &UserId, room_id: &RoomId, event_id: &EventId) -> Result<VisibleEvent> {

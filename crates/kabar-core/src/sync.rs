@@ -920,12 +920,7 @@ impl SyncEngine {
         };
         let kinds = filter.exact_types();
         let floor = match kinds {
-            Some(_) => self
-                .store
-                .room_position_back(room_id, until, TIMELINE_SCAN_LIMIT)
-                .await?
-                .map(|oldest| oldest - 1)
-                .filter(|floor| *floor > after),
+            Some(_) => self.rooms.typed_scan_floor(room_id, (after, until), TIMELINE_SCAN_LIMIT).await?,
             None => None,
         };
         let batch = (limit + 1).max(50);
