@@ -766,7 +766,10 @@ pub async fn joined_members_route(
         .members(Membership::Join)
         .filter(|u| hidden.as_ref().is_none_or(|h| h.shows_member(u)))
     {
-        let c = r.state("m.room.member", user).map(|e| e.pdu.content_value()).unwrap_or_default();
+        let c: Value = r
+            .member(user)
+            .and_then(|slot| serde_json::from_str(slot.content().get()).ok())
+            .unwrap_or_default();
         // Optional fields are left out rather than null.
         let mut member = json!({});
         for (from, to) in [("displayname", "display_name"), ("avatar_url", "avatar_url")] {

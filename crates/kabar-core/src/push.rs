@@ -74,8 +74,8 @@ pub fn room_context(room: &RoomCache, user: &UserId) -> PushConditionRoomCtx {
         displayname: Option<String>,
     }
     let display_name = room
-        .state("m.room.member", user.as_str())
-        .and_then(|e| serde_json::from_str::<Member>(e.pdu.content.get()).ok())
+        .member(user.as_str())
+        .and_then(|slot| serde_json::from_str::<Member>(slot.content().get()).ok())
         .and_then(|m| m.displayname)
         .unwrap_or_else(|| user.localpart().to_owned());
     let members = UInt::try_from(room.member_count(kabar_domain::membership::Membership::Join) as u64).unwrap_or(UInt::MAX);

@@ -7,6 +7,7 @@
 //! short read lock on the state as applied so far.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashMap, VecDeque},
     sync::{
         Arc, Mutex, RwLock, RwLockReadGuard,
@@ -30,7 +31,7 @@ use ruma::{
     },
     room_version_rules::RoomVersionRules,
 };
-use serde_json::Value;
+use serde_json::{Value, value::RawValue};
 use tokio::sync::{Mutex as AsyncMutex, MutexGuard as AsyncMutexGuard, watch};
 
 use crate::error::{Error, Result};
@@ -59,6 +60,19 @@ pub struct TimelineEvent {
 impl TimelineEvent {
     pub fn new(event: StoredEvent) -> Self {
         Self::shared(Arc::new(event))
+    }
+
+    /// A state entry as served, taken over when it was made for the caller
+    /// (a member's, parsed from its slot), else copied.
+    pub fn from_state(entry: Cow<'_, StateEntry>) -> Self {
+        let entry = entry.into_owned();
+        Self::new(StoredEvent {
+            pos: entry.pos,
+            pdu: entry.pdu,
+            txn: None,
+            redacted_by: None,
+            prev: None,
+        })
     }
 
     pub fn shared(event: Arc<StoredEvent>) -> Self {
@@ -106,6 +120,68 @@ impl StateEntry {
     }
 }
 
+/// A member's current `m.room.member` event, kept compact: what is read
+/// for every member on hot paths (the membership, the content a display
+/// name comes from, where it was set) plus the signed event's JSON, from
+/// which the full event is parsed only when it is served. A supergroup's
+/// state is mostly these, so a member costs its event's JSON and about 350
+/// bytes, not a parsed event beside it (see ARCHITECTURE.md, "Memory per
+/// member and per room").
+#[derive(Debug, Clone)]
+pub struct MemberSlot {
+    pub pos: StreamPos,
+    pub membership: Option<Membership>,
+    event_id: OwnedEventId,
+    /// The content as parsed when the event was built or read, shared
+    /// with that parse rather than copied.
+    content: Arc<RawValue>,
+    json: Arc<str>,
+}
+
+impl MemberSlot {
+    fn of(pdu: &Pdu, pos: StreamPos) -> Self {
+        Self {
+            pos,
+            membership: Membership::from_content(pdu.content.get()),
+            event_id: pdu.event_id.clone(),
+            content: pdu.content.clone(),
+            json: pdu.json.clone(),
+        }
+    }
+
+    pub fn event_id(&self) -> &EventId {
+        &self.event_id
+    }
+
+    pub fn content(&self) -> &RawValue {
+        &self.content
+    }
+
+    /// The full event, parsed from the JSON it was applied from (which
+    /// parsed once already, so a failure here is a bug, logged).
+    pub fn entry(&self, room_id: &RoomId) -> Option<StateEntry> {
+        match Pdu::from_shared_json(self.event_id.clone(), room_id.to_owned(), self.json.clone()) {
+            Ok(pdu) => Some(StateEntry { pdu, pos: self.pos }),
+            Err(e) => {
+                tracing::error!(event_id = %self.event_id, error = %e, "a cached member event does not parse");
+                None
+            }
+        }
+    }
+}
+
+/// A key of [`RoomCache::changed`]: a member's by their user id alone, so
+/// the index costs a member one small string.
+#[derive(Debug, Clone)]
+enum ChangedKey {
+    Member(Box<str>),
+    Other(Box<StateKey>),
+}
+
+/// How many of a room's latest senders keep their member event parsed and
+/// serialized (see [`RoomCache::member_event`]).
+const HOT_MEMBERS: usize = 256;
+
 /// Events whose arrival moves a room up a room list (MSC4186's default
 /// set for sliding sync's `bump_stamp`).
 pub const BUMP_TYPES: &[&str] = &[
@@ -122,11 +198,19 @@ pub const BUMP_TYPES: &[&str] = &[
 pub struct RoomCache {
     pub record: RoomRecord,
     rules: RoomVersionRules,
+    /// The current state but the members'.
     state: BTreeMap<StateKey, StateEntry>,
-    /// Each entry of `state` by the position it was set at: what changed
+    /// The current `m.room.member` events, by user id.
+    members: BTreeMap<Box<str>, MemberSlot>,
+    /// The member events of the room's latest senders, parsed and with
+    /// their client form made once: every lazy-loading member woken by a
+    /// message is sent its sender's member event, which would otherwise be
+    /// parsed again for each of them.
+    hot_members: HashMap<Box<str>, (StreamPos, Arc<TimelineEvent>)>,
+    /// Each state entry by the position it was set at: what changed
     /// between two positions is a range of this, never a walk of the whole
     /// state (a supergroup's state is mostly its members).
-    changed: BTreeMap<StreamPos, StateKey>,
+    changed: BTreeMap<StreamPos, ChangedKey>,
     head: Vec<OwnedEventId>,
     depth: u64,
     /// Stream position of the room's newest event.
@@ -166,6 +250,8 @@ impl RoomCache {
             record,
             rules,
             state: BTreeMap::new(),
+            members: BTreeMap::new(),
+            hot_members: HashMap::new(),
             changed: BTreeMap::new(),
             head: vec![],
             depth: 0,
@@ -182,45 +268,67 @@ impl RoomCache {
         }
     }
 
-    pub fn state(&self, kind: &str, key: &str) -> Option<&StateEntry> {
+    /// The current state event of a type and key; a member's is parsed
+    /// from its compact slot (see [`MemberSlot`]).
+    pub fn state(&self, kind: &str, key: &str) -> Option<Cow<'_, StateEntry>> {
+        if kind == "m.room.member" {
+            return self.member(key)?.entry(&self.record.room_id).map(Cow::Owned);
+        }
+        self.state.get(&(kind.to_owned(), key.to_owned())).map(Cow::Borrowed)
+    }
+
+    /// A current state event of a type other than `m.room.member`.
+    fn other_state(&self, kind: &str, key: &str) -> Option<&StateEntry> {
+        debug_assert_ne!(kind, "m.room.member", "members are read through member()");
         self.state.get(&(kind.to_owned(), key.to_owned()))
     }
 
-    pub fn state_entries(&self) -> impl Iterator<Item = &StateEntry> {
-        self.state.values()
+    /// Every current state entry, the members' parsed one by one.
+    pub fn state_entries(&self) -> impl Iterator<Item = Cow<'_, StateEntry>> {
+        self.state.values().map(Cow::Borrowed).chain(
+            self.members
+                .values()
+                .filter_map(|slot| slot.entry(&self.record.room_id))
+                .map(Cow::Owned),
+        )
     }
 
     /// Every state entry but the members': what a lazy-loading client's
-    /// full state holds before the members it is sent, read without
-    /// walking a big room's members.
+    /// full state holds before the members it is sent.
     pub fn state_entries_but_members(&self) -> impl Iterator<Item = &StateEntry> {
-        use std::ops::Bound;
-        let members_start = ("m.room.member".to_owned(), String::new());
-        // The first key after every `m.room.member` key: the same type with
-        // a NUL appended sorts after it and before any longer type name.
-        let members_end = ("m.room.member\0".to_owned(), String::new());
-        self.state
-            .range(..members_start)
-            .chain(self.state.range((Bound::Included(members_end), Bound::Unbounded)))
-            .map(|(_, e)| e)
+        self.state.values()
     }
 
     pub fn state_len(&self) -> usize {
-        self.state.len()
+        self.state.len() + self.members.len()
+    }
+
+    /// A member's current member event, compact.
+    pub fn member(&self, user_id: &str) -> Option<&MemberSlot> {
+        self.members.get(user_id)
+    }
+
+    /// A member's current member event as served: from the latest
+    /// senders' (made once for everyone who is sent it), else parsed.
+    pub fn member_event(&self, user_id: &str) -> Option<Arc<TimelineEvent>> {
+        if let Some((_, event)) = self.hot_members.get(user_id) {
+            return Some(event.clone());
+        }
+        let entry = self.member(user_id)?.entry(&self.record.room_id)?;
+        Some(Arc::new(TimelineEvent::new(entry.to_stored())))
     }
 
     pub fn membership(&self, user_id: &UserId) -> Option<Membership> {
-        self.state("m.room.member", user_id.as_str())
-            .and_then(|e| Membership::from_content(e.pdu.content.get()))
+        self.member(user_id.as_str()).and_then(|slot| slot.membership)
     }
 
     pub fn history_visibility(&self) -> HistoryVisibility {
-        HistoryVisibility::from_content(self.state("m.room.history_visibility", "").map(|e| e.pdu.content.get()))
+        HistoryVisibility::from_content(self.other_state("m.room.history_visibility", "").map(|e| e.pdu.content.get()))
     }
 
     pub fn members(&self, membership: Membership) -> impl Iterator<Item = &str> {
         self.members_after(None)
-            .filter(move |(_, e)| Membership::from_content(e.pdu.content.get()) == Some(membership))
+            .filter(move |(_, slot)| slot.membership == Some(membership))
             .map(|(user, _)| user)
     }
 
@@ -249,15 +357,20 @@ impl RoomCache {
                 .filter(|e| e.pos > after && e.pos <= until && e.pdu.kind == TimelineEventType::RoomMember)
                 .for_each(|e| note(&e.pdu));
         } else {
-            self.changed_entries(after, until)
-                .filter(|e| e.pdu.kind == TimelineEventType::RoomMember)
-                .for_each(|e| note(&e.pdu));
+            for (_, key) in self.changed_between(after, until) {
+                if let ChangedKey::Member(user) = key
+                    && let Some(m) = self.member(user).and_then(|slot| slot.membership)
+                    && let Ok(user) = OwnedUserId::try_from(&**user)
+                {
+                    changes.insert(user, m);
+                }
+            }
         }
         changes
     }
 
     fn creators(&self) -> Vec<OwnedUserId> {
-        let Some(create) = self.state("m.room.create", "") else {
+        let Some(create) = self.other_state("m.room.create", "") else {
             return vec![];
         };
         let mut creators = vec![create.pdu.sender.clone()];
@@ -301,19 +414,31 @@ impl RoomCache {
         on: Option<&Base>,
     ) -> Result<Pdu> {
         let auth_rules = &self.rules.authorization;
-        let state = |kind: &str, key: &str| -> Option<&Pdu> {
-            if kind == "m.room.member"
-                && let Some(pdu) = pending.get(key)
-            {
-                return Some(pdu);
-            }
-            self.state.get(&(kind.to_owned(), key.to_owned())).map(|e| &e.pdu)
-        };
         let content = raw(&event.content);
         let keys = auth_event_keys(auth_rules, &event.kind, sender, event.state_key.as_deref(), &content)?;
+        // The member events the rules read (the sender's, the target's, an
+        // authorising member's: all among the auth event keys, and the
+        // sender's and target's in case a shape leaves them out), parsed
+        // from their slots once, unless one is in flight.
+        let target = event.state_key.as_deref().filter(|_| event.kind == "m.room.member");
+        let parsed_members: HashMap<String, Pdu> = keys
+            .iter()
+            .filter(|(kind, _)| kind == "m.room.member")
+            .map(|(_, key)| key.as_str())
+            .chain([sender.as_str()])
+            .chain(target)
+            .filter(|user| pending.get(user).is_none())
+            .filter_map(|user| Some((user.to_owned(), self.member(user)?.entry(&self.record.room_id)?.pdu)))
+            .collect();
+        let state = |kind: &str, key: &str| -> Option<&Pdu> {
+            if kind == "m.room.member" {
+                return pending.get(key).or_else(|| parsed_members.get(key));
+            }
+            self.other_state(kind, key).map(|e| &e.pdu)
+        };
         let mut auth_events: Vec<&Pdu> = keys.iter().filter_map(|(kind, key)| state(kind, key)).collect();
         // v12 names the create event only through the room id; older versions list it.
-        let create = self.state("m.room.create", "").map(|e| &e.pdu);
+        let create = self.other_state("m.room.create", "").map(|e| &e.pdu);
         if let Some(create) = create
             && !auth_rules.room_create_event_id_as_room_id
             && !auth_events.iter().any(|p| p.event_id == create.event_id)
@@ -379,17 +504,21 @@ impl RoomCache {
     /// The state entries set in `(after, until]`: from the recent window
     /// when it reaches back that far (the usual case), else by a walk over
     /// the state; none at all when the state has not changed since `after`.
-    pub fn state_changed_between(&self, after: StreamPos, until: StreamPos) -> Vec<&StateEntry> {
+    pub fn state_changed_between(&self, after: StreamPos, until: StreamPos) -> Vec<Cow<'_, StateEntry>> {
         if self.state_changed_at <= after {
             return vec![];
         }
-        self.changed_entries(after, until).collect()
+        self.changed_between(after, until)
+            .filter_map(|(_, key)| match key {
+                ChangedKey::Member(user) => self.member(user)?.entry(&self.record.room_id).map(Cow::Owned),
+                ChangedKey::Other(key) => self.state.get(&**key).map(Cow::Borrowed),
+            })
+            .collect()
     }
 
-    /// The current state entries set in `(after, until]`, by position.
-    fn changed_entries(&self, after: StreamPos, until: StreamPos) -> impl Iterator<Item = &StateEntry> {
-        let range = (after < until).then(|| self.changed.range(after + 1..=until));
-        range.into_iter().flatten().filter_map(|(_, key)| self.state.get(key))
+    /// The keys of the current state set in `(after, until]`, by position.
+    fn changed_between(&self, after: StreamPos, until: StreamPos) -> impl Iterator<Item = (&StreamPos, &ChangedKey)> {
+        (after < until).then(|| self.changed.range(after + 1..=until)).into_iter().flatten()
     }
 
     /// Up to five members to name a room by when it has no name: joined and
@@ -400,13 +529,13 @@ impl RoomCache {
         let mut present: Vec<(StreamPos, &str)> = vec![];
         let mut gone: Vec<(StreamPos, &str)> = vec![];
         let big = self.member_count(Membership::Join) + self.member_count(Membership::Invite) > 1000;
-        for (key, entry) in self.members_after(None) {
+        for (key, slot) in self.members_after(None) {
             if key == user.as_str() {
                 continue;
             }
-            match Membership::from_content(entry.pdu.content.get()) {
-                Some(Membership::Join | Membership::Invite) => present.push((entry.pos, key)),
-                Some(_) if present.is_empty() && gone.len() < HEROES => gone.push((entry.pos, key)),
+            match slot.membership {
+                Some(Membership::Join | Membership::Invite) => present.push((slot.pos, key)),
+                Some(_) if present.is_empty() && gone.len() < HEROES => gone.push((slot.pos, key)),
                 _ => {}
             }
             if big && present.len() == HEROES {
@@ -425,16 +554,12 @@ impl RoomCache {
     /// The room's `m.room.member` entries after the user id `after` (from
     /// the first with none), in user id order: a page of members costs the
     /// page, not the room.
-    pub fn members_after(&self, after: Option<&str>) -> impl Iterator<Item = (&str, &StateEntry)> {
+    pub fn members_after(&self, after: Option<&str>) -> impl Iterator<Item = (&str, &MemberSlot)> {
         use std::ops::Bound;
-        let start = match after {
-            Some(user) => Bound::Excluded(("m.room.member".to_owned(), user.to_owned())),
-            None => Bound::Included(("m.room.member".to_owned(), String::new())),
-        };
-        self.state
-            .range((start, Bound::Unbounded))
-            .take_while(|((kind, _), _)| kind == "m.room.member")
-            .map(|((_, user), e)| (user.as_str(), e))
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.members
+            .range::<str, _>((start, Bound::Unbounded))
+            .map(|(user, slot)| (&**user, slot))
     }
 
     fn remember(&mut self, event: Arc<StoredEvent>) {
@@ -457,16 +582,33 @@ impl RoomCache {
         self.member_counts.get(&membership).copied().unwrap_or(0)
     }
 
-    fn count_members(state: &BTreeMap<StateKey, StateEntry>) -> HashMap<Membership, usize> {
+    fn count_members(members: &BTreeMap<Box<str>, MemberSlot>) -> HashMap<Membership, usize> {
         let mut counts = HashMap::new();
-        for ((t, _), e) in state {
-            if t == "m.room.member"
-                && let Some(m) = Membership::from_content(e.pdu.content.get())
-            {
-                *counts.entry(m).or_insert(0) += 1;
-            }
+        for m in members.values().filter_map(|slot| slot.membership) {
+            *counts.entry(m).or_insert(0) += 1;
         }
         counts
+    }
+
+    /// Keeps `sender`'s member event parsed and served once for everyone
+    /// (see `hot_members`); past the limit, the half who sent least
+    /// recently are let go.
+    fn note_sender(&mut self, sender: &str, pos: StreamPos) {
+        if let Some((last, _)) = self.hot_members.get_mut(sender) {
+            *last = pos;
+            return;
+        }
+        let Some(entry) = self.member(sender).and_then(|slot| slot.entry(&self.record.room_id)) else {
+            return;
+        };
+        if self.hot_members.len() >= 2 * HOT_MEMBERS {
+            let mut sent: Vec<StreamPos> = self.hot_members.values().map(|(last, _)| *last).collect();
+            let (_, cutoff, _) = sent.select_nth_unstable_by(HOT_MEMBERS, |a, b| b.cmp(a));
+            let cutoff = *cutoff;
+            self.hot_members.retain(|_, (last, _)| *last > cutoff);
+        }
+        self.hot_members
+            .insert(sender.into(), (pos, Arc::new(TimelineEvent::new(entry.to_stored()))));
     }
 
     /// Makes a stored event the room's new head (and state, for a state
@@ -474,20 +616,35 @@ impl RoomCache {
     /// [`Room::apply_committed`]); room creation uses it on a private cache
     /// to build the room's first events.
     pub(crate) fn apply(&mut self, pdu: &Pdu, pos: StreamPos) {
-        if pdu.kind == ruma::events::TimelineEventType::RoomMember {
-            let key = pdu.state_key.as_deref().unwrap_or_default();
-            if let Some(old) = self
-                .state("m.room.member", key)
-                .and_then(|e| Membership::from_content(e.pdu.content.get()))
-                && let Some(n) = self.member_counts.get_mut(&old)
-            {
-                *n = n.saturating_sub(1);
-            }
-            if let Some(new) = Membership::from_content(pdu.content.get()) {
+        if pdu.kind == ruma::events::TimelineEventType::RoomMember
+            && let Some(user) = pdu.state_key.as_deref()
+        {
+            self.state_changed_at = self.state_changed_at.max(pos);
+            let slot = MemberSlot::of(pdu, pos);
+            if let Some(new) = slot.membership {
                 *self.member_counts.entry(new).or_insert(0) += 1;
             }
-        }
-        if let Some(key) = pdu.state_key_pair() {
+            self.changed.insert(pos, ChangedKey::Member(user.into()));
+            if let Some(old) = self.members.insert(user.into(), slot) {
+                if let Some(old) = old.membership
+                    && let Some(n) = self.member_counts.get_mut(&old)
+                {
+                    *n = n.saturating_sub(1);
+                }
+                if old.pos != pos {
+                    self.changed.remove(&old.pos);
+                }
+            }
+            if let Some((_, served)) = self.hot_members.get_mut(user) {
+                *served = Arc::new(TimelineEvent::new(StoredEvent {
+                    pos,
+                    pdu: pdu.clone(),
+                    txn: None,
+                    redacted_by: None,
+                    prev: None,
+                }));
+            }
+        } else if let Some(key) = pdu.state_key_pair() {
             if pdu.kind == ruma::events::TimelineEventType::RoomEncryption {
                 self.encrypted_at = Some(pos);
             }
@@ -503,12 +660,15 @@ impl RoomCache {
                 self.visibility_changes
                     .push((pos, HistoryVisibility::from_content(Some(pdu.content.get()))));
             }
-            self.changed.insert(pos, key.clone());
+            self.changed.insert(pos, ChangedKey::Other(Box::new(key.clone())));
             if let Some(old) = self.state.insert(key, StateEntry { pdu: pdu.clone(), pos })
                 && old.pos != pos
             {
                 self.changed.remove(&old.pos);
             }
+        }
+        if pdu.state_key.is_none() {
+            self.note_sender(pdu.sender.as_str(), pos);
         }
         self.head = vec![pdu.event_id.clone()];
         self.depth = pdu.depth;
@@ -537,7 +697,7 @@ impl RoomCache {
     fn channel_staff(&self) -> Option<Arc<std::collections::HashSet<OwnedUserId>>> {
         self.channel_staff
             .get_or_init(|| {
-                let create = self.state("m.room.create", "")?;
+                let create = self.other_state("m.room.create", "")?;
                 if !is_channel_create(&create.pdu.content_value()) {
                     return None;
                 }
@@ -561,7 +721,7 @@ impl RoomCache {
 
     pub fn power_levels(&self) -> RoomPowerLevels {
         let source = self
-            .state("m.room.power_levels", "")
+            .other_state("m.room.power_levels", "")
             .and_then(|e| serde_json::from_str::<RoomPowerLevelsEventContent>(e.pdu.content.get()).ok())
             .map(RoomPowerLevelsSource::Original)
             .unwrap_or(RoomPowerLevelsSource::None);
@@ -607,11 +767,8 @@ impl PendingMembers {
             self.by_user.clear();
             return;
         }
-        self.by_user.retain(|user, pdu| {
-            cache
-                .state("m.room.member", user)
-                .is_none_or(|applied| applied.pdu.event_id != pdu.event_id)
-        });
+        self.by_user
+            .retain(|user, pdu| cache.member(user).is_none_or(|applied| applied.event_id() != pdu.event_id));
     }
 }
 
@@ -666,10 +823,11 @@ pub struct WriteTurn<'a> {
 impl WriteTurn<'_> {
     /// The member event of `user` as the next event is built: the newest
     /// one in flight, else the applied one.
-    pub(crate) fn member_event<'c>(&'c self, cache: &'c RoomCache, user: &str) -> Option<&'c Pdu> {
-        self.pending
-            .get(user)
-            .or_else(|| cache.state("m.room.member", user).map(|e| &e.pdu))
+    pub(crate) fn member_event<'c>(&'c self, cache: &'c RoomCache, user: &str) -> Option<Cow<'c, Pdu>> {
+        match self.pending.get(user) {
+            Some(pdu) => Some(Cow::Borrowed(pdu)),
+            None => Some(Cow::Owned(cache.member(user)?.entry(&cache.record.room_id)?.pdu)),
+        }
     }
 
     /// The member events in flight (see [`PendingMembers`]).
@@ -999,15 +1157,23 @@ impl RoomCaches {
             None => (vec![], 0, 0),
         };
         let mut state = BTreeMap::new();
+        let mut members = BTreeMap::new();
+        let mut changed = BTreeMap::new();
+        let mut state_changed_at = 0;
         for e in self.store.state_at(room_id, last_pos).await? {
-            if let Some(k) = e.pdu.state_key_pair() {
-                state.insert(k, StateEntry { pdu: e.pdu, pos: e.pos });
+            state_changed_at = state_changed_at.max(e.pos);
+            if e.pdu.kind == TimelineEventType::RoomMember
+                && let Some(user) = e.pdu.state_key.as_deref()
+            {
+                changed.insert(e.pos, ChangedKey::Member(user.into()));
+                members.insert(user.into(), MemberSlot::of(&e.pdu, e.pos));
+            } else if let Some(key) = e.pdu.state_key_pair() {
+                changed.insert(e.pos, ChangedKey::Other(Box::new(key.clone())));
+                state.insert(key, StateEntry { pdu: e.pdu, pos: e.pos });
             }
         }
-        let changed = state.iter().map(|(key, e)| (e.pos, key.clone())).collect();
-        let member_counts = RoomCache::count_members(&state);
+        let member_counts = RoomCache::count_members(&members);
         let encrypted_at = state.get(&("m.room.encryption".to_owned(), String::new())).map(|e| e.pos);
-        let state_changed_at = state.values().map(|e| e.pos).max().unwrap_or(0);
         let visibility_changes = self
             .store
             .state_history(room_id, "m.room.history_visibility", "")
@@ -1026,6 +1192,8 @@ impl RoomCaches {
             record,
             rules,
             state,
+            members,
+            hot_members: HashMap::new(),
             changed,
             head,
             depth,
@@ -1130,7 +1298,7 @@ mod tests {
         apply(&mut r, 301, "@u150:x", "leave");
         assert!(r.recent_after > 200, "the recent window does not reach back to position 200");
 
-        let positions = |entries: Vec<&StateEntry>| entries.iter().map(|e| e.pos).collect::<Vec<_>>();
+        let positions = |entries: Vec<Cow<'_, StateEntry>>| entries.iter().map(|e| e.pos).collect::<Vec<_>>();
         let expected: Vec<StreamPos> = (101..=300).filter(|p| *p != 150).chain([301]).collect();
         assert_eq!(
             positions(r.state_changed_between(100, 301)),
@@ -1153,5 +1321,101 @@ mod tests {
         let but_members: Vec<String> = r.state_entries_but_members().map(|e| e.pdu.kind.to_string()).collect();
         assert_eq!(but_members, ["m.room.memben", "m.room.membership_rules", "m.room.name"]);
         assert_eq!(r.state_entries().count(), 303);
+    }
+
+    #[test]
+    fn members_are_kept_compact_and_served_as_they_were_applied() {
+        let signer = EventSigner::new(ruma::owned_server_name!("x"), &EventSigner::generate_key(), "k").unwrap();
+        let room = empty_room();
+        let mut r = room.cache.write().expect("lock");
+        let mut pos = 0;
+        let mut apply = |r: &mut RoomCache, sender: &str, event: NewEvent| {
+            pos += 1;
+            let pdu = Pdu::build(
+                &signer,
+                &RoomVersionId::V11,
+                Some(ruma::room_id!("!r:x")),
+                <&UserId>::try_from(sender).unwrap(),
+                event,
+                vec![],
+                vec![],
+                pos,
+                MilliSecondsSinceUnixEpoch::now(),
+            )
+            .unwrap();
+            r.apply(&pdu, pos);
+            pdu
+        };
+        let join = |user: &str, name: &str| {
+            NewEvent::state(
+                "m.room.member",
+                user,
+                serde_json::json!({"membership": "join", "displayname": name}),
+            )
+        };
+        let mut joins = vec![];
+        for n in 0..(3 * HOT_MEMBERS) {
+            let user = format!("@u{n}:x");
+            joins.push(apply(&mut r, &user, join(&user, &format!("U{n}"))));
+        }
+        assert_eq!(r.member_count(Membership::Join), 3 * HOT_MEMBERS);
+        assert_eq!(r.state_len(), 3 * HOT_MEMBERS);
+        assert!(r.state_entries_but_members().next().is_none());
+
+        // Parsed from the slot: the very event that was applied.
+        let first = r.state("m.room.member", "@u0:x").expect("u0 is a member");
+        assert_eq!(first.pdu.event_id, joins[0].event_id);
+        assert_eq!(first.pdu.json, joins[0].json);
+        assert_eq!(first.pdu.content.get(), joins[0].content.get());
+        assert_eq!(first.pos, 1);
+        assert!(r.hot_members.is_empty(), "joining makes nobody a sender");
+
+        // A sender's member event is made once and shared.
+        apply(
+            &mut r,
+            "@u7:x",
+            NewEvent::message("m.room.message", serde_json::json!({"body": "hi"})),
+        );
+        let a = r.member_event("@u7:x").expect("u7 is a member");
+        let b = r.member_event("@u7:x").expect("u7 is a member");
+        assert!(Arc::ptr_eq(&a, &b), "served from the latest senders'");
+        assert_eq!(a.event.pdu.event_id, joins[7].event_id);
+        // A new member event of a latest sender replaces what is served.
+        let renamed = apply(&mut r, "@u7:x", join("@u7:x", "Seven"));
+        let c = r.member_event("@u7:x").expect("u7 is a member");
+        assert_eq!(c.event.pdu.event_id, renamed.event_id);
+        assert!(c.client_prefix().contains("Seven"));
+        assert_eq!(
+            r.state("m.room.member", "@u7:x").map(|e| e.pdu.event_id.clone()),
+            Some(renamed.event_id.clone())
+        );
+        // One who never sent is parsed afresh, the same event each time.
+        let d = r.member_event("@u9:x").expect("u9 is a member");
+        assert!(!Arc::ptr_eq(&d, &r.member_event("@u9:x").unwrap()));
+        assert_eq!(d.event.pdu.event_id, joins[9].event_id);
+
+        // Many senders: the latest stay, the list stays bounded.
+        for n in 0..(3 * HOT_MEMBERS) {
+            apply(
+                &mut r,
+                &format!("@u{n}:x"),
+                NewEvent::message("m.room.message", serde_json::json!({"body": "hi"})),
+            );
+        }
+        assert!(r.hot_members.len() <= 2 * HOT_MEMBERS, "{}", r.hot_members.len());
+        let latest = format!("@u{}:x", 3 * HOT_MEMBERS - 1);
+        assert!(r.hot_members.contains_key(latest.as_str()));
+        assert!(!r.hot_members.contains_key("@u0:x"), "the earliest sender was let go");
+
+        // Leaving moves the counts and the slot, not the index's size.
+        apply(
+            &mut r,
+            "@u3:x",
+            NewEvent::state("m.room.member", "@u3:x", serde_json::json!({"membership": "leave"})),
+        );
+        assert_eq!(r.member_count(Membership::Join), 3 * HOT_MEMBERS - 1);
+        assert_eq!(r.member_count(Membership::Leave), 1);
+        assert_eq!(r.membership(ruma::user_id!("@u3:x")), Some(Membership::Leave));
+        assert_eq!(r.changed.len(), r.state_len(), "one index entry per state entry");
     }
 }

@@ -12,6 +12,7 @@
 //! store's group commits.
 
 use std::{
+    borrow::Cow,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -34,7 +35,7 @@ use ruma::{
 };
 use serde_json::{Value, json};
 
-pub use crate::room_cache::{DEFAULT_CACHED_STATE_ENTRIES, Room, RoomCache, StateEntry, TimelineEvent, WriteTurn};
+pub use crate::room_cache::{DEFAULT_CACHED_STATE_ENTRIES, MemberSlot, Room, RoomCache, StateEntry, TimelineEvent, WriteTurn};
 use crate::{
     applier::Applied,
     error::{Error, Result},
@@ -107,7 +108,7 @@ impl ReadableState {
                 .read()
                 .state_entries()
                 .filter(|e| self.shows(&e.pdu))
-                .map(StateEntry::to_stored)
+                .map(|e| e.to_stored())
                 .collect(),
             StateSource::At(events) => events.iter().filter(|e| self.shows(&e.pdu)).cloned().collect(),
         }
@@ -126,6 +127,9 @@ impl ReadableState {
     ) -> (Vec<StoredEvent>, Option<String>) {
         let wanted = |pdu: &Pdu| self.shows(pdu) && keep(Membership::from_content(pdu.content.get()));
         let after = |user: &str| from.is_none_or(|f| user > f);
+        // A slot's membership is read before its event is parsed: a page
+        // parses what it returns, not what `keep` skips.
+        let slot_event = |room_id: &RoomId, slot: &MemberSlot| keep(slot.membership).then(|| slot.entry(room_id)).flatten();
         let mut page: Vec<StoredEvent> = match (&self.source, &self.hidden) {
             (StateSource::Current(room), Some(hidden)) => {
                 let r = room.read();
@@ -134,20 +138,21 @@ impl ReadableState {
                 visible.dedup();
                 visible
                     .into_iter()
-                    .filter_map(|u| r.state("m.room.member", u))
-                    .filter(|e| wanted(&e.pdu))
+                    .filter_map(|u| slot_event(&r.record.room_id, r.member(u)?))
+                    .filter(|e| self.shows(&e.pdu))
                     .take(limit + 1)
-                    .map(StateEntry::to_stored)
+                    .map(|e| e.to_stored())
                     .collect()
             }
-            (StateSource::Current(room), None) => room
-                .read()
-                .members_after(from)
-                .map(|(_, e)| e)
-                .filter(|e| wanted(&e.pdu))
-                .take(limit + 1)
-                .map(StateEntry::to_stored)
-                .collect(),
+            (StateSource::Current(room), None) => {
+                let r = room.read();
+                r.members_after(from)
+                    .filter_map(|(_, slot)| slot_event(&r.record.room_id, slot))
+                    .filter(|e| self.shows(&e.pdu))
+                    .take(limit + 1)
+                    .map(|e| e.to_stored())
+                    .collect()
+            }
             (StateSource::At(events), _) => {
                 let mut members: Vec<&StoredEvent> = events
                     .iter()
@@ -170,7 +175,7 @@ impl ReadableState {
     /// The state event of one (type, state key).
     pub fn get(&self, kind: &str, state_key: &str) -> Option<StoredEvent> {
         let event = match &self.source {
-            StateSource::Current(room) => room.read().state(kind, state_key).map(StateEntry::to_stored),
+            StateSource::Current(room) => room.read().state(kind, state_key).map(|e| e.to_stored()),
             StateSource::At(events) => events
                 .iter()
                 .find(|e| e.pdu.kind.to_string() == kind && e.pdu.state_key.as_deref() == Some(state_key))
@@ -402,8 +407,8 @@ impl Rooms {
                     base.as_ref(),
                 )?;
                 let prev = match pdu.state_key_pair() {
-                    Some((_, key)) if is_member => held.member_event(&r, &key).map(PrevState::of),
-                    Some((kind, key)) => r.state(&kind, &key).map(StateEntry::as_prev),
+                    Some((_, key)) if is_member => held.member_event(&r, &key).map(|pdu| PrevState::of(&pdu)),
+                    Some((kind, key)) => r.state(&kind, &key).map(|e| e.as_prev()),
                     None => None,
                 };
                 (pdu, prev, base, chain)
@@ -531,7 +536,7 @@ impl Rooms {
         // this process's in flight, else the applied one.
         let current = {
             let r = room.read();
-            turn.member_event(&r, target.as_str()).cloned()
+            turn.member_event(&r, target.as_str()).map(Cow::into_owned)
         };
         // Joining a room one is in already changes nothing (a retried
         // /join). A member event with content of its own (a per-room
@@ -848,7 +853,7 @@ impl Rooms {
             let prev = pdu
                 .state_key_pair()
                 .and_then(|(kind, key)| room.state(&kind, &key))
-                .map(StateEntry::as_prev);
+                .map(|e| e.as_prev());
             room.apply(&pdu, 0);
             pdus.push((pdu, prev));
         }
@@ -929,8 +934,13 @@ impl Rooms {
         let (current, left_at, hidden) = {
             let r = room.read();
             let member = r.membership(user) == Some(Membership::Join);
-            let left_at = match (r.membership(user), r.state("m.room.member", user.as_str())) {
-                (Some(Membership::Leave | Membership::Ban), Some(e)) => Some(e.pos),
+            let left_at = match r.member(user.as_str()) {
+                Some(
+                    slot @ MemberSlot {
+                        membership: Some(Membership::Leave | Membership::Ban),
+                        ..
+                    },
+                ) => Some(slot.pos),
                 _ => None,
             };
             (
@@ -965,7 +975,7 @@ impl Rooms {
         let (at, hidden) = {
             let r = room.read();
             let current = r.membership(user) == Some(Membership::Join) || r.history_visibility() == HistoryVisibility::WorldReadable;
-            let at = match r.state("m.room.member", user.as_str()) {
+            let at = match r.member(user.as_str()) {
                 Some(me) if !current => at.min(me.pos),
                 _ => at,
             };
@@ -1004,7 +1014,7 @@ impl Rooms {
         let room_id = {
             let r = room.read();
             if r.state_changed_at <= at {
-                return Ok(r.state_entries().map(StateEntry::to_stored).collect());
+                return Ok(r.state_entries().map(|e| e.to_stored()).collect());
             }
             r.record.room_id.clone()
         };

@@ -2,6 +2,7 @@
 //! for the next change.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -727,38 +728,44 @@ impl SyncEngine {
         let mut state = vec![];
         {
             let r = room.read();
-            let mut add = |entry: &crate::rooms::StateEntry| {
-                if entry.pos <= upto.stream
-                    && hidden.as_ref().is_none_or(|h| h.shows(&entry.pdu))
-                    && !timeline_ids.contains(&*entry.pdu.event_id)
-                    && filter_allows(state_filter, entry.pdu.kind.to_string().as_str(), &entry.pdu.sender)
-                {
-                    state.push(client_event_json(&TimelineEvent::new(entry.to_stored()), session, None));
+            let wanted = |pos: StreamPos, pdu: &kabar_domain::Pdu| {
+                pos <= upto.stream
+                    && hidden.as_ref().is_none_or(|h| h.shows(pdu))
+                    && !timeline_ids.contains(&*pdu.event_id)
+                    && filter_allows(state_filter, pdu.kind.to_string().as_str(), &pdu.sender)
+            };
+            let mut add = |entry: Cow<'_, crate::rooms::StateEntry>| {
+                if wanted(entry.pos, &entry.pdu) {
+                    state.push(client_event_json(&TimelineEvent::from_state(entry), session, None));
                 }
             };
             let is_member = |e: &crate::rooms::StateEntry| e.pdu.kind == ruma::events::TimelineEventType::RoomMember;
             if full_state && lazy_members {
-                r.state_entries_but_members().for_each(&mut add);
+                r.state_entries_but_members().map(Cow::Borrowed).for_each(&mut add);
             } else if full_state {
                 r.state_entries().for_each(&mut add);
             } else {
                 for entry in r.state_changed_between(since.stream, upto.stream) {
-                    if !(lazy_members && is_member(entry)) {
+                    if !(lazy_members && is_member(&entry)) {
                         add(entry);
                     }
                 }
             }
             if lazy_members && (full_state || !timeline_senders.is_empty()) {
                 // Looked up one by one: walking every member of a huge room on
-                // every wake-up would make a send cost members squared.
-                let mut wanted: BTreeSet<&str> = timeline_senders.clone();
+                // every wake-up would make a send cost members squared. A
+                // sender's member event is served from the room's latest
+                // senders', made once for everyone woken by their message.
+                let mut wanted_members: BTreeSet<&str> = timeline_senders.clone();
                 if full_state {
-                    wanted.insert(user.as_str());
-                    wanted.extend(heroes.iter().flatten().map(|u| u.as_str()));
+                    wanted_members.insert(user.as_str());
+                    wanted_members.extend(heroes.iter().flatten().map(|u| u.as_str()));
                 }
-                for key in wanted {
-                    if let Some(entry) = r.state("m.room.member", key) {
-                        add(entry);
+                for key in wanted_members {
+                    if let Some(member) = r.member_event(key)
+                        && wanted(member.event.pos, &member.event.pdu)
+                    {
+                        state.push(client_event_json(&member, session, None));
                     }
                 }
             }

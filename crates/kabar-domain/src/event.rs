@@ -142,7 +142,13 @@ struct PduFields {
 impl Pdu {
     /// Rebuilds a PDU from what the store kept.
     pub fn from_stored(event_id: OwnedEventId, room_id: OwnedRoomId, json: &str) -> Result<Self, BuildError> {
-        let f: PduFields = serde_json::from_str(json).map_err(|e| BuildError::Json(e.to_string()))?;
+        Self::from_shared_json(event_id, room_id, Arc::from(json))
+    }
+
+    /// [`Pdu::from_stored`] for JSON already held in memory, which the PDU
+    /// then shares rather than copies.
+    pub fn from_shared_json(event_id: OwnedEventId, room_id: OwnedRoomId, json: Arc<str>) -> Result<Self, BuildError> {
+        let f: PduFields = serde_json::from_str(&json).map_err(|e| BuildError::Json(e.to_string()))?;
         let redacts = f.redacts.or_else(|| redacts_from_content(&f.content));
         let has_room_id = f.room_id.is_some();
         Ok(Self {
@@ -158,7 +164,7 @@ impl Pdu {
             redacts,
             depth: f.depth,
             has_room_id,
-            json: Arc::from(json),
+            json,
         })
     }
 

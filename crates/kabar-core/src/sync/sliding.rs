@@ -1168,9 +1168,12 @@ impl SyncEngine {
                 // Each state event once, however many wants name it (`$LAZY`
                 // and `$ME` both name the user; a wildcard may name either).
                 let mut added = HashSet::new();
-                let mut add = |entry: &crate::rooms::StateEntry| {
-                    if entry.pos <= upto.stream && hidden.as_ref().is_none_or(|h| h.shows(&entry.pdu)) && added.insert(entry.pos) {
-                        required_state.push(client_event_json(&TimelineEvent::new(entry.to_stored()), session, None));
+                // A latest sender's member event comes with its client form
+                // made already, once for everyone it is sent to.
+                let mut add = |event: &TimelineEvent| {
+                    let (pos, pdu) = (event.event.pos, &event.event.pdu);
+                    if pos <= upto.stream && hidden.as_ref().is_none_or(|h| h.shows(pdu)) && added.insert(pos) {
+                        required_state.push(client_event_json(event, session, None));
                     }
                 };
                 // The timeline's senders' member events come with every
@@ -1181,21 +1184,25 @@ impl SyncEngine {
                     Some(_) => wants.lazy_members().collect(),
                 };
                 for (kind, key) in asked {
-                    if let Some(entry) = r.state(kind, key) {
-                        add(entry);
+                    if kind == "m.room.member" {
+                        if let Some(member) = r.member_event(key) {
+                            add(&member);
+                        }
+                    } else if let Some(entry) = r.state(kind, key) {
+                        add(&TimelineEvent::from_state(entry));
                     }
                 }
                 match from {
                     None if wants.any_wildcard() => {
                         for entry in r.state_entries().filter(|e| wants.wildcard_keeps(e)) {
-                            add(entry);
+                            add(&TimelineEvent::from_state(entry));
                         }
                     }
                     None => {}
                     Some(f) => {
                         for entry in r.state_changed_between(f, upto.stream) {
-                            if wants.keeps(entry) {
-                                add(entry);
+                            if wants.keeps(&entry) {
+                                add(&TimelineEvent::from_state(entry));
                             }
                         }
                     }
@@ -1209,9 +1216,9 @@ impl SyncEngine {
                         .into_iter()
                         .filter(|u| hidden.as_ref().is_none_or(|h| h.shows_member(u.as_str())))
                         .map(|u| {
-                            let content = r
-                                .state("m.room.member", u.as_str())
-                                .map(|e| e.pdu.content_value())
+                            let content: Value = r
+                                .member(u.as_str())
+                                .and_then(|slot| serde_json::from_str(slot.content().get()).ok())
                                 .unwrap_or_default();
                             let mut hero = json!({ "user_id": u });
                             for (field, out) in [("displayname", "displayname"), ("avatar_url", "avatar_url")] {
