@@ -1245,6 +1245,24 @@ mod tests {
         ))
     }
 
+    /// A v11 event of room `!r:x` at depth `pos`, on no earlier event.
+    fn event_at(signer: &EventSigner, sender: &str, event: NewEvent, pos: StreamPos) -> Pdu {
+        let sender = <&UserId>::try_from(sender).expect("a user id");
+        let now = MilliSecondsSinceUnixEpoch::now();
+        Pdu::build(
+            signer,
+            &RoomVersionId::V11,
+            Some(ruma::room_id!("!r:x")),
+            sender,
+            event,
+            vec![],
+            vec![],
+            pos,
+            now,
+        )
+        .expect("a buildable event")
+    }
+
     #[test]
     fn the_recent_window_answers_only_for_positions_it_covers() {
         let room = empty_room();
@@ -1268,18 +1286,7 @@ mod tests {
         let room = empty_room();
         let mut r = room.cache.write().expect("lock");
         let apply_state = |r: &mut RoomCache, pos: StreamPos, kind: &str, key: &str, content: Value| {
-            let pdu = Pdu::build(
-                &signer,
-                &RoomVersionId::V11,
-                Some(ruma::room_id!("!r:x")),
-                ruma::user_id!("@a:x"),
-                NewEvent::state(kind, key, content),
-                vec![],
-                vec![],
-                pos,
-                MilliSecondsSinceUnixEpoch::now(),
-            )
-            .unwrap();
+            let pdu = event_at(&signer, "@a:x", NewEvent::state(kind, key, content), pos);
             r.apply(&pdu, pos);
             r.remember(Arc::new(StoredEvent {
                 pos,
@@ -1331,18 +1338,7 @@ mod tests {
         let mut pos = 0;
         let mut apply = |r: &mut RoomCache, sender: &str, event: NewEvent| {
             pos += 1;
-            let pdu = Pdu::build(
-                &signer,
-                &RoomVersionId::V11,
-                Some(ruma::room_id!("!r:x")),
-                <&UserId>::try_from(sender).unwrap(),
-                event,
-                vec![],
-                vec![],
-                pos,
-                MilliSecondsSinceUnixEpoch::now(),
-            )
-            .unwrap();
+            let pdu = event_at(&signer, sender, event, pos);
             r.apply(&pdu, pos);
             pdu
         };
