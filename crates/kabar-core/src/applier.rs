@@ -569,6 +569,9 @@ mod tests {
 
         let room_id = a.rooms.create_room(&alice, CreateRoom::default()).await.unwrap();
         let b_room = b.rooms.room(&room_id).await.unwrap();
+        // b has applied the room's creation before it waits: only a's send
+        // below may wake it.
+        b.applier.applied().reached(a.applier.applied().position()).await;
         let waiting = b.notifier.interest(&alice, [&*room_id]);
         a.rooms
             .send(
