@@ -540,20 +540,22 @@ mod tests {
         (dir, store, alice)
     }
 
+    /// The whole of a (small) room's history, oldest first.
+    fn everything(room_id: &ruma::RoomId) -> EventRange<'_> {
+        EventRange {
+            room_id,
+            after: 0,
+            until: u64::MAX,
+            direction: Direction::Forward,
+            limit: 1000,
+            kinds: None,
+        }
+    }
+
     /// Every event of the room, oldest first, checked to be one chain
     /// (each built on the one before it).
     async fn one_chain(store: &Arc<dyn Store>, room_id: &ruma::RoomId) -> Vec<kabar_store::StoredEvent> {
-        let events = store
-            .room_events(EventRange {
-                room_id,
-                after: 0,
-                until: u64::MAX,
-                direction: Direction::Forward,
-                limit: 1000,
-                kinds: None,
-            })
-            .await
-            .unwrap();
+        let events = store.room_events(everything(room_id)).await.unwrap();
         for pair in events.windows(2) {
             assert_eq!(pair[1].pdu.prev_events, vec![pair[0].pdu.event_id.clone()], "one chain");
         }
@@ -672,14 +674,6 @@ mod tests {
         // are often built on a head that moved.
         let b = node(&store, false, Duration::from_millis(20));
         let room_id = a.rooms.create_room(&alice, CreateRoom::default()).await.unwrap();
-        let everything = |room_id| EventRange {
-            room_id,
-            after: 0,
-            until: u64::MAX,
-            direction: Direction::Forward,
-            limit: 1000,
-            kinds: None,
-        };
         let created = store.room_events(everything(&room_id)).await.unwrap().len();
         tap.per_batch.lock().unwrap().clear();
 

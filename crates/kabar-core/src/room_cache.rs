@@ -65,14 +65,7 @@ impl TimelineEvent {
     /// A state entry as served, taken over when it was made for the caller
     /// (a member's, parsed from its slot), else copied.
     pub fn from_state(entry: Cow<'_, StateEntry>) -> Self {
-        let entry = entry.into_owned();
-        Self::new(StoredEvent {
-            pos: entry.pos,
-            pdu: entry.pdu,
-            txn: None,
-            redacted_by: None,
-            prev: None,
-        })
+        Self::new(entry.into_owned().into_stored())
     }
 
     pub fn shared(event: Arc<StoredEvent>) -> Self {
@@ -104,10 +97,10 @@ pub struct StateEntry {
 
 impl StateEntry {
     /// The entry as a stored event, for the client-event serializer.
-    pub fn to_stored(&self) -> StoredEvent {
+    pub fn into_stored(self) -> StoredEvent {
         StoredEvent {
             pos: self.pos,
-            pdu: self.pdu.clone(),
+            pdu: self.pdu,
             txn: None,
             redacted_by: None,
             prev: None,
@@ -315,7 +308,7 @@ impl RoomCache {
             return Some(event.clone());
         }
         let entry = self.member(user_id)?.entry(&self.record.room_id)?;
-        Some(Arc::new(TimelineEvent::new(entry.to_stored())))
+        Some(Arc::new(TimelineEvent::new(entry.into_stored())))
     }
 
     pub fn membership(&self, user_id: &UserId) -> Option<Membership> {
@@ -418,21 +411,22 @@ impl RoomCache {
         let keys = auth_event_keys(auth_rules, &event.kind, sender, event.state_key.as_deref(), &content)?;
         // The member events the rules read (the sender's, the target's, an
         // authorising member's: all among the auth event keys, and the
-        // sender's and target's in case a shape leaves them out), parsed
-        // from their slots once, unless one is in flight.
+        // sender's and target's in case a shape leaves them out), unless
+        // one is in flight: a latest sender's as the room keeps it, any
+        // other parsed from its slot once.
         let target = event.state_key.as_deref().filter(|_| event.kind == "m.room.member");
-        let parsed_members: HashMap<String, Pdu> = keys
+        let applied_members: HashMap<String, Arc<TimelineEvent>> = keys
             .iter()
             .filter(|(kind, _)| kind == "m.room.member")
             .map(|(_, key)| key.as_str())
             .chain([sender.as_str()])
             .chain(target)
             .filter(|user| pending.get(user).is_none())
-            .filter_map(|user| Some((user.to_owned(), self.member(user)?.entry(&self.record.room_id)?.pdu)))
+            .filter_map(|user| Some((user.to_owned(), self.member_event(user)?)))
             .collect();
         let state = |kind: &str, key: &str| -> Option<&Pdu> {
             if kind == "m.room.member" {
-                return pending.get(key).or_else(|| parsed_members.get(key));
+                return pending.get(key).or_else(|| applied_members.get(key).map(|e| &e.event.pdu));
             }
             self.other_state(kind, key).map(|e| &e.pdu)
         };
@@ -501,9 +495,9 @@ impl RoomCache {
         )
     }
 
-    /// The state entries set in `(after, until]`: from the recent window
-    /// when it reaches back that far (the usual case), else by a walk over
-    /// the state; none at all when the state has not changed since `after`.
+    /// The current state entries set in `(after, until]`, read from the
+    /// by-position index (a member's parsed from its slot); none at all
+    /// when the state has not changed since `after`.
     pub fn state_changed_between(&self, after: StreamPos, until: StreamPos) -> Vec<Cow<'_, StateEntry>> {
         if self.state_changed_at <= after {
             return vec![];
@@ -608,7 +602,7 @@ impl RoomCache {
             self.hot_members.retain(|_, (last, _)| *last > cutoff);
         }
         self.hot_members
-            .insert(sender.into(), (pos, Arc::new(TimelineEvent::new(entry.to_stored()))));
+            .insert(sender.into(), (pos, Arc::new(TimelineEvent::new(entry.into_stored()))));
     }
 
     /// Makes a stored event the room's new head (and state, for a state
@@ -619,7 +613,6 @@ impl RoomCache {
         if pdu.kind == ruma::events::TimelineEventType::RoomMember
             && let Some(user) = pdu.state_key.as_deref()
         {
-            self.state_changed_at = self.state_changed_at.max(pos);
             let slot = MemberSlot::of(pdu, pos);
             if let Some(new) = slot.membership {
                 *self.member_counts.entry(new).or_insert(0) += 1;
@@ -636,19 +629,12 @@ impl RoomCache {
                 }
             }
             if let Some((_, served)) = self.hot_members.get_mut(user) {
-                *served = Arc::new(TimelineEvent::new(StoredEvent {
-                    pos,
-                    pdu: pdu.clone(),
-                    txn: None,
-                    redacted_by: None,
-                    prev: None,
-                }));
+                *served = Arc::new(TimelineEvent::new(StateEntry { pdu: pdu.clone(), pos }.into_stored()));
             }
         } else if let Some(key) = pdu.state_key_pair() {
             if pdu.kind == ruma::events::TimelineEventType::RoomEncryption {
                 self.encrypted_at = Some(pos);
             }
-            self.state_changed_at = self.state_changed_at.max(pos);
             if matches!(
                 pdu.kind,
                 ruma::events::TimelineEventType::RoomPowerLevels | ruma::events::TimelineEventType::RoomCreate
@@ -667,8 +653,9 @@ impl RoomCache {
                 self.changed.remove(&old.pos);
             }
         }
-        if pdu.state_key.is_none() {
-            self.note_sender(pdu.sender.as_str(), pos);
+        match pdu.state_key {
+            Some(_) => self.state_changed_at = self.state_changed_at.max(pos),
+            None => self.note_sender(pdu.sender.as_str(), pos),
         }
         self.head = vec![pdu.event_id.clone()];
         self.depth = pdu.depth;

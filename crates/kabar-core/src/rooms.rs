@@ -108,7 +108,7 @@ impl ReadableState {
                 .read()
                 .state_entries()
                 .filter(|e| self.shows(&e.pdu))
-                .map(|e| e.to_stored())
+                .map(|e| e.into_owned().into_stored())
                 .collect(),
             StateSource::At(events) => events.iter().filter(|e| self.shows(&e.pdu)).cloned().collect(),
         }
@@ -141,7 +141,7 @@ impl ReadableState {
                     .filter_map(|u| slot_event(&r.record.room_id, r.member(u)?))
                     .filter(|e| self.shows(&e.pdu))
                     .take(limit + 1)
-                    .map(|e| e.to_stored())
+                    .map(StateEntry::into_stored)
                     .collect()
             }
             (StateSource::Current(room), None) => {
@@ -150,7 +150,7 @@ impl ReadableState {
                     .filter_map(|(_, slot)| slot_event(&r.record.room_id, slot))
                     .filter(|e| self.shows(&e.pdu))
                     .take(limit + 1)
-                    .map(|e| e.to_stored())
+                    .map(StateEntry::into_stored)
                     .collect()
             }
             (StateSource::At(events), _) => {
@@ -175,7 +175,7 @@ impl ReadableState {
     /// The state event of one (type, state key).
     pub fn get(&self, kind: &str, state_key: &str) -> Option<StoredEvent> {
         let event = match &self.source {
-            StateSource::Current(room) => room.read().state(kind, state_key).map(|e| e.to_stored()),
+            StateSource::Current(room) => room.read().state(kind, state_key).map(|e| e.into_owned().into_stored()),
             StateSource::At(events) => events
                 .iter()
                 .find(|e| e.pdu.kind.to_string() == kind && e.pdu.state_key.as_deref() == Some(state_key))
@@ -1014,7 +1014,7 @@ impl Rooms {
         let room_id = {
             let r = room.read();
             if r.state_changed_at <= at {
-                return Ok(r.state_entries().map(|e| e.to_stored()).collect());
+                return Ok(r.state_entries().map(|e| e.into_owned().into_stored()).collect());
             }
             r.record.room_id.clone()
         };
