@@ -445,7 +445,7 @@ async fn viewed_events(rooms: &Rooms, views: &ViewCounts, s: &Session, room_id: 
         return Ok(out);
     }
     let positions: Vec<u64> = events.iter().map(|e| e.event.pos).collect();
-    let counts = views.views(room_id, at.upto, at.last_pos, &positions).await?;
+    let counts = views.views(room_id, at.upto, &positions).await?;
     for (event, count) in out.iter_mut().zip(counts) {
         if let Some(count) = count {
             event["unsigned"]["kabar.views"] = json!(count);
@@ -456,10 +456,8 @@ async fn viewed_events(rooms: &Rooms, views: &ViewCounts, s: &Session, room_id: 
 
 /// What view counts need to know of a room for one user.
 struct ChannelAt {
-    /// The applied position, read before the room: its newest event, read
-    /// after, is at least as new, so a view counter misses nothing up to it.
+    /// The applied position: receipts up to it are counted.
     upto: u64,
-    last_pos: u64,
     channel: bool,
     /// Whether the user is one of the channel's staff.
     staff: bool,
@@ -472,7 +470,6 @@ impl ChannelAt {
         let r = room.read();
         Ok(ChannelAt {
             upto,
-            last_pos: r.last_pos,
             channel: r.is_channel(),
             staff: r.member_visibility(user).is_none(),
         })
@@ -497,7 +494,7 @@ pub async fn post_views_route(
     if !at.staff {
         return Err(ApiError::forbidden("only the channel's staff may ask"));
     }
-    let count = views.views(&room_id, at.upto, at.last_pos, &[e.event.pos]).await?.remove(0);
+    let count = views.views(&room_id, at.upto, &[e.event.pos]).await?.remove(0);
     let count = count.ok_or_else(|| ApiError::not_found("not a post"))?;
     Ok(Json(json!({ "event_id": e.event.pdu.event_id, "views": count })))
 }

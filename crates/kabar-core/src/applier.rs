@@ -10,8 +10,9 @@
 //! task) for whatever the bus did not bring: a gap that stays open, a batch
 //! too big to carry, a lost message, another process without a bus, and
 //! every `bus.catch_up_interval_ms` in any case. Either way the updates are
-//! applied in position order, and only here: room caches, change trackers
-//! (and so the caches keyed by their generations), the token cache, and then
+//! applied in position order, and only here: room caches, channels' view
+//! counters, change trackers (and so the caches keyed by their generations),
+//! the token cache, and then
 //! the wake-ups of waiting syncs. No service does any of that by hand.
 //!
 //! Applying a batch takes microseconds and no I/O, so it runs right on the
@@ -42,6 +43,7 @@ use crate::{
     notifier::Notifier,
     room_cache::RoomCaches,
     sessions::SessionCache,
+    views::ViewCounts,
 };
 
 /// How many positions one catch-up read asks the store for.
@@ -53,15 +55,18 @@ pub struct ApplierTargets {
     pub changes: Arc<Changes>,
     pub sessions: Arc<SessionCache>,
     pub notifier: Arc<Notifier>,
+    pub views: Arc<ViewCounts>,
 }
 
 impl ApplierTargets {
     /// Empty caches and trackers that know nothing before the store's
     /// position now (everything older is read from the store when asked).
     pub fn fresh(store: &Arc<dyn Store>, notifier: Arc<Notifier>) -> Self {
+        let changes = Changes::new(store.current_position());
         Self {
             rooms: RoomCaches::new(store.clone()),
-            changes: Changes::new(store.current_position()),
+            views: Arc::new(ViewCounts::new(store.clone(), changes.clone())),
+            changes,
             sessions: Arc::new(SessionCache::new()),
             notifier,
         }
@@ -152,6 +157,7 @@ impl Applier {
     /// position when the process started: the caches begin empty).
     /// Must be called on a tokio runtime, which wake-ups use.
     pub fn new(store: Arc<dyn Store>, targets: ApplierTargets, bus: Arc<dyn Bus>, start: StreamPos) -> Arc<Self> {
+        targets.views.applier_starts_after(start);
         Arc::new(Self {
             store,
             targets,
@@ -358,6 +364,7 @@ impl Applier {
         match &update.change {
             Change::Event(event) => {
                 t.rooms.apply(event);
+                t.views.applied(event);
                 t.changes.room_events.record(&event.pdu.room_id, pos);
                 let target = (event.pdu.kind == TimelineEventType::RoomMember)
                     .then(|| event.pdu.state_key.as_deref().and_then(|k| OwnedUserId::try_from(k).ok()))
@@ -481,6 +488,7 @@ mod tests {
         changes: Arc<Changes>,
         sessions: Arc<SessionCache>,
         notifier: Arc<Notifier>,
+        views: Arc<ViewCounts>,
         applier: Arc<Applier>,
     }
 
@@ -490,11 +498,12 @@ mod tests {
     fn node(store: &Arc<dyn Store>, listening: bool, catch_up: Duration) -> Node {
         let start = store.current_position();
         let targets = ApplierTargets::fresh(store, Arc::new(Notifier::new()));
-        let (caches, changes, sessions, notifier) = (
+        let (caches, changes, sessions, notifier, views) = (
             targets.rooms.clone(),
             targets.changes.clone(),
             targets.sessions.clone(),
             targets.notifier.clone(),
+            targets.views.clone(),
         );
         let applier = Applier::new(store.clone(), targets, Arc::new(kabar_bus::LocalBus::new("test")), start);
         if listening {
@@ -508,6 +517,7 @@ mod tests {
             changes,
             sessions,
             notifier,
+            views,
             applier,
         }
     }
@@ -996,6 +1006,90 @@ mod tests {
             .await
             .unwrap();
         assert!(bob_waits_for_a_post.wait(Duration::from_secs(5)).await, "a post is");
+    }
+
+    #[tokio::test]
+    async fn a_channels_views_are_counted_as_applied_and_alike_when_read_from_the_store_later() {
+        let (_dir, store, alice) = store_with_alice().await;
+        let (bob, carl) = (owned_user_id!("@bob:localhost"), owned_user_id!("@carl:localhost"));
+        for user in [&bob, &carl] {
+            let new = NewUser {
+                user_id: user.clone(),
+                password_hash: None,
+                created_ms: 1,
+            };
+            store.create_user(new).await.unwrap();
+        }
+        let a = node(&store, true, Duration::from_secs(3600));
+        let mut create = serde_json::Map::new();
+        create.insert("type".into(), json!("kabar.channel"));
+        let channel = CreateRoom {
+            preset: Some("public_chat".into()),
+            creation_content: Some(create),
+            ..CreateRoom::default()
+        };
+        let room_id = a.rooms.create_room(&alice, channel).await.unwrap();
+        let post = || NewEvent::message("m.room.message", json!({"msgtype": "m.text", "body": "news"}));
+        a.rooms
+            .set_membership(&bob, &room_id, &bob, Membership::Join, None, None)
+            .await
+            .unwrap();
+        let first = a.rooms.send(&alice, &room_id, post(), None).await.unwrap();
+
+        // b is another process that started here (what came before is in
+        // the store, never applied by b), whose counter is made before it
+        // applies what follows: that is kept until the store is read.
+        let b = node(&store, false, Duration::from_secs(3600));
+        b.views.make_counter(&room_id);
+        a.rooms
+            .set_membership(&carl, &room_id, &carl, Membership::Join, None, None)
+            .await
+            .unwrap();
+        let second = a.rooms.send(&alice, &room_id, post(), None).await.unwrap();
+        for reader in [&bob, &carl] {
+            let receipt = kabar_store::ReceiptRecord {
+                room_id: room_id.clone(),
+                user_id: reader.clone(),
+                receipt_type: "m.read".into(),
+                event_id: second.clone(),
+                thread_id: None,
+                ts_ms: 1,
+                pos: 0,
+            };
+            store.put_receipt(receipt).await.unwrap();
+        }
+        let head = store.current_position();
+        assert!(b.applier.applied().catch_up_to(head, Duration::from_secs(5)).await);
+        // c started after all of it: its counter is read from the store.
+        let c = node(&store, false, Duration::from_secs(3600));
+
+        let first_pos = store.event(&first).await.unwrap().unwrap().pos;
+        let second_pos = store.event(&second).await.unwrap().unwrap().pos;
+        let carls_join = one_chain(&store, &room_id)
+            .await
+            .iter()
+            .find(|e| e.pdu.state_key.as_deref() == Some(carl.as_str()))
+            .unwrap()
+            .pos;
+        for (how, node) in [
+            ("fed since its creation", &a),
+            ("made before the rest was applied", &b),
+            ("read from the store", &c),
+        ] {
+            let upto = node.applier.applied().position();
+            assert_eq!(upto, head, "{how}");
+            let views = node
+                .views
+                .views(&room_id, upto, &[first_pos, second_pos, carls_join])
+                .await
+                .unwrap();
+            // Carl joined after the first post: only bob counts for it.
+            assert_eq!(views, vec![Some(1), Some(2), None], "{how}");
+        }
+        assert!(
+            a.views.counts_without_reading(&room_id),
+            "a channel made while listening is never read"
+        );
     }
 
     #[tokio::test]

@@ -846,13 +846,10 @@ impl SyncEngine {
         upto: StreamPos,
         events: &[(Arc<TimelineEvent>, Membership)],
     ) -> Result<Vec<Box<RawValue>>> {
-        let (channel, last_pos) = {
-            let r = room.read();
-            (r.is_channel(), r.last_pos)
-        };
+        let channel = room.read().is_channel();
         let views = if channel && !events.is_empty() {
             let positions: Vec<StreamPos> = events.iter().map(|(e, _)| e.event.pos).collect();
-            self.views.views(room_id, upto, last_pos, &positions).await?
+            self.views.views(room_id, upto, &positions).await?
         } else {
             vec![None; events.len()]
         };

@@ -1,7 +1,16 @@
 //! View counts of channel posts (the rule is `kabar_domain::channel::ViewCounter`),
-//! worked out from what is committed: a channel's counter catches up from
-//! the store (posts, first joins, read receipts after its position) when
-//! asked, so every node answers alike and a restart loses nothing.
+//! worked out from what is committed, so every node answers alike and a
+//! restart loses nothing.
+//!
+//! A channel's counter learns its posts and joins from the applier as they
+//! are applied ([`ViewCounts::applied`]): a channel created while the
+//! process runs is counted from its creation without a store read, however
+//! many subscribers join. A channel first asked about after a restart (or
+//! created by another process before this one listened) is read from the
+//! store once, while the applier keeps what it applies meanwhile; from then
+//! on the applier feeds it. Read receipts, which the stream names only by
+//! room, are read from the store when asked, for the rooms whose receipts
+//! changed.
 
 use std::{
     collections::HashMap,
@@ -9,11 +18,11 @@ use std::{
 };
 
 use kabar_domain::{
-    channel::{POST_TYPES, ViewCounter},
+    channel::{POST_TYPES, ViewCounter, is_channel_create},
     membership::Membership,
 };
-use kabar_store::{Direction, EventRange, Store, StreamPos};
-use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId};
+use kabar_store::{Direction, EventRange, Store, StoredEvent, StreamPos};
+use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, events::TimelineEventType};
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::{changes::Changes, error::Result};
@@ -21,11 +30,20 @@ use crate::{changes::Changes, error::Result};
 /// Events read from the store per step of a catch-up.
 const CATCH_UP_BATCH: usize = 10_000;
 
-/// The view counters of the channels asked about.
+/// The view counters of the channels known to this process.
 pub struct ViewCounts {
     store: Arc<dyn Store>,
     changes: Arc<Changes>,
-    channels: Mutex<HashMap<OwnedRoomId, Arc<ChannelSlot>>>,
+    channels: Mutex<Channels>,
+}
+
+#[derive(Default)]
+struct Channels {
+    by_room: HashMap<OwnedRoomId, Arc<ChannelSlot>>,
+    /// The position of the newest event the applier gave
+    /// [`ViewCounts::applied`]: every event at or below it is in the store,
+    /// and every later one reaches the counters known then.
+    events_applied: StreamPos,
 }
 
 /// One channel's counter. Readers answer under a read lock; one catch-up
@@ -43,8 +61,16 @@ struct ChannelSlot {
 
 #[derive(Default)]
 struct Channel {
-    /// Events up to here are counted in.
-    upto: StreamPos,
+    /// Whether every event the applier applied in the room is counted (the
+    /// applier counts each as it applies it). Until then, the store is read
+    /// up to `pending_after`, where the applier was when the counter was
+    /// made, and `pending` keeps what it applied after that.
+    live: bool,
+    /// Whether the store was read (for tests: a channel made while the
+    /// applier listens never is).
+    read_from_store: bool,
+    pending_after: StreamPos,
+    pending: Vec<Seen>,
     /// Receipts up to here are counted in.
     receipts_upto: StreamPos,
     counter: ViewCounter,
@@ -52,11 +78,37 @@ struct Channel {
     posts: HashMap<OwnedEventId, StreamPos>,
 }
 
-/// What a catch-up read from the store, in the order to apply it.
+/// What counts of a room's events.
 enum Seen {
     Joined(OwnedUserId, StreamPos),
     Post(OwnedEventId, StreamPos),
-    Read(OwnedUserId, Option<StreamPos>, OwnedEventId),
+}
+
+impl Seen {
+    /// What `event` means to a view counter: a first join or a post.
+    fn of(event: &StoredEvent) -> Option<Seen> {
+        let pdu = &event.pdu;
+        if pdu.kind == TimelineEventType::RoomMember {
+            let user = pdu.state_key.as_deref().and_then(|k| OwnedUserId::try_from(k).ok())?;
+            (Membership::from_content(pdu.content.get()) == Some(Membership::Join)).then_some(Seen::Joined(user, event.pos))
+        } else if pdu.state_key.is_none() && POST_TYPES.contains(&pdu.kind.to_string().as_str()) {
+            Some(Seen::Post(pdu.event_id.clone(), event.pos))
+        } else {
+            None
+        }
+    }
+}
+
+impl Channel {
+    fn count(&mut self, seen: Seen) {
+        match seen {
+            Seen::Joined(user, pos) => self.counter.joined(&user, pos),
+            Seen::Post(event_id, pos) => {
+                self.counter.add_post(pos);
+                self.posts.insert(event_id, pos);
+            }
+        }
+    }
 }
 
 impl ViewCounts {
@@ -64,33 +116,56 @@ impl ViewCounts {
         Self {
             store,
             changes,
-            channels: Mutex::new(HashMap::new()),
+            channels: Mutex::new(Channels::default()),
+        }
+    }
+
+    /// The applier starts after `pos`: every event up to it is in the store
+    /// and is not given to [`ViewCounts::applied`].
+    pub fn applier_starts_after(&self, pos: StreamPos) {
+        let mut channels = self.channels.lock().expect("view counts lock");
+        channels.events_applied = channels.events_applied.max(pos);
+    }
+
+    /// The applier applied `event`: a channel's creation starts its counter
+    /// (nothing came before it), and a post or a join in a channel with a
+    /// counter is counted. Called in position order, for every event.
+    pub fn applied(&self, event: &StoredEvent) {
+        let pdu = &event.pdu;
+        let mut channels = self.channels.lock().expect("view counts lock");
+        channels.events_applied = event.pos;
+        if pdu.kind == TimelineEventType::RoomCreate {
+            let content: serde_json::Value = serde_json::from_str(pdu.content.get()).unwrap_or_default();
+            if is_channel_create(&content) {
+                let slot = ChannelSlot::default();
+                slot.counter.write().expect("view counter lock").live = true;
+                channels.by_room.entry(pdu.room_id.clone()).or_insert_with(|| Arc::new(slot));
+            }
+            return;
+        }
+        let Some(slot) = channels.by_room.get(&pdu.room_id) else {
+            return;
+        };
+        let Some(seen) = Seen::of(event) else {
+            return;
+        };
+        let mut channel = slot.counter.write().expect("view counter lock");
+        if channel.live {
+            channel.count(seen);
+        } else {
+            channel.pending.push(seen);
         }
     }
 
     /// The views of the events at `positions` in channel `room_id` as of
-    /// `upto` (`None` for events that are not posts). `room_last_pos`, the
-    /// room's newest event as far as the caller knows, spares a store read
-    /// when nothing happened in the room since the counter last looked.
-    pub async fn views(
-        &self,
-        room_id: &RoomId,
-        upto: StreamPos,
-        room_last_pos: StreamPos,
-        positions: &[StreamPos],
-    ) -> Result<Vec<Option<u32>>> {
-        let slot = {
-            let mut channels = self.channels.lock().expect("view counts lock");
-            match channels.get(room_id) {
-                Some(slot) => slot.clone(),
-                None => channels.entry(room_id.to_owned()).or_default().clone(),
-            }
-        };
+    /// `upto`, an applied position (`None` for events that are not posts).
+    pub async fn views(&self, room_id: &RoomId, upto: StreamPos, positions: &[StreamPos]) -> Result<Vec<Option<u32>>> {
+        let slot = self.slot(room_id);
         let answer = |c: &Channel| positions.iter().map(|p| c.counter.views(*p)).collect::<Vec<_>>();
         let turn = loop {
             {
                 let channel = slot.counter.read().expect("view counter lock");
-                if channel.upto >= upto {
+                if channel.live && channel.receipts_upto >= upto {
                     return Ok(answer(&channel));
                 }
             }
@@ -106,50 +181,65 @@ impl ViewCounts {
             turn: Some(turn),
             caught_up: &slot.caught_up,
         };
-        let (from, receipts_from) = {
+        let (live, pending_after, receipts_from) = {
             let channel = slot.counter.read().expect("view counter lock");
-            if channel.upto >= upto {
+            if channel.live && channel.receipts_upto >= upto {
                 return Ok(answer(&channel));
             }
-            (channel.upto, channel.receipts_upto)
+            (channel.live, channel.pending_after, channel.receipts_upto)
         };
-        let seen = self.read_since(&slot, room_id, (from, receipts_from), upto, room_last_pos).await?;
-        let mut channel = slot.counter.write().expect("view counter lock");
-        for s in seen {
-            match s {
-                Seen::Joined(user, pos) => channel.counter.joined(&user, pos),
-                Seen::Post(event_id, pos) => {
-                    channel.counter.add_post(pos);
-                    channel.posts.insert(event_id, pos);
-                }
-                Seen::Read(user, at, event_id) => {
-                    if let Some(at) = at.or_else(|| channel.posts.get(&event_id).copied()) {
-                        channel.counter.read_to(&user, at);
-                    }
-                }
+        if !live {
+            // Everything up to `pending_after` is in the store; what the
+            // applier applied after it is in `pending`.
+            let read = self.read_events(room_id, pending_after).await?;
+            let mut channel = slot.counter.write().expect("view counter lock");
+            for seen in read.into_iter().chain(std::mem::take(&mut channel.pending)) {
+                channel.count(seen);
             }
+            channel.live = true;
+            channel.read_from_store = true;
         }
-        channel.upto = upto;
-        channel.receipts_upto = upto;
+        self.count_receipts(&slot, room_id, receipts_from, upto).await?;
+        let channel = slot.counter.read().expect("view counter lock");
         Ok(answer(&channel))
     }
 
-    /// Posts and first joins in `(from, upto]` (none read when the room's
-    /// newest event is not past `from`), then read receipts after
-    /// `receipts_from`.
-    async fn read_since(
-        &self,
-        slot: &ChannelSlot,
-        room_id: &RoomId,
-        (from, receipts_from): (StreamPos, StreamPos),
-        upto: StreamPos,
-        room_last_pos: StreamPos,
-    ) -> Result<Vec<Seen>> {
+    /// The counter of `room_id`, made if there is none: it keeps what the
+    /// applier applies from now on until the store is read up to here.
+    fn slot(&self, room_id: &RoomId) -> Arc<ChannelSlot> {
+        let mut channels = self.channels.lock().expect("view counts lock");
+        let events_applied = channels.events_applied;
+        let slot = channels.by_room.entry(room_id.to_owned()).or_insert_with(|| {
+            let slot = ChannelSlot::default();
+            slot.counter.write().expect("view counter lock").pending_after = events_applied;
+            Arc::new(slot)
+        });
+        slot.clone()
+    }
+
+    /// Makes `room_id`'s counter without reading the store yet, as a first
+    /// question does just before its read.
+    #[cfg(test)]
+    pub(crate) fn make_counter(&self, room_id: &RoomId) {
+        self.slot(room_id);
+    }
+
+    /// Whether `room_id` has a counter that never read the store.
+    #[cfg(test)]
+    pub(crate) fn counts_without_reading(&self, room_id: &RoomId) -> bool {
+        let channels = self.channels.lock().expect("view counts lock");
+        channels
+            .by_room
+            .get(room_id)
+            .is_some_and(|slot| !slot.counter.read().expect("view counter lock").read_from_store)
+    }
+
+    /// The posts and joins of `room_id` up to `upto`, from the store.
+    async fn read_events(&self, room_id: &RoomId, upto: StreamPos) -> Result<Vec<Seen>> {
         let kinds: Vec<String> = POST_TYPES.iter().chain(["m.room.member"].iter()).map(|k| k.to_string()).collect();
         let mut seen = vec![];
-        let mut after = from;
-        let mut posts_here = std::collections::HashSet::new();
-        while room_last_pos > after {
+        let mut after = 0;
+        while after < upto {
             let events = self
                 .store
                 .room_events(EventRange {
@@ -161,25 +251,20 @@ impl ViewCounts {
                     kinds: Some(&kinds),
                 })
                 .await?;
-            for e in &events {
-                if e.pdu.kind == ruma::events::TimelineEventType::RoomMember {
-                    let joined = Membership::from_content(e.pdu.content.get()) == Some(Membership::Join);
-                    if let Some(user) = e.pdu.state_key.as_deref().and_then(|k| OwnedUserId::try_from(k).ok())
-                        && joined
-                    {
-                        seen.push(Seen::Joined(user, e.pos));
-                    }
-                } else if e.pdu.state_key.is_none() {
-                    posts_here.insert(e.pdu.event_id.clone());
-                    seen.push(Seen::Post(e.pdu.event_id.clone(), e.pos));
-                }
-            }
+            seen.extend(events.iter().filter_map(Seen::of));
             match events.last() {
                 Some(last) if events.len() == CATCH_UP_BATCH => after = last.pos,
                 _ => break,
             }
         }
+        Ok(seen)
+    }
+
+    /// Counts the read receipts after `receipts_from` up to `upto` (when the
+    /// room's receipts changed since), with every event up to `upto` counted.
+    async fn count_receipts(&self, slot: &ChannelSlot, room_id: &RoomId, receipts_from: StreamPos, upto: StreamPos) -> Result<()> {
         let first = receipts_from == 0;
+        let mut reads = vec![];
         if first || self.changes.receipts.changed_since(&room_id.to_owned(), receipts_from) {
             let receipts = self.store.receipts_since(room_id, receipts_from).await?;
             for r in receipts.iter().filter(|r| r.pos <= upto) {
@@ -187,22 +272,28 @@ impl ViewCounts {
                 if !matches!(r.receipt_type.as_str(), "m.read" | "m.read.private") || !unthreaded {
                     continue;
                 }
-                // A post the counter knows (or this catch-up found) is
-                // placed from memory; any other event from the store.
-                let known = || slot.counter.read().expect("view counter lock").posts.contains_key(&r.event_id);
-                let at = if posts_here.contains(&r.event_id) || known() {
-                    None
-                } else {
-                    self.store
+                // A post is placed from memory; any other event from the store.
+                let post = slot.counter.read().expect("view counter lock").posts.get(&r.event_id).copied();
+                let at = match post {
+                    Some(pos) => Some(pos),
+                    None => self
+                        .store
                         .event(&r.event_id)
                         .await?
                         .filter(|e| e.pdu.room_id == room_id)
-                        .map(|e| e.pos)
+                        .map(|e| e.pos),
                 };
-                seen.push(Seen::Read(r.user_id.clone(), at, r.event_id.clone()));
+                if let Some(at) = at {
+                    reads.push((r.user_id.clone(), at));
+                }
             }
         }
-        Ok(seen)
+        let mut channel = slot.counter.write().expect("view counter lock");
+        for (user, at) in reads {
+            channel.counter.read_to(&user, at);
+        }
+        channel.receipts_upto = channel.receipts_upto.max(upto);
+        Ok(())
     }
 }
 

@@ -467,7 +467,12 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
     // or another's on the same database) to the caches, trackers and
     // wake-ups below.
     let targets = ApplierTargets::fresh(&store, notifier.clone());
-    let (changes, sessions, room_caches) = (targets.changes.clone(), targets.sessions.clone(), targets.rooms.clone());
+    let (changes, sessions, room_caches, views) = (
+        targets.changes.clone(),
+        targets.sessions.clone(),
+        targets.rooms.clone(),
+        targets.views.clone(),
+    );
     room_caches.set_budget(config.rooms.cached_state_entries);
     // It reads the stream for writes other processes committed every
     // `bus.catch_up_interval_ms` (one small query), and at once when the
@@ -508,7 +513,6 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
             burst: config.limits.to_device_burst,
         },
     ));
-    let views = Arc::new(kabar_core::views::ViewCounts::new(store.clone(), changes.clone()));
     let sync = Arc::new(SyncEngine::new(
         SyncSources {
             store: store.clone(),
