@@ -559,6 +559,7 @@ mod tests {
             direction: Direction::Forward,
             limit: 1000,
             kinds: None,
+            not_kinds: &[],
         }
     }
 

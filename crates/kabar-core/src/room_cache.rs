@@ -1137,6 +1137,7 @@ impl RoomCaches {
                 direction: Direction::Backward,
                 limit: 1,
                 kinds: None,
+                not_kinds: &[],
             })
             .await?;
         let (head, depth, last_pos) = match last.first() {

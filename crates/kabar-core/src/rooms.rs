@@ -1091,6 +1091,7 @@ impl Rooms {
                     direction: Direction::Backward,
                     limit: batch,
                     kinds: filter.exact_types(),
+                    not_kinds: &[],
                 },
                 Dir::Forward => EventRange {
                     room_id,
@@ -1099,6 +1100,7 @@ impl Rooms {
                     direction: Direction::Forward,
                     limit: batch,
                     kinds: filter.exact_types(),
+                    not_kinds: &[],
                 },
             };
             let page = self.store.room_events(range).await?;

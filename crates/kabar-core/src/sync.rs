@@ -941,6 +941,7 @@ impl SyncEngine {
                     direction: Direction::Backward,
                     limit: batch,
                     kinds,
+                    not_kinds: &[],
                 })
                 .await?;
             let at_start = page.len() < batch;
@@ -1020,6 +1021,7 @@ impl SyncEngine {
         if upto > start && entry.notifications < UNREAD_CAP as u64 {
             let counts = |e: &StoredEvent| push::may_count(e, user) && !ignored.contains(&e.pdu.sender);
             let recent = room.read().recent_between(start, upto);
+            let member_events = [ruma::events::TimelineEventType::RoomMember.to_string()];
             let others: Vec<Arc<TimelineEvent>> = match recent {
                 Some(events) => events.into_iter().filter(|e| counts(&e.event)).collect(),
                 None => self
@@ -1031,6 +1033,9 @@ impl SyncEngine {
                         direction: Direction::Backward,
                         limit: UNREAD_CAP,
                         kinds: None,
+                        // Never counted (see `push::may_count`), and a big
+                        // room's joins would fill the read.
+                        not_kinds: &member_events,
                     })
                     .await?
                     .into_iter()

@@ -249,6 +249,7 @@ impl ViewCounts {
                     direction: Direction::Forward,
                     limit: CATCH_UP_BATCH,
                     kinds: Some(&kinds),
+                    not_kinds: &[],
                 })
                 .await?;
             seen.extend(events.iter().filter_map(Seen::of));

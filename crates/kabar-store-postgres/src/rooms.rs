@@ -424,13 +424,14 @@ impl RoomStore for PostgresStore {
             .read(
                 sqlx::query(&format!(
                     "SELECT {EVENT_COLUMNS} FROM events e WHERE room_id = $1 AND pos > $2 AND pos <= $3
-                     AND ($5::TEXT[] IS NULL OR kind = ANY($5)) ORDER BY pos {order} LIMIT $4"
+                     AND ($5::TEXT[] IS NULL OR kind = ANY($5)) AND NOT (kind = ANY($6)) ORDER BY pos {order} LIMIT $4"
                 ))
                 .bind(range.room_id.as_str())
                 .bind(pos(range.after))
                 .bind(pos(range.until))
                 .bind(range.limit.min(10_000) as i64)
                 .bind(kinds)
+                .bind(range.not_kinds)
                 .fetch_all(&self.engine.pool),
             )
             .await?;

@@ -765,16 +765,18 @@ impl RoomStore for SqliteStore {
         };
         // The types as one JSON array: one cached statement serves every list.
         let kinds = range.kinds.map(|k| serde_json::to_string(k).expect("strings serialize"));
+        let not_kinds = serde_json::to_string(range.not_kinds).expect("strings serialize");
         self.engine
             .read(move |c| {
                 // events_by_room holds the kind: others are skipped in the index.
                 let mut st = c
                     .prepare_cached(&format!(
                         "SELECT {EVENT_COLUMNS} FROM events e WHERE room_id = ?1 AND pos > ?2 AND pos <= ?3 \
-                         AND (?5 IS NULL OR kind IN (SELECT value FROM json_each(?5))) ORDER BY pos {order} LIMIT ?4"
+                         AND (?5 IS NULL OR kind IN (SELECT value FROM json_each(?5))) \
+                         AND kind NOT IN (SELECT value FROM json_each(?6)) ORDER BY pos {order} LIMIT ?4"
                     ))
                     .map_err(backend)?;
-                st.query_map(params![room, after, until, limit, kinds], event_from_row)
+                st.query_map(params![room, after, until, limit, kinds, not_kinds], event_from_row)
                     .map_err(backend)?
                     .collect::<Result<_, _>>()
                     .map_err(corrupt)

@@ -657,6 +657,7 @@ async fn append_from_writers(stores: Vec<Arc<dyn Store>>, room: RoomRecord, sign
                             direction: Direction::Backward,
                             limit: 1,
                             kinds: None,
+                            not_kinds: &[],
                         })
                         .await
                         .unwrap()
@@ -743,6 +744,7 @@ async fn all_events(store: &dyn Store, room_id: &ruma::RoomId) -> Vec<StoredEven
             direction: Direction::Forward,
             limit: 10_000,
             kinds: None,
+            not_kinds: &[],
         })
         .await
         .unwrap()
@@ -1030,6 +1032,7 @@ async fn events_positions_and_idempotency(store: &dyn Store) {
                 direction: Direction::Backward,
                 limit: 7,
                 kinds: None,
+                not_kinds: &[],
             })
             .await
             .unwrap();
@@ -1050,6 +1053,7 @@ async fn events_positions_and_idempotency(store: &dyn Store) {
             direction: Direction::Forward,
             limit: 100,
             kinds: None,
+            not_kinds: &[],
         })
         .await
         .unwrap();
@@ -1067,6 +1071,7 @@ async fn events_positions_and_idempotency(store: &dyn Store) {
                     direction,
                     limit,
                     kinds: Some(&kinds),
+                    not_kinds: &[],
                 })
                 .await
                 .unwrap()
@@ -1077,7 +1082,7 @@ async fn events_positions_and_idempotency(store: &dyn Store) {
     };
     assert_eq!(
         types(&["m.room.create"], Direction::Backward, 1).await,
-        [create_id],
+        std::slice::from_ref(&create_id),
         "the create event, behind 30 messages"
     );
     assert_eq!(types(&["m.room.create", "m.room.message"], Direction::Forward, 100).await.len(), 31);
@@ -1087,6 +1092,39 @@ async fn events_positions_and_idempotency(store: &dyn Store) {
     );
     assert!(types(&["m.reaction"], Direction::Forward, 100).await.is_empty());
     assert!(types(&[], Direction::Forward, 100).await.is_empty(), "an empty list admits nothing");
+    // And a list of types to leave out passes over those.
+    let all_but = |not_kinds: &[&str], direction, limit| {
+        let not_kinds: Vec<String> = not_kinds.iter().map(|k| k.to_string()).collect();
+        let room_id = room.room_id.clone();
+        async move {
+            store
+                .room_events(EventRange {
+                    room_id: &room_id,
+                    after: 0,
+                    until: u64::MAX,
+                    direction,
+                    limit,
+                    kinds: None,
+                    not_kinds: &not_kinds,
+                })
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.pdu.event_id)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        all_but(&["m.room.message"], Direction::Backward, 1).await,
+        std::slice::from_ref(&create_id),
+        "the create event, the messages passed over"
+    );
+    assert_eq!(all_but(&["m.room.create", "m.reaction"], Direction::Forward, 100).await, ids);
+    assert_eq!(
+        all_but(&[], Direction::Forward, 100).await.len(),
+        31,
+        "an empty list leaves nothing out"
+    );
     let got = store.event(&ids[0]).await.unwrap().expect("event by id");
     assert_eq!(got.txn, Some(txn("D", "txn0")));
 

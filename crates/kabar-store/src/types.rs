@@ -171,6 +171,10 @@ pub struct EventRange<'a> {
     /// Only events of these exact types (`None`: every type). The others
     /// are passed over without being read, and do not count to `limit`.
     pub kinds: Option<&'a [String]>,
+    /// Events of these exact types are passed over the same way (a sync's
+    /// unread count never judges member events: a big room's joins would
+    /// fill every read).
+    pub not_kinds: &'a [String],
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
