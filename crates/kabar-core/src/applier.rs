@@ -1094,6 +1094,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_room_knows_when_only_joins_came_after_a_position_whether_applied_or_loaded() {
+        let (_dir, store, alice) = store_with_alice().await;
+        let a = node(&store, true, Duration::from_secs(3600));
+        let public = CreateRoom {
+            preset: Some("public_chat".into()),
+            ..CreateRoom::default()
+        };
+        let room_id = a.rooms.create_room(&alice, public).await.unwrap();
+        let created = store.current_position();
+        for n in 0..30 {
+            let user = ruma::OwnedUserId::try_from(format!("@u{n}:localhost")).unwrap();
+            let new = NewUser {
+                user_id: user.clone(),
+                password_hash: None,
+                created_ms: 1,
+            };
+            store.create_user(new).await.unwrap();
+            a.rooms
+                .set_membership(&user, &room_id, &user, Membership::Join, None, None)
+                .await
+                .unwrap();
+        }
+        // Loaded from the store by a process that starts now.
+        let b = node(&store, false, Duration::from_secs(3600));
+        for (how, node) in [("applied", &a), ("loaded", &b)] {
+            let room = node.rooms.room(&room_id).await.unwrap();
+            let r = room.read();
+            assert!(!r.may_have_unread_after(created), "{how}: only joins since the room was made");
+            assert!(r.may_have_unread_after(created - 1), "{how}: the room's last setting before them");
+        }
+        a.rooms
+            .send(&alice, &room_id, NewEvent::message("m.room.message", json!({"body": "hi"})), None)
+            .await
+            .unwrap();
+        assert!(
+            b.applier
+                .applied()
+                .catch_up_to(store.current_position(), Duration::from_secs(5))
+                .await
+        );
+        for (how, node) in [("applied", &a), ("loaded", &b)] {
+            let room = node.rooms.room(&room_id).await.unwrap();
+            assert!(room.read().may_have_unread_after(created), "{how}: a message came");
+        }
+    }
+
+    #[tokio::test]
     async fn a_batch_after_a_gap_is_not_applied_over_it() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(kabar_store_sqlite::SqliteStore::open(&dir.path().join("db")).unwrap());

@@ -40,6 +40,9 @@ use crate::error::{Error, Result};
 /// this far behind reads its timeline (and counts unread messages) without the
 /// store; one that is further behind goes to the store.
 const RECENT_EVENTS: usize = 64;
+/// How many of a room's newest events loading it looks through for the
+/// newest that may count as unread.
+const UNREAD_CANDIDATE_SCAN: usize = 2_000;
 
 /// An event with its client form serialized once (see
 /// [`client_event_prefix`]), so that a sync waking thousands of members
@@ -211,6 +214,11 @@ pub struct RoomCache {
     /// Stream position of its newest event of a [`BUMP_TYPES`] type: where a
     /// room list places it (0: none, the list falls back to `last_pos`).
     pub last_bump: StreamPos,
+    /// No event after this position may count as unread: only member
+    /// events (which never do, see `push::may_count`) came after it. A
+    /// channel subscriber's first sync after joining has nothing to count
+    /// behind a million joins, and learns so without reading them.
+    unread_candidates_upto: StreamPos,
     /// How many users hold each membership, kept up to date by `apply` so that
     /// big rooms are not walked on every sync.
     member_counts: HashMap<Membership, usize>,
@@ -250,6 +258,7 @@ impl RoomCache {
             depth: 0,
             last_pos: 0,
             last_bump: 0,
+            unread_candidates_upto: 0,
             member_counts: HashMap::new(),
             recent: VecDeque::new(),
             recent_after: 0,
@@ -572,6 +581,12 @@ impl RoomCache {
         }
     }
 
+    /// Whether an event after `pos` may count as unread (one that is not
+    /// a member event came after it).
+    pub fn may_have_unread_after(&self, pos: StreamPos) -> bool {
+        self.unread_candidates_upto > pos
+    }
+
     pub fn member_count(&self, membership: Membership) -> usize {
         self.member_counts.get(&membership).copied().unwrap_or(0)
     }
@@ -660,6 +675,9 @@ impl RoomCache {
         self.head = vec![pdu.event_id.clone()];
         self.depth = pdu.depth;
         self.last_pos = self.last_pos.max(pos);
+        if pdu.kind != ruma::events::TimelineEventType::RoomMember {
+            self.unread_candidates_upto = self.unread_candidates_upto.max(pos);
+        }
         if BUMP_TYPES.contains(&pdu.kind.to_string().as_str()) {
             self.last_bump = self.last_bump.max(pos);
         }
@@ -1176,6 +1194,7 @@ impl RoomCaches {
             .await?
             .first()
             .map_or(0, |e| e.bump.min(last_pos));
+        let unread_candidates_upto = self.newest_but_members(room_id, last_pos).await?;
         Ok(RoomCache {
             record,
             rules,
@@ -1187,6 +1206,7 @@ impl RoomCaches {
             depth,
             last_pos,
             last_bump,
+            unread_candidates_upto,
             member_counts,
             recent: VecDeque::new(),
             recent_after: last_pos,
@@ -1201,6 +1221,31 @@ impl RoomCaches {
     /// Applies a committed event to its room if this process holds it (a
     /// room nobody here used is read from the store when first used).
     /// Only the applier calls it, in stream order.
+    /// The position of the room's newest event that is not a member event,
+    /// looked for among its newest [`UNREAD_CANDIDATE_SCAN`] up to
+    /// `last_pos` (past them, the oldest of those: none came after it).
+    async fn newest_but_members(&self, room_id: &RoomId, last_pos: StreamPos) -> Result<StreamPos> {
+        let floor = self
+            .store
+            .room_position_back(room_id, last_pos, UNREAD_CANDIDATE_SCAN)
+            .await?
+            .map_or(0, |oldest| oldest - 1);
+        let members = [TimelineEventType::RoomMember.to_string()];
+        let newest = self
+            .store
+            .room_events(EventRange {
+                room_id,
+                after: floor,
+                until: last_pos,
+                direction: Direction::Backward,
+                limit: 1,
+                kinds: None,
+                not_kinds: &members,
+            })
+            .await?;
+        Ok(newest.first().map_or(floor, |e| e.pos))
+    }
+
     pub(crate) fn apply(&self, event: &Arc<StoredEvent>) {
         let Some(slot) = self.rooms.lock().expect("rooms lock").get(&event.pdu.room_id).cloned() else {
             return;

@@ -195,6 +195,9 @@ struct UnreadEntry {
 
 /// Unread counts stop at this; clients show "999+".
 const UNREAD_CAP: usize = 1000;
+/// How many of a room's newest events an unread count read from the store
+/// looks through at most (the count is a lower bound past them).
+const UNREAD_SCAN: usize = 5_000;
 /// Bound on remembered unread counts; past it they are recounted from the store.
 const MAX_UNREAD_ENTRIES: usize = 1_000_000;
 /// Bound on users whose memberships are remembered; past it they are read again.
@@ -1018,17 +1021,28 @@ impl SyncEngine {
             counted_upto: upto,
             ..base
         };
-        if upto > start && entry.notifications < UNREAD_CAP as u64 {
+        let candidates = upto > start && room.read().may_have_unread_after(start);
+        if candidates && entry.notifications < UNREAD_CAP as u64 {
             let counts = |e: &StoredEvent| push::may_count(e, user) && !ignored.contains(&e.pdu.sender);
             let recent = room.read().recent_between(start, upto);
             let member_events = [ruma::events::TimelineEventType::RoomMember.to_string()];
+            // The store passes member events over one by one in its index:
+            // it looks through the newest `UNREAD_SCAN` events at most.
+            let floor = match recent {
+                Some(_) => start,
+                None => self
+                    .rooms
+                    .typed_scan_floor(room_id, (start, upto), UNREAD_SCAN)
+                    .await?
+                    .unwrap_or(start),
+            };
             let others: Vec<Arc<TimelineEvent>> = match recent {
                 Some(events) => events.into_iter().filter(|e| counts(&e.event)).collect(),
                 None => self
                     .store
                     .room_events(EventRange {
                         room_id,
-                        after: start,
+                        after: floor,
                         until: upto,
                         direction: Direction::Backward,
                         limit: UNREAD_CAP,
