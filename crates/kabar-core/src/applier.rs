@@ -1141,6 +1141,71 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn view_counters_past_their_budget_are_dropped_least_recently_asked_first_and_read_again() {
+        let (_dir, store, alice) = store_with_alice().await;
+        let (bob, carl) = (owned_user_id!("@bob:localhost"), owned_user_id!("@carl:localhost"));
+        for user in [&bob, &carl] {
+            let new = NewUser {
+                user_id: user.clone(),
+                password_hash: None,
+                created_ms: 1,
+            };
+            store.create_user(new).await.unwrap();
+        }
+        let a = node(&store, true, Duration::from_secs(3600));
+        a.views.set_budget(3);
+        let channel = || {
+            let mut create = serde_json::Map::new();
+            create.insert("type".into(), json!("kabar.channel"));
+            CreateRoom {
+                preset: Some("public_chat".into()),
+                creation_content: Some(create),
+                ..CreateRoom::default()
+            }
+        };
+        // Each counts its creator: two members in all.
+        let (x, y) = (
+            a.rooms.create_room(&alice, channel()).await.unwrap(),
+            a.rooms.create_room(&alice, channel()).await.unwrap(),
+        );
+        a.rooms.set_membership(&bob, &x, &bob, Membership::Join, None, None).await.unwrap();
+        let post = a
+            .rooms
+            .send(&alice, &x, NewEvent::message("m.room.message", json!({"body": "news"})), None)
+            .await
+            .unwrap();
+        let receipt = kabar_store::ReceiptRecord {
+            room_id: x.clone(),
+            user_id: bob.clone(),
+            receipt_type: "m.read".into(),
+            event_id: post.clone(),
+            thread_id: None,
+            ts_ms: 1,
+            pos: 0,
+        };
+        store.put_receipt(receipt).await.unwrap();
+        let post_pos = store.event(&post).await.unwrap().unwrap().pos;
+        let upto = || a.applier.applied().position();
+        assert_eq!(a.views.views(&x, upto(), &[post_pos]).await.unwrap(), vec![Some(1)]);
+        assert_eq!(a.views.views(&y, upto(), &[]).await.unwrap(), vec![]);
+        assert!(a.views.counts_without_reading(&x) && a.views.counts_without_reading(&y));
+
+        // A fourth member is past the budget: x, asked about longest ago, goes.
+        a.rooms
+            .set_membership(&carl, &y, &carl, Membership::Join, None, None)
+            .await
+            .unwrap();
+        assert!(!a.views.has_counter(&x), "the counter asked about least recently is dropped");
+        assert!(a.views.counts_without_reading(&y), "the one that grew is kept");
+        assert_eq!(
+            a.views.views(&x, upto(), &[post_pos]).await.unwrap(),
+            vec![Some(1)],
+            "read again from the store, it counts the same"
+        );
+        assert!(a.views.has_counter(&x) && !a.views.counts_without_reading(&x));
+    }
+
+    #[tokio::test]
     async fn a_batch_after_a_gap_is_not_applied_over_it() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(kabar_store_sqlite::SqliteStore::open(&dir.path().join("db")).unwrap());

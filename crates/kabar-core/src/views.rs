@@ -14,7 +14,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use kabar_domain::{
@@ -35,11 +38,18 @@ pub struct ViewCounts {
     store: Arc<dyn Store>,
     changes: Arc<Changes>,
     channels: Mutex<Channels>,
+    /// Ticks at every question: which counter was asked about least recently.
+    asked: AtomicU64,
 }
 
-#[derive(Default)]
 struct Channels {
     by_room: HashMap<OwnedRoomId, Arc<ChannelSlot>>,
+    /// Members counted for, over every counter.
+    members: usize,
+    /// Past this many members, the counters asked about least recently
+    /// (and not being asked now) are dropped, to be read again from the
+    /// store when next asked about.
+    budget: usize,
     /// The position of the newest event the applier gave
     /// [`ViewCounts::applied`]: every event at or below it is in the store,
     /// and every later one reaches the counters known then.
@@ -57,6 +67,8 @@ struct ChannelSlot {
     /// at once (thousands of subscribers' syncs wake on one post; taking
     /// the catch-up turn one after another would line them up).
     caught_up: tokio::sync::Notify,
+    /// When it was last asked about (a tick of `ViewCounts::asked`).
+    last_asked: AtomicU64,
 }
 
 #[derive(Default)]
@@ -100,12 +112,42 @@ impl Seen {
 }
 
 impl Channel {
-    fn count(&mut self, seen: Seen) {
+    /// Counts `seen`; whether it was a new member's join.
+    fn count(&mut self, seen: Seen) -> bool {
         match seen {
             Seen::Joined(user, pos) => self.counter.joined(&user, pos),
             Seen::Post(event_id, pos) => {
                 self.counter.add_post(pos);
                 self.posts.insert(event_id, pos);
+                false
+            }
+        }
+    }
+}
+
+impl Channels {
+    /// Drops the counters asked about least recently, but `keep` and those
+    /// being asked about now, until the members counted for are a tenth
+    /// under the budget (so one more join does not drop another).
+    fn drop_past_budget(&mut self, keep: &RoomId) {
+        if self.members <= self.budget {
+            return;
+        }
+        let mut idle: Vec<(u64, OwnedRoomId)> = self
+            .by_room
+            .iter()
+            .filter(|(room_id, slot)| **room_id != keep && Arc::strong_count(slot) == 1)
+            .map(|(room_id, slot)| (slot.last_asked.load(Ordering::Relaxed), room_id.clone()))
+            .collect();
+        idle.sort_unstable();
+        let target = self.budget - self.budget / 10;
+        for (_, room_id) in idle {
+            if self.members <= target {
+                break;
+            }
+            if let Some(slot) = self.by_room.remove(&room_id) {
+                let members = slot.counter.read().expect("view counter lock").counter.members();
+                self.members = self.members.saturating_sub(members);
             }
         }
     }
@@ -116,8 +158,20 @@ impl ViewCounts {
         Self {
             store,
             changes,
-            channels: Mutex::new(Channels::default()),
+            channels: Mutex::new(Channels {
+                by_room: HashMap::new(),
+                members: 0,
+                budget: usize::MAX,
+                events_applied: 0,
+            }),
+            asked: AtomicU64::new(0),
         }
+    }
+
+    /// At most this many members counted for over every channel's counter
+    /// (see `Channels::budget`).
+    pub fn set_budget(&self, members: usize) {
+        self.channels.lock().expect("view counts lock").budget = members;
     }
 
     /// The applier starts after `pos`: every event up to it is in the store
@@ -150,10 +204,15 @@ impl ViewCounts {
             return;
         };
         let mut channel = slot.counter.write().expect("view counter lock");
-        if channel.live {
-            channel.count(seen);
-        } else {
+        if !channel.live {
             channel.pending.push(seen);
+            return;
+        }
+        let new_member = channel.count(seen);
+        drop(channel);
+        if new_member {
+            channels.members += 1;
+            channels.drop_past_budget(&pdu.room_id);
         }
     }
 
@@ -161,6 +220,7 @@ impl ViewCounts {
     /// `upto`, an applied position (`None` for events that are not posts).
     pub async fn views(&self, room_id: &RoomId, upto: StreamPos, positions: &[StreamPos]) -> Result<Vec<Option<u32>>> {
         let slot = self.slot(room_id);
+        slot.last_asked.store(self.asked.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
         let answer = |c: &Channel| positions.iter().map(|p| c.counter.views(*p)).collect::<Vec<_>>();
         let turn = loop {
             {
@@ -192,12 +252,18 @@ impl ViewCounts {
             // Everything up to `pending_after` is in the store; what the
             // applier applied after it is in `pending`.
             let read = self.read_events(room_id, pending_after).await?;
-            let mut channel = slot.counter.write().expect("view counter lock");
-            for seen in read.into_iter().chain(std::mem::take(&mut channel.pending)) {
-                channel.count(seen);
-            }
-            channel.live = true;
-            channel.read_from_store = true;
+            let members = {
+                let mut channel = slot.counter.write().expect("view counter lock");
+                for seen in read.into_iter().chain(std::mem::take(&mut channel.pending)) {
+                    channel.count(seen);
+                }
+                channel.live = true;
+                channel.read_from_store = true;
+                channel.counter.members()
+            };
+            let mut channels = self.channels.lock().expect("view counts lock");
+            channels.members += members;
+            channels.drop_past_budget(room_id);
         }
         self.count_receipts(&slot, room_id, receipts_from, upto).await?;
         let channel = slot.counter.read().expect("view counter lock");
@@ -222,6 +288,12 @@ impl ViewCounts {
     #[cfg(test)]
     pub(crate) fn make_counter(&self, room_id: &RoomId) {
         self.slot(room_id);
+    }
+
+    /// Whether `room_id` has a counter.
+    #[cfg(test)]
+    pub(crate) fn has_counter(&self, room_id: &RoomId) -> bool {
+        self.channels.lock().expect("view counts lock").by_room.contains_key(room_id)
     }
 
     /// Whether `room_id` has a counter that never read the store.

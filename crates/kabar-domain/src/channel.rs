@@ -103,9 +103,21 @@ impl ViewCounter {
         }
     }
 
-    /// `user` joined at `pos`; only their first join counts.
-    pub fn joined(&mut self, user: &UserId, pos: u64) {
-        self.members.entry(user.to_owned()).or_insert((pos, pos));
+    /// `user` joined at `pos`; only their first join counts. Whether it was
+    /// their first.
+    pub fn joined(&mut self, user: &UserId, pos: u64) -> bool {
+        match self.members.entry(user.to_owned()) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert((pos, pos));
+                true
+            }
+        }
+    }
+
+    /// How many members it counts for.
+    pub fn members(&self) -> usize {
+        self.members.len()
     }
 
     /// `user`'s read receipt is on the event at `pos`: every post after

@@ -474,6 +474,8 @@ async fn serve(source: ConfigSource, config: Config, log: logging::LogControl) -
         targets.views.clone(),
     );
     room_caches.set_budget(config.rooms.cached_state_entries);
+    // The channels' view counters keep at most as many subscribers.
+    views.set_budget(config.rooms.cached_state_entries);
     // It reads the stream for writes other processes committed every
     // `bus.catch_up_interval_ms` (one small query), and at once when the
     // bus tells of one: the interval bounds how stale this process's caches
