@@ -23,53 +23,97 @@ use ruma::{OwnedRoomId, OwnedUserId};
 struct Entry {
     /// The highest stream position of an applied change for this key.
     last: StreamPos,
-    /// How many changes for this key were applied.
+    /// The generation of the key's latest change (see [`ChangeTracker::generation`]).
     generation: u64,
 }
 
+/// Keys a tracker remembers at most; past it, the half changed longest ago
+/// are let go (a million subscribers joining a channel each changed their
+/// memberships once).
+const MAX_TRACKED_KEYS: usize = 200_000;
+
 /// The position of the latest change per key.
 pub struct ChangeTracker<K> {
-    /// Changes before this position (from before the process started) are not
-    /// tracked: anything older is answered "changed".
-    baseline: StreamPos,
-    entries: Mutex<HashMap<K, Entry>>,
+    inner: Mutex<TrackerInner<K>>,
+    max_keys: usize,
+}
+
+struct TrackerInner<K> {
+    /// Changes at or before this position are not all remembered: a key
+    /// without an entry is answered "changed" after any earlier position.
+    /// The store's position at start (nothing before it is tracked), raised
+    /// when keys are let go.
+    floor: StreamPos,
+    entries: HashMap<K, Entry>,
+    /// The last generation handed out. Generations come from one counter,
+    /// so a key that was let go and changes again never gets one it had.
+    generations: u64,
+    /// The generation of a key without an entry: moved on whenever keys
+    /// are let go, so what was cached under a let-go key is read again.
+    absent_generation: u64,
 }
 
 impl<K: Eq + Hash + Clone> ChangeTracker<K> {
     pub fn new(baseline: StreamPos) -> Self {
+        Self::with_max_keys(baseline, MAX_TRACKED_KEYS)
+    }
+
+    /// A tracker that remembers at most `max_keys` keys.
+    pub fn with_max_keys(baseline: StreamPos, max_keys: usize) -> Self {
         Self {
-            baseline,
-            entries: Mutex::new(HashMap::new()),
+            inner: Mutex::new(TrackerInner {
+                floor: baseline,
+                entries: HashMap::new(),
+                generations: 0,
+                absent_generation: 0,
+            }),
+            max_keys: max_keys.max(2),
         }
     }
 
     /// A change for `key` committed at `pos` (called by the applier).
     pub(crate) fn record(&self, key: &K, pos: StreamPos) {
-        let mut entries = self.entries.lock().expect("change tracker lock");
-        let entry = entries.entry(key.clone()).or_default();
+        let mut inner = self.inner.lock().expect("change tracker lock");
+        inner.generations += 1;
+        let generation = inner.generations;
+        let entry = inner.entries.entry(key.clone()).or_default();
         entry.last = entry.last.max(pos);
-        entry.generation += 1;
+        entry.generation = generation;
+        if inner.entries.len() > self.max_keys {
+            inner.let_go_oldest_half();
+        }
     }
 
     /// A number that changes whenever a change for `key` is applied, for
     /// caches of data without a stream position.
     pub fn generation(&self, key: &K) -> u64 {
-        self.entries
-            .lock()
-            .expect("change tracker lock")
-            .get(key)
-            .map_or(0, |e| e.generation)
+        let inner = self.inner.lock().expect("change tracker lock");
+        inner.entries.get(key).map_or(inner.absent_generation, |e| e.generation)
     }
 
     /// Whether `key` changed after position `since` (as far as applied).
     pub fn changed_since(&self, key: &K, since: StreamPos) -> bool {
-        if since < self.baseline {
-            return true;
-        }
-        match self.entries.lock().expect("change tracker lock").get(key) {
+        let inner = self.inner.lock().expect("change tracker lock");
+        match inner.entries.get(key) {
             Some(e) => e.last > since,
-            None => false,
+            None => since < inner.floor,
         }
+    }
+}
+
+impl<K: Eq + Hash> TrackerInner<K> {
+    /// Lets go of the keys whose latest change is at or before the median
+    /// one, raising the floor to it: what is asked of them from before it
+    /// is answered "changed" (the store answers instead).
+    fn let_go_oldest_half(&mut self) {
+        let mut lasts: Vec<StreamPos> = self.entries.values().map(|e| e.last).collect();
+        let middle = lasts.len() / 2;
+        let (_, median, _) = lasts.select_nth_unstable(middle);
+        let median = *median;
+        self.entries.retain(|_, e| e.last > median);
+        self.floor = self.floor.max(median);
+        self.generations += 1;
+        self.absent_generation = self.generations;
     }
 }
 
@@ -256,6 +300,36 @@ mod tests {
         t.record(&"a", 4);
         assert_eq!(t.generation(&"a"), 2);
         assert_eq!(t.generation(&"b"), 0);
+    }
+
+    #[tokio::test]
+    async fn keys_let_go_past_the_limit_are_changed_since_before_the_floor_and_read_again() {
+        let t: ChangeTracker<u32> = ChangeTracker::with_max_keys(0, 4);
+        let cache: GenerationCache<u32, u32> = GenerationCache::new(10);
+        let read = |v: u32| async move { Ok::<_, ()>(v) };
+        assert_eq!(cache.get_or_read(&t, &1, read(10)).await, Ok(10), "cached before key 1 changes");
+        for key in 1..=5 {
+            t.record(&key, u64::from(key) * 10);
+        }
+        // Past 4 keys, those changed at or before the median (30) go.
+        for key in [1, 2, 3] {
+            assert!(t.changed_since(&key, 29), "key {key}: not known, so changed");
+            assert!(!t.changed_since(&key, 30), "key {key}: nothing after the floor");
+        }
+        assert!(t.changed_since(&4, 39) && !t.changed_since(&4, 40), "kept keys answer exactly");
+        assert!(t.changed_since(&4, 5), "from before the floor, a kept key still answers exactly");
+        assert!(
+            t.changed_since(&9, 0) && !t.changed_since(&9, 30),
+            "a key never seen is like one let go"
+        );
+        assert_eq!(
+            cache.get_or_read(&t, &1, read(11)).await,
+            Ok(11),
+            "a key let go after it changed is read again, not served from before its change"
+        );
+        t.record(&1, 60);
+        assert!(t.changed_since(&1, 50));
+        assert_eq!(cache.get_or_read(&t, &1, read(12)).await, Ok(12), "and again after its next change");
     }
 
     #[tokio::test]
