@@ -263,7 +263,7 @@ pub const SETTINGS: &[Setting] = &[
         int(1_000, MAX),
         "`2000000`",
         Restart,
-        "State entries (a big room's are mostly its members) the rooms kept in memory may hold; past it, loading a room drops the least recently used rooms nobody is using, which are read again from the store when next used. A room in use is never dropped. ARCHITECTURE.md gives the memory per entry.",
+        "State entries (a big room's are mostly its members) the rooms kept in memory may hold; past it, loading a room drops the least recently used rooms nobody is using, which are read again from the store when next used. A room in use is never dropped. The channels' view counters keep at most as many subscribers the same way. ARCHITECTURE.md gives the memory per entry.",
     ),
     setting(
         "limits.max_request_body_bytes",
