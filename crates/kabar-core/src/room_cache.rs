@@ -116,12 +116,13 @@ impl StateEntry {
     }
 }
 
-/// A member's current `m.room.member` event, kept compact: what is read
-/// for every member on hot paths (the membership, the content a display
-/// name comes from, where it was set) plus the signed event's JSON, from
-/// which the full event is parsed only when it is served. A supergroup's
-/// state is mostly these, so a member costs its event's JSON and about 350
-/// bytes, not a parsed event beside it (see ARCHITECTURE.md, "Memory per
+/// A member's current `m.room.member` event, kept compact: what clients
+/// are shown of it (membership, content, sender, time, event id) and where
+/// it was set. The signed event (hashes, signatures, auth and prev events:
+/// two thirds of its JSON) stays in the store; the room cache serves a
+/// member event in its client form, with `Pdu::json` holding that form too
+/// (see [`MemberSlot::entry`]). A supergroup's state is mostly these, so
+/// a member costs about 350 bytes here (see ARCHITECTURE.md, "Memory per
 /// member and per room").
 #[derive(Debug, Clone)]
 pub struct MemberSlot {
@@ -131,7 +132,9 @@ pub struct MemberSlot {
     /// The content as parsed when the event was built or read, shared
     /// with that parse rather than copied.
     content: Arc<RawValue>,
-    json: Arc<str>,
+    /// Who sent it, when not the member themselves (an invite, a kick, a ban).
+    other_sender: Option<OwnedUserId>,
+    origin_server_ts: MilliSecondsSinceUnixEpoch,
 }
 
 impl MemberSlot {
@@ -141,7 +144,8 @@ impl MemberSlot {
             membership: Membership::from_content(pdu.content.get()),
             event_id: pdu.event_id.clone(),
             content: pdu.content.clone(),
-            json: pdu.json.clone(),
+            other_sender: (pdu.state_key.as_deref() != Some(pdu.sender.as_str())).then(|| pdu.sender.clone()),
+            origin_server_ts: pdu.origin_server_ts,
         }
     }
 
@@ -153,16 +157,32 @@ impl MemberSlot {
         &self.content
     }
 
-    /// The full event, parsed from the JSON it was applied from (which
-    /// parsed once already, so a failure here is a bug, logged).
-    pub fn entry(&self, room_id: &RoomId) -> Option<StateEntry> {
-        match Pdu::from_shared_json(self.event_id.clone(), room_id.to_owned(), self.json.clone()) {
-            Ok(pdu) => Some(StateEntry { pdu, pos: self.pos }),
-            Err(e) => {
-                tracing::error!(event_id = %self.event_id, error = %e, "a cached member event does not parse");
-                None
-            }
-        }
+    /// The event of member `user` as clients and the authorization rules
+    /// read it. Its server-only fields (auth and prev events, depth) are
+    /// empty, and `json` is its client form, not the signed PDU: whatever
+    /// needs the signed event reads it from the store.
+    pub fn entry(&self, room_id: &RoomId, user: &str) -> Option<StateEntry> {
+        let sender = match &self.other_sender {
+            Some(sender) => sender.clone(),
+            None => OwnedUserId::try_from(user).ok()?,
+        };
+        let mut pdu = Pdu {
+            event_id: self.event_id.clone(),
+            room_id: room_id.to_owned(),
+            sender,
+            origin_server_ts: self.origin_server_ts,
+            kind: TimelineEventType::RoomMember,
+            content: self.content.clone(),
+            state_key: Some(user.to_owned()),
+            prev_events: vec![],
+            auth_events: vec![],
+            redacts: None,
+            depth: 0,
+            has_room_id: true,
+            json: Arc::from(""),
+        };
+        pdu.json = Arc::from(client_event_prefix(&pdu) + "}");
+        Some(StateEntry { pdu, pos: self.pos })
     }
 }
 
@@ -274,7 +294,7 @@ impl RoomCache {
     /// from its compact slot (see [`MemberSlot`]).
     pub fn state(&self, kind: &str, key: &str) -> Option<Cow<'_, StateEntry>> {
         if kind == "m.room.member" {
-            return self.member(key)?.entry(&self.record.room_id).map(Cow::Owned);
+            return self.member(key)?.entry(&self.record.room_id, key).map(Cow::Owned);
         }
         self.state.get(&(kind.to_owned(), key.to_owned())).map(Cow::Borrowed)
     }
@@ -289,8 +309,8 @@ impl RoomCache {
     pub fn state_entries(&self) -> impl Iterator<Item = Cow<'_, StateEntry>> {
         self.state.values().map(Cow::Borrowed).chain(
             self.members
-                .values()
-                .filter_map(|slot| slot.entry(&self.record.room_id))
+                .iter()
+                .filter_map(|(user, slot)| slot.entry(&self.record.room_id, user))
                 .map(Cow::Owned),
         )
     }
@@ -316,7 +336,7 @@ impl RoomCache {
         if let Some((_, event)) = self.hot_members.get(user_id) {
             return Some(event.clone());
         }
-        let entry = self.member(user_id)?.entry(&self.record.room_id)?;
+        let entry = self.member(user_id)?.entry(&self.record.room_id, user_id)?;
         Some(Arc::new(TimelineEvent::new(entry.into_stored())))
     }
 
@@ -513,7 +533,7 @@ impl RoomCache {
         }
         self.changed_between(after, until)
             .filter_map(|(_, key)| match key {
-                ChangedKey::Member(user) => self.member(user)?.entry(&self.record.room_id).map(Cow::Owned),
+                ChangedKey::Member(user) => self.member(user)?.entry(&self.record.room_id, user).map(Cow::Owned),
                 ChangedKey::Other(key) => self.state.get(&**key).map(Cow::Borrowed),
             })
             .collect()
@@ -607,7 +627,7 @@ impl RoomCache {
             *last = pos;
             return;
         }
-        let Some(entry) = self.member(sender).and_then(|slot| slot.entry(&self.record.room_id)) else {
+        let Some(entry) = self.member(sender).and_then(|slot| slot.entry(&self.record.room_id, sender)) else {
             return;
         };
         if self.hot_members.len() >= 2 * HOT_MEMBERS {
@@ -831,7 +851,7 @@ impl WriteTurn<'_> {
     pub(crate) fn member_event<'c>(&'c self, cache: &'c RoomCache, user: &str) -> Option<Cow<'c, Pdu>> {
         match self.pending.get(user) {
             Some(pdu) => Some(Cow::Borrowed(pdu)),
-            None => Some(Cow::Owned(cache.member(user)?.entry(&cache.record.room_id)?.pdu)),
+            None => Some(Cow::Owned(cache.member(user)?.entry(&cache.record.room_id, user)?.pdu)),
         }
     }
 
@@ -1391,12 +1411,22 @@ mod tests {
         assert_eq!(r.state_len(), 3 * HOT_MEMBERS);
         assert!(r.state_entries_but_members().next().is_none());
 
-        // Parsed from the slot: the very event that was applied.
+        // Made from the slot: the applied event as clients see it.
         let first = r.state("m.room.member", "@u0:x").expect("u0 is a member");
         assert_eq!(first.pdu.event_id, joins[0].event_id);
-        assert_eq!(first.pdu.json, joins[0].json);
+        assert_eq!(client_event_prefix(&first.pdu), client_event_prefix(&joins[0]));
+        assert_eq!(*first.pdu.json, client_event_prefix(&joins[0]) + "}", "no signed JSON is kept");
         assert_eq!(first.pdu.content.get(), joins[0].content.get());
         assert_eq!(first.pos, 1);
+        // Sent by someone else (an invite): the sender is kept.
+        let invite = apply(
+            &mut r,
+            "@u1:x",
+            NewEvent::state("m.room.member", "@guest:x", serde_json::json!({"membership": "invite"})),
+        );
+        let served = r.state("m.room.member", "@guest:x").expect("invited");
+        assert_eq!(served.pdu.sender, "@u1:x");
+        assert_eq!(client_event_prefix(&served.pdu), client_event_prefix(&invite));
         assert!(r.hot_members.is_empty(), "joining makes nobody a sender");
 
         // A sender's member event is made once and shared.

@@ -129,7 +129,8 @@ impl ReadableState {
         let after = |user: &str| from.is_none_or(|f| user > f);
         // A slot's membership is read before its event is parsed: a page
         // parses what it returns, not what `keep` skips.
-        let slot_event = |room_id: &RoomId, slot: &MemberSlot| keep(slot.membership).then(|| slot.entry(room_id)).flatten();
+        let slot_event =
+            |room_id: &RoomId, user: &str, slot: &MemberSlot| keep(slot.membership).then(|| slot.entry(room_id, user)).flatten();
         let mut page: Vec<StoredEvent> = match (&self.source, &self.hidden) {
             (StateSource::Current(room), Some(hidden)) => {
                 let r = room.read();
@@ -138,7 +139,7 @@ impl ReadableState {
                 visible.dedup();
                 visible
                     .into_iter()
-                    .filter_map(|u| slot_event(&r.record.room_id, r.member(u)?))
+                    .filter_map(|u| slot_event(&r.record.room_id, u, r.member(u)?))
                     .filter(|e| self.shows(&e.pdu))
                     .take(limit + 1)
                     .map(StateEntry::into_stored)
@@ -147,7 +148,7 @@ impl ReadableState {
             (StateSource::Current(room), None) => {
                 let r = room.read();
                 r.members_after(from)
-                    .filter_map(|(_, slot)| slot_event(&r.record.room_id, slot))
+                    .filter_map(|(user, slot)| slot_event(&r.record.room_id, user, slot))
                     .filter(|e| self.shows(&e.pdu))
                     .take(limit + 1)
                     .map(StateEntry::into_stored)

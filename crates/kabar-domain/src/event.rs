@@ -114,7 +114,9 @@ pub struct Pdu {
     pub depth: u64,
     /// False only for a v12 create event, whose room id is implied by its hash.
     pub has_room_id: bool,
-    /// The whole signed PDU in canonical JSON.
+    /// The whole signed PDU in canonical JSON; but for a member event
+    /// served from a room's cache, which keeps only what clients see of it,
+    /// its client form (see `kabar_core::room_cache::MemberSlot`).
     pub json: Arc<str>,
 }
 
