@@ -122,7 +122,7 @@ impl StateEntry {
 /// two thirds of its JSON) stays in the store; the room cache serves a
 /// member event in its client form, with `Pdu::json` holding that form too
 /// (see [`MemberSlot::entry`]). A supergroup's state is mostly these, so
-/// a member costs about 350 bytes here (see ARCHITECTURE.md, "Memory per
+/// a member costs about 400 bytes here (see ARCHITECTURE.md, "Memory per
 /// member and per room").
 #[derive(Debug, Clone)]
 pub struct MemberSlot {
