@@ -492,6 +492,17 @@ mod tests {
         applier: Arc<Applier>,
     }
 
+    impl Node {
+        /// Whether the node applied everything `store` committed so far
+        /// (reading the store for it now) within 5 s.
+        async fn caught_up_with(&self, store: &Arc<dyn Store>) -> bool {
+            self.applier
+                .applied()
+                .catch_up_to(store.current_position(), Duration::from_secs(5))
+                .await
+        }
+    }
+
     /// Listening, the node hears its own commits at once; not listening, it
     /// learns every write as another process would: from the store, by
     /// catch-up every `catch_up` (or when poked).
@@ -548,6 +559,47 @@ mod tests {
             .await
             .unwrap();
         (dir, store, alice)
+    }
+
+    /// Users `@u0:localhost`, `@u1:localhost`... in `store`.
+    async fn new_users(store: &Arc<dyn Store>, count: usize) -> Vec<ruma::OwnedUserId> {
+        let mut users = vec![];
+        for n in 0..count {
+            let user = ruma::OwnedUserId::try_from(format!("@u{n}:localhost")).unwrap();
+            let new_user = NewUser {
+                user_id: user.clone(),
+                password_hash: None,
+                created_ms: 1,
+            };
+            store.create_user(new_user).await.unwrap();
+            users.push(user);
+        }
+        users
+    }
+
+    /// Users `@bob:localhost` and `@carl:localhost` in `store`.
+    async fn with_bob_and_carl(store: &Arc<dyn Store>) -> (ruma::OwnedUserId, ruma::OwnedUserId) {
+        let (bob, carl) = (owned_user_id!("@bob:localhost"), owned_user_id!("@carl:localhost"));
+        for user in [&bob, &carl] {
+            let new = NewUser {
+                user_id: user.clone(),
+                password_hash: None,
+                created_ms: 1,
+            };
+            store.create_user(new).await.unwrap();
+        }
+        (bob, carl)
+    }
+
+    /// A public broadcast channel.
+    fn a_channel() -> CreateRoom {
+        let mut create = serde_json::Map::new();
+        create.insert("type".into(), json!("kabar.channel"));
+        CreateRoom {
+            preset: Some("public_chat".into()),
+            creation_content: Some(create),
+            ..CreateRoom::default()
+        }
     }
 
     /// The whole of a (small) room's history, oldest first.
@@ -633,12 +685,7 @@ mod tests {
             })
             .await
             .unwrap();
-        assert!(
-            b.applier
-                .applied()
-                .catch_up_to(store.current_position(), Duration::from_secs(5))
-                .await
-        );
+        assert!(b.caught_up_with(&store).await);
         let session = Session {
             user_id: alice.clone(),
             device_id: "D".into(),
@@ -758,17 +805,7 @@ mod tests {
             ..Default::default()
         };
         let room_id = a.rooms.create_room(&alice, public).await.unwrap();
-        let mut users = vec![];
-        for n in 0..32 {
-            let user = ruma::OwnedUserId::try_from(format!("@u{n}:localhost")).unwrap();
-            let new_user = NewUser {
-                user_id: user.clone(),
-                password_hash: None,
-                created_ms: 1,
-            };
-            store.create_user(new_user).await.unwrap();
-            users.push(user);
-        }
+        let users = new_users(&store, 32).await;
         let join = |user: ruma::OwnedUserId, extra: Option<serde_json::Map<String, serde_json::Value>>| {
             let (rooms, room_id) = (a.rooms.clone(), room_id.clone());
             tokio::spawn(async move { rooms.set_membership(&user, &room_id, &user, Membership::Join, None, extra).await })
@@ -965,24 +1002,9 @@ mod tests {
     #[tokio::test]
     async fn a_subscribers_join_wakes_the_staff_and_themselves_not_the_other_subscribers() {
         let (_dir, store, alice) = store_with_alice().await;
-        let (bob, carl) = (owned_user_id!("@bob:localhost"), owned_user_id!("@carl:localhost"));
-        for user in [&bob, &carl] {
-            let new = NewUser {
-                user_id: user.clone(),
-                password_hash: None,
-                created_ms: 1,
-            };
-            store.create_user(new).await.unwrap();
-        }
+        let (bob, carl) = with_bob_and_carl(&store).await;
         let a = node(&store, true, Duration::from_secs(3600));
-        let mut create = serde_json::Map::new();
-        create.insert("type".into(), json!("kabar.channel"));
-        let channel = CreateRoom {
-            preset: Some("public_chat".into()),
-            creation_content: Some(create),
-            ..CreateRoom::default()
-        };
-        let room_id = a.rooms.create_room(&alice, channel).await.unwrap();
+        let room_id = a.rooms.create_room(&alice, a_channel()).await.unwrap();
         a.rooms
             .set_membership(&bob, &room_id, &bob, kabar_domain::membership::Membership::Join, None, None)
             .await
@@ -1012,24 +1034,9 @@ mod tests {
     #[tokio::test]
     async fn a_channels_views_are_counted_as_applied_and_alike_when_read_from_the_store_later() {
         let (_dir, store, alice) = store_with_alice().await;
-        let (bob, carl) = (owned_user_id!("@bob:localhost"), owned_user_id!("@carl:localhost"));
-        for user in [&bob, &carl] {
-            let new = NewUser {
-                user_id: user.clone(),
-                password_hash: None,
-                created_ms: 1,
-            };
-            store.create_user(new).await.unwrap();
-        }
+        let (bob, carl) = with_bob_and_carl(&store).await;
         let a = node(&store, true, Duration::from_secs(3600));
-        let mut create = serde_json::Map::new();
-        create.insert("type".into(), json!("kabar.channel"));
-        let channel = CreateRoom {
-            preset: Some("public_chat".into()),
-            creation_content: Some(create),
-            ..CreateRoom::default()
-        };
-        let room_id = a.rooms.create_room(&alice, channel).await.unwrap();
+        let room_id = a.rooms.create_room(&alice, a_channel()).await.unwrap();
         let post = || NewEvent::message("m.room.message", json!({"msgtype": "m.text", "body": "news"}));
         a.rooms
             .set_membership(&bob, &room_id, &bob, Membership::Join, None, None)
@@ -1060,7 +1067,7 @@ mod tests {
             store.put_receipt(receipt).await.unwrap();
         }
         let head = store.current_position();
-        assert!(b.applier.applied().catch_up_to(head, Duration::from_secs(5)).await);
+        assert!(b.caught_up_with(&store).await);
         // c started after all of it: its counter is read from the store.
         let c = node(&store, false, Duration::from_secs(3600));
 
@@ -1103,14 +1110,7 @@ mod tests {
         };
         let room_id = a.rooms.create_room(&alice, public).await.unwrap();
         let created = store.current_position();
-        for n in 0..30 {
-            let user = ruma::OwnedUserId::try_from(format!("@u{n}:localhost")).unwrap();
-            let new = NewUser {
-                user_id: user.clone(),
-                password_hash: None,
-                created_ms: 1,
-            };
-            store.create_user(new).await.unwrap();
+        for user in new_users(&store, 30).await {
             a.rooms
                 .set_membership(&user, &room_id, &user, Membership::Join, None, None)
                 .await
@@ -1128,12 +1128,7 @@ mod tests {
             .send(&alice, &room_id, NewEvent::message("m.room.message", json!({"body": "hi"})), None)
             .await
             .unwrap();
-        assert!(
-            b.applier
-                .applied()
-                .catch_up_to(store.current_position(), Duration::from_secs(5))
-                .await
-        );
+        assert!(b.caught_up_with(&store).await);
         for (how, node) in [("applied", &a), ("loaded", &b)] {
             let room = node.rooms.room(&room_id).await.unwrap();
             assert!(room.read().may_have_unread_after(created), "{how}: a message came");
@@ -1143,30 +1138,13 @@ mod tests {
     #[tokio::test]
     async fn view_counters_past_their_budget_are_dropped_least_recently_asked_first_and_read_again() {
         let (_dir, store, alice) = store_with_alice().await;
-        let (bob, carl) = (owned_user_id!("@bob:localhost"), owned_user_id!("@carl:localhost"));
-        for user in [&bob, &carl] {
-            let new = NewUser {
-                user_id: user.clone(),
-                password_hash: None,
-                created_ms: 1,
-            };
-            store.create_user(new).await.unwrap();
-        }
+        let (bob, carl) = with_bob_and_carl(&store).await;
         let a = node(&store, true, Duration::from_secs(3600));
         a.views.set_budget(3);
-        let channel = || {
-            let mut create = serde_json::Map::new();
-            create.insert("type".into(), json!("kabar.channel"));
-            CreateRoom {
-                preset: Some("public_chat".into()),
-                creation_content: Some(create),
-                ..CreateRoom::default()
-            }
-        };
         // Each counts its creator: two members in all.
         let (x, y) = (
-            a.rooms.create_room(&alice, channel()).await.unwrap(),
-            a.rooms.create_room(&alice, channel()).await.unwrap(),
+            a.rooms.create_room(&alice, a_channel()).await.unwrap(),
+            a.rooms.create_room(&alice, a_channel()).await.unwrap(),
         );
         a.rooms.set_membership(&bob, &x, &bob, Membership::Join, None, None).await.unwrap();
         let post = a
