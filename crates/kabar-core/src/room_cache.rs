@@ -210,6 +210,14 @@ pub const BUMP_TYPES: &[&str] = &[
     "m.beacon_info",
 ];
 
+/// Where a backwards read of a room's events up to `until` that passes
+/// over some types stops: just before the room's `scan`-th newest event
+/// at or before `until`, or `None` when it has fewer. The store skips
+/// types in its index, but still walks the skipped events one by one.
+pub(crate) async fn scan_floor(store: &dyn Store, room_id: &RoomId, until: StreamPos, scan: usize) -> Result<Option<StreamPos>> {
+    Ok(store.room_position_back(room_id, until, scan).await?.map(|oldest| oldest - 1))
+}
+
 /// A room's cached current state and head.
 pub struct RoomCache {
     pub record: RoomRecord,
@@ -1238,18 +1246,13 @@ impl RoomCaches {
         })
     }
 
-    /// Applies a committed event to its room if this process holds it (a
-    /// room nobody here used is read from the store when first used).
-    /// Only the applier calls it, in stream order.
     /// The position of the room's newest event that is not a member event,
     /// looked for among its newest [`UNREAD_CANDIDATE_SCAN`] up to
     /// `last_pos` (past them, the oldest of those: none came after it).
     async fn newest_but_members(&self, room_id: &RoomId, last_pos: StreamPos) -> Result<StreamPos> {
-        let floor = self
-            .store
-            .room_position_back(room_id, last_pos, UNREAD_CANDIDATE_SCAN)
+        let floor = scan_floor(&*self.store, room_id, last_pos, UNREAD_CANDIDATE_SCAN)
             .await?
-            .map_or(0, |oldest| oldest - 1);
+            .unwrap_or(0);
         let members = [TimelineEventType::RoomMember.to_string()];
         let newest = self
             .store
@@ -1266,6 +1269,9 @@ impl RoomCaches {
         Ok(newest.first().map_or(floor, |e| e.pos))
     }
 
+    /// Applies a committed event to its room if this process holds it (a
+    /// room nobody here used is read from the store when first used).
+    /// Only the applier calls it, in stream order.
     pub(crate) fn apply(&self, event: &Arc<StoredEvent>) {
         let Some(slot) = self.rooms.lock().expect("rooms lock").get(&event.pdu.room_id).cloned() else {
             return;

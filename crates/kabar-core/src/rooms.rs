@@ -1136,23 +1136,18 @@ impl Rooms {
         }
     }
 
-    /// Where a backwards read of `(after, until]` filtered by type stops:
-    /// just before the room's `scan`-th newest event at or before `until`,
-    /// or `None` when the range holds fewer. The store applies a filter of
-    /// types in its index, but still passes over the others one by one: a
-    /// filter for messages in a room of a million joins must read through
-    /// the newest events only, and say where to go on.
+    /// Where a backwards read of `(after, until]` filtered by type stops
+    /// (`room_cache::scan_floor`), or `None` when the range holds fewer
+    /// than `scan` events: a filter for messages in a room of a million
+    /// joins reads through the newest events only, and says where to go on.
     pub async fn typed_scan_floor(
         &self,
         room_id: &RoomId,
         (after, until): (StreamPos, StreamPos),
         scan: usize,
     ) -> Result<Option<StreamPos>> {
-        Ok(self
-            .store
-            .room_position_back(room_id, until, scan)
+        Ok(crate::room_cache::scan_floor(&*self.store, room_id, until, scan)
             .await?
-            .map(|oldest| oldest - 1)
             .filter(|floor| *floor > after))
     }
 

@@ -1025,38 +1025,36 @@ impl SyncEngine {
         if candidates && entry.notifications < UNREAD_CAP as u64 {
             let counts = |e: &StoredEvent| push::may_count(e, user) && !ignored.contains(&e.pdu.sender);
             let recent = room.read().recent_between(start, upto);
-            let member_events = [ruma::events::TimelineEventType::RoomMember.to_string()];
-            // The store passes member events over one by one in its index:
-            // it looks through the newest `UNREAD_SCAN` events at most.
-            let floor = match recent {
-                Some(_) => start,
-                None => self
-                    .rooms
-                    .typed_scan_floor(room_id, (start, upto), UNREAD_SCAN)
-                    .await?
-                    .unwrap_or(start),
-            };
             let others: Vec<Arc<TimelineEvent>> = match recent {
                 Some(events) => events.into_iter().filter(|e| counts(&e.event)).collect(),
-                None => self
-                    .store
-                    .room_events(EventRange {
-                        room_id,
-                        after: floor,
-                        until: upto,
-                        direction: Direction::Backward,
-                        limit: UNREAD_CAP,
-                        kinds: None,
-                        // Never counted (see `push::may_count`), and a big
-                        // room's joins would fill the read.
-                        not_kinds: &member_events,
-                    })
-                    .await?
-                    .into_iter()
-                    .rev()
-                    .filter(|e| counts(e))
-                    .map(|e| Arc::new(TimelineEvent::new(e)))
-                    .collect(),
+                None => {
+                    // The store passes member events over one by one in its
+                    // index: it looks through the newest `UNREAD_SCAN` at most.
+                    let floor = self
+                        .rooms
+                        .typed_scan_floor(room_id, (start, upto), UNREAD_SCAN)
+                        .await?
+                        .unwrap_or(start);
+                    let member_events = [ruma::events::TimelineEventType::RoomMember.to_string()];
+                    self.store
+                        .room_events(EventRange {
+                            room_id,
+                            after: floor,
+                            until: upto,
+                            direction: Direction::Backward,
+                            limit: UNREAD_CAP,
+                            kinds: None,
+                            // Never counted (see `push::may_count`), and a big
+                            // room's joins would fill the read.
+                            not_kinds: &member_events,
+                        })
+                        .await?
+                        .into_iter()
+                        .rev()
+                        .filter(|e| counts(e))
+                        .map(|e| Arc::new(TimelineEvent::new(e)))
+                        .collect()
+                }
             };
             if !others.is_empty() {
                 let rules = self.push_rules.ruleset(user).await?;
