@@ -170,6 +170,11 @@ pub async fn typing_route(
     if room.read().membership(&user) != Some(Membership::Join) {
         return Err(ApiError::forbidden("you are not in this room"));
     }
+    if room.read().member_visibility(&user).is_some() {
+        // A channel's subscriber cannot post, and their typing would name
+        // them to every other subscriber: accepted, told to no one.
+        return Ok(Json(json!({})));
+    }
     eph.set_typing(&room_id, &user, b.typing, Duration::from_millis(b.timeout.unwrap_or(30_000)));
     Ok(Json(json!({})))
 }

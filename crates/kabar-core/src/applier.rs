@@ -369,19 +369,17 @@ impl Applier {
                 let target = (event.pdu.kind == TimelineEventType::RoomMember)
                     .then(|| event.pdu.state_key.as_deref().and_then(|k| OwnedUserId::try_from(k).ok()))
                     .flatten();
-                match target {
-                    Some(target) => {
-                        t.changes.memberships.record(&target, pos);
-                        // In a channel, a subscriber's join or leave is news
-                        // to them and the staff only: the other subscribers'
-                        // syncs are not woken for what they may not see.
-                        match t.rooms.hidden_member_news(&event.pdu.room_id, &target) {
-                            Some(staff) => wakes.users.extend(staff.iter().cloned()),
-                            None => {
-                                wakes.rooms.insert(event.pdu.room_id.clone());
-                            }
-                        }
-                        wakes.users.insert(target);
+                if let Some(target) = target {
+                    t.changes.memberships.record(&target, pos);
+                    wakes.users.insert(target);
+                }
+                // In a channel, a subscriber's join, leave or reaction is
+                // news to them and the staff only: the other subscribers'
+                // syncs are not woken for what they may not see.
+                match t.rooms.private_news(&event.pdu) {
+                    Some((roles, member)) => {
+                        wakes.users.extend(roles.staff.iter().cloned());
+                        wakes.users.insert(member);
                     }
                     None => {
                         wakes.rooms.insert(event.pdu.room_id.clone());
@@ -392,9 +390,24 @@ impl Applier {
                 t.changes.account_data.record(user_id, pos);
                 wakes.users.insert(user_id.clone());
             }
-            Change::Receipt { room_id } => {
+            Change::Receipt { room_id, user_id } => {
                 t.changes.receipts.record(room_id, pos);
-                wakes.rooms.insert(room_id.clone());
+                match user_id {
+                    Some(user) => {
+                        t.changes.own_receipts.record(&(room_id.clone(), user.clone()), pos);
+                        // In a channel a receipt is told to its author only
+                        // (and counted in views): the other members' syncs
+                        // are not woken for it.
+                        if t.rooms.is_loaded_channel(room_id) {
+                            wakes.users.insert(user.clone());
+                        } else {
+                            wakes.rooms.insert(room_id.clone());
+                        }
+                    }
+                    None => {
+                        wakes.rooms.insert(room_id.clone());
+                    }
+                }
             }
             Change::DeviceList { user_id } => {
                 t.changes.device_lists.record(user_id, pos);
@@ -903,17 +916,17 @@ mod tests {
         assert_eq!(cache.member_count(Membership::Join), 1 + 32, "the cache counts what landed");
     }
 
-    /// `/messages` backwards with a filter of types reads through the
-    /// room's newest events a page at a time, not back to the room's start:
-    /// with nothing matching there it answers an empty chunk and where to
-    /// go on from, and going on finds the older match.
+    /// `/messages` with a filter of types reads through a bounded number
+    /// of the room's events a page at a time, backwards and forwards, not
+    /// on to the room's edge: with nothing matching there it answers an
+    /// empty chunk and where to go on from, and going on finds the match.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_filtered_history_page_stops_at_its_scan_and_goes_on_from_there() {
         let (_dir, store, alice) = store_with_alice().await;
         let a = node(&store, true, Duration::from_secs(3600));
         let room_id = a.rooms.create_room(&alice, CreateRoom::default()).await.unwrap();
         let text = |body: &str| NewEvent::message("m.room.message", json!({ "body": body }));
-        a.rooms.send(&alice, &room_id, text("the old one"), None).await.unwrap();
+        let old = a.rooms.send(&alice, &room_id, text("the old one"), None).await.unwrap();
         let noise: Vec<_> = (0..8)
             .map(|task| {
                 let (rooms, room_id, alice) = (a.rooms.clone(), room_id.clone(), alice.clone());
@@ -928,6 +941,7 @@ mod tests {
         for task in noise {
             task.await.unwrap();
         }
+        a.rooms.send(&alice, &room_id, text("the new one"), None).await.unwrap();
         let mut messages_only = ruma::api::client::filter::RoomEventFilter::default();
         messages_only.types = Some(vec!["m.room.message".to_owned()]);
         let ignored = std::collections::HashSet::new();
@@ -936,24 +950,28 @@ mod tests {
             ignored: &ignored,
             hidden: None,
         };
+        let page = |from, dir| a.rooms.messages(&alice, &room_id, from, None, dir, 10, filter());
+        let bodies = |found: Vec<crate::rooms::VisibleEvent>| -> Vec<String> {
+            found
+                .iter()
+                .filter_map(|e| e.event.pdu.content_value()["body"].as_str().map(str::to_owned))
+                .collect()
+        };
+        use crate::rooms::Dir::{Backward, Forward};
+
         let head = store.current_position();
-        let (found, end) = a
-            .rooms
-            .messages(&alice, &room_id, head, None, crate::rooms::Dir::Backward, 10, filter())
-            .await
-            .unwrap();
-        assert!(found.is_empty(), "the old message is 5,600 events back");
+        let (found, end) = page(head, Backward).await.unwrap();
+        assert_eq!(bodies(found), ["the new one"], "the old message is 5,601 events back");
+        let (found, _) = page(end.expect("the page says where to go on from"), Backward).await.unwrap();
+        assert_eq!(bodies(found), ["the old one"]);
+
+        let after_old = store.event(&old).await.unwrap().unwrap().pos;
+        let (found, end) = page(after_old, Forward).await.unwrap();
+        assert!(bodies(found).is_empty(), "the new message is 5,601 events on");
         let end = end.expect("the page says where to go on from");
-        let (found, _) = a
-            .rooms
-            .messages(&alice, &room_id, end, None, crate::rooms::Dir::Backward, 10, filter())
-            .await
-            .unwrap();
-        let bodies: Vec<String> = found
-            .iter()
-            .filter_map(|e| e.event.pdu.content_value()["body"].as_str().map(str::to_owned))
-            .collect();
-        assert_eq!(bodies, ["the old one"]);
+        assert!(end > after_old && end < head);
+        let (found, _) = page(end, Forward).await.unwrap();
+        assert_eq!(bodies(found), ["the new one"]);
     }
 
     /// Past their budget, the caches drop the least recently used rooms
@@ -1029,6 +1047,59 @@ mod tests {
             .await
             .unwrap();
         assert!(bob_waits_for_a_post.wait(Duration::from_secs(5)).await, "a post is");
+    }
+
+    /// In a channel, a subscriber's reaction wakes the staff and them, and
+    /// their receipt them alone: the other subscribers' syncs sleep on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscribers_reaction_and_receipt_wake_no_other_subscriber() {
+        let (_dir, store, alice) = store_with_alice().await;
+        let (bob, carl) = with_bob_and_carl(&store).await;
+        let a = node(&store, true, Duration::from_secs(3600));
+        let room_id = a.rooms.create_room(&alice, a_channel()).await.unwrap();
+        for user in [&bob, &carl] {
+            a.rooms
+                .set_membership(user, &room_id, user, Membership::Join, None, None)
+                .await
+                .unwrap();
+        }
+        let post = NewEvent::message("m.room.message", json!({"msgtype": "m.text", "body": "news"}));
+        let post = a.rooms.send(&alice, &room_id, post, None).await.unwrap();
+        let interests = || [&alice, &bob, &carl].map(|u| a.notifier.interest(u, [&*room_id]));
+        let woken = |interests: [crate::notifier::Interest; 3]| async move {
+            let mut woken = vec![];
+            for interest in interests {
+                woken.push(interest.wait(Duration::from_millis(200)).await);
+            }
+            woken
+        };
+
+        let waiting = interests();
+        let reaction = json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": post, "key": "👍"}});
+        a.rooms
+            .send(&bob, &room_id, NewEvent::message("m.reaction", reaction), None)
+            .await
+            .unwrap();
+        assert_eq!(woken(waiting).await, [true, true, false], "the staff and bob, not carl");
+
+        let waiting = interests();
+        let receipt = kabar_store::ReceiptRecord {
+            room_id: room_id.clone(),
+            user_id: bob.clone(),
+            receipt_type: "m.read".into(),
+            event_id: post.clone(),
+            thread_id: None,
+            ts_ms: 1,
+            pos: 0,
+        };
+        store.put_receipt(receipt).await.unwrap();
+        assert_eq!(woken(waiting).await, [false, true, false], "bob alone");
+
+        // A post wakes everyone.
+        let waiting = interests();
+        let post = NewEvent::message("m.room.message", json!({"msgtype": "m.text", "body": "more"}));
+        a.rooms.send(&alice, &room_id, post, None).await.unwrap();
+        assert_eq!(woken(waiting).await, [true, true, true]);
     }
 
     #[tokio::test]

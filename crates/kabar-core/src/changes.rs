@@ -237,8 +237,11 @@ pub struct Changes {
     pub memberships: ChangeTracker<OwnedUserId>,
     /// A user's global and per-room account data.
     pub account_data: ChangeTracker<OwnedUserId>,
-    /// Receipts in a room.
+    /// Receipts in a room, anyone's.
     pub receipts: ChangeTracker<OwnedRoomId>,
+    /// A user's own receipts in a room: in a channel, the only ones they
+    /// are told of (`SyncEngine::receipts_told`).
+    pub own_receipts: ChangeTracker<(OwnedRoomId, OwnedUserId)>,
     /// Users whose devices or keys changed (what `/keys/query` shows of them).
     pub device_lists: ChangeLog<OwnedUserId>,
     /// Rooms with new events (sliding sync's room lists re-read these only).
@@ -260,6 +263,7 @@ impl Changes {
             memberships: ChangeTracker::new(baseline),
             account_data: ChangeTracker::new(baseline),
             receipts: ChangeTracker::new(baseline),
+            own_receipts: ChangeTracker::new(baseline),
             device_lists: ChangeLog::new(baseline),
             room_events: ChangeLog::new(baseline),
             one_time_keys: ChangeTracker::new(baseline),

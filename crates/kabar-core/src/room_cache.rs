@@ -17,7 +17,7 @@ use std::{
 
 use kabar_domain::{
     NewEvent, Pdu, StateKey, auth_event_keys, authorize,
-    channel::{MemberVisibility, is_channel_create},
+    channel::{ChannelRoles, MemberVisibility, is_channel_create},
     client_event::client_event_prefix,
     event::{EventSigner, raw},
     membership::{HistoryVisibility, Membership},
@@ -215,7 +215,10 @@ pub const BUMP_TYPES: &[&str] = &[
 /// at or before `until`, or `None` when it has fewer. The store skips
 /// types in its index, but still walks the skipped events one by one.
 pub(crate) async fn scan_floor(store: &dyn Store, room_id: &RoomId, until: StreamPos, scan: usize) -> Result<Option<StreamPos>> {
-    Ok(store.room_position_back(room_id, until, scan).await?.map(|oldest| oldest - 1))
+    Ok(store
+        .room_position(room_id, until, Direction::Backward, scan)
+        .await?
+        .map(|oldest| oldest - 1))
 }
 
 /// A room's cached current state and head.
@@ -266,10 +269,11 @@ pub struct RoomCache {
     /// The power levels as push rules read them, parsed when first asked
     /// for after each change: every member's unread count needs them.
     push_power_levels: std::sync::OnceLock<Arc<ruma::push::PushConditionPowerLevelsCtx>>,
-    /// In a channel, who may post (and so sees every member), worked out
-    /// when first asked for after each change of the power levels; `None`
-    /// inside for a room that is not a channel.
-    channel_staff: std::sync::OnceLock<Option<Arc<std::collections::HashSet<OwnedUserId>>>>,
+    /// In a channel, who may post (and so sees every member) and what
+    /// subscribers may send, worked out when first asked for after each
+    /// change of the power levels; `None` inside for a room that is not a
+    /// channel.
+    channel_roles: std::sync::OnceLock<Option<Arc<ChannelRoles>>>,
 }
 
 impl RoomCache {
@@ -294,7 +298,7 @@ impl RoomCache {
             state_changed_at: 0,
             visibility_changes: vec![],
             push_power_levels: std::sync::OnceLock::new(),
-            channel_staff: std::sync::OnceLock::new(),
+            channel_roles: std::sync::OnceLock::new(),
         }
     }
 
@@ -683,7 +687,7 @@ impl RoomCache {
                 ruma::events::TimelineEventType::RoomPowerLevels | ruma::events::TimelineEventType::RoomCreate
             ) {
                 self.push_power_levels = std::sync::OnceLock::new();
-                self.channel_staff = std::sync::OnceLock::new();
+                self.channel_roles = std::sync::OnceLock::new();
             }
             if pdu.kind == ruma::events::TimelineEventType::RoomHistoryVisibility && pos > 0 {
                 self.visibility_changes
@@ -718,36 +722,25 @@ impl RoomCache {
 
     /// Whether the room is a broadcast channel (see `kabar_domain::channel`).
     pub fn is_channel(&self) -> bool {
-        self.channel_staff().is_some()
+        self.channel_roles().is_some()
     }
 
     /// In a channel, what `viewer` may not see of its members; `None` in
     /// other rooms and for the channel's staff.
     pub fn member_visibility(&self, viewer: &UserId) -> Option<MemberVisibility> {
-        MemberVisibility::for_viewer(viewer, self.channel_staff()?)
+        MemberVisibility::for_viewer(viewer, self.channel_roles()?)
     }
 
-    fn channel_staff(&self) -> Option<Arc<std::collections::HashSet<OwnedUserId>>> {
-        self.channel_staff
+    /// In a channel, who is on its staff and what subscribers may send;
+    /// `None` in other rooms.
+    pub fn channel_roles(&self) -> Option<Arc<ChannelRoles>> {
+        self.channel_roles
             .get_or_init(|| {
                 let create = self.other_state("m.room.create", "")?;
                 if !is_channel_create(&create.pdu.content_value()) {
                     return None;
                 }
-                let power = self.power_levels();
-                let post = power.for_message(ruma::events::MessageLikeEventType::RoomMessage);
-                if power.users_default >= post {
-                    // Everyone may post: a group by another name, nobody hidden.
-                    return None;
-                }
-                let mut staff: std::collections::HashSet<OwnedUserId> = power
-                    .users
-                    .iter()
-                    .filter(|(_, level)| **level >= post)
-                    .map(|(u, _)| u.clone())
-                    .collect();
-                staff.extend(self.creators());
-                Some(Arc::new(staff))
+                ChannelRoles::from_power_levels(&self.power_levels(), self.creators()).map(Arc::new)
             })
             .clone()
     }
@@ -1091,16 +1084,21 @@ impl RoomCaches {
         }
     }
 
-    /// The room's cache if it is loaded.
-    /// For a member event about `subject` in a loaded channel whose staff
-    /// `subject` is not part of: the staff, the only ones besides `subject`
-    /// who may see it. `None` when everyone in the room may.
-    pub fn hidden_member_news(&self, room_id: &RoomId, subject: &UserId) -> Option<Arc<std::collections::HashSet<OwnedUserId>>> {
-        let room = self.loaded(room_id)?;
-        let staff = room.read().channel_staff()?;
-        (!staff.contains(subject)).then_some(staff)
+    /// For an event in a loaded channel that only the staff and one member
+    /// may see (`ChannelRoles::private_to`): the staff, and that member.
+    /// `None` when everyone in the room may see it.
+    pub fn private_news(&self, pdu: &kabar_domain::Pdu) -> Option<(Arc<ChannelRoles>, OwnedUserId)> {
+        let roles = self.loaded(&pdu.room_id)?.read().channel_roles()?;
+        let member = OwnedUserId::try_from(roles.private_to(pdu)?).ok()?;
+        Some((roles, member))
     }
 
+    /// Whether `room_id` is loaded and a channel.
+    pub fn is_loaded_channel(&self, room_id: &RoomId) -> bool {
+        self.loaded(room_id).is_some_and(|room| room.read().is_channel())
+    }
+
+    /// The room's cache if it is loaded.
     pub fn loaded(&self, room_id: &RoomId) -> Option<Arc<Room>> {
         let slot = self.rooms.lock().expect("rooms lock").get(room_id)?.clone();
         match &*slot.state.lock().expect("room slot lock") {
@@ -1242,7 +1240,7 @@ impl RoomCaches {
             state_changed_at,
             visibility_changes,
             push_power_levels: std::sync::OnceLock::new(),
-            channel_staff: std::sync::OnceLock::new(),
+            channel_roles: std::sync::OnceLock::new(),
         })
     }
 

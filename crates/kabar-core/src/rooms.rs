@@ -1042,11 +1042,15 @@ impl Rooms {
     }
 
     /// Which of `events` the user may see, by the history visibility and
-    /// their membership at each, with that membership (`unsigned.membership`).
+    /// their membership at each, with that membership (`unsigned.membership`),
+    /// less what a channel hides from them (other subscribers' member
+    /// events, reactions and redactions).
     pub async fn filter_visible(&self, user: &UserId, room_id: &RoomId, events: Vec<StoredEvent>) -> Result<Vec<VisibleEvent>> {
         let view = self.history_view(user, room_id).await?;
+        let hidden = self.room(room_id).await?.read().member_visibility(user);
         Ok(events
             .into_iter()
+            .filter(|event| hidden.as_ref().is_none_or(|h| h.shows(&event.pdu)))
             .filter_map(|event| view.check(&event).map(|membership| VisibleEvent { event, membership }))
             .collect())
     }
@@ -1077,17 +1081,24 @@ impl Rooms {
         let mut cursor = from;
         let mut out = Vec::with_capacity(limit);
         // With a filter of types, the scan above counts only what matched:
-        // backwards (the way clients page), bound what the store's index
-        // passes over too.
-        let floor = match (dir, filter.exact_types()) {
+        // bound what the store's index passes over too, in either direction
+        // (a forward read from the start of a channel would otherwise walk
+        // every join to find its posts). The read stops at the bound, and
+        // the client goes on from there.
+        let bound = match (dir, filter.exact_types()) {
             (Dir::Backward, Some(_)) => self.typed_scan_floor(room_id, (to.unwrap_or(0), from), MESSAGES_SCAN_LIMIT).await?,
-            _ => None,
+            (Dir::Forward, Some(_)) => self
+                .store
+                .room_position(room_id, from, Direction::Forward, MESSAGES_SCAN_LIMIT)
+                .await?
+                .filter(|ceiling| to.is_none_or(|to| *ceiling < to)),
+            (_, None) => None,
         };
         loop {
             let range = match dir {
                 Dir::Backward => EventRange {
                     room_id,
-                    after: floor.or(to).unwrap_or(0),
+                    after: bound.or(to).unwrap_or(0),
                     until: cursor,
                     direction: Direction::Backward,
                     limit: batch,
@@ -1097,7 +1108,7 @@ impl Rooms {
                 Dir::Forward => EventRange {
                     room_id,
                     after: cursor,
-                    until: to.unwrap_or(u64::MAX),
+                    until: bound.or(to).unwrap_or(u64::MAX),
                     direction: Direction::Forward,
                     limit: batch,
                     kinds: filter.exact_types(),
@@ -1126,9 +1137,9 @@ impl Rooms {
                 }
             }
             if at_edge {
-                // At the floor rather than the room's edge: the client goes
+                // At the bound rather than the room's edge: the client goes
                 // on from there.
-                return Ok((out, floor));
+                return Ok((out, bound));
             }
             if scanned >= MESSAGES_SCAN_LIMIT {
                 return Ok((out, Some(cursor)));

@@ -468,6 +468,35 @@ impl SyncEngine {
         content
     }
 
+    /// Whether receipts `user` is told of in `room_id` changed after `from`.
+    fn receipts_moved(&self, user: &UserId, room_id: &RoomId, in_channel: bool, from: StreamPos) -> bool {
+        if in_channel {
+            self.changes
+                .own_receipts
+                .changed_since(&(room_id.to_owned(), user.to_owned()), from)
+        } else {
+            self.changes.receipts.changed_since(&room_id.to_owned(), from)
+        }
+    }
+
+    /// The receipts in `room_id` after `from` (0: all of them) that `user`
+    /// is told of; none when none changed. In a channel only their own:
+    /// anyone else's would name a subscriber to everyone (a channel's
+    /// readers are shown as the view counts of its posts), and every
+    /// subscriber's receipt would wake every subscriber.
+    async fn receipts_told(
+        &self,
+        user: &UserId,
+        room_id: &RoomId,
+        in_channel: bool,
+        from: StreamPos,
+    ) -> Result<Vec<kabar_store::ReceiptRecord>> {
+        if from > 0 && !self.receipts_moved(user, room_id, in_channel, from) {
+            return Ok(vec![]);
+        }
+        Ok(self.store.receipts_since(room_id, from, in_channel.then_some(user)).await?)
+    }
+
     async fn build(&self, session: &Session, req: &SyncRequest, memberships: &[MembershipRecord]) -> Result<(SyncResponse, bool)> {
         let user = &*session.user_id;
         // Only up to what is applied: every cache and tracker below covers it,
@@ -782,11 +811,10 @@ impl SyncEngine {
             let typing: Vec<OwnedUserId> = typing.into_iter().filter(|u| !ignored.contains(u)).collect();
             ephemeral.push(json!({ "type": "m.typing", "content": { "user_ids": typing } }));
         }
-        let receipts = if initial || self.changes.receipts.changed_since(&room_id.to_owned(), since.stream) {
-            self.store.receipts_since(room_id, if initial { 0 } else { since.stream }).await?
-        } else {
-            vec![]
-        };
+        let in_channel = room.read().is_channel();
+        let receipts = self
+            .receipts_told(user, room_id, in_channel, if initial { 0 } else { since.stream })
+            .await?;
         let receipt_content = Self::receipt_content(&receipts, user, upto.stream, ignored);
         if !receipt_content.is_empty() {
             ephemeral.push(json!({ "type": "m.receipt", "content": receipt_content }));

@@ -339,7 +339,7 @@ impl ViewCounts {
         let first = receipts_from == 0;
         let mut reads = vec![];
         if first || self.changes.receipts.changed_since(&room_id.to_owned(), receipts_from) {
-            let receipts = self.store.receipts_since(room_id, receipts_from).await?;
+            let receipts = self.store.receipts_since(room_id, receipts_from, None).await?;
             for r in receipts.iter().filter(|r| r.pos <= upto) {
                 let unthreaded = r.thread_id.as_deref().is_none_or(|t| t == "main");
                 if !matches!(r.receipt_type.as_str(), "m.read" | "m.read.private") || !unthreaded {

@@ -1,9 +1,11 @@
 //! Broadcast channels: rooms whose `m.room.create` has `type` [`CHANNEL_TYPE`].
 //! The staff (whoever may post a message) post; subscribers read, react
 //! when the power levels let them, and leave. Subscribers do not see one
-//! another: a member event about a subscriber is shown only to that
-//! subscriber and to the staff, so a subscriber joining sends the other
-//! subscribers nothing. Standard clients need no change: to them a channel
+//! another: a member event about a subscriber, and an event a subscriber
+//! sent (a reaction, its redaction), is shown only to that subscriber and
+//! to the staff, so a subscriber joining or reacting sends the other
+//! subscribers nothing. (Their read receipts are told to themselves only:
+//! see the sync engine.) Standard clients need no change: to them a channel
 //! is a room where they may not post and whose member list holds the staff.
 
 use std::collections::HashSet;
@@ -36,38 +38,91 @@ pub fn channel_power_levels(mut ordinary: Value) -> Value {
     ordinary
 }
 
+/// Who is who in a channel, from its power levels.
+#[derive(Debug, Default)]
+pub struct ChannelRoles {
+    /// Whoever may post a message (and the room's creators).
+    pub staff: HashSet<OwnedUserId>,
+    /// Event types subscribers may send too (`m.reaction` and
+    /// `m.room.redaction` as a channel starts): such an event from someone
+    /// outside the staff is shown to its sender and the staff only. A post
+    /// by someone no longer on the staff stays shown to everyone.
+    pub subscriber_kinds: HashSet<String>,
+}
+
+impl ChannelRoles {
+    /// The roles of a channel with these power levels: `None` when
+    /// everyone may post (a group by another name, nothing hidden).
+    pub fn from_power_levels(
+        power: &ruma::events::room::power_levels::RoomPowerLevels,
+        creators: impl IntoIterator<Item = OwnedUserId>,
+    ) -> Option<Self> {
+        let post = power.for_message(ruma::events::MessageLikeEventType::RoomMessage);
+        if power.users_default >= post {
+            return None;
+        }
+        let mut staff: HashSet<OwnedUserId> = power
+            .users
+            .iter()
+            .filter(|(_, level)| **level >= post)
+            .map(|(u, _)| u.clone())
+            .collect();
+        staff.extend(creators);
+        let subscriber_kinds = power
+            .events
+            .iter()
+            .filter(|(_, level)| **level <= power.users_default)
+            .map(|(kind, _)| kind.to_string())
+            .collect();
+        Some(ChannelRoles { staff, subscriber_kinds })
+    }
+
+    /// The one member besides the staff who may see `pdu`, when others may
+    /// not: the subject of a member event about a subscriber, or the sender
+    /// of a subscriber's reaction or redaction. `None` when everyone may.
+    pub fn private_to<'a>(&self, pdu: &'a Pdu) -> Option<&'a str> {
+        if pdu.kind == TimelineEventType::RoomMember {
+            let subject = pdu.state_key.as_deref()?;
+            (!self.staff.iter().any(|s| s.as_str() == subject)).then_some(subject)
+        } else {
+            (!self.staff.contains(&pdu.sender) && self.subscriber_kinds.contains(&pdu.kind.to_string())).then_some(pdu.sender.as_str())
+        }
+    }
+}
+
 /// What one viewer of a channel may not see: member events about
-/// subscribers other than themselves. `None` from
-/// [`MemberVisibility::for_viewer`] when the viewer sees everything.
+/// subscribers other than themselves, and other subscribers' reactions
+/// and redactions. `None` from [`MemberVisibility::for_viewer`] when the
+/// viewer sees everything.
 #[derive(Debug, Clone)]
 pub struct MemberVisibility {
     viewer: OwnedUserId,
-    staff: std::sync::Arc<HashSet<OwnedUserId>>,
+    roles: std::sync::Arc<ChannelRoles>,
 }
 
 impl MemberVisibility {
-    /// The view of `viewer` in a channel whose staff is `staff`; `None` for
-    /// a member of the staff, who sees every member.
-    pub fn for_viewer(viewer: &UserId, staff: std::sync::Arc<HashSet<OwnedUserId>>) -> Option<Self> {
-        (!staff.contains(viewer)).then(|| MemberVisibility {
+    /// The view of `viewer` in a channel with these roles; `None` for a
+    /// member of the staff, who sees every member.
+    pub fn for_viewer(viewer: &UserId, roles: std::sync::Arc<ChannelRoles>) -> Option<Self> {
+        (!roles.staff.contains(viewer)).then(|| MemberVisibility {
             viewer: viewer.to_owned(),
-            staff,
+            roles,
         })
     }
 
     /// Whether the viewer may see a member event about `subject`.
     pub fn shows_member(&self, subject: &str) -> bool {
-        subject == self.viewer.as_str() || self.staff.iter().any(|s| s.as_str() == subject)
+        subject == self.viewer.as_str() || self.roles.staff.iter().any(|s| s.as_str() == subject)
     }
 
     /// Whose member events the viewer may see: themselves and the staff.
     pub fn visible_members(&self) -> impl Iterator<Item = &UserId> {
-        std::iter::once(&*self.viewer).chain(self.staff.iter().map(|u| &**u))
+        std::iter::once(&*self.viewer).chain(self.roles.staff.iter().map(|u| &**u))
     }
 
-    /// Whether the viewer may see `pdu` (only member events are ever hidden).
+    /// Whether the viewer may see `pdu`.
     pub fn shows(&self, pdu: &Pdu) -> bool {
-        pdu.kind != TimelineEventType::RoomMember || pdu.state_key.as_deref().is_none_or(|k| self.shows_member(k))
+        self.roles.private_to(pdu).is_none_or(|member| member == self.viewer.as_str())
     }
 }
 
@@ -160,14 +215,51 @@ mod tests {
         assert!(!is_channel_create(&json!({})));
     }
 
+    /// A channel's roles as its power levels make them: `@admin:x` at
+    /// 100 (and, if given, someone once on the staff at level 0 now).
+    fn roles() -> Arc<ChannelRoles> {
+        use ruma::events::room::power_levels::{RoomPowerLevels, RoomPowerLevelsEventContent, RoomPowerLevelsSource};
+        let levels = channel_power_levels(json!({"users": {"@admin:x": 100}, "users_default": 0}));
+        let content: RoomPowerLevelsEventContent = serde_json::from_value(levels).unwrap();
+        let rules = ruma::RoomVersionId::V11.rules().unwrap().authorization;
+        let power = RoomPowerLevels::new(RoomPowerLevelsSource::Original(content), &rules, []);
+        Arc::new(ChannelRoles::from_power_levels(&power, []).expect("a channel"))
+    }
+
+    fn event(sender: &str, kind: &str, state_key: Option<&str>) -> Pdu {
+        let json = json!({"sender": sender, "type": kind, "state_key": state_key, "content": {}, "origin_server_ts": 1});
+        Pdu::from_stored(ruma::owned_event_id!("$e"), ruma::owned_room_id!("!c:x"), &json.to_string()).unwrap()
+    }
+
     #[test]
     fn subscribers_see_themselves_and_the_staff_and_the_staff_see_everyone() {
-        let staff = Arc::new(HashSet::from([owned_user_id!("@admin:x")]));
-        assert!(MemberVisibility::for_viewer(user_id!("@admin:x"), staff.clone()).is_none());
-        let sub = MemberVisibility::for_viewer(user_id!("@sub:x"), staff).expect("a subscriber's view");
+        let roles = roles();
+        assert_eq!(roles.staff, HashSet::from([owned_user_id!("@admin:x")]));
+        assert!(MemberVisibility::for_viewer(user_id!("@admin:x"), roles.clone()).is_none());
+        let sub = MemberVisibility::for_viewer(user_id!("@sub:x"), roles).expect("a subscriber's view");
         assert!(sub.shows_member("@sub:x"));
         assert!(sub.shows_member("@admin:x"));
         assert!(!sub.shows_member("@other:x"));
+        assert!(sub.shows(&event("@other:x", "m.room.member", Some("@admin:x"))));
+        assert!(!sub.shows(&event("@other:x", "m.room.member", Some("@other:x"))));
+    }
+
+    #[test]
+    fn a_subscribers_reactions_and_redactions_are_shown_to_them_and_the_staff_only() {
+        let roles = roles();
+        let sub = MemberVisibility::for_viewer(user_id!("@sub:x"), roles.clone()).unwrap();
+        for kind in ["m.reaction", "m.room.redaction"] {
+            let others = event("@other:x", kind, None);
+            assert_eq!(roles.private_to(&others), Some("@other:x"));
+            assert!(!sub.shows(&others), "another subscriber's {kind}");
+            assert!(sub.shows(&event("@sub:x", kind, None)), "their own {kind}");
+            assert!(sub.shows(&event("@admin:x", kind, None)), "the staff's {kind}");
+        }
+        // A post by someone no longer on the staff stays shown: subscribers
+        // cannot send posts, so it is not a subscriber's.
+        let old_post = event("@former-admin:x", "m.room.message", None);
+        assert_eq!(roles.private_to(&old_post), None);
+        assert!(sub.shows(&old_post));
     }
 
     #[test]

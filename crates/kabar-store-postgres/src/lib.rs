@@ -617,7 +617,10 @@ impl UserDataStore for PostgresStore {
                     .execute(&mut *c)
                     .await
                     .map_err(backend)?;
-                    positions.change(c, p, Change::Receipt { room_id: rc.room_id }).await?;
+                    positions.change(c, p, Change::Receipt {
+                            room_id: rc.room_id,
+                            user_id: Some(rc.user_id),
+                        }).await?;
                     Ok(p)
                 })
             })
@@ -640,14 +643,16 @@ impl UserDataStore for PostgresStore {
         row.as_ref().map(receipt_from_row).transpose()
     }
 
-    async fn receipts_since(&self, room_id: &RoomId, since: StreamPos) -> StoreResult<Vec<ReceiptRecord>> {
+    async fn receipts_since(&self, room_id: &RoomId, since: StreamPos, by: Option<&UserId>) -> StoreResult<Vec<ReceiptRecord>> {
         let rows = self
             .read(
                 sqlx::query(
-                    "SELECT room_id, user_id, receipt_type, thread_id, event_id, ts_ms, pos FROM receipts WHERE room_id = $1 AND pos > $2 ORDER BY pos",
+                    "SELECT room_id, user_id, receipt_type, thread_id, event_id, ts_ms, pos FROM receipts
+                     WHERE room_id = $1 AND pos > $2 AND ($3::text IS NULL OR user_id = $3) ORDER BY pos",
                 )
                 .bind(room_id.as_str())
                 .bind(pos(since))
+                .bind(by.map(|u| u.as_str()))
                 .fetch_all(&self.engine.pool),
             )
             .await?;

@@ -398,15 +398,19 @@ impl RoomStore for PostgresStore {
         row.map(|r| parse(get(&r, 0)?)).transpose()
     }
 
-    async fn room_position_back(&self, room_id: &RoomId, until: StreamPos, count: usize) -> StoreResult<Option<StreamPos>> {
+    async fn room_position(&self, room_id: &RoomId, from: StreamPos, direction: Direction, count: usize) -> StoreResult<Option<StreamPos>> {
         if count == 0 {
             return Ok(None);
         }
+        let sql = match direction {
+            Direction::Backward => "SELECT pos FROM events WHERE room_id = $1 AND pos <= $2 ORDER BY pos DESC LIMIT 1 OFFSET $3",
+            Direction::Forward => "SELECT pos FROM events WHERE room_id = $1 AND pos > $2 ORDER BY pos ASC LIMIT 1 OFFSET $3",
+        };
         let row: Option<(i64,)> = self
             .read(
-                sqlx::query_as("SELECT pos FROM events WHERE room_id = $1 AND pos <= $2 ORDER BY pos DESC LIMIT 1 OFFSET $3")
+                sqlx::query_as(sql)
                     .bind(room_id.as_str())
-                    .bind(pos(until))
+                    .bind(pos(from))
                     .bind(count.saturating_sub(1).min(i64::MAX as usize) as i64)
                     .fetch_optional(&self.engine.pool),
             )

@@ -736,17 +736,21 @@ impl RoomStore for SqliteStore {
             .await
     }
 
-    async fn room_position_back(&self, room_id: &RoomId, until: StreamPos, count: usize) -> StoreResult<Option<StreamPos>> {
+    async fn room_position(&self, room_id: &RoomId, from: StreamPos, direction: Direction, count: usize) -> StoreResult<Option<StreamPos>> {
         if count == 0 {
             return Ok(None);
         }
-        let (room, until) = (room_id.to_string(), until.min(i64::MAX as u64) as i64);
+        let (room, from) = (room_id.to_string(), from.min(i64::MAX as u64) as i64);
         let offset = (count - 1).min(i64::MAX as usize) as i64;
+        let sql = match direction {
+            Direction::Backward => "SELECT pos FROM events WHERE room_id = ?1 AND pos <= ?2 ORDER BY pos DESC LIMIT 1 OFFSET ?3",
+            Direction::Forward => "SELECT pos FROM events WHERE room_id = ?1 AND pos > ?2 ORDER BY pos ASC LIMIT 1 OFFSET ?3",
+        };
         self.engine
             .read(move |c| {
-                c.prepare_cached("SELECT pos FROM events WHERE room_id = ?1 AND pos <= ?2 ORDER BY pos DESC LIMIT 1 OFFSET ?3")
+                c.prepare_cached(sql)
                     .map_err(backend)?
-                    .query_row(params![room, until, offset], |r| r.get::<_, i64>(0))
+                    .query_row(params![room, from, offset], |r| r.get::<_, i64>(0))
                     .optional()
                     .map(|p| p.map(|p| p as StreamPos))
                     .map_err(backend)
@@ -1124,7 +1128,10 @@ impl UserDataStore for SqliteStore {
                     ],
                 )
                 .map_err(backend)?;
-                positions.change(c, pos, Change::Receipt { room_id: rc.room_id })?;
+                positions.change(c, pos, Change::Receipt {
+                        room_id: rc.room_id,
+                        user_id: Some(rc.user_id),
+                    })?;
                 Ok(pos)
             })
             .await
@@ -1146,17 +1153,21 @@ impl UserDataStore for SqliteStore {
             .await
     }
 
-    async fn receipts_since(&self, room_id: &RoomId, since: StreamPos) -> StoreResult<Vec<ReceiptRecord>> {
-        let r = room_id.to_string();
+    async fn receipts_since(&self, room_id: &RoomId, since: StreamPos, by: Option<&UserId>) -> StoreResult<Vec<ReceiptRecord>> {
+        let (r, by) = (room_id.to_string(), by.map(|u| u.to_string()));
         self.engine
             .read(move |c| {
+                // One user's: their rows of the primary key, not the room's index.
                 let mut st = c
-                    .prepare_cached("SELECT room_id, user_id, receipt_type, thread_id, event_id, ts_ms, pos FROM receipts WHERE room_id = ?1 AND pos > ?2 ORDER BY pos")
+                    .prepare_cached(
+                        "SELECT room_id, user_id, receipt_type, thread_id, event_id, ts_ms, pos FROM receipts
+                         WHERE room_id = ?1 AND pos > ?2 AND (?3 IS NULL OR user_id = ?3) ORDER BY pos",
+                    )
                     .map_err(backend)?;
-                st.query_map(params![r, since.min(i64::MAX as u64) as i64], receipt_from_row)
-                .map_err(backend)?
-                .collect::<Result<_, _>>()
-                .map_err(corrupt)
+                st.query_map(params![r, since.min(i64::MAX as u64) as i64, by], receipt_from_row)
+                    .map_err(backend)?
+                    .collect::<Result<_, _>>()
+                    .map_err(corrupt)
             })
             .await
     }

@@ -162,7 +162,7 @@ fn describe(u: &StreamUpdate) -> (StreamPos, String) {
     let what = match &u.change {
         Change::Event(e) => format!("event {}", e.pdu.event_id),
         Change::AccountData { user_id } => format!("account_data {user_id}"),
-        Change::Receipt { room_id } => format!("receipt {room_id}"),
+        Change::Receipt { room_id, user_id } => format!("receipt {room_id} by {}", user_id.as_ref().map_or("someone", |u| u.as_str())),
         Change::DeviceList { user_id } => format!("device_list {user_id}"),
         Change::OneTimeKeys { user_id, device_id } => format!("one_time_keys {user_id} {device_id}"),
         Change::ToDevice { user_id, device_id } => format!("to_device {user_id} {device_id}"),
@@ -245,7 +245,7 @@ async fn every_write_records_its_change(store: &dyn Store) {
         })
         .await
         .unwrap();
-    has(before, pos, format!("receipt {}", room.room_id)).await;
+    has(before, pos, format!("receipt {} by {user}", room.room_id)).await;
 
     let key = |id: &str| OneTimeKey {
         algorithm: "signed_curve25519".into(),
@@ -609,26 +609,50 @@ async fn queued_member_events_build_on_each_other(store: &dyn Store) {
         assert_eq!(membership_of(state, dave), Some(Membership::Invite), "dave's join did not land");
         assert_eq!(membership_of(state, erin), None, "nothing built on the failure landed");
     }
-    // Counting back from the newest event, or from a position.
+    // Counting back from the newest event, or from a position; and forward
+    // from before the first, or from a position.
     let newest_first: Vec<StreamPos> = events.iter().rev().map(|e| e.pos).collect();
+    let oldest_first: Vec<StreamPos> = events.iter().map(|e| e.pos).collect();
     for count in 1..=newest_first.len() {
         assert_eq!(
-            store.room_position_back(&room.room_id, StreamPos::MAX, count).await.unwrap(),
+            store
+                .room_position(&room.room_id, StreamPos::MAX, Direction::Backward, count)
+                .await
+                .unwrap(),
             Some(newest_first[count - 1])
         );
+        assert_eq!(
+            store.room_position(&room.room_id, 0, Direction::Forward, count).await.unwrap(),
+            Some(oldest_first[count - 1])
+        );
+    }
+    for direction in [Direction::Backward, Direction::Forward] {
+        let from = if direction == Direction::Backward { StreamPos::MAX } else { 0 };
+        assert_eq!(
+            store
+                .room_position(&room.room_id, from, direction, newest_first.len() + 1)
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(store.room_position(&room.room_id, head, direction, 0).await.unwrap(), None);
     }
     assert_eq!(
         store
-            .room_position_back(&room.room_id, StreamPos::MAX, newest_first.len() + 1)
+            .room_position(&room.room_id, positions[1], Direction::Backward, 2)
             .await
             .unwrap(),
-        None
-    );
-    assert_eq!(
-        store.room_position_back(&room.room_id, positions[1], 2).await.unwrap(),
         Some(positions[0])
     );
-    assert_eq!(store.room_position_back(&room.room_id, head, 0).await.unwrap(), None);
+    assert_eq!(
+        store
+            .room_position(&room.room_id, positions[0], Direction::Forward, 1)
+            .await
+            .unwrap(),
+        Some(positions[1]),
+        "forwards counts from after the position"
+    );
+    assert_eq!(store.room_position(&room.room_id, head, Direction::Forward, 1).await.unwrap(), None);
     for (user, expected) in [(dave, Some(Membership::Invite)), (erin, None)] {
         let records = store.memberships(&OwnedUserId::try_from(user).unwrap()).await.unwrap();
         let here = records.iter().find(|m| m.room_id == room.room_id).map(|m| m.membership);
@@ -1577,11 +1601,24 @@ async fn user_data(store: &dyn Store) {
         pos: 0,
     };
     let rp = store.put_receipt(r("$one")).await.unwrap();
+    let other_reader = owned_user_id!("@reader:localhost");
+    store
+        .put_receipt(ReceiptRecord {
+            user_id: other_reader.clone(),
+            ..r("$one")
+        })
+        .await
+        .unwrap();
     store.put_receipt(r("$two")).await.unwrap();
-    let got = store.receipts_since(&room, 0).await.unwrap();
-    assert_eq!(got.len(), 1, "a newer receipt replaces the older");
-    assert_eq!(got[0].event_id.as_str(), "$two");
-    assert!(got[0].pos > rp);
+    let got = store.receipts_since(&room, 0, None).await.unwrap();
+    assert_eq!(got.len(), 2, "a newer receipt replaces the older");
+    assert_eq!((got[0].user_id.as_str(), got[0].event_id.as_str()), ("@reader:localhost", "$one"));
+    assert_eq!(got[1].event_id.as_str(), "$two");
+    assert!(got[1].pos > rp);
+    let own = store.receipts_since(&room, 0, Some(&u)).await.unwrap();
+    assert_eq!(own.len(), 1, "only the one reader's");
+    assert_eq!((&own[0].user_id, own[0].event_id.as_str()), (&u, "$two"));
+    assert!(store.receipts_since(&room, got[1].pos, Some(&u)).await.unwrap().is_empty());
     assert_eq!(store.receipt(&room, &u, "m.read").await.unwrap().unwrap().event_id.as_str(), "$two");
     assert!(store.receipt(&room, &u, "m.read.private").await.unwrap().is_none());
 

@@ -136,12 +136,13 @@ pub trait RoomStore: Send + Sync {
     /// Events of a room in stream order between two positions (exclusive
     /// `after`, inclusive `until`), from the `direction` end, at most `limit`.
     async fn room_events(&self, range: EventRange<'_>) -> StoreResult<Vec<StoredEvent>>;
-    /// The position of the room's `count`-th newest event at or before
-    /// `until` (the first is the newest), read from the index alone; `None`
-    /// when the room has fewer. Bounds a filtered read to a room's newest
-    /// events: a filter for messages in a room of a million joins must not
-    /// pass over every join.
-    async fn room_position_back(&self, room_id: &RoomId, until: StreamPos, count: usize) -> StoreResult<Option<StreamPos>>;
+    /// The position of the room's `count`-th event counted from `from` in
+    /// `direction`, read from the index alone: backwards the `count`-th
+    /// newest at or before `from` (the first is the newest), forwards the
+    /// `count`-th oldest after `from`; `None` when the room has fewer.
+    /// Bounds a filtered read: a filter for messages in a room of a million
+    /// joins must not pass over every join.
+    async fn room_position(&self, room_id: &RoomId, from: StreamPos, direction: Direction, count: usize) -> StoreResult<Option<StreamPos>>;
     /// Events that relate to `event_id`, oldest first.
     async fn relations(
         &self,
@@ -186,8 +187,10 @@ pub trait UserDataStore: Send + Sync {
     async fn put_receipt(&self, receipt: ReceiptRecord) -> StoreResult<StreamPos>;
     /// The user's own unthreaded receipt of this type in the room.
     async fn receipt(&self, room_id: &RoomId, user_id: &UserId, receipt_type: &str) -> StoreResult<Option<ReceiptRecord>>;
-    /// The latest receipt of each (user, type, thread) in these rooms changed after `since`.
-    async fn receipts_since(&self, room_id: &RoomId, since: StreamPos) -> StoreResult<Vec<ReceiptRecord>>;
+    /// The latest receipt of each (user, type, thread) in the room changed
+    /// after `since`, in position order; only `by`'s when given (a channel
+    /// member is told of their own receipts only).
+    async fn receipts_since(&self, room_id: &RoomId, since: StreamPos, by: Option<&UserId>) -> StoreResult<Vec<ReceiptRecord>>;
 
     async fn put_filter(&self, user_id: &UserId, filter_json: &str) -> StoreResult<String>;
     async fn filter(&self, user_id: &UserId, filter_id: &str) -> StoreResult<Option<String>>;

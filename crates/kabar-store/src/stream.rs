@@ -27,8 +27,12 @@ pub enum Change {
     Event(Arc<StoredEvent>),
     /// The user's global or per-room account data.
     AccountData { user_id: OwnedUserId },
-    /// A receipt in the room.
-    Receipt { room_id: OwnedRoomId },
+    /// A receipt in the room, by `user_id` (`None` in records written before
+    /// receipts named their user: whose it was is unknown).
+    Receipt {
+        room_id: OwnedRoomId,
+        user_id: Option<OwnedUserId>,
+    },
     /// What `/keys/query` shows of the user: devices, their keys, cross-signing
     /// keys, signatures.
     DeviceList { user_id: OwnedUserId },
@@ -67,7 +71,7 @@ impl Change {
             | Change::DeviceList { user_id }
             | Change::Memberships { user_id }
             | Change::Sessions { user_id } => (Some(user_id.as_str()), None, None),
-            Change::Receipt { room_id } => (None, Some(room_id.as_str()), None),
+            Change::Receipt { room_id, user_id } => (user_id.as_ref().map(|u| u.as_str()), Some(room_id.as_str()), None),
             Change::OneTimeKeys { user_id, device_id } | Change::ToDevice { user_id, device_id } => {
                 (Some(user_id.as_str()), None, Some(device_id.as_str()))
             }
@@ -76,12 +80,14 @@ impl Change {
 
     /// A change read back from its record (see [`record`](Self::record)).
     pub fn from_record(kind: &str, user: Option<String>, room: Option<String>, device: Option<String>) -> Result<Change, String> {
+        let named_user = user.is_some();
         let user = || OwnedUserId::try_from(user.clone().unwrap_or_default()).map_err(|e| format!("{kind}: {e}"));
         let device = || device.clone().unwrap_or_default();
         Ok(match kind {
             "account_data" => Change::AccountData { user_id: user()? },
             "receipt" => Change::Receipt {
                 room_id: OwnedRoomId::try_from(room.clone().unwrap_or_default()).map_err(|e| format!("{kind}: {e}"))?,
+                user_id: named_user.then(user).transpose()?,
             },
             "device_list" => Change::DeviceList { user_id: user()? },
             "one_time_keys" => Change::OneTimeKeys {

@@ -228,6 +228,14 @@ mod tests {
                     pos: 12,
                     change: Change::Receipt {
                         room_id: owned_room_id!("!room:example.org"),
+                        user_id: Some(owned_user_id!("@carol:example.org")),
+                    },
+                },
+                StreamUpdate {
+                    pos: 12,
+                    change: Change::Receipt {
+                        room_id: owned_room_id!("!old:example.org"),
+                        user_id: None,
                     },
                 },
                 StreamUpdate {
@@ -244,7 +252,7 @@ mod tests {
             ],
         };
         let back = CommittedBatch::from_wire(batch.to_wire().get()).unwrap();
-        assert_eq!((back.after, back.head, back.updates.len()), (10, 14, 4));
+        assert_eq!((back.after, back.head, back.updates.len()), (10, 14, 5));
         for (a, b) in batch.updates.iter().zip(&back.updates) {
             assert_eq!(
                 (a.pos, a.change.kind(), a.change.record()),

@@ -155,6 +155,94 @@ async fn subscribers_read_and_react_but_neither_post_nor_see_each_other() {
     assert_eq!(ann_api.member_pages(&channel, query).await.0, seen_by_ann);
 }
 
+/// Whether `user` appears anywhere in `room`'s section of a `/sync` answer.
+fn names(sync: &Value, room: &str, user: &str) -> bool {
+    sync["rooms"]["join"][room].to_string().contains(user)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribers_reactions_receipts_and_typing_are_shown_to_them_and_the_staff_only() {
+    let server = Server::start();
+    let admin = Api::register(&server, "desk").await;
+    let channel = admin
+        .create_room(json!({"preset": "public_chat", "creation_content": {"type": "kabar.channel"}}))
+        .await;
+    let post = admin.say(&channel, "p1", "first post").await;
+    let (ann, ben) = (Api::register(&server, "ann").await, Api::register(&server, "ben").await);
+    for who in [&ann, &ben] {
+        who.join(&channel).await;
+    }
+    let since = |sync: &Value| sync["next_batch"].as_str().unwrap().to_owned();
+    let (ann_since, ben_since, admin_since) = (
+        since(&ann.sync("", None).await),
+        since(&ben.sync("", None).await),
+        since(&admin.sync("", None).await),
+    );
+
+    // Ann reacts, reads, and starts typing; then the staff post.
+    let path = |what: &str| format!("/rooms/{}/{what}", enc(&channel));
+    let reaction = ann
+        .ok(
+            M::PUT,
+            &path("send/m.reaction/r1"),
+            Some(json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": post, "key": "👍"}})),
+        )
+        .await["event_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    ann.ok(M::POST, &path(&format!("receipt/m.read/{}", enc(&post))), Some(json!({})))
+        .await;
+    ann.ok(
+        M::PUT,
+        &path(&format!("typing/{}", enc(&ann.user_id))),
+        Some(json!({"typing": true, "timeout": 30000})),
+    )
+    .await;
+    admin.say(&channel, "p2", "second post").await;
+
+    // Ben sees the post and nothing of Ann: not her reaction in his sync,
+    // the post's relations, the history or by its id; not her receipt; not
+    // her typing.
+    let ben_next = ben.sync(&ben_since, None).await;
+    let timeline = ben_next["rooms"]["join"][&channel]["timeline"].to_string();
+    assert!(timeline.contains("second post"), "{ben_next}");
+    assert!(!names(&ben_next, &channel, &ann.user_id), "{ben_next}");
+    let relations = ben.ok(M::GET, &path(&format!("relations/{}", enc(&post))), None).await;
+    assert_eq!(relations["chunk"].as_array().map(Vec::len), Some(0), "{relations}");
+    let history = ben.ok(M::GET, &format!("{}?dir=b&limit=50", path("messages")), None).await;
+    assert!(!history.to_string().contains(&ann.user_id), "{history}");
+    let (status, _) = ben.req(M::GET, &path(&format!("event/{}", enc(&reaction))), None).await;
+    assert_eq!(status, 404, "another subscriber's reaction is not there for him");
+    let ben_first = ben.sync("", None).await;
+    assert!(
+        !names(&ben_first, &channel, &ann.user_id),
+        "not in an initial sync either: {ben_first}"
+    );
+
+    // Ann sees her own reaction and her own receipt.
+    let ann_next = ann.sync(&ann_since, None).await;
+    let joined = &ann_next["rooms"]["join"][&channel];
+    assert!(joined["timeline"].to_string().contains(&reaction), "{ann_next}");
+    let receipts: Vec<&Value> = joined["ephemeral"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "m.receipt")
+        .collect();
+    assert_eq!(receipts.len(), 1, "{ann_next}");
+    assert!(receipts[0]["content"][&post]["m.read"].get(&ann.user_id).is_some(), "{ann_next}");
+
+    // The staff see her reaction; her receipt is hers alone (the post's
+    // view count is what it tells anyone else).
+    let admin_next = admin.sync(&admin_since, None).await;
+    let admin_joined = &admin_next["rooms"]["join"][&channel];
+    assert!(admin_joined["timeline"].to_string().contains(&reaction), "{admin_next}");
+    assert!(!admin_joined["ephemeral"].to_string().contains(&ann.user_id), "{admin_next}");
+    let relations = admin.ok(M::GET, &path(&format!("relations/{}", enc(&post))), None).await;
+    assert_eq!(relations["chunk"][0]["event_id"], reaction.as_str(), "{relations}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_whose_admins_let_everyone_post_is_an_ordinary_room() {
     let server = Server::start();

@@ -1124,10 +1124,8 @@ impl SyncEngine {
     ) -> Result<Option<RoomOut>> {
         let room_id = &candidate.room_id;
         let room = self.rooms.room(room_id).await?;
-        let (last_pos, receipts_moved) = (
-            room.read().last_pos,
-            from.is_some_and(|f| self.changes.receipts.changed_since(room_id, f)),
-        );
+        let (last_pos, in_channel) = (room.read().last_pos, room.read().is_channel());
+        let receipts_moved = from.is_some_and(|f| self.receipts_moved(&session.user_id, room_id, in_channel, f));
         if let Some(f) = from
             && last_pos <= f
             && !receipts_moved
@@ -1312,10 +1310,8 @@ impl SyncEngine {
                 .and_then(|t| t.rooms.get(*room_id))
                 .map(|_| since.map_or(0, |s| s.stream))
                 .unwrap_or(0);
-            if from > 0 && !self.changes.receipts.changed_since(&(*room_id).to_owned(), from) {
-                continue;
-            }
-            let receipts = self.store.receipts_since(room_id, from).await?;
+            let in_channel = self.rooms.room(room_id).await?.read().is_channel();
+            let receipts = self.receipts_told(user, room_id, in_channel, from).await?;
             let content = Self::receipt_content(&receipts, user, upto.stream, ignored);
             if !content.is_empty() {
                 out.insert(room_id.to_string(), json!({ "type": "m.receipt", "content": content }));
