@@ -73,6 +73,11 @@ impl Target {
         }
     }
 
+    /// The same server over another HTTP client (another connection pool).
+    pub fn over(&self, http: reqwest::Client) -> Target {
+        Self { http, ..self.clone() }
+    }
+
     /// The same server through its `k`-th node (round `base` and `others`).
     pub fn node(&self, k: usize) -> Target {
         let n = self.others.len() + 1;

@@ -118,6 +118,10 @@ enum Scenario {
         /// has one: its owner).
         #[arg(long, default_value_t = 1)]
         senders: usize,
+        /// Multiplex the online members' long-polls over HTTP/2 (cleartext,
+        /// prior knowledge), from 4 source addresses.
+        #[arg(long)]
+        http2: bool,
     },
     /// A broadcast channel: J subscribers join, the owner posts K times to
     /// the subscribers online, every subscriber reads the last post and its
@@ -135,6 +139,11 @@ enum Scenario {
         /// Subscribers who follow their sync while the posts go out (default: all).
         #[arg(long)]
         online: Option<usize>,
+        /// Multiplex the online subscribers' long-polls over HTTP/2
+        /// (cleartext, prior knowledge), from 4 source addresses: more than
+        /// the ~19,000 sockets a process may open here.
+        #[arg(long)]
+        http2: bool,
     },
     /// S clients hold /sync long-polls; memory per client and one message to all.
     Idle {
@@ -286,6 +295,7 @@ async fn main() -> anyhow::Result<()> {
             channel,
             online,
             senders,
+            http2,
         } => {
             let r = bigroom::run(
                 &target,
@@ -297,6 +307,7 @@ async fn main() -> anyhow::Result<()> {
                     channel,
                     online,
                     senders,
+                    http2,
                 },
             )
             .await
@@ -309,6 +320,7 @@ async fn main() -> anyhow::Result<()> {
             interval_ms,
             concurrency,
             online,
+            http2,
         } => {
             let r = bigroom::run(
                 &target,
@@ -320,6 +332,7 @@ async fn main() -> anyhow::Result<()> {
                     channel: true,
                     online,
                     senders: 1,
+                    http2,
                 },
             )
             .await

@@ -133,6 +133,7 @@ async fn every_scenario_runs_and_loses_nothing() {
             channel: false,
             online: None,
             senders: 3,
+            http2: false,
         },
     )
     .await
@@ -155,6 +156,7 @@ async fn every_scenario_runs_and_loses_nothing() {
             channel: true,
             online: Some(20),
             senders: 1,
+            http2: true,
         },
     )
     .await

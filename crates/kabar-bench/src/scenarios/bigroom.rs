@@ -8,6 +8,7 @@
 //! last post read, and the post's view count must equal their number.
 
 use std::{
+    collections::HashMap,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -39,7 +40,14 @@ pub struct Params {
     pub online: Option<usize>,
     /// Members the messages come from, in turns (a channel: its owner).
     pub senders: usize,
+    /// The members online multiplex their long-polls over HTTP/2
+    /// (cleartext, prior knowledge) from `HTTP2_SOURCES` source addresses:
+    /// more of them than one process may open sockets for.
+    pub http2: bool,
 }
+
+/// Source addresses (127.0.0.2 and on) the HTTP/2 followers come from.
+const HTTP2_SOURCES: usize = 4;
 
 #[derive(Debug, Serialize)]
 pub struct BigroomReport {
@@ -144,13 +152,35 @@ pub async fn run(target: &Target, p: Params) -> Result<BigroomReport, String> {
         }
     }
 
-    // The members online follow their sync.
+    // The members online follow their sync, each over a connection of its
+    // own that stays open between long-polls, as a real client's does (the
+    // setup's pool keeps few idle connections: past them, a long-poll
+    // answered in a burst of thousands would close its connection and the
+    // next one open a new one).
     let online: Vec<usize> = members.iter().copied().take(p.online.unwrap_or(usize::MAX)).collect();
+    let follow_http: Vec<reqwest::Client> = if p.http2 {
+        (0..HTTP2_SOURCES)
+            .map(|k| {
+                Target::builder()
+                    .local_address(std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2 + k as u8)))
+                    .http2_prior_knowledge()
+                    .build()
+            })
+            .collect::<Result<_, _>>()
+    } else {
+        Target::builder().pool_max_idle_per_host(online.len() + 64).build().map(|c| vec![c])
+    }
+    .map_err(|e| format!("http client: {e}"))?;
+    let followers_as: HashMap<usize, crate::client::User> = online
+        .iter()
+        .enumerate()
+        .map(|(n, &i)| (i, users[i].via(&users[i].target.over(follow_http[n % follow_http.len()].clone()))))
+        .collect();
     let deliveries = Arc::new(Deliveries::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let held = Arc::new(AtomicU64::new(0));
     let sync_errors = Arc::new(Mutex::new(ErrorCounts::new()));
-    let sinces: Vec<Result<crate::SyncStart, crate::client::ApiError>> = stream::iter(online.iter().map(|&i| initial_since(&users[i])))
+    let sinces: Vec<Result<crate::SyncStart, crate::client::ApiError>> = stream::iter(online.iter().map(|i| initial_since(&followers_as[i])))
         .buffered(p.concurrency.max(1))
         .collect()
         .await;
@@ -158,7 +188,7 @@ pub async fn run(target: &Target, p: Params) -> Result<BigroomReport, String> {
     for (&i, since) in online.iter().zip(sinces) {
         let since = since.map_err(|e| format!("initial sync: {e}"))?;
         followers.push(tokio::spawn(follow(
-            users[i].clone(),
+            followers_as[&i].clone(),
             i as u32,
             since,
             deliveries.clone(),
