@@ -1049,6 +1049,87 @@ mod tests {
         assert!(bob_waits_for_a_post.wait(Duration::from_secs(5)).await, "a post is");
     }
 
+    /// What the server-default push rules make of an event is worked out
+    /// once for every member it does not name, and comes out as each
+    /// member's own defaults would: for a plain message, a mention of one
+    /// member, a mention of the room, and in a room of two.
+    #[tokio::test]
+    async fn default_push_rules_are_walked_once_for_everyone_an_event_does_not_name() {
+        let (_dir, store, alice) = store_with_alice().await;
+        let (bob, carl) = with_bob_and_carl(&store).await;
+        let a = node(&store, true, Duration::from_secs(3600));
+        let public = CreateRoom {
+            preset: Some("public_chat".into()),
+            ..CreateRoom::default()
+        };
+        let room_id = a.rooms.create_room(&alice, public).await.unwrap();
+        for user in [&bob, &carl] {
+            a.rooms
+                .set_membership(user, &room_id, user, Membership::Join, None, None)
+                .await
+                .unwrap();
+        }
+        let room = a.rooms.room(&room_id).await.unwrap();
+        let say = |content: serde_json::Value| {
+            let (rooms, store) = (a.rooms.clone(), store.clone());
+            let (alice, room_id) = (alice.clone(), room_id.clone());
+            async move {
+                let id = rooms
+                    .send(&alice, &room_id, NewEvent::message("m.room.message", content), None)
+                    .await
+                    .unwrap();
+                crate::rooms::TimelineEvent::new(store.event(&id).await.unwrap().unwrap())
+            }
+        };
+        // Each member's outcome, and what their own default rules say.
+        async fn judged_for(
+            room: &crate::rooms::Room,
+            users: &[ruma::OwnedUserId],
+            event: &crate::rooms::TimelineEvent,
+        ) -> Vec<(crate::push::Notification, crate::push::Notification)> {
+            let mut out = vec![];
+            for user in users {
+                let memo = crate::push::notification(&crate::push::UserRules::ServerDefault, event, user, room).await;
+                let ctx = crate::push::room_context(&room.read(), user);
+                let rules = ruma::push::Ruleset::server_default(user);
+                let own = crate::push::evaluate(&rules, event.flattened(), &event.event.pdu.sender, &ctx).await;
+                out.push((memo, own));
+            }
+            out
+        }
+        let users = [bob.clone(), carl.clone()];
+        let judged = |event| judged_for(&room, &users, event);
+
+        let plain = say(json!({"msgtype": "m.text", "body": "hello"})).await;
+        for (memo, own) in judged(&plain).await {
+            assert_eq!(memo, own);
+            assert!(memo.notify && !memo.highlight);
+        }
+        assert!(plain.default_push().is_some(), "worked out once, kept on the event");
+
+        let to_bob = say(json!({"msgtype": "m.text", "body": "look", "m.mentions": {"user_ids": [bob.as_str()]}})).await;
+        let outcomes = judged(&to_bob).await;
+        assert!(outcomes.iter().all(|(memo, own)| memo == own), "{outcomes:?}");
+        assert!(outcomes[0].0.highlight && !outcomes[1].0.highlight, "bob is named, carl is not");
+        assert!(to_bob.default_push().is_none(), "an event that names someone is judged for each");
+
+        let to_room = say(json!({"msgtype": "m.text", "body": "all", "m.mentions": {"room": true}})).await;
+        for (memo, own) in judged(&to_room).await {
+            assert_eq!(memo, own);
+            assert!(memo.highlight, "the creator may mention the room");
+        }
+
+        // A room of two now: what was kept for a room of three is not reused.
+        a.rooms
+            .set_membership(&carl, &room_id, &carl, Membership::Leave, None, None)
+            .await
+            .unwrap();
+        let kept = plain.default_push().as_ref().map(|d| format!("{d:?}"));
+        let (memo, own) = judged(&plain).await.remove(0);
+        assert_eq!(memo, own);
+        assert_ne!(plain.default_push().as_ref().map(|d| format!("{d:?}")), kept, "worked out again");
+    }
+
     /// In a channel, a subscriber's reaction wakes the staff and them, and
     /// their receipt them alone: the other subscribers' syncs sleep on.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

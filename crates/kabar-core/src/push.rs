@@ -1,11 +1,16 @@
 //! Push rules applied to room events, for the unread counts a sync reports
 //! (`notification_count`, `highlight_count`).
 //!
-//! Each user's rule set (the server defaults, or what the user changed in
-//! `m.push_rules` account data) is kept in memory until their account data
-//! changes. An event is flattened once for all the members who evaluate it
-//! ([`crate::rooms::TimelineEvent::flattened`]); what each member pays is
-//! the walk over their rules.
+//! Each user's rules (the server defaults, or what the user changed in
+//! `m.push_rules` account data) are kept in memory until their account data
+//! changes; a user on the server defaults is kept as a mark, not a rule set
+//! of their own. An event is flattened once for all the members who
+//! evaluate it ([`crate::rooms::TimelineEvent::flattened`]). The server
+//! defaults differ between users only where an event names them (a user
+//! mention, an invite): for every member on the defaults whom an event does
+//! not name, they are walked once and the outcome kept on the event
+//! ([`notification`]), so a channel post's ten-thousandth reader pays a
+//! lookup, not a walk over fifteen rules.
 
 use std::sync::Arc;
 
@@ -34,11 +39,21 @@ pub struct Notification {
     pub highlight: bool,
 }
 
+/// A user's push rules.
+#[derive(Debug, Clone)]
+pub enum UserRules {
+    /// The server defaults (`Ruleset::server_default`), made only for an
+    /// event that names the user.
+    ServerDefault,
+    /// What the user changed them to.
+    Custom(Arc<Ruleset>),
+}
+
 /// The rule set of each user, read from their account data once per change.
 pub struct PushRules {
     store: Arc<dyn Store>,
     changes: Arc<Changes>,
-    cache: GenerationCache<OwnedUserId, Arc<Ruleset>>,
+    cache: GenerationCache<OwnedUserId, UserRules>,
 }
 
 impl PushRules {
@@ -51,18 +66,79 @@ impl PushRules {
     }
 
     /// `user`'s rules: the server defaults unless they changed some.
-    pub async fn ruleset(&self, user: &UserId) -> Result<Arc<Ruleset>> {
+    pub async fn rules(&self, user: &UserId) -> Result<UserRules> {
         let read = async {
-            let rules = match self.store.account_data(user, None, "m.push_rules").await? {
+            Ok::<_, Error>(match self.store.account_data(user, None, "m.push_rules").await? {
                 Some(json) => {
                     let v: Value = serde_json::from_str(&json).map_err(|e| Error::Internal(e.to_string()))?;
-                    serde_json::from_value(v["global"].clone()).map_err(|e| Error::Internal(e.to_string()))?
+                    UserRules::Custom(Arc::new(
+                        serde_json::from_value(v["global"].clone()).map_err(|e| Error::Internal(e.to_string()))?,
+                    ))
                 }
-                None => Ruleset::server_default(user),
-            };
-            Ok::<_, Error>(Arc::new(rules))
+                None => UserRules::ServerDefault,
+            })
         };
         self.cache.get_or_read(&self.changes.account_data, &user.to_owned(), read).await
+    }
+}
+
+/// What the server-default rules made of one event for the members it does
+/// not name, and the room as it was then: the outcome holds while the room
+/// keeps the same power levels and stays (or stays not) a room of two.
+#[derive(Debug, Clone)]
+pub struct DefaultOutcome {
+    power_levels: Arc<PushConditionPowerLevelsCtx>,
+    room_of_two: bool,
+    outcome: Notification,
+}
+
+/// What `user`'s `rules` make of `event` (by another member) in `room`.
+/// On the server defaults, an event that does not name the user is judged
+/// once for everyone it does not name (see the module's introduction).
+pub async fn notification(
+    rules: &UserRules,
+    event: &crate::rooms::TimelineEvent,
+    user: &UserId,
+    room: &crate::rooms::Room,
+) -> Notification {
+    let flat = event.flattened();
+    let names_someone = flat.get(r"content.m\.mentions.user_ids").is_some() || event.event.pdu.state_key.is_some();
+    match rules {
+        UserRules::ServerDefault if !names_someone && event.event.pdu.sender != user => {
+            let (power_levels, room_of_two, room_id) = {
+                let r = room.read();
+                let members = r.member_count(kabar_domain::membership::Membership::Join);
+                (r.push_power_levels(), members == 2, r.record.room_id.clone())
+            };
+            let remembered = event
+                .default_push()
+                .as_ref()
+                .filter(|d| d.room_of_two == room_of_two && Arc::ptr_eq(&d.power_levels, &power_levels))
+                .map(|d| d.outcome);
+            if let Some(outcome) = remembered {
+                return outcome;
+            }
+            // The defaults of someone the event cannot name: it names no one.
+            let anyone = ruma::owned_user_id!("@anyone:kabar.invalid");
+            let members = UInt::from(if room_of_two { 2u32 } else { 3 });
+            let mut ctx = PushConditionRoomCtx::new(room_id, members, anyone.clone(), anyone.localpart().to_owned());
+            ctx.power_levels = Some(PushConditionPowerLevelsCtx::clone(&power_levels));
+            let outcome = evaluate(&Ruleset::server_default(&anyone), flat, &event.event.pdu.sender, &ctx).await;
+            *event.default_push() = Some(DefaultOutcome {
+                power_levels,
+                room_of_two,
+                outcome,
+            });
+            outcome
+        }
+        UserRules::ServerDefault => {
+            let ctx = room_context(&room.read(), user);
+            evaluate(&Ruleset::server_default(user), flat, &event.event.pdu.sender, &ctx).await
+        }
+        UserRules::Custom(rules) => {
+            let ctx = room_context(&room.read(), user);
+            evaluate(rules, flat, &event.event.pdu.sender, &ctx).await
+        }
     }
 }
 

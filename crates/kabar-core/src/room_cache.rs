@@ -58,6 +58,10 @@ pub struct TimelineEvent {
     /// The client form flattened for push rules, made when first asked
     /// for and shared by every member who evaluates the event.
     flat: std::sync::OnceLock<ruma::push::FlattenedJson>,
+    /// What the server-default push rules make of the event for members it
+    /// does not name, in the room as it was when worked out
+    /// (`push::notification`): one evaluation for all such members.
+    default_push: std::sync::Mutex<Option<crate::push::DefaultOutcome>>,
 }
 
 impl TimelineEvent {
@@ -76,6 +80,7 @@ impl TimelineEvent {
             event,
             prefix: std::sync::OnceLock::new(),
             flat: std::sync::OnceLock::new(),
+            default_push: std::sync::Mutex::new(None),
         }
     }
 
@@ -88,6 +93,12 @@ impl TimelineEvent {
     pub fn flattened(&self) -> &ruma::push::FlattenedJson {
         self.flat
             .get_or_init(|| crate::push::flatten(&format!("{}}}", self.client_prefix())))
+    }
+
+    /// The remembered outcome of the server-default rules (see
+    /// `push::notification`).
+    pub(crate) fn default_push(&self) -> std::sync::MutexGuard<'_, Option<crate::push::DefaultOutcome>> {
+        self.default_push.lock().expect("default push lock")
     }
 }
 

@@ -1085,10 +1085,9 @@ impl SyncEngine {
                 }
             };
             if !others.is_empty() {
-                let rules = self.push_rules.ruleset(user).await?;
-                let ctx = push::room_context(&room.read(), user);
+                let rules = self.push_rules.rules(user).await?;
                 for e in &others {
-                    let n = push::evaluate(&rules, e.flattened(), &e.event.pdu.sender, &ctx).await;
+                    let n = push::notification(&rules, e, user, room).await;
                     entry.notifications += u64::from(n.notify);
                     entry.highlights += u64::from(n.highlight);
                 }

@@ -180,10 +180,11 @@ pub async fn run(target: &Target, p: Params) -> Result<BigroomReport, String> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let held = Arc::new(AtomicU64::new(0));
     let sync_errors = Arc::new(Mutex::new(ErrorCounts::new()));
-    let sinces: Vec<Result<crate::SyncStart, crate::client::ApiError>> = stream::iter(online.iter().map(|i| initial_since(&followers_as[i])))
-        .buffered(p.concurrency.max(1))
-        .collect()
-        .await;
+    let sinces: Vec<Result<crate::SyncStart, crate::client::ApiError>> =
+        stream::iter(online.iter().map(|i| initial_since(&followers_as[i])))
+            .buffered(p.concurrency.max(1))
+            .collect()
+            .await;
     let mut followers = Vec::new();
     for (&i, since) in online.iter().zip(sinces) {
         let since = since.map_err(|e| format!("initial sync: {e}"))?;
