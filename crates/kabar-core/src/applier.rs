@@ -615,6 +615,19 @@ mod tests {
         }
     }
 
+    /// `user`'s public read receipt on `event_id`.
+    fn read_receipt(room_id: &ruma::RoomId, user: &ruma::UserId, event_id: &ruma::EventId) -> kabar_store::ReceiptRecord {
+        kabar_store::ReceiptRecord {
+            room_id: room_id.to_owned(),
+            user_id: user.to_owned(),
+            receipt_type: "m.read".into(),
+            event_id: event_id.to_owned(),
+            thread_id: None,
+            ts_ms: 1,
+            pos: 0,
+        }
+    }
+
     /// The whole of a (small) room's history, oldest first.
     fn everything(room_id: &ruma::RoomId) -> EventRange<'_> {
         EventRange {
@@ -1164,15 +1177,7 @@ mod tests {
         assert_eq!(woken(waiting).await, [true, true, false], "the staff and bob, not carl");
 
         let waiting = interests();
-        let receipt = kabar_store::ReceiptRecord {
-            room_id: room_id.clone(),
-            user_id: bob.clone(),
-            receipt_type: "m.read".into(),
-            event_id: post.clone(),
-            thread_id: None,
-            ts_ms: 1,
-            pos: 0,
-        };
+        let receipt = read_receipt(&room_id, &bob, &post);
         store.put_receipt(receipt).await.unwrap();
         assert_eq!(woken(waiting).await, [false, true, false], "bob alone");
 
@@ -1207,15 +1212,7 @@ mod tests {
             .unwrap();
         let second = a.rooms.send(&alice, &room_id, post(), None).await.unwrap();
         for reader in [&bob, &carl] {
-            let receipt = kabar_store::ReceiptRecord {
-                room_id: room_id.clone(),
-                user_id: reader.clone(),
-                receipt_type: "m.read".into(),
-                event_id: second.clone(),
-                thread_id: None,
-                ts_ms: 1,
-                pos: 0,
-            };
+            let receipt = read_receipt(&room_id, &reader, &second);
             store.put_receipt(receipt).await.unwrap();
         }
         let head = store.current_position();
@@ -1304,15 +1301,7 @@ mod tests {
             .send(&alice, &x, NewEvent::message("m.room.message", json!({"body": "news"})), None)
             .await
             .unwrap();
-        let receipt = kabar_store::ReceiptRecord {
-            room_id: x.clone(),
-            user_id: bob.clone(),
-            receipt_type: "m.read".into(),
-            event_id: post.clone(),
-            thread_id: None,
-            ts_ms: 1,
-            pos: 0,
-        };
+        let receipt = read_receipt(&x, &bob, &post);
         store.put_receipt(receipt).await.unwrap();
         let post_pos = store.event(&post).await.unwrap().unwrap().pos;
         let upto = || a.applier.applied().position();
