@@ -1212,7 +1212,7 @@ mod tests {
             .unwrap();
         let second = a.rooms.send(&alice, &room_id, post(), None).await.unwrap();
         for reader in [&bob, &carl] {
-            let receipt = read_receipt(&room_id, &reader, &second);
+            let receipt = read_receipt(&room_id, reader, &second);
             store.put_receipt(receipt).await.unwrap();
         }
         let head = store.current_position();
