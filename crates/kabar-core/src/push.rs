@@ -105,10 +105,12 @@ pub async fn notification(
     let names_someone = flat.get(r"content.m\.mentions.user_ids").is_some() || event.event.pdu.state_key.is_some();
     match rules {
         UserRules::ServerDefault if !names_someone && event.event.pdu.sender != user => {
-            let (power_levels, room_of_two, room_id) = {
+            let (power_levels, room_of_two) = {
                 let r = room.read();
-                let members = r.member_count(kabar_domain::membership::Membership::Join);
-                (r.push_power_levels(), members == 2, r.record.room_id.clone())
+                (
+                    r.push_power_levels(),
+                    r.member_count(kabar_domain::membership::Membership::Join) == 2,
+                )
             };
             let remembered = event
                 .default_push()
@@ -121,6 +123,7 @@ pub async fn notification(
             // The defaults of someone the event cannot name: it names no one.
             let anyone = ruma::owned_user_id!("@anyone:kabar.invalid");
             let members = UInt::from(if room_of_two { 2u32 } else { 3 });
+            let room_id = room.read().record.room_id.clone();
             let mut ctx = PushConditionRoomCtx::new(room_id, members, anyone.clone(), anyone.localpart().to_owned());
             ctx.power_levels = Some(PushConditionPowerLevelsCtx::clone(&power_levels));
             let outcome = evaluate(&Ruleset::server_default(&anyone), flat, &event.event.pdu.sender, &ctx).await;

@@ -468,15 +468,16 @@ impl SyncEngine {
         content
     }
 
-    /// Whether receipts `user` is told of in `room_id` changed after `from`.
+    /// Whether receipts `user` is told of in `room_id` changed after `from`
+    /// (in a channel, their own: see [`Self::receipts_told`]).
     fn receipts_moved(&self, user: &UserId, room_id: &RoomId, in_channel: bool, from: StreamPos) -> bool {
-        if in_channel {
-            self.changes
-                .own_receipts
-                .changed_since(&(room_id.to_owned(), user.to_owned()), from)
-        } else {
-            self.changes.receipts.changed_since(&room_id.to_owned(), from)
-        }
+        // No receipt in the room since `from`: not theirs either.
+        self.changes.receipts.changed_since(&room_id.to_owned(), from)
+            && (!in_channel
+                || self
+                    .changes
+                    .own_receipts
+                    .changed_since(&(room_id.to_owned(), user.to_owned()), from))
     }
 
     /// The receipts in `room_id` after `from` (0: all of them) that `user`

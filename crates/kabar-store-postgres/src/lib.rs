@@ -644,17 +644,21 @@ impl UserDataStore for PostgresStore {
     }
 
     async fn receipts_since(&self, room_id: &RoomId, since: StreamPos, by: Option<&UserId>) -> StoreResult<Vec<ReceiptRecord>> {
-        let rows = self
-            .read(
-                sqlx::query(
-                    "SELECT room_id, user_id, receipt_type, thread_id, event_id, ts_ms, pos FROM receipts
-                     WHERE room_id = $1 AND pos > $2 AND ($3::text IS NULL OR user_id = $3) ORDER BY pos",
-                )
-                .bind(room_id.as_str())
-                .bind(pos(since))
-                .bind(by.map(|u| u.as_str()))
-                .fetch_all(&self.engine.pool),
+        // One user's receipts are a few rows of the primary key; one query
+        // for both cases (`$3 IS NULL OR ...`) would read the room's whole
+        // index by position.
+        let query = match by {
+            Some(user) => sqlx::query(
+                "SELECT room_id, user_id, receipt_type, thread_id, event_id, ts_ms, pos FROM receipts
+                 WHERE room_id = $1 AND user_id = $3 AND pos > $2 ORDER BY pos",
             )
+            .bind(user.as_str()),
+            None => sqlx::query(
+                "SELECT room_id, user_id, receipt_type, thread_id, event_id, ts_ms, pos FROM receipts WHERE room_id = $1 AND pos > $2 ORDER BY pos",
+            ),
+        };
+        let rows = self
+            .read(query.bind(room_id.as_str()).bind(pos(since)).fetch_all(&self.engine.pool))
             .await?;
         rows.iter().map(receipt_from_row).collect()
     }

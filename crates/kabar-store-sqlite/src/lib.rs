@@ -1155,19 +1155,30 @@ impl UserDataStore for SqliteStore {
 
     async fn receipts_since(&self, room_id: &RoomId, since: StreamPos, by: Option<&UserId>) -> StoreResult<Vec<ReceiptRecord>> {
         let (r, by) = (room_id.to_string(), by.map(|u| u.to_string()));
+        let since = since.min(i64::MAX as u64) as i64;
         self.engine
             .read(move |c| {
-                // One user's: their rows of the primary key, not the room's index.
-                let mut st = c
-                    .prepare_cached(
-                        "SELECT room_id, user_id, receipt_type, thread_id, event_id, ts_ms, pos FROM receipts
-                         WHERE room_id = ?1 AND pos > ?2 AND (?3 IS NULL OR user_id = ?3) ORDER BY pos",
-                    )
-                    .map_err(backend)?;
-                st.query_map(params![r, since.min(i64::MAX as u64) as i64, by], receipt_from_row)
-                    .map_err(backend)?
-                    .collect::<Result<_, _>>()
-                    .map_err(corrupt)
+                let rows = match by {
+                    // One user's receipts are a few rows of the primary key:
+                    // `+pos` keeps SQLite from walking the room's index by
+                    // position instead (every receipt in the room).
+                    Some(user) => c
+                        .prepare_cached(
+                            "SELECT room_id, user_id, receipt_type, thread_id, event_id, ts_ms, pos FROM receipts
+                             WHERE room_id = ?1 AND user_id = ?3 AND +pos > ?2 ORDER BY +pos",
+                        )
+                        .map_err(backend)?
+                        .query_map(params![r, since, user], receipt_from_row)
+                        .map_err(backend)?
+                        .collect::<Result<_, _>>(),
+                    None => c
+                        .prepare_cached("SELECT room_id, user_id, receipt_type, thread_id, event_id, ts_ms, pos FROM receipts WHERE room_id = ?1 AND pos > ?2 ORDER BY pos")
+                        .map_err(backend)?
+                        .query_map(params![r, since], receipt_from_row)
+                        .map_err(backend)?
+                        .collect::<Result<_, _>>(),
+                };
+                rows.map_err(corrupt)
             })
             .await
     }

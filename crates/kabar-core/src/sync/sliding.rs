@@ -1310,6 +1310,10 @@ impl SyncEngine {
                 .and_then(|t| t.rooms.get(*room_id))
                 .map(|_| since.map_or(0, |s| s.stream))
                 .unwrap_or(0);
+            if from > 0 && !self.changes.receipts.changed_since(&(*room_id).to_owned(), from) {
+                // No receipt in the room at all: no need to look at the room.
+                continue;
+            }
             let in_channel = self.rooms.room(room_id).await?.read().is_channel();
             let receipts = self.receipts_told(user, room_id, in_channel, from).await?;
             let content = Self::receipt_content(&receipts, user, upto.stream, ignored);
