@@ -647,19 +647,20 @@ impl UserDataStore for PostgresStore {
         // One user's receipts are a few rows of the primary key; one query
         // for both cases (`$3 IS NULL OR ...`) would read the room's whole
         // index by position.
-        let query = match by {
-            Some(user) => sqlx::query(
-                "SELECT room_id, user_id, receipt_type, thread_id, event_id, ts_ms, pos FROM receipts
-                 WHERE room_id = $1 AND user_id = $3 AND pos > $2 ORDER BY pos",
-            )
-            .bind(user.as_str()),
-            None => sqlx::query(
-                "SELECT room_id, user_id, receipt_type, thread_id, event_id, ts_ms, pos FROM receipts WHERE room_id = $1 AND pos > $2 ORDER BY pos",
-            ),
+        let pool = &self.engine.pool;
+        let rows = match by {
+            Some(user) => {
+                let query = "SELECT room_id, user_id, receipt_type, thread_id, event_id, ts_ms, pos FROM receipts
+                             WHERE room_id = $1 AND pos > $2 AND user_id = $3 ORDER BY pos";
+                let query = sqlx::query(query).bind(room_id.as_str()).bind(pos(since)).bind(user.as_str());
+                self.read(query.fetch_all(pool)).await?
+            }
+            None => {
+                let query = "SELECT room_id, user_id, receipt_type, thread_id, event_id, ts_ms, pos FROM receipts WHERE room_id = $1 AND pos > $2 ORDER BY pos";
+                self.read(sqlx::query(query).bind(room_id.as_str()).bind(pos(since)).fetch_all(pool))
+                    .await?
+            }
         };
-        let rows = self
-            .read(query.bind(room_id.as_str()).bind(pos(since)).fetch_all(&self.engine.pool))
-            .await?;
         rows.iter().map(receipt_from_row).collect()
     }
 
