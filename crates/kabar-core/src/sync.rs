@@ -396,16 +396,23 @@ impl SyncEngine {
         loop {
             let (memberships, interest) = self.watch(&session.user_id).await?;
             let watched = watched_rooms(&memberships);
-            let (response, has_news) = {
-                let _turn = self.build_turn().await?;
-                self.build(session, &req, &memberships).await?
-            };
-            let now = Instant::now();
-            if req.since.is_none() || req.full_state || has_news || now >= deadline {
-                return Ok(response);
+            // A token for exactly what is applied now cannot have news: the
+            // long-poll a client sends right after an answer (half of all
+            // requests when a post wakes a crowd) waits without a build.
+            let caught_up = !req.full_state && req.since == Some(self.position());
+            let mut built = None;
+            if !caught_up || Instant::now() >= deadline {
+                let (response, has_news) = self.build_in_turn(session, &req, &memberships).await?;
+                if req.since.is_none() || req.full_state || has_news || Instant::now() >= deadline {
+                    return Ok(response);
+                }
+                built = Some(response);
             }
-            if !interest.wait(deadline - now).await {
-                return Ok(response);
+            if !interest.wait(deadline.saturating_duration_since(Instant::now())).await {
+                return match built {
+                    Some(response) => Ok(response),
+                    None => Ok(self.build_in_turn(session, &req, &memberships).await?.0),
+                };
             }
             // Woken: while a burst of sends to its rooms goes on, wait a
             // moment for the rest of it, so that it arrives in one response.
@@ -418,12 +425,26 @@ impl SyncEngine {
         }
     }
 
+    /// The position a response built now would end at (unless queued
+    /// to-device messages make it stop earlier).
+    fn position(&self) -> SyncToken {
+        SyncToken {
+            stream: self.rooms.applied().position(),
+            ephemeral: self.ephemeral.serial(),
+        }
+    }
+
     /// A turn to build a response (see [`CONCURRENT_BUILDS`]).
     async fn build_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>> {
         self.builds
             .acquire()
             .await
             .map_err(|_| crate::Error::Unavailable("the server is shutting down".into()))
+    }
+
+    async fn build_in_turn(&self, session: &Session, req: &SyncRequest, memberships: &[MembershipRecord]) -> Result<(SyncResponse, bool)> {
+        let _turn = self.build_turn().await?;
+        self.build(session, req, memberships).await
     }
 
     /// A sync marks its user present as `set_presence` says (online unless
@@ -502,10 +523,7 @@ impl SyncEngine {
         let user = &*session.user_id;
         // Only up to what is applied: every cache and tracker below covers it,
         // and an event that commits late can never be skipped.
-        let mut upto = SyncToken {
-            stream: self.rooms.applied().position(),
-            ephemeral: self.ephemeral.serial(),
-        };
+        let mut upto = self.position();
         let initial = req.since.is_none();
         let since = req.since.unwrap_or_default();
         // First, because more queued messages than one response carries
@@ -1027,9 +1045,14 @@ impl SyncEngine {
     ) -> Result<UnreadEntry> {
         let key = (user.to_owned(), room_id.to_owned());
         let cached = self.unread.lock().expect("unread lock").get(&key).copied();
+        let mut rules = None;
         let (start, base) = match cached {
             Some(e) if !receipt_moved && e.counted_upto <= upto => (e.counted_upto, e),
             _ => {
+                // Read with the receipts, when a client's first sync starts
+                // the count: else every member's first post after a start
+                // (a crowd's, at once) would read them.
+                rules = Some(self.push_rules.rules(user).await?);
                 let mut read_pos: StreamPos = joined_at;
                 for kind in ["m.read", "m.read.private"] {
                     if let Some(r) = self.store.receipt(room_id, user, kind).await?
@@ -1086,7 +1109,10 @@ impl SyncEngine {
                 }
             };
             if !others.is_empty() {
-                let rules = self.push_rules.rules(user).await?;
+                let rules = match rules {
+                    Some(rules) => rules,
+                    None => self.push_rules.rules(user).await?,
+                };
                 for e in &others {
                     let n = push::notification(&rules, e, user, room).await;
                     entry.notifications += u64::from(n.notify);
