@@ -218,6 +218,16 @@ impl Deliveries {
         out
     }
 
+    /// The latencies of each message, in the order they were sent.
+    pub fn latencies_by_message(&self) -> Vec<Latencies> {
+        let st = self.state.lock().expect("deliveries lock");
+        let mut by_sent: std::collections::BTreeMap<u64, Latencies> = std::collections::BTreeMap::new();
+        for t in &st.timed {
+            by_sent.entry(t.sent_us).or_default().push(t.latency_us);
+        }
+        by_sent.into_values().collect()
+    }
+
     /// Latencies of the deliveries from a sender to a member for which
     /// `pick(member, sender)` holds (ids as `(sender << 32) | seq`).
     pub fn latencies_where(&self, pick: impl Fn(u32, u32) -> bool) -> Latencies {

@@ -62,6 +62,9 @@ pub struct BigroomReport {
     pub online: usize,
     pub send_latency: LatencySummary,
     pub delivery_latency: LatencySummary,
+    /// Each message's delivery p99 in milliseconds, in the order sent: a
+    /// tail from one slow message (the first after a start, say) shows here.
+    pub delivery_p99_by_message_ms: Vec<f64>,
     pub deliveries: DeliveryCheck,
     pub sync_errors: ErrorCounts,
     /// A channel's last post: its view count once every subscriber read
@@ -100,6 +103,13 @@ impl Report for BigroomReport {
             self.deliveries.lost,
             self.deliveries.duplicated,
             self.sync_errors,
+        ) + &format!(
+            "\n  delivery p99 by message (ms): {}",
+            self.delivery_p99_by_message_ms
+                .iter()
+                .map(|ms| format!("{ms:.0}"))
+                .collect::<Vec<_>>()
+                .join(" ")
         ) + &self.views.as_ref().map_or(String::new(), |v| {
             format!(
                 "\n  views of the last post: {} counted, {} subscribers read it; receipt errors {:?}",
@@ -267,6 +277,7 @@ pub async fn run(target: &Target, p: Params) -> Result<BigroomReport, String> {
         online: online.len(),
         send_latency: send_latency.summary(),
         delivery_latency: deliveries.latencies().summary(),
+        delivery_p99_by_message_ms: deliveries.latencies_by_message().into_iter().map(|l| l.summary().p99_ms).collect(),
         deliveries: deliveries.check(&expected),
         sync_errors,
         views,
