@@ -395,10 +395,10 @@ impl Applier {
                 match user_id {
                     Some(user) => {
                         t.changes.own_receipts.record(&(room_id.clone(), user.clone()), pos);
-                        // In a channel a receipt is told to its author only
-                        // (and counted in views): the other members' syncs
-                        // are not woken for it.
-                        if t.rooms.is_loaded_channel(room_id) {
+                        // Where a receipt is told to its author only (a
+                        // channel, a big room: `kabar_domain::receipts`), the
+                        // other members' syncs are not woken for it.
+                        if t.rooms.loaded_with_private_receipts(room_id) {
                             wakes.users.insert(user.clone());
                         } else {
                             wakes.rooms.insert(room_id.clone());
@@ -1186,6 +1186,51 @@ mod tests {
         let post = NewEvent::message("m.room.message", json!({"msgtype": "m.text", "body": "more"}));
         a.rooms.send(&alice, &room_id, post, None).await.unwrap();
         assert_eq!(woken(waiting).await, [true, true, true]);
+    }
+
+    #[tokio::test]
+    async fn past_the_shared_receipts_limit_a_receipt_wakes_its_author_only() {
+        use futures::StreamExt;
+        use kabar_domain::receipts::SHARED_RECEIPTS_ROOM_LIMIT;
+        let (_dir, store, alice) = store_with_alice().await;
+        let a = node(&store, true, Duration::from_secs(3600));
+        let public = CreateRoom {
+            preset: Some("public_chat".into()),
+            ..Default::default()
+        };
+        let room_id = a.rooms.create_room(&alice, public).await.unwrap();
+        // Alice and all but the last of them: exactly at the limit.
+        let users = new_users(&store, SHARED_RECEIPTS_ROOM_LIMIT).await;
+        let (last, first) = users.split_last().unwrap();
+        let join = |user: &ruma::OwnedUserId| {
+            let (rooms, room_id, user) = (a.rooms.clone(), room_id.clone(), user.clone());
+            async move { rooms.set_membership(&user, &room_id, &user, Membership::Join, None, None).await }
+        };
+        // Sixteen at once: the test gate's slots.
+        let joined: Vec<_> = futures::stream::iter(first).map(join).buffer_unordered(16).collect().await;
+        if let Some(Err(e)) = joined.iter().find(|j| j.is_err()) {
+            panic!("a join failed: {e}");
+        }
+        let post = NewEvent::message("m.room.message", json!({"msgtype": "m.text", "body": "hi"}));
+        let post = a.rooms.send(&alice, &room_id, post, None).await.unwrap();
+        let (bob, carl) = (&users[0], &users[1]);
+        let interests = || [&alice, bob, carl].map(|u| a.notifier.interest(u, [&*room_id]));
+        let woken = |interests: [crate::notifier::Interest; 3]| async move {
+            let mut woken = vec![];
+            for interest in interests {
+                woken.push(interest.wait(Duration::from_millis(200)).await);
+            }
+            woken
+        };
+
+        let waiting = interests();
+        store.put_receipt(read_receipt(&room_id, bob, &post)).await.unwrap();
+        assert_eq!(woken(waiting).await, [true, true, true], "at the limit: everyone");
+
+        join(last).await.unwrap();
+        let waiting = interests();
+        store.put_receipt(read_receipt(&room_id, carl, &post)).await.unwrap();
+        assert_eq!(woken(waiting).await, [false, false, true], "past it: carl alone");
     }
 
     #[tokio::test]

@@ -736,6 +736,12 @@ impl RoomCache {
         self.channel_roles().is_some()
     }
 
+    /// Whether each member's receipts are told to that member only (a
+    /// channel, or a room too big to share them: `kabar_domain::receipts`).
+    pub fn receipts_private(&self) -> bool {
+        !kabar_domain::receipts::receipts_shared(self.is_channel(), self.member_count(Membership::Join))
+    }
+
     /// In a channel, what `viewer` may not see of its members; `None` in
     /// other rooms and for the channel's staff.
     pub fn member_visibility(&self, viewer: &UserId) -> Option<MemberVisibility> {
@@ -1104,9 +1110,10 @@ impl RoomCaches {
         Some((roles, member))
     }
 
-    /// Whether `room_id` is loaded and a channel.
-    pub fn is_loaded_channel(&self, room_id: &RoomId) -> bool {
-        self.loaded(room_id).is_some_and(|room| room.read().is_channel())
+    /// Whether `room_id` is loaded and tells each member's receipts to that
+    /// member only (see [`RoomCache::receipts_private`]).
+    pub fn loaded_with_private_receipts(&self, room_id: &RoomId) -> bool {
+        self.loaded(room_id).is_some_and(|room| room.read().receipts_private())
     }
 
     /// The room's cache if it is loaded.

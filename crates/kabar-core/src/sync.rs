@@ -490,11 +490,11 @@ impl SyncEngine {
     }
 
     /// Whether receipts `user` is told of in `room_id` changed after `from`
-    /// (in a channel, their own: see [`Self::receipts_told`]).
-    fn receipts_moved(&self, user: &UserId, room_id: &RoomId, in_channel: bool, from: StreamPos) -> bool {
+    /// (where receipts are private, their own: see [`Self::receipts_told`]).
+    fn receipts_moved(&self, user: &UserId, room_id: &RoomId, own_only: bool, from: StreamPos) -> bool {
         // No receipt in the room since `from`: not theirs either.
         self.changes.receipts.changed_since(&room_id.to_owned(), from)
-            && (!in_channel
+            && (!own_only
                 || self
                     .changes
                     .own_receipts
@@ -502,21 +502,22 @@ impl SyncEngine {
     }
 
     /// The receipts in `room_id` after `from` (0: all of them) that `user`
-    /// is told of; none when none changed. In a channel only their own:
-    /// anyone else's would name a subscriber to everyone (a channel's
-    /// readers are shown as the view counts of its posts), and every
-    /// subscriber's receipt would wake every subscriber.
+    /// is told of; none when none changed. With `own_only` (a channel, a
+    /// room too big to share receipts: `kabar_domain::receipts`) only their
+    /// own: in a channel anyone else's would name a subscriber to everyone
+    /// (its readers are shown as the view counts of its posts), and in both
+    /// every member's receipt would wake every member.
     async fn receipts_told(
         &self,
         user: &UserId,
         room_id: &RoomId,
-        in_channel: bool,
+        own_only: bool,
         from: StreamPos,
     ) -> Result<Vec<kabar_store::ReceiptRecord>> {
-        if from > 0 && !self.receipts_moved(user, room_id, in_channel, from) {
+        if from > 0 && !self.receipts_moved(user, room_id, own_only, from) {
             return Ok(vec![]);
         }
-        Ok(self.store.receipts_since(room_id, from, in_channel.then_some(user)).await?)
+        Ok(self.store.receipts_since(room_id, from, own_only.then_some(user)).await?)
     }
 
     async fn build(&self, session: &Session, req: &SyncRequest, memberships: &[MembershipRecord]) -> Result<(SyncResponse, bool)> {
@@ -830,9 +831,9 @@ impl SyncEngine {
             let typing: Vec<OwnedUserId> = typing.into_iter().filter(|u| !ignored.contains(u)).collect();
             ephemeral.push(json!({ "type": "m.typing", "content": { "user_ids": typing } }));
         }
-        let in_channel = room.read().is_channel();
+        let own_receipts_only = room.read().receipts_private();
         let receipts = self
-            .receipts_told(user, room_id, in_channel, if initial { 0 } else { since.stream })
+            .receipts_told(user, room_id, own_receipts_only, if initial { 0 } else { since.stream })
             .await?;
         let receipt_content = Self::receipt_content(&receipts, user, upto.stream, ignored);
         if !receipt_content.is_empty() {

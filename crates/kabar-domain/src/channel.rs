@@ -5,7 +5,7 @@
 //! sent (a reaction, its redaction), is shown only to that subscriber and
 //! to the staff, so a subscriber joining or reacting sends the other
 //! subscribers nothing. (Their read receipts are told to themselves only:
-//! see the sync engine.) Standard clients need no change: to them a channel
+//! see [`crate::receipts`].) Standard clients need no change: to them a channel
 //! is a room where they may not post and whose member list holds the staff.
 
 use std::collections::HashSet;

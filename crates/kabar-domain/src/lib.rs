@@ -12,6 +12,7 @@ pub mod e2ee;
 pub mod event;
 pub mod membership;
 pub mod names;
+pub mod receipts;
 pub mod tokens;
 
 pub use auth::{AuthError, auth_event_keys, authorize};

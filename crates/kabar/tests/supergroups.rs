@@ -44,6 +44,19 @@ fn lazy_filter() -> Value {
     json!({"room": {"state": {"lazy_load_members": true}, "timeline": {"limit": 50}}})
 }
 
+/// Who the `m.receipt` events of `room` in a sync name.
+fn receipt_readers(sync: &Value, room: &str) -> Vec<String> {
+    let mut readers = vec![];
+    for receipt in events(sync, room, "ephemeral").into_iter().filter(|e| e["type"] == "m.receipt") {
+        for by_type in receipt["content"].as_object().into_iter().flat_map(|c| c.values()) {
+            for users in by_type.as_object().into_iter().flat_map(|t| t.values()) {
+                readers.extend(users.as_object().into_iter().flat_map(|u| u.keys().cloned()));
+            }
+        }
+    }
+    readers
+}
+
 fn events<'a>(sync: &'a Value, room: &str, section: &str) -> Vec<&'a Value> {
     sync["rooms"]["join"][room][section]["events"]
         .as_array()
@@ -188,6 +201,59 @@ async fn a_supergroup_of_thousands_delivers_every_message_once_with_lazy_members
             .unwrap_or_else(|| panic!("matrix-sdk knows {sender}"));
         assert_eq!(member.display_name(), Some(name.as_str()));
     }
+
+    // Past 1,000 members a read receipt is told to its author only
+    // (`kabar_domain::receipts`): another member is not told of it, neither
+    // in the syncs that follow nor in an initial sync, which carries the
+    // member's own receipt rather than one for everyone who ever read.
+    let (a, b) = (&members[0], &members[1]);
+    let start = |m: &Api| {
+        let m = m.clone();
+        async move { m.sync("", Some(lazy_filter())).await["next_batch"].as_str().unwrap().to_owned() }
+    };
+    let (a_since, b_since) = (start(a).await, start(b).await);
+    let read = sent.keys().next().unwrap().clone();
+    a.ok(
+        M::POST,
+        &format!("/rooms/{}/receipt/m.read/{}", enc(&group), enc(&read)),
+        Some(json!({})),
+    )
+    .await;
+    let after = owner.say(&group, "after-receipt", "after the receipt").await;
+    for (who, since, told) in [(a, a_since, true), (b, b_since, false)] {
+        let mut since = since;
+        let mut readers = vec![];
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} never got the message after the receipt",
+                who.user_id
+            );
+            let next = who.sync(&since, Some(lazy_filter())).await;
+            readers.extend(receipt_readers(&next, &group));
+            since = next["next_batch"].as_str().unwrap().to_owned();
+            if events(&next, &group, "timeline").iter().any(|e| e["event_id"] == after.as_str()) {
+                break;
+            }
+        }
+        assert_eq!(
+            readers.contains(&a.user_id),
+            told,
+            "{} told of the receipt: {readers:?}",
+            who.user_id
+        );
+    }
+    let initial = |m: &Api| {
+        let (m, group) = (m.clone(), group.clone());
+        async move { receipt_readers(&m.sync("", Some(lazy_filter())).await, &group) }
+    };
+    assert_eq!(
+        initial(a).await,
+        vec![a.user_id.clone()],
+        "the reader's initial sync: their own receipt"
+    );
+    assert_eq!(initial(b).await, Vec::<String>::new(), "anyone else's: none");
 
     // The owner pages through the member list: everyone once, in order.
     let (listed, pages) = owner.member_pages(&group, "limit=500").await;

@@ -1124,8 +1124,8 @@ impl SyncEngine {
     ) -> Result<Option<RoomOut>> {
         let room_id = &candidate.room_id;
         let room = self.rooms.room(room_id).await?;
-        let (last_pos, in_channel) = (room.read().last_pos, room.read().is_channel());
-        let receipts_moved = from.is_some_and(|f| self.receipts_moved(&session.user_id, room_id, in_channel, f));
+        let (last_pos, own_receipts_only) = (room.read().last_pos, room.read().receipts_private());
+        let receipts_moved = from.is_some_and(|f| self.receipts_moved(&session.user_id, room_id, own_receipts_only, f));
         if let Some(f) = from
             && last_pos <= f
             && !receipts_moved
@@ -1314,8 +1314,8 @@ impl SyncEngine {
                 // No receipt in the room at all: no need to look at the room.
                 continue;
             }
-            let in_channel = self.rooms.room(room_id).await?.read().is_channel();
-            let receipts = self.receipts_told(user, room_id, in_channel, from).await?;
+            let own_only = self.rooms.room(room_id).await?.read().receipts_private();
+            let receipts = self.receipts_told(user, room_id, own_only, from).await?;
             let content = Self::receipt_content(&receipts, user, upto.stream, ignored);
             if !content.is_empty() {
                 out.insert(room_id.to_string(), json!({ "type": "m.receipt", "content": content }));
