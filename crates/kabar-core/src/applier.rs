@@ -1317,6 +1317,9 @@ mod tests {
             let r = room.read();
             assert!(!r.may_have_unread_after(created), "{how}: only joins since the room was made");
             assert!(r.may_have_unread_after(created - 1), "{how}: the room's last setting before them");
+            // Loaded a few state entries a page (see `STATE_PAGE`): all of them.
+            assert_eq!(r.member_count(Membership::Join), 31, "{how}: alice and the thirty");
+            assert_eq!(r.members(Membership::Join).count(), 31, "{how}");
         }
         a.rooms
             .send(&alice, &room_id, NewEvent::message("m.room.message", json!({"body": "hi"})), None)

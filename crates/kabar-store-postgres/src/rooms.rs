@@ -507,6 +507,41 @@ impl RoomStore for PostgresStore {
         events_from_rows(rows)
     }
 
+    async fn state_at_page(
+        &self,
+        room_id: &RoomId,
+        at: StreamPos,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        // As `state_at`, a range of the (room, type, state key, pos) index
+        // at a time: each page walks its own keys only.
+        let condition = if after.is_some() {
+            "AND (kind, state_key) > ($3, $4)"
+        } else {
+            "AND $3::text IS NULL AND $4::text IS NULL"
+        };
+        let (kind, key) = after.unzip();
+        let rows = self
+            .read(
+                sqlx::query(&format!(
+                    "SELECT {EVENT_COLUMNS} FROM events e JOIN (
+                        SELECT MAX(pos) AS pos FROM events
+                        WHERE room_id = $1 AND state_key IS NOT NULL AND pos <= $2 {condition}
+                        GROUP BY kind, state_key ORDER BY kind, state_key LIMIT $5
+                     ) latest ON latest.pos = e.pos ORDER BY e.kind, e.state_key"
+                ))
+                .bind(room_id.as_str())
+                .bind(pos(at))
+                .bind(kind)
+                .bind(key)
+                .bind(limit.min(i64::MAX as usize) as i64)
+                .fetch_all(&self.engine.pool),
+            )
+            .await?;
+        events_from_rows(rows)
+    }
+
     async fn state_history(&self, room_id: &RoomId, kind: &str, state_key: &str) -> StoreResult<Vec<StoredEvent>> {
         let rows = self
             .read(

@@ -863,6 +863,42 @@ impl RoomStore for SqliteStore {
             .await
     }
 
+    async fn state_at_page(
+        &self,
+        room_id: &RoomId,
+        at: StreamPos,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let room = room_id.to_string();
+        let at = at.min(i64::MAX as u64) as i64;
+        let limit = limit.min(i64::MAX as usize) as i64;
+        let after = after.map(|(kind, key)| (kind.to_owned(), key.to_owned()));
+        self.engine
+            .read(move |c| {
+                // As `state_at`, a range of the (room, type, state key, pos)
+                // index at a time: each page walks its own keys only.
+                let (condition, (kind, key)) = match &after {
+                    Some((kind, key)) => ("AND (kind, state_key) > (?3, ?4)", (kind.as_str(), key.as_str())),
+                    None => ("AND ?3 = ?3 AND ?4 = ?4", ("", "")),
+                };
+                let mut st = c
+                    .prepare_cached(&format!(
+                        "SELECT {EVENT_COLUMNS} FROM events e JOIN (
+                            SELECT MAX(pos) AS pos FROM events
+                            WHERE room_id = ?1 AND state_key IS NOT NULL AND pos <= ?2 {condition}
+                            GROUP BY kind, state_key ORDER BY kind, state_key LIMIT ?5
+                         ) latest ON latest.pos = e.pos ORDER BY e.kind, e.state_key"
+                    ))
+                    .map_err(backend)?;
+                st.query_map(params![room, at, kind, key, limit], event_from_row)
+                    .map_err(backend)?
+                    .collect::<Result<_, _>>()
+                    .map_err(corrupt)
+            })
+            .await
+    }
+
     async fn state_history(&self, room_id: &RoomId, kind: &str, state_key: &str) -> StoreResult<Vec<StoredEvent>> {
         let (room, kind, key) = (room_id.to_string(), kind.to_owned(), state_key.to_owned());
         self.engine

@@ -158,6 +158,17 @@ pub trait RoomStore: Send + Sync {
     /// The room's state right after the event at stream position `at`: for
     /// each (type, state key), the newest state event at or before `at`.
     async fn state_at(&self, room_id: &RoomId, at: StreamPos) -> StoreResult<Vec<StoredEvent>>;
+    /// One page of [`RoomStore::state_at`] in (type, state key) order: at
+    /// most `limit` entries whose key comes after `after` (none: from the
+    /// first). A room of a million members is loaded a page at a time
+    /// rather than held whole as events.
+    async fn state_at_page(
+        &self,
+        room_id: &RoomId,
+        at: StreamPos,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredEvent>>;
     /// Every state event of one (type, state key) in the room, oldest first.
     async fn state_history(&self, room_id: &RoomId, kind: &str, state_key: &str) -> StoreResult<Vec<StoredEvent>>;
     /// Every membership event of `user_id` in the room, oldest first.
