@@ -97,6 +97,12 @@ enum Seen {
 }
 
 impl Seen {
+    fn pos(&self) -> StreamPos {
+        match self {
+            Seen::Joined(_, pos) | Seen::Post(_, pos) => *pos,
+        }
+    }
+
     /// What `event` means to a view counter: a first join or a post.
     fn of(event: &StoredEvent) -> Option<Seen> {
         let pdu = &event.pdu;
@@ -306,9 +312,11 @@ impl ViewCounts {
             .is_some_and(|slot| !slot.counter.read().expect("view counter lock").read_from_store)
     }
 
-    /// The posts and joins of `room_id` up to `upto`, from the store.
+    /// The posts and joins of `room_id` up to `upto`, from the store, in
+    /// stream order. Joins come as (user, position) pairs: a channel's
+    /// million joins are not read back as events.
     async fn read_events(&self, room_id: &RoomId, upto: StreamPos) -> Result<Vec<Seen>> {
-        let kinds: Vec<String> = POST_TYPES.iter().chain(["m.room.member"].iter()).map(|k| k.to_string()).collect();
+        let kinds: Vec<String> = POST_TYPES.iter().map(|k| k.to_string()).collect();
         let mut seen = vec![];
         let mut after = 0;
         while after < upto {
@@ -330,6 +338,17 @@ impl ViewCounts {
                 _ => break,
             }
         }
+        let mut after = 0;
+        while after < upto {
+            let joins = self.store.member_joins(room_id, after, upto, CATCH_UP_BATCH).await?;
+            let full = joins.len() == CATCH_UP_BATCH;
+            after = joins.last().map_or(upto, |(_, pos)| *pos);
+            seen.extend(joins.into_iter().map(|(user, pos)| Seen::Joined(user, pos)));
+            if !full {
+                break;
+            }
+        }
+        seen.sort_by_key(Seen::pos);
         Ok(seen)
     }
 

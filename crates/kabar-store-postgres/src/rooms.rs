@@ -557,6 +557,35 @@ impl RoomStore for PostgresStore {
         events_from_rows(rows)
     }
 
+    async fn member_joins(
+        &self,
+        room_id: &RoomId,
+        after: StreamPos,
+        until: StreamPos,
+        limit: usize,
+    ) -> StoreResult<Vec<(OwnedUserId, StreamPos)>> {
+        // PostgreSQL picks the membership out of the stored JSON: no event
+        // is parsed whole on this side.
+        let rows = self
+            .read(
+                sqlx::query(
+                    "SELECT state_key, pos FROM events
+                     WHERE room_id = $1 AND pos > $2 AND pos <= $3 AND kind = 'm.room.member'
+                       AND (json::json -> 'content' ->> 'membership') = 'join'
+                     ORDER BY pos LIMIT $4",
+                )
+                .bind(room_id.as_str())
+                .bind(pos(after))
+                .bind(pos(until))
+                .bind(limit.min(i64::MAX as usize) as i64)
+                .fetch_all(&self.engine.pool),
+            )
+            .await?;
+        rows.iter()
+            .map(|r| Ok((parse(get::<String>(r, 0)?)?, get::<i64>(r, 1)? as u64)))
+            .collect()
+    }
+
     async fn membership_history(&self, room_id: &RoomId, user_id: &UserId) -> StoreResult<Vec<MembershipRecord>> {
         let rows = self
             .read(

@@ -916,6 +916,40 @@ impl RoomStore for SqliteStore {
             .await
     }
 
+    async fn member_joins(
+        &self,
+        room_id: &RoomId,
+        after: StreamPos,
+        until: StreamPos,
+        limit: usize,
+    ) -> StoreResult<Vec<(OwnedUserId, StreamPos)>> {
+        let room = room_id.to_string();
+        let (after, until) = (after.min(i64::MAX as u64) as i64, until.min(i64::MAX as u64) as i64);
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.engine
+            .read(move |c| {
+                // SQLite picks the membership out of the stored JSON: no
+                // event is parsed whole on this side.
+                let mut st = c
+                    .prepare_cached(
+                        "SELECT state_key, pos FROM events
+                         WHERE room_id = ?1 AND pos > ?2 AND pos <= ?3 AND kind = 'm.room.member'
+                           AND json_extract(json, '$.content.membership') = 'join'
+                         ORDER BY pos LIMIT ?4",
+                    )
+                    .map_err(backend)?;
+                let rows: Vec<(String, i64)> = st
+                    .query_map(params![room, after, until, limit], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .map_err(backend)?
+                    .collect::<Result<_, _>>()
+                    .map_err(corrupt)?;
+                rows.into_iter()
+                    .map(|(user, pos)| Ok((OwnedUserId::try_from(user).map_err(corrupt)?, pos as u64)))
+                    .collect()
+            })
+            .await
+    }
+
     async fn membership_history(&self, room_id: &RoomId, user_id: &UserId) -> StoreResult<Vec<MembershipRecord>> {
         let (room, user) = (room_id.to_string(), user_id.to_string());
         self.engine

@@ -1336,6 +1336,17 @@ async fn state_at_points_and_history(store: &dyn Store) {
         ],
         "the state right after the leave, in stream order"
     );
+    // Who joined where, oldest first; a leave is not a join.
+    let alice_joined_at = store.event(&join.event_id).await.unwrap().unwrap().pos;
+    let everyone = store.member_joins(&room.room_id, 0, u64::MAX, 10).await.unwrap();
+    assert_eq!(everyone, vec![(alice.clone(), alice_joined_at), (bob.clone(), joined_at)]);
+    let first = store.member_joins(&room.room_id, 0, u64::MAX, 1).await.unwrap();
+    assert_eq!(first, vec![(alice.clone(), alice_joined_at)], "at most the limit");
+    let later = store.member_joins(&room.room_id, alice_joined_at, joined_at, 10).await.unwrap();
+    assert_eq!(later, vec![(bob.clone(), joined_at)], "after the first, up to and with the second");
+    let before_bob = store.member_joins(&room.room_id, 0, joined_at - 1, 10).await.unwrap();
+    assert_eq!(before_bob.len(), 1, "up to a position");
+
     // Paged: the same entries as a whole.
     let mut paged = vec![];
     let mut after: Option<(String, String)> = None;

@@ -171,6 +171,17 @@ pub trait RoomStore: Send + Sync {
     ) -> StoreResult<Vec<StoredEvent>>;
     /// Every state event of one (type, state key) in the room, oldest first.
     async fn state_history(&self, room_id: &RoomId, kind: &str, state_key: &str) -> StoreResult<Vec<StoredEvent>>;
+    /// The room's join events (membership `join`, a profile change included)
+    /// after `after` up to `until`, oldest first, at most `limit`: who
+    /// joined where, without reading each event whole (a channel's view
+    /// counter reads a million of them back after a start).
+    async fn member_joins(
+        &self,
+        room_id: &RoomId,
+        after: StreamPos,
+        until: StreamPos,
+        limit: usize,
+    ) -> StoreResult<Vec<(OwnedUserId, StreamPos)>>;
     /// Every membership event of `user_id` in the room, oldest first.
     async fn membership_history(&self, room_id: &RoomId, user_id: &UserId) -> StoreResult<Vec<MembershipRecord>>;
     /// Current memberships of a user, in every room they have one in. A
