@@ -604,14 +604,30 @@ mod tests {
         (bob, carl)
     }
 
+    /// A public room.
+    fn a_public_room() -> CreateRoom {
+        CreateRoom {
+            preset: Some("public_chat".into()),
+            ..CreateRoom::default()
+        }
+    }
+
+    /// Which of `interests` are woken, each given 200 ms.
+    async fn woken(interests: [crate::notifier::Interest; 3]) -> Vec<bool> {
+        let mut woken = vec![];
+        for interest in interests {
+            woken.push(interest.wait(Duration::from_millis(200)).await);
+        }
+        woken
+    }
+
     /// A public broadcast channel.
     fn a_channel() -> CreateRoom {
         let mut create = serde_json::Map::new();
         create.insert("type".into(), json!("kabar.channel"));
         CreateRoom {
-            preset: Some("public_chat".into()),
             creation_content: Some(create),
-            ..CreateRoom::default()
+            ..a_public_room()
         }
     }
 
@@ -826,11 +842,7 @@ mod tests {
             per_batch: std::sync::Mutex::new(vec![]),
         });
         store.set_commit_listener(tap.clone());
-        let public = CreateRoom {
-            preset: Some("public_chat".into()),
-            ..Default::default()
-        };
-        let room_id = a.rooms.create_room(&alice, public).await.unwrap();
+        let room_id = a.rooms.create_room(&alice, a_public_room()).await.unwrap();
         let users = new_users(&store, 32).await;
         let join = |user: ruma::OwnedUserId, extra: Option<serde_json::Map<String, serde_json::Value>>| {
             let (rooms, room_id) = (a.rooms.clone(), room_id.clone());
@@ -1071,11 +1083,7 @@ mod tests {
         let (_dir, store, alice) = store_with_alice().await;
         let (bob, carl) = with_bob_and_carl(&store).await;
         let a = node(&store, true, Duration::from_secs(3600));
-        let public = CreateRoom {
-            preset: Some("public_chat".into()),
-            ..CreateRoom::default()
-        };
-        let room_id = a.rooms.create_room(&alice, public).await.unwrap();
+        let room_id = a.rooms.create_room(&alice, a_public_room()).await.unwrap();
         for user in [&bob, &carl] {
             a.rooms
                 .set_membership(user, &room_id, user, Membership::Join, None, None)
@@ -1160,13 +1168,6 @@ mod tests {
         let post = NewEvent::message("m.room.message", json!({"msgtype": "m.text", "body": "news"}));
         let post = a.rooms.send(&alice, &room_id, post, None).await.unwrap();
         let interests = || [&alice, &bob, &carl].map(|u| a.notifier.interest(u, [&*room_id]));
-        let woken = |interests: [crate::notifier::Interest; 3]| async move {
-            let mut woken = vec![];
-            for interest in interests {
-                woken.push(interest.wait(Duration::from_millis(200)).await);
-            }
-            woken
-        };
 
         let waiting = interests();
         let reaction = json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": post, "key": "👍"}});
@@ -1194,11 +1195,7 @@ mod tests {
         use kabar_domain::receipts::SHARED_RECEIPTS_ROOM_LIMIT;
         let (_dir, store, alice) = store_with_alice().await;
         let a = node(&store, true, Duration::from_secs(3600));
-        let public = CreateRoom {
-            preset: Some("public_chat".into()),
-            ..Default::default()
-        };
-        let room_id = a.rooms.create_room(&alice, public).await.unwrap();
+        let room_id = a.rooms.create_room(&alice, a_public_room()).await.unwrap();
         // Alice and all but the last of them: exactly at the limit.
         let users = new_users(&store, SHARED_RECEIPTS_ROOM_LIMIT).await;
         let (last, first) = users.split_last().unwrap();
@@ -1215,13 +1212,6 @@ mod tests {
         let post = a.rooms.send(&alice, &room_id, post, None).await.unwrap();
         let (bob, carl) = (&users[0], &users[1]);
         let interests = || [&alice, bob, carl].map(|u| a.notifier.interest(u, [&*room_id]));
-        let woken = |interests: [crate::notifier::Interest; 3]| async move {
-            let mut woken = vec![];
-            for interest in interests {
-                woken.push(interest.wait(Duration::from_millis(200)).await);
-            }
-            woken
-        };
 
         let waiting = interests();
         store.put_receipt(read_receipt(&room_id, bob, &post)).await.unwrap();
@@ -1298,11 +1288,7 @@ mod tests {
     async fn a_room_knows_when_only_joins_came_after_a_position_whether_applied_or_loaded() {
         let (_dir, store, alice) = store_with_alice().await;
         let a = node(&store, true, Duration::from_secs(3600));
-        let public = CreateRoom {
-            preset: Some("public_chat".into()),
-            ..CreateRoom::default()
-        };
-        let room_id = a.rooms.create_room(&alice, public).await.unwrap();
+        let room_id = a.rooms.create_room(&alice, a_public_room()).await.unwrap();
         let created = store.current_position();
         for user in new_users(&store, 30).await {
             a.rooms
