@@ -255,39 +255,30 @@ impl ToDevice {
                 // sync need not look for what an earlier run delivered (after
                 // a restart, that look was one read per device on the first
                 // message to a crowd).
-                self.ack_state(session, until);
+                self.ack_state(session, until, |_| {});
             }
             return Ok(ToDeviceBatch::default());
         };
-        let mut acks = self.acks.lock().expect("to-device acks lock");
-        if acks.len() >= MAX_ACK_STATES {
-            acks.clear();
-        }
-        let state = acks.entry(session.clone()).or_insert(AckState {
-            delivered_upto: 0,
-            deleted_upto: after,
-        });
-        state.delivered_upto = state.delivered_upto.max(last);
-        drop(acks);
+        self.ack_state(session, after, |state| state.delivered_upto = state.delivered_upto.max(last));
         let stop_at = more.then_some(last);
         let events = queued.into_iter().filter_map(to_event).collect();
         Ok(ToDeviceBatch { events, stop_at })
     }
 
-    /// The device synced from `since`: it has every message up to there.
-    /// Notes that nothing is queued for `device` at or before `deleted_upto`,
-    /// unless this process already keeps its state.
-    fn ack_state(&self, device: &DeviceKey, deleted_upto: StreamPos) {
+    /// Updates what this process keeps of `device`, starting it (if it
+    /// keeps nothing yet) as "nothing queued at or before `deleted_upto`".
+    fn ack_state(&self, device: &DeviceKey, deleted_upto: StreamPos, update: impl FnOnce(&mut AckState)) {
         let mut acks = self.acks.lock().expect("to-device acks lock");
         if acks.len() >= MAX_ACK_STATES {
             acks.clear();
         }
-        acks.entry(device.clone()).or_insert(AckState {
+        update(acks.entry(device.clone()).or_insert(AckState {
             delivered_upto: 0,
             deleted_upto,
-        });
+        }));
     }
 
+    /// The device synced from `since`: it has every message up to there.
     async fn acknowledge(&self, device: &DeviceKey, since: StreamPos) -> Result<()> {
         let known = self.acks.lock().expect("to-device acks lock").get(device).copied();
         let delete = match known {

@@ -878,9 +878,10 @@ impl RoomStore for SqliteStore {
             .read(move |c| {
                 // As `state_at`, a range of the (room, type, state key, pos)
                 // index at a time: each page walks its own keys only.
+                // On the first page ?3 and ?4 are bound but unused.
                 let (condition, (kind, key)) = match &after {
                     Some((kind, key)) => ("AND (kind, state_key) > (?3, ?4)", (kind.as_str(), key.as_str())),
-                    None => ("AND ?3 = ?3 AND ?4 = ?4", ("", "")),
+                    None => ("", ("", "")),
                 };
                 let mut st = c
                     .prepare_cached(&format!(
