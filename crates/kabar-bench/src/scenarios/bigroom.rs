@@ -227,19 +227,14 @@ pub async fn run(target: &Target, p: Params) -> Result<BigroomReport, String> {
     let progress = Progress::start("bigroom messages", move || {
         format!("{} delivered", d.delivered.load(Ordering::Relaxed))
     });
-    let mut tick = tokio::time::interval(p.interval.max(Duration::from_micros(100)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut sends = tokio::task::JoinSet::new();
-    for k in 0..p.messages as u64 {
-        tick.tick().await;
-        let (user, room, body) = (users[senders[k as usize % senders.len()]].clone(), room.clone(), deliveries.body(k));
-        sends.spawn(async move {
-            let t = Instant::now();
-            let r = user.send_text(&room, &format!("kb{k}"), &body).await;
-            (k, r, t.elapsed().as_micros() as u64)
-        });
-    }
-    let mut sent = sends.join_all().await;
+    let posts = send_posts(
+        senders.iter().map(|&i| users[i].clone()).collect(),
+        room.clone(),
+        p.messages as u64,
+        p.interval,
+        deliveries.clone(),
+    );
+    let mut sent = posts.await.map_err(|_| "the senders' thread stopped".to_owned())?;
     sent.sort_by_key(|(k, _, _)| *k);
     let mut expected = Vec::new();
     let mut last_post = None;
@@ -282,6 +277,49 @@ pub async fn run(target: &Target, p: Params) -> Result<BigroomReport, String> {
         sync_errors,
         views,
     })
+}
+
+/// One send: its number, its outcome (the event id) and its latency (µs).
+type Sent = (u64, Result<String, crate::client::ApiError>, u64);
+
+/// Sends `messages` posts, one every `interval`, from `senders` in turns
+/// (a send that takes longer than the interval overlaps the next), from a
+/// thread and runtime of their own: a sender's device is not the one busy
+/// parsing every follower's sync, and a send timed on the followers'
+/// runtime would also count the time its answer waited for a turn there.
+fn send_posts(
+    senders: Vec<crate::client::User>,
+    room: String,
+    messages: u64,
+    interval: Duration,
+    deliveries: Arc<Deliveries>,
+) -> tokio::sync::oneshot::Receiver<Vec<Sent>> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("the senders' runtime");
+        runtime.block_on(async move {
+            // Connections of this runtime, not the followers'.
+            let http = Target::builder().build().expect("http client");
+            let senders: Vec<_> = senders.iter().map(|u| u.via(&u.target.over(http.clone()))).collect();
+            let mut tick = tokio::time::interval(interval.max(Duration::from_micros(100)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut sends = tokio::task::JoinSet::new();
+            for k in 0..messages {
+                tick.tick().await;
+                let (user, room, body) = (senders[k as usize % senders.len()].clone(), room.clone(), deliveries.body(k));
+                sends.spawn(async move {
+                    let t = Instant::now();
+                    let r = user.send_text(&room, &format!("kb{k}"), &body).await;
+                    (k, r, t.elapsed().as_micros() as u64)
+                });
+            }
+            let _ = done_tx.send(sends.join_all().await);
+        });
+    });
+    done_rx
 }
 
 /// Every subscriber marks `post` read; then the channel's owner asks for
